@@ -1,0 +1,1 @@
+"""Everything the recipes are made of. No module here imports a recipe."""

@@ -1,0 +1,463 @@
+"""The typed schema of a training TOML, strict loading, `--set` overrides and sd-scripts import.
+
+A config file has sections ([model], [network], [dataset], [optimizer], [train], [save], [sample],
+[logging]); every key keeps the name sd-scripts uses for the same thing. Defaults live here and
+nowhere else. Everything is checked before any model is loaded: an unknown key, a wrong type, a
+missing path or an impossible combination raises ConfigError naming the key and the file.
+
+A flat sd-scripts training TOML (keys at the top level, or under section names of its own such as
+[model_arguments]) is accepted too: each supported key is mapped to its section, and every key we do
+not support is named in one error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import toml
+
+
+class ConfigError(Exception):
+    """A problem with the user's configuration; the CLI prints it and exits with code 2."""
+
+
+def opt(default, help: str, choices: tuple | None = None, path: str | None = None):
+    """A schema field: its default, one line of help (README's option table) and checks.
+
+    path="file" / "dir" / "exists": the value must name an existing file / folder / either.
+    """
+    meta = {"help": help, "choices": choices, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+REQUIRED = dataclasses.MISSING
+
+# ---------------------------------------------------------------------------------------------
+# The schema. Section dataclasses, then the whole config.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    pretrained_model_name_or_path: str = opt(
+        REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
+    family: str = opt("auto", "model family; auto detects it from the files",
+                      choices=("auto", "sd1"))
+    v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
+    v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
+    clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
+    tokenizer: Optional[str] = opt(
+        None, "tokenizer folder or hub id (from the local cache) for single-file models")
+    arch: Optional[str] = opt(
+        None, "architecture for single files: a shipped name (sd15, sd2) or a diffusers folder of configs")
+    vae: Optional[str] = opt(None, "a separate VAE (.safetensors or diffusers folder)", path="exists")
+
+
+@dataclass
+class NetworkSection:
+    network_module: str = opt("networks.lora", "adapter kind (networks.lora: LoRA, LoCon with conv_dim)",
+                              choices=("networks.lora",))
+    network_dim: int = opt(4, "LoRA rank of attention/MLP linears")
+    network_alpha: float = opt(1.0, "LoRA alpha; the adapter output is scaled by alpha / dim, as in kohya")
+    network_dropout: Optional[float] = opt(None, "dropout on the adapter input (peft lora_dropout)")
+    conv_dim: Optional[int] = opt(None, "LoCon: rank of 3x3 conv layers in ResNet/up/down blocks")
+    conv_alpha: Optional[float] = opt(None, "LoCon: alpha of conv layers (defaults to 1.0)")
+    network_args: list[str] = opt([], 'extra "key=value" strings, as sd-scripts (conv_dim, conv_alpha)')
+    network_weights: Optional[str] = opt(None, "continue from this kohya LoRA file", path="file")
+    network_train_unet_only: bool = opt(False, "train the U-Net adapter only")
+    network_train_text_encoder_only: bool = opt(False, "train the text-encoder adapter only")
+    unet_lr: Optional[float] = opt(None, "learning rate of the U-Net adapter (default: learning_rate)")
+    text_encoder_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapter (default: learning_rate)")
+
+
+@dataclass
+class DatasetSection:
+    train_data_dir: str = opt(REQUIRED, "folder of images with captions; subfolders 'N_name' repeat N times",
+                              path="dir")
+    resolution: Union[int, list[int]] = opt(512, "training size: an int, or [width, height]")
+    num_repeats: int = opt(1, "repeats of images placed directly in train_data_dir")
+    caption_extension: str = opt(".txt", "caption file extension (.txt or .caption)")
+    train_batch_size: int = opt(1, "images per batch")
+    cache_latents: bool = opt(False, "encode all images with the VAE once, before training")
+    max_data_loader_n_workers: int = opt(0, "DataLoader worker processes")
+
+
+@dataclass
+class OptimizerSection:
+    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Adafactor (case-insensitive)",
+                              choices=("adamw", "adamw8bit", "adafactor"))
+    optimizer_args: list[str] = opt([], 'extra "key=value" optimizer arguments, e.g. "weight_decay=0.01"')
+    learning_rate: float = opt(1e-4, "base learning rate")
+    max_grad_norm: float = opt(1.0, "clip gradients to this norm (0 disables)")
+    lr_scheduler: str = opt("constant", "learning-rate schedule",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                     "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: Union[int, float] = opt(0, "warmup steps, or a fraction (<1) of max_train_steps")
+    lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts")
+    lr_scheduler_power: float = opt(1.0, "power of the polynomial schedule")
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = opt(REQUIRED, "where the adapter, the resolved config and samples are written")
+    output_name: str = opt("last", "file name of the saved adapter, without extension")
+    max_train_steps: int = opt(1600, "optimizer steps to train")
+    max_train_epochs: Optional[int] = opt(None, "if set, overrides max_train_steps")
+    seed: Optional[int] = opt(None, "random seed (a random one is drawn and recorded if unset)")
+    gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
+    mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
+    full_fp16: bool = opt(False, "keep trainable weights in fp16 too (needs mixed_precision=fp16)")
+    full_bf16: bool = opt(False, "keep trainable weights in bf16 too (needs mixed_precision=bf16)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~20% slower")
+    sdpa: bool = opt(True, "PyTorch scaled-dot-product attention")
+    xformers: bool = opt(False, "xformers memory-efficient attention (pip install xformers)")
+    cache_text_encoder_outputs: bool = opt(
+        False, "encode all captions once; needs a frozen text encoder (network_train_unet_only)")
+
+
+@dataclass
+class SaveSection:
+    save_every_n_steps: Optional[int] = opt(None, "also save name-step{N:08d}.safetensors every N steps")
+    save_every_n_epochs: Optional[int] = opt(None, "also save name-{N:06d}.safetensors every N epochs")
+    save_precision: str = opt("float", "dtype of saved weights", choices=("float", "fp16", "bf16"))
+    save_model_as: str = opt("safetensors", "file format", choices=("safetensors",))
+    overwrite: bool = opt(False, "replace adapter files of the same output_name (default: refuse to start)")
+
+
+@dataclass
+class SampleSection:
+    sample_prompts: Optional[str] = opt(None, "text file, one prompt a line; sampled at the end of training",
+                                        path="file")
+    sample_steps: int = opt(20, "denoising steps for samples")
+    sample_sampler: str = opt("ddim", "scheduler for samples", choices=("ddim", "euler", "euler_a"))
+    sample_seed: int = opt(1234, "seed of the first sample (then +1 per prompt)")
+
+
+@dataclass
+class LoggingSection:
+    logging_dir: Optional[str] = opt(None, "tensorboard folder (default: output_dir/logs when log_with asks)")
+    log_with: Optional[str] = opt(None, "tensorboard or wandb", choices=("tensorboard", "wandb"))
+    log_prefix: Optional[str] = opt(None, "prefix of the run name in the logs")
+    log_every_n_steps: int = opt(0, "in a log file (not a terminal), print a line every N steps (0: ~20 lines)")
+    report_denoising_loss: bool = opt(
+        False, "before and after training, print the loss on the training images at fixed timesteps and noise")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "network": NetworkSection,
+    "dataset": DatasetSection,
+    "optimizer": OptimizerSection,
+    "train": TrainSection,
+    "save": SaveSection,
+    "sample": SampleSection,
+    "logging": LoggingSection,
+}
+
+
+@dataclass
+class Config:
+    model: ModelSection
+    network: NetworkSection
+    dataset: DatasetSection
+    optimizer: OptimizerSection
+    train: TrainSection
+    save: SaveSection
+    sample: SampleSection
+    logging: LoggingSection
+    source: str = "<config>"  # the file the config came from, for messages
+
+    def to_toml_dict(self) -> dict:
+        return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
+
+
+def _section_to_dict(section) -> dict:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if getattr(section, f.name) is not None}
+
+
+def key_to_section() -> dict[str, str]:
+    """Every schema key name -> its section (names are unique across sections)."""
+    return {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+# ---------------------------------------------------------------------------------------------
+# sd-scripts flat keys: renamed ones, and ones that are accepted only with their default meaning.
+# ---------------------------------------------------------------------------------------------
+
+SD_SCRIPTS_RENAMES = {
+    "batch_size": "train_batch_size",
+}
+# sd-scripts keys that carry no meaning here when set to these values (they are the behaviour we have).
+SD_SCRIPTS_HARMLESS = {
+    "save_model_as": {"safetensors"},
+    "persistent_data_loader_workers": {True, False},
+    "lowram": {False},
+    "mem_eff_attn": {False},
+    "highvram": {True, False},
+    "caption_separator": {","},
+    "bucket_no_upscale": {False},
+    "enable_bucket": {False},
+    "shuffle_caption": {False},
+    "keep_tokens": {0},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (ours or sd-scripts' flat one), apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return config_from_dict(raw, source=str(path), overrides=overrides, base_dir=path.parent)
+
+
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),
+                     base_dir: Path | None = None) -> Config:
+    sections = _sections_of(raw, source)
+    for item in overrides:
+        _apply_override(sections, item, source)
+    cfg = Config(**{name: _build_section(name, sections.get(name, {}), source) for name in SECTIONS},
+                 source=source)
+    _check_paths(cfg, base_dir)
+    _check_combinations(cfg)
+    return cfg
+
+
+def _sections_of(raw: dict, source: str) -> dict[str, dict]:
+    """Our sectioned layout, or a flat sd-scripts file mapped onto it."""
+    tables = {k for k, v in raw.items() if isinstance(v, dict)}
+    if raw and tables == set(raw) and tables <= set(SECTIONS):
+        return {k: dict(v) for k, v in raw.items()}
+    flat: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            flat.update(v)  # sd-scripts ignores section names
+        else:
+            flat[k] = v
+    return _map_flat_keys(flat, source)
+
+
+def _map_flat_keys(flat: dict, source: str) -> dict[str, dict]:
+    owner = key_to_section()
+    sections: dict[str, dict] = {}
+    unsupported = []
+    for key, value in flat.items():
+        name = SD_SCRIPTS_RENAMES.get(key, key)
+        if name in owner:
+            sections.setdefault(owner[name], {})[name] = value
+        elif key in SD_SCRIPTS_HARMLESS and value in SD_SCRIPTS_HARMLESS[key]:
+            continue
+        else:
+            unsupported.append(key)
+    if unsupported:
+        lines = [f"  {k}{_did_you_mean(k, owner)}" for k in unsupported]
+        raise ConfigError(f"{source}: {len(unsupported)} key(s) not supported by this trainer:\n" + "\n".join(lines))
+    return sections
+
+
+def _did_you_mean(key: str, candidates) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    owner = key_to_section()
+    where = f"{owner[close[0]]}.{close[0]}" if close[0] in owner else close[0]
+    return f" (did you mean '{where}'?)"
+
+
+def _apply_override(sections: dict[str, dict], item: str, source: str) -> None:
+    """`section.key=value` or `key=value`; the value is read as TOML, else taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, text = (s.strip() for s in item.split("=", 1))
+    owner = key_to_section()
+    if "." in dotted:
+        section, key = dotted.split(".", 1)
+    else:
+        section, key = owner.get(dotted, ""), dotted
+    if section not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        raise ConfigError(f"--set {dotted}: unknown key{_did_you_mean(key, owner)}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    sections.setdefault(section, {})[key] = value
+
+
+def _build_section(name: str, values: dict, source: str):
+    cls = SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'{_did_you_mean(key, key_to_section())}")
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for key, f in fields.items():
+        if key in values:
+            kwargs[key] = _check_value(f"{name}.{key}", values[key], hints[key], f.metadata, source)
+        elif f.default is REQUIRED and f.default_factory is REQUIRED:
+            raise ConfigError(f"{source}: missing required key '{name}.{key}' ({f.metadata['help']})")
+    return cls(**kwargs)
+
+
+def _check_value(key: str, value, hint, meta, source: str):
+    if not _matches(value, hint):
+        raise ConfigError(f"{source}: '{key}' must be {_describe(hint)}, got {type(value).__name__} {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and _is_float_only(hint):
+        value = float(value)
+    choices = meta.get("choices")
+    if choices and value is not None:
+        lowered = value.lower() if isinstance(value, str) else value
+        if lowered not in [c.lower() if isinstance(c, str) else c for c in choices]:
+            raise ConfigError(f"{source}: '{key}' = {value!r} is not one of: {', '.join(map(str, choices))}"
+                              f"{_did_you_mean(str(value), choices)}")
+    return value
+
+
+def _matches(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is type(None):
+        return value is None
+    if origin is Union:
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    raise TypeError(f"schema type not handled: {hint}")
+
+
+def _is_float_only(hint) -> bool:
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is Union else [hint]
+    return float in args and int not in args
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_describe(h) for h in typing.get_args(hint) if h is not type(None))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and combinations
+# ---------------------------------------------------------------------------------------------
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _check_paths(cfg: Config, base_dir: Path | None) -> None:
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            kind, value = f.metadata.get("path"), getattr(section, f.name)
+            if kind and value is not None:
+                _check_path(f"{name}.{f.name}", value, kind, cfg.source)
+    model = cfg.model.pretrained_model_name_or_path
+    if not os.path.exists(model) and not HUB_ID.match(model):
+        raise ConfigError(f"{cfg.source}: 'model.pretrained_model_name_or_path': no such file or folder: {model}")
+    out, name = Path(cfg.train.output_dir), cfg.train.output_name
+    earlier = sorted([*out.glob(f"{glob_escape(name)}.safetensors"), *out.glob(f"{glob_escape(name)}-*.safetensors")])
+    if earlier and not cfg.save.overwrite:
+        raise ConfigError(f"{cfg.source}: {earlier[0]} exists from an earlier run and would be overwritten; "
+                          f"choose another 'train.output_name' or output_dir, or set 'save.overwrite' = true")
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([\[\]*?])", r"[\1]", name)
+
+
+def _check_path(key: str, value: str, kind: str, source: str) -> None:
+    p = Path(value)
+    ok = {"file": p.is_file(), "dir": p.is_dir(), "exists": p.exists()}[kind]
+    if not ok:
+        what = {"file": "file", "dir": "folder", "exists": "file or folder"}[kind]
+        raise ConfigError(f"{source}: '{key}': no such {what}: {value}")
+
+
+def _check_combinations(cfg: Config) -> None:
+    t, n, src = cfg.train, cfg.network, cfg.source
+    problems = []
+    if t.full_fp16 and t.mixed_precision != "fp16":
+        problems.append("'train.full_fp16' needs 'train.mixed_precision' = \"fp16\"")
+    if t.full_bf16 and t.mixed_precision != "bf16":
+        problems.append("'train.full_bf16' needs 'train.mixed_precision' = \"bf16\"")
+    if n.network_train_unet_only and n.network_train_text_encoder_only:
+        problems.append("'network.network_train_unet_only' and 'network.network_train_text_encoder_only' "
+                        "cannot both be true")
+    if t.cache_text_encoder_outputs and not n.network_train_unet_only:
+        problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
+                        "set 'network.network_train_unet_only' = true")
+    if t.xformers:
+        import importlib.util
+        if importlib.util.find_spec("xformers") is None:
+            problems.append("'train.xformers' = true but xformers is not installed "
+                            "(pip install xformers, or use the default sdpa)")
+    res = cfg.dataset.resolution
+    sizes = res if isinstance(res, list) else [res]
+    if len(sizes) not in (1, 2) or any(s < 8 or s % 8 for s in sizes):
+        problems.append(f"'dataset.resolution' = {res!r}: one or two sizes, each a multiple of 8")
+    for key, value in [("network.network_dim", n.network_dim), ("dataset.train_batch_size",
+                       cfg.dataset.train_batch_size), ("train.max_train_steps", t.max_train_steps),
+                       ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                       ("train.clip_skip", cfg.model.clip_skip)]:
+        if value < 1:
+            problems.append(f"'{key}' must be at least 1, got {value}")
+    for arg in n.network_args + cfg.optimizer.optimizer_args:
+        if "=" not in arg:
+            problems.append(f"argument {arg!r} must be written key=value")
+    known_network_args = {"conv_dim", "conv_alpha", "dropout"}
+    for key in parse_kv_args([a for a in n.network_args if "=" in a]):
+        if key not in known_network_args:
+            problems.append(f"'network.network_args': {key!r} is not supported here "
+                            f"(supported: {', '.join(sorted(known_network_args))})")
+    if problems:
+        raise ConfigError(f"{src}:\n  " + "\n  ".join(problems))
+
+
+def parse_kv_args(args: list[str]) -> dict[str, Any]:
+    """["conv_dim=4", "decouple=True"] -> {"conv_dim": 4, "decouple": True} (values read as Python/TOML)."""
+    out = {}
+    for arg in args:
+        key, text = (s.strip() for s in arg.split("=", 1))
+        lowered = {"true": "true", "false": "false"}.get(text.lower(), text)
+        try:
+            out[key] = tomllib.loads(f"v = {lowered}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text
+    return out
+
+
+def write_resolved(cfg: Config, path: Path) -> None:
+    """The config as it was run (defaults filled in, seed drawn), in our sectioned layout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(f"# resolved from {cfg.source}\n" + toml.dumps(cfg.to_toml_dict()), encoding="utf-8")
+    os.replace(tmp, path)

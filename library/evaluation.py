@@ -1,0 +1,33 @@
+"""Did it learn? The denoising loss on the training images at fixed timesteps and fixed noise, so two
+models (the base, and the base with the trained adapter) are compared on exactly the same problems."""
+from __future__ import annotations
+
+import torch
+
+from library.objectives import denoising_loss
+
+FIXED_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@torch.no_grad()
+def fixed_denoising_loss(family, parts, objective, dataset, clip_skip: int, seed: int = 0,
+                         max_images: int = 8, timesteps=FIXED_TIMESTEPS) -> float:
+    """Mean loss over the first `max_images` images x `timesteps`, with noise drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    device = parts.denoiser.device
+    losses = []
+    for index in range(min(max_images, len(dataset.items))):
+        item = dataset.items[index]
+        if dataset.latents is not None:
+            latents = dataset.latents[index].unsqueeze(0).to(device)
+        else:
+            from library.data.dataset import load_image
+
+            pixels = load_image(item.path, dataset.width, dataset.height).unsqueeze(0)
+            latents = family.encode_images(parts, pixels, generator)
+        conditioning = family.encode_prompts(parts, [item.caption], clip_skip)
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+            loss = denoising_loss(family, parts, objective, latents, conditioning, noise, torch.tensor([t]))
+            losses.append(loss.item())
+    return sum(losses) / len(losses)

@@ -1,0 +1,105 @@
+"""The ModelFamily interface and the registry of families.
+
+Everything that differs between SD1, SDXL, SD3 and FLUX lives behind this interface, one module per
+family. A recipe asks the family to load the parts, encode prompts and images, make the training
+target, call the denoiser and render a sample; it never branches on the family's name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelSource:
+    """Where the weights come from, with the few settings loading needs (never the whole config)."""
+    path: str
+    v2: bool = False
+    v_parameterization: bool = False
+    tokenizer: str | None = None
+    arch: str | None = None
+    vae: str | None = None
+
+
+@dataclass
+class Components:
+    """The loaded parts of a latent-diffusion model, named the same way for every family."""
+    denoiser: nn.Module
+    vae: nn.Module
+    text_encoders: dict[str, nn.Module]  # kohya name of the encoder ("te", "te1", ...) -> module
+    tokenizers: dict[str, Any]
+    noise_scheduler: Any
+    source: ModelSource | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterTarget:
+    """Which layers of one component adapters go into, and the kohya prefix of its keys.
+
+    Layers inside modules whose class name is in `linear_parents` get adapters on their Linear and
+    1x1 Conv2d children (rank network_dim); with LoCon, the 3x3 Conv2d (and Linear) children of
+    `conv_parents` get them too (rank conv_dim).
+    """
+    component: str  # "denoiser" or a text-encoder name
+    kohya_prefix: str  # "lora_unet", "lora_te", ...
+    linear_parents: tuple[str, ...]
+    conv_parents: tuple[str, ...] = ()
+    kohya_path_prefix: str = ""  # added to module paths in file keys (transformers 5 dropped "text_model.")
+
+
+class ModelFamily(Protocol):
+    name: str
+
+    def claims(self, path: str) -> bool:
+        """True if the checkpoint at `path` belongs to this family."""
+
+    def load(self, source: ModelSource) -> Components: ...
+
+    def file_metadata(self, parts: Components) -> dict[str, str]:
+        """ss_base_model_version, modelspec.architecture (without "/lora") and the like."""
+
+    def adapter_targets(self, parts: Components) -> list[AdapterTarget]: ...
+
+    def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
+        """Text conditioning of a batch of captions, as a dict of batched tensors."""
+
+    def encode_images(self, parts: Components, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> scaled latents."""
+
+    def objective(self, parts: Components):
+        """The noising and target rule the denoiser is trained with (library.objectives)."""
+
+    def predict(self, parts: Components, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def sample(self, parts: Components, prompt: str, width: int, height: int, steps: int, seed: int,
+               sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5): ...
+
+
+_REGISTRY: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    _REGISTRY[family.name] = family
+    return family
+
+
+def get_family(name: str, path: str) -> ModelFamily:
+    """The family called `name`, or, for "auto", the first family that claims the checkpoint."""
+    from library import families  # noqa: F401  (imports every family module, which registers it)
+
+    if name != "auto":
+        return _REGISTRY[name]
+    for family in _REGISTRY.values():
+        if family.claims(path):
+            return family
+    raise ValueError(f"{path}: no model family recognises this checkpoint; set model.family")
+
+
+def is_single_file(path: str) -> bool:
+    return Path(path).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")

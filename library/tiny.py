@@ -1,0 +1,142 @@
+"""Tiny models of the real architectures, with random weights, and a small generated dataset.
+
+Tests and the quickstart train these on a CPU. They are saved exactly as real models are distributed
+(a diffusers folder, and a single file in the original layout), so loading them runs the same code a
+real checkpoint goes through.
+
+    python -m library.tiny sd1 quickstart/tiny-sd1      # folder + quickstart/tiny-sd1.safetensors
+    python -m library.tiny data quickstart/data         # 8 images with .txt captions
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "clip_sample": False,
+             "steps_offset": 1, "prediction_type": "epsilon"}
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP byte-level BPE alphabet: one printable character per byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def tiny_clip_tokenizer(folder: Path, merges_words=("the", "dog", "photo", "red", "blue")):
+    """A real CLIPTokenizer with a tiny vocabulary: the byte alphabet, word-end forms, a few merges."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_alphabet()
+    vocab, merges = chars + [c + "</w>" for c in chars], []
+    for word in merges_words:  # merge left to right: "t h", "th e</w>"
+        piece = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            last = i == len(word) - 1
+            right = ch + ("</w>" if last else "")
+            merges.append(f"{piece} {right}")
+            piece = piece + right
+            if piece not in vocab:
+                vocab.append(piece)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).unlink()
+    return tokenizer
+
+
+def build_tiny_sd1(seed: int = 0):
+    """The parts of a tiny SD1-architecture pipeline (3-level U-Net, 4-level VAE, 3-layer CLIP)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = tiny_clip_tokenizer(Path(tmp))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, norm_num_groups=32, sample_size=64, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=DDPMScheduler(**SCHEDULER))
+
+
+def save_tiny_sd1(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write `folder` (diffusers layout) and `folder`.safetensors (original single-file layout)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from library.ldm_layout import pipeline_to_ldm
+
+    folder = Path(folder)
+    parts = build_tiny_sd1(seed)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    state = pipeline_to_ldm(parts["unet"].state_dict(), dict(parts["unet"].config), parts["vae"].state_dict(),
+                            parts["text_encoder"].state_dict(), "clip")
+    single = folder.with_suffix(".safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(single))
+    return folder, single
+
+
+COLORS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square")
+
+
+def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
+    """Eight images of a colored shape on a plain background, each with a .txt caption."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (color, shape) in enumerate((c, s) for c in COLORS for s in SHAPES):
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(180, 255, 3)))
+        draw = ImageDraw.Draw(image)
+        lo, hi = int(size * 0.2), int(size * 0.8)
+        (draw.ellipse if shape == "circle" else draw.rectangle)([lo, lo, hi, hi], fill=COLORS[color])
+        image.save(folder / f"{i:02d}_{color}_{shape}.png")
+        (folder / f"{i:02d}_{color}_{shape}.txt").write_text(f"a photo of a {color} {shape}", encoding="utf-8")
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("sd1", "data"))
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    if args.what == "sd1":
+        folder, single = save_tiny_sd1(args.out)
+        print(f"wrote {folder}/ and {single}")
+    else:
+        print(f"wrote {make_dataset(args.out)}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
