@@ -261,6 +261,9 @@ def _map_flat_keys(flat: dict, source: str) -> dict[str, dict]:
     unsupported = []
     for key, value in flat.items():
         name = SD_SCRIPTS_RENAMES.get(key, key)
+        if name == "resolution" and isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value):
+            value = [int(v) for v in value.split(",")]  # sd-scripts writes "512,768"
+            value = value[0] if len(value) == 1 else value
         if name in owner:
             sections.setdefault(owner[name], {})[name] = value
         elif key in SD_SCRIPTS_HARMLESS and value in SD_SCRIPTS_HARMLESS[key]:

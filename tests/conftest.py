@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny SD1 model (diffusers folder + single file) and the generated dataset,
+built once per test session, and a helper to write training configs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, single-file .safetensors) of the tiny SD1-architecture model."""
+    from library.tiny import save_tiny_sd1
+
+    return save_tiny_sd1(tmp_path_factory.mktemp("models") / "tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from library.tiny import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("data") / "images")
+
+
+@pytest.fixture
+def make_config(tiny_sd1, tiny_data, tmp_path):
+    """A validated Config for a short seeded run on the tiny model; `sections` override the defaults."""
+    from library.config import config_from_dict
+
+    def make(**sections):
+        raw = {
+            "model": {"pretrained_model_name_or_path": str(tiny_sd1[0])},
+            "network": {"network_dim": 4, "network_alpha": 2.0},
+            "dataset": {"train_data_dir": str(tiny_data), "resolution": 64, "train_batch_size": 2},
+            "optimizer": {"learning_rate": 1e-3},
+            "train": {"output_dir": str(tmp_path / "out"), "output_name": "lora", "max_train_steps": 4,
+                      "seed": 7},
+        }
+        for name, values in sections.items():
+            raw.setdefault(name, {}).update(values)
+        return config_from_dict(raw, source="test.toml")
+
+    return make
