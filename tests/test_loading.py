@@ -1,0 +1,76 @@
+"""Loading: a single file in the original layout and the diffusers folder give identical weights;
+.ckpt only through weights-only unpickling; shipped architectures are recognised by shape."""
+import pickle
+
+import pytest
+import torch
+
+from library.families.base import ModelSource
+from library.families.sd1 import SD1Family, detect_arch
+from library.loading import CheckpointError, arch_dir, read_checkpoint
+
+
+def _state(parts):
+    return {"unet": parts.denoiser.state_dict(), "vae": parts.vae.state_dict(),
+            "te": parts.text_encoders["te"].state_dict()}
+
+
+def test_single_file_and_folder_give_identical_weights(tiny_sd1):
+    folder, single = tiny_sd1
+    family = SD1Family()
+    a = family.load(ModelSource(str(folder)))
+    b = family.load(ModelSource(str(single), arch=str(folder), tokenizer=str(folder / "tokenizer")))
+    for name, state in _state(a).items():
+        other = _state(b)[name]
+        assert state.keys() == other.keys(), name
+        for key in state:
+            assert torch.equal(state[key], other[key]), f"{name}.{key}"
+    assert a.tokenizers["te"]("a red dog").input_ids == b.tokenizers["te"]("a red dog").input_ids
+
+
+def test_ckpt_loads_weights_only(tiny_sd1, tmp_path):
+    state = read_checkpoint(tiny_sd1[1])
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state, "global_step": 10}, ckpt)
+    again = read_checkpoint(ckpt)
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+def test_ckpt_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="refused to load.*could run code"):
+        read_checkpoint(path)
+    path.write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("arch, width, context", [("sd15", 320, 768), ("sd2", 320, 1024)])
+def test_shipped_architecture_detected_from_key_shapes(arch, width, context):
+    prefix = "model.diffusion_model."
+    fake = {prefix + "input_blocks.0.0.weight": torch.empty(width, 4, 3, 3),
+            prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(width, context)}
+    assert detect_arch(fake) == arch_dir(arch)
+
+
+def test_unknown_architecture_asks_for_model_arch():
+    prefix = "model.diffusion_model."
+    fake = {prefix + "input_blocks.0.0.weight": torch.empty(32, 4, 3, 3),
+            prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(32, 32)}
+    with pytest.raises(CheckpointError, match="set model.arch"):
+        detect_arch(fake)
+
+
+def test_not_an_sd_checkpoint_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"transformer.blocks.0.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="other.safetensors: no 'model.diffusion_model.\\*' keys"):
+        SD1Family().load(ModelSource(str(path)))

@@ -1,0 +1,181 @@
+"""SD1 adapter training on the tiny model: golden losses, the saved file, reloading it here and in
+diffusers, continuing from it, and the memory / data switches."""
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.families.base import ModelSource
+from library.families.sd1 import SD1Family
+from networks import kohya
+from networks.lora import LoraSettings, inject
+from networks.merge import merge_lora
+from train_network import train
+
+GOLDEN = [1.021639, 1.195059, 1.198248, 1.110815]  # seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px
+
+
+def _close(losses, expected):
+    return losses == pytest.approx(expected, rel=1e-5)
+
+
+def test_golden_losses(make_config):
+    assert _close(train(make_config()).losses, GOLDEN)
+
+
+@pytest.mark.parametrize("change", [
+    {"model": {"v_parameterization": True}},  # the objective
+    {"network": {"network_alpha": 4.0}},  # the adapter scale
+    {"model": {"clip_skip": 2}},  # the conditioning
+])
+def test_golden_losses_notice_changes(make_config, change):
+    losses = train(make_config(**change)).losses
+    assert len(losses) == 4 and not _close(losses, GOLDEN)
+
+
+def test_golden_losses_notice_data_order(make_config, monkeypatch):
+    import train_network
+    from library.data import dataset
+
+    def reversed_scan(*args):
+        items, notes = dataset.scan_folder(*args)
+        return items[::-1], notes
+
+    monkeypatch.setattr(train_network, "scan_folder", reversed_scan)
+    assert not _close(train(make_config()).losses, GOLDEN)
+
+
+def _expected_layer_count(parts):
+    """12 adapted linears per Transformer2DModel (proj_in/out, 2x attention q/k/v/out, 2 ff), 6 per CLIP layer."""
+    transformers = sum(type(m).__name__ == "Transformer2DModel" for m in parts.denoiser.modules())
+    return 12 * transformers, 6 * parts.text_encoders["te"].config.num_hidden_layers
+
+
+def test_saved_file_keys_and_metadata(make_config):
+    result = train(make_config())
+    unet_layers, te_layers = _expected_layer_count(result.parts)
+    assert (unet_layers, te_layers) == (84, 18)
+    with safe_open(result.adapter_path, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    names = {k.split(".", 1)[0] for k in keys}
+    assert len(keys) == 3 * (unet_layers + te_layers)
+    assert keys == {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert sum(n.startswith("lora_unet_") for n in names) == unet_layers
+    assert sum(n.startswith("lora_te_text_model_encoder_layers_") for n in names) == te_layers
+    for name in ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_mid_block_attentions_0_"
+                 "transformer_blocks_0_attn2_to_k", "lora_unet_up_blocks_2_attentions_1_transformer_blocks_0_ff_net_2",
+                 "lora_te_text_model_encoder_layers_2_self_attn_out_proj", "lora_te_text_model_encoder_layers_0_mlp_fc1"):
+        assert name in names
+    tensors = load_file(result.adapter_path)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 32, 1, 1)
+    assert float(tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"]) == 2.0
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert meta["ss_network_alpha"] == "2.0" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["ss_steps"] == "4"
+    assert (result.adapter_path.parent / "lora-config.toml").is_file()
+
+
+def _probe(parts):
+    """Text-encoder output and U-Net prediction for a fixed prompt, latent and timestep."""
+    tokenizer, te = parts.tokenizers["te"], parts.text_encoders["te"]
+    ids = tokenizer(["a photo of a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = te(ids).last_hidden_state
+        return hidden, parts.denoiser(latents, torch.tensor([500]), hidden).sample
+
+
+def test_reloaded_adapter_gives_identical_outputs(make_config, tiny_sd1):
+    result = train(make_config(network={"conv_dim": 2, "conv_alpha": 1.0}))
+    trained = _probe(result.parts)
+    family = SD1Family()
+    parts = family.load(ModelSource(str(tiny_sd1[0])))
+    settings = LoraSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
+    adapted = [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
+               for t in family.adapter_targets(parts)]
+    assert kohya.load_into(adapted, result.adapter_path) == len(result.adapted[0].layers) + len(result.adapted[1].layers)
+    for a, b in zip(_probe(parts), trained):
+        assert torch.equal(a, b)
+
+
+def test_diffusers_loads_every_key_with_the_same_outputs_as_our_merge(make_config, tiny_sd1):
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    result = train(make_config(network={"conv_dim": 2, "conv_alpha": 1.0}))
+    path = str(result.adapter_path)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1[0]), safety_checker=None)
+    pipe.load_lora_weights(path)
+    layers_in_file = {k.split(".", 1)[0] for k in load_file(path)}
+    consumed = sum(isinstance(m, LoraLayer) for m in [*pipe.unet.modules(), *pipe.text_encoder.modules()])
+    # attention/MLP 84, CLIP 18, LoCon 44: 11 resnets x (conv1, conv2, time_emb_proj) + 7 shortcuts + 4 samplers
+    assert consumed == len(layers_in_file) == 84 + 18 + 44
+
+    family = SD1Family()
+    merged = family.load(ModelSource(str(tiny_sd1[0])))
+    merge_lora({"denoiser": merged.denoiser, "te": merged.text_encoders["te"]}, family.adapter_targets(merged), path)
+    base = _probe(family.load(ModelSource(str(tiny_sd1[0]))))
+    ours = _probe(merged)
+    theirs = _probe(type("P", (), {"tokenizers": {"te": pipe.tokenizer}, "text_encoders": {"te": pipe.text_encoder},
+                                   "denoiser": pipe.unet})())
+    trained = _probe(result.parts)
+    for o, t, p, b in zip(ours, theirs, trained, base):
+        assert torch.allclose(o, t, atol=1e-5) and torch.allclose(o, p, atol=1e-5)
+        assert (o - b).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_continue_from_network_weights(make_config, tmp_path):
+    first = train(make_config(save={"save_every_n_steps": 2}))
+    assert [p.name for p in first.saved] == ["lora-step00000002.safetensors", "lora.safetensors"]
+    cfg = make_config(network={"network_weights": str(first.adapter_path)},
+                      train={"output_name": "continued", "max_train_steps": 1}, optimizer={"learning_rate": 0.0})
+    again = train(cfg)
+    assert load_file(again.adapter_path).keys() == load_file(first.adapter_path).keys()
+    for key, value in load_file(first.adapter_path).items():
+        assert torch.equal(load_file(again.adapter_path)[key], value), key
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"network": {"network_dim": 8}}, "has shape"),
+    ({"network": {"network_alpha": 1.0}}, "alpha is 2"),
+    ({"network": {"network_train_unet_only": True}}, "match no layer"),
+])
+def test_mismatched_network_weights_are_refused(make_config, change, message):
+    first = train(make_config())
+    change = {**change, "train": {"output_name": "second"}}
+    change["network"] = {**change["network"], "network_weights": str(first.adapter_path)}
+    with pytest.raises(kohya.LoraFileError, match=message):
+        train(make_config(**change))
+
+
+def test_caches_unet_only_and_accumulation(make_config):
+    result = train(make_config(network={"network_train_unet_only": True},
+                               dataset={"cache_latents": True, "train_batch_size": 1},
+                               train={"cache_text_encoder_outputs": True, "gradient_accumulation_steps": 2}))
+    assert len(result.losses) == 4 and all(0 < x < 3 for x in result.losses)
+    assert all(k.startswith("lora_unet_") for k in load_file(result.adapter_path))
+
+
+@pytest.mark.parametrize("optimizer", ["Adafactor", "AdamW8bit"])
+def test_other_optimizers_train(make_config, optimizer):
+    if optimizer == "AdamW8bit" and not torch.cuda.is_available():
+        pytest.skip("bitsandbytes 8-bit optimizer states need a CUDA device")
+    result = train(make_config(optimizer={"optimizer_type": optimizer}))
+    assert result.losses[0] == pytest.approx(GOLDEN[0], rel=1e-5) and not _close(result.losses, GOLDEN)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(make_config):
+    assert _close(train(make_config(train={"gradient_checkpointing": True})).losses, GOLDEN)
+
+
+def test_it_learns_and_samples(make_config, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na photo of a red circle\n")
+    result = train(make_config(network={"network_dim": 8, "network_alpha": 8.0},
+                               train={"max_train_steps": 40}, logging={"report_denoising_loss": True},
+                               sample={"sample_prompts": str(prompts), "sample_steps": 4}))
+    assert result.trained_loss < 0.95 * result.base_loss  # 1.012 vs 1.115 when written
+    from PIL import Image
+
+    assert [p.name for p in result.samples] == ["lora_final_00_1234.png"]
+    assert Image.open(result.samples[0]).size == (64, 64)
