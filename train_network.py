@@ -43,6 +43,7 @@ class TrainResult:
     trained_loss: float | None = None  # ... adapter on
     parts: object = None
     adapted: list = field(default_factory=list)
+    optimizer: object = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +150,7 @@ def train(cfg: Config) -> TrainResult:
         allow_fp16_gradients(accelerator)
     params = [p for c in adapted for p in c.parameters()]
 
-    result = TrainResult(parts=parts, adapted=adapted)
+    result = TrainResult(parts=parts, adapted=adapted, optimizer=optimizer)
     if cfg.logging.report_denoising_loss:
         set_adapters_enabled(adapted, False)
         result.base_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed)

@@ -156,12 +156,17 @@ def test_caches_unet_only_and_accumulation(make_config):
     assert all(k.startswith("lora_unet_") for k in load_file(result.adapter_path))
 
 
-@pytest.mark.parametrize("optimizer", ["Adafactor", "AdamW8bit"])
-def test_other_optimizers_train(make_config, optimizer):
-    if optimizer == "AdamW8bit" and not torch.cuda.is_available():
-        pytest.skip("bitsandbytes 8-bit optimizer states need a CUDA device")
-    result = train(make_config(optimizer={"optimizer_type": optimizer}))
+def test_adafactor_trains(make_config):
+    result = train(make_config(optimizer={"optimizer_type": "Adafactor"}))
     assert result.losses[0] == pytest.approx(GOLDEN[0], rel=1e-5) and not _close(result.losses, GOLDEN)
+
+
+def test_adamw8bit_keeps_8bit_states(make_config):
+    # bitsandbytes keeps tensors under min_8bit_size (4096) in 32 bits; the tiny adapters are smaller
+    result = train(make_config(optimizer={"optimizer_type": "AdamW8bit", "optimizer_args": ["min_8bit_size=16"]}))
+    states = [s for s in result.optimizer.state.values() if "state1" in s]
+    assert states and all(s["state1"].dtype == torch.uint8 for s in states)
+    assert result.losses == pytest.approx(GOLDEN, rel=1e-3)  # same update as AdamW, up to quantisation
 
 
 def test_gradient_checkpointing_gives_the_same_losses(make_config):
