@@ -156,7 +156,9 @@ def train(cfg: Config) -> TrainResult:
         result.base_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed)
         set_adapters_enabled(adapted, True)
     if cfg.logging.log_with:
-        accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name, config=cfg.to_toml_dict())
+        hparams = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+                   for section, values in cfg.to_toml_dict().items() for key, value in values.items()}
+        accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name, config=hparams)
 
     # ---- the training loop ----------------------------------------------------------------------
     def save(path: Path, step: int, epoch: int) -> None:

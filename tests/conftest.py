@@ -22,6 +22,14 @@ def tiny_sd1(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory) -> tuple[Path, Path]:
+    """The SD2 variant: linear projections, OpenCLIP-layout text encoder in the single file."""
+    from library.tiny import save_tiny_sd1
+
+    return save_tiny_sd1(tmp_path_factory.mktemp("models") / "tiny-sd2", v2=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     from library.tiny import make_dataset
 
@@ -47,3 +55,13 @@ def make_config(tiny_sd1, tiny_data, tmp_path):
         return config_from_dict(raw, source="test.toml")
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state (mixed precision...); each in-process run starts clean."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()

@@ -15,8 +15,9 @@ def _state(parts):
             "te": parts.text_encoders["te"].state_dict()}
 
 
-def test_single_file_and_folder_give_identical_weights(tiny_sd1):
-    folder, single = tiny_sd1
+@pytest.mark.parametrize("model", ["tiny_sd1", "tiny_sd2"])
+def test_single_file_and_folder_give_identical_weights(model, request):
+    folder, single = request.getfixturevalue(model)
     family = SD1Family()
     a = family.load(ModelSource(str(folder)))
     b = family.load(ModelSource(str(single), arch=str(folder), tokenizer=str(folder / "tokenizer")))
@@ -26,6 +27,7 @@ def test_single_file_and_folder_give_identical_weights(tiny_sd1):
         for key in state:
             assert torch.equal(state[key], other[key]), f"{name}.{key}"
     assert a.tokenizers["te"]("a red dog").input_ids == b.tokenizers["te"]("a red dog").input_ids
+    assert a.extra["v2"] == b.extra["v2"] == (model == "tiny_sd2")
 
 
 def test_ckpt_loads_weights_only(tiny_sd1, tmp_path):

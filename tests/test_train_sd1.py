@@ -184,3 +184,29 @@ def test_it_learns_and_samples(make_config, tmp_path):
 
     assert [p.name for p in result.samples] == ["lora_final_00_1234.png"]
     assert Image.open(result.samples[0]).size == (64, 64)
+
+
+def test_sd2_v_prediction_from_a_single_file(make_config, tiny_sd2):
+    folder, single = tiny_sd2
+    result = train(make_config(model={"pretrained_model_name_or_path": str(single), "arch": str(folder),
+                                      "tokenizer": str(folder / "tokenizer"), "v_parameterization": True}))
+    assert len(result.losses) == 4 and not _close(result.losses, GOLDEN)
+    with safe_open(result.adapter_path, "pt") as f:
+        meta = f.metadata()
+        assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in f.keys()
+        assert f.get_tensor("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight").dim() == 2  # Linear
+    assert meta["ss_base_model_version"] == "sd_v2" and meta["ss_v_parameterization"] == "True"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert meta["modelspec.prediction_type"] == "v_prediction"
+
+
+def test_bf16_mixed_precision_keeps_adapters_fp32_and_logs_to_tensorboard(make_config, tmp_path):
+    result = train(make_config(train={"mixed_precision": "bf16"}, logging={"log_with": "tensorboard"}))
+    assert result.parts.denoiser.conv_in.weight.dtype == torch.bfloat16  # frozen, not adapted
+    assert {p.dtype for c in result.adapted for p in c.parameters()} == {torch.float32}
+    assert result.losses == pytest.approx(GOLDEN, rel=0.05) and not _close(result.losses, GOLDEN)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "out" / "logs" / "lora").glob("events.*"))))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
