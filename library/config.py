@@ -217,7 +217,7 @@ SD_SCRIPTS_HARMLESS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+def load_config(path: str | os.PathLike, overrides: list[str] = (), check_paths: bool = True) -> Config:
     """Read a TOML file (ours or sd-scripts' flat one), apply `--set` overrides, validate."""
     path = Path(path)
     if not path.is_file():
@@ -226,17 +226,18 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return config_from_dict(raw, source=str(path), overrides=overrides, base_dir=path.parent)
+    return config_from_dict(raw, source=str(path), overrides=overrides, check_paths=check_paths)
 
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),
-                     base_dir: Path | None = None) -> Config:
+                     check_paths: bool = True) -> Config:
     sections = _sections_of(raw, source)
     for item in overrides:
         _apply_override(sections, item, source)
     cfg = Config(**{name: _build_section(name, sections.get(name, {}), source) for name in SECTIONS},
                  source=source)
-    _check_paths(cfg, base_dir)
+    if check_paths:
+        _check_paths(cfg)
     _check_combinations(cfg)
     return cfg
 
@@ -376,7 +377,7 @@ def _describe(hint) -> str:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _check_paths(cfg: Config, base_dir: Path | None) -> None:
+def _check_paths(cfg: Config) -> None:
     for name in SECTIONS:
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
@@ -464,3 +465,23 @@ def write_resolved(cfg: Config, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(f"# resolved from {cfg.source}\n" + toml.dumps(cfg.to_toml_dict()), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def options_markdown() -> str:
+    """README's option table, generated from the schema (a test keeps README equal to it)."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines += [f"**[{name}]**", "", "| key | type | default | what it does |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = "required" if f.default is REQUIRED and f.default_factory is REQUIRED else (
+                repr(f.default_factory()) if f.default is REQUIRED else repr(f.default))
+            default = default.replace("'", '"').replace("None", "unset").replace("True", "true").replace("False", "false")
+            choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
+            lines.append(f"| `{f.name}` | {_describe(hints[f.name])} | `{default}` | {f.metadata['help']}.{choices} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(options_markdown())

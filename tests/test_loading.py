@@ -76,3 +76,22 @@ def test_not_an_sd_checkpoint_is_named(tmp_path):
     save_file({"transformer.blocks.0.weight": torch.zeros(2)}, str(path))
     with pytest.raises(CheckpointError, match="other.safetensors: no 'model.diffusion_model.\\*' keys"):
         SD1Family().load(ModelSource(str(path)))
+
+
+def test_separate_vae_file_or_folder(tiny_sd1, tmp_path):
+    """`model.vae`: a standalone VAE single file (bare LDM keys, as vae-ft-mse files have) or a folder."""
+    from safetensors.torch import save_file
+
+    from library.ldm_layout import vae_to_ldm
+
+    folder, _ = tiny_sd1
+    family = SD1Family()
+    reference = family.load(ModelSource(str(folder))).vae.state_dict()
+    torch.manual_seed(5)
+    changed = {k: v + torch.randn_like(v) if v.is_floating_point() else v for k, v in reference.items()}
+    bare = {k.removeprefix("first_stage_model."): v.contiguous() for k, v in vae_to_ldm(changed).items()}
+    save_file(bare, str(tmp_path / "vae.safetensors"))
+    loaded = family.load(ModelSource(str(folder), vae=str(tmp_path / "vae.safetensors"), arch=str(folder)))
+    assert all(torch.equal(loaded.vae.state_dict()[k], changed[k]) for k in changed)
+    from_folder = family.load(ModelSource(str(folder), vae=str(folder / "vae"))).vae.state_dict()
+    assert all(torch.equal(from_folder[k], reference[k]) for k in reference)
