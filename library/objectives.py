@@ -54,10 +54,27 @@ class DiffusionObjective:
 
 
 def denoising_loss(family, parts, objective: DiffusionObjective, latents: torch.Tensor,
-                   conditioning: dict[str, torch.Tensor], noise: torch.Tensor,
-                   timesteps: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the denoiser's prediction against the objective's target."""
+                   conditioning: dict[str, torch.Tensor], noise: torch.Tensor, timesteps: torch.Tensor,
+                   mask: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of the denoiser's prediction against the objective's target.
+
+    mask: (B, 1, h, w) in latent space, weights each latent pixel (alpha_mask); the per-sample loss is
+    the masked mean. sample_weights: (B,), e.g. prior_loss_weight for regularization images."""
     noisy = objective.add_noise(latents, noise, timesteps)
     prediction = family.predict(parts, noisy, timesteps.to(latents.device), conditioning)
     target = objective.target(latents, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float())
+    per_element = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    return reduce_loss(per_element, mask, sample_weights)
+
+
+def reduce_loss(per_element: torch.Tensor, mask: torch.Tensor | None = None,
+                sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, h, w) element losses -> one number: masked mean per sample, weighted mean over the batch."""
+    if mask is not None:
+        mask = mask.to(per_element.device, per_element.dtype).expand_as(per_element)
+        per_sample = (per_element * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1e-8)
+    else:
+        per_sample = per_element.flatten(1).mean(1)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample.device, per_sample.dtype)
+    return per_sample.mean()

@@ -54,3 +54,14 @@ def pytest_approx(value):
     import pytest
 
     return pytest.approx(value, rel=1e-6)
+
+
+def test_reduce_loss_mask_and_sample_weights_closed_form():
+    from library.objectives import reduce_loss
+
+    per_element = torch.tensor([[[[1.0, 3.0], [5.0, 7.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])  # (2, 1, 2, 2)
+    assert reduce_loss(per_element).item() == pytest_approx((4.0 + 2.0) / 2)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]], [[[0.5, 0.5], [0.0, 0.0]]]])
+    assert reduce_loss(per_element, mask).item() == pytest_approx((8.0 / 2 + 2.0) / 2)
+    weights = torch.tensor([1.0, 0.25])
+    assert reduce_loss(per_element, None, weights).item() == pytest_approx((4.0 + 0.5) / 2)
