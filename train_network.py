@@ -48,7 +48,7 @@ class TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     cli.quiet_libraries()
-    cfg = cli.load_or_exit(cli.parse_args(argv, __doc__))
+    cfg = cli.load_or_exit(cli.parse_args(argv, __doc__), recipe="network")
     train(cfg)
     return 0
 

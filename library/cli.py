@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from library.config import Config, ConfigError, load_config
+from library.config import Config, ConfigError, check_recipe, load_config
 
 EXIT_CONFIG_ERROR = 2
 
@@ -22,9 +22,12 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_or_exit(args: argparse.Namespace) -> Config:
+def load_or_exit(args: argparse.Namespace, recipe: str) -> Config:
+    """The validated config, or exit 2 with one message; `recipe` is "network" or "db"."""
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
+        check_recipe(cfg, recipe)
+        return cfg
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG_ERROR) from None

@@ -93,8 +93,9 @@ class DatasetSection:
 
 @dataclass
 class OptimizerSection:
-    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Adafactor (case-insensitive)",
-                              choices=("adamw", "adamw8bit", "adafactor"))
+    optimizer_type: str = opt(
+        "AdamW", "AdamW, AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, PagedLion8bit, SGDNesterov, Adafactor, "
+        "Prodigy (case-insensitive), or a dotted class path such as torch.optim.RAdam")
     optimizer_args: list[str] = opt([], 'extra "key=value" optimizer arguments, e.g. "weight_decay=0.01"')
     learning_rate: float = opt(1e-4, "base learning rate")
     max_grad_norm: float = opt(1.0, "clip gradients to this norm (0 disables)")
@@ -104,6 +105,10 @@ class OptimizerSection:
     lr_warmup_steps: Union[int, float] = opt(0, "warmup steps, or a fraction (<1) of max_train_steps")
     lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts")
     lr_scheduler_power: float = opt(1.0, "power of the polynomial schedule")
+    fused_backward_pass: bool = opt(
+        False, "train_db.py: update each parameter in its own gradient hook and free its gradient at once")
+    fused_optimizer_groups: Optional[int] = opt(
+        None, "train_db.py: N optimizer groups, each stepped when its gradients are complete, then freed")
 
 
 @dataclass
@@ -129,7 +134,9 @@ class SaveSection:
     save_every_n_steps: Optional[int] = opt(None, "also save name-step{N:08d}.safetensors every N steps")
     save_every_n_epochs: Optional[int] = opt(None, "also save name-{N:06d}.safetensors every N epochs")
     save_precision: str = opt("float", "dtype of saved weights", choices=("float", "fp16", "bf16"))
-    save_model_as: str = opt("safetensors", "file format", choices=("safetensors",))
+    save_model_as: str = opt(
+        "safetensors", "safetensors: one file (train_db.py: in the original layout UIs load); diffusers: a "
+        "diffusers folder (train_db.py only)", choices=("safetensors", "diffusers"))
     overwrite: bool = opt(False, "replace adapter files of the same output_name (default: refuse to start)")
 
 
@@ -152,6 +159,38 @@ class LoggingSection:
         False, "before and after training, print the loss on the training images at fixed timesteps and noise")
 
 
+@dataclass
+class LossSection:
+    loss_type: str = opt("l2", "per-element loss", choices=("l2", "l1", "huber", "smooth_l1"))
+    huber_c: float = opt(0.1, "huber / smooth_l1 threshold c (scaled by the schedule)")
+    huber_schedule: str = opt("snr", "how c varies with the timestep", choices=("constant", "exponential", "snr"))
+    huber_scale: float = opt(1.0, "multiplies the scheduled huber threshold")
+    min_snr_gamma: Optional[float] = opt(None, "Min-SNR weighting: weight min(SNR, gamma) / SNR (5 is common)")
+    debiased_estimation_loss: bool = opt(False, "weight the loss by 1 / sqrt(SNR)")
+    scale_v_pred_loss_like_noise_pred: bool = opt(False, "v-prediction: weight by SNR / (SNR + 1)")
+    noise_offset: Optional[float] = opt(None, "add offset * N(0,1) per sample and channel to the noise (0.05-0.1)")
+    multires_noise_iterations: Optional[int] = opt(None, "pyramid noise levels (6-10)")
+    multires_noise_discount: float = opt(0.3, "weight decay per pyramid level")
+    ip_noise_gamma: Optional[float] = opt(None, "input perturbation: noise the latents with extra gamma * N(0,1)")
+    min_timestep: int = opt(0, "lowest timestep trained")
+    max_timestep: Optional[int] = opt(None, "timesteps are drawn below this (default: all 1000)")
+    zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero SNR at the last step (use with v-pred)")
+
+
+@dataclass
+class DreamboothSection:
+    train_text_encoder: bool = opt(True, "train_db.py: fine-tune the text encoder too")
+    learning_rate_te: Optional[float] = opt(None, "train_db.py: text-encoder learning rate (default: learning_rate)")
+    stop_text_encoder_training: Optional[int] = opt(None, "train_db.py: freeze the text encoder after N steps")
+    class_data_dir: Optional[str] = opt(
+        None, "prior preservation: folder of class images; missing ones are generated here once")
+    class_prompt: Optional[str] = opt(None, "prompt (and caption) of generated class images, e.g. 'a photo of a dog'")
+    num_class_images: int = opt(0, "generate class images until the folder holds this many")
+    class_prior_loss_weight: float = opt(1.0, "loss weight of class images")
+    use_ema: bool = opt(False, "train_db.py: keep an exponential moving average of the weights (on the CPU)")
+    ema_decay: float = opt(0.9999, "EMA decay per step")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "network": NetworkSection,
@@ -161,6 +200,8 @@ SECTIONS: dict[str, type] = {
     "save": SaveSection,
     "sample": SampleSection,
     "logging": LoggingSection,
+    "loss": LossSection,
+    "dreambooth": DreamboothSection,
 }
 
 
@@ -174,6 +215,8 @@ class Config:
     save: SaveSection
     sample: SampleSection
     logging: LoggingSection
+    loss: LossSection
+    dreambooth: DreamboothSection
     source: str = "<config>"  # the file the config came from, for messages
 
     def to_toml_dict(self) -> dict:
@@ -437,6 +480,11 @@ def _check_combinations(cfg: Config) -> None:
     for arg in n.network_args + cfg.optimizer.optimizer_args:
         if "=" not in arg:
             problems.append(f"argument {arg!r} must be written key=value")
+    problems += _optimizer_problems(cfg)
+    lo = cfg.loss
+    if lo.max_timestep is not None and not (lo.min_timestep < lo.max_timestep <= 1000) or lo.min_timestep < 0:
+        problems.append(f"'loss.min_timestep' = {lo.min_timestep} and 'loss.max_timestep' = {lo.max_timestep}: "
+                        f"need 0 <= min < max <= 1000")
     known_network_args = {"conv_dim", "conv_alpha", "dropout"}
     for key in parse_kv_args([a for a in n.network_args if "=" in a]):
         if key not in known_network_args:
@@ -444,6 +492,52 @@ def _check_combinations(cfg: Config) -> None:
                             f"(supported: {', '.join(sorted(known_network_args))})")
     if problems:
         raise ConfigError(f"{src}:\n  " + "\n  ".join(problems))
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "pagedadamw8bit", "lion", "lion8bit", "pagedlion8bit", "sgdnesterov",
+              "adafactor", "prodigy")
+# optimizers whose update of one tensor depends only on that tensor's gradient and state, so stepping each
+# tensor in its own gradient hook is the same update (Prodigy's step size is estimated over all tensors: no)
+PER_TENSOR_OPTIMIZERS = ("adamw", "adamw8bit", "pagedadamw8bit", "lion", "lion8bit", "pagedlion8bit",
+                         "sgdnesterov", "adafactor")
+
+
+def _optimizer_problems(cfg: Config) -> list[str]:
+    o, t = cfg.optimizer, cfg.train
+    name = o.optimizer_type.lower()
+    problems = []
+    if name not in OPTIMIZERS and "." not in name:
+        problems.append(f"'optimizer.optimizer_type' = {o.optimizer_type!r} is not one of "
+                        f"{', '.join(OPTIMIZERS)} nor a dotted class path{_did_you_mean(name, OPTIMIZERS)}")
+    fused = o.fused_backward_pass or o.fused_optimizer_groups
+    if o.fused_backward_pass and o.fused_optimizer_groups:
+        problems.append("'optimizer.fused_backward_pass' and 'optimizer.fused_optimizer_groups': choose one")
+    if o.fused_optimizer_groups is not None and o.fused_optimizer_groups < 1:
+        problems.append("'optimizer.fused_optimizer_groups' must be at least 1")
+    if fused and t.gradient_accumulation_steps > 1:
+        problems.append("fused backward pass frees each gradient as soon as it is used, so it cannot accumulate "
+                        "gradients: set 'train.gradient_accumulation_steps' = 1")
+    if fused and t.mixed_precision == "fp16" and not t.full_fp16:
+        problems.append("fused backward pass cannot unscale fp16 loss-scaled gradients one tensor at a time: "
+                        "use mixed_precision = \"bf16\"")
+    if fused and name not in PER_TENSOR_OPTIMIZERS:
+        problems.append(f"fused backward pass needs an optimizer whose update is per tensor "
+                        f"({', '.join(PER_TENSOR_OPTIMIZERS)}); {o.optimizer_type!r} is not")
+    return problems
+
+
+def check_recipe(cfg: Config, recipe: str) -> None:
+    """Keys that only one recipe understands."""
+    problems = []
+    if recipe == "network":
+        if cfg.optimizer.fused_backward_pass or cfg.optimizer.fused_optimizer_groups:
+            problems.append("fused backward pass is for full fine-tuning (train_db.py); adapter gradients are "
+                            "small: remove 'optimizer.fused_backward_pass' / 'fused_optimizer_groups'")
+        if cfg.save.save_model_as != "safetensors":
+            problems.append("'save.save_model_as' = \"diffusers\" is for train_db.py; adapters are saved as "
+                            "kohya .safetensors")
+    if problems:
+        raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))
 
 
 def parse_kv_args(args: list[str]) -> dict[str, Any]:

@@ -109,11 +109,11 @@ def test_flat_sd_scripts_file_maps_supported_keys(tmp_path, minimal):
 
 def test_flat_file_names_every_unsupported_key_at_once(tmp_path, minimal):
     flat = minimal.replace("[model]", "").replace("[dataset]", "").replace("[train]", "")
-    flat += "\nmin_snr_gamma = 5\nnoise_offset = 0.1\nnetwork_dim = 8\n"
+    flat += "\nhuggingface_repo_id = \"me/x\"\nwandb_run_name = \"r\"\nnetwork_dim = 8\n"
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, flat))
     assert "2 key(s) not supported" in str(e.value)
-    assert "min_snr_gamma" in str(e.value) and "noise_offset" in str(e.value)
+    assert "huggingface_repo_id" in str(e.value) and "wandb_run_name" in str(e.value)
 
 
 def test_existing_output_is_never_overwritten_silently(tmp_path, minimal):
