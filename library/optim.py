@@ -1,5 +1,7 @@
-"""Optimizers and learning-rate schedules by the names sd-scripts users type."""
+"""Optimizers and learning-rate schedules by the names sd-scripts users type, and the fused backward pass."""
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -7,27 +9,47 @@ from library.config import ConfigError, parse_kv_args
 
 
 def build_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str]) -> torch.optim.Optimizer:
-    """`name` is case-insensitive: AdamW, AdamW8bit (bitsandbytes), Adafactor (transformers).
+    """`name` is case-insensitive, or a dotted class path (`torch.optim.RAdam`, `mypkg.MyOpt`).
 
     Adafactor is used as sd-scripts' users run it for fine-tuning: with the given learning rate and
     our schedule (relative_step, scale_parameter and warmup_init off unless optimizer_args say so)."""
     kwargs = parse_kv_args(args)
-    key = name.lower()
-    if key == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
-    if key == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(param_groups, lr=lr, **kwargs)
-    if key == "adafactor":
-        from transformers.optimization import Adafactor
-
+    cls = optimizer_class(name)
+    if name.lower() == "sgdnesterov":
+        kwargs = {"momentum": 0.9, "nesterov": True, **kwargs}
+    if name.lower() == "adafactor":
         kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **kwargs}
         if kwargs["relative_step"]:
             raise ConfigError("Adafactor with relative_step=True picks its own learning rate; this trainer "
                               "drives it with learning_rate and lr_scheduler: use relative_step=False")
-        return Adafactor(param_groups, lr=lr, **kwargs)
-    raise ConfigError(f"optimizer_type {name!r} is not available")
+    return cls(param_groups, lr=lr, **kwargs)
+
+
+def optimizer_class(name: str) -> type:
+    key = name.lower()
+    if key in ("adamw", "sgdnesterov"):
+        return torch.optim.AdamW if key == "adamw" else torch.optim.SGD
+    if key in ("adamw8bit", "pagedadamw8bit", "lion", "lion8bit", "pagedlion8bit"):
+        import bitsandbytes as bnb
+
+        names = {"adamw8bit": "AdamW8bit", "pagedadamw8bit": "PagedAdamW8bit", "lion": "Lion",
+                 "lion8bit": "Lion8bit", "pagedlion8bit": "PagedLion8bit"}
+        return getattr(bnb.optim, names[key])
+    if key == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor
+    if key == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("optimizer_type Prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return Prodigy
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"optimizer_type {name!r}: no such optimizer or importable class") from None
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int | float, total_steps: int,
@@ -40,3 +62,82 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int | f
         name = "constant_with_warmup"
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          num_cycles=num_cycles, power=power)
+
+
+class FusedBackward(torch.optim.Optimizer):
+    """Optimizer steps inside backward: the parameters are split into chunks (one per parameter for
+    fused_backward_pass, N for fused_optimizer_groups), each with an optimizer of its own. When the last
+    gradient of a chunk is accumulated, a hook clips that chunk (max_grad_norm applies per chunk, not
+    over all gradients), steps it and frees its gradients, so the full set of gradients never exists.
+
+    To the LR scheduler this looks like one optimizer whose param_groups are the chunks' groups (the
+    same dicts), so a schedule sets every chunk's learning rate; step() and zero_grad() do nothing,
+    backward did the work."""
+
+    def __init__(self, name: str, param_groups: list[dict], lr: float, args: list[str],
+                 chunks: int | None = None, max_grad_norm: float = 0.0):
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.max_grad_norm = max_grad_norm
+        self.chunk_params: list[list[torch.nn.Parameter]] = []
+        for group in param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            for piece in _split(params, chunks):
+                settings = {k: v for k, v in group.items() if k != "params"}
+                self.optimizers.append(build_optimizer(name, [{"params": piece, **settings}], lr, args))
+                self.chunk_params.append(piece)
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+        self.defaults, self.state = {}, {}
+        self._ready = [0] * len(self.chunk_params)
+        self._handles = []
+        for index, piece in enumerate(self.chunk_params):
+            for param in piece:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(index)))
+        self.gradient_watchers = []  # callables(params) called just before a chunk's gradients are freed
+
+    def _hook(self, index: int):
+        def on_gradient(_param: torch.Tensor) -> None:
+            self._ready[index] += 1
+            if self._ready[index] == len(self.chunk_params[index]):
+                self._step_chunk(index)
+        return on_gradient
+
+    def _step_chunk(self, index: int) -> None:
+        self._ready[index] = 0
+        piece = self.chunk_params[index]
+        for watch in self.gradient_watchers:
+            watch(piece)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in piece if p.grad is not None], self.max_grad_norm)
+        self.optimizers[index].step()
+        self.optimizers[index].zero_grad(set_to_none=True)
+
+    def step(self, closure=None):  # noqa: ARG002
+        """After backward: step the chunks some of whose parameters got no gradient this time (layers the
+        forward pass did not use, such as the last text-encoder layer under clip_skip)."""
+        for index, ready in enumerate(self._ready):
+            if ready:
+                self._step_chunk(index)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002
+        return None
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _split(params: list, chunks: int | None) -> list[list]:
+    """One chunk per parameter (None), or `chunks` contiguous chunks of about equal element count."""
+    if chunks is None:
+        return [[p] for p in params]
+    total = sum(p.numel() for p in params)
+    out, current, size = [], [], 0
+    for param in params:
+        current.append(param)
+        size += param.numel()
+        if size >= total * (len(out) + 1) / chunks and len(out) < chunks - 1:
+            out.append(current)
+            current = []
+    if current:
+        out.append(current)
+    return out

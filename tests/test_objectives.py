@@ -65,3 +65,83 @@ def test_reduce_loss_mask_and_sample_weights_closed_form():
     assert reduce_loss(per_element, mask).item() == pytest_approx((8.0 / 2 + 2.0) / 2)
     weights = torch.tensor([1.0, 0.25])
     assert reduce_loss(per_element, None, weights).item() == pytest_approx((4.0 + 0.5) / 2)
+
+
+def test_zero_terminal_snr_matches_diffusers_rescale():
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    from library.objectives import zero_terminal_snr
+
+    objective = _objective()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    expected = torch.cumprod(1 - rescale_zero_terminal_snr(betas), 0)
+    got = zero_terminal_snr(objective.alphas_cumprod)
+    assert got[-1] == 0 and torch.allclose(got, expected, atol=1e-9)
+    assert objective.with_zero_terminal_snr().snr(torch.tensor([999])).item() == 0
+
+
+def test_snr_weights_closed_form():
+    from library.objectives import LossOptions, timestep_weights
+
+    eps, v = _objective(), _objective("v_prediction")
+    t = torch.tensor([10, 500, 990])
+    snr = (eps.alphas_cumprod[t] / (1 - eps.alphas_cumprod[t]))
+    assert timestep_weights(eps, t, LossOptions()) is None
+    w = timestep_weights(eps, t, LossOptions(min_snr_gamma=5.0))
+    assert torch.allclose(w.double(), torch.minimum(snr, torch.tensor(5.0)) / snr, rtol=1e-6)
+    w = timestep_weights(v, t, LossOptions(min_snr_gamma=5.0))
+    assert torch.allclose(w.double(), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=1e-6)
+    w = timestep_weights(eps, t, LossOptions(debiased_estimation_loss=True))
+    assert torch.allclose(w.double(), 1 / snr.clamp(max=1000).sqrt(), rtol=1e-6)
+    w = timestep_weights(v, t, LossOptions(scale_v_pred_loss_like_noise_pred=True))
+    assert torch.allclose(w.double(), snr.clamp(max=1000) / (snr.clamp(max=1000) + 1), rtol=1e-6)
+
+
+def test_element_losses_and_huber_schedules_closed_form():
+    from library.objectives import LossOptions, element_loss, huber_threshold
+
+    pred, target = torch.tensor([[3.0]]), torch.tensor([[1.0]])  # difference 2
+    c = torch.tensor([0.5])
+    assert element_loss(pred, target, "l2").item() == 4.0
+    assert element_loss(pred, target, "l1").item() == 2.0
+    assert element_loss(pred, target, "huber", c).item() == pytest_approx(2 * 0.5 * (math.sqrt(4.25) - 0.5))
+    assert element_loss(pred, target, "smooth_l1", c).item() == pytest_approx(2 * (math.sqrt(4.25) - 0.5))
+    objective, t = _objective(), torch.tensor([0, 500, 1000 - 1])
+    constant = huber_threshold(objective, t, LossOptions(huber_schedule="constant", huber_c=0.2, huber_scale=2.0))
+    assert torch.allclose(constant, torch.tensor([0.4, 0.4, 0.4]))
+    exponential = huber_threshold(objective, t, LossOptions(huber_schedule="exponential", huber_c=0.1))
+    assert torch.allclose(exponential, torch.tensor([1.0, 0.1 ** 0.5, 0.1 ** 0.999]), rtol=1e-6)
+    abar = objective.alphas_cumprod[t]
+    sigma = ((1 - abar) / abar).sqrt()
+    snr = huber_threshold(objective, t, LossOptions(huber_schedule="snr", huber_c=0.1))
+    assert torch.allclose(snr.double(), 0.9 / (1 + sigma) ** 2 + 0.1, rtol=1e-6)
+
+
+def test_noise_options():
+    from library.objectives import LossOptions, apply_noise_offset, draw_noise
+
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    base, same = draw_noise((2, 4, 8, 8), g())
+    assert torch.equal(base, same) and torch.equal(base, torch.randn((2, 4, 8, 8), generator=g()))
+    shifted = apply_noise_offset(torch.zeros(2, 4, 8, 8), 0.1, g())
+    per_channel = torch.randn((2, 4, 1, 1), generator=g()) * 0.1
+    assert torch.allclose(shifted, per_channel.expand(2, 4, 8, 8))
+    target, noisy_with = draw_noise((2, 4, 8, 8), g(), LossOptions(ip_noise_gamma=0.1))
+    gen = g()
+    first = torch.randn((2, 4, 8, 8), generator=gen)
+    assert torch.equal(target, first)
+    assert torch.allclose(noisy_with, first + 0.1 * torch.randn((2, 4, 8, 8), generator=gen))
+    pyramid, _ = draw_noise((2, 4, 64, 64), g(), LossOptions(multires_noise_iterations=6))
+    assert pyramid.std().item() == pytest_approx(1.0)
+    white = torch.randn((2, 4, 64, 64), generator=g())
+    pooled = [torch.nn.functional.avg_pool2d(n, 16).std().item() for n in (pyramid, white)]
+    assert pooled[0] > 2 * pooled[1]  # low frequencies carry more energy than in white noise (std 1/16)
+
+
+def test_timestep_bounds():
+    objective = _objective()
+    objective.min_timestep, objective.max_timestep = 200, 300
+    t = objective.sample_timesteps(1000, torch.Generator().manual_seed(0))
+    assert t.min() >= 200 and t.max() <= 299
+    objective.min_timestep, objective.max_timestep = 300, 300
+    assert objective.sample_timesteps(3, torch.Generator()).tolist() == [300, 300, 300]
