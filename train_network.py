@@ -25,7 +25,7 @@ from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
 from library.memory import (allow_fp16_gradients, cast_frozen, cast_trainable, enable_gradient_checkpointing,
                             set_attention, weight_dtype)
-from library.objectives import denoising_loss
+from library.objectives import LossOptions, configure, denoising_loss, draw_noise
 from library.optim import build_optimizer, build_scheduler
 from library.progress import Progress
 from library.sampling import read_prompts, render_samples
@@ -87,7 +87,7 @@ def train(cfg: Config) -> TrainResult:
     family = get_family(m.family, m.pretrained_model_name_or_path)
     parts = family.load(ModelSource(m.pretrained_model_name_or_path, v2=m.v2, v_parameterization=m.v_parameterization,
                                     tokenizer=m.tokenizer, arch=m.arch, vae=m.vae))
-    objective = family.objective(parts)
+    objective, loss_options = configure(family.objective(parts), cfg.loss)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     for module in modules:
         module.requires_grad_(False)
@@ -178,7 +178,7 @@ def train(cfg: Config) -> TrainResult:
         for batch in loader:
             with accelerator.accumulate(*trained_modules), accelerator.autocast():
                 loss = _batch_loss(family, parts, objective, batch, clip_skip, noise_generator,
-                                   cached_conditioning, train_te)
+                                   cached_conditioning, train_te, loss_options)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and o.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, o.max_grad_norm)
@@ -227,7 +227,8 @@ def _resolution(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (value[0], value[1])
 
 
-def _batch_loss(family, parts, objective, batch, clip_skip, generator, cached_conditioning, train_te):
+def _batch_loss(family, parts, objective, batch, clip_skip, generator, cached_conditioning, train_te,
+                loss_options: LossOptions):
     """The loss of one batch: latents (cached or encoded now), conditioning, noise, timesteps, prediction."""
     if "latents" in batch:
         latents = batch["latents"].to(parts.denoiser.device)
@@ -240,9 +241,11 @@ def _batch_loss(family, parts, objective, batch, clip_skip, generator, cached_co
     else:
         with torch.set_grad_enabled(train_te):
             conditioning = family.encode_prompts(parts, batch["caption"], clip_skip)
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    noise, input_noise = (n.to(latents.device, latents.dtype) for n in
+                          draw_noise(latents.shape, generator, loss_options))
     timesteps = objective.sample_timesteps(latents.shape[0], generator)
-    return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps)
+    return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps,
+                          options=loss_options, input_noise=input_noise)
 
 
 @torch.no_grad()

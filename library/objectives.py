@@ -87,6 +87,15 @@ class LossOptions:
     ip_noise_gamma: float | None = None
 
 
+def configure(objective: DiffusionObjective, loss_section) -> tuple[DiffusionObjective, LossOptions]:
+    """Apply the [loss] section: timestep range and zero terminal SNR to the objective, the rest as options."""
+    if loss_section.zero_terminal_snr:
+        objective = objective.with_zero_terminal_snr()
+    objective.min_timestep, objective.max_timestep = loss_section.min_timestep, loss_section.max_timestep
+    fields = LossOptions.__dataclass_fields__
+    return objective, LossOptions(**{k: getattr(loss_section, k) for k in fields})
+
+
 def draw_noise(shape: tuple, generator: torch.Generator, options: LossOptions = LossOptions()):
     """(target noise, input noise): Gaussian noise with the offset / multires options applied, and the
     noise the latents are actually noised with (input perturbation adds ip_noise_gamma * N(0, 1))."""
