@@ -20,17 +20,22 @@ import torch
 
 from library import cli
 from library.config import Config, write_resolved
-from library.data.dataset import ImageCaptionDataset, collate, scan_folder
+from library.data.buckets import BucketBatchSampler
+from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
+from library.data.plan import plan_data
+from library.data.training_set import TrainingSet, collate
 from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
 from library.memory import (allow_fp16_gradients, cast_frozen, cast_trainable, enable_gradient_checkpointing,
                             set_attention, weight_dtype)
-from library.objectives import LossOptions, configure, denoising_loss, draw_noise
+from library.objectives import configure
 from library.optim import build_optimizer, build_scheduler
 from library.progress import Progress
 from library.sampling import read_prompts, render_samples
-from networks import kohya
-from networks.lora import LoraSettings, inject, set_adapters_enabled, trainable_parameter_count
+from library.training import batch_loss, resolution
+from networks import blockwise, files, max_norm
+from networks.settings import NetworkSettings
+from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
 
 
 @dataclass
@@ -44,12 +49,14 @@ class TrainResult:
     parts: object = None
     adapted: list = field(default_factory=list)
     optimizer: object = None
+    keys_scaled: list[int] = field(default_factory=list)  # scale_weight_norms: layers scaled, per step
 
 
 def main(argv: list[str] | None = None) -> int:
     cli.quiet_libraries()
     cfg = cli.load_or_exit(cli.parse_args(argv, __doc__), recipe="network")
-    train(cfg)
+    with cli.exit_on_user_error():
+        train(cfg)
     return 0
 
 
@@ -70,17 +77,16 @@ def train(cfg: Config) -> TrainResult:
         write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
 
     # ---- data: every image and caption is checked before any model loads ----------------------
-    width, height = _resolution(cfg.dataset.resolution)
-    items, notes = scan_folder(cfg.dataset.train_data_dir, cfg.dataset.num_repeats, cfg.dataset.caption_extension)
-    for note in notes:
-        say(f"note: {note}")
-    dataset = ImageCaptionDataset(items, width, height)
-    batch_size, accumulation = cfg.dataset.train_batch_size, t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(math.ceil(len(dataset) / batch_size) / accumulation)
+    plan = plan_data(cfg, say)  # layout, check (stop or skip), captions, buckets, epoch entries
+    dataset = TrainingSet(plan, t.seed, cfg.dataset.prior_loss_weight)
+    items = dataset.items
+    width, height = plan.layout.datasets[0].buckets.resolution  # sample size
+    accumulation = t.gradient_accumulation_steps
+    steps_per_epoch = plan.steps_per_epoch(accumulation)
     max_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    say(f"data: {len(items)} images x repeats = {len(dataset)} per epoch; batch {batch_size}, "
-        f"accumulation {accumulation} -> {steps_per_epoch} steps per epoch; {max_steps} steps "
-        f"(~{math.ceil(max_steps / steps_per_epoch)} epochs) at {width}x{height}")
+    for line in plan.summary(accumulation):
+        say(line)
+    say(f"  {max_steps} steps (~{math.ceil(max_steps / steps_per_epoch)} epochs)")
 
     # ---- model ----------------------------------------------------------------------------------
     m = cfg.model
@@ -94,7 +100,7 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- adapters -------------------------------------------------------------------------------
     n = cfg.network
-    settings = LoraSettings.from_network_section(n)
+    settings = NetworkSettings.from_network_section(n)
     wanted = {"denoiser": not n.network_train_text_encoder_only}
     adapted = []
     for target in family.adapter_targets(parts):
@@ -102,10 +108,10 @@ def train(cfg: Config) -> TrainResult:
             module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
             adapted.append(inject(module, target, settings))
     if n.network_weights:
-        loaded = kohya.load_into(adapted, n.network_weights)
+        loaded = files.load_into(adapted, n.network_weights, family.file_metadata(parts))
         say(f"continuing from {n.network_weights}: {loaded} layers")
     train_te = any(c.target.component != "denoiser" for c in adapted)
-    say(f"adapters: {sum(len(c.layers) for c in adapted)} layers, "
+    say(f"adapters: {settings.algo}, {sum(len(c.layers) for c in adapted)} layers, "
         f"{trainable_parameter_count(adapted):,} trainable parameters (dim {settings.dim}, alpha {settings.alpha:g}"
         f"{f', conv_dim {settings.conv_dim}, conv_alpha {settings.conv_alpha:g}' if settings.conv_dim else ''})")
 
@@ -125,24 +131,24 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- caches ---------------------------------------------------------------------------------
     clip_skip = m.clip_skip
-    if cfg.dataset.cache_latents:
-        dataset.latents = _encode_all_images(family, parts, dataset, t.seed)
+    d = cfg.dataset
+    if d.cache_latents or d.cache_latents_to_disk:
+        cache_latents(family, parts, dataset, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
+                                                                  d.vae_batch_size, t.seed), say)
     cached_conditioning = None
-    if t.cache_text_encoder_outputs:
-        with torch.no_grad():
-            cached_conditioning = {c: family.encode_prompts(parts, [c], clip_skip) for c in dataset.captions}
+    if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
+        cached_conditioning = cache_text_outputs(family, parts, dataset.captions, clip_skip, cache_folder(cfg)
+                                                 if t.cache_text_encoder_outputs_to_disk else None, say)
 
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
-    groups = []
-    for component in adapted:
-        lr = n.unet_lr if component.target.component == "denoiser" else n.text_encoder_lr
-        groups.append({"params": component.parameters(), "lr": lr if lr is not None else o.learning_rate})
+    groups = blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, o.learning_rate)
     optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(t.seed),
+    order = torch.Generator().manual_seed(t.seed)  # batches: one bucket each, seeded order
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.bucket_keys,
+                                         plan.batch_sizes, order), collate_fn=collate, generator=order,
                                          num_workers=cfg.dataset.max_data_loader_n_workers)
     trained_modules = [c.module for c in adapted]
     optimizer, loader, *trained_modules = accelerator.prepare(optimizer, loader, *trained_modules)
@@ -177,7 +183,7 @@ def train(cfg: Config) -> TrainResult:
         micro_losses = []
         for batch in loader:
             with accelerator.accumulate(*trained_modules), accelerator.autocast():
-                loss = _batch_loss(family, parts, objective, batch, clip_skip, noise_generator,
+                loss = batch_loss(family, parts, objective, batch, clip_skip, noise_generator,
                                    cached_conditioning, train_te, loss_options)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and o.max_grad_norm > 0:
@@ -189,6 +195,11 @@ def train(cfg: Config) -> TrainResult:
                 continue
             scheduler.step()
             step += 1
+            if n.scale_weight_norms:
+                scaled, mean_norm, top_norm = max_norm.apply(adapted, n.scale_weight_norms)
+                result.keys_scaled.append(scaled)
+                accelerator.log({"keys_scaled": scaled, "average_key_norm": mean_norm, "max_key_norm": top_norm},
+                                step=step)
             result.losses.append(sum(micro_losses) / len(micro_losses))
             micro_losses = []
             lr = scheduler.get_last_lr()[0]
@@ -218,46 +229,12 @@ def train(cfg: Config) -> TrainResult:
                                         f"{t.output_name}_final", width, height, s.sample_steps, s.sample_seed,
                                         s.sample_sampler, clip_skip)
     accelerator.end_training()
+    if n.scale_weight_norms:
+        say(f"scale_weight_norms {n.scale_weight_norms:g}: {sum(result.keys_scaled)} layer scalings in {step} steps "
+            f"({result.keys_scaled[-1] if result.keys_scaled else 0} in the last)")
     say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}; "
         f"adapter {result.adapter_path}" + (f"; samples in {out_dir / 'samples'}" if result.samples else ""))
     return result
-
-
-def _resolution(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (value[0], value[1])
-
-
-def _batch_loss(family, parts, objective, batch, clip_skip, generator, cached_conditioning, train_te,
-                loss_options: LossOptions):
-    """The loss of one batch: latents (cached or encoded now), conditioning, noise, timesteps, prediction."""
-    if "latents" in batch:
-        latents = batch["latents"].to(parts.denoiser.device)
-    else:
-        with torch.no_grad():
-            latents = family.encode_images(parts, batch["pixels"])
-    if cached_conditioning is not None:
-        conditioning = {k: torch.cat([cached_conditioning[c][k] for c in batch["caption"]])
-                        for k in next(iter(cached_conditioning.values()))}
-    else:
-        with torch.set_grad_enabled(train_te):
-            conditioning = family.encode_prompts(parts, batch["caption"], clip_skip)
-    noise, input_noise = (n.to(latents.device, latents.dtype) for n in
-                          draw_noise(latents.shape, generator, loss_options))
-    timesteps = objective.sample_timesteps(latents.shape[0], generator)
-    return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps,
-                          options=loss_options, input_noise=input_noise)
-
-
-@torch.no_grad()
-def _encode_all_images(family, parts, dataset: ImageCaptionDataset, seed: int) -> list[torch.Tensor]:
-    from library.data.dataset import load_image
-
-    generator = torch.Generator().manual_seed(seed)
-    latents = []
-    for item in dataset.items:
-        pixels = load_image(item.path, dataset.width, dataset.height).unsqueeze(0)
-        latents.append(family.encode_images(parts, pixels, generator)[0].cpu())
-    return latents
 
 
 def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epoch, items, started_at) -> None:
@@ -267,14 +244,14 @@ def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epo
         "unet_lr": cfg.network.unet_lr, "text_encoder_lr": cfg.network.text_encoder_lr, "steps": step,
         "epoch": epoch, "max_train_steps": cfg.train.max_train_steps, "seed": cfg.train.seed,
         "mixed_precision": cfg.train.mixed_precision, "clip_skip": cfg.model.clip_skip, "num_images": len(items),
-        "resolution": list(_resolution(cfg.dataset.resolution)),
-        "tag_frequency": {Path(cfg.dataset.train_data_dir).name: dict(tags)},
+        "resolution": list(resolution(cfg.dataset.resolution)),
+        "tag_frequency": {Path(cfg.dataset.train_data_dir or cfg.dataset.dataset_config).name: dict(tags)},
         "prediction_type": family.objective(parts).prediction_type,
     }
-    network = {"module": cfg.network.network_module, "dim": settings.dim, "alpha": settings.alpha,
-               "args": settings.as_args(), "dropout": settings.dropout}
-    tensors = kohya.state_dict(adapted, kohya.SAVE_DTYPES[cfg.save.save_precision])
-    kohya.save(path, tensors, kohya.metadata(family.file_metadata(parts), network, training))
+    network = {**files.network_metadata(settings), "scale_weight_norms": cfg.network.scale_weight_norms,
+               "loraplus_lr_ratio": cfg.network.loraplus_lr_ratio, "save_format": cfg.save.save_format}
+    tensors, extra = files.adapter_tensors(adapted, cfg.save.save_format, files.SAVE_DTYPES[cfg.save.save_precision])
+    files.save(path, tensors, {**files.metadata(family.file_metadata(parts), network, training), **extra})
 
 
 if __name__ == "__main__":

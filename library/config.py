@@ -64,14 +64,37 @@ class ModelSection:
 
 @dataclass
 class NetworkSection:
-    network_module: str = opt("networks.lora", "adapter kind (networks.lora: LoRA, LoCon with conv_dim)",
-                              choices=("networks.lora",))
+    network_module: str = opt("networks.lora", "adapter kind: networks.lora (LoRA, LoCon with conv_dim) or "
+                              "lycoris.kohya (algo picks the LyCORIS algorithm)",
+                              choices=("networks.lora", "lycoris.kohya"))
+    algo: Optional[str] = opt(None, "adapter algorithm (as LyCORIS' algo=); default lora, or locon with lycoris.kohya",
+                              choices=("lora", "locon", "loha", "lokr", "oft", "boft", "dora"))
     network_dim: int = opt(4, "LoRA rank of attention/MLP linears")
     network_alpha: float = opt(1.0, "LoRA alpha; the adapter output is scaled by alpha / dim, as in kohya")
     network_dropout: Optional[float] = opt(None, "dropout on the adapter input (peft lora_dropout)")
     conv_dim: Optional[int] = opt(None, "LoCon: rank of 3x3 conv layers in ResNet/up/down blocks")
     conv_alpha: Optional[float] = opt(None, "LoCon: alpha of conv layers (defaults to 1.0)")
-    network_args: list[str] = opt([], 'extra "key=value" strings, as sd-scripts (conv_dim, conv_alpha)')
+    network_args: list[str] = opt([], 'extra "key=value" strings, as sd-scripts / LyCORIS write them '
+                                  '(algo, conv_dim, factor, block_dims, loraplus_lr_ratio, ...; any key of this table)')
+    rank_dropout: Optional[float] = opt(None, "dropout of whole ranks (rows of the delta) during training (LoHa, LoKr)")
+    module_dropout: Optional[float] = opt(None, "probability of skipping a layer's adapter in a training step "
+                                          "(LoHa, LoKr, OFT, BOFT)")
+    factor: Optional[int] = opt(None, "LoKr: Kronecker factor size (-1: near the square root); BOFT: butterfly factor")
+    decompose_both: Optional[bool] = opt(None, "LoKr: low-rank factor the small Kronecker matrix (lokr_w1) too")
+    use_tucker: Optional[bool] = opt(None, "LoHa / LoKr: Tucker-decompose 3x3 conv kernels (hada_t1, lokr_t2)")
+    dora_wd: Optional[bool] = opt(None, "DoRA: weight-decomposed LoRA (same as algo = dora)")
+    block_dims: Optional[list[int]] = opt(None, "ranks of the 25 U-Net blocks IN00-IN11, MID, OUT00-OUT11 "
+                                          "(0 leaves a block out)")
+    block_alphas: Optional[list[float]] = opt(None, "alphas of the 25 U-Net blocks (with block_dims)")
+    conv_block_dims: Optional[list[int]] = opt(None, "3x3-conv ranks of the 25 U-Net blocks (LoCon per block)")
+    conv_block_alphas: Optional[list[float]] = opt(None, "3x3-conv alphas of the 25 U-Net blocks")
+    down_lr_weight: Optional[Union[str, list[float]]] = opt(
+        None, "lr multipliers of the 12 down blocks, or a preset: cosine, sine, linear, reverse_linear, zeros (+x)")
+    mid_lr_weight: Optional[float] = opt(None, "lr multiplier of the mid block")
+    up_lr_weight: Optional[Union[str, list[float]]] = opt(None, "lr multipliers of the 12 up blocks, or a preset")
+    loraplus_lr_ratio: Optional[float] = opt(None, "LoRA+: lora_up (B) learns this many times faster than lora_down")
+    scale_weight_norms: Optional[float] = opt(None, "max-norm: scale down any layer whose weight delta has a larger "
+                                              "norm, after each step (1.0 is typical)")
     network_weights: Optional[str] = opt(None, "continue from this kohya LoRA file", path="file")
     network_train_unet_only: bool = opt(False, "train the U-Net adapter only")
     network_train_text_encoder_only: bool = opt(False, "train the text-encoder adapter only")
@@ -81,14 +104,46 @@ class NetworkSection:
 
 @dataclass
 class DatasetSection:
-    train_data_dir: str = opt(REQUIRED, "folder of images with captions; subfolders 'N_name' repeat N times",
-                              path="dir")
+    train_data_dir: Optional[str] = opt(
+        None, "folder of images with captions; subfolders 'N_name' repeat N times (or use dataset_config)",
+        path="dir")
+    dataset_config: Optional[str] = opt(
+        None, "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]); replaces train_data_dir",
+        path="file")
+    reg_data_dir: Optional[str] = opt(None, "regularization images, in subfolders 'N_name' as train_data_dir",
+                                      path="dir")
+    prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
     resolution: Union[int, list[int]] = opt(512, "training size: an int, or [width, height]")
     num_repeats: int = opt(1, "repeats of images placed directly in train_data_dir")
     caption_extension: str = opt(".txt", "caption file extension (.txt or .caption)")
     train_batch_size: int = opt(1, "images per batch")
     cache_latents: bool = opt(False, "encode all images with the VAE once, before training")
     max_data_loader_n_workers: int = opt(0, "DataLoader worker processes")
+    enable_bucket: bool = opt(False, "aspect-ratio buckets: each image trains at the bucket size nearest its shape")
+    min_bucket_reso: int = opt(256, "smallest bucket side")
+    max_bucket_reso: int = opt(1024, "largest bucket side")
+    bucket_reso_steps: int = opt(64, "bucket sides are multiples of this (a multiple of 8)")
+    bucket_no_upscale: bool = opt(False, "never enlarge an image: its bucket is its own size rounded down")
+    shuffle_caption: bool = opt(False, "shuffle the tags of each caption (after the kept ones)")
+    caption_separator: str = opt(",", "what separates the tags of a caption")
+    keep_tokens: int = opt(0, "the first N tags stay in place (not shuffled or dropped)")
+    keep_tokens_separator: str = opt(
+        "", "tags before this mark stay in place, and after a second one stay at the end (e.g. \"|||\")")
+    caption_prefix: Optional[str] = opt(None, "text put before every caption (never shuffled or dropped)")
+    caption_suffix: Optional[str] = opt(None, "text put after every caption (never shuffled or dropped)")
+    caption_dropout_rate: float = opt(0.0, "probability of training an example with an empty caption")
+    caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each movable tag")
+    caption_dropout_every_n_epochs: int = opt(0, "train every N-th epoch with empty captions (0: never)")
+    flip_aug: bool = opt(False, "flip images horizontally at random (half the examples)")
+    color_aug: bool = opt(False, "shift the hue at random (not with cached latents)")
+    random_crop: bool = opt(False, "crop at a random place instead of the center (not with cached latents)")
+    alpha_mask: bool = opt(False, "the alpha channel weights the loss (transparent pixels do not train)")
+    cache_latents_to_disk: bool = opt(False, "cache latents as files in cache_dir, reused while still valid")
+    vae_batch_size: int = opt(1, "images per VAE call when caching latents")
+    cache_dir: Optional[str] = opt(None, "folder of the disk caches (default: output_dir/cache)")
+    bad_data: str = opt("stop", "what the dataset check does with bad images and captions: stop with the "
+                        "list, or skip them with a warning", choices=("stop", "skip"))
+    check_decode: bool = opt(True, "the dataset check decodes every image fully (false: headers and file ends)")
 
 
 @dataclass
@@ -127,6 +182,8 @@ class TrainSection:
     xformers: bool = opt(False, "xformers memory-efficient attention (pip install xformers)")
     cache_text_encoder_outputs: bool = opt(
         False, "encode all captions once; needs a frozen text encoder (network_train_unet_only)")
+    cache_text_encoder_outputs_to_disk: bool = opt(
+        False, "cache text-encoder outputs as files in cache_dir, reused while still valid")
 
 
 @dataclass
@@ -138,6 +195,8 @@ class SaveSection:
         "safetensors", "safetensors: one file (train_db.py: in the original layout UIs load); diffusers: a "
         "diffusers folder (train_db.py only)", choices=("safetensors", "diffusers"))
     overwrite: bool = opt(False, "replace adapter files of the same output_name (default: refuse to start)")
+    save_format: str = opt("kohya", "adapter key layout: kohya (kohya / LyCORIS names every UI loads) or peft "
+                           "(peft / diffusers names; the only one for OFT and BOFT)", choices=("kohya", "peft"))
 
 
 @dataclass
@@ -431,7 +490,8 @@ def _check_paths(cfg: Config) -> None:
     if not os.path.exists(model) and not HUB_ID.match(model):
         raise ConfigError(f"{cfg.source}: 'model.pretrained_model_name_or_path': no such file or folder: {model}")
     out, name = Path(cfg.train.output_dir), cfg.train.output_name
-    earlier = sorted([*out.glob(f"{glob_escape(name)}.safetensors"), *out.glob(f"{glob_escape(name)}-*.safetensors")])
+    earlier = sorted([*out.glob(f"{glob_escape(name)}.safetensors"), *out.glob(f"{glob_escape(name)}-*.safetensors"),
+                      *[p for p in out.glob(glob_escape(name)) if p.is_dir()]])
     if earlier and not cfg.save.overwrite:
         raise ConfigError(f"{cfg.source}: {earlier[0]} exists from an earlier run and would be overwritten; "
                           f"choose another 'train.output_name' or output_dir, or set 'save.overwrite' = true")
@@ -459,14 +519,13 @@ def _check_combinations(cfg: Config) -> None:
     if n.network_train_unet_only and n.network_train_text_encoder_only:
         problems.append("'network.network_train_unet_only' and 'network.network_train_text_encoder_only' "
                         "cannot both be true")
-    if t.cache_text_encoder_outputs and not n.network_train_unet_only:
-        problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
-                        "set 'network.network_train_unet_only' = true")
     if t.xformers:
         import importlib.util
         if importlib.util.find_spec("xformers") is None:
             problems.append("'train.xformers' = true but xformers is not installed "
                             "(pip install xformers, or use the default sdpa)")
+    if cfg.dataset.train_data_dir is None and cfg.dataset.dataset_config is None:
+        problems.append("'dataset.train_data_dir' or 'dataset.dataset_config' is required")
     res = cfg.dataset.resolution
     sizes = res if isinstance(res, list) else [res]
     if len(sizes) not in (1, 2) or any(s < 8 or s % 8 for s in sizes):
@@ -485,11 +544,9 @@ def _check_combinations(cfg: Config) -> None:
     if lo.max_timestep is not None and not (lo.min_timestep < lo.max_timestep <= 1000) or lo.min_timestep < 0:
         problems.append(f"'loss.min_timestep' = {lo.min_timestep} and 'loss.max_timestep' = {lo.max_timestep}: "
                         f"need 0 <= min < max <= 1000")
-    known_network_args = {"conv_dim", "conv_alpha", "dropout"}
-    for key in parse_kv_args([a for a in n.network_args if "=" in a]):
-        if key not in known_network_args:
-            problems.append(f"'network.network_args': {key!r} is not supported here "
-                            f"(supported: {', '.join(sorted(known_network_args))})")
+    from networks.settings import check_network_section
+
+    problems += check_network_section(n, cfg.save.save_format)
     if problems:
         raise ConfigError(f"{src}:\n  " + "\n  ".join(problems))
 
@@ -529,6 +586,17 @@ def _optimizer_problems(cfg: Config) -> list[str]:
 def check_recipe(cfg: Config, recipe: str) -> None:
     """Keys that only one recipe understands."""
     problems = []
+    caching = cfg.train.cache_text_encoder_outputs or cfg.train.cache_text_encoder_outputs_to_disk
+    if recipe == "network" and caching and not cfg.network.network_train_unet_only:
+        problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
+                        "set 'network.network_train_unet_only' = true")
+    if recipe == "db" and caching and cfg.dreambooth.train_text_encoder:
+        problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
+                        "set 'dreambooth.train_text_encoder' = false")
+    if recipe == "db" and cfg.dreambooth.num_class_images and not (cfg.dreambooth.class_data_dir
+                                                                    and cfg.dreambooth.class_prompt):
+        problems.append("'dreambooth.num_class_images' needs 'dreambooth.class_data_dir' and "
+                        "'dreambooth.class_prompt' (where to put class images, and what they show)")
     if recipe == "network":
         if cfg.optimizer.fused_backward_pass or cfg.optimizer.fused_optimizer_groups:
             problems.append("fused backward pass is for full fine-tuning (train_db.py); adapter gradients are "

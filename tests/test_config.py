@@ -60,8 +60,7 @@ def test_missing_path_is_named(tmp_path, minimal):
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.full_fp16=true"], "'train.full_fp16' needs 'train.mixed_precision' = \"fp16\""),
-    (["train.cache_text_encoder_outputs=true"], "needs a frozen text encoder"),
-    (['network.network_args=["algo=loha"]'], "'algo' is not supported here"),
+    (['network.network_args=["frobnicate=1"]'], "'frobnicate' is not supported here"),
     (["dataset.resolution=500"], "each a multiple of 8"),
     (["optimizer.optimizer_type=AdamX"], "is not one of"),
 ])
@@ -69,6 +68,24 @@ def test_impossible_combinations(tmp_path, minimal, overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, minimal), overrides)
     assert message in str(e.value) and "x.toml" in str(e.value)
+
+
+def test_recipe_specific_checks(tmp_path, minimal):
+    from library.config import check_recipe
+
+    cfg = load_config(_write(tmp_path, minimal), ["train.cache_text_encoder_outputs=true"])
+    for recipe, fix in (("network", "network.network_train_unet_only"), ("db", "dreambooth.train_text_encoder")):
+        with pytest.raises(ConfigError, match=f"needs a frozen text encoder: set '{fix}'"):
+            check_recipe(cfg, recipe)
+    fused = load_config(_write(tmp_path, minimal), ["optimizer.fused_backward_pass=true"])
+    with pytest.raises(ConfigError, match="fused backward pass is for full fine-tuning"):
+        check_recipe(fused, "network")
+    check_recipe(fused, "db")
+    with pytest.raises(ConfigError, match="cannot accumulate"):
+        load_config(_write(tmp_path, minimal), ["optimizer.fused_backward_pass=true",
+                                                 "train.gradient_accumulation_steps=2"])
+    with pytest.raises(ConfigError, match="'prodigy' is not"):
+        load_config(_write(tmp_path, minimal), ["optimizer.fused_backward_pass=true", "optimizer_type=prodigy"])
 
 
 def test_set_overrides_qualified_and_bare(tmp_path, minimal):

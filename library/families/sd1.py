@@ -6,6 +6,7 @@ with the architecture configs shipped in library/arch (sd15, sd2), offline.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -84,10 +85,19 @@ class SD1Family:
         te = parts.text_encoders["te"]
         return [
             AdapterTarget("denoiser", "lora_unet", linear_parents=("Transformer2DModel",),
-                          conv_parents=("ResnetBlock2D", "Downsample2D", "Upsample2D")),
+                          conv_parents=("ResnetBlock2D", "Downsample2D", "Upsample2D"),
+                          block_index=kohya_block_index, diffusers_prefix="unet"),
             AdapterTarget("te", "lora_te", linear_parents=("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"),
-                          kohya_path_prefix="" if hasattr(te, "text_model") else "text_model."),
+                          kohya_path_prefix="" if hasattr(te, "text_model") else "text_model.",
+                          diffusers_prefix="text_encoder"),
         ]
+
+    def single_file_state_dict(self, parts: Components) -> dict[str, torch.Tensor]:
+        """The whole model in the original single-file layout (what UIs load)."""
+        from library.ldm_layout import pipeline_to_ldm
+
+        return pipeline_to_ldm(parts.denoiser.state_dict(), dict(parts.denoiser.config), parts.vae.state_dict(),
+                               parts.text_encoders["te"].state_dict(), "open_clip" if parts.extra["v2"] else "clip")
 
     # ---- the training step ----------------------------------------------------------------
 
@@ -120,19 +130,39 @@ class SD1Family:
 
     def sample(self, parts: Components, prompt: str, width: int, height: int, steps: int, seed: int,
                sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5):
-        from diffusers import StableDiffusionPipeline
-
         from library.sampling import make_sampler
 
-        pipe = StableDiffusionPipeline(
-            vae=parts.vae, text_encoder=parts.text_encoders["te"], tokenizer=parts.tokenizers["te"],
-            unet=parts.denoiser, scheduler=make_sampler(sampler, parts.noise_scheduler, self.objective(parts)),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = self.pipeline(parts, make_sampler(sampler, parts.noise_scheduler, self.objective(parts)))
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator("cpu").manual_seed(seed)
         return pipe(prompt, negative_prompt=negative_prompt or None, width=width, height=height,
                     num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                     clip_skip=clip_skip - 1 if clip_skip > 1 else None).images[0]
+
+    def pipeline(self, parts: Components, scheduler=None):
+        """A diffusers StableDiffusionPipeline over the parts themselves (no copy)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=parts.text_encoders["te"], tokenizer=parts.tokenizers["te"],
+            unet=parts.denoiser, scheduler=scheduler or parts.noise_scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+_UPDOWN = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
+
+
+def kohya_block_index(module_path: str) -> int | None:
+    """sd-scripts' block of a U-Net layer: 0-11 = IN00-IN11 (IN00, conv_in, has no adapter), 12 = MID,
+    13-24 = OUT00-OUT11; level i, item j of a down/up block is 3 i + j (its sampler 3 i + 2), plus 1
+    for down blocks and 13 for up blocks."""
+    m = _UPDOWN.match(module_path)
+    if m:
+        side, level, kind, item = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        index = 3 * level + (2 if kind.endswith("samplers") else item)
+        return 1 + index if side == "down" else 13 + index
+    return 12 if module_path.startswith("mid_block.") else None
+
 
 
 def detect_arch(checkpoint: dict[str, torch.Tensor]) -> Path:

@@ -1,0 +1,282 @@
+"""DreamBooth / full fine-tuning of the denoiser (and optionally the text encoder), with prior preservation.
+
+    accelerate launch train_db.py --config my_dreambooth.toml [--set section.key=value ...]
+
+Reads top to bottom like train_network.py: config -> data -> model -> class images -> what trains ->
+memory switches -> caches -> optimizer (plain or fused into backward) -> the training loop -> files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from library import cli
+from library.checkpoint import SAVE_DTYPES, save_folder, save_safetensors
+from library.config import Config, write_resolved
+from library.data.dataset import ImageCaptionDataset, collate, scan_folder
+from library.families import ModelSource, get_family
+from library.memory import cast_frozen, enable_gradient_checkpointing, set_attention, weight_dtype
+from library.objectives import configure
+from library.optim import FusedBackward, build_optimizer, build_scheduler
+from library.prior import ensure_class_images
+from library.progress import Progress
+from library.sampling import read_prompts, render_samples
+from library.training import batch_loss, encode_all_images, resolution
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    model_path: Path | None = None
+    saved: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    parts: object = None
+    optimizer: object = None
+    ema: object = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli.quiet_libraries()
+    cfg = cli.load_or_exit(cli.parse_args(argv, __doc__), recipe="db")
+    train(cfg)
+    return 0
+
+
+def train(cfg: Config) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
+    if t.seed is None:
+        t.seed = random.randint(0, 2**31 - 1)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision,
+                              gradient_accumulation_steps=t.gradient_accumulation_steps,
+                              log_with=cfg.logging.log_with,
+                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
+    set_seed(t.seed)
+    say = Progress(0, enabled=accelerator.is_main_process).write
+    if accelerator.is_main_process:
+        write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
+
+    # ---- data -----------------------------------------------------------------------------------
+    width, height = resolution(cfg.dataset.resolution)
+    items, notes = scan_folder(cfg.dataset.train_data_dir, cfg.dataset.num_repeats, cfg.dataset.caption_extension)
+    for note in notes:
+        say(f"note: {note}")
+
+    # ---- model, then class images from the untouched base model ----------------------------------
+    m = cfg.model
+    family = get_family(m.family, m.pretrained_model_name_or_path)
+    parts = family.load(ModelSource(m.pretrained_model_name_or_path, v2=m.v2, v_parameterization=m.v_parameterization,
+                                    tokenizer=m.tokenizer, arch=m.arch, vae=m.vae))
+    objective, loss_options = configure(family.objective(parts), cfg.loss)
+    ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
+    modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
+    for module in modules:
+        module.to(accelerator.device)
+    class_items = []
+    if db.class_data_dir:
+        if db.class_prompt and db.num_class_images and accelerator.is_main_process:
+            s = cfg.sample
+            made = ensure_class_images(family, parts, db.class_data_dir, db.class_prompt, db.num_class_images,
+                                       (width, height), s.sample_steps, s.sample_sampler, t.seed, m.clip_skip, say)
+            say(f"prior preservation: {made} class images generated")
+        accelerator.wait_for_everyone()
+        class_items, _ = scan_folder(db.class_data_dir, 1, cfg.dataset.caption_extension)
+    dataset = WeightedDataset(items, class_items, db.class_prior_loss_weight, width, height)
+    batch_size, accumulation = cfg.dataset.train_batch_size, t.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(math.ceil(len(dataset) / batch_size) / accumulation)
+    max_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
+    say(f"data: {len(items)} images ({len(dataset) - len(class_items)} with repeats) + {len(class_items)} class "
+        f"images (weight {db.class_prior_loss_weight:g}); batch {batch_size}, accumulation {accumulation} -> "
+        f"{steps_per_epoch} steps per epoch; {max_steps} steps at {width}x{height}")
+
+    # ---- what trains ----------------------------------------------------------------------------
+    for module in modules:
+        module.requires_grad_(False)
+    parts.denoiser.requires_grad_(True)
+    text_encoders = list(parts.text_encoders.values()) if db.train_text_encoder else []
+    for encoder in text_encoders:
+        encoder.requires_grad_(True)
+
+    # ---- memory switches ------------------------------------------------------------------------
+    dtype = weight_dtype(t.mixed_precision)
+    for module in modules:
+        cast_frozen(module, dtype)  # frozen parts in half precision; trained ones stay fp32 ...
+    if t.full_fp16 or t.full_bf16:  # ... unless everything trains in half precision
+        for module in [parts.denoiser, *text_encoders]:
+            module.to(dtype)
+    attention = set_attention(parts.denoiser, t.xformers, t.sdpa)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(parts.denoiser, text_encoders)
+    say(f"full fine-tune: {_count(parts.denoiser):,} denoiser parameters"
+        f"{f' + {sum(_count(e) for e in text_encoders):,} text-encoder' if text_encoders else ''}; "
+        f"weights {dtype}, autocast {t.mixed_precision}; attention {attention}")
+
+    # ---- caches ---------------------------------------------------------------------------------
+    if cfg.dataset.cache_latents:
+        dataset.latents = encode_all_images(family, parts, dataset, t.seed)
+    cached_conditioning = None
+    if t.cache_text_encoder_outputs and not text_encoders:
+        with torch.no_grad():
+            cached_conditioning = {c: family.encode_prompts(parts, [c], m.clip_skip) for c in dataset.captions}
+
+    # ---- optimizer ------------------------------------------------------------------------------
+    o = cfg.optimizer
+    groups = [{"params": list(parts.denoiser.parameters()), "lr": o.learning_rate}]
+    for encoder in text_encoders:
+        groups.append({"params": list(encoder.parameters()), "lr": db.learning_rate_te or o.learning_rate})
+    fused = o.fused_backward_pass or bool(o.fused_optimizer_groups)
+    if fused:
+        if accelerator.num_processes > 1:
+            raise SystemExit("fused backward pass steps inside backward, before gradients are averaged across "
+                             "processes: train on one GPU, or turn it off")
+        optimizer = FusedBackward(o.optimizer_type, groups, o.learning_rate, o.optimizer_args,
+                                  chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm)
+        say(f"fused backward pass: {len(optimizer.optimizers)} optimizer steps inside backward"
+            + (f"; max_grad_norm {o.max_grad_norm:g} applied per {'parameter' if o.fused_backward_pass else 'group'}"
+               if o.max_grad_norm > 0 else ""))
+    else:
+        optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
+    scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
+                                o.lr_scheduler_num_cycles, o.lr_scheduler_power)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate,
+                                         generator=torch.Generator().manual_seed(t.seed),
+                                         num_workers=cfg.dataset.max_data_loader_n_workers)
+    trained = [parts.denoiser, *text_encoders]
+    if fused:
+        loader, *trained = accelerator.prepare(loader, *trained)
+    else:
+        optimizer, loader, *trained = accelerator.prepare(optimizer, loader, *trained)
+    result = TrainResult(parts=parts, optimizer=optimizer, ema=ema)
+    if cfg.logging.log_with:
+        accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name)
+
+    # ---- the training loop ----------------------------------------------------------------------
+    def save(name: str) -> None:
+        if accelerator.is_main_process:
+            result.saved += _save_model(out_dir, name, family, parts, cfg, ema)
+
+    noise_generator = torch.Generator().manual_seed(t.seed)
+    progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
+    train_te = bool(text_encoders)
+    step, epoch = 0, 0
+    while step < max_steps:
+        epoch += 1
+        for module in trained:
+            module.train()
+        micro_losses = []
+        for batch in loader:
+            with accelerator.accumulate(*trained), accelerator.autocast():
+                loss = batch_loss(family, parts, objective, batch, m.clip_skip, noise_generator,
+                                  cached_conditioning, train_te, loss_options)
+                accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
+                if accelerator.sync_gradients and o.max_grad_norm > 0 and not fused:
+                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], o.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss.item())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update_parameters(parts.denoiser)
+            if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
+                train_te = _stop_training(text_encoders, say, step)
+            result.losses.append(sum(micro_losses) / len(micro_losses))
+            micro_losses = []
+            lr = scheduler.get_last_lr()[0]
+            progress.update(step, result.losses[-1], lr)
+            accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
+            if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < max_steps:
+                save(f"{t.output_name}-step{step:08d}")
+            if step >= max_steps:
+                break
+        if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0 and step < max_steps:
+            save(f"{t.output_name}-{epoch:06d}")
+    elapsed = progress.close()
+    if fused:
+        optimizer.remove_hooks()
+
+    # ---- files ----------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    save(t.output_name)
+    result.model_path = result.saved[-2 if ema is not None else -1] if result.saved else None
+    for module in trained:
+        module.eval()
+    if cfg.sample.sample_prompts and accelerator.is_main_process:
+        s = cfg.sample
+        result.samples = render_samples(family, parts, read_prompts(s.sample_prompts), out_dir / "samples",
+                                        f"{t.output_name}_final", width, height, s.sample_steps, s.sample_seed,
+                                        s.sample_sampler, m.clip_skip)
+    accelerator.end_training()
+    say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}; model {result.model_path}")
+    return result
+
+
+class WeightedDataset(ImageCaptionDataset):
+    """Training images, then class images; every entry carries its loss weight (class images:
+    class_prior_loss_weight), which the loss applies per sample."""
+
+    def __init__(self, items, class_items, class_weight: float, width: int, height: int):
+        super().__init__(items + class_items, width, height)
+        self.class_start, self.class_weight = len(items), class_weight
+
+    def __getitem__(self, i: int) -> dict:
+        entry = super().__getitem__(i)
+        entry["loss_weight"] = self.class_weight if self.index[i] >= self.class_start else 1.0
+        return entry
+
+    @staticmethod
+    def collate(entries: list[dict]) -> dict:
+        return {**collate(entries), "loss_weight": torch.tensor([e["loss_weight"] for e in entries])}
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _stop_training(text_encoders, say, step: int) -> bool:
+    for encoder in text_encoders:
+        encoder.requires_grad_(False)
+        for p in encoder.parameters():
+            p.grad = None
+    say(f"step {step}: text encoder frozen (stop_text_encoder_training)")
+    return False
+
+
+def _make_ema(denoiser: torch.nn.Module, decay: float):
+    """torch's AveragedModel, stored on the CPU: the device holds no second copy of the weights."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(denoiser, device="cpu", multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def _save_model(out_dir: Path, name: str, family, parts, cfg: Config, ema) -> list[Path]:
+    """The model as one file in the original layout, or as a diffusers folder; with EMA also `name-ema`."""
+    saved = [_write(out_dir, name, family, parts, cfg)]
+    if ema is not None:
+        saved.append(_write(out_dir, name + "-ema", family, dataclasses.replace(parts, denoiser=ema.module), cfg))
+    return saved
+
+
+def _write(out_dir: Path, name: str, family, parts, cfg: Config) -> Path:
+    dtype = SAVE_DTYPES[cfg.save.save_precision]
+    if cfg.save.save_model_as == "diffusers":
+        def write(folder: Path) -> None:
+            family.pipeline(parts).save_pretrained(str(folder))
+        return save_folder(out_dir / name, write)
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": name, "ss_output_name": name,
+            **family.file_metadata(parts)}
+    return save_safetensors(out_dir / f"{name}.safetensors", family.single_file_state_dict(parts), meta, dtype)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
