@@ -1,50 +1,254 @@
-"""Preview images: the sampler schedulers users name, and rendering a prompt file with the model as
-it is being trained (adapters active, no copy)."""
+"""Preview images during training.
+
+A prompt file is read and checked when the run starts (a bad line stops the run then, not hours later).
+Sampling uses the model being trained as it is (adapters active, no copy), brings the text encoders and
+the VAE to the device only while it needs them when training keeps them elsewhere, runs under
+inference mode, and leaves everything as it found it: RNG states, train/eval modes, device placement.
+So a run with sampling gives the same losses as one without.
+
+Prompt files, as sd-scripts users write them:
+  .txt   one prompt a line, `#` comments; flags: --n negative prompt, --w width, --h height, --d seed,
+         --s steps, --l CFG scale, --g guidance (FLUX), --ss sampler
+  .toml  [prompt] defaults and [[prompt.subset]] entries with prompt, negative_prompt, width, height,
+         seed, sample_steps, scale, guidance_scale, sample_sampler
+  .json  a list of prompt strings (with flags) or of such dicts
+"""
 from __future__ import annotations
 
+import json
+import re
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SAMPLERS = ("ddim", "euler", "euler_a")
+SAMPLERS = ("ddim", "euler", "euler_a", "k_euler", "k_euler_a", "dpmsolver++", "dpmsolver", "k_dpm_2",
+            "k_dpm_2_a", "lms", "k_lms", "heun", "pndm", "dpmsingle")
+
+
+class PromptFileError(Exception):
+    """A prompt file line that cannot be sampled; names the file and line."""
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    steps: int | None = None
+    scale: float = 7.5
+    guidance: float | None = None
+    sampler: str | None = None
+
+
+FLAGS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+         "s": ("steps", int), "l": ("scale", float), "g": ("guidance", float), "ss": ("sampler", str)}
+TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+             "seed": "seed", "sample_steps": "steps", "scale": "scale", "guidance_scale": "guidance",
+             "sample_sampler": "sampler"}
+
+
+def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
+    """Every prompt of a .txt / .toml / .json prompt file, checked."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        data = tomllib.loads(text).get("prompt", {})
+        defaults = {k: v for k, v in data.items() if k != "subset"}
+        entries = [{**defaults, **subset} for subset in data.get("subset", [])]
+        prompts = [_from_dict(entry, f"{path}: subset {i + 1}") for i, entry in enumerate(entries)]
+    elif path.suffix.lower() == ".json":
+        entries = json.loads(text)
+        prompts = [parse_line(e, f"{path}: entry {i + 1}") if isinstance(e, str) else
+                   _from_dict(e, f"{path}: entry {i + 1}") for i, e in enumerate(entries)]
+    else:
+        prompts = [parse_line(line, f"{path}:{number}") for number, line in enumerate(text.splitlines(), 1)
+                   if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompts")
+    return prompts
+
+
+def parse_line(line: str, where: str) -> SamplePrompt:
+    """'a dog --n blurry --w 768 --d 5' -> SamplePrompt; an unknown flag or a bad number is an error."""
+    prompt, *flags = re.split(r"\s--", " " + line.strip())
+    values = {}
+    for flag in flags:
+        name, _, value = flag.strip().partition(" ")
+        if name not in FLAGS:
+            raise PromptFileError(f"{where}: unknown flag --{name} (known: {', '.join('--' + f for f in FLAGS)})")
+        field, kind = FLAGS[name]
+        values[field] = _convert(value.strip(), kind, f"{where}: --{name}")
+    return _checked(SamplePrompt(prompt.strip(), **values), where)
+
+
+def _from_dict(entry: dict, where: str) -> SamplePrompt:
+    unknown = sorted(set(entry) - set(TOML_KEYS))
+    if unknown:
+        raise PromptFileError(f"{where}: unknown key(s) {unknown} (known: {', '.join(TOML_KEYS)})")
+    values = {TOML_KEYS[k]: v for k, v in entry.items()}
+    for key, kind in (("width", int), ("height", int), ("seed", int), ("steps", int), ("scale", float),
+                      ("guidance", float)):
+        if key in values:
+            values[key] = _convert(str(values[key]), kind, f"{where}: {key}")
+    return _checked(SamplePrompt(**values), where)
+
+
+def _convert(value: str, kind: type, where: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise PromptFileError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def _checked(p: SamplePrompt, where: str) -> SamplePrompt:
+    if not p.prompt:
+        raise PromptFileError(f"{where}: empty prompt")
+    for name in ("width", "height"):
+        value = getattr(p, name)
+        if value is not None and (value < 8 or value % 8):
+            raise PromptFileError(f"{where}: {name} {value} must be a positive multiple of 8")
+    if p.steps is not None and p.steps < 1:
+        raise PromptFileError(f"{where}: steps must be at least 1")
+    if p.sampler is not None and p.sampler not in SAMPLERS:
+        raise PromptFileError(f"{where}: sampler {p.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    return p
 
 
 def make_sampler(name: str, training_scheduler, objective):
     """An inference scheduler built from the training schedule, predicting what the model predicts."""
-    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    import diffusers
 
-    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler}[name]
-    return cls.from_config(training_scheduler.config, prediction_type=objective.prediction_type)
+    classes = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "k_euler": "EulerDiscreteScheduler",
+               "euler_a": "EulerAncestralDiscreteScheduler", "k_euler_a": "EulerAncestralDiscreteScheduler",
+               "dpmsolver++": "DPMSolverMultistepScheduler", "dpmsolver": "DPMSolverMultistepScheduler",
+               "dpmsingle": "DPMSolverSinglestepScheduler", "k_dpm_2": "KDPM2DiscreteScheduler",
+               "k_dpm_2_a": "KDPM2AncestralDiscreteScheduler", "lms": "LMSDiscreteScheduler",
+               "k_lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler", "pndm": "PNDMScheduler"}
+    extra = {"algorithm_type": name} if name in ("dpmsolver++", "dpmsolver") else {}
+    cls = getattr(diffusers, classes[name])
+    return cls.from_config(training_scheduler.config, prediction_type=objective.prediction_type, **extra)
 
 
-def read_prompts(path: str) -> list[str]:
-    """One prompt a line; empty lines and lines starting with '#' are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+@dataclass(frozen=True)
+class SampleSettings:
+    """[sample] with the run's defaults filled in."""
+    prompts: tuple[SamplePrompt, ...]
+    width: int
+    height: int
+    steps: int
+    sampler: str
+    seed: int
+    clip_skip: int
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    at_first: bool = False
+    at_end: bool = True
 
 
-def render_samples(family, parts, prompts: list[str], out_dir: Path, tag: str, width: int, height: int,
-                   steps: int, seed: int, sampler: str, clip_skip: int) -> list[Path]:
-    """Render each prompt (seed, seed+1, ...) to out_dir/<tag>_<index>_<seed>.png; training state is kept:
-    the torch RNG and each module's train/eval mode are restored afterwards."""
+def settings_from_config(cfg, width: int, height: int) -> SampleSettings | None:
+    """The sampling plan of a run, or None without sample_prompts. Reads and checks the prompt file."""
+    s = cfg.sample
+    if not s.sample_prompts:
+        return None
+    return SampleSettings(tuple(read_prompt_file(s.sample_prompts)), width, height, s.sample_steps, s.sample_sampler,
+                          s.sample_seed, cfg.model.clip_skip, s.sample_every_n_steps, s.sample_every_n_epochs,
+                          s.sample_at_first)
+
+
+def due(settings: SampleSettings | None, step: int, epoch_end: int | None = None) -> bool:
+    """Whether to sample now: after optimizer step `step`, or at the end of epoch `epoch_end`."""
+    if settings is None:
+        return False
+    if epoch_end is not None:
+        return bool(settings.every_n_epochs) and epoch_end % settings.every_n_epochs == 0
+    return bool(settings.every_n_steps) and step % settings.every_n_steps == 0
+
+
+def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: str, device=None) -> list[Path]:
+    """Render every prompt to out_dir/<tag>_<index>_<seed>.png, plus <tag>_grid.png for several prompts.
+    RNG states, train/eval modes and device placement are restored afterwards."""
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
-    modes = [m.training for m in modules]
+    saved = [(m, m.training, _device_of(m)) for m in modules]
     rng = torch.get_rng_state()
-    paths = []
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    device = device or _device_of(parts.denoiser)
+    paths, images = [], []
     try:
         for m in modules:
             m.eval()
-        with torch.no_grad():
-            for i, prompt in enumerate(prompts):
-                image = family.sample(parts, prompt, width, height, steps, seed + i, sampler, clip_skip)
-                path = out_dir / f"{tag}_{i:02d}_{seed + i}.png"
-                tmp = path.with_name(path.name + ".tmp.png")
-                image.save(tmp)
-                tmp.replace(path)
-                paths.append(path)
+            m.to(device)  # model offload: parts kept off the device come over only for sampling
+        _vae_tiling(parts.vae, max(max(p.width or settings.width, p.height or settings.height)
+                                   for p in settings.prompts))
+        with torch.inference_mode():
+            for index, p in enumerate(settings.prompts):
+                seed = p.seed if p.seed is not None else settings.seed + index
+                image = family.sample(parts, p.prompt, p.width or settings.width, p.height or settings.height,
+                                      p.steps or settings.steps, seed, p.sampler or settings.sampler,
+                                      settings.clip_skip, p.negative_prompt, p.scale, p.guidance)
+                paths.append(_save_png(image, out_dir / f"{tag}_{index:02d}_{seed}.png"))
+                images.append(image)
+        if len(images) > 1:
+            paths.append(_save_png(grid(images), out_dir / f"{tag}_grid.png"))
     finally:
         torch.set_rng_state(rng)
-        for m, mode in zip(modules, modes):
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        for m, mode, where in saved:
             m.train(mode)
+            m.to(where)
+        _vae_tiling(parts.vae, 0)
     return paths
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _vae_tiling(vae, largest_side: int) -> None:
+    """Decode large images tile by tile (less memory); the training encoder path is left untouched."""
+    if largest_side > 1024 and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+    elif hasattr(vae, "disable_tiling"):
+        vae.disable_tiling()
+
+
+def _save_png(image, path: Path) -> Path:
+    tmp = path.with_name("." + path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def grid(images: list, columns: int | None = None):
+    """Images side by side, `columns` per row (default: up to 4), each cell the size of the largest."""
+    from PIL import Image
+
+    columns = columns or min(4, len(images))
+    rows = -(-len(images) // columns)
+    w, h = max(i.width for i in images), max(i.height for i in images)
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for k, image in enumerate(images):
+        sheet.paste(image, ((k % columns) * w, (k // columns) * h))
+    return sheet
+
+
+def log_images(accelerator, paths: list[Path], step: int) -> None:
+    """Send the samples to the trackers that take images: tensorboard gets one tag per prompt
+    (samples/00, samples/01, ...), wandb one list."""
+    if not accelerator.trackers:
+        return
+    import numpy as np
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths if not p.name.endswith("_grid.png")]
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({f"samples/{i:02d}": a[None] for i, a in enumerate(arrays)}, step=step,
+                               dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({"samples": arrays}, step=step)

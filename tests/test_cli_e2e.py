@@ -64,8 +64,8 @@ def test_quickstart_script_from_nothing(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "qs" / "output"
     assert (out / "tiny-lora.safetensors").is_file() and (out / "tiny-lora-config.toml").is_file()
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["tiny-lora_final_00_1234.png",
-                                                                   "tiny-lora_final_01_1235.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "tiny-lora_step00000020_00_1234.png", "tiny-lora_step00000020_01_1235.png", "tiny-lora_step00000020_grid.png"]
     line = next(x for x in run.stdout.splitlines() if x.startswith("denoising loss"))
     base, trained = (float(w) for w in line.replace("->", " ").split() if w[0].isdigit())
     assert trained < base

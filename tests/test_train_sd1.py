@@ -34,14 +34,9 @@ def test_golden_losses_notice_changes(make_config, change):
 
 
 def test_golden_losses_notice_data_order(make_config, monkeypatch):
-    import train_network
-    from library.data import dataset
+    from library.data import images, plan
 
-    def reversed_scan(*args):
-        items, notes = dataset.scan_folder(*args)
-        return items[::-1], notes
-
-    monkeypatch.setattr(train_network, "scan_folder", reversed_scan)
+    monkeypatch.setattr(plan, "list_images", lambda folder: images.list_images(folder)[::-1])
     assert not _close(train(make_config()).losses, GOLDEN)
 
 
@@ -182,7 +177,7 @@ def test_it_learns_and_samples(make_config, tmp_path):
     assert result.trained_loss < 0.95 * result.base_loss  # 1.012 vs 1.115 when written
     from PIL import Image
 
-    assert [p.name for p in result.samples] == ["lora_final_00_1234.png"]
+    assert [p.name for p in result.samples] == ["lora_step00000040_00_1234.png"]
     assert Image.open(result.samples[0]).size == (64, 64)
 
 
