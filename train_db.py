@@ -17,16 +17,18 @@ from pathlib import Path
 import torch
 
 from library import cli
-from library.checkpoint import SAVE_DTYPES, save_folder, save_safetensors
-from library.config import Config, write_resolved
+from library.checkpoint import SAVE_DTYPES, Checkpointer, Position, resumed_seed, save_folder, save_safetensors
+from library.config import Config, glob_escape, write_resolved
+from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
 from library.data.dataset import ImageCaptionDataset, collate, scan_folder
 from library.families import ModelSource, get_family
-from library.memory import cast_frozen, enable_gradient_checkpointing, set_attention, weight_dtype
+from library.memory import (cast_frozen, enable_gradient_checkpointing, offload_idle, peak_memory_text,
+                            set_attention, weight_dtype)
 from library.objectives import configure
 from library.optim import FusedBackward, build_optimizer, build_scheduler
 from library.prior import ensure_class_images
 from library.progress import Progress
-from library.sampling import read_prompts, render_samples
+from library.sampling import due, log_images, render_samples, settings_from_config
 from library.training import batch_loss, encode_all_images, resolution
 
 
@@ -54,7 +56,7 @@ def train(cfg: Config) -> TrainResult:
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
     if t.seed is None:
-        t.seed = random.randint(0, 2**31 - 1)
+        t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=cfg.logging.log_with,
@@ -69,6 +71,8 @@ def train(cfg: Config) -> TrainResult:
     items, notes = scan_folder(cfg.dataset.train_data_dir, cfg.dataset.num_repeats, cfg.dataset.caption_extension)
     for note in notes:
         say(f"note: {note}")
+
+    sampling = settings_from_config(cfg, width, height)  # the prompt file, read and checked now
 
     # ---- model, then class images from the untouched base model ----------------------------------
     m = cfg.model
@@ -107,8 +111,8 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- memory switches ------------------------------------------------------------------------
     dtype = weight_dtype(t.mixed_precision)
-    for module in modules:
-        cast_frozen(module, dtype)  # frozen parts in half precision; trained ones stay fp32 ...
+    for module in modules:  # frozen parts in half precision (the VAE too, unless no_half_vae); trained ones fp32 ...
+        cast_frozen(module, torch.float32 if module is parts.vae and t.no_half_vae else dtype)
     if t.full_fp16 or t.full_bf16:  # ... unless everything trains in half precision
         for module in [parts.denoiser, *text_encoders]:
             module.to(dtype)
@@ -126,6 +130,11 @@ def train(cfg: Config) -> TrainResult:
     if t.cache_text_encoder_outputs and not text_encoders:
         with torch.no_grad():
             cached_conditioning = {c: family.encode_prompts(parts, [c], m.clip_skip) for c in dataset.captions}
+
+    offloaded = offload_idle(parts, cfg.dataset.cache_latents or cfg.dataset.cache_latents_to_disk,
+                             cached_conditioning is not None)
+    if offloaded:
+        say(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
 
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
@@ -146,9 +155,9 @@ def train(cfg: Config) -> TrainResult:
         optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power)
+    order = torch.Generator().manual_seed(t.seed)  # the batch order of every epoch comes from here
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate,
-                                         generator=torch.Generator().manual_seed(t.seed),
-                                         num_workers=cfg.dataset.max_data_loader_n_workers)
+                                         generator=order, num_workers=cfg.dataset.max_data_loader_n_workers)
     trained = [parts.denoiser, *text_encoders]
     if fused:
         loader, *trained = accelerator.prepare(loader, *trained)
@@ -158,28 +167,56 @@ def train(cfg: Config) -> TrainResult:
     if cfg.logging.log_with:
         accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name)
 
-    # ---- the training loop ----------------------------------------------------------------------
-    def save(name: str) -> None:
-        if accelerator.is_main_process:
-            result.saved += _save_model(out_dir, name, family, parts, cfg, ema)
-
+    # ---- resume, and the training loop -----------------------------------------------------------
     noise_generator = torch.Generator().manual_seed(t.seed)
+    params = {f"{i}.{name}": p for i, module in enumerate([parts.denoiser, *text_encoders])
+              for name, p in module.named_parameters()}
+    files = Checkpointer(cfg, lambda stem: _save_model(out_dir, stem, family, parts, cfg, ema), params, optimizer,
+                         scheduler, {"noise": noise_generator, "order": order}, accelerator.scaler,
+                         extra=lambda: {"ema": ema.state_dict()} if ema is not None else {},
+                         is_main=accelerator.is_main_process, say=say)
+    position = Position()
+    if cfg.save.resume:
+        position, extra = files.resume()
+        if ema is not None:
+            ema.load_state_dict(extra["ema"])
+        order.set_state(position.epoch_order)
+    guard = NonFiniteGuard(t.nan_skip_limit, say)
+
+    def sample(step: int) -> None:
+        if sampling and accelerator.is_main_process:
+            paths = render_samples(family, parts, sampling, out_dir / "samples", f"{t.output_name}_step{step:08d}",
+                                   accelerator.device)
+            log_images(accelerator, paths, step)
+            result.samples += paths
+
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     train_te = bool(text_encoders)
-    step, epoch = 0, 0
+    step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
+    if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
+        train_te = _stop_training(text_encoders, say, step)
+    if sampling and sampling.at_first and step == 0:
+        sample(0)
+    stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
+        epoch_order = order.get_state()
+        batches_done, batches = skip, accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
         for module in trained:
             module.train()
         micro_losses = []
-        for batch in loader:
+        for batch in batches:
+            batches_done += 1
             with accelerator.accumulate(*trained), accelerator.autocast():
                 loss = batch_loss(family, parts, objective, batch, m.clip_skip, noise_generator,
                                   cached_conditioning, train_te, loss_options)
-                accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
-                if accelerator.sync_gradients and o.max_grad_norm > 0 and not fused:
-                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], o.max_grad_norm)
-                optimizer.step()
+                if guard.loss_ok(loss):
+                    accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
+                if accelerator.sync_gradients and guard.step_ok(
+                        [p for g in groups for p in g["params"]], 0 if fused else o.max_grad_norm, step,
+                        accelerator, optimizer.pop_nonfinite() if fused else False):
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.item())
             if not accelerator.sync_gradients:
@@ -195,29 +232,38 @@ def train(cfg: Config) -> TrainResult:
             lr = scheduler.get_last_lr()[0]
             progress.update(step, result.losses[-1], lr)
             accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
+            here = Position(step, epoch, batches_done, epoch_order)
             if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < max_steps:
-                save(f"{t.output_name}-step{step:08d}")
+                files.save(f"{t.output_name}-step{step:08d}", here, cfg.save.save_last_n_steps,
+                           f"{glob_escape(t.output_name)}-step????????")
+            if due(sampling, step) and step < max_steps:
+                sample(step)
+            if stop.requested:
+                files.save_state(f"{t.output_name}-step{step:08d}", here)
+                raise SystemExit(EXIT_STOPPED)
             if step >= max_steps:
                 break
         if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0 and step < max_steps:
-            save(f"{t.output_name}-{epoch:06d}")
+            files.save(f"{t.output_name}-{epoch:06d}", Position(step, epoch, batches_done, epoch_order),
+                       cfg.save.save_last_n_epochs, f"{glob_escape(t.output_name)}-{'[0-9]' * 6}")
+        if due(sampling, step, epoch_end=epoch) and step < max_steps:
+            sample(step)
+    stop.__exit__()
     elapsed = progress.close()
     if fused:
         optimizer.remove_hooks()
 
     # ---- files ----------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    save(t.output_name)
+    files.save(t.output_name, Position(step, epoch, batches_done, epoch_order))
+    result.saved = files.saved
     result.model_path = result.saved[-2 if ema is not None else -1] if result.saved else None
     for module in trained:
         module.eval()
-    if cfg.sample.sample_prompts and accelerator.is_main_process:
-        s = cfg.sample
-        result.samples = render_samples(family, parts, read_prompts(s.sample_prompts), out_dir / "samples",
-                                        f"{t.output_name}_final", width, height, s.sample_steps, s.sample_seed,
-                                        s.sample_sampler, m.clip_skip)
+    sample(step)
     accelerator.end_training()
-    say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}; model {result.model_path}")
+    say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}, {peak_memory_text()}; "
+        f"model {result.model_path}" + (f"; samples in {out_dir / 'samples'}" if result.samples else ""))
     return result
 
 

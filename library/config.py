@@ -51,14 +51,14 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1"))
+                      choices=("auto", "sd1", "sdxl"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
     tokenizer: Optional[str] = opt(
         None, "tokenizer folder or hub id (from the local cache) for single-file models")
     arch: Optional[str] = opt(
-        None, "architecture for single files: a shipped name (sd15, sd2) or a diffusers folder of configs")
+        None, "architecture for single files: a shipped name (sd15, sd2, sdxl) or a diffusers folder of configs")
     vae: Optional[str] = opt(None, "a separate VAE (.safetensors or diffusers folder)", path="exists")
 
 
@@ -95,7 +95,8 @@ class NetworkSection:
     loraplus_lr_ratio: Optional[float] = opt(None, "LoRA+: lora_up (B) learns this many times faster than lora_down")
     scale_weight_norms: Optional[float] = opt(None, "max-norm: scale down any layer whose weight delta has a larger "
                                               "norm, after each step (1.0 is typical)")
-    network_weights: Optional[str] = opt(None, "continue from this kohya LoRA file", path="file")
+    network_weights: Optional[str] = opt(None, "continue from this adapter file (kohya / LyCORIS or peft layout; "
+                                               "same algorithm and shapes)", path="file")
     network_train_unet_only: bool = opt(False, "train the U-Net adapter only")
     network_train_text_encoder_only: bool = opt(False, "train the text-encoder adapter only")
     unet_lr: Optional[float] = opt(None, "learning rate of the U-Net adapter (default: learning_rate)")
@@ -174,9 +175,12 @@ class TrainSection:
     max_train_epochs: Optional[int] = opt(None, "if set, overrides max_train_steps")
     seed: Optional[int] = opt(None, "random seed (a random one is drawn and recorded if unset)")
     gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
+    nan_skip_limit: int = opt(5, "skip steps with NaN/inf loss or gradients; stop after this many in a row")
     mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
     full_fp16: bool = opt(False, "keep trainable weights in fp16 too (needs mixed_precision=fp16)")
     full_bf16: bool = opt(False, "keep trainable weights in bf16 too (needs mixed_precision=bf16)")
+    no_half_vae: bool = opt(False, "keep the VAE in fp32 under mixed precision (the SDXL VAE gives NaN / black "
+                            "images in fp16)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~20% slower")
     sdpa: bool = opt(True, "PyTorch scaled-dot-product attention")
     xformers: bool = opt(False, "xformers memory-efficient attention (pip install xformers)")
@@ -195,17 +199,28 @@ class SaveSection:
         "safetensors", "safetensors: one file (train_db.py: in the original layout UIs load); diffusers: a "
         "diffusers folder (train_db.py only)", choices=("safetensors", "diffusers"))
     overwrite: bool = opt(False, "replace adapter files of the same output_name (default: refuse to start)")
+    save_state: bool = opt(False, "with every save, also save a resumable state folder (name-step00000500-state)")
+    save_last_n_steps: Optional[int] = opt(None, "keep only the newest N step saves (files and states)")
+    save_last_n_epochs: Optional[int] = opt(None, "keep only the newest N epoch saves (files and states)")
+    resume: Optional[str] = opt(None, "continue from a state folder, or \"latest\" (newest in output_dir)")
     save_format: str = opt("kohya", "adapter key layout: kohya (kohya / LyCORIS names every UI loads) or peft "
                            "(peft / diffusers names; the only one for OFT and BOFT)", choices=("kohya", "peft"))
 
 
 @dataclass
 class SampleSection:
-    sample_prompts: Optional[str] = opt(None, "text file, one prompt a line; sampled at the end of training",
-                                        path="file")
-    sample_steps: int = opt(20, "denoising steps for samples")
-    sample_sampler: str = opt("ddim", "scheduler for samples", choices=("ddim", "euler", "euler_a"))
-    sample_seed: int = opt(1234, "seed of the first sample (then +1 per prompt)")
+    sample_prompts: Optional[str] = opt(
+        None, "prompt file (.txt with --n/--w/--h/--d/--s/--l/--g/--ss flags, .toml, .json); checked at start, "
+        "sampled at the end and as the keys below say", path="file")
+    sample_every_n_steps: Optional[int] = opt(None, "also sample every N steps")
+    sample_every_n_epochs: Optional[int] = opt(None, "also sample at the end of every N-th epoch")
+    sample_at_first: bool = opt(False, "also sample before the first step (the base model)")
+    sample_steps: int = opt(20, "denoising steps for samples (a prompt's --s overrides)")
+    sample_sampler: str = opt("ddim", "scheduler for samples (a prompt's --ss overrides)",
+                              choices=("ddim", "euler", "euler_a", "k_euler", "k_euler_a", "dpmsolver++",
+                                       "dpmsolver", "k_dpm_2", "k_dpm_2_a", "lms", "k_lms", "heun", "pndm",
+                                       "dpmsingle"))
+    sample_seed: int = opt(1234, "seed of the first prompt without --d (then +1 per prompt)")
 
 
 @dataclass
@@ -492,7 +507,10 @@ def _check_paths(cfg: Config) -> None:
     out, name = Path(cfg.train.output_dir), cfg.train.output_name
     earlier = sorted([*out.glob(f"{glob_escape(name)}.safetensors"), *out.glob(f"{glob_escape(name)}-*.safetensors"),
                       *[p for p in out.glob(glob_escape(name)) if p.is_dir()]])
-    if earlier and not cfg.save.overwrite:
+    if cfg.save.resume and cfg.save.resume != "latest" and not Path(cfg.save.resume, "state.json").is_file():
+        raise ConfigError(f"{cfg.source}: 'save.resume': {cfg.save.resume} is not a saved state folder "
+                          f"(no state.json in it)")
+    if earlier and not cfg.save.overwrite and not cfg.save.resume:  # resuming continues the same run
         raise ConfigError(f"{cfg.source}: {earlier[0]} exists from an earlier run and would be overwritten; "
                           f"choose another 'train.output_name' or output_dir, or set 'save.overwrite' = true")
 
@@ -540,6 +558,13 @@ def _check_combinations(cfg: Config) -> None:
         if "=" not in arg:
             problems.append(f"argument {arg!r} must be written key=value")
     problems += _optimizer_problems(cfg)
+    if cfg.sample.sample_prompts and Path(cfg.sample.sample_prompts).is_file():
+        from library.sampling import PromptFileError, read_prompt_file
+
+        try:
+            read_prompt_file(cfg.sample.sample_prompts)
+        except (PromptFileError, ValueError) as e:  # ValueError: malformed TOML / JSON
+            problems.append(f"'sample.sample_prompts': {e}")
     lo = cfg.loss
     if lo.max_timestep is not None and not (lo.min_timestep < lo.max_timestep <= 1000) or lo.min_timestep < 0:
         problems.append(f"'loss.min_timestep' = {lo.min_timestep} and 'loss.max_timestep' = {lo.max_timestep}: "

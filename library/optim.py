@@ -93,6 +93,7 @@ class FusedBackward(torch.optim.Optimizer):
             for param in piece:
                 self._handles.append(param.register_post_accumulate_grad_hook(self._hook(index)))
         self.gradient_watchers = []  # callables(params) called just before a chunk's gradients are freed
+        self.nonfinite = 0  # chunks not stepped since the last pop_nonfinite(): NaN/inf in their gradients
 
     def _hook(self, index: int):
         def on_gradient(_param: torch.Tensor) -> None:
@@ -106,6 +107,10 @@ class FusedBackward(torch.optim.Optimizer):
         piece = self.chunk_params[index]
         for watch in self.gradient_watchers:
             watch(piece)
+        if not all(bool(torch.isfinite(p.grad).all()) for p in piece if p.grad is not None):
+            self.nonfinite += 1
+            self.optimizers[index].zero_grad(set_to_none=True)
+            return
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in piece if p.grad is not None], self.max_grad_norm)
         self.optimizers[index].step()
@@ -120,6 +125,11 @@ class FusedBackward(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002
         return None
+
+    def pop_nonfinite(self) -> bool:
+        """Whether any chunk skipped its step for NaN/inf gradients since the last call."""
+        bad, self.nonfinite = self.nonfinite > 0, 0
+        return bad
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
