@@ -21,8 +21,12 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: _for_file(v, dtype) for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
+        raise
     return path
 
 
@@ -38,7 +42,11 @@ def save_folder(path: Path, write) -> Path:
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
