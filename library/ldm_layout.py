@@ -1,5 +1,5 @@
-"""Convert Stable Diffusion 1.x / 2.x weights from diffusers layout to the
-original single-file (CompVis / LDM) layout that UIs such as A1111 and ComfyUI load.
+"""Convert Stable Diffusion 1.x / 2.x and SDXL weights from diffusers layout to the
+original single-file (CompVis / LDM, SAI for SDXL) layout that UIs such as A1111 and ComfyUI load.
 
 Every function takes a plain ``{name: tensor}`` state dict and returns a new one;
 tensors are passed through unchanged (no copy, no dtype change) except where the
@@ -31,6 +31,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # Leaf renames inside one UNet ResBlock (diffusers -> LDM).
 _UNET_RESNET_LEAVES = {
@@ -105,6 +107,9 @@ def _unet_prefix_map(config: dict) -> dict[str, str]:
         "mid_block.attentions.0.": "middle_block.1.",
         "mid_block.resnets.1.": "middle_block.2.",
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text + size embedding
+        m["add_embedding.linear_1."] = "label_emb.0.0."
+        m["add_embedding.linear_2."] = "label_emb.0.2."
     k = 1
     for i in range(n):
         for j in range(layers[i]):
@@ -270,6 +275,31 @@ def pipeline_to_ldm(
         raise ValueError(f"text_encoder_kind must be 'clip' or 'open_clip', got {text_encoder_kind!r}")
     out = unet_to_ldm(unet_sd, unet_config)
     for part in (vae_to_ldm(vae_sd), text_converters[text_encoder_kind](text_encoder_sd)):
+        for key, tensor in part.items():
+            _put(out, key, tensor)
+    return out
+
+
+def sdxl_pipeline_to_ldm(
+    unet_sd: dict[str, Tensor],
+    unet_config: dict,
+    vae_sd: dict[str, Tensor],
+    text_encoder_sd: dict[str, Tensor],
+    text_encoder_2_sd: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """Full SDXL single-file state dict in the SAI (generative-models) layout.
+
+    ``conditioner.embedders.0.transformer.text_model.*`` holds CLIP-L in transformers layout;
+    ``conditioner.embedders.1.model.*`` holds OpenCLIP bigG (fused q/k/v, ``text_projection``
+    as [hidden, projection]). The U-Net's ``add_embedding`` becomes ``label_emb.0.{0,2}``; the
+    transformer depth of each level needs no mapping (``transformer_blocks.N`` keeps its name).
+    OpenCLIP's ``logit_scale`` has no counterpart in diffusers and is not written.
+    """
+    out = unet_to_ldm(unet_sd, unet_config)
+    te1 = {SDXL_CLIP_PREFIX + k[len(CLIP_PREFIX):]: v for k, v in clip_to_ldm(text_encoder_sd).items()}
+    te2 = {SDXL_OPEN_CLIP_PREFIX + k[len(OPEN_CLIP_PREFIX):]: v
+           for k, v in open_clip_to_ldm(text_encoder_2_sd).items()}
+    for part in (vae_to_ldm(vae_sd), te1, te2):
         for key, tensor in part.items():
             _put(out, key, tensor)
     return out

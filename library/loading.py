@@ -39,6 +39,18 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def has_key_prefix(path: str | Path, prefix: str) -> bool:
+    """True if a .safetensors file has a key starting with `prefix` (reads the header only). Pickles are
+    not opened here (they are read weights-only when loading): False."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith(prefix) for k in f.keys())
+
+
 def arch_dir(name_or_path: str) -> Path:
     """A shipped architecture (library/arch/<name>) or a user folder laid out like a diffusers model."""
     shipped = ARCH_ROOT / name_or_path

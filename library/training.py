@@ -28,6 +28,7 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     else:
         with torch.set_grad_enabled(train_te):
             conditioning = family.encode_prompts(parts, batch["caption"], clip_skip)
+    conditioning = family.conditioning_for_batch(parts, batch, conditioning, latents)
     noise, input_noise = (n.to(latents.device, latents.dtype) for n in
                           draw_noise(latents.shape, generator, loss_options))
     timesteps = objective.sample_timesteps(latents.shape[0], generator)

@@ -30,6 +30,14 @@ def tiny_sd2(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> tuple[Path, Path]:
+    """(diffusers folder, SAI-layout single file) of the tiny SDXL-architecture model."""
+    from library.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     from library.tiny import make_dataset
 

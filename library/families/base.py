@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -50,6 +50,12 @@ class AdapterTarget:
     linear_parents: tuple[str, ...]
     conv_parents: tuple[str, ...] = ()
     kohya_path_prefix: str = ""  # added to module paths in file keys (transformers 5 dropped "text_model.")
+    # kohya's block-wise index of a layer (block_dims, down/mid/up_lr_weight), None where there is none
+    block_index: Callable[[str], int | None] | None = None
+    diffusers_prefix: str = ""  # key prefix in peft / diffusers layout files ("unet", "text_encoder")
+    # a layer's module path as other kohya files of this family name it (SDXL U-Net: the SAI names sd-scripts
+    # writes, input_blocks.4.1...), for loading those files; None: only the module path itself
+    kohya_names: Callable[[str], str] | None = None
 
 
 class ModelFamily(Protocol):
@@ -68,6 +74,12 @@ class ModelFamily(Protocol):
     def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
         """Text conditioning of a batch of captions, as a dict of batched tensors."""
 
+    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
+                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """encode_prompts' (or the cache's) text conditioning plus what the family takes from the batch
+        itself (SDXL: each example's original_size / crop_top_left / target_size); `latents` give the
+        trained size where the batch has none. What predict() receives."""
+
     def encode_images(self, parts: Components, pixels: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> scaled latents."""
 
@@ -78,7 +90,9 @@ class ModelFamily(Protocol):
                 conditioning: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     def sample(self, parts: Components, prompt: str, width: int, height: int, steps: int, seed: int,
-               sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5): ...
+               sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5,
+               guidance: float | None = None):
+        """One image (PIL) from the model as it is; `guidance` is the distilled-guidance input (FLUX)."""
 
 
 _REGISTRY: dict[str, ModelFamily] = {}

@@ -14,7 +14,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
-from library.loading import CheckpointError, arch_dir, load_clip_tokenizer, read_checkpoint, read_json, shipped_archs
+from library.loading import (CheckpointError, arch_dir, has_key_prefix, load_clip_tokenizer, read_checkpoint,
+                             read_json, shipped_archs)
 from library.objectives import DiffusionObjective
 
 UNET_PREFIX = "model.diffusion_model."
@@ -36,8 +37,8 @@ class SD1Family:
     # ---- recognising and loading ----------------------------------------------------------
 
     def claims(self, path: str) -> bool:
-        if is_single_file(path):
-            return True  # the only family with single-file support so far; keys are checked in load()
+        if is_single_file(path):  # keys are checked in load(); SAI-layout (SDXL) files are not ours
+            return not has_key_prefix(path, "conditioner.embedders.")
         index = Path(path) / "model_index.json"
         return not index.is_file() or read_json(index).get("_class_name") == "StableDiffusionPipeline"
 
@@ -113,6 +114,10 @@ class SD1Family:
             hidden = final_norm(out.hidden_states[-clip_skip])
         return {"encoder_hidden_states": hidden}
 
+    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
+                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        return conditioning  # text only: SD1/SD2 have no size conditioning
+
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         vae = parts.vae
@@ -129,7 +134,8 @@ class SD1Family:
     # ---- preview images -------------------------------------------------------------------
 
     def sample(self, parts: Components, prompt: str, width: int, height: int, steps: int, seed: int,
-               sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5):
+               sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5,
+               guidance: float | None = None):
         from library.sampling import make_sampler
 
         pipe = self.pipeline(parts, make_sampler(sampler, parts.noise_scheduler, self.objective(parts)))
@@ -169,6 +175,8 @@ def detect_arch(checkpoint: dict[str, torch.Tensor]) -> Path:
     """The shipped architecture whose U-Net matches the checkpoint's first conv and cross-attention widths."""
     found = _unet_signature(checkpoint)
     for arch in shipped_archs():
+        if (arch / "text_encoder_2").is_dir():  # two text encoders: SDXL's, not ours
+            continue
         config = read_json(arch / "unet" / "config.json")
         expected = (config["in_channels"], config["block_out_channels"][0], config["cross_attention_dim"])
         if expected == found:
