@@ -45,7 +45,12 @@ class TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     cli.quiet_libraries()
-    cfg = cli.load_or_exit(cli.parse_args(argv, __doc__), recipe="db")
+    args = cli.parse_args(argv, __doc__)
+    cfg = cli.load_or_exit(args, recipe="db")
+    if args.plan or args.vram_budget:  # the memory planner instead of training
+        from library import planner
+
+        return planner.run(cfg, "db", args.vram_budget)
     train(cfg)
     return 0
 
@@ -77,8 +82,7 @@ def train(cfg: Config) -> TrainResult:
     # ---- model, then class images from the untouched base model ----------------------------------
     m = cfg.model
     family = get_family(m.family, m.pretrained_model_name_or_path)
-    parts = family.load(ModelSource(m.pretrained_model_name_or_path, v2=m.v2, v_parameterization=m.v_parameterization,
-                                    tokenizer=m.tokenizer, arch=m.arch, vae=m.vae))
+    parts = family.load(ModelSource.from_section(m))
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]

@@ -27,11 +27,11 @@ from library.data.training_set import TrainingSet, collate
 from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
 from library.memory import (allow_fp16_gradients, cast_frozen, cast_trainable, enable_gradient_checkpointing,
-                            set_attention, weight_dtype)
+                            offload_idle, peak_memory_text, set_attention, weight_dtype)
 from library.objectives import configure
 from library.optim import build_optimizer, build_scheduler
 from library.progress import Progress
-from library.sampling import read_prompts, render_samples
+from library.sampling import due, log_images, render_samples, settings_from_config
 from library.training import batch_loss, resolution
 from networks import blockwise, files, max_norm
 from networks.settings import NetworkSettings
@@ -54,7 +54,12 @@ class TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     cli.quiet_libraries()
-    cfg = cli.load_or_exit(cli.parse_args(argv, __doc__), recipe="network")
+    args = cli.parse_args(argv, __doc__)
+    cfg = cli.load_or_exit(args, recipe="network")
+    if args.plan or args.vram_budget:  # the memory planner instead of training
+        from library import planner
+
+        return planner.run(cfg, "network", args.vram_budget)
     with cli.exit_on_user_error():
         train(cfg)
     return 0
@@ -87,12 +92,12 @@ def train(cfg: Config) -> TrainResult:
     for line in plan.summary(accumulation):
         say(line)
     say(f"  {max_steps} steps (~{math.ceil(max_steps / steps_per_epoch)} epochs)")
+    sampling = settings_from_config(cfg, width, height)  # the prompt file, read and checked now
 
     # ---- model ----------------------------------------------------------------------------------
     m = cfg.model
     family = get_family(m.family, m.pretrained_model_name_or_path)
-    parts = family.load(ModelSource(m.pretrained_model_name_or_path, v2=m.v2, v_parameterization=m.v_parameterization,
-                                    tokenizer=m.tokenizer, arch=m.arch, vae=m.vae))
+    parts = family.load(ModelSource.from_section(m))
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     for module in modules:
@@ -118,7 +123,7 @@ def train(cfg: Config) -> TrainResult:
     # ---- memory switches ------------------------------------------------------------------------
     dtype = weight_dtype(t.mixed_precision)
     for module in modules:
-        cast_frozen(module, dtype)
+        cast_frozen(module, torch.float32 if module is parts.vae and t.no_half_vae else dtype)
     if t.full_fp16 or t.full_bf16:
         cast_trainable([p for c in adapted for p in c.parameters()], dtype)
     attention = set_attention(parts.denoiser, t.xformers, t.sdpa)
@@ -139,6 +144,11 @@ def train(cfg: Config) -> TrainResult:
     if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
         cached_conditioning = cache_text_outputs(family, parts, dataset.captions, clip_skip, cache_folder(cfg)
                                                  if t.cache_text_encoder_outputs_to_disk else None, say)
+
+    offloaded = offload_idle(parts, cfg.dataset.cache_latents or cfg.dataset.cache_latents_to_disk,
+                             cached_conditioning is not None)
+    if offloaded:
+        say(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
 
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
@@ -172,10 +182,19 @@ def train(cfg: Config) -> TrainResult:
             _save_adapter(path, adapted, cfg, family, parts, settings, step, epoch, items, started_at)
             result.saved.append(path)
 
+    def sample(step: int) -> None:
+        if sampling and accelerator.is_main_process:
+            paths = render_samples(family, parts, sampling, out_dir / "samples", f"{t.output_name}_step{step:08d}",
+                                   accelerator.device)
+            log_images(accelerator, paths, step)
+            result.samples += paths
+
     started_at = time.time()
     noise_generator = torch.Generator().manual_seed(t.seed)
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     step, epoch = 0, 0
+    if sampling and sampling.at_first:
+        sample(0)
     while step < max_steps:
         epoch += 1
         for module in trained_modules:
@@ -207,10 +226,14 @@ def train(cfg: Config) -> TrainResult:
             accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
             if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < max_steps:
                 save(out_dir / f"{t.output_name}-step{step:08d}.safetensors", step, epoch)
+            if due(sampling, step) and step < max_steps:
+                sample(step)
             if step >= max_steps:
                 break
         if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0 and step < max_steps:
             save(out_dir / f"{t.output_name}-{epoch:06d}.safetensors", step, epoch)
+        if due(sampling, step, epoch_end=epoch) and step < max_steps:
+            sample(step)
     elapsed = progress.close()
 
     # ---- files ----------------------------------------------------------------------------------
@@ -223,16 +246,12 @@ def train(cfg: Config) -> TrainResult:
         result.trained_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed)
         say(f"denoising loss at fixed timesteps and noise: base {result.base_loss:.5f} -> "
             f"trained {result.trained_loss:.5f}")
-    if cfg.sample.sample_prompts and accelerator.is_main_process:
-        s = cfg.sample
-        result.samples = render_samples(family, parts, read_prompts(s.sample_prompts), out_dir / "samples",
-                                        f"{t.output_name}_final", width, height, s.sample_steps, s.sample_seed,
-                                        s.sample_sampler, clip_skip)
+    sample(step)
     accelerator.end_training()
     if n.scale_weight_norms:
         say(f"scale_weight_norms {n.scale_weight_norms:g}: {sum(result.keys_scaled)} layer scalings in {step} steps "
             f"({result.keys_scaled[-1] if result.keys_scaled else 0} in the last)")
-    say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}; "
+    say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}, {peak_memory_text()}; "
         f"adapter {result.adapter_path}" + (f"; samples in {out_dir / 'samples'}" if result.samples else ""))
     return result
 

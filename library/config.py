@@ -51,7 +51,7 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl"))
+                      choices=("auto", "sd1", "sdxl", "flux"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -60,6 +60,16 @@ class ModelSection:
     arch: Optional[str] = opt(
         None, "architecture for single files: a shipped name (sd15, sd2, sdxl) or a diffusers folder of configs")
     vae: Optional[str] = opt(None, "a separate VAE (.safetensors or diffusers folder)", path="exists")
+    clip_l: Optional[str] = opt(None, "FLUX.1 / SD3 single files: the CLIP-L text encoder file (.safetensors)",
+                                path="exists")
+    clip_g: Optional[str] = opt(None, "SD3 single files: the CLIP-G text encoder file (.safetensors)", path="exists")
+    t5xxl: Optional[str] = opt(None, "FLUX.1 / SD3 single files: the T5-XXL text encoder file (.safetensors)",
+                               path="exists")
+    ae: Optional[str] = opt(None, "FLUX.1 single files: the autoencoder file (ae.safetensors)", path="exists")
+    t5xxl_max_token_length: Optional[int] = opt(
+        None, "T5 tokens per caption (default: 512 for FLUX.1-dev, 256 for schnell, 256 for SD3)")
+    apply_t5_attn_mask: bool = opt(False, "mask T5 padding tokens in the encoder and in the denoiser's attention")
+    guidance_scale: float = opt(3.5, "FLUX.1-dev: the distilled-guidance value the model is given in training")
 
 
 @dataclass
@@ -249,6 +259,22 @@ class LossSection:
     min_timestep: int = opt(0, "lowest timestep trained")
     max_timestep: Optional[int] = opt(None, "timesteps are drawn below this (default: all 1000)")
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero SNR at the last step (use with v-pred)")
+    timestep_sampling: Optional[str] = opt(
+        None, "flow matching (FLUX.1, SD3): how s is drawn (default sigma)",
+        choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift"))
+    sigmoid_scale: Optional[float] = opt(None, "flow matching: scale of N(0,1) before the sigmoid (default 1.0)")
+    discrete_flow_shift: Optional[float] = opt(
+        None, "flow matching: shift s -> shift s / (1 + (shift - 1) s) of sigma / shift sampling (default 3.0)")
+    model_prediction_type: Optional[str] = opt(
+        None, "flow matching: raw (the velocity), additive (+ x_t) or sigma_scaled (x_t - s output; "
+        "weighted by weighting_scheme) (default sigma_scaled)", choices=("raw", "additive", "sigma_scaled"))
+    weighting_scheme: Optional[str] = opt(
+        None, "flow matching: density of s for sigma sampling (logit_normal, mode) or loss weight with sigma_scaled "
+        "(sigma_sqrt, cosmap) (default none)",
+        choices=("none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"))
+    logit_mean: Optional[float] = opt(None, "flow matching: mean of logit_normal (default 0.0)")
+    logit_std: Optional[float] = opt(None, "flow matching: std of logit_normal (default 1.0)")
+    mode_scale: Optional[float] = opt(None, "flow matching: scale of the mode density (default 1.29)")
 
 
 @dataclass

@@ -17,15 +17,24 @@ def fixed_denoising_loss(family, parts, objective, dataset, clip_skip: int, seed
     device = parts.denoiser.device
     losses = []
     for index in range(min(max_images, len(dataset.items))):
-        item = dataset.items[index]
-        if dataset.latents is not None:
-            latents = dataset.latents[index].unsqueeze(0).to(device)
+        if hasattr(dataset, "plain_example"):  # library.data.training_set.TrainingSet
+            example = dataset.plain_example(index)
+            caption = example["caption"]
+            if "latents" in example:
+                latents = example["latents"].unsqueeze(0).to(device)
+            else:
+                latents = family.encode_images(parts, example["pixels"].unsqueeze(0), generator)
         else:
-            from library.data.dataset import load_image
+            item = dataset.items[index]
+            caption = item.caption
+            if dataset.latents is not None:
+                latents = dataset.latents[index].unsqueeze(0).to(device)
+            else:
+                from library.data.dataset import load_image
 
-            pixels = load_image(item.path, dataset.width, dataset.height).unsqueeze(0)
-            latents = family.encode_images(parts, pixels, generator)
-        conditioning = family.encode_prompts(parts, [item.caption], clip_skip)
+                pixels = load_image(item.path, dataset.width, dataset.height).unsqueeze(0)
+                latents = family.encode_images(parts, pixels, generator)
+        conditioning = family.encode_prompts(parts, [caption], clip_skip)
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             loss = denoising_loss(family, parts, objective, latents, conditioning, noise, torch.tensor([t]))

@@ -31,7 +31,7 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     conditioning = family.conditioning_for_batch(parts, batch, conditioning, latents)
     noise, input_noise = (n.to(latents.device, latents.dtype) for n in
                           draw_noise(latents.shape, generator, loss_options))
-    timesteps = objective.sample_timesteps(latents.shape[0], generator)
+    timesteps = objective.sample_timesteps(latents.shape[0], generator, latent_shape=latents.shape)
     return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps,
                           mask=latent_mask(batch, latents), sample_weights=batch.get("loss_weight"),
                           options=loss_options, input_noise=input_noise)

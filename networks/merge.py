@@ -1,35 +1,166 @@
-"""Merge a kohya LoRA file into a model's weights by the published formula, without peft:
+"""Merge adapter files into a model's weights, and the command that writes the merged single file:
 
-    W' = W + ratio * (alpha / rank) * up @ down     (convs: up is 1x1, down carries the kernel)
+    python -m networks.merge --model base.safetensors --network x.safetensors --ratio 0.8 --out merged.safetensors
+
+kohya / LyCORIS files are merged by the published formulas, without peft (what UIs do):
+    LoRA / LoCon  delta = (alpha / rank) * up @ down          (convs: up is 1x1, down carries the kernel)
+    LoHa          delta = (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b)   (Tucker: t x_1 a x_2 b per factor)
+    LoKr          delta = scale * kron(w1, w2), each w full or a @ b (w2 Tucker with t2); scale alpha / rank,
+                  or 1 when neither is factored
+    DoRA          W' = dora_scale * (W + delta) / ||W + delta|| per output channel
+    W' = W + ratio * (merged - W).
+peft-layout files (OFT, BOFT, or save_format = "peft") are merged through peft's own merge.
 """
 from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from networks.kohya import LoraFileError, kohya_name
+from networks.lycoris_format import LoraFileError, kohya_name
 
 
 @torch.no_grad()
 def merge_lora(modules: dict[str, nn.Module], targets, path: str, ratio: float = 1.0) -> int:
-    """Add the file's deltas into `modules` (component name -> module) in place; returns layers merged.
-    `targets` are the family's AdapterTargets, which say each component's kohya prefix."""
+    """Add a kohya / LyCORIS file's deltas into `modules` (component name -> module) in place; returns
+    layers merged. `targets` are the family's AdapterTargets (each component's kohya prefix)."""
     tensors = load_file(path)
     layers = {}
     for target in targets:
         for module_path, module in modules[target.component].named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 layers[kohya_name(target, module_path)] = module
-    names = {key.split(".", 1)[0] for key in tensors}
-    unknown = sorted(names - set(layers))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = value.float()
+    unknown = sorted(set(grouped) - set(layers))
     if unknown:
         raise LoraFileError(f"{path}: no layer for {unknown[:5]}")
-    for name in names:
-        layer = layers[name]
-        down, up = tensors[f"{name}.lora_down.weight"].float(), tensors[f"{name}.lora_up.weight"].float()
-        rank = down.shape[0]
-        alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else rank
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
-        layer.weight += (ratio * alpha / rank * delta).to(layer.weight.dtype)
-    return len(names)
+    for name, parts in grouped.items():
+        weight = layers[name].weight
+        merged = merged_weight(weight.float(), parts)
+        weight.copy_((weight.float() + ratio * (merged - weight.float())).to(weight.dtype))
+    return len(grouped)
+
+
+def merged_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    delta = layer_delta(parts, weight.shape)
+    if "dora_scale" not in parts:
+        return weight + delta
+    combined = weight + delta
+    norm = combined.reshape(combined.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
+    return parts["dora_scale"].reshape(norm.shape) * combined / norm
+
+
+def layer_delta(parts: dict[str, torch.Tensor], shape) -> torch.Tensor:
+    if "lora_down.weight" in parts:
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        return _scale(parts, down.shape[0]) * (up.flatten(1) @ down.flatten(1)).reshape(shape)
+    if "hada_w1_a" in parts:
+        w1 = _factor(parts, "hada_w1_a", "hada_w1_b", "hada_t1")
+        w2 = _factor(parts, "hada_w2_a", "hada_w2_b", "hada_t2")
+        return _scale(parts, parts["hada_w1_b"].shape[0]) * (w1.reshape(shape) * w2.reshape(shape))
+    if "lokr_w1" in parts or "lokr_w1_a" in parts:
+        w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"] @ parts["lokr_w1_b"]
+        w2 = parts["lokr_w2"] if "lokr_w2" in parts else _factor(parts, "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+        factored = [parts[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in parts]
+        scale = _scale(parts, factored[0]) if factored else 1.0
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        return scale * torch.kron(w1, w2.contiguous()).reshape(shape)
+    raise LoraFileError(f"no formula for a layer with keys {sorted(parts)} (OFT files: peft layout)")
+
+
+def _factor(parts, a: str, b: str, tucker: str) -> torch.Tensor:
+    if tucker in parts:  # Tucker: t (r, r, kh, kw) with a (r, out), b (r, in)
+        return torch.einsum("i j k l, j r, i p -> p r k l", parts[tucker], parts[b], parts[a])
+    return parts[a] @ parts[b].flatten(1)
+
+
+def _scale(parts, rank: int) -> float:
+    return float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+
+
+@torch.no_grad()
+def merge_peft(modules: dict[str, nn.Module], targets, path: str, ratio: float = 1.0) -> int:
+    """Merge a peft-layout file with peft: inject the adapter its metadata describes, load it, merge,
+    and put the plain layers back."""
+    from networks import files
+    from networks.targets import inject
+
+    tensors, metadata = files.read(path)
+    settings = settings_of(metadata)
+    adapted = [inject(modules[t.component], t, settings) for t in targets
+               if any(k.startswith((t.diffusers_prefix or t.component) + ".") for k in tensors)]
+    loaded = files.load_into(adapted, path)
+    for component in adapted:
+        for module_path, layer in list(component.adapter_layers()):
+            base = layer.get_base_layer()
+            before = base.weight.detach().clone()
+            layer.merge()
+            base.weight.copy_(before + ratio * (base.weight - before))
+            parent_path, _, child = module_path.rpartition(".")
+            setattr(component.module.get_submodule(parent_path) if parent_path else component.module, child, base)
+    return loaded
+
+
+def settings_of(metadata: dict[str, str]):
+    """The NetworkSettings a file's ss_* metadata describes."""
+    from library.config import parse_kv_args
+    from networks.settings import settings_from
+
+    args = parse_kv_args([f"{k}={v}" for k, v in json.loads(metadata.get("ss_network_args", "{}")).items()])
+    return settings_from({"module": metadata.get("ss_network_module", "networks.lora"),
+                          "dim": int(metadata["ss_network_dim"]), "alpha": float(metadata["ss_network_alpha"]),
+                          **args})
+
+
+def merge_file(modules: dict[str, nn.Module], targets, path: str, ratio: float) -> int:
+    from networks import files
+
+    keys = files.read(path)[0].keys()
+    if all(k.startswith(("unet.", "text_encoder.", "transformer.")) for k in keys):
+        return merge_peft(modules, targets, path, ratio)
+    return merge_lora(modules, targets, path, ratio)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m networks.merge", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="base model: single file or diffusers folder")
+    p.add_argument("--network", required=True, nargs="+", help="adapter file(s)")
+    p.add_argument("--ratio", type=float, nargs="+", default=[1.0], help="strength, one per file (or one for all)")
+    p.add_argument("--out", required=True, help="merged single file (.safetensors, original layout)")
+    p.add_argument("--tokenizer", help="tokenizer folder, for single files (as model.tokenizer)")
+    p.add_argument("--arch", help="shipped architecture name or folder, for single files (as model.arch)")
+    p.add_argument("--precision", choices=("float", "fp16", "bf16"), default="float")
+    a = p.parse_args(argv)
+    from library.families import ModelSource, get_family
+    from networks import files
+
+    family = get_family("auto", a.model)
+    parts = family.load(ModelSource(a.model, tokenizer=a.tokenizer, arch=a.arch))
+    modules = {"denoiser": parts.denoiser, **parts.text_encoders}
+    ratios = a.ratio * len(a.network) if len(a.ratio) == 1 else a.ratio
+    for path, ratio in zip(a.network, ratios, strict=True):
+        try:
+            merged = merge_file(modules, family.adapter_targets(parts), path, ratio)
+        except LoraFileError as e:
+            print(f"merge error: {e}", file=sys.stderr)
+            return 2
+        print(f"merged {path} at ratio {ratio:g}: {merged} layers")
+    state = family.single_file_state_dict(parts)
+    dtype = files.SAVE_DTYPES[a.precision]
+    files.save(Path(a.out), {k: v.detach().to(dtype).contiguous() for k, v in state.items()},
+               {"merged_from": json.dumps([a.model, *a.network]), "merge_ratios": json.dumps(ratios)})
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,10 @@
 Layout, as sd-scripts users have it: images directly in `train_data_dir` (repeated `num_repeats`
 times), and/or subfolders named `N_name` whose images repeat N times and whose `name` is the
 caption of an image with no caption file. A subfolder without the number prefix is skipped and
-reported. Bucketing and dataset TOML files build on this in library/data (their own issue).
+reported.
+
+train_network.py now uses the full data path (plan.py, training_set.py: dataset TOML, buckets, caption
+options, the dataset check, disk caches); this single-resolution one stays for code that still imports it.
 """
 from __future__ import annotations
 
@@ -19,8 +22,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
-class DatasetError(Exception):
-    """A problem with the training images or captions; names the file or folder."""
+from library.data import DatasetError  # noqa: E402  (one class for the old and the new data path)
 
 
 @dataclass

@@ -23,6 +23,23 @@ class ModelSource:
     tokenizer: str | None = None
     arch: str | None = None
     vae: str | None = None
+    # separate files beside a single-file denoiser (FLUX.1 / SD3, sd-scripts' names)
+    clip_l: str | None = None
+    clip_g: str | None = None
+    t5xxl: str | None = None
+    ae: str | None = None
+    t5xxl_max_token_length: int | None = None  # None: the family's default
+    apply_t5_attn_mask: bool = False
+    guidance_scale: float = 3.5  # FLUX.1-dev's guidance input in training
+
+    @classmethod
+    def from_section(cls, model_section) -> "ModelSource":
+        """The [model] section's loading keys (every field of this class the section has)."""
+        from dataclasses import fields
+
+        return cls(**{f.name: getattr(model_section, f.name) for f in fields(cls)
+                      if f.name != "path" and hasattr(model_section, f.name)},
+                   path=model_section.pretrained_model_name_or_path)
 
 
 @dataclass

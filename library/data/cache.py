@@ -1,0 +1,252 @@
+"""Latent and text-encoder output caches, in memory or as files (cache_latents_to_disk,
+cache_text_encoder_outputs_to_disk).
+
+A cache file is a safetensors file whose metadata records everything its tensors depend on: for latents the
+family, a fingerprint of the VAE weights and their dtype, the image file (path, size, modification time),
+the size it was resized to, the crop and bucket, whether a flipped variant and an alpha mask are stored; for
+text-encoder outputs the family, a fingerprint of the text encoders, clip_skip and the caption. A file whose
+record differs from what the run needs is stale: it is rebuilt (and the reason printed), never reused.
+Files are written to a temporary name and renamed, so an interrupted run leaves no half file under a name
+that is trusted later. The folder is dataset.cache_dir (default output_dir/cache), never the image folders.
+
+    python -m library.data.cache --config my.toml      # build the disk caches alone, before training
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from library.data.images import load_pixels, plan_crop
+from library.data.plan import ImageRecord
+from library.data.report import CountingBar
+
+CACHE_FORMAT = 1
+SAMPLED_VALUES = 4096  # per tensor, for the weight fingerprint
+
+
+def fingerprint(modules) -> str:
+    """A short hash of the weights of `modules`: names, shapes, dtypes and evenly spaced values of each."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // SAMPLED_VALUES)][:SAMPLED_VALUES]
+            h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+class DiskCache:
+    """Files `name`.safetensors in `folder`, each with its dependency record in the metadata."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def status(self, name: str, depends_on: dict) -> str:
+        """"valid", "missing", or "stale: <what differs>"."""
+        from safetensors import safe_open
+
+        path = self.path(name)
+        if not path.is_file():
+            return "missing"
+        try:
+            with safe_open(str(path), "pt") as f:
+                recorded = json.loads((f.metadata() or {}).get("depends_on", "{}"))
+        except Exception:
+            return "stale: unreadable file"
+        differs = sorted(k for k in depends_on.keys() | recorded.keys() if depends_on.get(k) != recorded.get(k))
+        return "valid" if not differs else f"stale: {', '.join(differs)} changed"
+
+    def load(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(self.path(name))
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], depends_on: dict) -> Path:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(name)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"depends_on": json.dumps(depends_on, sort_keys=True)})
+        os.replace(tmp, path)
+        return path
+
+
+# ---- latents ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentCacheSettings:
+    to_disk: bool
+    folder: Path
+    vae_batch_size: int
+    seed: int
+
+
+def latent_dependencies(family_name: str, vae_id: str, dtype, record: ImageRecord) -> dict:
+    crop = plan_crop(record.size, record.bucket)
+    a = record.subset.augment
+    return {"kind": "latents", "format": CACHE_FORMAT, "family": family_name, "vae": vae_id, "dtype": str(dtype),
+            "image": file_identity(record.path), "resized": list(crop.resized), "crop": [crop.top, crop.left],
+            "bucket": list(record.bucket), "flip_variant": a.flip_aug, "alpha_mask": a.alpha_mask}
+
+
+def latent_name(record: ImageRecord) -> str:
+    key = hashlib.sha1(str(record.path.resolve()).encode()).hexdigest()[:20]
+    return f"{record.path.stem[:40]}-{key}-{record.bucket[0]}x{record.bucket[1]}"
+
+
+@torch.no_grad()
+def cache_latents(family, parts, dataset, settings: LatentCacheSettings, say=print) -> None:
+    """Fill dataset.latents (memory) or dataset.latent_files (disk), encoding only what is missing or stale."""
+    vae_id, dtype = fingerprint([parts.vae]), next(parts.vae.parameters()).dtype
+    disk = DiskCache(Path(settings.folder) / "latents") if settings.to_disk else None
+    depends = {i: latent_dependencies(family.name, vae_id, dtype, r) for i, r in enumerate(dataset.items)}
+    statuses = {i: disk.status(latent_name(dataset.items[i]), d) if disk else "missing" for i, d in depends.items()}
+    todo = [i for i, s in statuses.items() if s != "valid"]
+    stored: dict[int, dict] = {}
+    generator = torch.Generator().manual_seed(settings.seed)
+    bar = CountingBar(len(todo), "caching latents")
+    for chunk in _same_size_chunks(dataset.items, todo, settings.vae_batch_size):
+        for i, tensors in zip(chunk, _encode_chunk(family, parts, [dataset.items[i] for i in chunk], generator)):
+            if disk:
+                disk.save(latent_name(dataset.items[i]), tensors, depends[i])
+            else:
+                stored[i] = tensors
+        bar.advance(len(chunk))
+    bar.close()
+    if disk:
+        dataset.latent_files = {i: disk.path(latent_name(r)) for i, r in enumerate(dataset.items)}
+    else:
+        dataset.latents = stored
+    say(f"latents: {len(depends)} images, {len(depends) - len(todo)} reused from {disk.folder if disk else 'memory'}"
+        f", {len(todo)} encoded{_reasons(statuses)}")
+
+
+def _reasons(statuses: dict) -> str:
+    counts = Counter(s for s in statuses.values() if s != "valid")
+    return f" ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})" if counts else ""
+
+
+def _same_size_chunks(records: list[ImageRecord], indices: list[int], size: int) -> list[list[int]]:
+    by_bucket: dict = {}
+    for i in indices:
+        by_bucket.setdefault(records[i].bucket, []).append(i)
+    return [group[k:k + size] for group in by_bucket.values() for k in range(0, len(group), size)]
+
+
+def _encode_chunk(family, parts, records: list[ImageRecord], generator) -> list[dict]:
+    loaded = [load_pixels(r.path, r.orientation, plan_crop(r.size, r.bucket), False, r.subset.augment.alpha_mask)
+              for r in records]
+    pixels = torch.stack([p for p, _ in loaded])
+    latents = family.encode_images(parts, pixels, generator).cpu()
+    flipped = any(r.subset.augment.flip_aug for r in records)
+    latents_flipped = family.encode_images(parts, pixels.flip(-1), generator).cpu() if flipped else None
+    out = []
+    for k, (record, (_, mask)) in enumerate(zip(records, loaded)):
+        tensors = {"latents": latents[k]}
+        if record.subset.augment.flip_aug:
+            tensors["latents_flipped"] = latents_flipped[k]
+        if mask is not None:
+            small = torch.nn.functional.interpolate(mask[None], size=latents.shape[-2:], mode="area")[0]
+            tensors |= {"mask": small, "mask_flipped": small.flip(-1)}
+        out.append(tensors)
+    return out
+
+
+# ---- text-encoder outputs -----------------------------------------------------------------------
+
+
+def text_dependencies(family_name: str, encoders_id: str, clip_skip: int, caption: str) -> dict:
+    return {"kind": "text", "format": CACHE_FORMAT, "family": family_name, "text_encoders": encoders_id,
+            "clip_skip": clip_skip, "caption": caption}
+
+
+def text_name(caption: str, clip_skip: int) -> str:
+    return hashlib.sha256(f"{clip_skip}\n{caption}".encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def cache_text_outputs(family, parts, captions: list[str], clip_skip: int, folder: Path | None,
+                       say=print) -> dict[str, dict[str, torch.Tensor]]:
+    """caption -> family.encode_prompts output (batch of one), from disk where valid, else encoded (and saved)."""
+    encoders = list(parts.text_encoders.values())
+    device = next(encoders[0].parameters()).device
+    disk = DiskCache(Path(folder) / "text") if folder else None
+    encoders_id = fingerprint(encoders)
+    out, statuses = {}, {}
+    bar = CountingBar(len(captions), "caching text-encoder outputs")
+    for caption in captions:
+        depends, name = text_dependencies(family.name, encoders_id, clip_skip, caption), text_name(caption, clip_skip)
+        statuses[caption] = disk.status(name, depends) if disk else "missing"
+        if statuses[caption] == "valid":
+            out[caption] = {k: v.to(device) for k, v in disk.load(name).items()}
+        else:
+            out[caption] = family.encode_prompts(parts, [caption], clip_skip)
+            if disk:
+                disk.save(name, {k: v.cpu() for k, v in out[caption].items()}, depends)
+        bar.advance()
+    bar.close()
+    reused = sum(s == "valid" for s in statuses.values())
+    say(f"text-encoder outputs: {len(captions)} captions, {reused} reused, {len(captions) - reused} encoded"
+        f"{_reasons(statuses)}")
+    return out
+
+
+# ---- running it alone ---------------------------------------------------------------------------
+
+
+def cache_folder(cfg) -> Path:
+    return Path(cfg.dataset.cache_dir or Path(cfg.train.output_dir) / "cache")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from library import cli
+    from library.data import DatasetError
+    from library.data.plan import plan_data
+    from library.data.training_set import TrainingSet
+    from library.families import ModelSource, get_family
+    from library.memory import cast_frozen, weight_dtype
+
+    cli.quiet_libraries()
+    cfg = cli.load_or_exit(cli.parse_args(argv, __doc__), recipe="network")
+    try:
+        dataset = TrainingSet(plan_data(cfg), cfg.train.seed or 0, cfg.dataset.prior_loss_weight)
+    except DatasetError as e:
+        print(f"dataset error: {e}", file=sys.stderr)
+        return 3
+    m = cfg.model
+    family = get_family(m.family, m.pretrained_model_name_or_path)
+    parts = family.load(ModelSource(m.pretrained_model_name_or_path, v2=m.v2, v_parameterization=m.v_parameterization,
+                                    tokenizer=m.tokenizer, arch=m.arch, vae=m.vae))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for module in [parts.vae, *parts.text_encoders.values()]:
+        cast_frozen(module, weight_dtype(cfg.train.mixed_precision))
+        module.to(device)
+    folder = cache_folder(cfg)
+    cache_latents(family, parts, dataset, LatentCacheSettings(True, folder, cfg.dataset.vae_batch_size,
+                                                              cfg.train.seed or 0))
+    if cfg.train.cache_text_encoder_outputs or cfg.train.cache_text_encoder_outputs_to_disk:
+        cache_text_outputs(family, parts, dataset.captions, m.clip_skip, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Captions: reading the caption file of an image, and the per-example caption transforms sd-scripts users
+know (keep_tokens, keep_tokens_separator, shuffle_caption, tag dropout, caption dropout, prefix / suffix).
+
+A caption is split into tags at `caption_separator`. The first `keep_tokens` tags stay in place; with
+`keep_tokens_separator` in the caption ("a, b ||| c, d ||| e"), the tags before it stay in place, the tags
+after a second one stay at the end, and only the middle ones move. Shuffling and tag dropout touch only the
+movable tags. caption_prefix / caption_suffix are joined before / after and never shuffled or dropped; whole-
+caption dropout (caption_dropout_rate, every N epochs) empties the caption, prefix and suffix included.
+Every random choice comes from the `rng` passed in, so a seed gives the same captions on every run.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CaptionRecipe:
+    shuffle_caption: bool
+    keep_tokens: int
+    keep_tokens_separator: str
+    caption_separator: str
+    caption_prefix: str | None
+    caption_suffix: str | None
+    caption_dropout_rate: float
+    caption_tag_dropout_rate: float
+    caption_dropout_every_n_epochs: int
+
+    @property
+    def is_fixed(self) -> bool:
+        """True if a caption always renders the same (so text-encoder outputs can be cached)."""
+        return not (self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate
+                    or self.caption_dropout_every_n_epochs)
+
+
+def read_caption(image: Path, extension: str, class_tokens: str | None) -> tuple[str | None, str | None]:
+    """(caption, problem): the caption file's text, else the class tokens; or None and why not."""
+    caption_file = image.with_suffix(extension)
+    if not caption_file.is_file():
+        if class_tokens:
+            return class_tokens, None
+        return None, f"no caption file {caption_file.name} and no class tokens (from a folder name or class_tokens)"
+    data = caption_file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        return None, f"caption file {caption_file.name} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+    if not text:
+        return None, f"caption file {caption_file.name} is empty"
+    return text, None
+
+
+def render_caption(text: str, recipe: CaptionRecipe, rng: random.Random, epoch: int) -> str:
+    """The caption one training example sees in `epoch` (1-based, as the training loop counts)."""
+    every = recipe.caption_dropout_every_n_epochs
+    if every and epoch % every == 0:
+        return ""
+    if recipe.caption_dropout_rate and rng.random() < recipe.caption_dropout_rate:
+        return ""
+    body = _transform_tags(text, recipe, rng)
+    affixes = [_clean_affix(recipe.caption_prefix, recipe), body, _clean_affix(recipe.caption_suffix, recipe)]
+    return _joiner(recipe).join(part for part in affixes if part)
+
+
+def _transform_tags(text: str, recipe: CaptionRecipe, rng: random.Random) -> str:
+    sep = recipe.keep_tokens_separator
+    moving = recipe.shuffle_caption or recipe.caption_tag_dropout_rate
+    if not moving and not (sep and sep in text):
+        return text  # nothing to do: the caption is used exactly as written
+    head, middle, tail = split_kept_tags(text, recipe)
+    if recipe.caption_tag_dropout_rate:
+        middle = [tag for tag in middle if rng.random() >= recipe.caption_tag_dropout_rate]
+    if recipe.shuffle_caption:
+        rng.shuffle(middle)
+    return _joiner(recipe).join(head + middle + tail)
+
+
+def split_kept_tags(text: str, recipe: CaptionRecipe) -> tuple[list[str], list[str], list[str]]:
+    """(tags kept at the front, tags that may move or drop, tags kept at the end)."""
+    sep = recipe.keep_tokens_separator
+    if sep and sep in text:
+        front, rest = text.split(sep, 1)
+        middle, back = rest.split(sep, 1) if sep in rest else (rest, "")
+        return _tags(front, recipe), _tags(middle, recipe), _tags(back, recipe)
+    tags = _tags(text, recipe)
+    return tags[:recipe.keep_tokens], tags[recipe.keep_tokens:], []
+
+
+def _tags(text: str, recipe: CaptionRecipe) -> list[str]:
+    return [t.strip() for t in text.split(recipe.caption_separator) if t.strip()]
+
+
+def _joiner(recipe: CaptionRecipe) -> str:
+    sep = recipe.caption_separator
+    return sep if sep.endswith(" ") else sep + " "
+
+
+def _clean_affix(affix: str | None, recipe: CaptionRecipe) -> str:
+    return (affix or "").strip().strip(recipe.caption_separator.strip() or " ").strip()

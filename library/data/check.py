@@ -1,0 +1,195 @@
+"""The dataset check: every image and caption is looked at before any model loads, and every problem is
+reported with its path and reason. `dataset.bad_data` says what happens then: "stop" (the default) ends the
+run with the whole list, "skip" trains without those files and prints each one as a warning. User files are
+only read, never written.
+
+Problems: empty (0-byte) files, files that are not images or do not decode (corrupt), truncated files (a
+PNG without its IEND chunk, a JPEG without its end marker, a WEBP shorter than its RIFF size, or a decode
+that runs out of data), modes that do not convert to RGB faithfully (CMYK, 16/32-bit, palette with
+transparency), images too small for their bucket (enlarged more than 2x), missing / empty / non-UTF-8
+captions, empty folders, and duplicate files (the later copies). An EXIF-rotated image is a note, not a
+problem: it is trained as displayed.
+
+    python -m library.data.check --config my.toml          # a training config, or a dataset TOML
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import struct
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from library.data.images import IMAGE_EXTENSIONS, ImageHeader, read_header
+
+MAX_UPSCALE = 2.0
+EXIT_DATASET_ERROR = 3
+FAITHFUL_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "RGBa", "La"}
+PNG_END = b"IEND\xaeB`\x82"
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: Path
+    reason: str
+    problem: bool = True  # False: a note, the file still trains
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def inspect_image(path: Path, decode: bool) -> tuple[ImageHeader | None, list[Finding]]:
+    """The header of an image and what is wrong with it (header None: it cannot be trained at all)."""
+    if path.stat().st_size == 0:
+        return None, [Finding(path, "empty file (0 bytes)")]
+    try:
+        header = read_header(path)
+    except Exception as e:  # PIL raises several types for a file that is not an image
+        cut = "truncat" in str(e).lower() and truncation(path, format_from_magic(path))
+        return None, [Finding(path, cut or f"corrupt: not a readable image ({type(e).__name__}: {e})")]
+    findings = [Finding(path, reason) for reason in mode_problems(header)]
+    end = truncation(path, header.format)
+    if end:
+        findings.append(Finding(path, end))
+    elif decode:
+        findings += [Finding(path, reason) for reason in decode_problems(path)]
+    if header.orientation != 1:
+        findings.append(Finding(path, f"EXIF orientation {header.orientation}: trained as displayed "
+                                      f"({header.width}x{header.height})", problem=False))
+    return header, findings
+
+
+def mode_problems(h: ImageHeader) -> list[str]:
+    if h.mode == "CMYK":
+        return ["CMYK image: its colors change when converted to RGB (save it as RGB)"]
+    if h.bit_depth > 8:
+        return [f"{h.bit_depth}-bit image (mode {h.mode}): it would be cut to 8 bits per channel (save it as 8-bit)"]
+    if h.palette_transparency and h.mode in ("P", "PA"):
+        return ["palette image with transparency: transparent pixels have no defined color (save it as RGBA)"]
+    if h.mode not in FAITHFUL_MODES:
+        return [f"unsupported mode {h.mode} (save it as RGB)"]
+    return []
+
+
+def truncation(path: Path, image_format: str) -> str | None:
+    """Why the file looks cut short, from its last bytes and header (no decoding); None if it does not."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if image_format == "PNG" and not tail.rstrip(b"\0").endswith(PNG_END):
+        return "truncated: the PNG has no IEND chunk at its end"
+    if image_format == "JPEG" and b"\xff\xd9" not in tail[-64:]:
+        return "truncated: the JPEG has no end-of-image marker"
+    if image_format == "WEBP" and struct.unpack("<I", head[4:8])[0] + 8 > size:
+        return f"truncated: the WEBP is {size} bytes, its header says {struct.unpack('<I', head[4:8])[0] + 8}"
+    return None
+
+
+def format_from_magic(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if head.startswith(b"\x89PNG"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8"):
+        return "JPEG"
+    return "WEBP" if head[:4] == b"RIFF" and head[8:12] == b"WEBP" else ""
+
+
+def decode_problems(path: Path) -> list[str]:
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:
+        kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        return [f"{kind}: decoding failed ({type(e).__name__}: {e})"]
+    return []
+
+
+def inspect_all(paths: list[Path], decode: bool, on_done=None) -> list[tuple[ImageHeader | None, list[Finding]]]:
+    """inspect_image over many files, in threads (PIL reads and decodes outside the GIL)."""
+    workers = min(8, (os.cpu_count() or 1) + 2)
+    out = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(lambda p: inspect_image(p, decode), paths, chunksize=64):
+            out.append(result)
+            if on_done:
+                on_done()
+    return out
+
+
+def empty_folder(folder: Path) -> Finding:
+    return Finding(folder, f"empty folder: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+
+def find_duplicates(paths: list[Path]) -> dict[Path, Path]:
+    """Later copy -> first copy, for files with identical bytes (sizes compared first, then SHA-256)."""
+    by_size = defaultdict(list)
+    for p in paths:
+        by_size[p.stat().st_size].append(p)
+    first_of: dict[str, Path] = {}
+    duplicates = {}
+    for group in (g for g in by_size.values() if len(g) > 1):
+        for p in group:
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            if digest in first_of:
+                duplicates[p] = first_of[digest]
+            else:
+                first_of[digest] = p
+    return duplicates
+
+
+def main(argv: list[str] | None = None) -> int:
+    from library.config import ConfigError
+    from library.data import DatasetError
+    from library.data.plan import plan_data
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", "--config_file", dest="config", required=True,
+                        help="training TOML, or a sd-scripts dataset TOML")
+    parser.add_argument("--dataset_config", help="sd-scripts dataset TOML (with a training --config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--headers-only", action="store_true", help="read headers and file ends, do not decode")
+    args = parser.parse_args(argv)
+    try:
+        cfg = _config_for_check(args)
+        plan = plan_data(cfg, say=print)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DatasetError as e:
+        print(f"dataset error: {e}", file=sys.stderr)
+        return EXIT_DATASET_ERROR
+    for line in plan.summary(cfg.train.gradient_accumulation_steps):
+        print(line)
+    return 0
+
+
+def _config_for_check(args):
+    """The config to check: a training config (model paths not needed), or a bare dataset TOML."""
+    import tomllib
+
+    from library.config import config_from_dict, load_config
+
+    overrides = list(args.overrides)
+    if args.headers_only:
+        overrides.append("dataset.check_decode=false")
+    if args.dataset_config:
+        overrides.append(f"dataset.dataset_config='{args.dataset_config}'")
+    raw = tomllib.loads(Path(args.config).read_text(encoding="utf-8")) if Path(args.config).is_file() else {}
+    if "datasets" in raw:  # a sd-scripts dataset TOML on its own
+        placeholder = {"model": {"pretrained_model_name_or_path": "-"}, "train": {"output_dir": "-"},
+                       "dataset": {"dataset_config": args.config}}
+        return config_from_dict(placeholder, source=args.config, overrides=overrides, check_paths=False)
+    return load_config(args.config, overrides, check_paths=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The data plan of a run, made before any model loads: the layout (dataset TOML or folders), every image
+checked and given a caption and a bucket, the bad ones stopped on or skipped (dataset.bad_data), and the
+examples of one epoch (images x repeats, regularization images balanced against them).
+
+Regularization balance, as sd-scripts: each dataset's regularization images (is_reg) give as many examples
+per epoch as its training images do (images x repeats), cycling through them in order (with their own
+repeats first) when there are fewer, using the first ones when there are more. Their loss is weighted by
+prior_loss_weight.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from library.config import Config
+from library.data import DatasetError
+from library.data.buckets import bucket_sizes, bucket_table, choose_bucket, upscale_factor
+from library.data.captions import read_caption
+from library.data.check import MAX_UPSCALE, Finding, empty_folder, find_duplicates, inspect_all
+from library.data.dataset_config import DataLayout, SubsetSpec, read_layout
+from library.data.images import ImageHeader, list_images
+from library.data.report import CountingBar
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    caption: str  # the caption file's text (or class tokens), before the per-example transforms
+    size: tuple[int, int]  # (w, h) as displayed
+    orientation: int
+    has_alpha: bool
+    dataset: int
+    subset: SubsetSpec
+    bucket: tuple[int, int]  # (w, h) it is trained at
+
+    @property
+    def bucket_key(self) -> tuple:
+        return (self.dataset, self.bucket)
+
+
+@dataclass
+class DataPlan:
+    layout: DataLayout
+    images: list[ImageRecord]
+    entries: list[int]  # one per example of an epoch: an index into images
+    findings: list[Finding] = field(default_factory=list)
+    skipped: list[Finding] = field(default_factory=list)
+
+    @property
+    def entry_keys(self) -> list[tuple]:
+        return [self.images[i].bucket_key for i in self.entries]
+
+    @property
+    def batch_sizes(self) -> dict:
+        return {r.bucket_key: self.layout.datasets[r.dataset].batch_size for r in self.images}
+
+    def batches_per_epoch(self) -> int:
+        sizes = self.batch_sizes
+        return sum(math.ceil(n / sizes[k]) for k, n in Counter(self.entry_keys).items())
+
+    def steps_per_epoch(self, accumulation: int) -> int:
+        return math.ceil(self.batches_per_epoch() / accumulation)
+
+    def summary(self, accumulation: int) -> list[str]:
+        """The table printed before training: subsets, buckets, and the steps-per-epoch arithmetic."""
+        per_subset = Counter(id(self.images[i].subset) for i in self.entries)
+        lines = ["data:"]
+        for d, dataset in enumerate(self.layout.datasets):
+            for s in dataset.subsets:
+                n = sum(r.subset is s for r in self.images)
+                kind = "regularization" if s.is_reg else "training"
+                lines.append(f"  {s.where}: {n} {kind} images x {s.num_repeats} repeats -> "
+                             f"{per_subset[id(s)]} examples per epoch")
+        lines += bucket_table(self.entry_keys, Counter(r.bucket_key for r in self.images), self.batch_sizes)
+        batches = self.batches_per_epoch()
+        lines.append(f"  {len(self.entries)} examples per epoch in {batches} batches; gradient accumulation "
+                     f"{accumulation} -> {self.steps_per_epoch(accumulation)} steps per epoch")
+        return lines
+
+
+def plan_data(cfg: Config, say=print) -> DataPlan:
+    """Layout, check, captions, buckets and epoch entries; ConfigError / DatasetError before any model loads."""
+    layout = read_layout(cfg)
+    for note in layout.notes:
+        say(f"note: {note}")
+    records, findings = _scan(layout, cfg.dataset.check_decode)
+    problems = [f for f in findings if f.problem]
+    for f in findings:
+        if not f.problem:
+            say(f"note: {f}")
+    if problems and cfg.dataset.bad_data == "stop":
+        raise DatasetError(_problem_list(problems))
+    for f in problems:
+        say(f"warning: skipped {f}")
+    bad = {f.path for f in problems}
+    records = [r for r in records if r.path not in bad]
+    if not any(not r.subset.is_reg for r in records):
+        raise DatasetError(_nothing_found(layout, problems))
+    plan = DataPlan(layout, records, [], findings, problems)
+    plan.entries = epoch_entries(records, len(layout.datasets))
+    return plan
+
+
+def _problem_list(problems: list[Finding]) -> str:
+    return (f"{len(problems)} problem(s) in the training data (dataset.bad_data = \"stop\"; \"skip\" trains without "
+            f"these files):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _nothing_found(layout: DataLayout, problems: list[Finding]) -> str:
+    folders = [s.image_dir for d in layout.datasets for s in d.subsets if not s.is_reg]
+    lines = [f"no training images found (looked in: {', '.join(map(str, folders)) or 'no folder'})"]
+    lines += [f"  {n}" for n in layout.notes] + [f"  skipped {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def _scan(layout: DataLayout, decode: bool) -> tuple[list[ImageRecord], list[Finding]]:
+    """Every image of every subset: header, caption, bucket, and the findings about it."""
+    work = []  # (dataset index, subset, path)
+    findings = []
+    for d, dataset in enumerate(layout.datasets):
+        for subset in dataset.subsets:
+            paths = list_images(subset.image_dir)
+            if not paths:
+                findings.append(empty_folder(subset.image_dir))
+            work += [(d, subset, p) for p in paths]
+    bar = CountingBar(len(work), "checking images")
+    inspected = inspect_all([p for _, _, p in work], decode, bar.advance)
+    bar.close()
+    records = []
+    sizes = [bucket_sizes(d.buckets) for d in layout.datasets]
+    for (d, subset, path), (header, image_findings) in zip(work, inspected):
+        findings += image_findings
+        if header is not None:
+            record, more = _record(path, header, d, subset, layout, sizes[d])
+            findings += more
+            records.append(record)
+    duplicates = find_duplicates([r.path for r in records])
+    findings += [Finding(p, f"duplicate of {first}") for p, first in duplicates.items()]
+    return records, findings
+
+
+def _record(path: Path, header: ImageHeader, d: int, subset: SubsetSpec, layout: DataLayout,
+            sizes: list) -> tuple[ImageRecord, list[Finding]]:
+    findings = []
+    caption, problem = read_caption(path, subset.caption_extension, subset.class_tokens)
+    if problem:
+        findings.append(Finding(path, problem))
+    size = (header.width, header.height)
+    bucket = choose_bucket(size, layout.datasets[d].buckets, sizes)
+    if min(bucket) < 8 or min(size) < 8:
+        findings.append(Finding(path, f"too small: {size[0]}x{size[1]} fits no bucket"))
+    elif upscale_factor(size, bucket) > MAX_UPSCALE:
+        findings.append(Finding(path, f"too small: {size[0]}x{size[1]} would be enlarged "
+                                      f"{upscale_factor(size, bucket):.1f}x to {bucket[0]}x{bucket[1]} "
+                                      f"(more than {MAX_UPSCALE:g}x)"))
+    return ImageRecord(path, caption or "", size, header.orientation, header.has_alpha, d, subset, bucket), findings
+
+
+def epoch_entries(records: list[ImageRecord], num_datasets: int) -> list[int]:
+    """Image indices of one epoch: each training image `num_repeats` times, in order, then per dataset the
+    regularization images, balanced to as many entries as that dataset's training entries."""
+    entries = [i for i, r in enumerate(records) if not r.subset.is_reg for _ in range(r.subset.num_repeats)]
+    for d in range(num_datasets):
+        wanted = sum(r.subset.num_repeats for r in records if r.dataset == d and not r.subset.is_reg)
+        entries += _balanced_reg(records, d, wanted)
+    return entries
+
+
+def _balanced_reg(records: list[ImageRecord], d: int, wanted: int) -> list[int]:
+    reg = [i for i, r in enumerate(records) if r.dataset == d and r.subset.is_reg]
+    out = []
+    for i in reg:  # first pass: each with its repeats
+        out += [i] * records[i].subset.num_repeats
+    while reg and len(out) < wanted:  # then one more each, in order, until balanced
+        out += reg[: wanted - len(out)]
+    position = {i: k for k, i in enumerate(reg)}
+    return sorted(out[:wanted], key=position.__getitem__)

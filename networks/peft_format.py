@@ -1,0 +1,68 @@
+"""The peft / diffusers file layout (`save_format = "peft"`): peft's own parameter names under the
+diffusers component prefix, `unet.down_blocks.0.attentions.0.proj_in.lora_A.weight`,
+`text_encoder.text_model.encoder.layers.0.mlp.fc1.hada_w1_a`, `unet....oft_R.weight`, ... (the adapter
+name dropped, as diffusers' `save_lora_weights` writes LoRA). Each layer's (rank, alpha) is kept in the
+metadata key `lt_peft_layers` (JSON), since peft keeps them in its config, not in tensors.
+
+The only layout for OFT and BOFT, whose peft rotation has no LyCORIS file form.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from networks import algorithms
+from networks.lycoris_format import LoraFileError
+from networks.targets import AdaptedComponent
+
+LAYERS_KEY = "lt_peft_layers"
+
+
+def prefix(component: AdaptedComponent) -> str:
+    return component.target.diffusers_prefix or component.target.component
+
+
+def is_peft_layout(keys, adapted: list[AdaptedComponent]) -> bool:
+    prefixes = tuple(prefix(c) + "." for c in adapted) + ("unet.", "text_encoder.", "transformer.")
+    return bool(keys) and all(k.startswith(prefixes) for k in keys)
+
+
+def state_dict(adapted: list[AdaptedComponent], dtype: torch.dtype = torch.float32):
+    """(tensors, extra metadata) of every adapter parameter in peft naming."""
+    out, layers = {}, {}
+    for component in adapted:
+        for path, layer in component.adapter_layers():
+            name = f"{prefix(component)}.{path}"
+            for param_name, param in algorithms.parameters(layer).items():
+                out[f"{name}.{param_name}"] = param.detach().to("cpu", dtype).contiguous()
+            layers[name] = list(component.layers[path])
+    return out, {LAYERS_KEY: json.dumps(layers)}
+
+
+def load_into(adapted: list[AdaptedComponent], tensors: dict[str, torch.Tensor], metadata: dict,
+              source: str) -> int:
+    """Check every key, shape and (rank, alpha) first, then copy: never a half-loaded adapter."""
+    params, ranks = {}, {}
+    for component in adapted:
+        for path, layer in component.adapter_layers():
+            name = f"{prefix(component)}.{path}"
+            ranks[name] = component.layers[path]
+            params.update({f"{name}.{n}": p for n, p in algorithms.parameters(layer).items()})
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise LoraFileError(f"{source}: {len(unknown)} key(s) match no parameter of this network (another "
+                            f"family, algorithm or target set?): {unknown[:5]}")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(params[key].shape):
+            raise LoraFileError(f"{source}: {key} has shape {tuple(value.shape)}, this network expects "
+                                f"{tuple(params[key].shape)} (network_dim / conv_dim / factor differ?)")
+    file_layers = json.loads(metadata.get(LAYERS_KEY, "{}"))
+    for name, (rank, alpha) in file_layers.items():
+        if name in ranks and (rank, round(alpha, 6)) != (ranks[name][0], round(ranks[name][1], 6)):
+            raise LoraFileError(f"{source}: {name} was trained with (rank, alpha) = ({rank}, {alpha:g}), "
+                                f"the config gives {ranks[name]}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value)
+    return sum(any(k.startswith(name + ".") for k in tensors) for name in ranks)

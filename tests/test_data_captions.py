@@ -1,0 +1,89 @@
+"""Captions: reading caption files (class tokens, .caption, problems) and the seeded transforms, with the
+exact caption each seed yields."""
+import random
+
+import pytest
+
+from data_files import caption, config, image
+from library.data.augment import example_rng
+from library.data.captions import CaptionRecipe, read_caption, render_caption
+from library.data.plan import plan_data
+from library.data.training_set import TrainingSet
+
+TAGS = "sks, dog, red collar, grass, sunny"
+PLAIN = dict(shuffle_caption=False, keep_tokens=0, keep_tokens_separator="", caption_separator=",",
+             caption_prefix=None, caption_suffix=None, caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0,
+             caption_dropout_every_n_epochs=0)
+
+
+def recipe(**changes):
+    return CaptionRecipe(**(PLAIN | changes))
+
+
+def draw(seed=7, epoch=1, entry=0):
+    return example_rng(seed, epoch, entry, "caption")
+
+
+def test_plain_caption_is_used_exactly_as_written():
+    assert render_caption("a photo  of a,b", recipe(), draw(), 1) == "a photo  of a,b"
+
+
+def test_shuffle_keeps_the_first_keep_tokens_and_is_seeded():
+    r = recipe(shuffle_caption=True, keep_tokens=2)
+    assert render_caption(TAGS, r, draw(epoch=1), 1) == "sks, dog, grass, red collar, sunny"
+    assert render_caption(TAGS, r, draw(epoch=1), 1) == "sks, dog, grass, red collar, sunny"  # same seed
+    assert render_caption(TAGS, r, draw(epoch=2), 2) == "sks, dog, sunny, red collar, grass"  # next epoch
+
+
+def test_keep_tokens_separator_fixes_the_front_and_the_back():
+    text = "sks dog ||| red collar, grass, sunny ||| best quality"
+    assert render_caption(text, recipe(shuffle_caption=True, keep_tokens_separator="|||"), draw(), 1) == (
+        "sks dog, grass, red collar, sunny, best quality")
+    assert render_caption(text, recipe(keep_tokens_separator="|||"), draw(), 1) == (
+        "sks dog, red collar, grass, sunny, best quality")  # the marks are removed even without shuffling
+
+
+def test_other_caption_separator():
+    assert render_caption("a; b; c; d", recipe(caption_separator=";", shuffle_caption=True),
+                          example_rng(1, 1, 0, "caption"), 1) == "b; a; c; d"
+
+
+def test_tag_dropout_and_caption_dropout_are_seeded():
+    assert render_caption(TAGS, recipe(caption_tag_dropout_rate=0.5), draw(), 1) == "sks, dog, grass"
+    dropped = [render_caption(TAGS, recipe(caption_dropout_rate=0.5), draw(entry=e), 1) for e in range(4)]
+    assert dropped == [TAGS, "", TAGS, TAGS]
+
+
+def test_prefix_suffix_and_dropout_every_n_epochs():
+    r = recipe(caption_prefix="photo, ", caption_suffix="hd", caption_dropout_every_n_epochs=2)
+    assert render_caption(TAGS, r, random.Random(0), 1) == "photo, sks, dog, red collar, grass, sunny, hd"
+    assert render_caption(TAGS, r, random.Random(0), 2) == ""  # epochs 2, 4, ... train unconditioned
+
+
+@pytest.mark.parametrize("content, class_tokens, expected", [
+    (None, "sks dog", ("sks dog", None)),
+    ("  a caption \n", "sks dog", ("a caption", None)),
+    ("\ufeffwith a BOM", None, ("with a BOM", None)),
+    (None, None, (None, "no caption file x.txt and no class tokens (from a folder name or class_tokens)")),
+    ("  \n", None, (None, "caption file x.txt is empty")),
+    (b"caf\xe9", None, (None, "caption file x.txt is not UTF-8 (byte 0xe9 at offset 3)")),
+])
+def test_read_caption(tmp_path, content, class_tokens, expected):
+    path = image(tmp_path / "x.png")
+    if content is not None:
+        caption(path, content)
+    assert read_caption(path, ".txt", class_tokens) == expected
+
+
+def test_caption_extension_and_seeded_examples_through_the_dataset(tmp_path):
+    caption(image(tmp_path / "d" / "x.png"), "ignored, because, txt", ".txt")
+    caption(image(tmp_path / "d" / "x.png"), TAGS, ".caption")
+    cfg = config(tmp_path, train_data_dir=str(tmp_path / "d"), caption_extension=".caption", shuffle_caption=True,
+                 keep_tokens=1, num_repeats=2)
+    first = TrainingSet(plan_data(cfg), seed=3, prior_loss_weight=1.0)
+    again = TrainingSet(plan_data(cfg), seed=3, prior_loss_weight=1.0)
+    keys = [(0, 1), (1, 1), (0, 2)]
+    captions = [first[k]["caption"] for k in keys]
+    assert captions == [again[k]["caption"] for k in keys]
+    assert captions == ["sks, red collar, sunny, dog, grass", "sks, red collar, sunny, grass, dog",
+                        "sks, red collar, sunny, grass, dog"]

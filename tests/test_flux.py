@@ -1,0 +1,208 @@
+"""FLUX.1 on the tiny FLUX-architecture model: the shipped architectures, loading (folder, and the BFL
+transformer file with separate clip_l / t5xxl / ae files), the BFL layout both ways, the text conditioning
+against diffusers' FluxPipeline, golden losses of adapter and full fine-tune runs, the adapter in diffusers."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.families import get_family
+from library.families.base import ModelSource
+from library.families.flux import FluxFamily, latent_image_ids, pack_latents, unpack_latents
+from library.loading import CheckpointError, arch_dir
+
+# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer + CLIP-L adapters, T5 16 tokens, sd-scripts defaults
+GOLDEN_FLUX = [0.491824, 0.851382, 0.774685, 0.529203]
+GOLDEN_FLUX_DB = [0.441010, 0.825962, 0.755955, 0.516878]
+
+
+def _close(losses, expected):
+    return losses == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    from library.tiny import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture
+def flux_config(make_config, tiny_flux):
+    def make(**sections):
+        model = {"pretrained_model_name_or_path": str(tiny_flux["folder"]), "t5xxl_max_token_length": 16}
+        sections["model"] = {**model, **sections.get("model", {})}
+        return make_config(**sections)
+    return make
+
+
+def _single_file_source(files, **extra):
+    return ModelSource(str(files["transformer"]), clip_l=str(files["clip_l"]), t5xxl=str(files["t5xxl"]),
+                       ae=str(files["ae"]), arch=str(files["folder"]), tokenizer=str(files["folder"]), **extra)
+
+
+def _state(parts):
+    return {"transformer": parts.denoiser.state_dict(), "vae": parts.vae.state_dict(),
+            **{name: te.state_dict() for name, te in parts.text_encoders.items()}}
+
+
+def _assert_same_weights(a, b):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for name, state in sa.items():
+        assert state.keys() == sb[name].keys(), name
+        for key in state:
+            assert torch.equal(state[key], sb[name][key]), f"{name}.{key}"
+
+
+def test_shipped_flux_configs_build_the_real_architecture():
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    with torch.device("meta"):
+        dev = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(arch_dir("flux-dev") / "transformer")))
+        schnell = FluxTransformer2DModel.from_config(
+            FluxTransformer2DModel.load_config(str(arch_dir("flux-schnell") / "transformer")))
+        t5 = T5EncoderModel(T5Config.from_pretrained(str(arch_dir("flux-dev") / "text_encoder_2")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(arch_dir("flux-dev") / "vae")))
+    assert count(dev) == 11_901_408_320 and count(schnell) == 11_891_178_560
+    assert count(t5) == 4_762_310_656 and count(vae) == 83_819_683
+
+
+def test_bfl_layout_is_the_inverse_of_diffusers_converter():
+    """Ours -> BFL -> diffusers' own converter gives back the same keys and shapes (full width, meta device)."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from library.flux_layout import bfl_module_name, bfl_to_transformer, transformer_to_bfl
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    state = model.state_dict()
+    bfl = transformer_to_bfl(state)
+    assert "double_blocks.0.img_attn.qkv.weight" in bfl and "single_blocks.0.linear1.weight" in bfl
+    theirs = convert_flux_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v for k, v in bfl.items()})
+    ours = bfl_to_transformer(bfl)
+    assert set(theirs) == set(state) == set(ours)
+    assert all(theirs[k].shape == state[k].shape == ours[k].shape for k in state)
+    assert bfl_module_name("transformer_blocks.0.attn.to_k") == "double_blocks.0.img_attn.qkv"
+    assert bfl_module_name("transformer_blocks.3.attn.add_v_proj") == "double_blocks.3.txt_attn.qkv"
+    assert bfl_module_name("transformer_blocks.0.ff_context.net.2") == "double_blocks.0.txt_mlp.2"
+    assert bfl_module_name("single_transformer_blocks.5.proj_mlp") == "single_blocks.5.linear1"
+    assert bfl_module_name("single_transformer_blocks.5.norm.linear") == "single_blocks.5.modulation.lin"
+
+
+def test_single_files_and_folder_give_identical_weights(tiny_flux):
+    assert get_family("auto", str(tiny_flux["folder"])).name == "flux"
+    assert get_family("auto", str(tiny_flux["transformer"])).name == "flux"
+    family = FluxFamily()
+    a = family.load(ModelSource(str(tiny_flux["folder"])))
+    b = family.load(_single_file_source(tiny_flux))
+    _assert_same_weights(a, b)
+    with pytest.raises(CheckpointError, match="model.clip_l, model.t5xxl, model.ae"):
+        family.load(ModelSource(str(tiny_flux["transformer"])))
+
+
+def test_sd1_files_stay_with_sd1(tiny_sd1):
+    assert not FluxFamily().claims(str(tiny_sd1[0])) and not FluxFamily().claims(str(tiny_sd1[1]))
+
+
+def test_text_conditioning_and_packing_are_diffusers_pipeline(tiny_flux):
+    from diffusers import FluxPipeline
+
+    family = FluxFamily()
+    parts = family.load(ModelSource(str(tiny_flux["folder"]), t5xxl_max_token_length=32))
+    captions = ["a photo of a red circle", "blue"]
+    with torch.no_grad():
+        ours = family.encode_prompts(parts, captions, 1)
+        embeds, pooled, text_ids = family.pipeline(parts).encode_prompt(captions, None, device="cpu",
+                                                                        max_sequence_length=32)
+    assert ours["prompt_embeds"].shape == (2, 32, 48) and torch.allclose(ours["prompt_embeds"], embeds, atol=1e-4)
+    assert torch.equal(ours["pooled_prompt_embeds"], pooled)
+    latents = torch.randn(2, 16, 8, 12)
+    assert torch.equal(pack_latents(latents), FluxPipeline._pack_latents(latents, 2, 16, 8, 12))
+    assert torch.equal(unpack_latents(pack_latents(latents), 8, 12), latents)
+    assert torch.equal(latent_image_ids(8, 12, "cpu"), FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu",
+                                                                                               torch.float32))
+
+
+def test_t5_attention_mask_zeroes_padding(tiny_flux):
+    family = FluxFamily()
+    parts = family.load(ModelSource(str(tiny_flux["folder"]), t5xxl_max_token_length=16, apply_t5_attn_mask=True))
+    with torch.no_grad():
+        out = family.encode_prompts(parts, ["blue"], 1)["prompt_embeds"]
+    n = len(parts.tokenizers["te3"]("blue").input_ids)
+    assert out[0, n:].abs().max() == 0 and out[0, :n].abs().max() > 0
+
+
+def test_guidance_reaches_the_transformer(tiny_flux):
+    family = FluxFamily()
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for g in (1.0, 3.5):
+        parts = family.load(ModelSource(str(tiny_flux["folder"]), guidance_scale=g, t5xxl_max_token_length=8))
+        with torch.no_grad():
+            text = family.encode_prompts(parts, ["a red dog"], 1)
+            outs.append(family.predict(parts, latents, torch.tensor([500.0]), text))
+    assert not torch.allclose(*outs)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def train_network(cfg):
+    from train_network import train
+
+    return train(cfg)
+
+
+def train_db(cfg):
+    from train_db import train
+
+    return train(cfg)
+
+
+def test_golden_losses_lora(flux_config):
+    result = train_network(flux_config())
+    assert _close(result.losses, GOLDEN_FLUX)
+    assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1"}
+    names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
+    assert "lora_unet_transformer_blocks_0_attn_to_q" in names and "lora_unet_single_transformer_blocks_1_proj_mlp" in names
+    assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in names
+
+
+def test_golden_losses_full_fine_tune_and_single_file_reload(flux_config, tiny_flux):
+    result = train_db(flux_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
+                                             "learning_rate": 1e-4, "max_grad_norm": 0.0},
+                                  dreambooth={"train_text_encoder": False}))
+    assert _close(result.losses, GOLDEN_FLUX_DB)
+    reloaded = FluxFamily().load(_single_file_source({**tiny_flux, "transformer": result.model_path}))
+    _assert_same_weights(result.parts, reloaded)
+
+
+def test_adapter_in_diffusers_every_key_consumed(flux_config, tiny_flux):
+    """peft-layout file: FluxPipeline.load_lora_weights consumes every key, with our outputs."""
+    from diffusers import FluxPipeline
+    from peft.tuners.lora import LoraLayer
+
+    # alpha = dim: diffusers reads no alpha from a peft-layout file (scale 1), see the closing note
+    result = train_network(flux_config(save={"save_format": "peft"}, train={"max_train_steps": 2},
+                                       network={"network_dim": 4, "network_alpha": 4.0}))
+    tensors = load_file(result.adapter_path)
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux["folder"]))
+    pipe.load_lora_weights(str(result.adapter_path))
+    consumed = sum(isinstance(m, LoraLayer) for mod in (pipe.transformer, pipe.text_encoder) for m in mod.modules())
+    assert consumed == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2
+    family = FluxFamily()
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    from library.families.base import Components
+
+    theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
+                        text_encoders={"te1": pipe.text_encoder, "te3": pipe.text_encoder_2},
+                        tokenizers={"te1": pipe.tokenizer, "te3": pipe.tokenizer_2}, source=result.parts.source)
+    outs = []
+    for parts in (result.parts, theirs):
+        with torch.no_grad():
+            text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
+            outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
+    assert torch.allclose(*outs, atol=1e-5)

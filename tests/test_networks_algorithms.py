@@ -1,0 +1,195 @@
+"""Every adapter algorithm on the tiny SD1 model: the delta our saved file describes, rebuilt from the
+file alone by the algorithm's published formula (written here, independent of networks/), equals
+what peft applies; save -> load gives identical outputs; merge at ratio 1 equals the live adapter."""
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.families.base import ModelSource
+from library.families.sd1 import SD1Family, kohya_block_index
+from networks import files
+from networks.merge import merge_file
+from networks.settings import NetworkSettings
+from networks.targets import inject
+
+CASES = {  # id -> (settings, save_format)
+    "lora": (NetworkSettings(dim=4, alpha=2.0), "kohya"),
+    "locon": (NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, algo="locon"), "kohya"),
+    "dora": (NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, algo="dora"), "kohya"),
+    "loha": (NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, algo="loha"), "kohya"),
+    "loha_tucker": (NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, algo="loha", use_tucker=True),
+                    "kohya"),
+    "lokr": (NetworkSettings(dim=2, alpha=1.0, conv_dim=2, conv_alpha=1.0, algo="lokr"), "kohya"),
+    "lokr_both_tucker": (NetworkSettings(dim=2, alpha=1.0, conv_dim=2, conv_alpha=1.0, algo="lokr", factor=4,
+                                         decompose_both=True, use_tucker=True), "kohya"),
+    "oft": (NetworkSettings(dim=4, algo="oft"), "peft"),
+    "boft": (NetworkSettings(dim=4, algo="boft"), "peft"),
+    "lora_peft_layout": (NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0), "peft"),
+}
+
+
+@pytest.fixture(scope="module")
+def base_parts(tiny_sd1):
+    return SD1Family().load(ModelSource(str(tiny_sd1[0])))
+
+
+def _adapted(parts, settings):
+    family = SD1Family()
+    return [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
+            for t in family.adapter_targets(parts)]
+
+
+def _randomise(adapted, seed=0):
+    """Trained-looking adapter weights (peft starts at a zero delta, which would prove nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for c in adapted:
+            for p in c.parameters():
+                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def _probe(parts):
+    tokenizer, te = parts.tokenizers["te"], parts.text_encoders["te"]
+    ids = tokenizer(["a photo of a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = te(ids).last_hidden_state
+        return hidden, parts.denoiser(latents, torch.tensor([500]), hidden).sample
+
+
+def _trained(base_parts, case, tmp_path):
+    settings, fmt = CASES[case]
+    parts = copy.deepcopy(base_parts)
+    adapted = _adapted(parts, settings)
+    _randomise(adapted)
+    tensors, extra = files.adapter_tensors(adapted, fmt, torch.float32)
+    meta = files.metadata({"ss_base_model_version": "sd_v1"}, files.network_metadata(settings), _training())
+    path = tmp_path / f"{case}.safetensors"
+    files.save(path, tensors, {**meta, **extra})
+    return parts, adapted, path
+
+
+def _training():
+    return {"started_at": 0, "output_name": "t", "learning_rate": 1e-4, "unet_lr": None, "text_encoder_lr": None,
+            "steps": 1, "epoch": 1, "max_train_steps": 1, "seed": 1, "mixed_precision": "no", "clip_skip": 1,
+            "num_images": 1, "resolution": [64, 64], "tag_frequency": {}, "prediction_type": "epsilon"}
+
+
+# ---- the published formulas, from the file's tensors alone ------------------------------------------
+
+
+def _cayley(skew):
+    """R = (I - Q)(I + Q)^-1 for skew-symmetric Q (a batch), the Cayley transform peft files store."""
+    eye = torch.eye(skew.shape[-1]).expand_as(skew)
+    return (eye - skew) @ torch.linalg.inv(eye + skew)
+
+
+def formula_delta(file: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """W' - W for the layer `name` (kohya name or peft-layout prefix) of base weight `weight`."""
+    t = {k[len(name) + 1:]: v.double() for k, v in file.items() if k.startswith(name + ".")}
+    W, shape = weight.double(), weight.shape
+    if "lora_A.weight" in t:  # peft layout LoRA: alpha from the metadata, here the test's own number
+        t = {"lora_down.weight": t["lora_A.weight"], "lora_up.weight": t["lora_B.weight"]}
+    if "lora_down.weight" in t:
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        alpha = float(t["alpha"]) if "alpha" in t else 2.0 if down.shape[0] == 4 else 1.0
+        delta = alpha / down.shape[0] * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(shape)
+        if "dora_scale" not in t:
+            return delta
+        V = W + delta  # DoRA: magnitude times the direction, normalised per output channel
+        norm = V.reshape(shape[0], -1).norm(dim=1).reshape(-1, *[1] * (W.dim() - 1))
+        return t["dora_scale"] * V / norm - W
+    if "hada_w1_a" in t:
+        def hada(a, b, c):
+            if c in t:  # Tucker core (r, r, kh, kw), a: (r, out), b: (r, in)
+                return torch.einsum("xykl,xo,yi->oikl", t[c], t[a], t[b])
+            return (t[a] @ t[b]).reshape(shape)
+        w = hada("hada_w1_a", "hada_w1_b", "hada_t1") * hada("hada_w2_a", "hada_w2_b", "hada_t2")
+        return float(t["alpha"]) / t["hada_w1_b"].shape[0] * w
+    if "lokr_w1" in t or "lokr_w1_a" in t:
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+        elif "lokr_t2" in t:
+            w2 = torch.einsum("xykl,xo,yi->oikl", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        else:
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+        ranks = [t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t]
+        scale = float(t["alpha"]) / ranks[0] if ranks else 1.0  # LyCORIS: no factor, no alpha
+        if len(shape) == 4:
+            w2 = w2.reshape(w2.shape[0], -1, *shape[2:]) if w2.dim() == 2 else w2
+            w1 = w1[:, :, None, None]
+        return scale * torch.kron(w1, w2.contiguous()).reshape(shape)
+    if "oft_R.weight" in t:  # OFT (peft layout): packed upper triangles; W' = W R^T, R block-diagonal
+        packed = t["oft_R.weight"]
+        b = int((1 + (1 + 8 * packed.shape[1]) ** 0.5) / 2)
+        rows, cols = torch.triu_indices(b, b, 1)
+        M = torch.zeros(packed.shape[0], b, b, dtype=packed.dtype)
+        M[:, rows, cols] = packed
+        R = torch.block_diag(*_cayley(M - M.transpose(1, 2)))
+        W2 = W.reshape(shape[0], -1)
+        return (W2 @ R.T).reshape(shape) - W
+    if "boft_R" in t:  # BOFT with one butterfly factor: W' = diag(s) W R^T; s per output channel, stored
+        M = t["boft_R"][0]  # (out, 1) for Linear, (1, out) for Conv2d
+        R = torch.block_diag(*_cayley(0.5 * (M - M.transpose(1, 2))))
+        W2 = W.reshape(shape[0], -1)
+        return (t["boft_s"].reshape(-1, 1) * (W2 @ R.T)).reshape(shape) - W
+    raise AssertionError(f"no formula for {sorted(t)}")
+
+
+def _peft_delta(layer) -> torch.Tensor:
+    base = layer.get_base_layer()
+    before = base.weight.detach().double().clone()
+    layer.merge()
+    delta = base.weight.detach().double() - before
+    layer.unmerge()
+    return delta
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_file_delta_by_formula_equals_peft_delta(base_parts, case, tmp_path):
+    settings, fmt = CASES[case]
+    parts, adapted, path = _trained(base_parts, case, tmp_path)
+    file = load_file(path)
+    checked = 0
+    for c in adapted:
+        for module_path, layer in c.adapter_layers():
+            name = (f"{c.target.diffusers_prefix}.{module_path}" if fmt == "peft" else
+                    f"{c.target.kohya_prefix}_{(c.target.kohya_path_prefix + module_path).replace('.', '_')}")
+            expected = formula_delta(file, name, layer.get_base_layer().weight.detach())
+            assert expected.abs().max() > 0, name
+            torch.testing.assert_close(expected, _peft_delta(layer), rtol=1e-5, atol=1e-6, msg=name)
+            checked += 1
+    assert checked == sum(len(c.layers) for c in adapted) > 100
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_save_load_gives_identical_outputs_and_merge_matches(base_parts, case, tmp_path):
+    settings, _ = CASES[case]
+    parts, adapted, path = _trained(base_parts, case, tmp_path)
+    live = _probe(parts)
+    fresh = copy.deepcopy(base_parts)
+    loaded = files.load_into(_adapted(fresh, settings), str(path), {"ss_base_model_version": "sd_v1"})
+    assert loaded == sum(len(c.layers) for c in adapted)
+    for a, b in zip(_probe(fresh), live):
+        assert torch.equal(a, b)
+    merged = copy.deepcopy(base_parts)
+    family = SD1Family()
+    merge_file({"denoiser": merged.denoiser, "te": merged.text_encoders["te"]}, family.adapter_targets(merged),
+               str(path), 1.0)
+    assert not any("lora" in type(m).__name__.lower() for m in merged.denoiser.modules())
+    for a, b, base in zip(_probe(merged), live, _probe(base_parts)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert (a - base).abs().max() > 1e-3
+
+
+def test_kohya_block_index_follows_sd_scripts():
+    assert kohya_block_index("down_blocks.0.attentions.0.proj_in") == 1
+    assert kohya_block_index("down_blocks.0.downsamplers.0.conv") == 3
+    assert kohya_block_index("down_blocks.3.resnets.1.conv1") == 11
+    assert kohya_block_index("mid_block.attentions.0.proj_out") == 12
+    assert kohya_block_index("up_blocks.0.resnets.0.conv1") == 13
+    assert kohya_block_index("up_blocks.3.attentions.2.proj_out") == 24
+    assert kohya_block_index("conv_in") is None

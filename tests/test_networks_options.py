@@ -1,0 +1,152 @@
+"""Adapter options as users write them (typed keys and sd-scripts / LyCORIS network_args), config
+errors, block-wise ranks and learning rates, LoRA+, max-norm, bad files, and the merge command."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from library.config import ConfigError, config_from_dict
+from library.families.base import ModelSource
+from library.families.sd1 import SD1Family
+from networks import blockwise, files, max_norm
+from networks.lycoris_format import LoraFileError
+from networks.settings import NetworkSettings
+from test_networks_algorithms import _adapted, _probe, _randomise, _trained
+
+
+def _cfg(network=None, save=None):
+    raw = {"model": {"pretrained_model_name_or_path": "x"}, "dataset": {"train_data_dir": "d"},
+           "train": {"output_dir": "o"}, "network": network or {}, "save": save or {}}
+    return config_from_dict(raw, source="t.toml", check_paths=False)
+
+
+def test_lycoris_network_args_and_typed_keys_give_the_same_settings():
+    a = _cfg({"network_module": "lycoris.kohya", "network_dim": 8,
+              "network_args": ["algo=lokr", "factor=4", "decompose_both=True", "conv_dim=4", "conv_alpha=2",
+                               "rank_dropout=0.1"]})
+    b = _cfg({"network_module": "lycoris.kohya", "network_dim": 8, "algo": "lokr", "factor": 4,
+              "decompose_both": True, "conv_dim": 4, "conv_alpha": 2.0, "rank_dropout": 0.1})
+    sa, sb = (NetworkSettings.from_network_section(c.network) for c in (a, b))
+    assert sa == sb and sa.algo == "lokr" and sa.factor == 4 and sa.decompose_both and sa.conv_dim == 4
+    dora = NetworkSettings.from_network_section(_cfg({"network_args": ["dora_wd=True"]}).network)
+    assert dora.algo == "dora" and dora.as_args()["dora_wd"] == "True"
+    blocks = NetworkSettings.from_network_section(_cfg({"network_args": [
+        "block_dims=" + ",".join(["2"] * 25), "down_lr_weight=sine+0.5", "mid_lr_weight=2"]}).network)
+    assert blocks.block_dims == (2,) * 25 and blocks.down_lr_weight[0] == 0.5 and blocks.mid_lr_weight == 2.0
+
+
+@pytest.mark.parametrize("network, save, message", [
+    ({"algo": "oft"}, {}, "save_format"),
+    ({"algo": "boft", "conv_dim": 4}, {"save_format": "peft"}, "3x3 convs"),
+    ({"algo": "loha", "loraplus_lr_ratio": 16.0}, {}, "LoRA+"),
+    ({"algo": "loha", "dora_wd": True}, {}, "dora_wd"),
+    ({"algo": "lora", "use_tucker": True}, {}, "use_tucker"),
+    ({"network_args": ["algo=loha"], "algo": "lokr"}, {}, "disagree"),
+    ({"network_args": ["nonsense=1"]}, {}, "nonsense"),
+    ({"block_dims": [4] * 24}, {}, "25"),
+    ({"down_lr_weight": "wiggly"}, {}, "down_lr_weight"),
+    ({"algo": "oft", "scale_weight_norms": 1.0}, {"save_format": "peft"}, "scale_weight_norms"),
+])
+def test_impossible_adapter_configs_are_config_errors(network, save, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(network, save)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_sd1):
+    return SD1Family().load(ModelSource(str(tiny_sd1[0])))
+
+
+def test_block_dims_lr_weights_and_loraplus(parts):
+    dims = [0] + [2] * 11 + [3] + [4] * 12  # IN00 has no layer; MID rank 3; OUT rank 4
+    s = NetworkSettings(dim=8, alpha=1.0, block_dims=tuple(dims), down_lr_weight=(1.0,) * 3 + (0.0,) * 9,
+                        mid_lr_weight=0.5, loraplus_unet_lr_ratio=16.0)
+    adapted = _adapted(copy.deepcopy(parts), s)
+    unet, te = adapted
+    ranks = {p.split(".")[0]: r for p, (r, a) in unet.layers.items()}
+    assert ranks == {"down_blocks": 2, "mid_block": 3, "up_blocks": 4}
+    assert not any(p.startswith("down_blocks.1.") for p in unet.layers)  # IN04-IN06: lr weight 0, left out
+    assert {r for r, a in te.layers.values()} == {8}  # blocks are a U-Net notion
+    groups = blockwise.param_groups(adapted, s, None, 5e-5, 1e-4)
+    lrs = sorted({round(g["lr"], 10) for g in groups})
+    assert lrs == [5e-5, 1e-4, 8e-4, 1.6e-3]  # text encoder / mid (x0.5) 5e-5, U-Net 1e-4, LoRA+ x16
+    up = {id(layer.lora_B["default"].weight) for _, layer in unet.adapter_layers()}
+    fast = [g for g in groups if g["lr"] >= 8e-4 - 1e-12]
+    assert fast and all(id(p) in up for g in fast for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(len(c.parameters()) for c in adapted)
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_scale_weight_norms_caps_every_delta(parts, algo):
+    adapted = _adapted(copy.deepcopy(parts), NetworkSettings(dim=4, alpha=4.0, algo=algo))
+    _randomise(adapted)
+    norms = [float(layer.get_delta_weight("default").norm()) for c in adapted for _, layer in c.adapter_layers()]
+    limit = sorted(norms)[len(norms) // 2]
+    scaled, _, _ = max_norm.apply(adapted, limit)
+    assert scaled == sum(n > limit for n in norms) > 0
+    after = [float(layer.get_delta_weight("default").norm()) for c in adapted for _, layer in c.adapter_layers()]
+    assert max(after) == pytest.approx(limit, rel=1e-4)
+
+
+def test_bad_files_are_refused_naming_keys_and_nothing_loads(parts, tmp_path):
+    _, _, path = _trained(parts, "loha", tmp_path)
+    fresh = copy.deepcopy(parts)
+    lora = _adapted(fresh, NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0))
+    with pytest.raises(LoraFileError, match="holds loha weights"):
+        files.load_into(lora, str(path))
+    assert all(float(layer.lora_B["default"].weight.abs().max()) == 0 for c in lora for _, layer in c.adapter_layers())
+    tensors = load_file(path)
+    sdxl = {k.replace("lora_te_", "lora_te1_"): v for k, v in tensors.items()}
+    save_file(sdxl, str(tmp_path / "sdxl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    loha = _adapted(copy.deepcopy(parts), NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, algo="loha"))
+    with pytest.raises(LoraFileError, match="made for sdxl_base_v1-0"):
+        files.load_into(loha, str(tmp_path / "sdxl.safetensors"), {"ss_base_model_version": "sd_v1"})
+    with pytest.raises(LoraFileError, match="lora_te1_text_model"):
+        files.load_into(loha, str(tmp_path / "sdxl.safetensors"))
+    key = next(k for k in tensors if k.endswith("hada_w1_a"))
+    tensors[key] = tensors[key][:, :1].contiguous()
+    save_file(tensors, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(LoraFileError, match=key.split(".")[0] + ".hada_w1_a has shape"):
+        files.load_into(loha, str(tmp_path / "shape.safetensors"))
+
+
+def test_merge_command_writes_a_single_file_equal_to_the_adapter(parts, tiny_sd1, tmp_path):
+    from networks.merge import main
+
+    live_parts, _, path = _trained(parts, "lokr", tmp_path)
+    out = tmp_path / "merged.safetensors"
+    assert main(["--model", str(tiny_sd1[1]), "--tokenizer", str(tiny_sd1[0] / "tokenizer"), "--arch",
+                 str(tiny_sd1[0]), "--network", str(path), "--ratio", "1.0", "--out", str(out)]) == 0
+    merged = SD1Family().load(ModelSource(str(out), tokenizer=str(tiny_sd1[0] / "tokenizer"), arch=str(tiny_sd1[0])))
+    for a, b in zip(_probe(merged), _probe(live_parts)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["merge_ratios"]) == [1.0]
+
+
+@pytest.mark.parametrize("network, save", [
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "conv_dim=2", "conv_alpha=1"]}, {}),
+    ({"algo": "oft", "scale_weight_norms": None}, {"save_format": "peft"}),
+])
+def test_train_save_continue_gives_identical_weights(make_config, network, save):
+    from train_network import train
+
+    first = train(make_config(network=network, save=save, train={"max_train_steps": 2}))
+    with safe_open(str(first.adapter_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] in ("loha", "oft")
+    again = train(make_config(network={**network, "network_weights": str(first.adapter_path)}, save=save,
+                              train={"output_name": "continued", "max_train_steps": 1},
+                              optimizer={"learning_rate": 0.0}))
+    before, after = load_file(first.adapter_path), load_file(again.adapter_path)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_scale_weight_norms_reports_keys_scaled(make_config):
+    from train_network import train
+
+    result = train(make_config(network={"scale_weight_norms": 1e-4}, train={"max_train_steps": 2}))
+    assert len(result.keys_scaled) == 2 and result.keys_scaled[-1] > 0

@@ -1,0 +1,88 @@
+"""The memory planner: its estimate against real allocations, and each switch lowering its category."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from library.config import NetworkSection
+from library.planner import plan
+from library.planner.step import StepSettings
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_sd1):
+    folder = tiny_sd1[0]
+    base = StepSettings(recipe="network", family="sd1", arch=str(folder), width=64, height=64, batch_size=2,
+                        network=NetworkSection(network_dim=4, network_alpha=2.0))
+    return base
+
+
+def _plan(s, fake=True):
+    return plan(s, fake=fake)
+
+
+@pytest.mark.parametrize("change", [{}, {"recipe": "db", "optimizer_type": "Adafactor"},
+                                    {"mixed_precision": "bf16", "gradient_checkpointing": True}])
+def test_estimate_matches_real_allocations_within_10_percent(tiny, change):
+    s = dataclasses.replace(tiny, **change)
+    fake, real = _plan(s, fake=True), _plan(s, fake=False)
+    assert real.peak > 0
+    assert abs(fake.peak - real.peak) <= 0.10 * real.peak, (fake.peak, real.peak)
+    for key in ("weights", "gradients", "optimizer state"):
+        assert abs(fake.breakdown[key] - real.breakdown[key]) <= 0.10 * max(real.breakdown[key], 1), key
+
+
+def test_checkpointing_lowers_activations(tiny):
+    off = _plan(tiny)
+    on = _plan(dataclasses.replace(tiny, gradient_checkpointing=True))
+    assert on.breakdown["activations"] < off.breakdown["activations"]
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW8bit", "Adafactor"])
+def test_8bit_and_factored_optimizers_lower_the_state(tiny, optimizer):
+    s = dataclasses.replace(tiny, recipe="db")
+    adamw = _plan(s)
+    other = _plan(dataclasses.replace(s, optimizer_type=optimizer))
+    assert other.breakdown["optimizer state"] < 0.6 * adamw.breakdown["optimizer state"]
+    if optimizer == "AdamW8bit":
+        assert any("bitsandbytes" in n for n in other.notes)
+
+
+def test_fused_backward_lowers_gradients(tiny):
+    s = dataclasses.replace(tiny, recipe="db", optimizer_type="Adafactor")
+    plain = _plan(s)
+    fused = _plan(dataclasses.replace(s, fused_backward_pass=True))
+    assert fused.breakdown["gradients"] < 0.5 * plain.breakdown["gradients"]
+
+
+def test_mixed_precision_lowers_weights(tiny):
+    full = _plan(tiny)
+    half = _plan(dataclasses.replace(tiny, mixed_precision="bf16"))
+    assert half.breakdown["weights"] < 0.6 * full.breakdown["weights"]
+
+
+def test_cached_outputs_take_the_vae_off_the_device(tiny):
+    s = dataclasses.replace(tiny, train_text_encoder=False)
+    plain = _plan(s)
+    cached = _plan(dataclasses.replace(s, cache_latents=True, cache_text_encoder_outputs=True))
+    assert cached.breakdown["weights"] < plain.breakdown["weights"]
+
+
+def test_plan_flag_prints_the_breakdown(make_config, capsys):
+    import toml
+
+    import train_network
+
+    cfg = make_config()
+    path = cfg.source
+    raw = cfg.to_toml_dict()
+    raw["model"]["family"] = "sd1"
+    raw["model"]["arch"] = raw["model"]["pretrained_model_name_or_path"]
+    from pathlib import Path
+    out = Path(raw["train"]["output_dir"]).parent / "plan.toml"
+    out.write_text(toml.dumps(raw))
+    assert train_network.main(["--config", str(out), "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "peak device memory of the training step" in text and "activations" in text
+    del path
