@@ -8,7 +8,6 @@ memory switches -> caches -> optimizer (plain or fused into backward) -> the tra
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import sys
 from dataclasses import dataclass, field
@@ -20,16 +19,15 @@ from library import cli
 from library.checkpoint import SAVE_DTYPES, Checkpointer, Position, resumed_seed, save_folder, save_safetensors
 from library.config import Config, glob_escape, write_resolved
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
-from library.data.dataset import ImageCaptionDataset, collate, scan_folder
 from library.families import ModelSource, get_family
-from library.memory import (cast_frozen, enable_gradient_checkpointing, offload_idle, peak_memory_text,
+from library.memory import (cast_frozen, enable_gradient_checkpointing, peak_memory_text,
                             set_attention, weight_dtype)
 from library.objectives import configure
 from library.optim import FusedBackward, build_optimizer, build_scheduler
 from library.prior import ensure_class_images
 from library.progress import Progress
 from library.sampling import due, log_images, render_samples, settings_from_config
-from library.training import batch_loss, encode_all_images, resolution
+from library.training import batch_loss, cache_outputs, make_loader, prepare_data
 
 
 @dataclass
@@ -71,12 +69,8 @@ def train(cfg: Config) -> TrainResult:
     if accelerator.is_main_process:
         write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
 
-    # ---- data -----------------------------------------------------------------------------------
-    width, height = resolution(cfg.dataset.resolution)
-    items, notes = scan_folder(cfg.dataset.train_data_dir, cfg.dataset.num_repeats, cfg.dataset.caption_extension)
-    for note in notes:
-        say(f"note: {note}")
-
+    # ---- data: every image and caption is checked before any model loads ----------------------
+    plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say)
     sampling = settings_from_config(cfg, width, height)  # the prompt file, read and checked now
 
     # ---- model, then class images from the untouched base model ----------------------------------
@@ -88,22 +82,15 @@ def train(cfg: Config) -> TrainResult:
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     for module in modules:
         module.to(accelerator.device)
-    class_items = []
-    if db.class_data_dir:
+    if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
             made = ensure_class_images(family, parts, db.class_data_dir, db.class_prompt, db.num_class_images,
                                        (width, height), s.sample_steps, s.sample_sampler, t.seed, m.clip_skip, say)
             say(f"prior preservation: {made} class images generated")
         accelerator.wait_for_everyone()
-        class_items, _ = scan_folder(db.class_data_dir, 1, cfg.dataset.caption_extension)
-    dataset = WeightedDataset(items, class_items, db.class_prior_loss_weight, width, height)
-    batch_size, accumulation = cfg.dataset.train_batch_size, t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(math.ceil(len(dataset) / batch_size) / accumulation)
-    max_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    say(f"data: {len(items)} images ({len(dataset) - len(class_items)} with repeats) + {len(class_items)} class "
-        f"images (weight {db.class_prior_loss_weight:g}); batch {batch_size}, accumulation {accumulation} -> "
-        f"{steps_per_epoch} steps per epoch; {max_steps} steps at {width}x{height}")
+        cfg.dataset.reg_data_dir = db.class_data_dir
+        plan, dataset, _, steps_per_epoch, max_steps = prepare_data(cfg, say)
 
     # ---- what trains ----------------------------------------------------------------------------
     for module in modules:
@@ -128,17 +115,8 @@ def train(cfg: Config) -> TrainResult:
         f"weights {dtype}, autocast {t.mixed_precision}; attention {attention}")
 
     # ---- caches ---------------------------------------------------------------------------------
-    if cfg.dataset.cache_latents:
-        dataset.latents = encode_all_images(family, parts, dataset, t.seed)
-    cached_conditioning = None
-    if t.cache_text_encoder_outputs and not text_encoders:
-        with torch.no_grad():
-            cached_conditioning = {c: family.encode_prompts(parts, [c], m.clip_skip) for c in dataset.captions}
+    cached_conditioning = cache_outputs(cfg, family, parts, dataset, not text_encoders, say)
 
-    offloaded = offload_idle(parts, cfg.dataset.cache_latents or cfg.dataset.cache_latents_to_disk,
-                             cached_conditioning is not None)
-    if offloaded:
-        say(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
 
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
@@ -159,9 +137,7 @@ def train(cfg: Config) -> TrainResult:
         optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power)
-    order = torch.Generator().manual_seed(t.seed)  # the batch order of every epoch comes from here
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate,
-                                         generator=order, num_workers=cfg.dataset.max_data_loader_n_workers)
+    loader, sampler, order = make_loader(cfg, plan, dataset)
     trained = [parts.denoiser, *text_encoders]
     if fused:
         loader, *trained = accelerator.prepare(loader, *trained)
@@ -184,7 +160,8 @@ def train(cfg: Config) -> TrainResult:
         position, extra = files.resume()
         if ema is not None:
             ema.load_state_dict(extra["ema"])
-        order.set_state(position.epoch_order)
+        order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
+        sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
     def sample(step: int) -> None:
@@ -269,24 +246,6 @@ def train(cfg: Config) -> TrainResult:
     say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}, {peak_memory_text()}; "
         f"model {result.model_path}" + (f"; samples in {out_dir / 'samples'}" if result.samples else ""))
     return result
-
-
-class WeightedDataset(ImageCaptionDataset):
-    """Training images, then class images; every entry carries its loss weight (class images:
-    class_prior_loss_weight), which the loss applies per sample."""
-
-    def __init__(self, items, class_items, class_weight: float, width: int, height: int):
-        super().__init__(items + class_items, width, height)
-        self.class_start, self.class_weight = len(items), class_weight
-
-    def __getitem__(self, i: int) -> dict:
-        entry = super().__getitem__(i)
-        entry["loss_weight"] = self.class_weight if self.index[i] >= self.class_start else 1.0
-        return entry
-
-    @staticmethod
-    def collate(entries: list[dict]) -> dict:
-        return {**collate(entries), "loss_weight": torch.tensor([e["loss_weight"] for e in entries])}
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -283,10 +283,10 @@ class DreamboothSection:
     learning_rate_te: Optional[float] = opt(None, "train_db.py: text-encoder learning rate (default: learning_rate)")
     stop_text_encoder_training: Optional[int] = opt(None, "train_db.py: freeze the text encoder after N steps")
     class_data_dir: Optional[str] = opt(
-        None, "prior preservation: folder of class images; missing ones are generated here once")
+        None, "prior preservation: folder of class images (the regularization images, weighted by "
+        "prior_loss_weight); missing ones are generated here once")
     class_prompt: Optional[str] = opt(None, "prompt (and caption) of generated class images, e.g. 'a photo of a dog'")
     num_class_images: int = opt(0, "generate class images until the folder holds this many")
-    class_prior_loss_weight: float = opt(1.0, "loss weight of class images")
     use_ema: bool = opt(False, "train_db.py: keep an exponential moving average of the weights (on the CPU)")
     ema_decay: float = opt(0.9999, "EMA decay per step")
 
@@ -644,6 +644,9 @@ def check_recipe(cfg: Config, recipe: str) -> None:
     if recipe == "db" and caching and cfg.dreambooth.train_text_encoder:
         problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
                         "set 'dreambooth.train_text_encoder' = false")
+    if recipe == "db" and cfg.dreambooth.class_data_dir and (cfg.dataset.reg_data_dir or cfg.dataset.dataset_config):
+        problems.append("'dreambooth.class_data_dir' is the regularization folder: leave 'dataset.reg_data_dir' "
+                        "unset (with a dataset_config, add the class folder there as a subset with is_reg = true)")
     if recipe == "db" and cfg.dreambooth.num_class_images and not (cfg.dreambooth.class_data_dir
                                                                     and cfg.dreambooth.class_prompt):
         problems.append("'dreambooth.num_class_images' needs 'dreambooth.class_data_dir' and "

@@ -17,23 +17,12 @@ def fixed_denoising_loss(family, parts, objective, dataset, clip_skip: int, seed
     device = parts.denoiser.device
     losses = []
     for index in range(min(max_images, len(dataset.items))):
-        if hasattr(dataset, "plain_example"):  # library.data.training_set.TrainingSet
-            example = dataset.plain_example(index)
-            caption = example["caption"]
-            if "latents" in example:
-                latents = example["latents"].unsqueeze(0).to(device)
-            else:
-                latents = family.encode_images(parts, example["pixels"].unsqueeze(0), generator)
+        example = dataset.plain_example(index)
+        caption = example["caption"]
+        if "latents" in example:
+            latents = example["latents"].unsqueeze(0).to(device)
         else:
-            item = dataset.items[index]
-            caption = item.caption
-            if dataset.latents is not None:
-                latents = dataset.latents[index].unsqueeze(0).to(device)
-            else:
-                from library.data.dataset import load_image
-
-                pixels = load_image(item.path, dataset.width, dataset.height).unsqueeze(0)
-                latents = family.encode_images(parts, pixels, generator)
+            latents = family.encode_images(parts, example["pixels"].unsqueeze(0), generator)
         conditioning = family.encode_prompts(parts, [caption], clip_skip)
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)

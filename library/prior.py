@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from library.data.dataset import IMAGE_EXTENSIONS
+from library.data.images import IMAGE_EXTENSIONS
 
 
 def ensure_class_images(family, parts, folder: str | Path, prompt: str, count: int, size: tuple[int, int],

@@ -37,14 +37,57 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
                           options=loss_options, input_noise=input_noise)
 
 
-@torch.no_grad()
-def encode_all_images(family, parts, dataset, seed: int) -> list[torch.Tensor]:
-    """Latents of every image of the dataset (in dataset.items order), on the CPU."""
-    from library.data.dataset import load_image
+# ---- what both recipes do around the step: data, caches, loader --------------------------------
 
-    generator = torch.Generator().manual_seed(seed)
-    latents = []
-    for item in dataset.items:
-        pixels = load_image(item.path, dataset.width, dataset.height).unsqueeze(0)
-        latents.append(family.encode_images(parts, pixels, generator)[0].cpu())
-    return latents
+
+def prepare_data(cfg, say):
+    """The data plan (checked before any model loads), the dataset, the sample size and the step count.
+    Returns (plan, dataset, (width, height), steps_per_epoch, max_steps)."""
+    import math
+
+    from library.data.plan import plan_data
+    from library.data.training_set import TrainingSet
+
+    t = cfg.train
+    plan = plan_data(cfg, say)  # layout, check (stop or skip), captions, buckets, epoch entries
+    dataset = TrainingSet(plan, t.seed, cfg.dataset.prior_loss_weight)
+    steps_per_epoch = plan.steps_per_epoch(t.gradient_accumulation_steps)
+    max_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
+    for line in plan.summary(t.gradient_accumulation_steps):
+        say(line)
+    say(f"  {max_steps} steps (~{math.ceil(max_steps / steps_per_epoch)} epochs)")
+    return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
+
+
+def make_loader(cfg, plan, dataset):
+    """Batches of one bucket each in a seeded order. Returns (loader, sampler, order generator): the
+    generator's state at an epoch's start and the sampler's epoch are what a resumed run restores."""
+    from library.data.buckets import BucketBatchSampler
+    from library.data.training_set import collate
+
+    order = torch.Generator().manual_seed(cfg.train.seed)
+    sampler = BucketBatchSampler(dataset.bucket_keys, plan.batch_sizes, order)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=order,
+                                         num_workers=cfg.dataset.max_data_loader_n_workers)
+    return loader, sampler, order
+
+
+def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, say):
+    """cache_latents(_to_disk) and cache_text_encoder_outputs(_to_disk); then what training no longer needs
+    on the device (the VAE, frozen text encoders) stays on the CPU. Returns the cached conditioning or None."""
+    from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
+    from library.memory import offload_idle
+
+    d, t = cfg.dataset, cfg.train
+    latents_cached = d.cache_latents or d.cache_latents_to_disk
+    if latents_cached:
+        cache_latents(family, parts, dataset, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
+                                                                  d.vae_batch_size, t.seed), say)
+    conditioning = None
+    if (t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk) and text_frozen:
+        conditioning = cache_text_outputs(family, parts, dataset.captions, cfg.model.clip_skip, cache_folder(cfg)
+                                          if t.cache_text_encoder_outputs_to_disk else None, say)
+    offloaded = offload_idle(parts, latents_cached, conditioning is not None)
+    if offloaded:
+        say(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
+    return conditioning

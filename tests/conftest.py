@@ -6,7 +6,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# One thread per process: the tiny models' ops are too small to gain from more, and on the 2-core machine
+# threads fight the subprocess tests and each other (a 4-step tiny SDXL run: 57 s with 2 threads under
+# load, 2 s with 1). Golden losses agree to ~1e-7 between thread counts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

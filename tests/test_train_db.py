@@ -7,17 +7,19 @@ from library.families.base import ModelSource
 from library.families.sd1 import SD1Family
 from train_db import train
 
-# seed 7, 8 images + 2 generated class images (weight 0.5), batch 2, AdamW lr 1e-4, U-Net + text encoder
-GOLDEN_DB = [1.0186477, 1.1759336, 0.8663493, 1.0736468, 0.8098974]
+# seed 7, 8 images + 2 generated class images balanced to 8 regularization examples (prior_loss_weight 0.5),
+# batch 2, AdamW lr 1e-4, U-Net + text encoder, 5 steps
+GOLDEN_DB = [0.5099448, 0.8822036, 0.5995577, 0.7960287, 1.1267693]
 
 
 @pytest.fixture
 def db_config(make_config, tmp_path):
     def make(**sections):
         base = {"dreambooth": {"class_data_dir": str(tmp_path / "class"), "class_prompt": "a photo of a shape",
-                               "num_class_images": 2, "class_prior_loss_weight": 0.5},
+                               "num_class_images": 2},
+                "dataset": {"prior_loss_weight": 0.5},
                 "optimizer": {"learning_rate": 1e-4, "max_grad_norm": 0.0}, "sample": {"sample_steps": 2},
-                "train": {"max_train_steps": 5}}  # one epoch: every image and class image once
+                "train": {"max_train_steps": 5}}
         for name, values in sections.items():
             base.setdefault(name, {}).update(values)
         return make_config(**base)
@@ -39,7 +41,7 @@ def test_golden_losses_with_prior_preservation_and_class_images_made_once(db_con
     again = train(db_config(train={"output_name": "again"}))
     assert (tmp_path / "class" / "class_00000.png").stat().st_mtime_ns == stamp  # reused, not regenerated
     assert again.losses == pytest.approx(GOLDEN_DB, rel=1e-5)
-    heavier = train(db_config(train={"output_name": "heavier"}, dreambooth={"class_prior_loss_weight": 1.0}))
+    heavier = train(db_config(train={"output_name": "heavier"}, dataset={"prior_loss_weight": 1.0}))
     assert heavier.losses != pytest.approx(GOLDEN_DB, rel=1e-5)
 
 
