@@ -8,7 +8,6 @@ The whole run reads top to bottom: config -> data -> model -> adapters -> memory
 """
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
@@ -19,20 +18,18 @@ from pathlib import Path
 import torch
 
 from library import cli
-from library.config import Config, write_resolved
-from library.data.buckets import BucketBatchSampler
-from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
-from library.data.plan import plan_data
-from library.data.training_set import TrainingSet, collate
+from library.checkpoint import Checkpointer, Position, resumed_seed
+from library.config import Config, glob_escape, write_resolved
 from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
+from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
 from library.memory import (allow_fp16_gradients, cast_frozen, cast_trainable, enable_gradient_checkpointing,
-                            offload_idle, peak_memory_text, set_attention, weight_dtype)
+                            peak_memory_text, set_attention, weight_dtype)
 from library.objectives import configure
 from library.optim import build_optimizer, build_scheduler
 from library.progress import Progress
 from library.sampling import due, log_images, render_samples, settings_from_config
-from library.training import batch_loss, resolution
+from library.training import batch_loss, cache_outputs, make_loader, prepare_data, resolution
 from networks import blockwise, files, max_norm
 from networks.settings import NetworkSettings
 from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
@@ -71,7 +68,7 @@ def train(cfg: Config) -> TrainResult:
 
     t, out_dir = cfg.train, Path(cfg.train.output_dir)
     if t.seed is None:
-        t.seed = random.randint(0, 2**31 - 1)  # recorded in the resolved config
+        t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=cfg.logging.log_with,
@@ -82,16 +79,8 @@ def train(cfg: Config) -> TrainResult:
         write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
 
     # ---- data: every image and caption is checked before any model loads ----------------------
-    plan = plan_data(cfg, say)  # layout, check (stop or skip), captions, buckets, epoch entries
-    dataset = TrainingSet(plan, t.seed, cfg.dataset.prior_loss_weight)
+    plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say)
     items = dataset.items
-    width, height = plan.layout.datasets[0].buckets.resolution  # sample size
-    accumulation = t.gradient_accumulation_steps
-    steps_per_epoch = plan.steps_per_epoch(accumulation)
-    max_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    for line in plan.summary(accumulation):
-        say(line)
-    say(f"  {max_steps} steps (~{math.ceil(max_steps / steps_per_epoch)} epochs)")
     sampling = settings_from_config(cfg, width, height)  # the prompt file, read and checked now
 
     # ---- model ----------------------------------------------------------------------------------
@@ -136,19 +125,7 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- caches ---------------------------------------------------------------------------------
     clip_skip = m.clip_skip
-    d = cfg.dataset
-    if d.cache_latents or d.cache_latents_to_disk:
-        cache_latents(family, parts, dataset, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
-                                                                  d.vae_batch_size, t.seed), say)
-    cached_conditioning = None
-    if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
-        cached_conditioning = cache_text_outputs(family, parts, dataset.captions, clip_skip, cache_folder(cfg)
-                                                 if t.cache_text_encoder_outputs_to_disk else None, say)
-
-    offloaded = offload_idle(parts, cfg.dataset.cache_latents or cfg.dataset.cache_latents_to_disk,
-                             cached_conditioning is not None)
-    if offloaded:
-        say(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
+    cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, say)
 
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
@@ -156,10 +133,7 @@ def train(cfg: Config) -> TrainResult:
     optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power)
-    order = torch.Generator().manual_seed(t.seed)  # batches: one bucket each, seeded order
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.bucket_keys,
-                                         plan.batch_sizes, order), collate_fn=collate, generator=order,
-                                         num_workers=cfg.dataset.max_data_loader_n_workers)
+    loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
     optimizer, loader, *trained_modules = accelerator.prepare(optimizer, loader, *trained_modules)
     if t.full_fp16:
@@ -176,11 +150,24 @@ def train(cfg: Config) -> TrainResult:
                    for section, values in cfg.to_toml_dict().items() for key, value in values.items()}
         accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name, config=hparams)
 
-    # ---- the training loop ----------------------------------------------------------------------
-    def save(path: Path, step: int, epoch: int) -> None:
-        if accelerator.is_main_process:
-            _save_adapter(path, adapted, cfg, family, parts, settings, step, epoch, items, started_at)
-            result.saved.append(path)
+    # ---- resume, and the training loop -----------------------------------------------------------
+    def save_weights(stem: str) -> list[Path]:
+        path = out_dir / f"{stem}.safetensors"
+        _save_adapter(path, adapted, cfg, family, parts, settings, step, epoch, items, started_at)
+        return [path]
+
+    noise_generator = torch.Generator().manual_seed(t.seed)
+    params_by_name = {f"{i}.{name}": p for i, c in enumerate(adapted) for name, p in c.module.named_parameters()
+                      if p.requires_grad}
+    checkpoints = Checkpointer(cfg, save_weights, params_by_name, optimizer, scheduler,
+                         {"noise": noise_generator, "order": order}, accelerator.scaler,
+                         is_main=accelerator.is_main_process, say=say)
+    position = Position()
+    if cfg.save.resume:
+        position, _ = checkpoints.resume()
+        order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
+        sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
+    guard = NonFiniteGuard(t.nan_skip_limit, say)
 
     def sample(step: int) -> None:
         if sampling and accelerator.is_main_process:
@@ -190,24 +177,28 @@ def train(cfg: Config) -> TrainResult:
             result.samples += paths
 
     started_at = time.time()
-    noise_generator = torch.Generator().manual_seed(t.seed)
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
-    step, epoch = 0, 0
-    if sampling and sampling.at_first:
+    step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
+    if sampling and sampling.at_first and step == 0:
         sample(0)
+    stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
+        epoch_order = order.get_state()
+        batches_done, batches = skip, accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
         for module in trained_modules:
             module.train()
         micro_losses = []
-        for batch in loader:
+        for batch in batches:
+            batches_done += 1
             with accelerator.accumulate(*trained_modules), accelerator.autocast():
                 loss = batch_loss(family, parts, objective, batch, clip_skip, noise_generator,
-                                   cached_conditioning, train_te, loss_options)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and o.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, o.max_grad_norm)
-                optimizer.step()
+                                  cached_conditioning, train_te, loss_options)
+                if guard.loss_ok(loss):
+                    accelerator.backward(loss)
+                if accelerator.sync_gradients and guard.step_ok(params, o.max_grad_norm, step, accelerator):
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.item())
             if not accelerator.sync_gradients:
@@ -224,22 +215,30 @@ def train(cfg: Config) -> TrainResult:
             lr = scheduler.get_last_lr()[0]
             progress.update(step, result.losses[-1], lr)
             accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
+            here = Position(step, epoch, batches_done, epoch_order)
             if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < max_steps:
-                save(out_dir / f"{t.output_name}-step{step:08d}.safetensors", step, epoch)
+                checkpoints.save(f"{t.output_name}-step{step:08d}", here, cfg.save.save_last_n_steps,
+                           f"{glob_escape(t.output_name)}-step????????")
             if due(sampling, step) and step < max_steps:
                 sample(step)
+            if stop.requested:
+                checkpoints.save_state(f"{t.output_name}-step{step:08d}", here)
+                raise SystemExit(EXIT_STOPPED)
             if step >= max_steps:
                 break
         if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0 and step < max_steps:
-            save(out_dir / f"{t.output_name}-{epoch:06d}.safetensors", step, epoch)
+            checkpoints.save(f"{t.output_name}-{epoch:06d}", Position(step, epoch, batches_done, epoch_order),
+                       cfg.save.save_last_n_epochs, f"{glob_escape(t.output_name)}-{'[0-9]' * 6}")
         if due(sampling, step, epoch_end=epoch) and step < max_steps:
             sample(step)
+    stop.__exit__()
     elapsed = progress.close()
 
     # ---- files ----------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    checkpoints.save(t.output_name, Position(step, epoch, batches_done, epoch_order))
+    result.saved = checkpoints.saved
     result.adapter_path = out_dir / f"{t.output_name}.safetensors"
-    save(result.adapter_path, step, epoch)
     for module in trained_modules:
         module.eval()
     if cfg.logging.report_denoising_loss:

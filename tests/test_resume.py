@@ -178,3 +178,31 @@ def test_kill_9_during_a_save_leaves_only_good_files_and_resumes(tmp_path, tiny_
     text = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, text
     assert "resumed from" in text and (out / "db.safetensors").is_file()
+
+
+def test_resumed_lora_run_mid_epoch_equals_the_uninterrupted_one(make_config, tmp_path):
+    import train_network
+
+    def lora(**sections):
+        base = {"train": {"max_train_steps": 7}, "dataset": {"flip_aug": True},
+                "save": {"save_every_n_steps": 3, "save_state": True}}  # 4 steps per epoch: step 3 is mid-epoch
+        for name, values in sections.items():
+            base.setdefault(name, {}).update(values)
+        return make_config(**base)
+
+    whole = train_network.train(lora(train={"output_name": "whole"}))
+    state = tmp_path / "out" / "whole-step00000003-state"
+    resumed = train_network.train(lora(train={"output_name": "resumed"}, save={"resume": str(state)}))
+    assert resumed.losses == whole.losses[3:]
+    a, b = load_file(whole.adapter_path), load_file(resumed.adapter_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_last_n_steps_keeps_the_newest(make_config, tmp_path):
+    import train_network
+
+    train_network.train(make_config(train={"max_train_steps": 7},
+                                    save={"save_every_n_steps": 1, "save_state": True, "save_last_n_steps": 2}))
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name not in ("logs", "lora-config.toml"))
+    assert names == ["lora-state", "lora-step00000005-state", "lora-step00000005.safetensors",
+                     "lora-step00000006-state", "lora-step00000006.safetensors", "lora.safetensors"]

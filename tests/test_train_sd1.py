@@ -7,8 +7,10 @@ from safetensors.torch import load_file
 
 from library.families.base import ModelSource
 from library.families.sd1 import SD1Family
-from networks import kohya
-from networks.lora import LoraSettings, inject
+from networks import files
+from networks.lycoris_format import LoraFileError
+from networks.settings import NetworkSettings
+from networks.targets import inject
 from networks.merge import merge_lora
 from train_network import train
 
@@ -85,10 +87,10 @@ def test_reloaded_adapter_gives_identical_outputs(make_config, tiny_sd1):
     trained = _probe(result.parts)
     family = SD1Family()
     parts = family.load(ModelSource(str(tiny_sd1[0])))
-    settings = LoraSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
+    settings = NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
     adapted = [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
                for t in family.adapter_targets(parts)]
-    assert kohya.load_into(adapted, result.adapter_path) == len(result.adapted[0].layers) + len(result.adapted[1].layers)
+    assert files.load_into(adapted, result.adapter_path) == len(result.adapted[0].layers) + len(result.adapted[1].layers)
     for a, b in zip(_probe(parts), trained):
         assert torch.equal(a, b)
 
@@ -139,7 +141,7 @@ def test_mismatched_network_weights_are_refused(make_config, change, message):
     first = train(make_config())
     change = {**change, "train": {"output_name": "second"}}
     change["network"] = {**change["network"], "network_weights": str(first.adapter_path)}
-    with pytest.raises(kohya.LoraFileError, match=message):
+    with pytest.raises(LoraFileError, match=message):
         train(make_config(**change))
 
 
