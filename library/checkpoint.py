@@ -223,9 +223,9 @@ class Checkpointer:
         except OSError as e:
             raise OSError(f"cannot write {self.out_dir / stem}: {e.strerror or e}. Earlier files are untouched "
                           f"(every save is written to a temporary name first).") from None
-        if keep and pattern:
-            remove_old(self.out_dir, pattern, keep, self.say)
-            remove_old(self.out_dir, pattern + "-state", keep, self.say)
+        if keep and pattern:  # the weights (a file, or a diffusers folder) and the states, each kept `keep`
+            for suffix in (".safetensors", "", "-state"):
+                remove_old(self.out_dir, pattern + suffix, keep, self.say)
 
     def save_state(self, stem: str, position: Position) -> Path:
         folder = save_training_state(self.out_dir / f"{stem}-state", position, config=self.cfg.to_toml_dict(),
