@@ -27,7 +27,7 @@ from library.optim import FusedBackward, build_optimizer, build_scheduler
 from library.prior import ensure_class_images
 from library.progress import Progress
 from library.sampling import due, log_images, render_samples, settings_from_config
-from library.training import batch_loss, cache_outputs, make_loader, prepare_data
+from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
 
 
 @dataclass
@@ -115,7 +115,8 @@ def train(cfg: Config) -> TrainResult:
         f"weights {dtype}, autocast {t.mixed_precision}; attention {attention}")
 
     # ---- caches ---------------------------------------------------------------------------------
-    cached_conditioning = cache_outputs(cfg, family, parts, dataset, not text_encoders, say)
+    with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
+        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not text_encoders, say)
 
 
     # ---- optimizer ------------------------------------------------------------------------------
@@ -139,10 +140,10 @@ def train(cfg: Config) -> TrainResult:
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained = [parts.denoiser, *text_encoders]
-    if fused:
-        loader, *trained = accelerator.prepare(loader, *trained)
+    if fused:  # modules stay bare (see average_gradients); a fused optimizer steps in backward, unprepared
+        loader = accelerator.prepare(loader)
     else:
-        optimizer, loader, *trained = accelerator.prepare(optimizer, loader, *trained)
+        optimizer, loader = accelerator.prepare(optimizer, loader)
     result = TrainResult(parts=parts, optimizer=optimizer, ema=ema)
     if cfg.logging.log_with:
         accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name)
@@ -151,13 +152,13 @@ def train(cfg: Config) -> TrainResult:
     noise_generator = torch.Generator().manual_seed(t.seed)
     params = {f"{i}.{name}": p for i, module in enumerate([parts.denoiser, *text_encoders])
               for name, p in module.named_parameters()}
-    files = Checkpointer(cfg, lambda stem: _save_model(out_dir, stem, family, parts, cfg, ema), params, optimizer,
+    checkpoints = Checkpointer(cfg, lambda stem: _save_model(out_dir, stem, family, parts, cfg, ema), params, optimizer,
                          scheduler, {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
     position = Position()
     if cfg.save.resume:
-        position, extra = files.resume()
+        position, extra = checkpoints.resume()
         if ema is not None:
             ema.load_state_dict(extra["ema"])
         order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
@@ -191,9 +192,12 @@ def train(cfg: Config) -> TrainResult:
             batches_done += 1
             with accelerator.accumulate(*trained), accelerator.autocast():
                 loss = batch_loss(family, parts, objective, batch, m.clip_skip, noise_generator,
-                                  cached_conditioning, train_te, loss_options)
+                                  cached_conditioning, train_te, loss_options,
+                                  (accelerator.process_index, accelerator.num_processes))
                 if guard.loss_ok(loss):
                     accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
+                if accelerator.sync_gradients and not fused:
+                    average_gradients([p for g in groups for p in g["params"]], accelerator)
                 if accelerator.sync_gradients and guard.step_ok(
                         [p for g in groups for p in g["params"]], 0 if fused else o.max_grad_norm, step,
                         accelerator, optimizer.pop_nonfinite() if fused else False):
@@ -215,17 +219,17 @@ def train(cfg: Config) -> TrainResult:
             accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
             here = Position(step, epoch, batches_done, epoch_order)
             if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < max_steps:
-                files.save(f"{t.output_name}-step{step:08d}", here, cfg.save.save_last_n_steps,
+                checkpoints.save(f"{t.output_name}-step{step:08d}", here, cfg.save.save_last_n_steps,
                            f"{glob_escape(t.output_name)}-step????????")
             if due(sampling, step) and step < max_steps:
                 sample(step)
             if stop.requested:
-                files.save_state(f"{t.output_name}-step{step:08d}", here)
+                checkpoints.save_state(f"{t.output_name}-step{step:08d}", here)
                 raise SystemExit(EXIT_STOPPED)
             if step >= max_steps:
                 break
         if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0 and step < max_steps:
-            files.save(f"{t.output_name}-{epoch:06d}", Position(step, epoch, batches_done, epoch_order),
+            checkpoints.save(f"{t.output_name}-{epoch:06d}", Position(step, epoch, batches_done, epoch_order),
                        cfg.save.save_last_n_epochs, f"{glob_escape(t.output_name)}-{'[0-9]' * 6}")
         if due(sampling, step, epoch_end=epoch) and step < max_steps:
             sample(step)
@@ -236,8 +240,8 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- files ----------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    files.save(t.output_name, Position(step, epoch, batches_done, epoch_order))
-    result.saved = files.saved
+    checkpoints.save(t.output_name, Position(step, epoch, batches_done, epoch_order))
+    result.saved = checkpoints.saved
     result.model_path = result.saved[-2 if ema is not None else -1] if result.saved else None
     for module in trained:
         module.eval()

@@ -29,7 +29,7 @@ from library.objectives import configure
 from library.optim import build_optimizer, build_scheduler
 from library.progress import Progress
 from library.sampling import due, log_images, render_samples, settings_from_config
-from library.training import batch_loss, cache_outputs, make_loader, prepare_data, resolution
+from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data, resolution
 from networks import blockwise, files, max_norm
 from networks.settings import NetworkSettings
 from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
@@ -125,7 +125,8 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- caches ---------------------------------------------------------------------------------
     clip_skip = m.clip_skip
-    cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, say)
+    with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
+        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, say)
 
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
@@ -135,7 +136,7 @@ def train(cfg: Config) -> TrainResult:
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
-    optimizer, loader, *trained_modules = accelerator.prepare(optimizer, loader, *trained_modules)
+    optimizer, loader = accelerator.prepare(optimizer, loader)  # modules stay bare: see average_gradients
     if t.full_fp16:
         allow_fp16_gradients(accelerator)
     params = [p for c in adapted for p in c.parameters()]
@@ -194,9 +195,12 @@ def train(cfg: Config) -> TrainResult:
             batches_done += 1
             with accelerator.accumulate(*trained_modules), accelerator.autocast():
                 loss = batch_loss(family, parts, objective, batch, clip_skip, noise_generator,
-                                  cached_conditioning, train_te, loss_options)
+                                  cached_conditioning, train_te, loss_options,
+                                  (accelerator.process_index, accelerator.num_processes))
                 if guard.loss_ok(loss):
                     accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    average_gradients(params, accelerator)
                 if accelerator.sync_gradients and guard.step_ok(params, o.max_grad_norm, step, accelerator):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -43,7 +43,10 @@ class NonFiniteGuard:
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads]) if with_grads else torch.tensor(0.0)
         grads_ok = accelerator.scaler is not None or math.isfinite(float(norm))
-        ok = not self._bad_loss and not known_bad and grads_ok
+        bad_here = self._bad_loss or known_bad
+        if accelerator.num_processes > 1:  # every process must take the same decision
+            bad_here = accelerator.reduce(torch.tensor(float(bad_here), device=accelerator.device), "sum").item() > 0
+        ok = not bad_here and grads_ok
         self._bad_loss = False
         if ok:
             self.in_a_row = 0

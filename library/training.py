@@ -14,9 +14,14 @@ def resolution(value) -> tuple[int, int]:
 
 
 def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator: torch.Generator,
-               cached_conditioning: dict | None, train_te: bool, loss_options: LossOptions) -> torch.Tensor:
+               cached_conditioning: dict | None, train_te: bool, loss_options: LossOptions,
+               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """The loss of one batch: latents (cached or encoded now), conditioning (cached or encoded now, with
-    gradients when the text encoder trains), noise and timesteps from `generator`, prediction, loss."""
+    gradients when the text encoder trains), noise and timesteps from `generator`, prediction, loss.
+
+    shard = (rank, processes): every process draws the noise and timesteps of the whole global batch from
+    the same generator and uses its own slice, so N processes train exactly as one process would on the
+    global batch."""
     if "latents" in batch:
         latents = batch["latents"].to(parts.denoiser.device)
     else:
@@ -29,9 +34,12 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
         with torch.set_grad_enabled(train_te):
             conditioning = family.encode_prompts(parts, batch["caption"], clip_skip)
     conditioning = family.conditioning_for_batch(parts, batch, conditioning, latents)
-    noise, input_noise = (n.to(latents.device, latents.dtype) for n in
-                          draw_noise(latents.shape, generator, loss_options))
-    timesteps = objective.sample_timesteps(latents.shape[0], generator, latent_shape=latents.shape)
+    rank, processes = shard
+    size = latents.shape[0]
+    shape = (size * processes, *latents.shape[1:])
+    mine = slice(rank * size, (rank + 1) * size)
+    noise, input_noise = (n[mine].to(latents.device, latents.dtype) for n in draw_noise(shape, generator, loss_options))
+    timesteps = objective.sample_timesteps(shape[0], generator, latent_shape=shape)[mine]
     return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps,
                           mask=latent_mask(batch, latents), sample_weights=batch.get("loss_weight"),
                           options=loss_options, input_noise=input_noise)
@@ -91,3 +99,17 @@ def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, say):
     if offloaded:
         say(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
     return conditioning
+
+
+def average_gradients(params: list, accelerator) -> None:
+    """With several processes: every gradient becomes the mean over processes (what DDP would do; done
+    here because the families call the bare modules, not a DDP wrapper). One process: nothing."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:  # this process skipped its backward (NaN loss): it contributes zeros
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= accelerator.num_processes
