@@ -29,8 +29,10 @@ def cast_trainable(params: list[nn.Parameter], dtype: torch.dtype) -> None:
 
 def set_attention(denoiser: nn.Module, xformers: bool, sdpa: bool) -> str:
     """xformers when asked (checked installed by the config), else PyTorch SDPA, else plain attention."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+    if not any(isinstance(m, Attention) for m in denoiser.modules()):
+        return "sdpa (the model's own attention processors)"  # FLUX / SD3 attention classes: already SDPA
     if xformers:
         denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"

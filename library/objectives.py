@@ -46,7 +46,7 @@ class DiffusionObjective:
     def num_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
-    def sample_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_timesteps(self, batch: int, generator: torch.Generator, latent_shape=None) -> torch.Tensor:
         """Uniform in [min_timestep, max_timestep); equal bounds give that one timestep."""
         high = self.max_timestep if self.max_timestep is not None else self.num_timesteps
         if high <= self.min_timestep:
@@ -70,6 +70,13 @@ class DiffusionObjective:
         signal, sigma = self._coefficients(timesteps, latents)
         return signal * noise - sigma * latents
 
+    def model_output(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the loss compares with the target: the denoiser's output as it is."""
+        return prediction
+
+    def loss_weights(self, timesteps: torch.Tensor, options: "LossOptions"):
+        return timestep_weights(self, timesteps, options)
+
 
 @dataclass(frozen=True)
 class LossOptions:
@@ -89,6 +96,14 @@ class LossOptions:
 
 def configure(objective: DiffusionObjective, loss_section) -> tuple[DiffusionObjective, LossOptions]:
     """Apply the [loss] section: timestep range and zero terminal SNR to the objective, the rest as options."""
+    if isinstance(objective, FlowMatchObjective):
+        return configure_flow(objective, loss_section)
+    flow_set = [k for k in FLOW_KEYS if getattr(loss_section, k, None) is not None]
+    if flow_set:
+        from library.config import ConfigError
+
+        raise ConfigError(f"'loss.{flow_set[0]}': a flow-matching option (SD3, FLUX.1); this model trains with "
+                          f"the DDPM noise schedule")
     if loss_section.zero_terminal_snr:
         objective = objective.with_zero_terminal_snr()
     objective.min_timestep, objective.max_timestep = loss_section.min_timestep, loss_section.max_timestep
@@ -155,8 +170,7 @@ def huber_threshold(objective: DiffusionObjective, timesteps: torch.Tensor, opti
     elif options.huber_schedule == "exponential":
         c = torch.exp(math.log(options.huber_c) * t / objective.num_timesteps)
     else:
-        abar = objective.alphas_cumprod[timesteps.cpu()]
-        sigma = ((1 - abar) / abar).sqrt()
+        sigma = objective.snr(timesteps).rsqrt()  # sqrt((1 - abar) / abar); flow matching: s / (1 - s)
         c = (1 - options.huber_c) / (1 + sigma) ** 2 + options.huber_c
     return (c * options.huber_scale).float()
 
@@ -196,10 +210,11 @@ def denoising_loss(family, parts, objective: DiffusionObjective, latents: torch.
     input_noise: the noise the latents are noised with when it differs from the target's (ip_noise_gamma)."""
     noisy = objective.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     prediction = family.predict(parts, noisy, timesteps.to(latents.device), conditioning)
+    prediction = objective.model_output(prediction, noisy, timesteps)
     target = objective.target(latents, noise, timesteps)
     huber_c = huber_threshold(objective, timesteps, options) if options.loss_type in ("huber", "smooth_l1") else None
     per_element = element_loss(prediction, target, options.loss_type, huber_c)
-    weights = timestep_weights(objective, timesteps, options)
+    weights = objective.loss_weights(timesteps, options)
     if weights is not None:
         sample_weights = weights if sample_weights is None else sample_weights.cpu().float() * weights
     return reduce_loss(per_element, mask, sample_weights)
@@ -216,3 +231,164 @@ def reduce_loss(per_element: torch.Tensor, mask: torch.Tensor | None = None,
     if sample_weights is not None:
         per_sample = per_sample * sample_weights.to(per_sample.device, per_sample.dtype)
     return per_sample.mean()
+
+
+# ---- flow matching (SD3, FLUX.1) ------------------------------------------------------------------
+
+FLOW_KEYS = ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+             "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+WEIGHTING_SCHEMES = ("none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+
+
+@dataclass
+class FlowMatchObjective:
+    """Rectified flow: x_s = (1 - s) x_0 + s noise for s in [0, 1], and the denoiser predicts the velocity
+    noise - x_0. Timesteps are s * num_train_timesteps as floats (what diffusers' flow schedulers and
+    sd-scripts pass around); the defaults are sd-scripts' FLUX.1 defaults.
+
+    timestep_sampling (sd-scripts): uniform s ~ U(0, 1); sigmoid s = sigmoid(sigmoid_scale * N(0, 1));
+    shift: that sigmoid, then s -> shift s / (1 + (shift - 1) s) with shift = discrete_flow_shift;
+    flux_shift: that sigmoid, then FLUX's resolution-dependent shift exp(mu) / (exp(mu) + 1/s - 1), mu linear
+    in the packed sequence length (h/2)(w/2) from 0.5 at 256 to 1.15 at 4096; sigma: u from the
+    weighting_scheme's density (logit_normal: sigmoid(N(logit_mean, logit_std)); mode: 1 - u - mode_scale
+    (cos^2(pi u / 2) - 1 + u); else uniform), picked from the 1000-entry table of diffusers'
+    FlowMatchEulerDiscreteScheduler(shift = discrete_flow_shift): s = shifted((T - floor(u T)) / T).
+    model_prediction_type: raw (the output is the velocity), additive (output + x_s), sigma_scaled
+    (x_s - s output, with the loss weighted by weighting_scheme: sigma_sqrt s^-2, cosmap
+    2 / (pi (1 - 2 s + 2 s^2))); the target is noise - x_0 in all three, as in sd-scripts' FLUX training."""
+    num_train_timesteps: int = 1000
+    timestep_sampling: str = "sigma"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    model_prediction_type: str = "sigma_scaled"
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    prediction_type: str = "flow_matching"  # metadata (modelspec.prediction_type)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.num_train_timesteps
+
+    def sample_timesteps(self, batch: int, generator: torch.Generator, latent_shape=None) -> torch.Tensor:
+        """s * T (float32) for `batch` examples; flux_shift needs the latents' (.., h, w)."""
+        s = sample_sigmas(self, batch, generator, latent_shape).double()
+        high = self.max_timestep if self.max_timestep is not None else self.num_train_timesteps
+        if self.min_timestep > 0 or high < self.num_train_timesteps:  # the [min, max) range of timesteps
+            s = (self.min_timestep + s * (high - self.min_timestep)) / self.num_train_timesteps
+        return (s * self.num_train_timesteps).float()
+
+    def sigmas(self, timesteps: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        s = timesteps.detach().double().cpu() / self.num_train_timesteps
+        if like is None:
+            return s
+        return s.to(like.device, like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        s = self.sigmas(timesteps, latents)
+        return (1 - s) * latents + s * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def model_output(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.model_prediction_type == "additive":
+            return prediction + noisy
+        if self.model_prediction_type == "sigma_scaled":
+            return prediction * -self.sigmas(timesteps, prediction) + noisy
+        return prediction
+
+    def loss_weights(self, timesteps: torch.Tensor, options: "LossOptions" = None):
+        """Per-sample weights: weighting_scheme's, applied with sigma_scaled only (as sd-scripts); None if all 1."""
+        if self.model_prediction_type != "sigma_scaled":
+            return None
+        weight = flow_loss_weighting(self.weighting_scheme, self.sigmas(timesteps))
+        return None if torch.equal(weight, torch.ones_like(weight)) else weight.float()
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """((1 - s) / s)^2: signal over noise amplitude, squared (huber's snr schedule uses it)."""
+        s = self.sigmas(timesteps).clamp(1e-6, 1 - 1e-6)
+        return ((1 - s) / s) ** 2
+
+
+def flow_shift(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """The SD3 / discrete-flow shift: shift s / (1 + (shift - 1) s)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flux_time_shift(s: torch.Tensor, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
+                    base_len: int = 256, max_len: int = 4096) -> torch.Tensor:
+    """FLUX.1's resolution-dependent shift: exp(mu) / (exp(mu) + 1/s - 1), mu linear in the sequence length."""
+    mu = base_shift + (max_shift - base_shift) * (image_seq_len - base_len) / (max_len - base_len)
+    return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+
+
+def density_sample(scheme: str, batch: int, generator: torch.Generator, logit_mean: float = 0.0,
+                   logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """u in [0, 1) from the weighting scheme's density (the SD3 paper's logit-normal and mode sampling)."""
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.randn((batch,), generator=generator, dtype=torch.float64) * logit_std + logit_mean)
+    u = torch.rand((batch,), generator=generator, dtype=torch.float64)
+    if scheme == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def flow_loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """sigma_sqrt: s^-2; cosmap: 2 / (pi (1 - 2 s + 2 s^2)); otherwise ones."""
+    if scheme == "sigma_sqrt":
+        return sigmas.clamp_min(1e-6) ** -2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+def sample_sigmas(o: FlowMatchObjective, batch: int, generator: torch.Generator, latent_shape=None) -> torch.Tensor:
+    """s in [0, 1] per example, by o.timestep_sampling (float64)."""
+    mode = o.timestep_sampling
+    if mode == "uniform":
+        return torch.rand((batch,), generator=generator, dtype=torch.float64)
+    if mode in ("sigmoid", "shift", "flux_shift"):
+        s = torch.sigmoid(o.sigmoid_scale * torch.randn((batch,), generator=generator, dtype=torch.float64))
+        if mode == "shift":
+            return flow_shift(s, o.discrete_flow_shift)
+        if mode == "flux_shift":
+            if latent_shape is None:
+                raise ValueError("timestep_sampling = flux_shift needs the latents' size")
+            h, w = latent_shape[-2], latent_shape[-1]
+            return flux_time_shift(s, (h // 2) * (w // 2))
+        return s
+    u = density_sample(o.weighting_scheme, batch, generator, o.logit_mean, o.logit_std, o.mode_scale)
+    T = o.num_train_timesteps
+    index = (u * T).long().clamp(0, T - 1)
+    return flow_shift((T - index).double() / T, o.discrete_flow_shift)
+
+
+SNR_OPTIONS = {"min_snr_gamma": "Min-SNR weighting", "debiased_estimation_loss": "debiased estimation",
+               "scale_v_pred_loss_like_noise_pred": "v-prediction loss scaling", "zero_terminal_snr":
+               "zero terminal SNR"}
+
+
+def configure_flow(objective: FlowMatchObjective, loss_section) -> tuple[FlowMatchObjective, "LossOptions"]:
+    """The [loss] section for a flow-matching family: the flow keys set (None keeps the family's default),
+    and the DDPM/SNR-only options refused."""
+    import dataclasses as dc
+
+    from library.config import ConfigError
+
+    refused = [f"'loss.{k}' ({what})" for k, what in SNR_OPTIONS.items() if getattr(loss_section, k, None)]
+    if refused:
+        raise ConfigError(f"{', '.join(refused)}: made for the DDPM noise schedule (SD1/SDXL); this model trains "
+                          f"with flow matching, use 'loss.weighting_scheme' / 'loss.timestep_sampling' instead")
+    changes = {k: getattr(loss_section, k) for k in FLOW_KEYS if getattr(loss_section, k, None) is not None}
+    if changes.get("weighting_scheme") == "uniform":
+        changes["weighting_scheme"] = "none"
+    objective = dc.replace(objective, **changes, min_timestep=loss_section.min_timestep,
+                           max_timestep=loss_section.max_timestep)
+    fields = LossOptions.__dataclass_fields__
+    return objective, LossOptions(**{k: getattr(loss_section, k) for k in fields})

@@ -253,7 +253,7 @@ def detect_arch(checkpoint: dict[str, torch.Tensor]) -> Path:
     to_k = next(v for k, v in checkpoint.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"))
     found = (conv_in.shape[1], conv_in.shape[0], to_k.shape[1])
     for arch in shipped_archs():
-        if not (arch / "text_encoder_2").is_dir():
+        if not (arch / "text_encoder_2").is_dir() or not (arch / "unet").is_dir():  # FLUX / SD3: no U-Net
             continue
         config = read_json(arch / "unet" / "config.json")
         if (config["in_channels"], config["block_out_channels"][0], config["cross_attention_dim"]) == found:

@@ -1,0 +1,262 @@
+"""FLUX.1 (dev, schnell): a FluxTransformer2DModel (19 double-stream and 38 single-stream blocks) over 2x2-packed
+16-channel latents, conditioned on T5-XXL token embeddings and the pooled CLIP-L output, trained with flow
+matching (library.objectives.FlowMatchObjective, sd-scripts' FLUX defaults); FLUX.1-dev also takes the
+distilled guidance value (model.guidance_scale) through its guidance embedding.
+
+Loads a diffusers folder, or what users have: the BFL transformer single file (`double_blocks.N...`, with or
+without `model.diffusion_model.`) plus separate `clip_l`, `t5xxl` and `ae` files (model.clip_l, model.t5xxl,
+model.ae), with the architecture configs shipped in library/arch/flux-dev and flux-schnell (picked by the
+presence of the guidance embedding; model.arch overrides), offline. Tokenizers come from model.tokenizer (a
+folder with tokenizer/ and tokenizer_2/) or the local cache of black-forest-labs/FLUX.1-dev.
+
+The transformer is called as diffusers' FluxPipeline calls it: latents packed (B, h/2 * w/2, 4C), image ids
+(0, row, column) per packed position, text ids zero, timestep s (= t / 1000).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.flux_layout import bfl_module_name, bfl_to_transformer, transformer_to_bfl
+from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
+from library.objectives import FlowMatchObjective
+
+BFL_PREFIX = "model.diffusion_model."
+PIPELINE_CLASS = "FluxPipeline"
+DEFAULT_TOKENIZERS = "black-forest-labs/FLUX.1-dev"
+TEXT_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+BLOCK_PARENTS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+class FluxFamily:
+    name = "flux"
+
+    def file_metadata(self, parts: Components) -> dict[str, str]:
+        dev = bool(parts.denoiser.config.guidance_embeds)
+        return {"ss_base_model_version": "flux1", "ss_v2": "False", "ss_v_parameterization": "False",
+                "modelspec.architecture": "flux-1-dev" if dev else "flux-1-schnell"}
+
+    # ---- recognising and loading ----------------------------------------------------------
+
+    def claims(self, path: str) -> bool:
+        if is_single_file(path):
+            return has_key_prefix(path, "double_blocks.") or has_key_prefix(path, BFL_PREFIX + "double_blocks.")
+        index = Path(path) / "model_index.json"
+        return index.is_file() and read_json(index).get("_class_name") == PIPELINE_CLASS
+
+    def load(self, source: ModelSource) -> Components:
+        parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
+        if source.ae and not is_single_file(source.path):
+            parts.vae = _load_ae(source.ae, arch_dir(source.arch or _arch_name(parts.denoiser)))
+        parts.source = source
+        return parts
+
+    def _load_folder(self, source: ModelSource) -> Components:
+        path = source.path
+        return Components(
+            denoiser=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            text_encoders={"te1": CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+                           "te3": T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2")},
+            tokenizers=_tokenizers(source.tokenizer or path),
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"))
+
+    def _load_single_file(self, source: ModelSource) -> Components:
+        missing = [k for k in ("clip_l", "t5xxl", "ae") if not getattr(source, k)]
+        if missing:
+            raise CheckpointError(f"{source.path}: a FLUX.1 transformer file holds the transformer only; set "
+                                  + ", ".join(f"model.{k}" for k in missing) + " to the separate files")
+        state = bfl_to_transformer(read_checkpoint(source.path))
+        arch = arch_dir(source.arch) if source.arch else arch_dir(
+            "flux-dev" if "time_text_embed.guidance_embedder.linear_1.weight" in state else "flux-schnell")
+        with torch.device("meta"):
+            denoiser = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(arch / "transformer")))
+        _load_exact(denoiser, state, source.path)
+        with torch.device("meta"):
+            clip = CLIPTextModel(CLIPTextConfig.from_pretrained(str(arch / "text_encoder")))
+            t5 = T5EncoderModel(T5Config.from_pretrained(str(arch / "text_encoder_2")))
+        _load_exact(clip, _clip_keys(read_checkpoint(source.clip_l), clip), source.clip_l)
+        _load_exact(t5, _t5_keys(read_checkpoint(source.t5xxl)), source.t5xxl)
+        return Components(denoiser=denoiser, vae=_load_ae(source.ae, arch), text_encoders={"te1": clip, "te3": t5},
+                          tokenizers=_tokenizers(source.tokenizer or DEFAULT_TOKENIZERS),
+                          noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
+                                                                                          subfolder="scheduler"),
+                          extra={"arch": str(arch)})
+
+    # ---- what adapters train --------------------------------------------------------------
+
+    def adapter_targets(self, parts: Components) -> list[AdapterTarget]:
+        te1 = parts.text_encoders["te1"]
+        return [
+            AdapterTarget("denoiser", "lora_unet", linear_parents=BLOCK_PARENTS, diffusers_prefix="transformer",
+                          kohya_names=bfl_module_name),
+            AdapterTarget("te1", "lora_te1", linear_parents=TEXT_PARENTS,
+                          kohya_path_prefix="" if hasattr(te1, "text_model") else "text_model.",
+                          diffusers_prefix="text_encoder"),
+        ]
+
+    def single_file_state_dict(self, parts: Components) -> dict[str, torch.Tensor]:
+        """The transformer in the BFL layout (what ComfyUI / Forge / sd-scripts load beside clip_l, t5xxl, ae)."""
+        return transformer_to_bfl(parts.denoiser.state_dict())
+
+    # ---- the training step ----------------------------------------------------------------
+
+    def t5_max_length(self, parts: Components) -> int:
+        source = parts.source
+        if source is not None and source.t5xxl_max_token_length:
+            return source.t5xxl_max_token_length
+        return 512 if parts.denoiser.config.guidance_embeds else 256  # dev / schnell, as sd-scripts
+
+    def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
+        """prompt_embeds: T5's last hidden state (B, L, 4096); pooled_prompt_embeds: CLIP-L's pooled output.
+        clip_skip does not apply (FLUX uses CLIP-L's pooled output only)."""
+        clip, clip_tok = parts.text_encoders["te1"], parts.tokenizers["te1"]
+        ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(clip.device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        t5, t5_tok = parts.text_encoders["te3"], parts.tokenizers["te3"]
+        tokens = t5_tok(captions, padding="max_length", max_length=self.t5_max_length(parts), truncation=True,
+                        return_tensors="pt")
+        mask = tokens.attention_mask.to(t5.device)
+        masked = bool(parts.source and parts.source.apply_t5_attn_mask)
+        hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask if masked else None).last_hidden_state
+        if masked:  # padding tokens carry nothing
+            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+
+    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
+                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        return conditioning
+
+    def encode_images(self, parts: Components, pixels: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        vae = parts.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def objective(self, parts: Components) -> FlowMatchObjective:
+        return FlowMatchObjective(num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps)
+
+    def predict(self, parts: Components, noisy_latents, timesteps, conditioning):
+        model = parts.denoiser
+        b, c, h, w = noisy_latents.shape
+        device = noisy_latents.device
+        text = conditioning["prompt_embeds"].to(device)
+        guidance = None
+        if model.config.guidance_embeds:
+            scale = parts.source.guidance_scale if parts.source else 3.5
+            guidance = torch.full((b,), scale, device=device, dtype=torch.float32)
+        out = model(hidden_states=pack_latents(noisy_latents), encoder_hidden_states=text,
+                    pooled_projections=conditioning["pooled_prompt_embeds"].to(device),
+                    timestep=timesteps.to(device, torch.float32) / 1000, img_ids=latent_image_ids(h, w, device),
+                    txt_ids=torch.zeros(text.shape[1], 3, device=device), guidance=guidance).sample
+        return unpack_latents(out, h, w)
+
+    # ---- preview images -------------------------------------------------------------------
+
+    def sample(self, parts: Components, prompt: str, width: int, height: int, steps: int, seed: int,
+               sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5,
+               guidance: float | None = None):
+        """Flow-matching Euler steps (the sampler name does not apply); `guidance` (--g) is FLUX.1-dev's
+        distilled guidance, default model.guidance_scale. No CFG: negative prompts are not used."""
+        pipe = self.pipeline(parts)
+        pipe.set_progress_bar_config(disable=True)
+        if guidance is None:
+            guidance = parts.source.guidance_scale if parts.source else 3.5
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipe(prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=generator, max_sequence_length=self.t5_max_length(parts)).images[0]
+
+    def pipeline(self, parts: Components, scheduler=None):
+        """A diffusers FluxPipeline over the parts themselves (no copy)."""
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(scheduler=scheduler or parts.noise_scheduler, vae=parts.vae,
+                            text_encoder=parts.text_encoders["te1"], tokenizer=parts.tokenizers["te1"],
+                            text_encoder_2=parts.text_encoders["te3"], tokenizer_2=parts.tokenizers["te3"],
+                            transformer=parts.denoiser)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2x2 patch one token, as FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def latent_image_ids(h: int, w: int, device) -> torch.Tensor:
+    """(h/2 * w/2, 3): (0, row, column) of each packed token, as FluxPipeline._prepare_latent_image_ids."""
+    rows = torch.arange(h // 2, device=device).view(-1, 1).expand(h // 2, w // 2)
+    cols = torch.arange(w // 2, device=device).view(1, -1).expand(h // 2, w // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+
+
+def _arch_name(denoiser) -> str:
+    return "flux-dev" if denoiser.config.guidance_embeds else "flux-schnell"
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    """Load every weight of `module` from `state` (assigning: the module was built on the meta device)."""
+    result = module.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k in dict(module.named_parameters())]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: does not match the architecture: missing {missing[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}")
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:  # non-persistent buffers (CLIP's position ids) are rebuilt on the CPU
+            if not name.endswith("position_ids"):
+                raise CheckpointError(f"{path}: buffer {name} was not loaded")
+            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            owner.register_buffer(name.rsplit(".", 1)[-1], torch.arange(buffer.shape[-1]).expand(buffer.shape),
+                                  persistent=False)
+
+
+def _clip_keys(state: dict[str, torch.Tensor], model: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """A clip_l file (transformers names, with or without "text_model.") in this transformers' naming."""
+    wanted = set(model.state_dict())
+    out = {}
+    for key, value in state.items():
+        for candidate in (key, key.removeprefix("text_model."), "text_model." + key):
+            if candidate in wanted:
+                out[candidate] = value
+                break
+    return out
+
+
+def _t5_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A t5xxl file: the shared embedding appears as shared.weight and/or encoder.embed_tokens.weight."""
+    state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    state["encoder.embed_tokens.weight"] = state["shared.weight"]  # one module in T5EncoderModel
+    return state
+
+
+def _load_ae(path: str, arch: Path) -> AutoencoderKL:
+    if Path(path).is_dir():
+        return AutoencoderKL.from_pretrained(path)
+    return AutoencoderKL.from_single_file(read_checkpoint(path), config=str(arch), subfolder="vae",
+                                          local_files_only=True)
+
+
+def _tokenizers(where: str) -> dict:
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    try:
+        return {"te1": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", local_files_only=True),
+                "te3": AutoTokenizer.from_pretrained(where, subfolder="tokenizer_2", local_files_only=True)}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"tokenizers {where!r} (tokenizer/ and tokenizer_2/) not found locally; set "
+                              f"model.tokenizer to a FLUX.1 folder that holds them ({type(e).__name__})") from None
+
+
+register(FluxFamily())

@@ -1,0 +1,134 @@
+"""FLUX.1 transformer weights: diffusers' FluxTransformer2DModel names -> the BFL single-file names that
+ComfyUI, Forge, sd-scripts and diffusers' from_single_file read (double_blocks.N.img_attn.qkv, ...).
+
+diffusers has the other direction (convert_flux_transformer_checkpoint_to_diffusers); a test checks that the
+two are inverse. The BFL file fuses q, k, v (double blocks) and q, k, v, mlp-in (single blocks) into one
+Linear each, and its final modulation is (shift, scale) where diffusers' norm_out is (scale, shift).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+# one-to-one renames inside double_blocks.N / transformer_blocks.N
+DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+          "attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+          "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+          "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+          "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+          "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+          "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q.weight": "norm.query_norm.scale",
+          "attn.norm_k.weight": "norm.key_norm.scale", "proj_out": "linear2"}
+TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+       "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+       "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+       "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+       "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+       "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+       "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+       "proj_out": "final_layer.linear"}
+# fused layers: BFL name -> the diffusers layers concatenated along the output dimension, in order
+DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+
+def _rename(name: str, table: dict[str, str]) -> str | None:
+    for src, dst in table.items():
+        if name == src or name.startswith(src + "."):
+            return dst + name[len(src):]
+    return None
+
+
+def transformer_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FluxTransformer2DModel state dict in the BFL single-file layout (no "model.diffusion_model." prefix)."""
+    out: dict[str, torch.Tensor] = {}
+    fused_parts: set[str] = set()
+    blocks = {("transformer_blocks", "double_blocks"): (DOUBLE, DOUBLE_FUSED),
+              ("single_transformer_blocks", "single_blocks"): (SINGLE, SINGLE_FUSED)}
+    for (ours, theirs), (renames, fused) in blocks.items():
+        indices = sorted({int(m.group(1)) for k in state for m in [re.match(rf"{ours}\.(\d+)\.", k)] if m})
+        for i in indices:
+            pre = f"{ours}.{i}."
+            for name, parts in fused.items():
+                for suffix in ("weight", "bias"):
+                    keys = [f"{pre}{p}.{suffix}" for p in parts]
+                    if all(k in state for k in keys):
+                        out[f"{theirs}.{i}.{name}.{suffix}"] = torch.cat([state[k] for k in keys])
+                        fused_parts.update(keys)
+            for key in [k for k in state if k.startswith(pre) and k not in fused_parts]:
+                new = _rename(key[len(pre):], renames)
+                if new is None:
+                    raise KeyError(f"no BFL name for {key}")
+                out[f"{theirs}.{i}.{new}"] = state[key]
+    for key, value in state.items():
+        if key.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            continue
+        if key.startswith("norm_out.linear."):
+            scale, shift = value.chunk(2, dim=0)
+            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = torch.cat([shift, scale])
+            continue
+        new = _rename(key, TOP)
+        if new is None:
+            raise KeyError(f"no BFL name for {key}")
+        out[new] = value
+    return out
+
+
+def bfl_module_name(module_path: str) -> str | None:
+    """The BFL / kohya name of the layer a diffusers module path belongs to (a q, k or v projection maps to
+    its fused qkv / linear1): transformer_blocks.0.attn.to_q -> double_blocks.0.img_attn.qkv; None where
+    the module has no BFL counterpart."""
+    m = re.match(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)$", module_path)
+    if not m:
+        return _rename(module_path, TOP) or ("final_layer.adaLN_modulation.1" if module_path == "norm_out.linear"
+                                             else None)
+    kind, index, rest = m.groups()
+    single = kind == "single_transformer_blocks"
+    block = f"{'single_blocks' if single else 'double_blocks'}.{index}"
+    for name, parts in (SINGLE_FUSED if single else DOUBLE_FUSED).items():
+        if rest in parts:
+            return f"{block}.{name}"
+    new = _rename(rest, SINGLE if single else DOUBLE)
+    return f"{block}.{new}" if new else None
+
+
+def bfl_to_transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of transformer_to_bfl, at any width (diffusers' own converter assumes FLUX.1's 3072).
+    Accepts keys with or without the "model.diffusion_model." prefix."""
+    prefix = "model.diffusion_model."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    out: dict[str, torch.Tensor] = {}
+    inverse = {"double_blocks": ("transformer_blocks", {v: k for k, v in DOUBLE.items()}, DOUBLE_FUSED),
+               "single_blocks": ("single_transformer_blocks", {v: k for k, v in SINGLE.items()}, SINGLE_FUSED)}
+    top = {v: k for k, v in TOP.items()}
+    for key, value in state.items():
+        m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.(.+)\.(weight|bias|scale)$", key)
+        if m:
+            kind, index, name, suffix = m.groups()
+            ours, renames, fused = inverse[kind]
+            if name in fused:
+                parts = fused[name]
+                if len(parts) == 3:
+                    chunks = value.chunk(3, dim=0)
+                else:  # linear1: q, k, v of width `inner`, then the MLP input
+                    inner = state[f"{kind}.{index}.linear2.weight"].shape[0]
+                    chunks = value.split([inner, inner, inner, value.shape[0] - 3 * inner], dim=0)
+                for part, chunk in zip(parts, chunks):
+                    out[f"{ours}.{index}.{part}.{suffix}"] = chunk
+                continue
+            new = _rename(f"{name}.{suffix}", renames)
+            if new is None:
+                raise KeyError(f"unknown FLUX key {key}")
+            out[f"{ours}.{index}.{new}"] = value
+        elif key.startswith("final_layer.adaLN_modulation.1."):
+            shift, scale = value.chunk(2, dim=0)
+            out["norm_out.linear." + key.rsplit(".", 1)[1]] = torch.cat([scale, shift])
+        else:
+            new = _rename(key, top)
+            if new is None:
+                raise KeyError(f"unknown FLUX key {key}")
+            out[new] = value
+    return out

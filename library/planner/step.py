@@ -1,0 +1,313 @@
+"""The training step of a config, run for the planner: the model built from its architecture configs
+(no weights), the recipe's adapters, memory switches, optimizer and batch_loss, two optimizer steps.
+
+The order of calls is the recipes' (train_network.py / train_db.py): what trains -> adapters -> casts ->
+attention -> gradient checkpointing -> pre-encoding (VAE, text encoders) -> offload -> optimizer ->
+batch_loss, backward, clipping, optimizer step, zero_grad. Only the library functions the recipes call
+are used, so a switch that does not save what it should shows in the plan.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from library.planner.tracker import FakeDevice, MemoryTracker
+
+STEPS = 2
+# the text-encoder names each family's Components use, by diffusers subfolder (families may instead
+# provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
+TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
+                      "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}}
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
+@dataclass
+class StepSettings:
+    """What of a config the memory depends on (the planner's search changes these)."""
+    recipe: str  # "network" or "db"
+    family: str
+    arch: str  # a shipped architecture name or a folder of configs
+    width: int
+    height: int
+    batch_size: int = 1
+    mixed_precision: str = "no"
+    full_fp16: bool = False
+    full_bf16: bool = False
+    no_half_vae: bool = False
+    gradient_checkpointing: bool = False
+    sdpa: bool = True
+    cache_latents: bool = False
+    cache_text_encoder_outputs: bool = False
+    optimizer_type: str = "AdamW"
+    optimizer_args: list = field(default_factory=list)
+    max_grad_norm: float = 1.0
+    fused_backward_pass: bool = False
+    fused_optimizer_groups: int | None = None
+    train_text_encoder: bool = True  # db: dreambooth.train_text_encoder; network: not network_train_unet_only
+    train_unet: bool = True  # network: not network_train_text_encoder_only
+    clip_skip: int = 1
+    v_parameterization: bool = False
+    network: object = None  # the config's [network] section (adapter recipe)
+    learning_rate: float = 1e-4
+
+
+@dataclass
+class StepMeasure:
+    tracker: MemoryTracker
+    phases: dict[str, object]  # window name -> Peak
+    notes: list[str]
+    trainable: int = 0
+    frozen: int = 0
+
+
+class _PlanTokenizer:
+    """Stands in for a tokenizer (none ships with the architectures): ids of the full padded length."""
+
+    def __init__(self, max_length: int):
+        self.model_max_length = max_length
+
+    def __call__(self, captions, max_length=None, **_):
+        ids = torch.zeros((len(captions), max_length or self.model_max_length), dtype=torch.long)
+        return type("Tokens", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})()
+
+
+def build_parts(family, family_name: str, arch: Path):
+    """Components of the architecture in `arch` (diffusers layout of configs), with random-init weights
+    on the current (fake) device: what family.load() returns, minus the weights."""
+    from library.families.base import Components, ModelSource
+
+    if hasattr(family, "planning_parts"):
+        return family.planning_parts(arch)
+    import diffusers
+    import transformers
+
+    modules, tokenizers, scheduler = {}, {}, None
+    for sub in sorted(p for p in arch.iterdir() if p.is_dir()):
+        config_path = next((sub / n for n in ("config.json", "scheduler_config.json") if (sub / n).is_file()), None)
+        if config_path is None:  # tokenizer folders
+            continue
+        config = json.loads(config_path.read_text())
+        if "scheduler" in sub.name:
+            scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(str(arch), subfolder=sub.name)
+        elif "_class_name" in config:
+            cls = getattr(diffusers, config["_class_name"])
+            modules[sub.name] = cls.from_config(cls.load_config(str(arch), subfolder=sub.name))
+        else:
+            cls = getattr(transformers, config["architectures"][0])
+            tconfig = transformers.AutoConfig.from_pretrained(str(sub))
+            modules[sub.name] = cls(tconfig)
+    names = TEXT_ENCODER_NAMES.get(family_name, {})
+    text = {names.get(k, k): m for k, m in modules.items() if k.startswith("text_encoder")}
+    for name, sub in ((names.get(k, k), k) for k in modules if k.startswith("text_encoder")):
+        length = getattr(modules[sub].config, "max_position_embeddings", 512)
+        tokenizers[name] = _PlanTokenizer(length)
+    denoiser = next(modules[k] for k in DENOISER_FOLDERS if k in modules)
+    return Components(denoiser=denoiser, vae=modules["vae"], text_encoders=text, tokenizers=tokenizers,
+                      noise_scheduler=scheduler, source=ModelSource(str(arch)),
+                      extra={"arch": str(arch), "v2": "sd2" in arch.name})
+
+
+def _storages(module: torch.nn.Module):
+    return [*module.parameters(), *module.buffers()]
+
+
+def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = None) -> StepMeasure:
+    """Run the step of `s` (on fake tensors unless fake=False), two optimizer steps, and return the tracker."""
+    from library.families import get_family
+    from library.loading import arch_dir
+
+    family = get_family(s.family, "")
+    arch = arch_path or arch_dir(s.arch)
+    notes: list[str] = []
+    with FakeDevice(fake=fake), MemoryTracker(fake_scalars=fake) as tracker:
+        parts = build_parts(family, s.family, arch)
+        parts.source.v_parameterization = s.v_parameterization
+        measure = _run(s, family, parts, tracker, notes)
+    return measure
+
+
+def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
+    from library.memory import (cast_frozen, cast_trainable, enable_gradient_checkpointing, offload_idle,
+                                set_attention, weight_dtype)
+    from library.objectives import LossOptions
+    from library.training import batch_loss
+
+    modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
+    for module in modules:
+        module.requires_grad_(False)
+
+    # ---- what trains ------------------------------------------------------------------------
+    adapted, text_encoders = [], []
+    if s.recipe == "network":
+        from networks.settings import NetworkSettings
+        from networks.targets import inject
+
+        settings = NetworkSettings.from_network_section(s.network)
+        wanted = {"denoiser": s.train_unet}
+        for target in family.adapter_targets(parts):
+            if wanted.get(target.component, s.train_text_encoder):
+                module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
+                adapted.append(inject(module, target, settings))
+        trained = [p for c in adapted for p in c.parameters()]
+    else:
+        parts.denoiser.requires_grad_(True)
+        text_encoders = list(parts.text_encoders.values()) if s.train_text_encoder else []
+        for encoder in text_encoders:
+            encoder.requires_grad_(True)
+        trained = [p for m in [parts.denoiser, *text_encoders] for p in m.parameters()]
+    train_te = any(c.target.component != "denoiser" for c in adapted) or bool(text_encoders)
+
+    # ---- memory switches --------------------------------------------------------------------
+    dtype = weight_dtype(s.mixed_precision)
+    for module in modules:
+        cast_frozen(module, torch.float32 if module is parts.vae and s.no_half_vae else dtype)
+    if s.full_fp16 or s.full_bf16:
+        cast_trainable(trained, dtype)  # train_db: module.to(dtype) on the trained modules: the same casts
+    set_attention(parts.denoiser, False, s.sdpa)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(parts.denoiser, [c.module for c in adapted if c.module is not parts.denoiser]
+                                      if s.recipe == "network" else text_encoders)
+    trained_ids = {id(p) for p in trained}
+    for module in modules:
+        for t in _storages(module):
+            tracker.tag([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
+    frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
+
+    # ---- pre-encoding: the VAE and the text encoders, each on its own --------------------------
+    pixels = torch.zeros(s.batch_size, 3, s.height, s.width)
+    captions = ["a photo"] * s.batch_size
+    tracker.set_phase("encode")
+    with tracker.window("vae"), torch.no_grad(), _autocast(s.mixed_precision):
+        latents = family.encode_images(parts, pixels)
+    with tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
+        conditioning = family.encode_prompts(parts, captions, s.clip_skip)
+    cached = {"a photo": {k: v[:1] for k, v in conditioning.items()}} if s.cache_text_encoder_outputs else None
+    if not s.cache_latents:
+        del latents
+    del conditioning
+    offloaded = offload_idle(parts, s.cache_latents, cached is not None)
+    for name in offloaded:
+        module = parts.vae if name == "vae" else parts.text_encoders[name]
+        tracker.release(_storages(module))
+    if offloaded:
+        notes.append(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
+
+    # ---- optimizer ----------------------------------------------------------------------------
+    for p in trained:  # registered before the optimizer's own hooks: sees each gradient before a fused step
+        p.register_post_accumulate_grad_hook(lambda p: tracker.tag([p.grad], "gradients"))
+    optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, trained, notes)
+    fused = s.fused_backward_pass or bool(s.fused_optimizer_groups)
+
+    # ---- the training steps ------------------------------------------------------------------
+    generator = torch.Generator().manual_seed(0)
+    objective = family.objective(parts)
+    batch = {"caption": captions, "loss_weight": torch.ones(s.batch_size)}
+    if s.cache_latents:
+        batch["latents"] = latents
+    else:
+        batch["pixels"] = pixels
+    for module in modules:
+        module.train()
+    with tracker.window("step"):
+        for _ in range(STEPS):
+            tracker.set_phase("forward")
+            with _autocast(s.mixed_precision):
+                loss = batch_loss(family, parts, objective, batch, s.clip_skip, generator, cached, train_te,
+                                  LossOptions())
+            tracker.set_phase("backward")
+            loss.backward()
+            del loss
+            tracker.set_phase("optimizer")
+            with_grads = [p for p in trained if p.grad is not None]
+            if not fused and s.max_grad_norm > 0 and with_grads:
+                torch.nn.utils.clip_grad_norm_(with_grads, s.max_grad_norm)
+            optimizer.step()
+            for opt in optimizers:
+                tracker.tag([t for state in opt.state.values() for t in state.values()
+                             if isinstance(t, torch.Tensor)], "optimizer state")
+            optimizer.zero_grad(set_to_none=True)
+            tracker.set_phase("idle")
+    if fused:
+        optimizer.remove_hooks()
+    return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
+                       frozen=frozen)
+
+
+def _optimizer(s: StepSettings, adapted, parts, text_encoders, trained, notes):
+    from library.optim import FusedBackward, build_optimizer
+
+    if s.recipe == "network":
+        from networks import blockwise
+        from networks.settings import NetworkSettings
+
+        settings = NetworkSettings.from_network_section(s.network)
+        n = s.network
+        groups = blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, s.learning_rate)
+    else:
+        groups = [{"params": list(parts.denoiser.parameters()), "lr": s.learning_rate}]
+        for encoder in text_encoders:
+            groups.append({"params": list(encoder.parameters()), "lr": s.learning_rate})
+    name = s.optimizer_type
+    eight_bit = name.lower() in EIGHT_BIT
+    if s.fused_backward_pass or s.fused_optimizer_groups:
+        if eight_bit:
+            raise NotImplementedError("planning a fused backward pass with an 8-bit optimizer")
+        optimizer = FusedBackward(name, groups, s.learning_rate, s.optimizer_args,
+                                  chunks=s.fused_optimizer_groups, max_grad_norm=s.max_grad_norm)
+        return optimizer, optimizer.optimizers
+    if eight_bit:
+        notes.append(f"{name}: bitsandbytes kernels do not run on fake tensors; its state is allocated from "
+                     f"bitsandbytes' documented layout (uint8 moments + one fp32 absmax per 256 values for "
+                     f"tensors of 4096+ values, fp32 moments below that)")
+        optimizer = Bnb8bitLayout(groups, moments=EIGHT_BIT[name.lower()])
+        return optimizer, [optimizer]
+    optimizer = build_optimizer(name, groups, s.learning_rate, s.optimizer_args)
+    return optimizer, [optimizer]
+
+
+EIGHT_BIT = {"adamw8bit": 2, "pagedadamw8bit": 2, "lion8bit": 1, "pagedlion8bit": 1}
+
+
+class Bnb8bitLayout(torch.optim.Optimizer):
+    """bitsandbytes' 8-bit blockwise optimizer state, allocated as bitsandbytes allocates it (state1/state2
+    uint8 of the parameter's shape, absmax1/absmax2 fp32 per block of 256; parameters under 4096 values:
+    fp32 states), without its CUDA kernels. The update itself works in place (no temporaries)."""
+
+    BLOCK, MIN_8BIT = 256, 4096
+
+    def __init__(self, groups, moments: int):
+        super().__init__(groups, {"lr": 1e-4})
+        self.moments = moments
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    small = p.numel() < self.MIN_8BIT
+                    for i in range(1, self.moments + 1):
+                        state[f"state{i}"] = torch.zeros_like(p, dtype=torch.float32 if small else torch.uint8)
+                        if not small:
+                            state[f"absmax{i}"] = torch.zeros((p.numel() + self.BLOCK - 1) // self.BLOCK,
+                                                              dtype=torch.float32, device=p.device)
+
+
+class _NoAutocast:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _autocast(mixed_precision: str):
+    """accelerate's autocast for the precision (on the faked device: CPU autocast with CUDA's policy)."""
+    if mixed_precision == "no":
+        return _NoAutocast()
+    return torch.autocast("cpu", dtype=torch.float16 if mixed_precision == "fp16" else torch.bfloat16)
