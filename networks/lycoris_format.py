@@ -24,6 +24,19 @@ def kohya_name(target, module_path: str) -> str:
     return f"{target.kohya_prefix}_{(target.kohya_path_prefix + module_path).replace('.', '_')}"
 
 
+def layers_by_file_name(adapted: list[AdaptedComponent]) -> dict[str, tuple[AdaptedComponent, str]]:
+    """File layer name -> (component, module path). Besides the names we write, a family's other naming
+    (SDXL's SAI `input_blocks_4_1_...`, which sd-scripts writes) is accepted where it names one layer."""
+    names = {kohya_name(c.target, p): (c, p) for c in adapted for p in c.layers}
+    aliases: dict[str, list] = {}
+    for c in adapted:
+        if c.target.kohya_names:
+            for p in c.layers:
+                aliases.setdefault(f"{c.target.kohya_prefix}_{c.target.kohya_names(p).replace('.', '_')}", []).append((c, p))
+    names.update({name: found[0] for name, found in aliases.items() if len(found) == 1 and name not in names})
+    return names
+
+
 def state_dict(adapted: list[AdaptedComponent], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every adapter weight in kohya / LyCORIS naming, on the CPU, in `dtype` (alpha too)."""
     out = {}
@@ -40,7 +53,7 @@ def load_into(adapted: list[AdaptedComponent], tensors: dict[str, torch.Tensor],
     """Load kohya / LyCORIS tensors into the injected adapters: every key must find its layer, with the
     same algorithm, shapes and alpha, or nothing is loaded. Layers the file lacks keep their fresh
     initialisation. Returns the number of layers loaded."""
-    by_name = {kohya_name(c.target, p): (c, p) for c in adapted for p in c.layers}
+    by_name = layers_by_file_name(adapted)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")

@@ -304,8 +304,6 @@ def test_sai_named_file_is_the_same_adapter_in_diffusers(sdxl_config, tiny_sdxl,
         assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(reason="networks/ reads only the diffusers-style U-Net names; SAI names (input_blocks_4_1_...) "
-                          "need AdapterTarget.kohya_names there", strict=False)
 def test_sai_named_file_loads_here(sdxl_config, tmp_path):
     from networks import files
 
