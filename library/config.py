@@ -19,7 +19,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import toml
 
@@ -342,16 +342,10 @@ SD_SCRIPTS_RENAMES = {
 }
 # sd-scripts keys that carry no meaning here when set to these values (they are the behaviour we have).
 SD_SCRIPTS_HARMLESS = {
-    "save_model_as": {"safetensors"},
     "persistent_data_loader_workers": {True, False},
     "lowram": {False},
     "mem_eff_attn": {False},
     "highvram": {True, False},
-    "caption_separator": {","},
-    "bucket_no_upscale": {False},
-    "enable_bucket": {False},
-    "shuffle_caption": {False},
-    "keep_tokens": {0},
 }
 
 
