@@ -133,6 +133,16 @@ def make_sampler(name: str, training_scheduler, objective):
     return cls.from_config(training_scheduler.config, prediction_type=objective.prediction_type, **extra)
 
 
+def run_pipeline(pipe, prompt: str, negative_prompt: str, width: int, height: int, steps: int, seed: int,
+                 guidance_scale: float, **family_kwargs):
+    """One image from a diffusers pipeline built over the training parts, seeded on the CPU."""
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, negative_prompt=negative_prompt or None, width=width, height=height,
+                num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                **family_kwargs).images[0]
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     """[sample] with the run's defaults filled in."""

@@ -136,14 +136,11 @@ class SD1Family:
     def sample(self, parts: Components, prompt: str, width: int, height: int, steps: int, seed: int,
                sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5,
                guidance: float | None = None):
-        from library.sampling import make_sampler
+        from library.sampling import make_sampler, run_pipeline
 
         pipe = self.pipeline(parts, make_sampler(sampler, parts.noise_scheduler, self.objective(parts)))
-        pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        return pipe(prompt, negative_prompt=negative_prompt or None, width=width, height=height,
-                    num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                    clip_skip=clip_skip - 1 if clip_skip > 1 else None).images[0]
+        return run_pipeline(pipe, prompt, negative_prompt, width, height, steps, seed, guidance_scale,
+                            clip_skip=clip_skip - 1 if clip_skip > 1 else None)  # diffusers counts from 0
 
     def pipeline(self, parts: Components, scheduler=None):
         """A diffusers StableDiffusionPipeline over the parts themselves (no copy)."""
