@@ -80,13 +80,15 @@ def train(cfg: Config) -> TrainResult:
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
-    for module in modules:
+    for module in (parts.vae, *parts.text_encoders.values()):  # the denoiser comes after the caches
         module.to(accelerator.device)
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
+            parts.denoiser.to(accelerator.device)
             made = ensure_class_images(family, parts, db.class_data_dir, db.class_prompt, db.num_class_images,
                                        (width, height), s.sample_steps, s.sample_sampler, t.seed, m.clip_skip, say)
+            parts.denoiser.to("cpu")
             say(f"prior preservation: {made} class images generated")
         accelerator.wait_for_everyone()
         cfg.dataset.reg_data_dir = db.class_data_dir
@@ -117,6 +119,7 @@ def train(cfg: Config) -> TrainResult:
     # ---- caches ---------------------------------------------------------------------------------
     with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
         cached_conditioning = cache_outputs(cfg, family, parts, dataset, not text_encoders, say)
+    parts.denoiser.to(accelerator.device)  # now: the VAE pass of caching did not share the device with it
 
 
     # ---- optimizer ------------------------------------------------------------------------------

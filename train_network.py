@@ -118,7 +118,7 @@ def train(cfg: Config) -> TrainResult:
     attention = set_attention(parts.denoiser, t.xformers, t.sdpa)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(parts.denoiser, [c.module for c in adapted if c.module is not parts.denoiser])
-    for module in modules:
+    for module in (parts.vae, *parts.text_encoders.values()):  # the denoiser comes after the caches
         module.to(accelerator.device)
     say(f"precision: weights {dtype}, autocast {t.mixed_precision}; attention {attention}; "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
@@ -127,6 +127,7 @@ def train(cfg: Config) -> TrainResult:
     clip_skip = m.clip_skip
     with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
         cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, say)
+    parts.denoiser.to(accelerator.device)  # now: the VAE pass of caching did not share the device with it
 
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer

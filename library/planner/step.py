@@ -176,7 +176,9 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
             tracker.tag([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
     frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
 
-    # ---- pre-encoding: the VAE and the text encoders, each on its own --------------------------
+    # ---- pre-encoding: the VAE and the text encoders, each on its own, the denoiser not yet there ---
+    denoiser_storages = list(_storages(parts.denoiser))
+    tracker.release(denoiser_storages)
     pixels = torch.zeros(s.batch_size, 3, s.height, s.width)
     captions = ["a photo"] * s.batch_size
     tracker.set_phase("encode")
@@ -194,6 +196,8 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         tracker.release(_storages(module))
     if offloaded:
         notes.append(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
+    for t in denoiser_storages:  # the recipes move the denoiser over after the caches are built
+        tracker.arrive([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
 
     # ---- optimizer ----------------------------------------------------------------------------
     for p in trained:  # registered before the optimizer's own hooks: sees each gradient before a fused step

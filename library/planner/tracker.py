@@ -94,6 +94,12 @@ class MemoryTracker(TorchDispatchMode):
             if record is not None:
                 record.category = category
 
+    def arrive(self, tensors, category: str) -> None:
+        """The storages of `tensors` come (back) to the device now (a module moved over after the caches)."""
+        for t in tensors:
+            self._track(t)
+        self.tag(tensors, category)
+
     def release(self, tensors) -> None:
         """The storages of `tensors` leave the device (moved to the CPU: offloaded modules)."""
         for t in tensors:
