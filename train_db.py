@@ -26,6 +26,7 @@ from library.objectives import configure
 from library.optim import FusedBackward, build_optimizer, build_scheduler
 from library.prior import ensure_class_images
 from library.progress import Progress
+from library.quantization import store_t5
 from library.sampling import due, log_images, render_samples, settings_from_config
 from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
 
@@ -106,6 +107,7 @@ def train(cfg: Config) -> TrainResult:
     dtype = weight_dtype(t.mixed_precision)
     for module in modules:  # frozen parts in half precision (the VAE too, unless no_half_vae); trained ones fp32 ...
         cast_frozen(module, torch.float32 if module is parts.vae and t.no_half_vae else dtype)
+    store_t5(parts, m.t5xxl_precision, dtype)  # fp8 / int8 T5 for encoding (model.t5xxl_precision)
     if t.full_fp16 or t.full_bf16:  # ... unless everything trains in half precision
         for module in [parts.denoiser, *text_encoders]:
             module.to(dtype)

@@ -28,6 +28,7 @@ from library.memory import (allow_fp16_gradients, cast_frozen, cast_trainable, e
 from library.objectives import configure
 from library.optim import build_optimizer, build_scheduler
 from library.progress import Progress
+from library.quantization import store_t5
 from library.sampling import due, log_images, render_samples, settings_from_config
 from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data, resolution
 from networks import blockwise, files, max_norm
@@ -113,6 +114,7 @@ def train(cfg: Config) -> TrainResult:
     dtype = weight_dtype(t.mixed_precision)
     for module in modules:
         cast_frozen(module, torch.float32 if module is parts.vae and t.no_half_vae else dtype)
+    store_t5(parts, m.t5xxl_precision, dtype)  # fp8 / int8 T5 for encoding (model.t5xxl_precision)
     if t.full_fp16 or t.full_bf16:
         cast_trainable([p for c in adapted for p in c.parameters()], dtype)
     attention = set_attention(parts.denoiser, t.xformers, t.sdpa)

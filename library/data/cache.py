@@ -174,9 +174,12 @@ def _encode_chunk(family, parts, records: list[ImageRecord], generator) -> list[
 # ---- text-encoder outputs -----------------------------------------------------------------------
 
 
-def text_dependencies(family_name: str, encoders_id: str, clip_skip: int, caption: str) -> dict:
+def text_dependencies(family_name: str, encoders_id: str, clip_skip: int, caption: str, source=None) -> dict:
+    """What a cached text output depends on: the encoders' weights, clip_skip, the caption, and the
+    model keys that change T5's output (token length, padding mask)."""
+    t5 = {k: getattr(source, k, None) for k in ("t5xxl_max_token_length", "apply_t5_attn_mask")}
     return {"kind": "text", "format": CACHE_FORMAT, "family": family_name, "text_encoders": encoders_id,
-            "clip_skip": clip_skip, "caption": caption}
+            "clip_skip": clip_skip, "caption": caption, **t5}
 
 
 def text_name(caption: str, clip_skip: int) -> str:
@@ -194,7 +197,8 @@ def cache_text_outputs(family, parts, captions: list[str], clip_skip: int, folde
     out, statuses = {}, {}
     bar = CountingBar(len(captions), "caching text-encoder outputs")
     for caption in captions:
-        depends, name = text_dependencies(family.name, encoders_id, clip_skip, caption), text_name(caption, clip_skip)
+        depends = text_dependencies(family.name, encoders_id, clip_skip, caption, parts.source)
+        name = text_name(caption, clip_skip)
         statuses[caption] = disk.status(name, depends) if disk else "missing"
         if statuses[caption] == "valid":
             out[caption] = {k: v.to(device) for k, v in disk.load(name).items()}

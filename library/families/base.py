@@ -30,6 +30,7 @@ class ModelSource:
     ae: str | None = None
     t5xxl_max_token_length: int | None = None  # None: the family's default
     apply_t5_attn_mask: bool = False
+    t5xxl_precision: str = "auto"  # library.quantization: how a frozen T5 is stored while encoding
     guidance_scale: float = 3.5  # FLUX.1-dev's guidance input in training
 
     @classmethod
@@ -73,6 +74,14 @@ class AdapterTarget:
     # a layer's module path as other kohya files of this family name it (SDXL U-Net: the SAI names sd-scripts
     # writes, input_blocks.4.1...), for loading those files; None: only the module path itself
     kohya_names: Callable[[str], str] | None = None
+    # the names sd-scripts / ComfyUI give this component's layers where its checkpoints fuse several module
+    # paths into one weight (FLUX double_blocks.0.img_attn.qkv = attn.to_q, to_k, to_v along the output rows;
+    # SD3 joint_blocks.0.x_block.attn.qkv): module path -> (layer name in files, dots kept, without the kohya
+    # prefix; the path's position among the fused parts; the number of parts, 1 for a renamed unfused layer),
+    # None for a layer without such a name (it keeps its module-path name). Parts are concatenated along the
+    # output dimension in position order. Kohya files use these names (networks/lycoris_format.py); files
+    # named by module path still load.
+    kohya_layout: Callable[[str], tuple[str, int, int] | None] | None = None
 
 
 class ModelFamily(Protocol):

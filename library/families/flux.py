@@ -124,9 +124,11 @@ class FluxFamily:
         mask = tokens.attention_mask.to(t5.device)
         masked = bool(parts.source and parts.source.apply_t5_attn_mask)
         hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask if masked else None).last_hidden_state
-        if masked:  # padding tokens carry nothing
-            hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-        return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+        if not masked:
+            return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+        # padding tokens carry nothing, and the denoiser's attention does not look at them (predict)
+        return {"prompt_embeds": hidden * mask.unsqueeze(-1).to(hidden.dtype), "pooled_prompt_embeds": pooled,
+                "t5_attention_mask": mask}
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -150,10 +152,16 @@ class FluxFamily:
         if model.config.guidance_embeds:
             scale = parts.source.guidance_scale if parts.source else 3.5
             guidance = torch.full((b,), scale, device=device, dtype=torch.float32)
+        attention = None
+        if "t5_attention_mask" in conditioning:  # apply_t5_attn_mask: text padding masked out of the joint attention
+            image = torch.ones(b, (h // 2) * (w // 2), dtype=torch.bool, device=device)
+            joint = torch.cat([conditioning["t5_attention_mask"].to(device, torch.bool), image], dim=1)
+            attention = {"attention_mask": joint[:, None, None, :]}
         out = model(hidden_states=pack_latents(noisy_latents), encoder_hidden_states=text,
                     pooled_projections=conditioning["pooled_prompt_embeds"].to(device),
                     timestep=timesteps.to(device, torch.float32) / 1000, img_ids=latent_image_ids(h, w, device),
-                    txt_ids=torch.zeros(text.shape[1], 3, device=device), guidance=guidance).sample
+                    txt_ids=torch.zeros(text.shape[1], 3, device=device), guidance=guidance,
+                    joint_attention_kwargs=attention).sample
         return unpack_latents(out, h, w)
 
     # ---- preview images -------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""Smaller storage for the T5-XXL text encoder while it encodes captions (model.t5xxl_precision).
+
+T5-XXL's 4.76 billion parameters take 9.5 GB in bf16: on a 12-16 GB card the encoding phase, not training,
+is what runs out of memory. Two ways to halve it, both applied to a frozen encoder before it moves to the device:
+
+- fp8: every Linear weight stored as float8_e4m3fn and cast to the compute dtype layer by layer in forward
+  (diffusers' layerwise casting hooks, as fp8_base does for the denoiser). Embeddings, layer norms and
+  the relative attention bias stay as they are.
+- int8: every Linear becomes a bitsandbytes LLM.int8 layer (int8 weights, one fp32 scale per output row,
+  outlier features above 6.0 in 16-bit), as transformers' BitsAndBytesConfig(load_in_8bit=True) does for a
+  folder; done here so that single t5xxl files get it too. The weights are quantized when they move to the
+  device.
+
+The encoder's outputs change slightly (fp8: ~2 significant digits per weight); caches record the precision.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "fp8", "int8")
+KEEP = ("norm", "shared", "embed_tokens", "relative_attention_bias")  # module names left in their dtype
+
+
+def is_t5(module: nn.Module) -> bool:
+    from transformers import T5EncoderModel
+
+    return isinstance(module, T5EncoderModel)
+
+
+def store_t5(parts, precision: str, compute_dtype: torch.dtype) -> list[str]:
+    """Apply `precision` to the frozen T5 encoders among parts.text_encoders; returns their names."""
+    from library.config import ConfigError
+
+    if precision == "auto":
+        return []
+    names = [name for name, encoder in parts.text_encoders.items() if is_t5(encoder)]
+    if not names:
+        raise ConfigError(f"model.t5xxl_precision = {precision!r}: this model has no T5 text encoder")
+    for name in names:
+        encoder = parts.text_encoders[name]
+        if any(p.requires_grad for p in encoder.parameters()):
+            raise ConfigError(f"model.t5xxl_precision = {precision!r}: the T5 encoder ({name}) would be trained; "
+                              f"it can only be stored smaller while frozen")
+        if precision == "fp8":
+            store_fp8(encoder, compute_dtype)
+        else:
+            store_int8(encoder)
+    return names
+
+
+def store_fp8(module: nn.Module, compute_dtype: torch.dtype) -> None:
+    from diffusers.hooks import apply_layerwise_casting
+
+    compute = compute_dtype if compute_dtype != torch.float8_e4m3fn else torch.bfloat16
+    apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute,
+                            skip_modules_pattern=KEEP, skip_modules_classes=(nn.Embedding,))
+    for name, layer in module.named_modules():  # T5's MLP casts its input to wo's storage dtype: undo that
+        if name.endswith("DenseReluDense.wo"):
+            layer.register_forward_pre_hook(lambda _, args: (args[0].to(compute), *args[1:]))
+
+
+def store_int8(module: nn.Module, threshold: float = 6.0) -> None:
+    """Every nn.Linear of `module` -> bitsandbytes Linear8bitLt holding the same weights."""
+    import bitsandbytes as bnb
+
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False, threshold=threshold, device="meta")
+            layer.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
+                                             has_fp16_weights=False)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, layer)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes the module's weights take as stored (int8 / float8 / 16-bit ...)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
