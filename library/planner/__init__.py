@@ -145,12 +145,14 @@ def _ladder(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
     return steps
 
 
-def search_budget(s: StepSettings, budget_gb: float, say=print) -> tuple[Plan, list[str], list[str]] | None:
+def search_budget(s: StepSettings, budget_gb: float, say=print,
+                  fake: bool = True) -> tuple[Plan, list[str], list[str]] | None:
     """Add switches, cheapest in speed first, until the planned device peak fits `budget_gb` (GiB);
-    then lower the batch size. Returns (plan, config lines, costs) or None if nothing fits."""
+    then lower the batch size. Returns (plan, config lines, costs) or None if nothing fits. fake=False
+    plans with real tensors on the CPU (for models small enough: the tests)."""
     budget = budget_gb * GIB
     current, lines, costs = s, [], []
-    p = plan(current)
+    p = plan(current, fake=fake)
     say(f"  as configured: {p.device_peak / GIB:.2f} GiB")
     ladder = _ladder(s)
     while p.device_peak > budget and ladder:
@@ -158,11 +160,11 @@ def search_budget(s: StepSettings, budget_gb: float, say=print) -> tuple[Plan, l
         current = dataclasses.replace(current, **change)
         lines += add
         costs.append(f"{name}: {cost}")
-        p = plan(current)
+        p = plan(current, fake=fake)
         say(f"  + {name}: {p.device_peak / GIB:.2f} GiB")
     while p.device_peak > budget and current.batch_size > 1:
         current = dataclasses.replace(current, batch_size=max(1, current.batch_size // 2))
-        p = plan(current)
+        p = plan(current, fake=fake)
         lines = [x for x in lines if "train_batch_size" not in x] + [
             f"train_batch_size = {current.batch_size}   # [dataset]"]
         costs.append("smaller batch: fewer images per step")

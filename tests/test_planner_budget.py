@@ -1,0 +1,69 @@
+"""--vram_budget: the switch search on the tiny SD1 model. What it prints must be true: the config lines it
+says to add, added to the config, give a plan that fits; one switch fewer does not fit; nothing fitting and
+fitting as configured are said plainly."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import toml
+
+import train_network
+from library import planner
+from library.planner import GIB, _ladder, plan, search_budget, settings_from_config
+
+
+def _config_with(make_config, lines: list[str], **extra):
+    """The test config plus the planner's suggested lines ('key = value   # [section]')."""
+    sections: dict[str, dict] = {"model": {"family": "sd1"}}
+    for line in lines:
+        assignment, _, section = line.partition("#")
+        section = section.strip().strip("[]")
+        sections.setdefault(section, {}).update(toml.loads(assignment))
+    for name, values in extra.items():
+        sections.setdefault(name, {}).update(values)
+    cfg = make_config(**sections)
+    cfg.model.arch = cfg.model.pretrained_model_name_or_path  # the tiny model's configs are the architecture
+    return cfg
+
+
+@pytest.fixture
+def as_configured(make_config):
+    cfg = _config_with(make_config, [])
+    return settings_from_config(cfg, "network")
+
+
+def test_suggested_lines_fit_and_one_fewer_does_not(make_config, as_configured):
+    first = plan(as_configured, fake=False).device_peak
+    everything = search_budget(as_configured, 1e-9, say=lambda _: None, fake=False)
+    assert everything is None  # nothing fits in a few bytes
+    lowest = min(plan(dataclasses.replace(as_configured, **changes), fake=False).device_peak
+                 for changes in ({"mixed_precision": "bf16", "gradient_checkpointing": True, "cache_latents": True},))
+    assert lowest < first
+    budget = (first + lowest) / 2 / GIB
+    found = search_budget(as_configured, budget, say=lambda _: None, fake=False)
+    assert found is not None
+    found_plan, lines, costs = found
+    assert lines and len(costs) >= 1 and found_plan.device_peak <= budget * GIB
+    # the printed lines, put into the config, give the same plan
+    again = plan(settings_from_config(_config_with(make_config, lines), "network"), fake=False)
+    assert again.device_peak == found_plan.device_peak
+    # the search stops at the first rung that fits: one rung fewer did not fit
+    rungs = _ladder(as_configured)[:len(costs)]
+    assert [f"{name}: {cost}" for name, _, _, cost in rungs] == costs
+    one_fewer = as_configured
+    for _, changes, _, _ in rungs[:-1]:
+        one_fewer = dataclasses.replace(one_fewer, **changes)
+    assert plan(one_fewer, fake=False).device_peak > budget * GIB
+
+
+def test_cli_budget_outcomes(make_config, tmp_path, capsys, monkeypatch, as_configured):
+    cfg = _config_with(make_config, [])
+    path = tmp_path / "budget.toml"
+    path.write_text(toml.dumps(cfg.to_toml_dict()))
+    roomy = plan(as_configured).device_peak * 2 / GIB
+    assert train_network.main(["--config", str(path), "--vram_budget", f"{roomy:.6f}"]) == 0
+    assert "fits as configured" in capsys.readouterr().out
+    monkeypatch.setattr(planner, "search_budget", lambda *a, **k: None)  # (a real miss: the test above)
+    assert train_network.main(["--config", str(path), "--vram_budget", "0.000001"]) == 1
+    assert "nothing fits in 1e-06 GiB" in capsys.readouterr().out
