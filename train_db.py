@@ -20,7 +20,8 @@ from library.checkpoint import SAVE_DTYPES, Checkpointer, Position, resumed_seed
 from library.config import Config, glob_escape, write_resolved
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
 from library.families import ModelSource, get_family
-from library.memory import (cast_frozen, enable_gradient_checkpointing, peak_memory_text,
+from library.block_swap import make_swapper, move
+from library.memory import (cast_frozen, enable_gradient_checkpointing, offload_checkpoints, peak_memory_text,
                             set_attention, weight_dtype)
 from library.objectives import configure
 from library.optim import FusedBackward, build_optimizer, build_scheduler
@@ -81,15 +82,15 @@ def train(cfg: Config) -> TrainResult:
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
-    for module in (parts.vae, *parts.text_encoders.values()):  # the denoiser comes after the caches
-        module.to(accelerator.device)
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
-            parts.denoiser.to(accelerator.device)
+            for module in modules:
+                module.to(accelerator.device)
             made = ensure_class_images(family, parts, db.class_data_dir, db.class_prompt, db.num_class_images,
                                        (width, height), s.sample_steps, s.sample_sampler, t.seed, m.clip_skip, say)
-            parts.denoiser.to("cpu")
+            for module in modules:  # each comes back when training needs it (cache_outputs, below)
+                module.to("cpu")
             say(f"prior preservation: {made} class images generated")
         accelerator.wait_for_everyone()
         cfg.dataset.reg_data_dir = db.class_data_dir
@@ -114,14 +115,22 @@ def train(cfg: Config) -> TrainResult:
     attention = set_attention(parts.denoiser, t.xformers, t.sdpa)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(parts.denoiser, text_encoders)
+    if t.cpu_offload_checkpointing:
+        offload_checkpoints(parts.denoiser)
+    # N blocks' weights (and, once it exists, their optimizer state) live on the CPU between uses; the fused
+    # backward pass steps each weight while its block is on the device (library/block_swap.py)
+    swapper = make_swapper(family, parts, t.blocks_to_swap, accelerator.device, trained=True)
     say(f"full fine-tune: {_count(parts.denoiser):,} denoiser parameters"
         f"{f' + {sum(_count(e) for e in text_encoders):,} text-encoder' if text_encoders else ''}; "
-        f"weights {dtype}, autocast {t.mixed_precision}; attention {attention}")
+        f"weights {dtype}, autocast {t.mixed_precision}; attention {attention}"
+        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
+           if swapper else ""))
 
     # ---- caches ---------------------------------------------------------------------------------
     with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
-        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not text_encoders, say)
-    parts.denoiser.to(accelerator.device)  # now: the VAE pass of caching did not share the device with it
+        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not text_encoders, accelerator.device,
+                                            say)
+    move(parts.denoiser, accelerator.device)  # now: the VAE pass of caching did not share the device with it
 
 
     # ---- optimizer ------------------------------------------------------------------------------
@@ -136,6 +145,8 @@ def train(cfg: Config) -> TrainResult:
                              "processes: train on one GPU, or turn it off")
         optimizer = FusedBackward(o.optimizer_type, groups, o.learning_rate, o.optimizer_args,
                                   chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm)
+        if swapper:
+            swapper.optimizer_state = optimizer.state_of  # a swapped weight's state travels with it
         say(f"fused backward pass: {len(optimizer.optimizers)} optimizer steps inside backward"
             + (f"; max_grad_norm {o.max_grad_norm:g} applied per {'parameter' if o.fused_backward_pass else 'group'}"
                if o.max_grad_norm > 0 else ""))

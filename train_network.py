@@ -23,8 +23,9 @@ from library.config import Config, glob_escape, write_resolved
 from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
+from library.block_swap import make_swapper, move
 from library.memory import (allow_fp16_gradients, cast_frozen, cast_trainable, enable_gradient_checkpointing,
-                            peak_memory_text, set_attention, weight_dtype)
+                            offload_checkpoints, peak_memory_text, set_attention, store_fp8_base, weight_dtype)
 from library.objectives import configure
 from library.optim import build_optimizer, build_scheduler
 from library.progress import Progress
@@ -120,16 +121,23 @@ def train(cfg: Config) -> TrainResult:
     attention = set_attention(parts.denoiser, t.xformers, t.sdpa)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(parts.denoiser, [c.module for c in adapted if c.module is not parts.denoiser])
-    for module in (parts.vae, *parts.text_encoders.values()):  # the denoiser comes after the caches
-        module.to(accelerator.device)
+    if t.fp8_base:  # frozen denoiser weights in float8, computed in `dtype`; the adapters are left as they are
+        store_fp8_base(parts.denoiser, dtype)
+    if t.cpu_offload_checkpointing:
+        offload_checkpoints(parts.denoiser)
+    swapper = make_swapper(family, parts, t.blocks_to_swap, accelerator.device)  # frozen weights of N blocks
     say(f"precision: weights {dtype}, autocast {t.mixed_precision}; attention {attention}; "
-        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}")
+        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
+        + ("; fp8 base weights" if t.fp8_base else "") + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing
+                                                         else "")
+        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
+           if swapper else ""))
 
     # ---- caches ---------------------------------------------------------------------------------
     clip_skip = m.clip_skip
     with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
-        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, say)
-    parts.denoiser.to(accelerator.device)  # now: the VAE pass of caching did not share the device with it
+        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, accelerator.device, say)
+    move(parts.denoiser, accelerator.device)  # now: the VAE pass of caching did not share the device with it
 
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer

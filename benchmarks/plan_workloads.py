@@ -28,8 +28,9 @@ WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
              ("SDXL LoRA 1024px", "sdxl", "sdxl", 1024, LORA),
              ("SDXL full fine-tune 1024px", "sdxl", "sdxl", 1024, FULL),
              ("SD3-medium LoRA 1024px", "sd3", "sd3", 1024, LORA),
-             ("FLUX.1-dev LoRA 1024px", "flux", "flux-dev", 1024, LORA),
-             ("FLUX.1-dev full fine-tune 1024px", "flux", "flux-dev", 1024, FULL)]
+             ("FLUX.1-dev LoRA 1024px", "flux", "flux-dev", 1024, {**LORA, "fp8_base": True, "blocks_to_swap": 48}),
+             # sd-scripts' 24 GB recipe: fused backward pass + Adafactor + full_bf16 + blocks_to_swap
+             ("FLUX.1-dev full fine-tune 1024px", "flux", "flux-dev", 1024, {**FULL, "blocks_to_swap": 48})]
 GIB = 2**30
 
 

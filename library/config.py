@@ -51,7 +51,7 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "flux"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -200,6 +200,18 @@ class TrainSection:
     xformers: bool = opt(False, "xformers memory-efficient attention (pip install xformers)")
     cache_text_encoder_outputs: bool = opt(
         False, "encode all captions once; needs a frozen text encoder (network_train_unet_only)")
+    fp8_base: bool = opt(
+        False, "adapter training: store the frozen denoiser's Linear weights as float8_e4m3fn, computed layer by "
+        "layer in the autocast dtype (needs mixed_precision bf16 or fp16); halves the denoiser's weights. The "
+        "denoiser only: text encoders keep their precision (sd-scripts' fp8_base_unet; its fp8_base is read as "
+        "this too; model.t5xxl_precision stores T5 smaller). Adapters stay in full precision")
+    blocks_to_swap: int = opt(
+        0, "keep N of the denoiser's blocks (SD3, FLUX.1: 57 = 19 double + 38 single) in CPU memory, each brought "
+        "to the GPU just before it runs (forward and checkpointed backward) and sent back after; needs "
+        "gradient_checkpointing, and in train_db.py the fused backward pass. Slower by the PCIe copies")
+    cpu_offload_checkpointing: bool = opt(
+        False, "with gradient_checkpointing: keep the checkpointed blocks' inputs in CPU memory until backward "
+        "(fewer activations on the GPU; slower by the copies)")
     cache_text_encoder_outputs_to_disk: bool = opt(
         False, "cache text-encoder outputs as files in cache_dir, reused while still valid")
 
@@ -343,6 +355,7 @@ def key_to_section() -> dict[str, str]:
 
 SD_SCRIPTS_RENAMES = {
     "batch_size": "train_batch_size",
+    "fp8_base_unet": "fp8_base",  # sd-scripts: fp8 for the denoiser only; ours never touches the text encoders
 }
 # sd-scripts keys that carry no meaning here when set to these values (they are the behaviour we have).
 SD_SCRIPTS_HARMLESS = {
@@ -558,6 +571,17 @@ def _check_combinations(cfg: Config) -> None:
         problems.append("'train.full_fp16' needs 'train.mixed_precision' = \"fp16\"")
     if t.full_bf16 and t.mixed_precision != "bf16":
         problems.append("'train.full_bf16' needs 'train.mixed_precision' = \"bf16\"")
+    if t.fp8_base and t.mixed_precision not in ("bf16", "fp16"):
+        problems.append("'train.fp8_base' computes in the autocast dtype: set 'train.mixed_precision' = \"bf16\" "
+                        "(or \"fp16\")")
+    if t.blocks_to_swap < 0:
+        problems.append(f"'train.blocks_to_swap' must be 0 or more, got {t.blocks_to_swap}")
+    if t.blocks_to_swap and not t.gradient_checkpointing:
+        problems.append("'train.blocks_to_swap' needs 'train.gradient_checkpointing' = true: without it autograd "
+                        "keeps every block's weights on the GPU for backward, so none could leave")
+    if t.cpu_offload_checkpointing and not t.gradient_checkpointing:
+        problems.append("'train.cpu_offload_checkpointing' offloads the checkpointed inputs: set "
+                        "'train.gradient_checkpointing' = true")
     if n.network_train_unet_only and n.network_train_text_encoder_only:
         problems.append("'network.network_train_unet_only' and 'network.network_train_text_encoder_only' "
                         "cannot both be true")
@@ -649,6 +673,14 @@ def check_recipe(cfg: Config, recipe: str) -> None:
                                                                     and cfg.dreambooth.class_prompt):
         problems.append("'dreambooth.num_class_images' needs 'dreambooth.class_data_dir' and "
                         "'dreambooth.class_prompt' (where to put class images, and what they show)")
+    if recipe == "db" and cfg.train.fp8_base:
+        problems.append("'train.fp8_base' stores frozen weights in float8; train_db.py trains the denoiser's weights, "
+                        "which must stay bf16/fp32 to take updates: use full_bf16 (with fused_backward_pass) and "
+                        "blocks_to_swap instead")
+    if recipe == "db" and cfg.train.blocks_to_swap and not cfg.optimizer.fused_backward_pass:
+        problems.append("'train.blocks_to_swap' in train_db.py needs 'optimizer.fused_backward_pass' = true: each "
+                        "swapped weight is stepped inside backward while its block is on the GPU (an optimizer "
+                        "stepping after backward, or per group, would find it back in CPU memory)")
     if recipe == "network":
         if cfg.optimizer.fused_backward_pass or cfg.optimizer.fused_optimizer_groups:
             problems.append("fused backward pass is for full fine-tuning (train_db.py); adapter gradients are "

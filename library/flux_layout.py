@@ -95,6 +95,22 @@ def bfl_module_name(module_path: str) -> str | None:
     return f"{block}.{new}" if new else None
 
 
+def kohya_layout(module_path: str) -> tuple[str, int, int] | None:
+    """AdapterTarget.kohya_layout of the FLUX transformer: (BFL layer name, position among its fused parts,
+    number of parts), as sd-scripts' lora_flux names adapter layers: transformer_blocks.0.attn.to_k ->
+    ("double_blocks.0.img_attn.qkv", 1, 3), single_transformer_blocks.0.proj_mlp -> ("single_blocks.0.linear1",
+    3, 4), transformer_blocks.0.attn.to_out.0 -> ("double_blocks.0.img_attn.proj", 0, 1)."""
+    name = bfl_module_name(module_path)
+    if name is None:
+        return None
+    m = re.match(r"(single_transformer_blocks|transformer_blocks)\.\d+\.(.+)$", module_path)
+    if m:
+        for parts in (SINGLE_FUSED if m.group(1) == "single_transformer_blocks" else DOUBLE_FUSED).values():
+            if m.group(2) in parts:
+                return name, parts.index(m.group(2)), len(parts)
+    return name, 0, 1
+
+
 def bfl_to_transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of transformer_to_bfl, at any width (diffusers' own converter assumes FLUX.1's 3072).
     Accepts keys with or without the "model.diffusion_model." prefix."""

@@ -1,4 +1,6 @@
-"""Memory switches: precision of frozen and trainable weights, gradient checkpointing, attention backend."""
+"""Memory switches: precision of frozen and trainable weights (fp8_base), gradient checkpointing (with the
+checkpointed inputs on the CPU: cpu_offload_checkpointing), attention backend; and the copies between the
+device and the host that offloading makes (block swap: library/block_swap.py)."""
 from __future__ import annotations
 
 import torch
@@ -31,8 +33,9 @@ def set_attention(denoiser: nn.Module, xformers: bool, sdpa: bool) -> str:
     """xformers when asked (checked installed by the config), else PyTorch SDPA, else plain attention."""
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-    if not any(isinstance(m, Attention) for m in denoiser.modules()):
-        return "sdpa (the model's own attention processors)"  # FLUX / SD3 attention classes: already SDPA
+    if not any(isinstance(m, Attention) for m in denoiser.modules()) or any(
+            "Joint" in type(m.processor).__name__ for m in denoiser.modules() if isinstance(m, Attention)):
+        return "sdpa (the model's own attention processors)"  # FLUX / SD3 (joint attention): already SDPA
     if xformers:
         denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"
@@ -44,6 +47,106 @@ def enable_gradient_checkpointing(denoiser: nn.Module, text_encoders: list[nn.Mo
     denoiser.enable_gradient_checkpointing()
     for encoder in text_encoders:
         encoder.gradient_checkpointing_enable()
+
+
+def store_fp8_base(denoiser: nn.Module, compute_dtype: torch.dtype) -> int:
+    """fp8_base: every frozen Linear / Conv weight of the denoiser (the layer classes diffusers' layerwise
+    casting handles) stored as float8_e4m3fn and cast to `compute_dtype` layer by layer in forward, as
+    sd-scripts' fp8_base stores its frozen base model. Inside a peft adapter layer the frozen base layer is
+    cast; the adapter's own modules (`lora_A.default`, ...) are not: they stay in their precision, trainable.
+    Norm weights and other non-Linear parameters stay as they are. Returns the number of layers in fp8.
+
+    Like diffusers' LayerwiseCastingHook, but the fp8 parameter is kept and put back after forward instead of
+    cast back with module.to(): no second cast, no new storage per forward, and no weight whose dtype changes
+    under autograd's feet (a Conv saves its weight tensor itself for backward; module.to() also cannot run
+    on the planner's fake tensors once autograd holds the weight). The compute-dtype copies are transient:
+    with gradient checkpointing one block's copies exist at a time; without it autograd keeps every layer's
+    copy for backward, so little is saved."""
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+
+    from networks.algorithms import ADAPTER
+
+    layers = [m for name, m in denoiser.named_modules()
+              if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and name.rsplit(".", 1)[-1] != ADAPTER]
+    for layer in layers:
+        names = [name for name, _ in layer.named_parameters(recurse=False)]
+        if any(getattr(layer, name).requires_grad for name in names):
+            raise ValueError(f"fp8_base stores frozen weights; a {type(layer).__name__} of the denoiser trains")
+        for name in names:
+            getattr(layer, name).data = getattr(layer, name).data.to(torch.float8_e4m3fn)
+        kept: dict[str, nn.Parameter] = {}
+
+        # the fp8 parameter leaves its slot to a compute-dtype copy for the forward (a separate tensor, so what
+        # autograd saves of it stays that copy), and comes back after
+        def cast(module, args, names=names, kept=kept):  # noqa: ARG001
+            for name in names:
+                kept[name] = module._parameters[name]
+                module._parameters[name] = kept[name].detach().to(compute_dtype)
+
+        def restore(module, args, output, kept=kept):  # noqa: ARG001
+            for name, param in list(kept.items()):
+                module._parameters[name] = param
+            kept.clear()
+
+        layer.register_forward_pre_hook(cast)
+        layer.register_forward_hook(restore, always_call=True)
+    return len(layers)
+
+
+# ---- copies between the device and the host (offloading) -----------------------------------------------
+
+# callables(tensor, where): where = "host" (this storage now lives in host memory) or the category of a tensor
+# that came to the device ("weights", "optimizer state", "activations"). The planner listens, to count them.
+OFFLOAD_OBSERVERS: list = []
+
+
+def _tell(tensor: torch.Tensor, where: str) -> None:
+    for observer in OFFLOAD_OBSERVERS:
+        observer(tensor, where)
+
+
+def host_copy(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A copy of `tensor` in host memory (pinned when it comes from CUDA, for fast asynchronous copies back),
+    always a separate storage (also when the "device" is the CPU, so that tests exercise the mechanism);
+    `out`: an existing host buffer to copy into."""
+    if out is None:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
+    out.copy_(tensor)
+    _tell(out, "host")
+    return out
+
+
+def device_copy(tensor: torch.Tensor, device: torch.device, category: str = "weights",
+                non_blocking: bool = False) -> torch.Tensor:
+    """A copy of a host tensor on `device` (a separate storage even when `device` is the CPU)."""
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+    out.copy_(tensor, non_blocking=non_blocking)
+    _tell(out, category)
+    return out
+
+
+def offload_checkpoints(denoiser: nn.Module) -> None:
+    """cpu_offload_checkpointing: while the denoiser runs forward with gradient enabled, every tensor autograd
+    saves for backward goes to host memory and comes back when backward needs it. With gradient checkpointing,
+    what is saved is each checkpointed block's inputs (and the few layers outside blocks): those leave the
+    device, sd-scripts' cpu_offload_checkpointing. (torch.autograd.graph.save_on_cpu does the same but keeps
+    CPU tensors as they are; these hooks always copy, and tell the planner.)"""
+    hooks = torch.autograd.graph.saved_tensors_hooks(
+        lambda t: (t.device, host_copy(t)), lambda packed: device_copy(packed[1], packed[0], "activations",
+                                                                       non_blocking=packed[0].type == "cuda"))
+
+    def enter(module, args):  # noqa: ARG001
+        if torch.is_grad_enabled():
+            hooks.__enter__()
+            module._offloading_saved_tensors = True
+
+    def leave(module, args, output):  # noqa: ARG001
+        if getattr(module, "_offloading_saved_tensors", False):
+            module._offloading_saved_tensors = False
+            hooks.__exit__(None, None, None)
+
+    denoiser.register_forward_pre_hook(enter)
+    denoiser.register_forward_hook(leave, always_call=True)
 
 
 def allow_fp16_gradients(accelerator) -> None:

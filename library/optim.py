@@ -126,6 +126,12 @@ class FusedBackward(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002
         return None
 
+    def state_of(self, param: torch.nn.Parameter) -> dict:
+        """The optimizer state of one parameter (block swap moves it with its weight)."""
+        if not hasattr(self, "_owner"):
+            self._owner = {id(p): opt for opt, piece in zip(self.optimizers, self.chunk_params) for p in piece}
+        return self._owner[id(param)].state[param]
+
     def pop_nonfinite(self) -> bool:
         """Whether any chunk skipped its step for NaN/inf gradients since the last call."""
         bad, self.nonfinite = self.nonfinite > 0, 0

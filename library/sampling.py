@@ -181,6 +181,8 @@ def due(settings: SampleSettings | None, step: int, epoch_end: int | None = None
 def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: str, device=None) -> list[Path]:
     """Render every prompt to out_dir/<tag>_<index>_<seed>.png, plus <tag>_grid.png for several prompts.
     RNG states, train/eval modes and device placement are restored afterwards."""
+    from library.block_swap import move
+
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     saved = [(m, m.training, _device_of(m)) for m in modules]
@@ -191,7 +193,7 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
     try:
         for m in modules:
             m.eval()
-            m.to(device)  # model offload: parts kept off the device come over only for sampling
+            move(m, device)  # model offload: parts kept off the device come over only for sampling
         _vae_tiling(parts.vae, max(max(p.width or settings.width, p.height or settings.height)
                                    for p in settings.prompts))
         with torch.inference_mode():
@@ -210,7 +212,7 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
             torch.cuda.set_rng_state_all(cuda_rng)
         for m, mode, where in saved:
             m.train(mode)
-            m.to(where)
+            move(m, where)
         _vae_tiling(parts.vae, 0)
     return paths
 

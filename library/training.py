@@ -80,24 +80,32 @@ def make_loader(cfg, plan, dataset):
     return loader, sampler, order
 
 
-def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, say):
-    """cache_latents(_to_disk) and cache_text_encoder_outputs(_to_disk); then what training no longer needs
-    on the device (the VAE, frozen text encoders) stays on the CPU. Returns the cached conditioning or None."""
+def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say):
+    """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
+    `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the
+    device one at a time while captions are encoded (library/offload.py), the others come to stay. The
+    denoiser is not on the device yet. Returns the cached conditioning or None."""
     from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
-    from library.memory import offload_idle
+    from library.offload import OneAtATime
 
     d, t = cfg.dataset, cfg.train
     latents_cached = d.cache_latents or d.cache_latents_to_disk
+    parts.vae.to(device)
     if latents_cached:
         cache_latents(family, parts, dataset, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
                                                                   d.vae_batch_size, t.seed), say)
+        parts.vae.to("cpu")  # sampling brings it back when it needs it
     conditioning = None
     if (t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk) and text_frozen:
-        conditioning = cache_text_outputs(family, parts, dataset.captions, cfg.model.clip_skip, cache_folder(cfg)
-                                          if t.cache_text_encoder_outputs_to_disk else None, say)
-    offloaded = offload_idle(parts, latents_cached, conditioning is not None)
-    if offloaded:
-        say(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
+        with OneAtATime(list(parts.text_encoders.values()), device):
+            conditioning = cache_text_outputs(family, parts, dataset.captions, cfg.model.clip_skip, cache_folder(cfg)
+                                              if t.cache_text_encoder_outputs_to_disk else None, say, device)
+    else:
+        for encoder in parts.text_encoders.values():
+            encoder.to(device)
+    kept = (["vae"] if latents_cached else []) + (list(parts.text_encoders) if conditioning is not None else [])
+    if kept:
+        say(f"kept on the CPU while training (outputs cached): {', '.join(kept)}")
     return conditioning
 
 

@@ -9,6 +9,8 @@ kohya / LyCORIS files are merged by the published formulas, without peft (what U
                   or 1 when neither is factored
     DoRA          W' = dora_scale * (W + delta) / ||W + delta|| per output channel
     W' = W + ratio * (merged - W).
+A layer a family's files fuse (FLUX double_blocks_0_img_attn_qkv: to_q, to_k, to_v) is merged into the parts'
+weights stacked along the output rows, then split back (exact for any algorithm: the delta's rows are the parts').
 peft-layout files (OFT, BOFT, or save_format = "peft") are merged through peft's own merge.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from networks.lycoris_format import LoraFileError, kohya_name
+from networks.lycoris_format import LoraFileError, file_names
 
 
 @torch.no_grad()
@@ -30,11 +32,10 @@ def merge_lora(modules: dict[str, nn.Module], targets, path: str, ratio: float =
     """Add a kohya / LyCORIS file's deltas into `modules` (component name -> module) in place; returns
     layers merged. `targets` are the family's AdapterTargets (each component's kohya prefix)."""
     tensors = load_file(path)
-    layers = {}
+    layers: dict[str, list[nn.Module]] = {}
     for target in targets:
-        for module_path, module in modules[target.component].named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                layers[kohya_name(target, module_path)] = module
+        found = {p: m for p, m in modules[target.component].named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        layers.update({name: [found[p] for p in paths] for name, paths in file_names(target, found).items()})
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
@@ -43,9 +44,11 @@ def merge_lora(modules: dict[str, nn.Module], targets, path: str, ratio: float =
     if unknown:
         raise LoraFileError(f"{path}: no layer for {unknown[:5]}")
     for name, parts in grouped.items():
-        weight = layers[name].weight
-        merged = merged_weight(weight.float(), parts)
-        weight.copy_((weight.float() + ratio * (merged - weight.float())).to(weight.dtype))
+        weights = [m.weight for m in layers[name]]
+        before = torch.cat([w.float() for w in weights])
+        merged = before + ratio * (merged_weight(before, parts) - before)
+        for weight, rows in zip(weights, merged.split([w.shape[0] for w in weights])):
+            weight.copy_(rows.to(weight.dtype))
     return len(grouped)
 
 

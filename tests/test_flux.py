@@ -167,7 +167,7 @@ def test_golden_losses_lora(flux_config):
     assert _close(result.losses, GOLDEN_FLUX)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1"}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
-    assert "lora_unet_transformer_blocks_0_attn_to_q" in names and "lora_unet_single_transformer_blocks_1_proj_mlp" in names
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_single_blocks_1_linear1" in names
     assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in names
 
 

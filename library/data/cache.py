@@ -29,6 +29,7 @@ from library.data.report import CountingBar
 
 CACHE_FORMAT = 1
 SAMPLED_VALUES = 4096  # per tensor, for the weight fingerprint
+TEXT_BATCH = 32  # captions per text-encoder call when caching
 
 
 def fingerprint(modules) -> str:
@@ -188,28 +189,32 @@ def text_name(caption: str, clip_skip: int) -> str:
 
 @torch.no_grad()
 def cache_text_outputs(family, parts, captions: list[str], clip_skip: int, folder: Path | None,
-                       say=print) -> dict[str, dict[str, torch.Tensor]]:
-    """caption -> family.encode_prompts output (batch of one), from disk where valid, else encoded (and saved)."""
+                       say=print, device=None, batch_size: int = TEXT_BATCH) -> dict[str, dict[str, torch.Tensor]]:
+    """caption -> family.encode_prompts output (batch of one) on `device` (default: the first encoder's),
+    from disk where valid, else encoded in batches of `batch_size` captions (and saved)."""
     encoders = list(parts.text_encoders.values())
-    device = next(encoders[0].parameters()).device
+    device = device or next(encoders[0].parameters()).device
     disk = DiskCache(Path(folder) / "text") if folder else None
     encoders_id = fingerprint(encoders)
-    out, statuses = {}, {}
-    bar = CountingBar(len(captions), "caching text-encoder outputs")
-    for caption in captions:
-        depends = text_dependencies(family.name, encoders_id, clip_skip, caption, parts.source)
-        name = text_name(caption, clip_skip)
-        statuses[caption] = disk.status(name, depends) if disk else "missing"
-        if statuses[caption] == "valid":
-            out[caption] = {k: v.to(device) for k, v in disk.load(name).items()}
-        else:
-            out[caption] = family.encode_prompts(parts, [caption], clip_skip)
+    source = getattr(parts, "source", None)
+    depends = {c: text_dependencies(family.name, encoders_id, clip_skip, c, source) for c in captions}
+    statuses = {c: disk.status(text_name(c, clip_skip), depends[c]) if disk else "missing" for c in captions}
+    out = {c: {k: v.to(device) for k, v in disk.load(text_name(c, clip_skip)).items()}
+           for c in captions if statuses[c] == "valid"}
+    missing = [c for c in captions if statuses[c] != "valid"]
+    bar = CountingBar(len(missing), "caching text-encoder outputs")
+    for start in range(0, len(missing), batch_size):
+        batch = missing[start:start + batch_size]
+        encoded = family.encode_prompts(parts, batch, clip_skip)
+        for i, caption in enumerate(batch):
+            out[caption] = {k: v[i:i + 1].to(device) for k, v in encoded.items()}
             if disk:
-                disk.save(name, {k: v.cpu() for k, v in out[caption].items()}, depends)
-        bar.advance()
+                disk.save(text_name(caption, clip_skip), {k: v.cpu() for k, v in out[caption].items()},
+                          depends[caption])
+            bar.advance()
     bar.close()
-    reused = sum(s == "valid" for s in statuses.values())
-    say(f"text-encoder outputs: {len(captions)} captions, {reused} reused, {len(captions) - reused} encoded"
+    reused = len(captions) - len(missing)
+    say(f"text-encoder outputs: {len(captions)} captions, {reused} reused, {len(missing)} encoded"
         f"{_reasons(statuses)}")
     return out
 

@@ -2,6 +2,7 @@
 # Registration order is the order `family = "auto"` asks: the more specific families first (an SDXL
 # folder without model_index.json would otherwise look like SD1's).
 from library.families import flux  # noqa: F401, I001  (BFL single files would look like SD1's)
+from library.families import sd3  # noqa: F401, I001  (SAI SD3 files would look like SD1's)
 from library.families import sdxl  # noqa: F401, I001
 from library.families import sd1  # noqa: F401
 from library.families.base import Components, ModelSource, get_family  # noqa: F401

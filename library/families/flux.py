@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
-from library.flux_layout import bfl_module_name, bfl_to_transformer, transformer_to_bfl
+from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
 
@@ -93,11 +93,15 @@ class FluxFamily:
         te1 = parts.text_encoders["te1"]
         return [
             AdapterTarget("denoiser", "lora_unet", linear_parents=BLOCK_PARENTS, diffusers_prefix="transformer",
-                          kohya_names=bfl_module_name),
+                          kohya_layout=kohya_layout),
             AdapterTarget("te1", "lora_te1", linear_parents=TEXT_PARENTS,
                           kohya_path_prefix="" if hasattr(te1, "text_model") else "text_model.",
                           diffusers_prefix="text_encoder"),
         ]
+
+    def swappable_blocks(self, parts: Components) -> list[torch.nn.Module]:
+        """The blocks train.blocks_to_swap may keep in CPU memory, in execution order: double-, then single-stream."""
+        return [*parts.denoiser.transformer_blocks, *parts.denoiser.single_transformer_blocks]
 
     def single_file_state_dict(self, parts: Components) -> dict[str, torch.Tensor]:
         """The transformer in the BFL layout (what ComfyUI / Forge / sd-scripts load beside clip_l, t5xxl, ae)."""

@@ -42,7 +42,7 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
 
     m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.dataset
     family = m.family if m.family != "auto" else _guess_family(m.pretrained_model_name_or_path)
-    arch = m.arch or {"sd1": "sd2" if m.v2 else "sd15", "sdxl": "sdxl"}.get(family, family)
+    arch = m.arch or {"sd1": "sd2" if m.v2 else "sd15", "sdxl": "sdxl", "sd3": "sd3-medium"}.get(family, family)
     width, height = resolution(d.resolution)
     n = cfg.network
     return StepSettings(
@@ -55,7 +55,8 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         fused_backward_pass=o.fused_backward_pass, fused_optimizer_groups=o.fused_optimizer_groups,
         train_text_encoder=(cfg.dreambooth.train_text_encoder if recipe == "db" else not n.network_train_unet_only),
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
-        v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate)
+        v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
+        fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing)
 
 
 def _guess_family(path: str) -> str:
@@ -99,7 +100,10 @@ def format_plan(p: Plan) -> str:
 def switch_text(s: StepSettings) -> str:
     on = [f"mixed_precision={s.mixed_precision}"]
     on += [name for name in ("full_fp16", "full_bf16", "gradient_checkpointing", "cache_latents",
-                             "cache_text_encoder_outputs", "fused_backward_pass") if getattr(s, name)]
+                             "cache_text_encoder_outputs", "fused_backward_pass", "fp8_base",
+                             "cpu_offload_checkpointing") if getattr(s, name)]
+    if s.blocks_to_swap:
+        on.append(f"blocks_to_swap={s.blocks_to_swap}")
     if s.fused_optimizer_groups:
         on.append(f"fused_optimizer_groups={s.fused_optimizer_groups}")
     on.append(f"optimizer {s.optimizer_type}")
@@ -142,7 +146,40 @@ def _ladder(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
     if s.recipe == "db" and not (s.full_bf16 or s.full_fp16):
         steps.append(("full_bf16", {"full_bf16": True, "mixed_precision": "bf16"},
                       ["full_bf16 = true   # [train]"], "same speed; bf16 weights lose small updates"))
+    if s.recipe == "network" and s.train_unet and not s.fp8_base:
+        change = {"fp8_base": True, **({"mixed_precision": "bf16"} if s.mixed_precision == "no" else {})}
+        steps.append(("fp8_base", change, ["fp8_base = true   # [train]"],
+                      "slightly slower (each layer's weights cast per use); fp8 rounding of the frozen base"))
+    blocks = _swappable_block_sizes(s)
+    if blocks and (s.recipe == "network" or s.fused_backward_pass or not s.fused_optimizer_groups):
+        from library.block_swap import spread
+
+        trained = s.recipe == "db"
+        for count in [c for c in (*range(8, len(blocks), 8), len(blocks)) if c > s.blocks_to_swap]:
+            per_weight = 1 if s.fp8_base else 4 if (trained and not (s.full_bf16 or s.full_fp16)) else 2
+            moved = sum(blocks[k] for k in spread(len(blocks), count)) * per_weight
+            seconds = (2 * moved + (moved if trained else 0)) / 25e9
+            steps.append((f"blocks_to_swap {count}", {"blocks_to_swap": count},
+                          [f"blocks_to_swap = {count}   # [train]"],
+                          f"~{seconds:.1f} s/step of PCIe copies at 25 GB/s ({moved / GIB:.1f} GiB each way), "
+                          f"partly hidden behind compute"))
     return steps
+
+
+def _swappable_block_sizes(s: StepSettings) -> list[int]:
+    """Parameter counts of the family's swappable blocks (empty for families without block swap)."""
+    from library.families import get_family
+    from library.loading import arch_dir
+    from library.planner.step import build_parts
+
+    family = get_family(s.family, "")
+    if not hasattr(family, "swappable_blocks"):
+        return []
+    import torch
+
+    with torch.device("meta"):
+        parts = build_parts(family, s.family, arch_dir(s.arch))
+    return [sum(p.numel() for p in block.parameters()) for block in family.swappable_blocks(parts)]
 
 
 def search_budget(s: StepSettings, budget_gb: float, say=print,

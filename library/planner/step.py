@@ -20,7 +20,8 @@ STEPS = 2
 # the text-encoder names each family's Components use, by diffusers subfolder (families may instead
 # provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
 TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
-                      "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}}
+                      "flux": {"text_encoder": "te1", "text_encoder_2": "te3"},
+                      "sd3": {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}}
 DENOISER_FOLDERS = ("unet", "transformer")
 
 
@@ -50,6 +51,9 @@ class StepSettings:
     train_unet: bool = True  # network: not network_train_text_encoder_only
     clip_skip: int = 1
     v_parameterization: bool = False
+    fp8_base: bool = False
+    blocks_to_swap: int = 0
+    cpu_offload_checkpointing: bool = False
     network: object = None  # the config's [network] section (adapter recipe)
     learning_rate: float = 1e-4
 
@@ -125,13 +129,40 @@ def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = No
     with FakeDevice(fake=fake), MemoryTracker(fake_scalars=fake) as tracker:
         parts = build_parts(family, s.family, arch)
         parts.source.v_parameterization = s.v_parameterization
-        measure = _run(s, family, parts, tracker, notes)
+        with _offload_observed(tracker):
+            measure = _run(s, family, parts, tracker, notes)
     return measure
 
 
+class _offload_observed:
+    """While a plan runs: what the offloading switches put in host memory leaves the tracker's count, and
+    what they bring to the device is tagged (library.memory.OFFLOAD_OBSERVERS)."""
+
+    def __init__(self, tracker: MemoryTracker):
+        self.tracker = tracker
+
+    def observe(self, tensor, where: str) -> None:
+        if where == "host":
+            self.tracker.release([tensor])
+        else:
+            self.tracker.tag([tensor], where)
+
+    def __enter__(self):
+        from library.memory import OFFLOAD_OBSERVERS
+
+        OFFLOAD_OBSERVERS.append(self.observe)
+        return self
+
+    def __exit__(self, *exc):
+        from library.memory import OFFLOAD_OBSERVERS
+
+        OFFLOAD_OBSERVERS.remove(self.observe)
+
+
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
-    from library.memory import (cast_frozen, cast_trainable, enable_gradient_checkpointing, offload_idle,
-                                set_attention, weight_dtype)
+    from library.block_swap import make_swapper
+    from library.memory import (cast_frozen, cast_trainable, enable_gradient_checkpointing, offload_checkpoints,
+                                offload_idle, set_attention, store_fp8_base, weight_dtype)
     from library.objectives import LossOptions
     from library.training import batch_loss
 
@@ -170,6 +201,15 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(parts.denoiser, [c.module for c in adapted if c.module is not parts.denoiser]
                                       if s.recipe == "network" else text_encoders)
+    if s.fp8_base:
+        store_fp8_base(parts.denoiser, dtype)
+    if s.cpu_offload_checkpointing:
+        offload_checkpoints(parts.denoiser)
+    swapper = make_swapper(family, parts, s.blocks_to_swap, "cpu", trained=s.recipe == "db")
+    if swapper:
+        notes.append(f"blocks_to_swap {s.blocks_to_swap}: {swapper.bytes_swapped() / 2**30:.2f} GiB of weights in "
+                     f"CPU memory, copied to the device and back every step ({_swap_seconds(swapper):.1f} s/step "
+                     f"of PCIe copies at 25 GB/s)")
     trained_ids = {id(p) for p in trained}
     for module in modules:
         for t in _storages(module):
@@ -197,6 +237,8 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     if offloaded:
         notes.append(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
     for t in denoiser_storages:  # the recipes move the denoiser over after the caches are built
+        if swapper and swapper.swaps(t):  # ... except swapped weights (block_swap.move)
+            continue
         tracker.arrive([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
 
     # ---- optimizer ----------------------------------------------------------------------------
@@ -204,6 +246,8 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         p.register_post_accumulate_grad_hook(lambda p: tracker.tag([p.grad], "gradients"))
     optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, trained, notes)
     fused = s.fused_backward_pass or bool(s.fused_optimizer_groups)
+    if swapper and fused:
+        swapper.optimizer_state = optimizer.state_of
 
     # ---- the training steps ------------------------------------------------------------------
     generator = torch.Generator().manual_seed(0)
@@ -238,6 +282,13 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         optimizer.remove_hooks()
     return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
                        frozen=frozen)
+
+
+def _swap_seconds(swapper, bandwidth: float = 25e9) -> float:
+    """PCIe time of one step's swapping: each swapped block comes over twice (forward, backward's re-run);
+    trained weights also go back once."""
+    trained = sum(t.numel() * t.element_size() for p, t in swapper.host.items() if p.requires_grad)
+    return (2 * swapper.bytes_swapped() + trained) / bandwidth
 
 
 def _optimizer(s: StepSettings, adapted, parts, text_encoders, trained, notes):

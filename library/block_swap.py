@@ -1,0 +1,212 @@
+"""The block swapper (train.blocks_to_swap): N of the denoiser's blocks keep their weights in host memory
+(pinned when the device is CUDA) and come to the device just in time for their forward, and for the
+forward that backward re-runs under gradient checkpointing; they go back to the host after use.
+
+Which blocks: the family's `swappable_blocks(parts)` (FLUX.1: the 19 double- then the 38 single-stream
+blocks, in execution order); N of them, evenly spread over that list, so that the copy of the next swapped
+block (a prefetch, on a side CUDA stream) overlaps with the compute of the blocks in between. On the CPU
+the copies are plain, synchronous, but still separate storages, so tests exercise the same mechanism.
+
+What moves: the block's frozen weights; in full fine-tuning (`trained=True`) its trained weights too, with
+their optimizer state. An adapter's weights (LoRA) stay on the device.
+
+When, with gradient checkpointing (required: without it autograd would keep every block's device weights
+for backward, so nothing would leave the device):
+- forward: before block k, its weights arrive (waiting for the prefetch) and the next swapped block's
+  copy starts; after block k, its device copies are dropped (the host copies are current).
+- backward: checkpointing re-runs block k's forward (the same hooks) right before block k's backward. Its
+  weights and optimizer state arrive then; they leave when the next block's re-run starts (autograd runs
+  the blocks' backward one after another, last to first, and steps a weight's optimizer - the fused
+  backward pass - as soon as its gradient is complete), or at the end of backward. So a trained weight is
+  updated while on the device; what leaves is the updated weight (copied back) and its optimizer state.
+  This needs the per-parameter fused backward pass (optimizer.fused_backward_pass): an optimizer that
+  steps after backward would find the weights on the host.
+
+At most two swapped blocks are on the device at a time (the one running and the one prefetched).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from library.memory import device_copy, host_copy
+
+
+def spread(total: int, count: int) -> list[int]:
+    """`count` of `total` block indices, evenly spread (all of them when count == total)."""
+    return sorted({round(i * total / count + (total / count - 1) / 2) for i in range(count)})
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class BlockSwapper:
+    def __init__(self, blocks: list[nn.Module], count: int, device, trained: bool = False, optimizer_state=None):
+        """blocks: in execution order; count: how many swap; device: where they compute; trained: their
+        trained weights swap too (full fine-tune); optimizer_state: param -> its optimizer's state dict."""
+        if not 0 < count <= len(blocks):
+            raise ValueError(f"blocks_to_swap = {count}: this model has {len(blocks)} swappable blocks")
+        self.device = torch.device(device)
+        self.blocks = blocks
+        self.swapped = spread(len(blocks), count)
+        self.trained = trained
+        self.optimizer_state = optimizer_state
+        self.weights: dict[int, list[nn.Parameter]] = {}
+        self.host: dict[nn.Parameter, torch.Tensor] = {}  # the host copy of every swapped weight
+        self.state_host: dict[tuple[int, str], torch.Tensor] = {}  # (id(param), key) -> host buffer
+        self.loaded: dict[int, torch.cuda.Event | None] = {}  # swapped blocks on the device -> copy done event
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.loads = 0  # blocks brought to the device so far (tests, logging)
+        self.most_resident = 0  # the largest number of swapped blocks on the device at once
+        self._settle_queued = False
+        self._handles = []
+        self._ids = set()
+        for k in self.swapped:
+            weights = [p for p in blocks[k].parameters() if trained or not p.requires_grad]
+            self.weights[k] = weights
+            self._ids.update(id(p) for p in weights)
+            for p in weights:
+                self.host[p] = host_copy(p.data)
+                p.data = self.host[p]
+            self._handles.append(blocks[k].register_forward_pre_hook(self._before(k)))
+            self._handles.append(blocks[k].register_forward_hook(self._after(k), always_call=True))
+
+    # ---- the hooks ------------------------------------------------------------------------------
+    def _before(self, k: int):
+        def hook(module, args):  # noqa: ARG001
+            backward = _in_backward()
+            if backward:
+                for other in [j for j in self.loaded if j > k]:  # their backward (and optimizer steps) are done
+                    self._offload(other, stepped=True)
+                if not self._settle_queued:
+                    self._settle_queued = True
+                    torch.autograd.Variable._execution_engine.queue_callback(self._settle)
+            self._load(k, backward)
+            self._use(k)
+            position = self.swapped.index(k)
+            following = position - 1 if backward else position + 1
+            if 0 <= following < len(self.swapped):
+                self._load(self.swapped[following], backward)
+        return hook
+
+    def _after(self, k: int):
+        def hook(module, args, output):  # noqa: ARG001
+            if not _in_backward():  # in backward the block leaves when its backward is done (see above)
+                self._offload(k)
+        return hook
+
+    def _settle(self) -> None:
+        self._settle_queued = False
+        for k in list(self.loaded):
+            self._offload(k, stepped=True)
+
+    # ---- moving ---------------------------------------------------------------------------------
+    def _load(self, k: int, with_state: bool) -> None:
+        if k in self.loaded:
+            return
+        stream = self.stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else _Nothing():
+            for p in self.weights[k]:
+                p.data = device_copy(self.host[p], self.device, non_blocking=stream is not None)
+                if with_state and p.requires_grad and self.optimizer_state is not None:
+                    state = self.optimizer_state(p)
+                    for key, value in list(state.items()):
+                        if value is not None and value is self.state_host.get((id(p), key)):
+                            state[key] = device_copy(value, self.device, "optimizer state",
+                                                     non_blocking=stream is not None)
+            event = None
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+        self.loaded[k] = event
+        self.loads += 1
+        self.most_resident = max(self.most_resident, len(self.loaded))
+
+    def _use(self, k: int) -> None:
+        """The compute stream waits for block k's copies (and owns them from now on)."""
+        event = self.loaded[k]
+        if event is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for p in self.weights[k]:
+            p.data.record_stream(current)
+        self.loaded[k] = None
+
+    def _offload(self, k: int, stepped: bool = False) -> None:
+        """Block k's device copies are dropped; `stepped` (after its backward): trained weights and their
+        optimizer state are copied back first."""
+        self._use(k)
+        del self.loaded[k]
+        for p in self.weights[k]:
+            if stepped and p.requires_grad:
+                host_copy(p.data, out=self.host[p])
+            p.data = self.host[p]
+            if stepped and p.requires_grad and self.optimizer_state is not None:
+                state = self.optimizer_state(p)
+                for key, value in list(state.items()):
+                    if isinstance(value, torch.Tensor) and value.device == self.device and value.dim() > 0:
+                        buffer = self.state_host.get((id(p), key))
+                        if buffer is not None and (buffer.shape != value.shape or buffer.dtype != value.dtype):
+                            buffer = None
+                        state[key] = self.state_host[(id(p), key)] = host_copy(value, out=buffer)
+
+    # ---- for the recipes ------------------------------------------------------------------------
+    def place(self, module: nn.Module) -> None:
+        """Move `module` (the denoiser) to the device, except the swapped weights, which stay on the host."""
+        for p in module.parameters():
+            if not self.swaps(p):
+                p.data = p.data.to(self.device)
+        for sub in module.modules():
+            for name, buffer in sub._buffers.items():
+                if buffer is not None:
+                    sub._buffers[name] = buffer.to(self.device)
+
+    def swaps(self, param: torch.Tensor) -> bool:
+        """Whether `param` is one of the swapped weights (on the host between uses)."""
+        return id(param) in self._ids
+
+    def resident(self) -> list[int]:
+        """The swapped blocks whose weights are on the device now."""
+        return sorted(self.loaded)
+
+    def bytes_swapped(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.host.values())
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def move(module: nn.Module, device) -> None:
+    """module.to(device), except that a denoiser with blocks_to_swap keeps its swapped weights on the host
+    (the recipes, and sampling, move the denoiser with this)."""
+    swapper = getattr(module, "_block_swapper", None)
+    if swapper is None or torch.device(device) != swapper.device:
+        module.to(device)
+    else:
+        swapper.place(module)
+
+
+def make_swapper(family, parts, count: int | None, device, trained: bool = False, optimizer_state=None):
+    """The swapper for train.blocks_to_swap (None when 0 / unset)."""
+    if not count:
+        return None
+    if not hasattr(family, "swappable_blocks"):
+        from library.config import ConfigError
+
+        raise ConfigError(f"train.blocks_to_swap: the {family.name} family has no swappable blocks (SD3 / FLUX.1)")
+    swapper = BlockSwapper(family.swappable_blocks(parts), count, device, trained, optimizer_state)
+    parts.denoiser._block_swapper = swapper  # for move()
+    return swapper

@@ -1,0 +1,166 @@
+"""fp8_base, blocks_to_swap and cpu_offload_checkpointing on the tiny FLUX.1: the same losses (exactly) with
+and without swapping / offloading, the swapper's residency, fp8 storage of the frozen base only, config errors."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from library import memory
+from library.block_swap import BlockSwapper
+from library.config import ConfigError
+from tests.test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
+
+CHECKPOINTED = {"gradient_checkpointing": True}
+AGAIN = {"overwrite": True}  # the second run writes to the same output_dir
+FUSED = {"optimizer_type": "Adafactor", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
+
+
+def _lora(cfg):
+    from train_network import train
+
+    return train(cfg)
+
+
+def _db(cfg):
+    from train_db import train
+
+    return train(cfg)
+
+
+def _denoiser_state(parts):
+    return {k: v.detach().to("cpu", copy=True) for k, v in parts.denoiser.state_dict().items()}
+
+
+def test_lora_block_swap_gives_identical_losses_and_adapter(flux_config):  # noqa: F811
+    plain = _lora(flux_config(train=CHECKPOINTED))
+    swapped = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 4}, save=AGAIN))  # all 2 double + 2 single blocks
+    assert swapped.losses == plain.losses
+    a = {k: p for c in plain.adapted for k, p in c.module.named_parameters() if p.requires_grad}
+    b = {k: p for c in swapped.adapted for k, p in c.module.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    swapper = swapped.parts.denoiser._block_swapper
+    # 4 steps x (4 blocks forward + 4 re-run in backward), the final sample-free run: nothing else
+    assert swapper.loads == 4 * 8
+    assert swapper.most_resident == 2 and swapper.resident() == []
+    for k in swapper.swapped:  # between steps every swapped frozen weight is its host copy; adapters are not swapped
+        for p in swapper.weights[k]:
+            assert not p.requires_grad and p.data.data_ptr() == swapper.host[p].data_ptr()
+    assert all(not swapper.swaps(p) for c in swapped.adapted for p in c.parameters())
+
+
+def test_full_fine_tune_block_swap_steps_on_the_device_and_matches(flux_config):  # noqa: F811
+    plain = _db(flux_config(train=CHECKPOINTED, optimizer=FUSED, dreambooth={"train_text_encoder": False}))
+    swapped = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
+                              dreambooth={"train_text_encoder": False}, save=AGAIN))
+    assert swapped.losses == plain.losses
+    a, b = _denoiser_state(plain.parts), _denoiser_state(swapped.parts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    swapper = swapped.parts.denoiser._block_swapper
+    assert len(swapper.swapped) == 3 and swapper.resident() == []
+    trained = [p for k in swapper.swapped for p in swapper.weights[k]]
+    assert trained and all(p.requires_grad for p in trained)
+    for p in trained:  # the updated weight and its Adafactor state are back in their host buffers
+        assert p.data.data_ptr() == swapper.host[p].data_ptr()
+        state = swapped.optimizer.state_of(p)
+        assert state["step"] == 4
+        keys = [key for key, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        assert keys and all(state[key] is swapper.state_host[(id(p), key)] for key in keys)
+    assert _moved(swapped, trained)  # the swapped weights were trained
+
+
+def _moved(result, trained):
+    from library.families.flux import FluxFamily
+    from library.families.base import ModelSource
+
+    start = FluxFamily().load(ModelSource(result.parts.source.path)).denoiser
+    names = {id(p): n for n, p in result.parts.denoiser.named_parameters()}
+    initial = dict(start.named_parameters())
+    return all(not torch.equal(p.data.float(), initial[names[id(p)]].float()) for p in trained if p.dim() == 2)
+
+
+def test_cpu_offload_checkpointing_gives_identical_losses(flux_config):  # noqa: F811
+    plain = _lora(flux_config(train=CHECKPOINTED))
+    offloaded = []
+    memory.OFFLOAD_OBSERVERS.append(lambda t, where: offloaded.append(t.nbytes) if where == "host" else None)
+    try:
+        result = _lora(flux_config(train={**CHECKPOINTED, "cpu_offload_checkpointing": True}, save=AGAIN))
+    finally:
+        memory.OFFLOAD_OBSERVERS.pop()
+    assert result.losses == plain.losses
+    assert len(offloaded) > 4 * 4  # at least every checkpointed block's input, every step
+
+
+def test_fp8_base_stores_the_frozen_base_only(flux_config):  # noqa: F811
+    bf16 = {"mixed_precision": "bf16", **CHECKPOINTED}
+    plain = _lora(flux_config(train=bf16))
+    result = _lora(flux_config(train={**bf16, "fp8_base": True}, save=AGAIN))
+    denoiser = result.parts.denoiser
+    layer = denoiser.transformer_blocks[0].attn.to_q
+    assert layer.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.lora_A["default"].weight.dtype == torch.float32 and layer.lora_A["default"].weight.requires_grad
+    assert denoiser.x_embedder.weight.dtype == torch.float8_e4m3fn  # outside adapters too
+    assert denoiser.transformer_blocks[0].attn.norm_q.weight.dtype == torch.bfloat16  # not a Linear: kept
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.losses != plain.losses and result.losses == pytest.approx(plain.losses, rel=0.05)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x))
+
+
+def test_swapper_keeps_at_most_two_swapped_blocks_resident():
+    torch.manual_seed(0)
+    blocks = [_Block() for _ in range(6)]
+    reference = [_Block() for _ in range(6)]
+    for a, b in zip(blocks, reference):
+        b.load_state_dict(a.state_dict())
+    for b in blocks + reference:
+        b.requires_grad_(False)
+    swapper = BlockSwapper(blocks, 4, "cpu")
+    assert swapper.swapped == [0, 2, 3, 5]  # spread over the six
+    seen = []
+
+    def watch(module, args):  # noqa: ARG001
+        seen.append(len(swapper.resident()))
+        # swapped blocks whose weights are not their host copies: on the "device"
+        seen.append(sum(any(p.data.data_ptr() != swapper.host[p].data_ptr() for p in swapper.weights[k])
+                        for k in swapper.swapped))
+
+    for b in blocks:
+        b.linear.register_forward_pre_hook(watch)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = x
+    for b in blocks:
+        y = checkpoint(b, y, use_reentrant=False)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = x2
+    for b in reference:
+        y2 = b(y2)
+    y2.sum().backward()
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    assert max(seen) == 2 and swapper.most_resident == 2
+    assert swapper.loads == 8 and swapper.resident() == []  # 4 swapped blocks, forward and backward's re-run
+
+
+def test_config_errors(make_config):
+    with pytest.raises(ConfigError, match="blocks_to_swap.*gradient_checkpointing"):
+        make_config(train={"blocks_to_swap": 4})
+    with pytest.raises(ConfigError, match="fp8_base.*mixed_precision"):
+        make_config(train={"fp8_base": True})
+    with pytest.raises(ConfigError, match="cpu_offload_checkpointing"):
+        make_config(train={"cpu_offload_checkpointing": True})
+    from library.config import check_recipe
+
+    cfg = make_config(train={"fp8_base": True, "mixed_precision": "bf16"})
+    with pytest.raises(ConfigError, match="fp8_base.*train_db"):
+        check_recipe(cfg, "db")
+    cfg = make_config(train={"blocks_to_swap": 4, "gradient_checkpointing": True})
+    with pytest.raises(ConfigError, match="fused_backward_pass"):
+        check_recipe(cfg, "db")
+    check_recipe(cfg, "network")
