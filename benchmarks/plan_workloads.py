@@ -23,14 +23,16 @@ LORA = dict(recipe="network", mixed_precision="bf16", gradient_checkpointing=Tru
 FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkpointing=True, cache_latents=True,
             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="Adafactor",
             fused_backward_pass=True)
+T5_FP8 = {"t5xxl_precision": "fp8"}
 WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
              ("SD1.5 LoRA 512px", "sd1", "sd15", 512, LORA),
-             ("SDXL LoRA 1024px", "sdxl", "sdxl", 1024, LORA),
+             ("SDXL LoRA 1024px", "sdxl", "sdxl", 1024, {**LORA, "fp8_base": True}),
              ("SDXL full fine-tune 1024px", "sdxl", "sdxl", 1024, FULL),
-             ("SD3-medium LoRA 1024px", "sd3", "sd3", 1024, LORA),
-             ("FLUX.1-dev LoRA 1024px", "flux", "flux-dev", 1024, {**LORA, "fp8_base": True, "blocks_to_swap": 48}),
+             ("SD3-medium LoRA 1024px", "sd3", "sd3-medium", 1024, {**LORA, **T5_FP8}),
+             ("FLUX.1-dev LoRA 1024px", "flux", "flux-dev", 1024,
+              {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 48}),
              # sd-scripts' 24 GB recipe: fused backward pass + Adafactor + full_bf16 + blocks_to_swap
-             ("FLUX.1-dev full fine-tune 1024px", "flux", "flux-dev", 1024, {**FULL, "blocks_to_swap": 48})]
+             ("FLUX.1-dev full fine-tune 1024px", "flux", "flux-dev", 1024, {**FULL, **T5_FP8, "blocks_to_swap": 28})]
 GIB = 2**30
 
 

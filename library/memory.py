@@ -162,22 +162,6 @@ def allow_fp16_gradients(accelerator) -> None:
     scaler._unscale_grads_ = unscale
 
 
-def offload_idle(parts, latents_cached: bool, text_cached: bool) -> list[str]:
-    """Keep on the CPU what training no longer needs on the device once its outputs are cached: the VAE
-    when latents are cached, frozen text encoders when their outputs are. Sampling brings them over and
-    back. Returns the names moved."""
-    moved = []
-    if latents_cached:
-        parts.vae.to("cpu")
-        moved.append("vae")
-    if text_cached:
-        for name, encoder in parts.text_encoders.items():
-            if not any(p.requires_grad for p in encoder.parameters()):
-                encoder.to("cpu")
-                moved.append(name)
-    return moved
-
-
 def peak_memory_text() -> str:
     """Peak device memory of this process, for the end-of-run summary."""
     import resource

@@ -86,3 +86,19 @@ def test_plan_flag_prints_the_breakdown(make_config, capsys):
     text = capsys.readouterr().out
     assert "peak device memory of the training step" in text and "activations" in text
     del path
+
+
+def test_cached_text_encoders_visit_the_device_one_at_a_time(tiny_sdxl):
+    """SDXL's two text encoders: with cached outputs the text phase holds the larger one, not both."""
+    from library.families import get_family
+    from library.families.base import ModelSource
+
+    parts = get_family("auto", str(tiny_sdxl[0])).load(ModelSource(str(tiny_sdxl[0])))
+    sizes = sorted(sum(p.numel() * 4 for p in m.parameters()) for m in parts.text_encoders.values())
+    base = StepSettings(recipe="network", family="sdxl", arch=str(tiny_sdxl[0]), width=64, height=64, batch_size=1,
+                        network=NetworkSection(network_dim=4, network_alpha=2.0), train_text_encoder=False,
+                        cache_latents=True)
+    resident = _plan(base, fake=False)
+    visiting = _plan(dataclasses.replace(base, cache_text_encoder_outputs=True), fake=False)
+    assert resident.text_peak - visiting.text_peak == pytest.approx(sizes[0], rel=0.05)
+    assert visiting.vae_peak == resident.vae_peak  # text encoders come after the VAE pass either way

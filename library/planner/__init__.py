@@ -56,7 +56,8 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         train_text_encoder=(cfg.dreambooth.train_text_encoder if recipe == "db" else not n.network_train_unet_only),
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
         v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
-        fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing)
+        fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing,
+        t5xxl_precision=m.t5xxl_precision)
 
 
 def _guess_family(path: str) -> str:
@@ -104,13 +105,15 @@ def switch_text(s: StepSettings) -> str:
                              "cpu_offload_checkpointing") if getattr(s, name)]
     if s.blocks_to_swap:
         on.append(f"blocks_to_swap={s.blocks_to_swap}")
+    if s.t5xxl_precision != "auto":
+        on.append(f"t5xxl_precision={s.t5xxl_precision}")
     if s.fused_optimizer_groups:
         on.append(f"fused_optimizer_groups={s.fused_optimizer_groups}")
     on.append(f"optimizer {s.optimizer_type}")
     if s.recipe == "db" and not s.train_text_encoder:
         on.append("text encoder frozen")
     if s.recipe == "network" and not s.train_text_encoder:
-        on.append("U-Net only")
+        on.append("denoiser only")
     return ", ".join(on)
 
 
@@ -133,6 +136,9 @@ def _ladder(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
                  "network_train_unet_only = true   # [network]" if s.recipe == "network"
                  else "train_text_encoder = false   # [dreambooth]"]
         steps.append(("frozen, cached text encoders", frozen, lines, "faster; the text encoder no longer trains"))
+    if s.t5xxl_precision == "auto" and _has_t5(s):
+        steps.append(("T5-XXL in fp8 while encoding", {"t5xxl_precision": "fp8"}, ['t5xxl_precision = "fp8"   # [model]'],
+                      "encoding only (once, when cached); fp8 rounding of T5's weights"))
     if s.optimizer_type.lower() == "adamw" and s.recipe == "network":
         steps.append(("AdamW8bit", {"optimizer_type": "AdamW8bit"}, ['optimizer_type = "AdamW8bit"   # [optimizer]'],
                       "about the same speed"))
@@ -166,6 +172,15 @@ def _ladder(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
     return steps
 
 
+def _has_t5(s: StepSettings) -> bool:
+    import json
+
+    from library.loading import arch_dir
+
+    configs = [p / "config.json" for p in arch_dir(s.arch).iterdir() if (p / "config.json").is_file()]
+    return any("T5EncoderModel" in json.loads(c.read_text()).get("architectures", []) for c in configs)
+
+
 def _swappable_block_sizes(s: StepSettings) -> list[int]:
     """Parameter counts of the family's swappable blocks (empty for families without block swap)."""
     from library.families import get_family
@@ -195,7 +210,8 @@ def search_budget(s: StepSettings, budget_gb: float, say=print,
     while p.device_peak > budget and ladder:
         name, change, add, cost = ladder.pop(0)
         current = dataclasses.replace(current, **change)
-        lines += add
+        keys = {line.split("=")[0].strip() for line in add}
+        lines = [x for x in lines if x.split("=")[0].strip() not in keys] + add  # blocks_to_swap 8 -> 16: one line
         costs.append(f"{name}: {cost}")
         p = plan(current, fake=fake)
         say(f"  + {name}: {p.device_peak / GIB:.2f} GiB")

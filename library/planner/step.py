@@ -54,6 +54,7 @@ class StepSettings:
     fp8_base: bool = False
     blocks_to_swap: int = 0
     cpu_offload_checkpointing: bool = False
+    t5xxl_precision: str = "auto"  # model.t5xxl_precision (library.quantization)
     network: object = None  # the config's [network] section (adapter recipe)
     learning_rate: float = 1e-4
 
@@ -145,7 +146,7 @@ class _offload_observed:
         if where == "host":
             self.tracker.release([tensor])
         else:
-            self.tracker.tag([tensor], where)
+            self.tracker.arrive([tensor], where)
 
     def __enter__(self):
         from library.memory import OFFLOAD_OBSERVERS
@@ -162,7 +163,9 @@ class _offload_observed:
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
     from library.block_swap import make_swapper
     from library.memory import (cast_frozen, cast_trainable, enable_gradient_checkpointing, offload_checkpoints,
-                                offload_idle, set_attention, store_fp8_base, weight_dtype)
+                                set_attention, store_fp8_base, weight_dtype)
+    from library.offload import OneAtATime
+    from library.quantization import store_t5
     from library.objectives import LossOptions
     from library.training import batch_loss
 
@@ -201,6 +204,10 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(parts.denoiser, [c.module for c in adapted if c.module is not parts.denoiser]
                                       if s.recipe == "network" else text_encoders)
+    if s.t5xxl_precision == "int8":  # bitsandbytes kernels do not run on fake tensors
+        notes.append("t5xxl_precision int8 planned as 1-byte weights (fp8 storage; LLM.int8's fp32 row scales "
+                     "add 4 bytes per output row)")
+    store_t5(parts, "fp8" if s.t5xxl_precision == "int8" else s.t5xxl_precision, dtype)
     if s.fp8_base:
         store_fp8_base(parts.denoiser, dtype)
     if s.cpu_offload_checkpointing:
@@ -216,26 +223,36 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
             tracker.tag([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
     frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
 
-    # ---- pre-encoding: the VAE and the text encoders, each on its own, the denoiser not yet there ---
+    # ---- pre-encoding, placed as library.training.cache_outputs places it: the VAE alone (leaving once the
+    # latents are cached); cached text encoders one at a time (library.offload), others to stay; no denoiser yet
     denoiser_storages = list(_storages(parts.denoiser))
     tracker.release(denoiser_storages)
+    text_modules = list(parts.text_encoders.values())
+    text_cached = s.cache_text_encoder_outputs and not train_te
+    tracker.release([t for m in text_modules for t in _storages(m)])
     pixels = torch.zeros(s.batch_size, 3, s.height, s.width)
     captions = ["a photo"] * s.batch_size
     tracker.set_phase("encode")
     with tracker.window("vae"), torch.no_grad(), _autocast(s.mixed_precision):
         latents = family.encode_images(parts, pixels)
-    with tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
-        conditioning = family.encode_prompts(parts, captions, s.clip_skip)
-    cached = {"a photo": {k: v[:1] for k, v in conditioning.items()}} if s.cache_text_encoder_outputs else None
-    if not s.cache_latents:
+    if s.cache_latents:
+        tracker.release(_storages(parts.vae))
+    else:
         del latents
+    if text_cached:
+        with OneAtATime(text_modules, "cpu"), tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
+            conditioning = family.encode_prompts(parts, captions, s.clip_skip)
+        cached = {"a photo": {k: v[:1] for k, v in conditioning.items()}}
+        notes.append("text encoders visit the device one at a time while captions are encoded; then stay on the CPU")
+    else:
+        for module in text_modules:
+            tracker.arrive(_storages(module), "weights")
+        with tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
+            conditioning = family.encode_prompts(parts, captions, s.clip_skip)
+        cached = None
     del conditioning
-    offloaded = offload_idle(parts, s.cache_latents, cached is not None)
-    for name in offloaded:
-        module = parts.vae if name == "vae" else parts.text_encoders[name]
-        tracker.release(_storages(module))
-    if offloaded:
-        notes.append(f"kept on the CPU while training (outputs cached): {', '.join(offloaded)}")
+    if s.cache_latents:
+        notes.append("kept on the CPU while training (latents cached): vae")
     for t in denoiser_storages:  # the recipes move the denoiser over after the caches are built
         if swapper and swapper.swaps(t):  # ... except swapped weights (block_swap.move)
             continue
