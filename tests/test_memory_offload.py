@@ -164,3 +164,14 @@ def test_config_errors(make_config):
     with pytest.raises(ConfigError, match="fused_backward_pass"):
         check_recipe(cfg, "db")
     check_recipe(cfg, "network")
+
+
+def test_block_swap_with_offloaded_checkpoints_and_cached_text_gives_identical_losses(flux_config):  # noqa: F811
+    """All placement switches at once change nothing but placement; so does caching the text outputs
+    (encoded in a batch, the encoders visiting the device one at a time)."""
+    frozen = {"network_train_unet_only": True}
+    plain = _lora(flux_config(train=CHECKPOINTED, network=frozen))
+    placed = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3, "cpu_offload_checkpointing": True,
+                                      "cache_text_encoder_outputs": True}, network=frozen, save=AGAIN))
+    assert placed.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert placed.parts.denoiser._block_swapper.resident() == []

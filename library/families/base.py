@@ -120,6 +120,9 @@ class ModelFamily(Protocol):
                guidance: float | None = None):
         """One image (PIL) from the model as it is; `guidance` is the distilled-guidance input (FLUX)."""
 
+    # Optional: families whose denoiser is a stack of transformer blocks (SD3, FLUX) also define
+    #   swappable_blocks(parts) -> list[nn.Module]: the blocks in the order they run (blocks_to_swap).
+
 
 _REGISTRY: dict[str, ModelFamily] = {}
 
