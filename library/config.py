@@ -356,6 +356,7 @@ def key_to_section() -> dict[str, str]:
 SD_SCRIPTS_RENAMES = {
     "batch_size": "train_batch_size",
     "fp8_base_unet": "fp8_base",  # sd-scripts: fp8 for the denoiser only; ours never touches the text encoders
+    "training_shift": "discrete_flow_shift",  # sd-scripts' SD3 scripts name the shift so
 }
 # sd-scripts keys that carry no meaning here when set to these values (they are the behaviour we have).
 SD_SCRIPTS_HARMLESS = {

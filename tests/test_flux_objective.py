@@ -157,3 +157,6 @@ def test_flow_keys_in_config_files(tmp_path):
                              "discrete_flow_shift": 3.1582, "apply_t5_attn_mask": True})
     assert flat.loss.model_prediction_type == "raw" and flat.model.guidance_scale == 1.0
     assert flat.model.apply_t5_attn_mask
+    sd3 = config_from_dict({"pretrained_model_name_or_path": "x/y", "train_data_dir": str(tmp_path),
+                            "output_dir": str(tmp_path), "training_shift": 3.0})
+    assert sd3.loss.discrete_flow_shift == 3.0
