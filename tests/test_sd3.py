@@ -333,3 +333,19 @@ def test_peft_file_in_diffusers_every_key_consumed(sd3_config, tiny_sd3):
                         source=result.parts.source)
     family = Sd3Family()
     assert torch.allclose(_prediction(family, result.parts), _prediction(family, theirs), atol=1e-5)
+
+
+def test_block_swap_and_fp8_base_on_sd3(sd3_config):
+    """SD3's joint blocks swap like FLUX's: the same losses exactly; fp8_base runs with the adapters in fp32."""
+    checkpointed = {"gradient_checkpointing": True, "mixed_precision": "bf16"}
+    frozen = {"network_train_unet_only": True}
+    plain = train_network(sd3_config(train=checkpointed, network=frozen))
+    swapped = train_network(sd3_config(train={**checkpointed, "blocks_to_swap": 2, "output_name": "swapped"},
+                                       network=frozen))
+    assert swapped.losses == plain.losses
+    assert swapped.parts.denoiser._block_swapper.loads > 0
+    fp8 = train_network(sd3_config(train={**checkpointed, "fp8_base": True, "output_name": "fp8"}, network=frozen))
+    assert fp8.losses != plain.losses and fp8.losses == pytest.approx(plain.losses, rel=0.1)
+    weights = {p.dtype for n, p in fp8.parts.denoiser.named_parameters() if "base_layer" in n}
+    assert weights == {torch.float8_e4m3fn}
+    assert {p.dtype for c in fp8.adapted for p in c.parameters()} == {torch.float32}
