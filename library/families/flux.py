@@ -21,6 +21,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5, t5_keys,
+                                                t5_max_length)
 from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -75,12 +77,12 @@ class FluxFamily:
             "flux-dev" if "time_text_embed.guidance_embedder.linear_1.weight" in state else "flux-schnell")
         with torch.device("meta"):
             denoiser = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(arch / "transformer")))
-        _load_exact(denoiser, state, source.path)
+        assign_weights(denoiser, state, source.path)
         with torch.device("meta"):
             clip = CLIPTextModel(CLIPTextConfig.from_pretrained(str(arch / "text_encoder")))
             t5 = T5EncoderModel(T5Config.from_pretrained(str(arch / "text_encoder_2")))
-        _load_exact(clip, _clip_keys(read_checkpoint(source.clip_l), clip), source.clip_l)
-        _load_exact(t5, _t5_keys(read_checkpoint(source.t5xxl)), source.t5xxl)
+        assign_weights(clip, clip_keys(read_checkpoint(source.clip_l), clip), source.clip_l)
+        assign_weights(t5, t5_keys(read_checkpoint(source.t5xxl)), source.t5xxl)
         return Components(denoiser=denoiser, vae=_load_ae(source.ae, arch), text_encoders={"te1": clip, "te3": t5},
                           tokenizers=_tokenizers(source.tokenizer or DEFAULT_TOKENIZERS),
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
@@ -110,29 +112,19 @@ class FluxFamily:
     # ---- the training step ----------------------------------------------------------------
 
     def t5_max_length(self, parts: Components) -> int:
-        source = parts.source
-        if source is not None and source.t5xxl_max_token_length:
-            return source.t5xxl_max_token_length
-        return 512 if parts.denoiser.config.guidance_embeds else 256  # dev / schnell, as sd-scripts
+        return t5_max_length(parts, 512 if parts.denoiser.config.guidance_embeds else 256)  # dev / schnell
 
     def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
-        """prompt_embeds: T5's last hidden state (B, L, 4096); pooled_prompt_embeds: CLIP-L's pooled output.
+        """prompt_embeds: T5's last hidden state (B, L, 4096); pooled_prompt_embeds: CLIP-L's pooled output;
+        with apply_t5_attn_mask, t5_attention_mask (predict() masks the padding out of the joint attention).
         clip_skip does not apply (FLUX uses CLIP-L's pooled output only)."""
         clip, clip_tok = parts.text_encoders["te1"], parts.tokenizers["te1"]
         ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids.to(clip.device)
         pooled = clip(ids, output_hidden_states=False).pooler_output
-        t5, t5_tok = parts.text_encoders["te3"], parts.tokenizers["te3"]
-        tokens = t5_tok(captions, padding="max_length", max_length=self.t5_max_length(parts), truncation=True,
-                        return_tensors="pt")
-        mask = tokens.attention_mask.to(t5.device)
-        masked = bool(parts.source and parts.source.apply_t5_attn_mask)
-        hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask if masked else None).last_hidden_state
-        if not masked:
-            return {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
-        # padding tokens carry nothing, and the denoiser's attention does not look at them (predict)
-        return {"prompt_embeds": hidden * mask.unsqueeze(-1).to(hidden.dtype), "pooled_prompt_embeds": pooled,
-                "t5_attention_mask": mask}
+        hidden, mask = encode_t5(parts, captions, self.t5_max_length(parts))
+        out = {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+        return out if mask is None else {**out, "t5_attention_mask": mask}
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -140,9 +132,7 @@ class FluxFamily:
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        vae = parts.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return encode_latents(parts, pixels, generator)
 
     def objective(self, parts: Components) -> FlowMatchObjective:
         return FlowMatchObjective(num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps)
@@ -214,43 +204,6 @@ def latent_image_ids(h: int, w: int, device) -> torch.Tensor:
 
 def _arch_name(denoiser) -> str:
     return "flux-dev" if denoiser.config.guidance_embeds else "flux-schnell"
-
-
-def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    """Load every weight of `module` from `state` (assigning: the module was built on the meta device)."""
-    result = module.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if k in dict(module.named_parameters())]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path}: does not match the architecture: missing {missing[:3]}, "
-                              f"unexpected {result.unexpected_keys[:3]}")
-    for name, buffer in list(module.named_buffers()):
-        if buffer.is_meta:  # non-persistent buffers (CLIP's position ids) are rebuilt on the CPU
-            if not name.endswith("position_ids"):
-                raise CheckpointError(f"{path}: buffer {name} was not loaded")
-            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-            owner.register_buffer(name.rsplit(".", 1)[-1], torch.arange(buffer.shape[-1]).expand(buffer.shape),
-                                  persistent=False)
-
-
-def _clip_keys(state: dict[str, torch.Tensor], model: CLIPTextModel) -> dict[str, torch.Tensor]:
-    """A clip_l file (transformers names, with or without "text_model.") in this transformers' naming."""
-    wanted = set(model.state_dict())
-    out = {}
-    for key, value in state.items():
-        for candidate in (key, key.removeprefix("text_model."), "text_model." + key):
-            if candidate in wanted:
-                out[candidate] = value
-                break
-    return out
-
-
-def _t5_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A t5xxl file: the shared embedding appears as shared.weight and/or encoder.embed_tokens.weight."""
-    state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
-    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
-        state["shared.weight"] = state["encoder.embed_tokens.weight"]
-    state["encoder.embed_tokens.weight"] = state["shared.weight"]  # one module in T5EncoderModel
-    return state
 
 
 def _load_ae(path: str, arch: Path) -> AutoencoderKL:

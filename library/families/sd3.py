@@ -38,6 +38,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5, t5_keys,
+                                                t5_max_length)
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective, density_sample, flow_shift
 from library.sd3_layout import SAI_PREFIX, kohya_layout, sai_module_name, sai_to_transformer, transformer_to_sai
@@ -114,7 +116,7 @@ class Sd3Family:
         arch = arch_dir(source.arch) if source.arch else detect_arch(state, source.path)
         with torch.device("meta"):
             denoiser = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(arch / "transformer")))
-        _assign(denoiser, state, source.path)
+        assign_weights(denoiser, state, source.path)
         if not any(k.startswith(VAE_PREFIX) for k in checkpoint) and not source.vae:
             raise CheckpointError(f"{source.path}: no VAE ('first_stage_model.*'); set model.vae to the SD3 VAE")
         vae = _load_vae(checkpoint, arch) if not source.vae else None  # load() puts model.vae in
@@ -135,9 +137,9 @@ class Sd3Family:
             config_cls = T5Config if cls is T5EncoderModel else CLIPTextConfig
             with torch.device("meta"):
                 encoder = cls(config_cls.from_pretrained(str(arch / sub)))
-            keys = (_t5_keys(weights) if cls is T5EncoderModel
-                    else _clip_keys(weights, encoder, identity=key == "clip_l"))
-            _assign(encoder, keys, where)
+            keys = (t5_keys(weights) if cls is T5EncoderModel
+                    else clip_keys(weights, encoder, identity=key == "clip_l"))
+            assign_weights(encoder, keys, where)
             encoders[name] = encoder
         return Components(denoiser=denoiser, vae=vae, text_encoders=encoders,
                           tokenizers=_tokenizers(source.tokenizer or DEFAULT_TOKENIZERS),
@@ -182,10 +184,7 @@ class Sd3Family:
     # ---- the training step ----------------------------------------------------------------
 
     def t5_max_length(self, parts: Components) -> int:
-        source = parts.source
-        if source is not None and source.t5xxl_max_token_length:
-            return source.t5xxl_max_token_length
-        return DEFAULT_T5_LENGTH
+        return t5_max_length(parts, DEFAULT_T5_LENGTH)
 
     def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
         """prompt_embeds: (B, 77 + L, T5 width): both CLIPs' layer -(clip_skip + 1), concatenated and zero-padded
@@ -199,14 +198,7 @@ class Sd3Family:
             pooled.append(out.text_embeds)
             hidden.append(out.hidden_states[-(clip_skip + 1)])
         clip = torch.cat(hidden, dim=-1)
-        t5, t5_tok = parts.text_encoders["te3"], parts.tokenizers["te3"]
-        tokens = t5_tok(captions, padding="max_length", max_length=self.t5_max_length(parts), truncation=True,
-                        return_tensors="pt")
-        mask = tokens.attention_mask.to(t5.device)
-        masked = bool(parts.source and parts.source.apply_t5_attn_mask)
-        t5_hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask if masked else None).last_hidden_state
-        if masked:  # padding tokens carry nothing
-            t5_hidden = t5_hidden * mask.unsqueeze(-1).to(t5_hidden.dtype)
+        t5_hidden, _ = encode_t5(parts, captions, self.t5_max_length(parts))  # padding zeroed with the mask
         clip = torch.nn.functional.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
         return {"prompt_embeds": torch.cat([clip, t5_hidden.to(clip.device, clip.dtype)], dim=-2),
                 "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
@@ -217,9 +209,7 @@ class Sd3Family:
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        vae = parts.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
-        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return encode_latents(parts, pixels, generator)
 
     def objective(self, parts: Components) -> Sd3FlowMatchObjective:
         return Sd3FlowMatchObjective(num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps)
@@ -275,51 +265,6 @@ def detect_arch(state: dict[str, torch.Tensor], path) -> Path:
                               f"SD3 architecture (sd3-medium, sd3.5-medium, sd3.5-large); set model.arch to a "
                               f"folder of diffusers configs")
     return arch_dir(name)
-
-
-def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    """Load every weight of `module` (built on the meta device) from `state`, by assignment."""
-    result = module.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if k in dict(module.named_parameters())]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path}: does not match the architecture: missing {missing[:3]}, "
-                              f"unexpected {result.unexpected_keys[:3]}")
-    for name, buffer in list(module.named_buffers()):
-        if not buffer.is_meta:
-            continue
-        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        if name.endswith("position_ids"):  # non-persistent: rebuilt on the CPU
-            owner.register_buffer(name.rsplit(".", 1)[-1], torch.arange(buffer.shape[-1]).expand(buffer.shape),
-                                  persistent=False)
-        else:
-            raise CheckpointError(f"{path}: buffer {name} was not loaded")
-
-
-def _clip_keys(state: dict[str, torch.Tensor], model, identity: bool) -> dict[str, torch.Tensor]:
-    """A CLIP text encoder's weights (transformers names, with or without "text_model.") in this model's naming;
-    with `identity`, a missing text_projection is the identity (SD3's CLIP-L in SAI files)."""
-    wanted = set(model.state_dict())
-    out = {}
-    for key, value in state.items():
-        for candidate in (key, key.removeprefix("text_model."), "text_model." + key):
-            if candidate in wanted:
-                out[candidate] = value
-                break
-    if identity and "text_projection.weight" in wanted and "text_projection.weight" not in out:
-        width = model.config.hidden_size
-        dtype = next(iter(out.values())).dtype if out else torch.float32
-        out["text_projection.weight"] = torch.eye(width, dtype=dtype)
-    return out
-
-
-def _t5_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A t5xxl state dict: the shared embedding appears as shared.weight and/or encoder.embed_tokens.weight."""
-    state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
-    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
-        state["shared.weight"] = state["encoder.embed_tokens.weight"]
-    if "shared.weight" in state:
-        state["encoder.embed_tokens.weight"] = state["shared.weight"]  # one module in T5EncoderModel
-    return state
 
 
 def _load_vae(where, arch: Path) -> AutoencoderKL:

@@ -1,0 +1,77 @@
+"""What the two transformer families (SD3 and FLUX.1) share: assigning separate single files (clip_l, clip_g,
+t5xxl) to encoders built on the meta device, T5-XXL encoding with its padding mask, and the shifted, scaled
+16-channel latents of their autoencoders."""
+from __future__ import annotations
+
+import torch
+
+from library.loading import CheckpointError
+
+
+def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    """Load every weight of `module` (built on the meta device) from `state`, by assignment; names `path` in
+    the error when the file does not match the architecture."""
+    result = module.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if k in dict(module.named_parameters())]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: does not match the architecture: missing {missing[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}")
+    for name, buffer in list(module.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        if not name.endswith("position_ids"):
+            raise CheckpointError(f"{path}: buffer {name} was not loaded")
+        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        owner.register_buffer(name.rsplit(".", 1)[-1], torch.arange(buffer.shape[-1]).expand(buffer.shape),
+                              persistent=False)  # non-persistent CLIP position ids: rebuilt on the CPU
+
+
+def clip_keys(state: dict[str, torch.Tensor], model, identity: bool = False) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's weights (transformers names, with or without "text_model.") in this model's naming;
+    with `identity`, a missing text_projection is the identity (SD3's CLIP-L in SAI files)."""
+    wanted = set(model.state_dict())
+    out = {}
+    for key, value in state.items():
+        for candidate in (key, key.removeprefix("text_model."), "text_model." + key):
+            if candidate in wanted:
+                out[candidate] = value
+                break
+    if identity and "text_projection.weight" in wanted and "text_projection.weight" not in out:
+        dtype = next(iter(out.values())).dtype if out else torch.float32
+        out["text_projection.weight"] = torch.eye(model.config.hidden_size, dtype=dtype)
+    return out
+
+
+def t5_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A t5xxl state dict: the shared embedding appears as shared.weight and/or encoder.embed_tokens.weight."""
+    state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    if "shared.weight" in state:
+        state["encoder.embed_tokens.weight"] = state["shared.weight"]  # one module in T5EncoderModel
+    return state
+
+
+def t5_max_length(parts, default: int) -> int:
+    """model.t5xxl_max_token_length, else the family's default."""
+    source = parts.source
+    return source.t5xxl_max_token_length if source is not None and source.t5xxl_max_token_length else default
+
+
+def encode_t5(parts, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """T5's last hidden state (B, L, 4096) of the captions padded to `max_length`, and with apply_t5_attn_mask the
+    padding mask (B, L) (padded positions are then zero in the output too); else None."""
+    t5, tokenizer = parts.text_encoders["te3"], parts.tokenizers["te3"]
+    tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(t5.device)
+    if not (parts.source and parts.source.apply_t5_attn_mask):
+        return t5(tokens.input_ids.to(t5.device)).last_hidden_state, None
+    hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype), mask
+
+
+def encode_latents(parts, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images in [-1, 1] -> (latents - shift_factor) * scaling_factor, as the SD3 / FLUX pipelines scale them."""
+    vae = parts.vae
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
