@@ -67,7 +67,7 @@ class BlockSwapper:
             self.weights[k] = weights
             self._ids.update(id(p) for p in weights)
             for p in weights:
-                self.host[p] = host_copy(p.data)
+                self.host[p] = host_copy(p.data, pin=self.device.type == "cuda")  # the model is still on the CPU
                 p.data = self.host[p]
             self._handles.append(blocks[k].register_forward_pre_hook(self._before(k)))
             self._handles.append(blocks[k].register_forward_hook(self._after(k), always_call=True))

@@ -105,12 +105,13 @@ def _tell(tensor: torch.Tensor, where: str) -> None:
         observer(tensor, where)
 
 
-def host_copy(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A copy of `tensor` in host memory (pinned when it comes from CUDA, for fast asynchronous copies back),
-    always a separate storage (also when the "device" is the CPU, so that tests exercise the mechanism);
-    `out`: an existing host buffer to copy into."""
+def host_copy(tensor: torch.Tensor, out: torch.Tensor | None = None, pin: bool | None = None) -> torch.Tensor:
+    """A copy of `tensor` in host memory, pinned (for fast asynchronous copies to and from the GPU) when `pin`,
+    by default when it comes from CUDA; always a separate storage (also when the "device" is the CPU, so that
+    tests exercise the mechanism); `out`: an existing host buffer to copy into."""
     if out is None:
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
+        pin = tensor.device.type == "cuda" if pin is None else pin and torch.cuda.is_available()
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
     out.copy_(tensor)
     _tell(out, "host")
     return out
