@@ -94,3 +94,15 @@ def test_text_cache_is_stale_when_t5_settings_change(flux_config, tmp_path):  # 
                       model={"apply_t5_attn_mask": True}, **shared)
     train(cfg)
     assert all(p.stat().st_mtime_ns != stamps[p] for p in files)  # re-encoded: the mask changes T5's output
+
+
+def test_lora_run_with_int8_t5_and_cached_text(flux_config):  # noqa: F811
+    from test_flux import GOLDEN_FLUX
+    from train_network import train
+
+    result = train(flux_config(model={"t5xxl_precision": "int8"}, network={"network_train_unet_only": True},
+                               train={"cache_text_encoder_outputs": True}))
+    t5 = result.parts.text_encoders["te3"]
+    assert t5.device.type == "cpu"  # visited the device while encoding, then stayed on the host
+    assert {m.weight.dtype for m in t5.modules() if type(m).__name__ == "Linear8bitLt"} == {torch.int8}
+    assert len(result.losses) == 4 and result.losses != pytest.approx(GOLDEN_FLUX, rel=1e-6)
