@@ -11,7 +11,9 @@ Where a family's checkpoints name layers otherwise (AdapterTarget.kohya_layout: 
 `single_blocks_0_linear1`, `double_blocks_0_img_mlp_0`, ...), files use those names, as sd-scripts writes them and
 ComfyUI, Forge and diffusers read them: a renamed layer under its name, a fused layer's parts (q, k, v) as one
 LoRA (networks/fused.py). Parts that cannot be fused (LoHa, LoKr, DoRA, or a group not all adapted) are
-written each under `lora_<diffusers prefix>_<module path>` (`lora_transformer_transformer_blocks_0_attn_to_q`,
+written each under `lora_<diffusers prefix>_<module path>` (`lora_transformer_transformer_blocks_0_attn_to_q`;
+so is a layer the family's checkpoints have no name for, SD3's last context modulation whose rows they order
+otherwise;
 OneTrainer's naming, which ComfyUI and Forge apply to the part's slice of the fused weight; diffusers loads no
 LyCORIS FLUX file). Loading accepts all of these, and the module-path names files had before
 (`lora_unet_transformer_blocks_0_attn_to_q`).
@@ -55,8 +57,8 @@ def file_names(target, paths) -> dict[str, tuple[str, ...]]:
         if found:
             name, index, count = found
             groups.setdefault(name, [None] * count)[index] = p
-            if count > 1:
-                names[part_name(target, p)] = (p,)
+        if target.kohya_layout and (found is None or found[2] > 1):
+            names[part_name(target, p)] = (p,)
     names.update({_file_name(target, n): tuple(g) for n, g in groups.items() if None not in g})
     return names
 
@@ -81,8 +83,8 @@ def layers_to_save(component: AdaptedComponent) -> list[tuple[str, tuple[str, ..
     target, out, groups = component.target, [], {}
     for path, _ in component.adapter_layers():
         found = target.kohya_layout(path) if target.kohya_layout else None
-        if found is None:
-            out.append((kohya_name(target, path), (path,)))
+        if found is None:  # a layer the family's checkpoints cannot name: its diffusers name, as parts are
+            out.append((part_name(target, path) if target.kohya_layout else kohya_name(target, path), (path,)))
         elif found[2] == 1:
             out.append((_file_name(target, found[0]), (path,)))
         else:

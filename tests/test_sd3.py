@@ -270,7 +270,7 @@ def test_golden_losses_lora_and_kohya_file(sd3_config):
                  "joint_blocks_0_x_block_attn2_qkv", "joint_blocks_0_x_block_attn2_proj",
                  "joint_blocks_1_x_block_mlp_fc2", "joint_blocks_0_context_block_adaLN_modulation_1"):
         assert "lora_unet_" + name in names, name
-    assert "lora_unet_transformer_blocks_1_norm1_context_linear" in names  # (shift, scale) rows in SAI: own name
+    assert "lora_transformer_transformer_blocks_1_norm1_context_linear" in names  # (shift, scale) rows in SAI: diffusers name
     assert not any("attn_to_q" in n or "add_k_proj" in n for n in names)
     tensors = load_file(result.adapter_path)
     qkv = "lora_unet_joint_blocks_0_x_block_attn_qkv"
