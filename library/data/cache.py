@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     from library.data.training_set import TrainingSet
     from library.families import ModelSource, get_family
     from library.memory import cast_frozen, weight_dtype
+    from library.quantization import store_t5
+    from library.training import cache_outputs
 
     cli.quiet_libraries()
     cfg = cli.load_or_exit(cli.parse_args(argv, __doc__), recipe="network")
@@ -241,19 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:
         print(f"dataset error: {e}", file=sys.stderr)
         return 3
-    m = cfg.model
+    m, t = cfg.model, cfg.train
     family = get_family(m.family, m.pretrained_model_name_or_path)
-    parts = family.load(ModelSource(m.pretrained_model_name_or_path, v2=m.v2, v_parameterization=m.v_parameterization,
-                                    tokenizer=m.tokenizer, arch=m.arch, vae=m.vae))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for module in [parts.vae, *parts.text_encoders.values()]:
-        cast_frozen(module, weight_dtype(cfg.train.mixed_precision))
-        module.to(device)
-    folder = cache_folder(cfg)
-    cache_latents(family, parts, dataset, LatentCacheSettings(True, folder, cfg.dataset.vae_batch_size,
-                                                              cfg.train.seed or 0))
-    if cfg.train.cache_text_encoder_outputs or cfg.train.cache_text_encoder_outputs_to_disk:
-        cache_text_outputs(family, parts, dataset.captions, m.clip_skip, folder)
+    parts = family.load(ModelSource.from_section(m))  # as the recipes load it: the caches then match theirs
+    dtype = weight_dtype(t.mixed_precision)
+    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
+        module.requires_grad_(False)
+        cast_frozen(module, torch.float32 if module is parts.vae and t.no_half_vae else dtype)
+    store_t5(parts, m.t5xxl_precision, dtype)
+    cfg.dataset.cache_latents_to_disk = True
+    t.cache_text_encoder_outputs_to_disk = t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk
+    cache_outputs(cfg, family, parts, dataset, True, "cuda" if torch.cuda.is_available() else "cpu", print)
     return 0
 
 
