@@ -19,7 +19,7 @@ import torch
 
 from library import cli
 from library.checkpoint import Checkpointer, Position, resumed_seed
-from library.config import Config, glob_escape, write_resolved
+from library.config import Config, write_resolved
 from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
@@ -231,19 +231,15 @@ def train(cfg: Config) -> TrainResult:
             progress.update(step, result.losses[-1], lr)
             accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
             here = Position(step, epoch, batches_done, epoch_order)
-            if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < max_steps:
-                checkpoints.save(f"{t.output_name}-step{step:08d}", here, cfg.save.save_last_n_steps,
-                           f"{glob_escape(t.output_name)}-step????????")
+            checkpoints.after_step(here, max_steps)
             if due(sampling, step) and step < max_steps:
                 sample(step)
             if stop.requested:
-                checkpoints.save_state(f"{t.output_name}-step{step:08d}", here)
+                checkpoints.save_stopped(here)
                 raise SystemExit(EXIT_STOPPED)
             if step >= max_steps:
                 break
-        if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0 and step < max_steps:
-            checkpoints.save(f"{t.output_name}-{epoch:06d}", Position(step, epoch, batches_done, epoch_order),
-                       cfg.save.save_last_n_epochs, f"{glob_escape(t.output_name)}-{'[0-9]' * 6}")
+        checkpoints.after_epoch(Position(step, epoch, batches_done, epoch_order), max_steps)
         if due(sampling, step, epoch_end=epoch) and step < max_steps:
             sample(step)
     stop.__exit__()

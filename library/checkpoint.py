@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from library.config import glob_escape
+
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -226,6 +228,28 @@ class Checkpointer:
         if keep and pattern:  # the weights (a file, or a diffusers folder) and the states, each kept `keep`
             for suffix in (".safetensors", "", "-state"):
                 remove_old(self.out_dir, pattern + suffix, keep, self.say)
+
+    def after_step(self, here: Position, max_steps: int) -> None:
+        """save_every_n_steps: name-step00000500 (the final save, at max_steps, is the recipe's), keeping the
+        newest save_last_n_steps."""
+        every = self.cfg.save.save_every_n_steps
+        if every and here.step % every == 0 and here.step < max_steps:
+            self.save(self._step_stem(here.step), here, self.cfg.save.save_last_n_steps,
+                      f"{glob_escape(self.name)}-step????????")
+
+    def after_epoch(self, here: Position, max_steps: int) -> None:
+        """save_every_n_epochs: name-000004, keeping the newest save_last_n_epochs."""
+        every = self.cfg.save.save_every_n_epochs
+        if every and here.epoch % every == 0 and here.step < max_steps:
+            self.save(f"{self.name}-{here.epoch:06d}", here, self.cfg.save.save_last_n_epochs,
+                      f"{glob_escape(self.name)}-{'[0-9]' * 6}")
+
+    def save_stopped(self, here: Position) -> None:
+        """A signal stopped the run: a resumable state of this step."""
+        self.save_state(self._step_stem(here.step), here)
+
+    def _step_stem(self, step: int) -> str:
+        return f"{self.name}-step{step:08d}"
 
     def save_state(self, stem: str, position: Position) -> Path:
         folder = save_training_state(self.out_dir / f"{stem}-state", position, config=self.cfg.to_toml_dict(),
