@@ -50,11 +50,21 @@ def enable_gradient_checkpointing(denoiser: nn.Module, text_encoders: list[nn.Mo
 
 
 def store_fp8_base(denoiser: nn.Module, compute_dtype: torch.dtype) -> int:
-    """fp8_base: every frozen Linear / Conv weight of the denoiser (the layer classes diffusers' layerwise
-    casting handles) stored as float8_e4m3fn and cast to `compute_dtype` layer by layer in forward, as
-    sd-scripts' fp8_base stores its frozen base model. Inside a peft adapter layer the frozen base layer is
-    cast; the adapter's own modules (`lora_A.default`, ...) are not: they stay in their precision, trainable.
-    Norm weights and other non-Linear parameters stay as they are. Returns the number of layers in fp8.
+    """fp8_base: the frozen denoiser's Linear / Conv weights in float8 (store_fp8), as sd-scripts' fp8_base
+    stores its frozen base model. Inside a peft adapter layer the frozen base layer is stored so; the adapter's
+    own modules (`lora_A.default`, ...) are not: they stay in their precision, trainable."""
+    from networks.algorithms import ADAPTER
+
+    return store_fp8(denoiser, compute_dtype, skip=lambda name, _: name.rsplit(".", 1)[-1] == ADAPTER,
+                     what="fp8_base")
+
+
+def store_fp8(module: nn.Module, compute_dtype: torch.dtype, skip=lambda name, layer: False,
+              what: str = "fp8 storage") -> int:
+    """Every frozen weight of `module`'s Linear / Conv / Embedding layers (the layer classes diffusers'
+    layerwise casting handles), except layers `skip(name, layer)` names, stored as float8_e4m3fn and cast to
+    `compute_dtype` layer by layer in forward. Norm weights and other parameters stay as they are. Returns the
+    number of layers in fp8.
 
     Like diffusers' LayerwiseCastingHook, but the fp8 parameter is kept and put back after forward instead of
     cast back with module.to(): no second cast, no new storage per forward, and no weight whose dtype changes
@@ -64,14 +74,13 @@ def store_fp8_base(denoiser: nn.Module, compute_dtype: torch.dtype) -> int:
     copy for backward, so little is saved."""
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
-    from networks.algorithms import ADAPTER
-
-    layers = [m for name, m in denoiser.named_modules()
-              if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and name.rsplit(".", 1)[-1] != ADAPTER]
+    layers = [m for name, m in module.named_modules()
+              if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not skip(name, m)]
     for layer in layers:
         names = [name for name, _ in layer.named_parameters(recurse=False)]
         if any(getattr(layer, name).requires_grad for name in names):
-            raise ValueError(f"fp8_base stores frozen weights; a {type(layer).__name__} of the denoiser trains")
+            raise ValueError(f"{what} stores frozen weights; a {type(layer).__name__} of {type(module).__name__} "
+                             f"trains")
         for name in names:
             getattr(layer, name).data = getattr(layer, name).data.to(torch.float8_e4m3fn)
         kept: dict[str, nn.Parameter] = {}

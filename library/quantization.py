@@ -4,8 +4,8 @@ T5-XXL's 4.76 billion parameters take 9.5 GB in bf16: on a 12-16 GB card the enc
 is what runs out of memory. Two ways to halve it, both applied to a frozen encoder before it moves to the device:
 
 - fp8: every Linear weight stored as float8_e4m3fn and cast to the compute dtype layer by layer in forward
-  (diffusers' layerwise casting hooks, as fp8_base does for the denoiser). Embeddings, layer norms and
-  the relative attention bias stay as they are.
+  (library.memory.store_fp8, what fp8_base does for the denoiser). Embeddings, layer norms and the relative
+  attention bias stay as they are.
 - int8: every Linear becomes a bitsandbytes LLM.int8 layer (int8 weights, one fp32 scale per output row,
   outlier features above 6.0 in 16-bit), as transformers' BitsAndBytesConfig(load_in_8bit=True) does for a
   folder; done here so that single t5xxl files get it too. The weights are quantized when they move to the
@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-PRECISIONS = ("auto", "fp8", "int8")
-KEEP = ("norm", "shared", "embed_tokens", "relative_attention_bias")  # module names left in their dtype
 
 
 def is_t5(module: nn.Module) -> bool:
@@ -50,11 +47,13 @@ def store_t5(parts, precision: str, compute_dtype: torch.dtype) -> list[str]:
 
 
 def store_fp8(module: nn.Module, compute_dtype: torch.dtype) -> None:
-    from diffusers.hooks import apply_layerwise_casting
+    """T5's Linear weights in float8 (library.memory.store_fp8, as fp8_base stores the denoiser); embeddings
+    and the relative attention bias stay as they are."""
+    from library.memory import store_fp8 as store
 
     compute = compute_dtype if compute_dtype != torch.float8_e4m3fn else torch.bfloat16
-    apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute,
-                            skip_modules_pattern=KEEP, skip_modules_classes=(nn.Embedding,))
+    store(module, compute, skip=lambda _, layer: isinstance(layer, nn.Embedding),
+          what="t5xxl_precision fp8")
     for name, layer in module.named_modules():  # T5's MLP casts its input to wo's storage dtype: undo that
         if name.endswith("DenseReluDense.wo"):
             layer.register_forward_pre_hook(lambda _, args: (args[0].to(compute), *args[1:]))
