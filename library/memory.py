@@ -109,7 +109,8 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype, skip=lambda name, l
 OFFLOAD_OBSERVERS: list = []
 
 
-def _tell(tensor: torch.Tensor, where: str) -> None:
+def tell(tensor: torch.Tensor, where: str) -> None:
+    """Report a move to OFFLOAD_OBSERVERS (see above)."""
     for observer in OFFLOAD_OBSERVERS:
         observer(tensor, where)
 
@@ -122,7 +123,7 @@ def host_copy(tensor: torch.Tensor, out: torch.Tensor | None = None, pin: bool |
         pin = tensor.device.type == "cuda" if pin is None else pin and torch.cuda.is_available()
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
     out.copy_(tensor)
-    _tell(out, "host")
+    tell(out, "host")
     return out
 
 
@@ -131,7 +132,7 @@ def device_copy(tensor: torch.Tensor, device: torch.device, category: str = "wei
     """A copy of a host tensor on `device` (a separate storage even when `device` is the CPU)."""
     out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
     out.copy_(tensor, non_blocking=non_blocking)
-    _tell(out, category)
+    tell(out, category)
     return out
 
 

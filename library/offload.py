@@ -6,20 +6,19 @@ A module comes to the device when its forward starts (its tensor arguments with 
 of the set runs or the set is closed, like diffusers' enable_model_cpu_offload. Encoding runs in batches of
 captions, so each encoder makes one round trip per batch, not per caption.
 
-The planner (library/planner) counts the moves through library.memory.OFFLOAD_OBSERVERS.
+The planner (library/planner) counts the moves through library.memory.tell / OFFLOAD_OBSERVERS.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from library.memory import OFFLOAD_OBSERVERS
+from library.memory import tell
 
 
 def _tell(module: nn.Module, where: str) -> None:
     for t in [*module.parameters(), *module.buffers()]:
-        for observer in OFFLOAD_OBSERVERS:
-            observer(t, where)
+        tell(t, where)
 
 
 def _to(value, device):
