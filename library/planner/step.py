@@ -8,6 +8,7 @@ are used, so a switch that does not save what it should shows in the plan.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,16 +241,14 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     else:
         del latents
     if text_cached:
-        with OneAtATime(text_modules, "cpu"), tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
-            conditioning = family.encode_prompts(parts, captions, s.clip_skip)
-        cached = {"a photo": {k: v[:1] for k, v in conditioning.items()}}
         notes.append("text encoders visit the device one at a time while captions are encoded; then stay on the CPU")
     else:
         for module in text_modules:
             tracker.arrive(_storages(module), "weights")
-        with tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
-            conditioning = family.encode_prompts(parts, captions, s.clip_skip)
-        cached = None
+    placement = OneAtATime(text_modules, "cpu") if text_cached else contextlib.nullcontext()
+    with placement, tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
+        conditioning = family.encode_prompts(parts, captions, s.clip_skip)
+    cached = {"a photo": {k: v[:1] for k, v in conditioning.items()}} if text_cached else None
     del conditioning
     if s.cache_latents:
         notes.append("kept on the CPU while training (latents cached): vae")
@@ -370,16 +369,8 @@ class Bnb8bitLayout(torch.optim.Optimizer):
                                                               dtype=torch.float32, device=p.device)
 
 
-class _NoAutocast:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-
 def _autocast(mixed_precision: str):
     """accelerate's autocast for the precision (on the faked device: CPU autocast with CUDA's policy)."""
     if mixed_precision == "no":
-        return _NoAutocast()
+        return contextlib.nullcontext()
     return torch.autocast("cpu", dtype=torch.float16 if mixed_precision == "fp16" else torch.bfloat16)
