@@ -21,7 +21,7 @@ from library.config import Config, write_resolved
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
 from library.families import ModelSource, get_family
 from library.block_swap import make_swapper, move
-from library.memory import (cast_frozen, enable_gradient_checkpointing, offload_checkpoints, peak_memory_text,
+from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints, peak_memory_text,
                             set_attention, weight_dtype)
 from library.objectives import configure
 from library.optim import FusedBackward, build_optimizer, build_scheduler
@@ -106,8 +106,7 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- memory switches ------------------------------------------------------------------------
     dtype = weight_dtype(t.mixed_precision)
-    for module in modules:  # frozen parts in half precision (the VAE too, unless no_half_vae); trained ones fp32 ...
-        cast_frozen(module, torch.float32 if module is parts.vae and t.no_half_vae else dtype)
+    cast_frozen_parts(parts, dtype, t.no_half_vae)  # frozen weights in half precision; trained ones fp32 ...
     store_t5(parts, m.t5xxl_precision, dtype)  # fp8 / int8 T5 for encoding (model.t5xxl_precision)
     if t.full_fp16 or t.full_bf16:  # ... unless everything trains in half precision
         for module in [parts.denoiser, *text_encoders]:

@@ -24,7 +24,7 @@ from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
 from library.block_swap import make_swapper, move
-from library.memory import (allow_fp16_gradients, cast_frozen, cast_trainable, enable_gradient_checkpointing,
+from library.memory import (allow_fp16_gradients, cast_frozen_parts, cast_trainable, enable_gradient_checkpointing,
                             offload_checkpoints, peak_memory_text, set_attention, store_fp8_base, weight_dtype)
 from library.objectives import configure
 from library.optim import build_optimizer, build_scheduler
@@ -113,8 +113,7 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- memory switches ------------------------------------------------------------------------
     dtype = weight_dtype(t.mixed_precision)
-    for module in modules:
-        cast_frozen(module, torch.float32 if module is parts.vae and t.no_half_vae else dtype)
+    cast_frozen_parts(parts, dtype, t.no_half_vae)
     store_t5(parts, m.t5xxl_precision, dtype)  # fp8 / int8 T5 for encoding (model.t5xxl_precision)
     if t.full_fp16 or t.full_bf16:
         cast_trainable([p for c in adapted for p in c.parameters()], dtype)

@@ -24,6 +24,13 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype) -> None:
             buffer.data = buffer.data.to(dtype)
 
 
+def cast_frozen_parts(parts, dtype: torch.dtype, no_half_vae: bool) -> None:
+    """cast_frozen on every part: frozen weights in `dtype`, the VAE in fp32 with no_half_vae (the SDXL VAE's
+    fp16 NaNs)."""
+    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
+        cast_frozen(module, torch.float32 if module is parts.vae and no_half_vae else dtype)
+
+
 def cast_trainable(params: list[nn.Parameter], dtype: torch.dtype) -> None:
     for param in params:
         param.data = param.data.to(dtype)

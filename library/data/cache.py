@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.data.plan import plan_data
     from library.data.training_set import TrainingSet
     from library.families import ModelSource, get_family
-    from library.memory import cast_frozen, weight_dtype
+    from library.memory import cast_frozen_parts, weight_dtype
     from library.quantization import store_t5
     from library.training import cache_outputs
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = weight_dtype(t.mixed_precision)
     for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
         module.requires_grad_(False)
-        cast_frozen(module, torch.float32 if module is parts.vae and t.no_half_vae else dtype)
+    cast_frozen_parts(parts, dtype, t.no_half_vae)
     store_t5(parts, m.t5xxl_precision, dtype)
     cfg.dataset.cache_latents_to_disk = True
     t.cache_text_encoder_outputs_to_disk = t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk

@@ -137,7 +137,8 @@ def _ladder(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
                  else "train_text_encoder = false   # [dreambooth]"]
         steps.append(("frozen, cached text encoders", frozen, lines, "faster; the text encoder no longer trains"))
     if s.t5xxl_precision == "auto" and _has_t5(s):
-        steps.append(("T5-XXL in fp8 while encoding", {"t5xxl_precision": "fp8"}, ['t5xxl_precision = "fp8"   # [model]'],
+        steps.append(("T5-XXL in fp8 while encoding", {"t5xxl_precision": "fp8"},
+                      ['t5xxl_precision = "fp8"   # [model]'],
                       "encoding only (once, when cached); fp8 rounding of T5's weights"))
     if s.optimizer_type.lower() == "adamw" and s.recipe == "network":
         steps.append(("AdamW8bit", {"optimizer_type": "AdamW8bit"}, ['optimizer_type = "AdamW8bit"   # [optimizer]'],

@@ -163,7 +163,7 @@ class _offload_observed:
 
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
     from library.block_swap import make_swapper
-    from library.memory import (cast_frozen, cast_trainable, enable_gradient_checkpointing, offload_checkpoints,
+    from library.memory import (cast_frozen_parts, cast_trainable, enable_gradient_checkpointing, offload_checkpoints,
                                 set_attention, store_fp8_base, weight_dtype)
     from library.offload import OneAtATime
     from library.quantization import store_t5
@@ -197,8 +197,7 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
 
     # ---- memory switches --------------------------------------------------------------------
     dtype = weight_dtype(s.mixed_precision)
-    for module in modules:
-        cast_frozen(module, torch.float32 if module is parts.vae and s.no_half_vae else dtype)
+    cast_frozen_parts(parts, dtype, s.no_half_vae)
     if s.full_fp16 or s.full_bf16:
         cast_trainable(trained, dtype)  # train_db: module.to(dtype) on the trained modules: the same casts
     set_attention(parts.denoiser, False, s.sdpa)
