@@ -71,7 +71,7 @@ def test_impossible_combinations(tmp_path, minimal, overrides, message):
 
 
 def test_recipe_specific_checks(tmp_path, minimal):
-    from library.config import check_recipe
+    from library.config_checks import check_recipe
 
     cfg = load_config(_write(tmp_path, minimal), ["train.cache_text_encoder_outputs=true"])
     for recipe, fix in (("network", "network.network_train_unet_only"), ("db", "dreambooth.train_text_encoder")):

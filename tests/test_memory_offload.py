@@ -155,7 +155,7 @@ def test_config_errors(make_config):
         make_config(train={"fp8_base": True})
     with pytest.raises(ConfigError, match="cpu_offload_checkpointing"):
         make_config(train={"cpu_offload_checkpointing": True})
-    from library.config import check_recipe
+    from library.config_checks import check_recipe
 
     cfg = make_config(train={"fp8_base": True, "mixed_precision": "bf16"})
     with pytest.raises(ConfigError, match="fp8_base.*train_db"):
