@@ -9,6 +9,7 @@ from library.families import get_family
 from library.families.base import ModelSource
 from library.families.flux import FluxFamily, latent_image_ids, pack_latents, unpack_latents
 from library.loading import CheckpointError, arch_dir
+from model_checks import assert_same_weights
 
 # seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer + CLIP-L adapters, T5 16 tokens, sd-scripts defaults
 GOLDEN_FLUX = [0.491824, 0.851382, 0.774685, 0.529203]
@@ -39,19 +40,6 @@ def _single_file_source(files, **extra):
     return ModelSource(str(files["transformer"]), clip_l=str(files["clip_l"]), t5xxl=str(files["t5xxl"]),
                        ae=str(files["ae"]), arch=str(files["folder"]), tokenizer=str(files["folder"]), **extra)
 
-
-def _state(parts):
-    return {"transformer": parts.denoiser.state_dict(), "vae": parts.vae.state_dict(),
-            **{name: te.state_dict() for name, te in parts.text_encoders.items()}}
-
-
-def _assert_same_weights(a, b):
-    sa, sb = _state(a), _state(b)
-    assert sa.keys() == sb.keys()
-    for name, state in sa.items():
-        assert state.keys() == sb[name].keys(), name
-        for key in state:
-            assert torch.equal(state[key], sb[name][key]), f"{name}.{key}"
 
 
 def test_shipped_flux_configs_build_the_real_architecture():
@@ -98,7 +86,7 @@ def test_single_files_and_folder_give_identical_weights(tiny_flux):
     family = FluxFamily()
     a = family.load(ModelSource(str(tiny_flux["folder"])))
     b = family.load(_single_file_source(tiny_flux))
-    _assert_same_weights(a, b)
+    assert_same_weights(a, b)
     with pytest.raises(CheckpointError, match="model.clip_l, model.t5xxl, model.ae"):
         family.load(ModelSource(str(tiny_flux["transformer"])))
 
@@ -177,7 +165,7 @@ def test_golden_losses_full_fine_tune_and_single_file_reload(flux_config, tiny_f
                                   dreambooth={"train_text_encoder": False}))
     assert _close(result.losses, GOLDEN_FLUX_DB)
     reloaded = FluxFamily().load(_single_file_source({**tiny_flux, "transformer": result.model_path}))
-    _assert_same_weights(result.parts, reloaded)
+    assert_same_weights(result.parts, reloaded)
 
 
 def test_adapter_in_diffusers_every_key_consumed(flux_config, tiny_flux):

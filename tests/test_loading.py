@@ -8,11 +8,7 @@ import torch
 from library.families.base import ModelSource
 from library.families.sd1 import SD1Family, detect_arch
 from library.loading import CheckpointError, arch_dir, read_checkpoint
-
-
-def _state(parts):
-    return {"unet": parts.denoiser.state_dict(), "vae": parts.vae.state_dict(),
-            "te": parts.text_encoders["te"].state_dict()}
+from model_checks import assert_same_weights
 
 
 @pytest.mark.parametrize("model", ["tiny_sd1", "tiny_sd2"])
@@ -21,11 +17,7 @@ def test_single_file_and_folder_give_identical_weights(model, request):
     family = SD1Family()
     a = family.load(ModelSource(str(folder)))
     b = family.load(ModelSource(str(single), arch=str(folder), tokenizer=str(folder / "tokenizer")))
-    for name, state in _state(a).items():
-        other = _state(b)[name]
-        assert state.keys() == other.keys(), name
-        for key in state:
-            assert torch.equal(state[key], other[key]), f"{name}.{key}"
+    assert_same_weights(a, b)
     assert a.tokenizers["te"]("a red dog").input_ids == b.tokenizers["te"]("a red dog").input_ids
     assert a.extra["v2"] == b.extra["v2"] == (model == "tiny_sd2")
 

@@ -12,6 +12,7 @@ from library.families import get_family
 from library.families.base import Components, ModelSource
 from library.families.sd3 import Sd3Family, Sd3FlowMatchObjective
 from library.loading import CheckpointError, arch_dir
+from model_checks import assert_same_weights
 
 # seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer + CLIP-L + CLIP-G adapters, T5 16 tokens,
 # sd-scripts' SD3 defaults (uniform u, training shift 1.0, x_0 preconditioning, no weighting)
@@ -38,19 +39,6 @@ def sd3_config(make_config, tiny_sd3):
         return make_config(**sections)
     return make
 
-
-def _state(parts):
-    return {"transformer": parts.denoiser.state_dict(), "vae": parts.vae.state_dict(),
-            **{name: te.state_dict() for name, te in parts.text_encoders.items()}}
-
-
-def _assert_same_weights(a, b, only=None):
-    sa, sb = _state(a), _state(b)
-    assert sa.keys() == sb.keys()
-    for name in only or sa:
-        assert sa[name].keys() == sb[name].keys(), name
-        for key in sa[name]:
-            assert torch.equal(sa[name][key], sb[name][key]), f"{name}.{key}"
 
 
 def _prediction(family, parts, captions=("a photo of a red circle",), seed=3):
@@ -139,10 +127,10 @@ def test_single_files_and_folder_give_identical_weights(tiny_sd3):
     family = Sd3Family()
     folder = family.load(ModelSource(str(tiny_sd3["folder"])))
     where = dict(arch=str(tiny_sd3["folder"]), tokenizer=str(tiny_sd3["folder"]))
-    _assert_same_weights(folder, family.load(ModelSource(str(tiny_sd3["single"]), **where)))
+    assert_same_weights(folder, family.load(ModelSource(str(tiny_sd3["single"]), **where)))
     separate = family.load(ModelSource(str(tiny_sd3["transformer"]), clip_l=str(tiny_sd3["clip_l"]),
                                        clip_g=str(tiny_sd3["clip_g"]), t5xxl=str(tiny_sd3["t5xxl"]), **where))
-    _assert_same_weights(folder, separate)
+    assert_same_weights(folder, separate)
     with pytest.raises(CheckpointError, match="model.clip_l"):
         family.load(ModelSource(str(tiny_sd3["transformer"]), **where))
     with pytest.raises(CheckpointError, match="not a shipped SD3 architecture"):  # 2 blocks: no arch detected
@@ -308,7 +296,7 @@ def test_golden_losses_full_fine_tune_and_single_file_reload(sd3_config, tiny_sd
     assert not any(k.startswith("text_encoders.t5xxl") for k in saved)  # T5 stays in its own file
     reloaded = Sd3Family().load(ModelSource(str(result.model_path), arch=str(tiny_sd3["folder"]),
                                             tokenizer=str(tiny_sd3["folder"]), t5xxl=str(tiny_sd3["t5xxl"])))
-    _assert_same_weights(result.parts, reloaded)
+    assert_same_weights(result.parts, reloaded)
 
 
 def test_peft_file_in_diffusers_every_key_consumed(sd3_config, tiny_sd3):

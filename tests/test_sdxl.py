@@ -9,6 +9,7 @@ from library.families import get_family
 from library.families.base import ModelSource
 from library.families.sdxl import SDXLFamily, add_time_ids, detect_arch
 from library.loading import CheckpointError, arch_dir
+from model_checks import assert_same_weights, part_states
 
 # seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, U-Net + both text encoders
 GOLDEN_SDXL = [0.930762, 1.134166, 1.129562, 1.087542]
@@ -29,22 +30,6 @@ def sdxl_config(make_config, tiny_sdxl):
     return make
 
 
-def _state(parts):
-    return {"unet": parts.denoiser.state_dict(), "vae": parts.vae.state_dict(),
-            **{name: te.state_dict() for name, te in parts.text_encoders.items()}}
-
-
-def _assert_same_weights(a, b):
-    sa, sb = _state(a), _state(b)
-    assert sa.keys() == sb.keys()
-    for name, state in sa.items():
-        assert state.keys() == sb[name].keys(), name
-        for key in state:
-            assert torch.equal(state[key], sb[name][key]), f"{name}.{key}"
-
-
-# ---- loading ------------------------------------------------------------------------------------
-
 
 def test_single_file_and_folder_give_identical_weights(tiny_sdxl):
     folder, single = tiny_sdxl
@@ -52,7 +37,7 @@ def test_single_file_and_folder_give_identical_weights(tiny_sdxl):
     family = SDXLFamily()
     a = family.load(ModelSource(str(folder)))
     b = family.load(ModelSource(str(single), arch=str(folder), tokenizer=str(folder)))
-    _assert_same_weights(a, b)
+    assert_same_weights(a, b)
     assert type(b.text_encoders["te2"]).__name__ == "CLIPTextModelWithProjection"
     for name in ("te1", "te2"):
         assert a.tokenizers[name]("a red dog").input_ids == b.tokenizers[name]("a red dog").input_ids
@@ -184,8 +169,8 @@ def test_golden_losses_full_fine_tune_fused_adafactor(sdxl_config, tiny_sdxl):
     # the SAI single file reloads (through diffusers' from_single_file) to the trained weights
     folder = tiny_sdxl[0]
     reloaded = SDXLFamily().load(ModelSource(str(result.model_path), arch=str(folder), tokenizer=str(folder)))
-    _assert_same_weights(result.parts, reloaded)
-    base = _state(SDXLFamily().load(ModelSource(str(folder))))
+    assert_same_weights(result.parts, reloaded)
+    base = part_states(SDXLFamily().load(ModelSource(str(folder))))
     assert any(not torch.equal(v, base["te2"][k]) for k, v in result.parts.text_encoders["te2"].state_dict().items())
 
 
