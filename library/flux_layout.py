@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from library.loading import fuse_parts, rename
+
 # one-to-one renames inside double_blocks.N / transformer_blocks.N
 DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
           "attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
@@ -35,13 +37,6 @@ DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
 SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 
 
-def _rename(name: str, table: dict[str, str]) -> str | None:
-    for src, dst in table.items():
-        if name == src or name.startswith(src + "."):
-            return dst + name[len(src):]
-    return None
-
-
 def transformer_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A FluxTransformer2DModel state dict in the BFL single-file layout (no "model.diffusion_model." prefix)."""
     out: dict[str, torch.Tensor] = {}
@@ -52,14 +47,11 @@ def transformer_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         indices = sorted({int(m.group(1)) for k in state for m in [re.match(rf"{ours}\.(\d+)\.", k)] if m})
         for i in indices:
             pre = f"{ours}.{i}."
-            for name, parts in fused.items():
-                for suffix in ("weight", "bias"):
-                    keys = [f"{pre}{p}.{suffix}" for p in parts]
-                    if all(k in state for k in keys):
-                        out[f"{theirs}.{i}.{name}.{suffix}"] = torch.cat([state[k] for k in keys])
-                        fused_parts.update(keys)
+            tensors, used = fuse_parts(state, pre, fused, f"{theirs}.{i}.")
+            out.update(tensors)
+            fused_parts |= used
             for key in [k for k in state if k.startswith(pre) and k not in fused_parts]:
-                new = _rename(key[len(pre):], renames)
+                new = rename(key[len(pre):], renames)
                 if new is None:
                     raise KeyError(f"no BFL name for {key}")
                 out[f"{theirs}.{i}.{new}"] = state[key]
@@ -70,7 +62,7 @@ def transformer_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             scale, shift = value.chunk(2, dim=0)
             out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = torch.cat([shift, scale])
             continue
-        new = _rename(key, TOP)
+        new = rename(key, TOP)
         if new is None:
             raise KeyError(f"no BFL name for {key}")
         out[new] = value
@@ -83,7 +75,7 @@ def bfl_module_name(module_path: str) -> str | None:
     the module has no BFL counterpart."""
     m = re.match(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)$", module_path)
     if not m:
-        return _rename(module_path, TOP) or ("final_layer.adaLN_modulation.1" if module_path == "norm_out.linear"
+        return rename(module_path, TOP) or ("final_layer.adaLN_modulation.1" if module_path == "norm_out.linear"
                                              else None)
     kind, index, rest = m.groups()
     single = kind == "single_transformer_blocks"
@@ -91,7 +83,7 @@ def bfl_module_name(module_path: str) -> str | None:
     for name, parts in (SINGLE_FUSED if single else DOUBLE_FUSED).items():
         if rest in parts:
             return f"{block}.{name}"
-    new = _rename(rest, SINGLE if single else DOUBLE)
+    new = rename(rest, SINGLE if single else DOUBLE)
     return f"{block}.{new}" if new else None
 
 
@@ -135,7 +127,7 @@ def bfl_to_transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                 for part, chunk in zip(parts, chunks):
                     out[f"{ours}.{index}.{part}.{suffix}"] = chunk
                 continue
-            new = _rename(f"{name}.{suffix}", renames)
+            new = rename(f"{name}.{suffix}", renames)
             if new is None:
                 raise KeyError(f"unknown FLUX key {key}")
             out[f"{ours}.{index}.{new}"] = value
@@ -143,7 +135,7 @@ def bfl_to_transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             shift, scale = value.chunk(2, dim=0)
             out["norm_out.linear." + key.rsplit(".", 1)[1]] = torch.cat([scale, shift])
         else:
-            new = _rename(key, top)
+            new = rename(key, top)
             if new is None:
                 raise KeyError(f"unknown FLUX key {key}")
             out[new] = value

@@ -84,3 +84,28 @@ def load_clip_tokenizer(where: str, subfolder: str | None = None):
             f"model.tokenizer to a folder that holds tokenizer files (or run once with network access "
             f"to fill the cache). ({type(e).__name__})"
         ) from None
+
+
+# ---- renaming between layouts (the family layout modules' tables drive these) --------------------------
+
+
+def rename(name: str, table: dict[str, str]) -> str | None:
+    """`name` with the first matching prefix of `table` (whole dotted components) replaced, else None."""
+    for src, dst in table.items():
+        if name == src or name.startswith(src + "."):
+            return dst + name[len(src):]
+    return None
+
+
+def fuse_parts(state: dict[str, torch.Tensor], prefix: str, fused: dict[str, tuple[str, ...]],
+               out_prefix: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The fused weights of one block: for each `fused` name, its parts' weights and biases (under `prefix`)
+    concatenated along the output rows, keyed `out_prefix + name`; and the keys of `state` they used."""
+    out, used = {}, set()
+    for name, parts in fused.items():
+        for suffix in ("weight", "bias"):
+            keys = [f"{prefix}{p}.{suffix}" for p in parts]
+            if all(k in state for k in keys):
+                out[f"{out_prefix}{name}.{suffix}"] = torch.cat([state[k] for k in keys])
+                used.update(keys)
+    return out, used

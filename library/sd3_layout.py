@@ -16,6 +16,8 @@ import re
 
 import torch
 
+from library.loading import fuse_parts, rename
+
 SAI_PREFIX = "model.diffusion_model."
 # one-to-one renames inside joint_blocks.N / transformer_blocks.N (diffusers -> SAI)
 BLOCK = {"norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
@@ -38,13 +40,6 @@ TOP = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedde
        "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
 
 
-def _rename(name: str, table: dict[str, str]) -> str | None:
-    for src, dst in table.items():
-        if name == src or name.startswith(src + "."):
-            return dst + name[len(src):]
-    return None
-
-
 def _swap_halves(value: torch.Tensor) -> torch.Tensor:
     first, second = value.chunk(2, dim=0)
     return torch.cat([second, first])
@@ -57,16 +52,11 @@ def transformer_to_sai(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     last = indices[-1] if indices else -1
     for i in indices:
         pre, sai = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        fused_parts: set[str] = set()
-        for name, parts in FUSED.items():
-            for suffix in ("weight", "bias"):
-                keys = [f"{pre}{p}.{suffix}" for p in parts]
-                if all(k in state for k in keys):
-                    out[f"{sai}{name}.{suffix}"] = torch.cat([state[k] for k in keys])
-                    fused_parts.update(keys)
+        tensors, fused_parts = fuse_parts(state, pre, FUSED, sai)
+        out.update(tensors)
         for key in [k for k in state if k.startswith(pre) and k not in fused_parts]:
             rest = key[len(pre):]
-            new = _rename(rest, BLOCK)
+            new = rename(rest, BLOCK)
             if new is None:
                 raise KeyError(f"no SAI name for {key}")
             value = state[key]
@@ -79,7 +69,7 @@ def transformer_to_sai(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if key == "pos_embed.pos_embed":
             out["pos_embed"] = value
             continue
-        new = _rename(key, TOP)
+        new = rename(key, TOP)
         if new is None:
             raise KeyError(f"no SAI name for {key}")
         out[new] = _swap_halves(value) if key.startswith("norm_out.linear.") else value
@@ -122,4 +112,4 @@ def sai_module_name(module_path: str, num_layers: int | None = None) -> str | No
     if module_path.startswith("transformer_blocks."):
         layout = kohya_layout(module_path, num_layers)
         return layout[0] if layout else None
-    return None if module_path == "norm_out.linear" else _rename(module_path, TOP)
+    return None if module_path == "norm_out.linear" else rename(module_path, TOP)
