@@ -8,6 +8,7 @@ memory switches -> caches -> optimizer (plain or fused into backward) -> the tra
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 from library import cli
 from library.checkpoint import SAVE_DTYPES, Checkpointer, Position, resumed_seed, save_folder, save_safetensors
 from library.config import Config, write_resolved
+from library.outputs import claim_output_dir
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
 from library.families import ModelSource, get_family
 from library.block_swap import make_swapper, move
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         from library import planner
 
         return planner.run(cfg, "db", args.vram_budget)
-    train(cfg)
+    with cli.exit_on_user_error():
+        train(cfg)
     return 0
 
 
@@ -69,6 +72,7 @@ def train(cfg: Config) -> TrainResult:
     set_seed(t.seed)
     say = Progress(0, enabled=accelerator.is_main_process).write
     if accelerator.is_main_process:
+        lock = claim_output_dir(cfg)  # noqa: F841  (held until train() returns: no second run writes here)
         write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
 
     # ---- data: every image and caption is checked before any model loads ----------------------
@@ -190,6 +194,14 @@ def train(cfg: Config) -> TrainResult:
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     train_te = bool(text_encoders)
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
+    batches_done, epoch_order = skip, position.epoch_order
+    if cfg.save.resume and step >= max_steps:  # saved at the last step: no step is left, only the final files
+        epoch = position.epoch
+        if checkpoints.finished(t.output_name):
+            say(f"this run finished at step {step} (max_train_steps {max_steps}); its final weights are in "
+                f"{out_dir}: nothing to do")
+            return result
+        say(f"the state is at step {step} of {max_steps}: no step is left; writing the final files")
     if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
         train_te = _stop_training(text_encoders, say, step)
     if sampling and sampling.at_first and step == 0:
@@ -258,7 +270,8 @@ def train(cfg: Config) -> TrainResult:
         module.eval()
     sample(step)
     accelerator.end_training()
-    say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}, {peak_memory_text()}; "
+    say(f"done: {step} steps in {elapsed:.1f}s, "
+        + (f"final loss {result.losses[-1]:.4f}, " if result.losses else "") + f"{peak_memory_text()}; "
         f"model {result.model_path}" + (f"; samples in {out_dir / 'samples'}" if result.samples else ""))
     return result
 
@@ -296,8 +309,10 @@ def _write(out_dir: Path, name: str, family, parts, cfg: Config) -> Path:
     if cfg.save.save_model_as == "diffusers":
         def write(folder: Path) -> None:
             family.pipeline(parts).save_pretrained(str(folder))
+            (folder / "run.json").write_text(json.dumps({"run_id": cfg.run_id}), encoding="utf-8")  # outputs.py
         return save_folder(out_dir / name, write)
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": name, "ss_output_name": name,
+            "ss_session_id": cfg.run_id,
             **family.file_metadata(parts)}
     return save_safetensors(out_dir / f"{name}.safetensors", family.single_file_state_dict(parts), meta, dtype)
 

@@ -20,6 +20,7 @@ import torch
 from library import cli
 from library.checkpoint import Checkpointer, Position, resumed_seed
 from library.config import Config, write_resolved
+from library.outputs import claim_output_dir
 from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
@@ -78,6 +79,7 @@ def train(cfg: Config) -> TrainResult:
     set_seed(t.seed)
     say = Progress(0, enabled=accelerator.is_main_process).write
     if accelerator.is_main_process:
+        lock = claim_output_dir(cfg)  # noqa: F841  (held until train() returns: no second run writes here)
         write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
 
     # ---- data: every image and caption is checked before any model loads ----------------------
@@ -190,6 +192,14 @@ def train(cfg: Config) -> TrainResult:
     started_at = time.time()
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
+    batches_done, epoch_order = skip, position.epoch_order
+    if cfg.save.resume and step >= max_steps:  # saved at the last step: no step is left, only the final files
+        epoch = position.epoch
+        if checkpoints.finished(t.output_name):
+            say(f"this run finished at step {step} (max_train_steps {max_steps}); its final weights are in "
+                f"{out_dir}: nothing to do")
+            return result
+        say(f"the state is at step {step} of {max_steps}: no step is left; writing the final files")
     if sampling and sampling.at_first and step == 0:
         sample(0)
     stop = StopSignal(say).__enter__()
@@ -260,7 +270,8 @@ def train(cfg: Config) -> TrainResult:
     if n.scale_weight_norms:
         say(f"scale_weight_norms {n.scale_weight_norms:g}: {sum(result.keys_scaled)} layer scalings in {step} steps "
             f"({result.keys_scaled[-1] if result.keys_scaled else 0} in the last)")
-    say(f"done: {step} steps in {elapsed:.1f}s, final loss {result.losses[-1]:.4f}, {peak_memory_text()}; "
+    say(f"done: {step} steps in {elapsed:.1f}s, "
+        + (f"final loss {result.losses[-1]:.4f}, " if result.losses else "") + f"{peak_memory_text()}; "
         f"adapter {result.adapter_path}" + (f"; samples in {out_dir / 'samples'}" if result.samples else ""))
     return result
 
@@ -279,7 +290,8 @@ def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epo
     network = {**files.network_metadata(settings), "scale_weight_norms": cfg.network.scale_weight_norms,
                "loraplus_lr_ratio": cfg.network.loraplus_lr_ratio, "save_format": cfg.save.save_format}
     tensors, extra = files.adapter_tensors(adapted, cfg.save.save_format, files.SAVE_DTYPES[cfg.save.save_precision])
-    files.save(path, tensors, {**files.metadata(family.file_metadata(parts), network, training), **extra})
+    files.save(path, tensors, {**files.metadata(family.file_metadata(parts), network, training), **extra,
+                               "ss_session_id": cfg.run_id})  # which run wrote it (library/outputs.py)
 
 
 if __name__ == "__main__":

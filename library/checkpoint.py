@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from library.config import ConfigError
 from library.config_checks import glob_escape
+from library.saved_state import (RESUME_MAY_CHANGE, STATE_VERSION, read_state_info, check_resumable, find_state,  # noqa: F401
+                                 recover_folder)
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -25,11 +28,21 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
         raise
     return path
+
+
+def usual_permissions(path: Path) -> None:
+    """safetensors writes files 0600; a saved file gets what the user's umask gives any new file (0644 with
+    the usual 022), so a UI running as another user (a ComfyUI container) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *(Path(path).rglob("*") if Path(path).is_dir() else [])]:
+        os.chmod(p, (0o777 if Path(p).is_dir() else 0o666) & ~umask)
 
 
 def _for_file(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -44,8 +57,10 @@ def save_folder(path: Path, write) -> Path:
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
+    recover_folder(path)
     try:
         write(tmp)
+        usual_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -60,12 +75,6 @@ def save_folder(path: Path, write) -> Path:
 # Resumable training state
 # ---------------------------------------------------------------------------------------------
 
-STATE_VERSION = 1
-# keys that may differ between the run that saved a state and the run resuming it
-RESUME_MAY_CHANGE = {"train.max_train_steps", "train.max_train_epochs", "train.output_dir", "train.output_name",
-                     "train.nan_skip_limit", "dataset.max_data_loader_n_workers", "save", "sample", "logging"}
-
-
 @dataclass
 class Position:
     """Where a run is: after `step` optimizer steps, `batches_done` batches into epoch `epoch`, whose batch
@@ -78,7 +87,7 @@ class Position:
 
 def save_training_state(folder: Path, position: Position, params: dict[str, torch.nn.Parameter], optimizer,
                         scheduler, generators: dict[str, torch.Generator], config: dict, extra: dict | None = None,
-                        scaler=None) -> Path:
+                        scaler=None, run_id: str = "") -> Path:
     """Everything a run needs to go on exactly: trained weights, optimizer, scheduler, grad scaler, every RNG,
     the data position, the config. Written to a temporary folder and renamed, like every save."""
     def write(tmp: Path) -> None:
@@ -90,33 +99,9 @@ def save_training_state(folder: Path, position: Position, params: dict[str, torc
                    "extra": extra or {}}
         torch.save(objects, tmp / "state.pt")
         info = {"version": STATE_VERSION, "step": position.step, "epoch": position.epoch,
-                "batches_done": position.batches_done, "config": config}
+                "batches_done": position.batches_done, "config": config, "run_id": run_id}
         (tmp / "state.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
     return save_folder(folder, write)
-
-
-def find_state(resume: str, out_dir: Path) -> Path:
-    """`resume` is a state folder, or "latest": the state in out_dir with the most steps."""
-    if resume != "latest":
-        return Path(resume)
-    states = [p for p in out_dir.glob("*-state") if (p / "state.json").is_file()]
-    if not states:
-        raise FileNotFoundError(f"resume = \"latest\": no saved state (*-state folder) in {out_dir}")
-    return max(states, key=lambda p: json.loads((p / "state.json").read_text())["step"])
-
-
-def check_resumable(folder: Path, config: dict) -> dict:
-    """The saved state's info; an error naming every setting that differs in a way resuming cannot honour."""
-    info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    if info.get("version") != STATE_VERSION:
-        raise ValueError(f"{folder}: state format {info.get('version')}, this trainer reads {STATE_VERSION}")
-    differs = [key for key in sorted(set(_flat(config)) | set(_flat(info["config"])))
-               if _flat(config).get(key) != _flat(info["config"]).get(key)
-               and key not in RESUME_MAY_CHANGE and key.split(".")[0] not in RESUME_MAY_CHANGE]
-    if differs:
-        lines = [f"  {k}: saved {_flat(info['config']).get(k)!r}, now {_flat(config).get(k)!r}" for k in differs]
-        raise ValueError(f"{folder}: the config differs from the one this state was saved with:\n" + "\n".join(lines))
-    return info
 
 
 def load_training_state(folder: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler,
@@ -127,7 +112,13 @@ def load_training_state(folder: Path, params: dict[str, torch.nn.Parameter], opt
     info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     weights = load_file(str(folder / "trained.safetensors"))
     if set(weights) != set(params):
-        raise ValueError(f"{folder}: trained weights do not match this run ({sorted(set(weights) ^ set(params))[:3]})")
+        raise ConfigError(f"'save.resume': {folder} holds the trained weights of another model or adapter "
+                          f"({len(weights)} tensors, this run trains {len(params)}; e.g. "
+                          f"{sorted(set(weights) ^ set(params))[:2]})")
+    wrong = [k for k in params if weights[k].shape != params[k].shape]
+    if wrong:
+        raise ConfigError(f"'save.resume': {folder} holds weights of other shapes ({wrong[0]}: saved "
+                          f"{tuple(weights[wrong[0]].shape)}, this run {tuple(params[wrong[0]].shape)})")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
@@ -185,10 +176,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _flat(config: dict) -> dict:
-    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
-
-
 def remove_old(out_dir: Path, pattern: str, keep: int, say=print) -> list[Path]:
     """save_last_n_*: delete all but the `keep` newest files/folders matching `pattern` (by name, which
     carries the zero-padded step or epoch). The newest is never removed."""
@@ -223,11 +210,23 @@ class Checkpointer:
             if self.cfg.save.save_state:
                 self.save_state(stem, position)
         except OSError as e:
-            raise OSError(f"cannot write {self.out_dir / stem}: {e.strerror or e}. Earlier files are untouched "
-                          f"(every save is written to a temporary name first).") from None
+            raise ConfigError(self._cannot_write(stem, e)) from None
         if keep and pattern:  # the weights (a file, or a diffusers folder) and the states, each kept `keep`
             for suffix in (".safetensors", "", "-state"):
                 remove_old(self.out_dir, pattern + suffix, keep, self.say)
+
+    def _cannot_write(self, stem: str, error: OSError) -> str:
+        """One line for a failed save (disk full, a file-size limit, permissions): which file, about how much
+        it needed, how much is free, and that earlier files are intact."""
+        weights = sum(p.numel() * p.element_size() for p in self.state["params"].values())
+        needed = weights * (3 if self.cfg.save.save_state else 1)  # a state adds the optimizer's moments
+        try:
+            free = f", {shutil.disk_usage(self.out_dir).free / 2**20:,.0f} MB free"
+        except OSError:
+            free = ""
+        return (f"'train.output_dir': cannot write {self.out_dir / stem}: {error.strerror or error} (this save "
+                f"needs about {needed / 2**20:,.0f} MB{free}). Earlier files are intact: every save is written "
+                f"to a temporary name first")
 
     def after_step(self, here: Position, max_steps: int) -> None:
         """save_every_n_steps: name-step00000500 (the final save, at max_steps, is the recipe's), keeping the
@@ -253,12 +252,16 @@ class Checkpointer:
 
     def save_state(self, stem: str, position: Position) -> Path:
         folder = save_training_state(self.out_dir / f"{stem}-state", position, config=self.cfg.to_toml_dict(),
-                                     extra=self.extra(), **self.state)
+                                     extra=self.extra(), run_id=self.cfg.run_id, **self.state)
         self.say(f"saved resumable state {folder}")
         return folder
 
+    def finished(self, stem: str) -> bool:
+        """The final weights `stem` exist (a file or a diffusers folder)."""
+        return (self.out_dir / f"{stem}.safetensors").is_file() or (self.out_dir / stem).is_dir()
+
     def resume(self) -> tuple[Position, dict]:
-        folder = find_state(self.cfg.save.resume, self.out_dir)
+        folder = find_state(self.cfg.save.resume, self.out_dir, self.say)
         check_resumable(folder, self.cfg.to_toml_dict())
         position, extra = load_training_state(folder, **self.state)
         self.say(f"resumed from {folder}: step {position.step}, epoch {position.epoch}, "
@@ -271,4 +274,4 @@ def resumed_seed(cfg) -> int | None:
     if not cfg.save.resume:
         return None
     folder = find_state(cfg.save.resume, Path(cfg.train.output_dir))
-    return json.loads((folder / "state.json").read_text(encoding="utf-8"))["config"]["train"].get("seed")
+    return read_state_info(folder)["config"].get("train", {}).get("seed")

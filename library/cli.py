@@ -47,9 +47,11 @@ def load_or_exit(args: argparse.Namespace, recipe: str) -> Config:
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Problems found after loading the config but before any model loads (the dataset TOML, the dataset
-    check) print one message and exit: 2 for a configuration error, 3 for problems in the data."""
+    """Problems found after loading the config (the dataset TOML, the dataset check, a resume state, a save
+    that cannot be written, a diverged loss) print one message and exit: 2 for a configuration error, 3 for
+    problems in the data or a loss that stays NaN/inf."""
     from library.data import DatasetError
+    from library.guards import NonFiniteLoss
 
     try:
         yield
@@ -58,6 +60,9 @@ def exit_on_user_error():
         raise SystemExit(EXIT_CONFIG_ERROR) from None
     except DatasetError as e:
         print(f"dataset error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_DATASET_ERROR) from None
+    except NonFiniteLoss as e:  # the loss diverged: the settings or the data, not a bug to trace
+        print(f"training stopped: {e}", file=sys.stderr)
         raise SystemExit(EXIT_DATASET_ERROR) from None
 
 

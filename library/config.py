@@ -335,6 +335,7 @@ class Config:
     loss: LossSection
     dreambooth: DreamboothSection
     source: str = "<config>"  # the file the config came from, for messages
+    run_id: str = ""  # this run's id, in every file it writes (set by the output check; a resumed run keeps its own)
 
     def to_toml_dict(self) -> dict:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -545,7 +546,8 @@ def write_resolved(cfg: Config, path: Path) -> None:
     """The config as it was run (defaults filled in, seed drawn), in our sectioned layout."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(f"# resolved from {cfg.source}\n" + toml.dumps(cfg.to_toml_dict()), encoding="utf-8")
+    tmp.write_text(f"# resolved from {cfg.source}\n# run_id = {cfg.run_id}\n" + toml.dumps(cfg.to_toml_dict()),
+                   encoding="utf-8")
     os.replace(tmp, path)
 
 

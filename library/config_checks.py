@@ -24,15 +24,25 @@ def check_paths(cfg: Config) -> None:
     model = cfg.model.pretrained_model_name_or_path
     if not os.path.exists(model) and not HUB_ID.match(model):
         raise ConfigError(f"{cfg.source}: 'model.pretrained_model_name_or_path': no such file or folder: {model}")
-    out, name = Path(cfg.train.output_dir), cfg.train.output_name
-    earlier = sorted([*out.glob(f"{glob_escape(name)}.safetensors"), *out.glob(f"{glob_escape(name)}-*.safetensors"),
-                      *[p for p in out.glob(glob_escape(name)) if p.is_dir()]])
-    if cfg.save.resume and cfg.save.resume != "latest" and not Path(cfg.save.resume, "state.json").is_file():
-        raise ConfigError(f"{cfg.source}: 'save.resume': {cfg.save.resume} is not a saved state folder "
-                          f"(no state.json in it)")
-    if earlier and not cfg.save.overwrite and not cfg.save.resume:  # resuming continues the same run
-        raise ConfigError(f"{cfg.source}: {earlier[0]} exists from an earlier run and would be overwritten; "
-                          f"choose another 'train.output_name' or output_dir, or set 'save.overwrite' = true")
+    if cfg.save.resume:
+        _check_resume(cfg)
+    from library.outputs import check_outputs
+
+    cfg.run_id = check_outputs(cfg)  # nothing another run left is overwritten; the run's id
+
+
+def _check_resume(cfg: Config) -> None:
+    """The state to resume is whole and was saved with this config (the seed drawn then counts as set)."""
+    from library.saved_state import check_resumable, find_state, read_state_info
+
+    try:
+        folder = find_state(cfg.save.resume, Path(cfg.train.output_dir), say=lambda _: None)
+        config = cfg.to_toml_dict()
+        if cfg.train.seed is None:
+            config["train"]["seed"] = read_state_info(folder)["config"].get("train", {}).get("seed")
+        check_resumable(folder, config)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.source}: 'save.resume' = {cfg.save.resume!r}: {e}") from None
 
 
 def glob_escape(name: str) -> str:

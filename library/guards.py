@@ -9,7 +9,6 @@ import signal
 import torch
 
 EXIT_STOPPED = 75  # stopped by a signal after saving a resumable state (EX_TEMPFAIL: "try again")
-EXIT_NON_FINITE = 3  # too many NaN/inf steps in a row
 
 
 class NonFiniteLoss(RuntimeError):

@@ -5,13 +5,11 @@ training, after checking that it is for this model family and this algorithm.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from networks import lycoris_format, peft_format
 from networks.lycoris_format import LoraFileError
@@ -30,11 +28,10 @@ def adapter_tensors(adapted: list[AdaptedComponent], fmt: str, dtype: torch.dtyp
 
 
 def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write atomically: a temporary file renamed over the target, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """Write atomically (library/checkpoint.py): a kill never leaves half a file, a failed write nothing."""
+    from library.checkpoint import save_safetensors
+
+    save_safetensors(path, tensors, metadata)
 
 
 def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

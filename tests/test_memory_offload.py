@@ -11,6 +11,18 @@ from library.config import ConfigError
 from tests.test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
 
 CHECKPOINTED = {"gradient_checkpointing": True}
+# Swapping blocks and offloading checkpoints move tensors, never change them: a move is a bitwise copy. But the
+# two runs need not order their float operations the same way: the recomputed forward in backward runs on
+# freshly copied (differently laid out) storages, and the CPU kernels pick their blocking from the layout and
+# the thread count, so a few last-bit differences appear on some machines (6e-8 on the losses, seen on a fresh
+# 2-core machine). A real placement fault (a stale weight, a wrong activation restored, a skipped update) moves
+# the losses of these tiny runs by 1e-3 or more, so 1e-6 relative still fails on every such fault.
+SAME = {"rel": 1e-6, "abs": 1e-9}
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-7) for k in a)
+
 AGAIN = {"overwrite": True}  # the second run writes to the same output_dir
 FUSED = {"optimizer_type": "Adafactor", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
 
@@ -34,10 +46,10 @@ def _denoiser_state(parts):
 def test_lora_block_swap_gives_identical_losses_and_adapter(flux_config):  # noqa: F811
     plain = _lora(flux_config(train=CHECKPOINTED))
     swapped = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 4}, save=AGAIN))  # all 2 double + 2 single blocks
-    assert swapped.losses == plain.losses
+    assert swapped.losses == pytest.approx(plain.losses, **SAME)
     a = {k: p for c in plain.adapted for k, p in c.module.named_parameters() if p.requires_grad}
     b = {k: p for c in swapped.adapted for k, p in c.module.named_parameters() if p.requires_grad}
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_tensors(a, b)
     swapper = swapped.parts.denoiser._block_swapper
     # 4 steps x (4 blocks forward + 4 re-run in backward), the final sample-free run: nothing else
     assert swapper.loads == 4 * 8
@@ -52,9 +64,9 @@ def test_full_fine_tune_block_swap_steps_on_the_device_and_matches(flux_config):
     plain = _db(flux_config(train=CHECKPOINTED, optimizer=FUSED, dreambooth={"train_text_encoder": False}))
     swapped = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
                               dreambooth={"train_text_encoder": False}, save=AGAIN))
-    assert swapped.losses == plain.losses
+    assert swapped.losses == pytest.approx(plain.losses, **SAME)
     a, b = _denoiser_state(plain.parts), _denoiser_state(swapped.parts)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_tensors(a, b)
     swapper = swapped.parts.denoiser._block_swapper
     assert len(swapper.swapped) == 3 and swapper.resident() == []
     trained = [p for k in swapper.swapped for p in swapper.weights[k]]
@@ -86,7 +98,7 @@ def test_cpu_offload_checkpointing_gives_identical_losses(flux_config):  # noqa:
         result = _lora(flux_config(train={**CHECKPOINTED, "cpu_offload_checkpointing": True}, save=AGAIN))
     finally:
         memory.OFFLOAD_OBSERVERS.pop()
-    assert result.losses == plain.losses
+    assert result.losses == pytest.approx(plain.losses, **SAME)
     assert len(offloaded) > 4 * 4  # at least every checkpointed block's input, every step
 
 
@@ -173,5 +185,5 @@ def test_block_swap_with_offloaded_checkpoints_and_cached_text_gives_identical_l
     plain = _lora(flux_config(train=CHECKPOINTED, network=frozen))
     placed = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3, "cpu_offload_checkpointing": True,
                                       "cache_text_encoder_outputs": True}, network=frozen, save=AGAIN))
-    assert placed.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert placed.losses == pytest.approx(plain.losses, **SAME)
     assert placed.parts.denoiser._block_swapper.resident() == []

@@ -30,8 +30,11 @@ def test_resumed_db_run_equals_the_uninterrupted_one(make_config, tmp_path):
 
 def test_resume_with_a_different_config_names_what_differs(make_config, tmp_path):
     train_db.train(_db(make_config, tmp_path, train={"max_train_steps": 3}))
-    with pytest.raises(ValueError, match=r"optimizer.learning_rate: saved 0.0001, now 0.001"):
-        train_db.train(_db(make_config, tmp_path, optimizer={"learning_rate": 1e-3}, save={"resume": "latest"}))
+    from library.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'save.resume' = 'latest': .*lora-state was saved with another config; "
+                                          r"what differs:\n  optimizer.learning_rate: saved 0.0001, now 0.001"):
+        _db(make_config, tmp_path, optimizer={"learning_rate": 1e-3}, save={"resume": "latest"})  # before loading
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(make_config, tmp_path, monkeypatch):
@@ -70,10 +73,13 @@ def test_disk_full_at_save_is_a_clear_error_and_earlier_files_survive(make_confi
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    with pytest.raises(OSError, match=r"cannot write .*lora: No space left on device. Earlier files are untouched"):
+    from library.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cannot write .*lora: No space left on device \(this save needs about "
+                                          r"[\d,]+ MB, [\d,]+ MB free\). Earlier files are intact"):
         train_db.train(_db(make_config, tmp_path))
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir() if p.name != "logs") == [
+    assert sorted(p.name for p in out.iterdir() if p.name not in ("logs", ".latent-trainer.lock")) == [
         "lora-config.toml", "lora-step00000003-state", "lora-step00000003.safetensors"]
     assert load_file(out / "lora-step00000003.safetensors")  # intact and readable
 
@@ -168,7 +174,7 @@ def test_kill_9_during_a_save_leaves_only_good_files_and_resumes(tmp_path, tiny_
     time.sleep(random.uniform(0.0, 0.25))
     proc.kill()
     proc.wait()
-    finished = [p for p in out.iterdir() if not p.name.endswith((".tmp", ".old")) and p.name != "logs"]
+    finished = [p for p in out.iterdir() if not p.name.endswith((".tmp", ".old", ".lock")) and p.name != "logs"]
     for path in finished:
         if path.suffix == ".safetensors":
             assert load_file(path)  # every file under its real name is complete
@@ -203,6 +209,7 @@ def test_save_last_n_steps_keeps_the_newest(make_config, tmp_path):
 
     train_network.train(make_config(train={"max_train_steps": 7},
                                     save={"save_every_n_steps": 1, "save_state": True, "save_last_n_steps": 2}))
-    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name not in ("logs", "lora-config.toml"))
+    names = sorted(p.name for p in (tmp_path / "out").iterdir()
+                   if p.name not in ("logs", "lora-config.toml", ".latent-trainer.lock"))
     assert names == ["lora-state", "lora-step00000005-state", "lora-step00000005.safetensors",
                      "lora-step00000006-state", "lora-step00000006.safetensors", "lora.safetensors"]

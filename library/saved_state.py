@@ -1,0 +1,118 @@
+"""Saved training states, read and checked without torch: the config check runs these before any model
+loads, so a damaged, foreign or missing state is one clear line within a second of starting. Writing and
+restoring states is library/checkpoint.py."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from library.config import ConfigError
+
+STATE_VERSION = 1
+# keys that may differ between the run that saved a state and the run resuming it
+RESUME_MAY_CHANGE = {"train.max_train_steps", "train.max_train_epochs", "train.output_dir", "train.output_name",
+                     "train.nan_skip_limit", "dataset.max_data_loader_n_workers", "save", "sample", "logging"}
+
+
+def recover_folder(path: Path) -> None:
+    """A kill between save_folder's two renames leaves `path.old` (the previous good folder) and no `path`: it
+    is put back. With `path` in place, a leftover `path.old` is the replaced copy and goes."""
+    old = path.with_name(path.name + ".old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+    elif old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_state(resume: str, out_dir: Path, say=print) -> Path:
+    """`resume` is a state folder, or "latest": the readable state in out_dir with the most steps (a corrupt
+    older one beside it is named and passed over). ConfigError when there is none."""
+    if resume != "latest":
+        return Path(resume)
+    for old in Path(out_dir).glob("*-state.old"):
+        recover_folder(old.with_name(old.name[:-len(".old")]))
+    steps = {}
+    for folder in Path(out_dir).glob("*-state"):
+        try:
+            steps[folder] = read_state_info(folder)["step"]
+        except ConfigError as e:
+            say(f"passing over {folder.name}: {e}")
+    if not steps:
+        raise ConfigError(f"'save.resume' = \"latest\": no readable saved state (a *-state folder with "
+                          f"state.json) in {out_dir}")
+    return max(steps, key=steps.get)
+
+
+def read_state_info(folder: Path) -> dict:
+    """state.json of a state folder, checked: readable, a known version, its weight and state files whole."""
+    try:
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        step, config = info["step"], info["config"]
+    except FileNotFoundError:
+        raise ConfigError(f"{folder}: not a saved state (no state.json in it)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{folder}/state.json is damaged ({type(e).__name__}: {e})") from None
+    if info.get("version") != STATE_VERSION:
+        raise ConfigError(f"{folder}: state format {info.get('version')!r}, this trainer reads {STATE_VERSION} "
+                          f"(saved by another version of the trainer)")
+    if not isinstance(step, int) or not isinstance(config, dict):
+        raise ConfigError(f"{folder}/state.json is damaged (step {step!r})")
+    problem = safetensors_problem(folder / "trained.safetensors") or _zip_problem(folder / "state.pt")
+    if problem:
+        raise ConfigError(f"{folder}: {problem}")
+    return info
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole .safetensors file (missing, truncated, a garbage header), or None. Reads the
+    header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"{path.name} is truncated or not a .safetensors file ({size} bytes)"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path.name} has a damaged header (not a .safetensors file)"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and "data_offsets" in v]
+    if ends and max(ends) > size - 8 - n:
+        return f"{path.name} is truncated: its header needs {8 + n + max(ends)} bytes, the file has {size}"
+    return None
+
+
+def _zip_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive: a truncated one has lost its central directory at the end."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"{path.name} is damaged or truncated ({e})"
+    return None
+
+
+def check_resumable(folder: Path, config: dict) -> dict:
+    """The saved state's info; ConfigError naming the problem: a damaged or foreign state, or every setting
+    that differs in a way resuming cannot honour."""
+    info = read_state_info(Path(folder))
+    differs = [key for key in sorted(set(_flat(config)) | set(_flat(info["config"])))
+               if _flat(config).get(key) != _flat(info["config"]).get(key)
+               and key not in RESUME_MAY_CHANGE and key.split(".")[0] not in RESUME_MAY_CHANGE]
+    if differs:
+        lines = [f"  {k}: saved {_flat(info['config']).get(k)!r}, now {_flat(config).get(k)!r}" for k in differs]
+        raise ConfigError(f"{folder} was saved with another config; what differs:\n"
+                          + "\n".join(lines))
+    return info
+
+
+def _flat(config: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
