@@ -14,24 +14,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from library import cli
-from library.checkpoint import SAVE_DTYPES, Checkpointer, Position, resumed_seed, save_folder, save_safetensors
 from library.config import Config, write_resolved
 from library.outputs import claim_output_dir
-from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
-from library.families import ModelSource, get_family
-from library.block_swap import make_swapper, move
-from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints, peak_memory_text,
-                            set_attention, weight_dtype)
-from library.objectives import configure
-from library.optim import FusedBackward, build_optimizer, build_scheduler
-from library.prior import ensure_class_images
-from library.progress import Progress
-from library.quantization import store_t5
-from library.sampling import due, log_images, render_samples, settings_from_config
-from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
 
 
 @dataclass
@@ -54,13 +39,30 @@ def main(argv: list[str] | None = None) -> int:
 
         return planner.run(cfg, "db", args.vram_budget)
     with cli.exit_on_user_error():
-        train(cfg)
+        planned = cli.plan_data(cfg)  # every image and caption checked, before torch loads
+        train(cfg, planned)
     return 0
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, planned=None) -> TrainResult:
+    """The run; `planned` is the data plan main() made before the heavy imports below (made here if None)."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    from library.block_swap import make_swapper, move
+    from library.checkpoint import Checkpointer, Position, resumed_seed
+    from library.families import ModelSource, get_family
+    from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
+    from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints,
+                                peak_memory_text, set_attention, weight_dtype)
+    from library.objectives import configure
+    from library.optim import FusedBackward, build_optimizer, build_scheduler
+    from library.prior import ensure_class_images
+    from library.progress import Progress
+    from library.quantization import store_t5
+    from library.sampling import due, log_images, render_samples, settings_from_config
+    from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
     if t.seed is None:
@@ -76,7 +78,7 @@ def train(cfg: Config) -> TrainResult:
         write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
 
     # ---- data: every image and caption is checked before any model loads ----------------------
-    plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say)
+    plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say, planned)
     sampling = settings_from_config(cfg, width, height)  # the prompt file, read and checked now
 
     # ---- model, then class images from the untouched base model ----------------------------------
@@ -180,7 +182,8 @@ def train(cfg: Config) -> TrainResult:
         position, extra = checkpoints.resume()
         if ema is not None:
             ema.load_state_dict(extra["ema"])
-        order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
+        if position.epoch_order is not None:  # None: the data changed, a new epoch starts
+            order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
         sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
@@ -305,6 +308,8 @@ def _save_model(out_dir: Path, name: str, family, parts, cfg: Config, ema) -> li
 
 
 def _write(out_dir: Path, name: str, family, parts, cfg: Config) -> Path:
+    from library.checkpoint import SAVE_DTYPES, save_folder, save_safetensors
+
     dtype = SAVE_DTYPES[cfg.save.save_precision]
     if cfg.save.save_model_as == "diffusers":
         def write(folder: Path) -> None:

@@ -11,31 +11,12 @@ from __future__ import annotations
 import random
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from library import cli
-from library.checkpoint import Checkpointer, Position, resumed_seed
 from library.config import Config, write_resolved
 from library.outputs import claim_output_dir
-from library.families import ModelSource, get_family
-from library.evaluation import fixed_denoising_loss
-from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
-from library.block_swap import make_swapper, move
-from library.memory import (allow_fp16_gradients, cast_frozen_parts, cast_trainable, enable_gradient_checkpointing,
-                            offload_checkpoints, peak_memory_text, set_attention, store_fp8_base, weight_dtype)
-from library.objectives import configure
-from library.optim import build_optimizer, build_scheduler
-from library.progress import Progress
-from library.quantization import store_t5
-from library.sampling import due, log_images, render_samples, settings_from_config
-from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data, resolution
-from networks import blockwise, files, max_norm
-from networks.settings import NetworkSettings
-from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
 
 
 @dataclass
@@ -61,13 +42,34 @@ def main(argv: list[str] | None = None) -> int:
 
         return planner.run(cfg, "network", args.vram_budget)
     with cli.exit_on_user_error():
-        train(cfg)
+        planned = cli.plan_data(cfg)  # every image and caption checked, before torch loads
+        train(cfg, planned)
     return 0
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, planned=None) -> TrainResult:
+    """The run; `planned` is the data plan main() made before the heavy imports below (made here if None)."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    from library.block_swap import make_swapper, move
+    from library.checkpoint import Checkpointer, Position, resumed_seed
+    from library.evaluation import fixed_denoising_loss
+    from library.families import ModelSource, get_family
+    from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
+    from library.memory import (allow_fp16_gradients, cast_frozen_parts, cast_trainable,
+                                enable_gradient_checkpointing, offload_checkpoints, peak_memory_text, set_attention,
+                                store_fp8_base, weight_dtype)
+    from library.objectives import configure
+    from library.optim import build_optimizer, build_scheduler
+    from library.progress import Progress
+    from library.quantization import store_t5
+    from library.sampling import due, log_images, render_samples, settings_from_config
+    from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
+    from networks import blockwise, files, max_norm
+    from networks.settings import NetworkSettings
+    from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
 
     t, out_dir = cfg.train, Path(cfg.train.output_dir)
     if t.seed is None:
@@ -83,7 +85,7 @@ def train(cfg: Config) -> TrainResult:
         write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
 
     # ---- data: every image and caption is checked before any model loads ----------------------
-    plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say)
+    plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say, planned)
     items = dataset.items
     sampling = settings_from_config(cfg, width, height)  # the prompt file, read and checked now
 
@@ -178,7 +180,8 @@ def train(cfg: Config) -> TrainResult:
     position = Position()
     if cfg.save.resume:
         position, _ = checkpoints.resume()
-        order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
+        if position.epoch_order is not None:  # None: the data changed, a new epoch starts
+            order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
         sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
@@ -277,6 +280,11 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epoch, items, started_at) -> None:
+    from collections import Counter
+
+    from library.training import resolution
+    from networks import files
+
     tags = Counter(tag.strip() for item in items for tag in item.caption.split(",") if tag.strip())
     training = {
         "started_at": started_at, "output_name": cfg.train.output_name, "learning_rate": cfg.optimizer.learning_rate,

@@ -87,7 +87,7 @@ class Position:
 
 def save_training_state(folder: Path, position: Position, params: dict[str, torch.nn.Parameter], optimizer,
                         scheduler, generators: dict[str, torch.Generator], config: dict, extra: dict | None = None,
-                        scaler=None, run_id: str = "") -> Path:
+                        scaler=None, run_id: str = "", data: dict | None = None) -> Path:
     """Everything a run needs to go on exactly: trained weights, optimizer, scheduler, grad scaler, every RNG,
     the data position, the config. Written to a temporary folder and renamed, like every save."""
     def write(tmp: Path) -> None:
@@ -99,7 +99,7 @@ def save_training_state(folder: Path, position: Position, params: dict[str, torc
                    "extra": extra or {}}
         torch.save(objects, tmp / "state.pt")
         info = {"version": STATE_VERSION, "step": position.step, "epoch": position.epoch,
-                "batches_done": position.batches_done, "config": config, "run_id": run_id}
+                "batches_done": position.batches_done, "config": config, "run_id": run_id, "data": data}
         (tmp / "state.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
     return save_folder(folder, write)
 
@@ -252,7 +252,8 @@ class Checkpointer:
 
     def save_state(self, stem: str, position: Position) -> Path:
         folder = save_training_state(self.out_dir / f"{stem}-state", position, config=self.cfg.to_toml_dict(),
-                                     extra=self.extra(), run_id=self.cfg.run_id, **self.state)
+                                     extra=self.extra(), run_id=self.cfg.run_id, data=self.cfg.data_fingerprint,
+                                     **self.state)
         self.say(f"saved resumable state {folder}")
         return folder
 
@@ -264,6 +265,8 @@ class Checkpointer:
         folder = find_state(self.cfg.save.resume, self.out_dir, self.say)
         check_resumable(folder, self.cfg.to_toml_dict())
         position, extra = load_training_state(folder, **self.state)
+        if (self.cfg.data_fingerprint or {}).get("changed"):  # resume_with_changed_data: a new epoch from here
+            position = Position(position.step, position.epoch + 1, 0, None)
         self.say(f"resumed from {folder}: step {position.step}, epoch {position.epoch}, "
                  f"{position.batches_done} batches into it")
         return position, extra

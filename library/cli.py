@@ -66,6 +66,16 @@ def exit_on_user_error():
         raise SystemExit(EXIT_DATASET_ERROR) from None
 
 
+def plan_data(cfg: Config):
+    """The run's data plan (library/data/plan.py plan_training), made before torch loads, so a bad image or
+    caption is reported within a second or two; only the main process prints it (RANK is set by accelerate
+    launch)."""
+    from library.data.plan import plan_training
+
+    quiet = os.environ.get("RANK", "0") != "0"
+    return plan_training(cfg, (lambda _: None) if quiet else print)
+
+
 def quiet_libraries() -> None:
     """Keep the log readable: library chatter that says nothing about this run is silenced."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -230,6 +230,9 @@ class SaveSection:
     save_last_n_steps: Optional[int] = opt(None, "keep only the newest N step saves (files and states)")
     save_last_n_epochs: Optional[int] = opt(None, "keep only the newest N epoch saves (files and states)")
     resume: Optional[str] = opt(None, "continue from a state folder, or \"latest\" (newest in output_dir)")
+    resume_with_changed_data: bool = opt(
+        False, "resume even though images or captions changed since the state was saved: the run continues at "
+        "the saved step with a new epoch order (otherwise such a resume is refused, naming what changed)")
     save_format: str = opt("kohya", "adapter key layout: kohya (kohya / LyCORIS names every UI loads) or peft "
                            "(peft / diffusers names; the only one for OFT and BOFT)", choices=("kohya", "peft"))
 
@@ -336,6 +339,7 @@ class Config:
     dreambooth: DreamboothSection
     source: str = "<config>"  # the file the config came from, for messages
     run_id: str = ""  # this run's id, in every file it writes (set by the output check; a resumed run keeps its own)
+    data_fingerprint: Optional[dict] = None  # the data the run trains on, recorded in its states (training.py)
 
     def to_toml_dict(self) -> dict:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -380,10 +384,23 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), check_paths:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(read_text_file(path))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return config_from_dict(raw, source=str(path), overrides=overrides, check_paths=check_paths)
+
+
+def read_text_file(path: Path) -> str:
+    """A config file's text: UTF-8, with or without a BOM (Windows editors write one), or UTF-16 with its BOM;
+    anything else is named."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}, in "
+                          f"{data[max(0, e.start - 20):e.start]!r}...); save the file as UTF-8") from None
 
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),

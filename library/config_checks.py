@@ -98,13 +98,14 @@ def check_combinations(cfg: Config) -> None:
     for arg in n.network_args + cfg.optimizer.optimizer_args:
         if "=" not in arg:
             problems.append(f"argument {arg!r} must be written key=value")
+    problems += _number_problems(cfg)
     problems += _optimizer_problems(cfg)
     if cfg.sample.sample_prompts and Path(cfg.sample.sample_prompts).is_file():
-        from library.sampling import PromptFileError, read_prompt_file
+        from library.prompts import PromptFileError, read_prompt_file
 
         try:
             read_prompt_file(cfg.sample.sample_prompts)
-        except (PromptFileError, ValueError) as e:  # ValueError: malformed TOML / JSON
+        except PromptFileError as e:
             problems.append(f"'sample.sample_prompts': {e}")
     lo = cfg.loss
     if lo.max_timestep is not None and not (lo.min_timestep < lo.max_timestep <= 1000) or lo.min_timestep < 0:
@@ -115,6 +116,41 @@ def check_combinations(cfg: Config) -> None:
     problems += check_network_section(n, cfg.save.save_format)
     if problems:
         raise ConfigError(f"{src}:\n  " + "\n  ".join(problems))
+
+
+def _number_problems(cfg: Config) -> list[str]:
+    """Values a type check lets through that would train wrongly or crash later: negative or NaN rates, a seed
+    numpy cannot take, zero epochs, negative alphas, a warmup as long as the run."""
+    import math
+
+    o, t, n = cfg.optimizer, cfg.train, cfg.network
+    problems = []
+    rates = [("optimizer.learning_rate", o.learning_rate), ("network.unet_lr", n.unet_lr),
+             ("network.text_encoder_lr", n.text_encoder_lr), ("dreambooth.learning_rate_te",
+                                                                cfg.dreambooth.learning_rate_te),
+             ("optimizer.max_grad_norm", o.max_grad_norm)]
+    for key, value in rates:
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value >= 0):
+            problems.append(f"'{key}' must be a finite number, 0 or more, got {value!r}")
+    if t.seed is not None and not 0 <= t.seed < 2**32:
+        problems.append(f"'train.seed' must be from 0 to {2**32 - 1} (numpy's range), got {t.seed}")
+    if t.max_train_epochs is not None and t.max_train_epochs < 1:
+        problems.append(f"'train.max_train_epochs' must be at least 1 (or unset: max_train_steps counts), "
+                        f"got {t.max_train_epochs}")
+    for key, value in [("network.network_alpha", n.network_alpha), ("network.conv_alpha", n.conv_alpha)]:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            problems.append(f"'{key}' must be 0 or more (0 means alpha = dim, as in sd-scripts), got {value!r}")
+    warmup = o.lr_warmup_steps
+    if warmup < 0 or isinstance(warmup, float) and warmup >= 1:
+        problems.append(f"'optimizer.lr_warmup_steps' = {warmup!r}: a step count, or a fraction below 1 of the run")
+    elif isinstance(warmup, int) and t.max_train_epochs is None and warmup >= t.max_train_steps:
+        problems.append(warmup_too_long(warmup, t.max_train_steps))
+    return problems
+
+
+def warmup_too_long(warmup: int, steps: int) -> str:
+    return (f"'optimizer.lr_warmup_steps' = {warmup} is as long as the whole run ({steps} steps): the learning "
+            f"rate would never reach 'optimizer.learning_rate'; warm up for fewer steps (or a fraction: 0.1)")
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "pagedadamw8bit", "lion", "lion8bit", "pagedlion8bit", "sgdnesterov",
@@ -146,6 +182,12 @@ def _optimizer_problems(cfg: Config) -> list[str]:
     if fused and name not in PER_TENSOR_OPTIMIZERS:
         problems.append(f"fused backward pass needs an optimizer whose update is per tensor "
                         f"({', '.join(PER_TENSOR_OPTIMIZERS)}); {o.optimizer_type!r} is not")
+    if o.optimizer_args and not problems and all("=" in a for a in o.optimizer_args):
+        from library.optim import optimizer_args_problem  # imports torch: only when there are arguments
+
+        problem = optimizer_args_problem(o.optimizer_type, o.learning_rate, o.optimizer_args)
+        if problem:
+            problems.append(f"'optimizer.optimizer_args': {problem}")
     return problems
 
 

@@ -25,6 +25,19 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, args: list[s
     return cls(param_groups, lr=lr, **kwargs)
 
 
+def optimizer_args_problem(name: str, lr: float, args: list[str]) -> str | None:
+    """Why this optimizer cannot be built with these optimizer_args (an unknown argument, a value of the wrong
+    type), found by building it on one tiny tensor before any model loads; None if it builds."""
+    probe = torch.zeros(1, requires_grad=True)
+    try:
+        build_optimizer(name, [{"params": [probe]}], lr, args)
+    except ConfigError as e:
+        return str(e)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # the optimizer's own argument checks
+        return f"{name} does not accept optimizer_args {args}: {e}"
+    return None
+
+
 def optimizer_class(name: str) -> type:
     key = name.lower()
     if key in ("adamw", "sgdnesterov"):

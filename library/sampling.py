@@ -15,107 +15,12 @@ Prompt files, as sd-scripts users write them:
 """
 from __future__ import annotations
 
-import json
-import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SAMPLERS = ("ddim", "euler", "euler_a", "k_euler", "k_euler_a", "dpmsolver++", "dpmsolver", "k_dpm_2",
-            "k_dpm_2_a", "lms", "k_lms", "heun", "pndm", "dpmsingle")
-
-
-class PromptFileError(Exception):
-    """A prompt file line that cannot be sampled; names the file and line."""
-
-
-@dataclass(frozen=True)
-class SamplePrompt:
-    prompt: str
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    steps: int | None = None
-    scale: float = 7.5
-    guidance: float | None = None
-    sampler: str | None = None
-
-
-FLAGS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
-         "s": ("steps", int), "l": ("scale", float), "g": ("guidance", float), "ss": ("sampler", str)}
-TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-             "seed": "seed", "sample_steps": "steps", "scale": "scale", "guidance_scale": "guidance",
-             "sample_sampler": "sampler"}
-
-
-def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
-    """Every prompt of a .txt / .toml / .json prompt file, checked."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".toml":
-        data = tomllib.loads(text).get("prompt", {})
-        defaults = {k: v for k, v in data.items() if k != "subset"}
-        entries = [{**defaults, **subset} for subset in data.get("subset", [])]
-        prompts = [_from_dict(entry, f"{path}: subset {i + 1}") for i, entry in enumerate(entries)]
-    elif path.suffix.lower() == ".json":
-        entries = json.loads(text)
-        prompts = [parse_line(e, f"{path}: entry {i + 1}") if isinstance(e, str) else
-                   _from_dict(e, f"{path}: entry {i + 1}") for i, e in enumerate(entries)]
-    else:
-        prompts = [parse_line(line, f"{path}:{number}") for number, line in enumerate(text.splitlines(), 1)
-                   if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise PromptFileError(f"{path}: no prompts")
-    return prompts
-
-
-def parse_line(line: str, where: str) -> SamplePrompt:
-    """'a dog --n blurry --w 768 --d 5' -> SamplePrompt; an unknown flag or a bad number is an error."""
-    prompt, *flags = re.split(r"\s--", " " + line.strip())
-    values = {}
-    for flag in flags:
-        name, _, value = flag.strip().partition(" ")
-        if name not in FLAGS:
-            raise PromptFileError(f"{where}: unknown flag --{name} (known: {', '.join('--' + f for f in FLAGS)})")
-        field, kind = FLAGS[name]
-        values[field] = _convert(value.strip(), kind, f"{where}: --{name}")
-    return _checked(SamplePrompt(prompt.strip(), **values), where)
-
-
-def _from_dict(entry: dict, where: str) -> SamplePrompt:
-    unknown = sorted(set(entry) - set(TOML_KEYS))
-    if unknown:
-        raise PromptFileError(f"{where}: unknown key(s) {unknown} (known: {', '.join(TOML_KEYS)})")
-    values = {TOML_KEYS[k]: v for k, v in entry.items()}
-    for key, kind in (("width", int), ("height", int), ("seed", int), ("steps", int), ("scale", float),
-                      ("guidance", float)):
-        if key in values:
-            values[key] = _convert(str(values[key]), kind, f"{where}: {key}")
-    return _checked(SamplePrompt(**values), where)
-
-
-def _convert(value: str, kind: type, where: str):
-    try:
-        return kind(value)
-    except ValueError:
-        raise PromptFileError(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number'}") from None
-
-
-def _checked(p: SamplePrompt, where: str) -> SamplePrompt:
-    if not p.prompt:
-        raise PromptFileError(f"{where}: empty prompt")
-    for name in ("width", "height"):
-        value = getattr(p, name)
-        if value is not None and (value < 8 or value % 8):
-            raise PromptFileError(f"{where}: {name} {value} must be a positive multiple of 8")
-    if p.steps is not None and p.steps < 1:
-        raise PromptFileError(f"{where}: steps must be at least 1")
-    if p.sampler is not None and p.sampler not in SAMPLERS:
-        raise PromptFileError(f"{where}: sampler {p.sampler!r} is not one of {', '.join(SAMPLERS)}")
-    return p
+from library.prompts import SAMPLERS, SamplePrompt, read_prompt_file  # noqa: F401  (SAMPLERS: the choice list)
 
 
 def make_sampler(name: str, training_scheduler, objective):

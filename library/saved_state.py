@@ -116,3 +116,27 @@ def check_resumable(folder: Path, config: dict) -> dict:
 
 def _flat(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def data_fingerprint(plan) -> dict:
+    """What a state records of the data it trained on: each image with a digest of its caption, size and
+    bucket, and the number of examples an epoch has."""
+    import hashlib
+
+    images = {str(r.path): hashlib.sha1(f"{r.caption}|{r.size}|{r.bucket}".encode()).hexdigest()[:12]
+              for r in plan.images}
+    return {"images": images, "examples": len(plan.entries)}
+
+
+def data_changes(saved: dict | None, now: dict) -> str | None:
+    """What differs between the data a state trained on and the data now, in one line; None if the same."""
+    if not saved:
+        return None
+    before, after = saved.get("images", {}), now["images"]
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])
+    parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in [(added, "images added"), (removed, "images removed"),
+                                                             (changed, "images with another caption or size")] if v]
+    if not parts and saved.get("examples") != now["examples"]:
+        parts.append(f"examples per epoch {saved.get('examples')} -> {now['examples']} (repeats changed)")
+    return "; ".join(parts) or None

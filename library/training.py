@@ -48,22 +48,16 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
 # ---- what both recipes do around the step: data, caches, loader --------------------------------
 
 
-def prepare_data(cfg, say):
-    """The data plan (checked before any model loads), the dataset, the sample size and the step count.
+def prepare_data(cfg, say, planned=None):
+    """The data plan (checked before any model loads: library/data/plan.py plan_training, which main() runs
+    before torch loads and passes on as `planned`), the dataset, the sample size and the step count.
     Returns (plan, dataset, (width, height), steps_per_epoch, max_steps)."""
-    import math
-
-    from library.data.plan import plan_data
+    from library.data.plan import plan_training
     from library.data.training_set import TrainingSet
 
-    t = cfg.train
-    plan = plan_data(cfg, say)  # layout, check (stop or skip), captions, buckets, epoch entries
-    dataset = TrainingSet(plan, t.seed, cfg.dataset.prior_loss_weight)
-    steps_per_epoch = plan.steps_per_epoch(t.gradient_accumulation_steps)
-    max_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    for line in plan.summary(t.gradient_accumulation_steps):
-        say(line)
-    say(f"  {max_steps} steps (~{math.ceil(max_steps / steps_per_epoch)} epochs)")
+    plan, max_steps = planned or plan_training(cfg, say)
+    dataset = TrainingSet(plan, cfg.train.seed, cfg.dataset.prior_loss_weight)
+    steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps)
     return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
 
 

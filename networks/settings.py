@@ -96,7 +96,9 @@ def _merged_options(net) -> dict:
     if unknown:
         raise SettingsError(f"'network.network_args': {unknown[0]!r} is not supported here "
                             f"(supported: {', '.join(ARG_KEYS)})")
-    options = {"module": net.network_module, "dim": net.network_dim, "alpha": float(net.network_alpha)}
+    # alpha 0 means alpha = dim (no scaling), as in sd-scripts' LoRA modules
+    options = {"module": net.network_module, "dim": net.network_dim,
+               "alpha": float(net.network_alpha) or float(net.network_dim)}
     for arg in ARG_KEYS:
         typed = getattr(net, ARG_NAMES.get(arg, arg), None)
         if arg in args and typed is not None and _normal(args[arg]) != _normal(typed):
@@ -132,7 +134,7 @@ def settings_from(o: dict) -> NetworkSettings:
     block_dims = _ints(o, "block_dims", NUM_BLOCKS)
     s = NetworkSettings(
         dim=o["dim"], alpha=o["alpha"], conv_dim=conv_dim or None,
-        conv_alpha=_float(o, "conv_alpha", 1.0) if conv_dim else None,
+        conv_alpha=(_float(o, "conv_alpha", 1.0) or float(conv_dim)) if conv_dim else None,
         dropout=_float(o, "dropout", None) or None, algo=algo, module=o["module"],
         rank_dropout=_float(o, "rank_dropout", 0.0), module_dropout=_float(o, "module_dropout", 0.0),
         factor=_int(o, "factor") or -1, decompose_both=_flag(o.get("decompose_both")),

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageChops
 
 from library.config import ConfigError
-from library.sampling import PromptFileError, SamplePrompt, parse_line, read_prompt_file
+from library.prompts import PromptFileError, SamplePrompt, parse_line, read_prompt_file
 from train_network import train
 
 

@@ -15,7 +15,6 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,8 @@ class BucketBatchSampler:
         self.epoch = 0
 
     def __iter__(self):
+        import torch  # here, not above: bucketing is part of the dataset check, which runs before torch loads
+
         self.epoch += 1
         if self.shuffle:
             order = list(torch.utils.data.RandomSampler(range(len(self.keys)), generator=self.generator))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from library.config import Config, ConfigError, DatasetSection, _check_value
+from library.config import Config, ConfigError, DatasetSection, _check_value, read_text_file
 from library.data.augment import AugmentSettings
 from library.data.buckets import BucketSettings
 from library.data.captions import CaptionRecipe
@@ -148,8 +148,8 @@ def layout_from_toml(path: Path, d: DatasetSection) -> DataLayout:
 
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        return tomllib.loads(read_text_file(path))
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -100,6 +99,7 @@ def open_upright(path: Path, orientation: int) -> Image.Image:
 def load_pixels(path: Path, orientation: int, crop: Crop, flip: bool = False, with_mask: bool = False,
                 color_shift=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RGB in [-1, 1] (3, H, W) and, with_mask, the alpha channel in [0, 1] (1, H, W) (ones without alpha)."""
+    import torch  # here, not above: the dataset check (this module's headers) runs before torch loads
     with open_upright(path, orientation) as im:
         rgb = _resize_crop(im.convert("RGB"), crop)
         if color_shift is not None:
@@ -125,6 +125,8 @@ def _resize_crop(im: Image.Image, crop: Crop) -> Image.Image:
 
 
 def _mask_tensor(alpha: Image.Image | None, crop: Crop) -> torch.Tensor:
+    import torch
+
     if alpha is None:
         return torch.ones(1, crop.target[1], crop.target[0])
     array = np.asarray(_resize_crop(alpha, crop), dtype=np.float32) / 255.0

@@ -177,3 +177,41 @@ def _balanced_reg(records: list[ImageRecord], d: int, wanted: int) -> list[int]:
         out += reg[: wanted - len(out)]
     position = {i: k for k, i in enumerate(reg)}
     return sorted(out[:wanted], key=position.__getitem__)
+
+
+def plan_training(cfg: Config, say) -> tuple[DataPlan, int]:
+    """The run's data plan and its step count, printed, and checked against the rest of the run: a warmup as
+    long as the run (known once epochs are counted), and a resumed run's data against what its state trained
+    on (refused if it changed, unless save.resume_with_changed_data: then the run continues at the saved step
+    with a new epoch). Imports no torch: errors here arrive within a second of starting."""
+    t = cfg.train
+    plan = plan_data(cfg, say)  # layout, check (stop or skip), captions, buckets, epoch entries
+    steps_per_epoch = plan.steps_per_epoch(t.gradient_accumulation_steps)
+    max_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
+    for line in plan.summary(t.gradient_accumulation_steps):
+        say(line)
+    say(f"  {max_steps} steps (~{math.ceil(max_steps / steps_per_epoch)} epochs)")
+    _check_against_run(cfg, plan, max_steps, say)
+    return plan, max_steps
+
+
+def _check_against_run(cfg: Config, plan: DataPlan, max_steps: int, say) -> None:
+    from library.config import ConfigError
+    from library.config_checks import warmup_too_long
+    from library.saved_state import data_changes, data_fingerprint, find_state, read_state_info
+
+    warmup = cfg.optimizer.lr_warmup_steps
+    if isinstance(warmup, int) and warmup and warmup >= max_steps:
+        raise ConfigError(f"{cfg.source}: {warmup_too_long(warmup, max_steps)}")
+    cfg.data_fingerprint = data_fingerprint(plan)
+    if not cfg.save.resume:
+        return
+    folder = find_state(cfg.save.resume, Path(cfg.train.output_dir), say=lambda _: None)
+    changes = data_changes(read_state_info(folder).get("data"), cfg.data_fingerprint)
+    if changes and not cfg.save.resume_with_changed_data:
+        raise ConfigError(f"{cfg.source}: 'save.resume': the data changed since {folder.name} was saved: {changes}. "
+                          f"Restore it, or set 'save.resume_with_changed_data' = true to continue at the saved "
+                          f"step with a new epoch order")
+    if changes:
+        say(f"the data changed since {folder.name} ({changes}): continuing at its step with a new epoch")
+        cfg.data_fingerprint["changed"] = True
