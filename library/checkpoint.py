@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from library.config import ConfigError
@@ -209,13 +211,13 @@ class Checkpointer:
             self.saved += self.save_weights(stem)
             if self.cfg.save.save_state:
                 self.save_state(stem, position)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
             raise ConfigError(self._cannot_write(stem, e)) from None
         if keep and pattern:  # the weights (a file, or a diffusers folder) and the states, each kept `keep`
             for suffix in (".safetensors", "", "-state"):
                 remove_old(self.out_dir, pattern + suffix, keep, self.say)
 
-    def _cannot_write(self, stem: str, error: OSError) -> str:
+    def _cannot_write(self, stem: str, error: Exception) -> str:
         """One line for a failed save (disk full, a file-size limit, permissions): which file, about how much
         it needed, how much is free, and that earlier files are intact."""
         weights = sum(p.numel() * p.element_size() for p in self.state["params"].values())
@@ -224,8 +226,10 @@ class Checkpointer:
             free = f", {shutil.disk_usage(self.out_dir).free / 2**20:,.0f} MB free"
         except OSError:
             free = ""
-        return (f"'train.output_dir': cannot write {self.out_dir / stem}: {error.strerror or error} (this save "
-                f"needs about {needed / 2**20:,.0f} MB{free}). Earlier files are intact: every save is written "
+        code = error.errno if isinstance(error, OSError) else re.search(r"os error (\d+)", str(error))
+        reason = os.strerror(int(code if isinstance(code, int) else code[1])) if code else str(error)
+        return (f"'train.output_dir': cannot write {self.out_dir / stem}: {reason} (this save "
+                f"needs about {needed / 2**20:,.1f} MB{free}). Earlier files are intact: every save is written "
                 f"to a temporary name first")
 
     def after_step(self, here: Position, max_steps: int) -> None:

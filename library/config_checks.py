@@ -45,6 +45,13 @@ def _check_resume(cfg: Config) -> None:
         raise ConfigError(f"{cfg.source}: 'save.resume' = {cfg.save.resume!r}: {e}") from None
 
 
+def joined(source: str, problems: list[str]) -> str:
+    """One problem: one line. Several: a line that counts them, each indented below it."""
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
+
+
 def glob_escape(name: str) -> str:
     return re.sub(r"([\[\]*?])", r"[\1]", name)
 
@@ -115,7 +122,7 @@ def check_combinations(cfg: Config) -> None:
 
     problems += check_network_section(n, cfg.save.save_format)
     if problems:
-        raise ConfigError(f"{src}:\n  " + "\n  ".join(problems))
+        raise ConfigError(joined(src, problems))
 
 
 def _number_problems(cfg: Config) -> list[str]:
@@ -224,4 +231,4 @@ def check_recipe(cfg: Config, recipe: str) -> None:
             problems.append("'save.save_model_as' = \"diffusers\" is for train_db.py; adapters are saved as "
                             "kohya .safetensors")
     if problems:
-        raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))
+        raise ConfigError(joined(cfg.source, problems))

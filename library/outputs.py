@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from library.config import ConfigError
-from library.saved_state import find_state, read_state_info
+from library.saved_state import find_state, read_state_info, safetensors_problem
 
 LOCK_NAME = ".latent-trainer.lock"
 RUN_ID_LINE = re.compile(r"^# run_id = ([0-9a-f]+)$", re.M)
@@ -44,6 +44,8 @@ def run_id_of(path: Path) -> str | None:
     run_id line of a resolved config, run.json in a diffusers folder; None if it carries none."""
     try:
         if path.suffix == ".safetensors":
+            if safetensors_problem(path):
+                return None
             with open(path, "rb") as f:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
             return header.get("__metadata__", {}).get("ss_session_id")
@@ -64,12 +66,15 @@ def check_outputs(cfg) -> str:
     another run left; return this run's id (the resumed run's, or a new one)."""
     out, name = Path(cfg.train.output_dir), cfg.train.output_name
     _check_writable(out, cfg.source)
-    run_id = new_run_id()
+    run_id, done = new_run_id(), (-1, -1)
     if cfg.save.resume:
-        run_id = read_state_info(find_state(cfg.save.resume, out, say=lambda _: None)).get("run_id") or run_id
+        info = read_state_info(find_state(cfg.save.resume, out, say=lambda _: None))
+        run_id, done = info.get("run_id") or run_id, (info["step"], info["epoch"])
     if cfg.save.overwrite:
         return run_id
     for path in run_files(out, name):
+        if _saved_before(path, name, *done):  # a resumed run does not write these again
+            continue
         if not cfg.save.resume:
             raise ConfigError(f"{cfg.source}: {path} exists from an earlier run and would be overwritten; choose "
                               f"another 'train.output_name' or output_dir, or set 'save.overwrite' = true")
@@ -78,6 +83,14 @@ def check_outputs(cfg) -> str:
                               f"continues, and would be overwritten; move it, choose another "
                               f"'train.output_name', or set 'save.overwrite' = true")
     return run_id
+
+
+def _saved_before(path: Path, name: str, step: int, epoch: int) -> bool:
+    """`path` is a step or epoch save at or before (step, epoch)."""
+    found = re.match(re.escape(name) + r"-(?:step(\d{8})|(\d{6}))\b", path.name)
+    if not found:
+        return False
+    return int(found[1]) <= step if found[1] else int(found[2]) <= epoch
 
 
 def _check_writable(out: Path, source: str) -> None:

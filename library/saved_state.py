@@ -33,15 +33,16 @@ def find_state(resume: str, out_dir: Path, say=print) -> Path:
         return Path(resume)
     for old in Path(out_dir).glob("*-state.old"):
         recover_folder(old.with_name(old.name[:-len(".old")]))
-    steps = {}
-    for folder in Path(out_dir).glob("*-state"):
+    steps, unreadable = {}, []
+    for folder in sorted(Path(out_dir).glob("*-state")):
         try:
             steps[folder] = read_state_info(folder)["step"]
         except ConfigError as e:
+            unreadable.append(str(e))
             say(f"passing over {folder.name}: {e}")
     if not steps:
-        raise ConfigError(f"'save.resume' = \"latest\": no readable saved state (a *-state folder with "
-                          f"state.json) in {out_dir}")
+        why = f" ({'; '.join(unreadable)})" if unreadable else ""
+        raise ConfigError(f"no readable saved state (a *-state folder with state.json) in {out_dir}{why}")
     return max(steps, key=steps.get)
 
 

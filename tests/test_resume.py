@@ -76,7 +76,7 @@ def test_disk_full_at_save_is_a_clear_error_and_earlier_files_survive(make_confi
     from library.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"cannot write .*lora: No space left on device \(this save needs about "
-                                          r"[\d,]+ MB, [\d,]+ MB free\). Earlier files are intact"):
+                                          r"[\d,.]+ MB, [\d,]+ MB free\). Earlier files are intact"):
         train_db.train(_db(make_config, tmp_path))
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.name not in ("logs", ".latent-trainer.lock")) == [
