@@ -51,7 +51,6 @@ def exit_on_user_error():
     that cannot be written, a diverged loss) print one message and exit: 2 for a configuration error, 3 for
     problems in the data or a loss that stays NaN/inf."""
     from library.data import DatasetError
-    from library.guards import NonFiniteLoss
 
     try:
         yield
@@ -61,8 +60,12 @@ def exit_on_user_error():
     except DatasetError as e:
         print(f"dataset error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_DATASET_ERROR) from None
-    except NonFiniteLoss as e:  # the loss diverged: the settings or the data, not a bug to trace
-        print(f"training stopped: {e}", file=sys.stderr)
+    except RuntimeError as e:
+        from library.guards import NonFiniteLoss  # here: guards imports torch, which a config error never needs
+
+        if not isinstance(e, NonFiniteLoss):
+            raise
+        print(f"training stopped: {e}", file=sys.stderr)  # the loss diverged: the settings or data, not a bug
         raise SystemExit(EXIT_DATASET_ERROR) from None
 
 

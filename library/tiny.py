@@ -6,6 +6,9 @@ real checkpoint goes through.
 
     python -m library.tiny sd1 quickstart/tiny-sd1      # folder + quickstart/tiny-sd1.safetensors
     python -m library.tiny sdxl out/tiny-sdxl           # folder + out/tiny-sdxl.safetensors (SAI layout)
+    python -m library.tiny sd3 out/tiny-sd3             # folder + SAI single files + separate clip_l/clip_g/t5xxl
+    python -m library.tiny flux-dev out/tiny-flux       # folder + BFL transformer + clip_l / t5xxl / ae files
+    python -m library.tiny flux-schnell out/tiny-schnell   # the same without the guidance input
     python -m library.tiny data quickstart/data         # 8 images with .txt captions
 """
 from __future__ import annotations
@@ -354,17 +357,20 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "data"))
+    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "data"))
     parser.add_argument("out")
     args = parser.parse_args(argv)
     if args.what in ("sd1", "sd2"):
-        folder, single = save_tiny_sd1(args.out, v2=args.what == "sd2")
-        print(f"wrote {folder}/ and {single}")
+        written = save_tiny_sd1(args.out, v2=args.what == "sd2")
     elif args.what == "sdxl":
-        folder, single = save_tiny_sdxl(args.out)
-        print(f"wrote {folder}/ and {single}")
+        written = save_tiny_sdxl(args.out)
+    elif args.what == "sd3":
+        written = tuple(save_tiny_sd3(args.out).values())
+    elif args.what.startswith("flux"):
+        written = tuple(save_tiny_flux(args.out, guidance=args.what == "flux-dev").values())
     else:
-        print(f"wrote {make_dataset(args.out)}")
+        written = (make_dataset(args.out),)
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

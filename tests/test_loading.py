@@ -87,3 +87,20 @@ def test_separate_vae_file_or_folder(tiny_sd1, tmp_path):
     assert all(torch.equal(loaded.vae.state_dict()[k], changed[k]) for k in changed)
     from_folder = family.load(ModelSource(str(folder), vae=str(folder / "vae"))).vae.state_dict()
     assert all(torch.equal(from_folder[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("what, family, files", [
+    ("sd3", "sd3", ["x", "x.safetensors", "x-transformer.safetensors", "x-clip_l.safetensors",
+                    "x-clip_g.safetensors", "x-t5xxl.safetensors"]),
+    ("flux-schnell", "flux", ["x", "x.safetensors", "x-clip_l.safetensors", "x-t5xxl.safetensors",
+                              "x-ae.safetensors"])])
+def test_tiny_cli_builds_every_family(what, family, files, tmp_path, capsys):
+    """README: `python -m library.tiny <family> <out>` builds each family the tests use, in the layouts users have."""
+    from library.families import get_family
+    from library.tiny import main
+
+    main([what, str(tmp_path / "x")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'x'}, ")
+    assert get_family("auto", str(tmp_path / "x")).name == family
+    assert get_family("auto", str(tmp_path / "x.safetensors")).name == family
