@@ -36,14 +36,12 @@ def write_cases(folder: Path, model: Path) -> dict[str, tuple[Path, int]]:
     return {"config error (misspelt key)": (typo, 2), "dataset error (truncated PNG)": (bad_image, 3)}
 
 
-def time_run(root: Path, recipe: str, config: Path, expected: int) -> float:
+def time_run(root: Path, recipe: str, config: Path) -> tuple[float, int]:
+    """(wall seconds, exit code) of one run."""
     started = time.perf_counter()
     run = subprocess.run([sys.executable, str(root / recipe), "--config", str(config)], cwd=root,
                          capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if run.returncode != expected:
-        raise SystemExit(f"{recipe} {config.name}: exit {run.returncode}, expected {expected}:\n{run.stderr[-2000:]}")
-    return elapsed
+    return time.perf_counter() - started, run.returncode
 
 
 def main() -> None:
@@ -58,11 +56,13 @@ def main() -> None:
         folder = Path(tmp)
         model, _ = save_tiny_sd1(folder / "tiny-sd1")
         cases = write_cases(folder, model)
-        print(f"{'case':34} {'recipe':18} {'median s':>9} {'slowest s':>10}")
+        print(f"{'case':34} {'recipe':18} {'median s':>9} {'slowest s':>10}  exit (expected)")
         for name, (config, code) in cases.items():
             for recipe in ("train_network.py", "train_db.py"):
-                times = [time_run(args.root, recipe, config, code) for _ in range(args.runs)]
-                print(f"{name:34} {recipe:18} {statistics.median(times):9.2f} {max(times):10.2f}")
+                runs = [time_run(args.root, recipe, config) for _ in range(args.runs)]
+                times, codes = [t for t, _ in runs], sorted({c for _, c in runs})
+                print(f"{name:34} {recipe:18} {statistics.median(times):9.2f} {max(times):10.2f}  "
+                      f"{','.join(map(str, codes))} ({code})")
 
 
 if __name__ == "__main__":
