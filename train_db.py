@@ -19,8 +19,8 @@ from library import cli
 from library.checkpoint import SAVE_DTYPES, Checkpointer, Position, resumed_seed, save_folder, save_safetensors
 from library.config import Config, write_resolved
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
-from library.families import ModelSource, get_family
 from library.block_swap import make_swapper, move
+from library.model_files import check_model_files, load_model
 from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints, peak_memory_text,
                             set_attention, weight_dtype)
 from library.objectives import configure
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         from library import planner
 
         return planner.run(cfg, "db", args.vram_budget)
-    train(cfg)
+    with cli.exit_on_user_error():
+        train(cfg)
     return 0
 
 
@@ -60,6 +61,7 @@ def train(cfg: Config) -> TrainResult:
     from accelerate.utils import set_seed
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
+    check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
@@ -77,8 +79,7 @@ def train(cfg: Config) -> TrainResult:
 
     # ---- model, then class images from the untouched base model ----------------------------------
     m = cfg.model
-    family = get_family(m.family, m.pretrained_model_name_or_path)
-    parts = family.load(ModelSource.from_section(m))
+    family, parts = load_model(cfg)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
