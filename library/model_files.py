@@ -58,10 +58,11 @@ def check_model_files(cfg: Config) -> None:
     model = cfg.model.pretrained_model_name_or_path
     if _is_hub_id(model):
         _check_hub_id(cfg, model)
-        return
-    if os.path.isdir(model):
-        _check_model_folder(cfg, model)
-    family = _check_family(cfg, headers.get(MODEL_KEY))
+        family = None  # known once the hub's files load
+    else:
+        if os.path.isdir(model):
+            _check_model_folder(cfg, model)
+        family = _check_family(cfg, headers.get(MODEL_KEY))
     if "network.network_weights" in headers:
         _check_network_weights(cfg, headers["network.network_weights"], family)
 
@@ -123,22 +124,39 @@ def _check_model_folder(cfg: Config, folder: str) -> None:
 
 
 def _check_family(cfg: Config, header: SafetensorsHeader | None):
-    """The family that will load the model, after checking the model file is one of its; None where only
-    loading can tell (pickles)."""
+    """The family that will load the model, after checking the model is one of its; None where only loading
+    can tell (a pickle with family = "auto")."""
+    from library.families.base import get_family
+
+    path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
+    if header is not None:
+        return _check_file_family(cfg, header)
+    if os.path.isdir(path):
+        return _check_folder_family(cfg, path)
+    return None if wanted == "auto" else get_family(wanted, path)
+
+
+def _check_folder_family(cfg: Config, path: str):
+    """A diffusers folder: the families' claims() read its model_index.json and subfolders."""
+    from library.families.base import get_family, registered
+
+    wanted = cfg.model.family
+    claimed = [f.name for f in registered() if f.claims(path)]
+    if not claimed:
+        return None
+    if wanted != "auto" and wanted not in claimed:
+        raise fail(cfg, MODEL_KEY, f"{path} is a {claimed[0]} model folder, but 'model.family' = \"{wanted}\": "
+                                   f"set model.family = \"{claimed[0]}\" (or \"auto\")")
+    return get_family(claimed[0] if wanted == "auto" else wanted, path)
+
+
+def _check_file_family(cfg: Config, header: SafetensorsHeader):
+    """A single file: the family its tensor names say, and whether that family can load it as the config
+    names its parts (the family's single_file_problem: shapes, separate files)."""
     from library.families.base import ModelSource, get_family, registered
 
-    m = cfg.model
-    path, wanted = m.pretrained_model_name_or_path, m.family
-    families = registered()
-    if header is None:  # a folder (claims() reads model_index.json / its subfolders) or a pickle
-        if not os.path.isdir(path):
-            return None if wanted == "auto" else get_family(wanted, path)
-        claimed = [f.name for f in families if f.claims(path)]
-        if wanted != "auto" and wanted not in claimed and claimed:
-            raise fail(cfg, MODEL_KEY, f"{path} is a {claimed[0]} model folder, but 'model.family' = \"{wanted}\": "
-                                       f"set model.family = \"{claimed[0]}\" (or \"auto\")")
-        return get_family(wanted if wanted != "auto" or not claimed else claimed[0], path) if claimed else None
-    found = [f for f in families if f.recognises(header.tensors)]
+    path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
+    found = [f for f in registered() if f.recognises(header.tensors)]
     if not found:
         raise fail(cfg, MODEL_KEY, f"{path} is not a checkpoint of any family this trainer knows (sd1, sdxl, sd3, "
                                    f"flux: no U-Net or transformer keys they use; a VAE, text encoder or adapter "
@@ -148,7 +166,7 @@ def _check_family(cfg: Config, header: SafetensorsHeader | None):
         raise fail(cfg, MODEL_KEY, f"{path} is a {found[0].name} checkpoint (from its tensor names), but "
                                    f"'model.family' = \"{wanted}\": set model.family = \"{found[0].name}\" "
                                    f"(or \"auto\")")
-    problem = family.single_file_problem(header.tensors, ModelSource.from_section(m))
+    problem = family.single_file_problem(header.tensors, ModelSource.from_section(cfg.model))
     if problem:
         raise fail(cfg, MODEL_KEY, f"{path}: {problem}")
     return family

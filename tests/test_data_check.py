@@ -66,8 +66,8 @@ def _bad_folder(root):
         "corrupt.png": "corrupt: not a readable image (UnidentifiedImageError",
         "truncated.png": "truncated: the PNG has no IEND chunk at its end",
         "truncated.jpg": "truncated: the JPEG has no end-of-image marker",
-        "bomb.png": "decompression bomb: Image size (256000000 pixels) exceeds limit of 178956970 pixels, could be "
-                    "decompression bomb DOS attack.",
+        "bomb.png": f"decompression bomb: 256,000,000 pixels, more than twice Pillow's limit of "
+                    f"{Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS); it is not decoded",
         "small.png": "too small: 10x10 would be enlarged 6.4x to 64x64 (more than 2x)",
         "nocaption.png": "no caption file nocaption.txt and no class tokens (from a folder name or class_tokens)",
         "emptycaption.png": "caption file emptycaption.txt is empty",

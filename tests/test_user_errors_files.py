@@ -38,6 +38,7 @@ class User:
     def config(self, recipe: str) -> Path:
         model = {"pretrained_model_name_or_path": str(self.single), "arch": str(self.folder),
                  "tokenizer": str(self.folder / "tokenizer"), **self.model}
+        model = {k: v for k, v in model.items() if v is not None}  # None: the key left out
         sections = {"model": model,
                     "dataset": {"train_data_dir": str(self.data), "resolution": 64, "train_batch_size": 2},
                     "train": {"output_dir": str(self.root / "out"), "output_name": "run", "max_train_steps": 1,
@@ -116,6 +117,20 @@ def adapter_as_model(user, monkeypatch):
     path = adapter_file(user, "lora.safetensors", {})
     user.model["pretrained_model_name_or_path"] = str(path)
     return ("model.pretrained_model_name_or_path", path, "is not a checkpoint of any family this trainer knows")
+
+
+def shapes_of_no_shipped_architecture(user, monkeypatch):
+    user.model["arch"] = None  # the tiny U-Net's widths are no real model's: detected from the header's shapes
+    return ("model.pretrained_model_name_or_path", user.single, "no shipped architecture has a U-Net with "
+            "(in_channels, first width, cross-attention dim) = (4, 32, 32); set model.arch")
+
+
+def flux_file_without_its_parts(user, monkeypatch):
+    path = user.root / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(path))
+    user.model["pretrained_model_name_or_path"] = str(path)
+    return ("model.pretrained_model_name_or_path", path, "a FLUX.1 transformer file holds the transformer only; "
+            "set model.clip_l, model.t5xxl, model.ae to the separate files")
 
 
 def model_truncated(user, monkeypatch):
@@ -211,7 +226,7 @@ def network_weights_truncated(user, monkeypatch):
 
 
 NETWORK_FAULTS = [hub_offline, hub_unreachable, sdxl_file_as_sd1, sd1_file_as_flux, sdxl_folder_as_sd1,
-                  adapter_as_model, model_truncated, model_not_safetensors, model_damaged_header, model_empty,
+                  adapter_as_model, shapes_of_no_shipped_architecture, flux_file_without_its_parts, model_truncated, model_not_safetensors, model_damaged_header, model_empty,
                   *(part_truncated(k) for k in ("vae", "clip_l", "clip_g", "t5xxl", "ae")), folder_without_model,
                   folder_holding_a_single_file, ckpt_truncated_zip, ckpt_constructs_objects,
                   network_weights_other_family, network_weights_other_dim, network_weights_truncated]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import struct
 import sys
 from collections import defaultdict
@@ -51,7 +52,7 @@ def inspect_image(path: Path, decode: bool) -> tuple[ImageHeader | None, list[Fi
     try:
         header = read_header(path)
     except Image.DecompressionBombError as e:
-        return None, [Finding(path, f"decompression bomb: {e}")]
+        return None, [Finding(path, bomb_reason(e))]
     except Exception as e:  # PIL raises several types for a file that is not an image
         cut = "truncat" in str(e).lower() and truncation(path, format_from_magic(path))
         return None, [Finding(path, cut or f"corrupt: not a readable image ({type(e).__name__}: {e})")]
@@ -65,6 +66,13 @@ def inspect_image(path: Path, decode: bool) -> tuple[ImageHeader | None, list[Fi
         findings.append(Finding(path, f"EXIF orientation {header.orientation}: trained as displayed "
                                       f"({header.width}x{header.height})", problem=False))
     return header, findings
+
+
+def bomb_reason(e: Exception) -> str:
+    pixels = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+    return (f"decompression bomb: {size}, more than twice Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+            f"(PIL.Image.MAX_IMAGE_PIXELS); it is not decoded")
 
 
 def mode_problems(h: ImageHeader) -> list[str]:
