@@ -4,7 +4,8 @@ both as one ConfigError line naming the config key and the file (the CLI exits 2
 Checked before loading, from headers and first bytes only (a few kB per file):
   - a hub id that is not in the local cache when the hub cannot be reached (HF_HUB_OFFLINE, or no network);
   - a folder that holds no model (no model_index.json, unet/ or transformer/);
-  - a .safetensors file that is empty, truncated or has a damaged header (every file key);
+  - a .safetensors file that is empty, truncated or has a damaged header (every file key, and every
+    .safetensors file in a folder a key names);
   - a .ckpt / .pt that is neither a zip-format torch checkpoint nor a pickle, or a truncated zip;
   - a model file of another family than model.family, or that its family cannot load as named (the families'
     recognises / single_file_problem, reading the header's names and shapes);
@@ -68,8 +69,13 @@ def check_model_files(cfg: Config) -> None:
 
 
 def _check_file(cfg: Config, key: str, value: str) -> SafetensorsHeader | None:
-    """The header of a .safetensors file (None for other files and folders), after checking it can be read."""
+    """The header of a .safetensors file (None for other files and folders), after checking it can be read;
+    in a folder (a diffusers model or VAE), every .safetensors file of it and its subfolders."""
     path = Path(value)
+    if path.is_dir():
+        for part in sorted([*path.glob("*.safetensors"), *path.glob("*/*.safetensors")]):
+            _check_file(cfg, key, str(part))
+        return None
     if not path.is_file():
         return None
     try:
@@ -145,8 +151,8 @@ def _check_folder_family(cfg: Config, path: str):
     if not claimed:
         return None
     if wanted != "auto" and wanted not in claimed:
-        raise fail(cfg, MODEL_KEY, f"{path} is a {claimed[0]} model folder, but 'model.family' = \"{wanted}\": "
-                                   f"set model.family = \"{claimed[0]}\" (or \"auto\")")
+        raise fail(cfg, MODEL_KEY, f"{path} is a model folder of family \"{claimed[0]}\", but 'model.family' = "
+                                   f"\"{wanted}\": set model.family = \"{claimed[0]}\" (or \"auto\")")
     return get_family(claimed[0] if wanted == "auto" else wanted, path)
 
 
@@ -163,8 +169,8 @@ def _check_file_family(cfg: Config, header: SafetensorsHeader):
                                    f"file?)")
     family = found[0] if wanted == "auto" else get_family(wanted, path)
     if family not in found:
-        raise fail(cfg, MODEL_KEY, f"{path} is a {found[0].name} checkpoint (from its tensor names), but "
-                                   f"'model.family' = \"{wanted}\": set model.family = \"{found[0].name}\" "
+        raise fail(cfg, MODEL_KEY, f"{path} is a checkpoint of family \"{found[0].name}\" (from its tensor names), "
+                                   f"but 'model.family' = \"{wanted}\": set model.family = \"{found[0].name}\" "
                                    f"(or \"auto\")")
     problem = family.single_file_problem(header.tensors, ModelSource.from_section(cfg.model))
     if problem:

@@ -98,19 +98,21 @@ def sdxl_file_as_sd1(user, monkeypatch, tiny_sdxl):
     path = user.file("sdxl.safetensors", tiny_sdxl[1].read_bytes())
     user.model.update(pretrained_model_name_or_path=str(path), family="sd1", arch=str(tiny_sdxl[0]))
     return ("model.pretrained_model_name_or_path", path,
-            "is a sdxl checkpoint (from its tensor names), but 'model.family' = \"sd1\": set model.family = \"sdxl\"")
+            "is a checkpoint of family \"sdxl\" (from its tensor names), but 'model.family' = \"sd1\": set "
+            "model.family = \"sdxl\"")
 
 
 def sd1_file_as_flux(user, monkeypatch):
     user.model["family"] = "flux"
     return ("model.pretrained_model_name_or_path", user.single,
-            "is a sd1 checkpoint (from its tensor names), but 'model.family' = \"flux\": set model.family = \"sd1\"")
+            "is a checkpoint of family \"sd1\" (from its tensor names), but 'model.family' = \"flux\": set "
+            "model.family = \"sd1\"")
 
 
 def sdxl_folder_as_sd1(user, monkeypatch, tiny_sdxl):
     user.model.update(pretrained_model_name_or_path=str(tiny_sdxl[0]), family="sd1")
     return ("model.pretrained_model_name_or_path", tiny_sdxl[0],
-            "is a sdxl model folder, but 'model.family' = \"sd1\"")
+            "is a model folder of family \"sdxl\", but 'model.family' = \"sd1\"")
 
 
 def adapter_as_model(user, monkeypatch):
@@ -184,6 +186,17 @@ def folder_holding_a_single_file(user, monkeypatch):
     return ("model.pretrained_model_name_or_path", folder, "it holds v1-5.safetensors: give that file instead")
 
 
+def folder_with_a_truncated_part(user, monkeypatch):
+    folder = user.root / "tiny-sd1"
+    shutil.copytree(user.folder, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    whole = unet.read_bytes()
+    unet.write_bytes(whole[:-100])  # an interrupted download
+    user.model["pretrained_model_name_or_path"] = str(folder)
+    return ("model.pretrained_model_name_or_path", unet,
+            f"is truncated (header says {len(whole)} bytes, file has {len(whole) - 100})")
+
+
 def ckpt_truncated_zip(user, monkeypatch):
     whole = user.root / "whole.ckpt"
     torch.save({"state_dict": load_file(user.single)}, whole)
@@ -226,12 +239,14 @@ def network_weights_truncated(user, monkeypatch):
 
 
 NETWORK_FAULTS = [hub_offline, hub_unreachable, sdxl_file_as_sd1, sd1_file_as_flux, sdxl_folder_as_sd1,
-                  adapter_as_model, shapes_of_no_shipped_architecture, flux_file_without_its_parts, model_truncated, model_not_safetensors, model_damaged_header, model_empty,
-                  *(part_truncated(k) for k in ("vae", "clip_l", "clip_g", "t5xxl", "ae")), folder_without_model,
-                  folder_holding_a_single_file, ckpt_truncated_zip, ckpt_constructs_objects,
+                  adapter_as_model, shapes_of_no_shipped_architecture, flux_file_without_its_parts,
+                  model_truncated, model_not_safetensors, model_damaged_header, model_empty,
+                  *(part_truncated(k) for k in ("vae", "clip_l", "clip_g", "t5xxl", "ae")),
+                  folder_without_model, folder_holding_a_single_file, folder_with_a_truncated_part,
+                  ckpt_truncated_zip, ckpt_constructs_objects,
                   network_weights_other_family, network_weights_other_dim, network_weights_truncated]
 DB_FAULTS = [hub_offline, sdxl_file_as_sd1, model_truncated, model_damaged_header, part_truncated("vae"),
-             folder_without_model, ckpt_constructs_objects]
+             folder_without_model, folder_with_a_truncated_part, ckpt_constructs_objects]
 
 
 def _set_up(fault, user, monkeypatch, request):
