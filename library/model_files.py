@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 from library.config import Config, ConfigError
+from library.config_checks import HUB_ID
 from library.loading import CheckpointError, SafetensorsHeader, pickle_problem, read_safetensors_header
 
 MODEL_KEY = "model.pretrained_model_name_or_path"
 FILE_KEYS = (MODEL_KEY, "model.vae", "model.clip_l", "model.clip_g", "model.t5xxl", "model.ae",
              "network.network_weights")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 FOLDER_MARKERS = ("model_index.json", "unet", "transformer")
 
 

@@ -126,3 +126,23 @@ def test_summary_counts_each_kind_once(tmp_path):
     assert notes == ["  2 images are 16-bit PNGs: converted to 8-bit RGB",
                      "  1 image is CMYK without an ICC profile: converted to RGB without color management",
                      "  2 images are greyscale: converted to RGB (R = G = B)"]
+
+
+def test_every_kind_trains(make_config, tmp_path, capsys):
+    from train_network import train
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, (write, _) in KINDS.items():
+        write(folder / name)
+        caption(folder / name, "a red dog")
+    result = train(make_config(dataset={"train_data_dir": str(folder), "alpha_mask": True, "num_repeats": 1},
+                               train={"max_train_steps": 4}))
+    assert len(result.losses) == 4 and all(0 < x < 3 for x in result.losses)
+    out = capsys.readouterr().out
+    for line in ("  2 images are 16-bit PNGs: converted to 8-bit RGB",
+                 "  1 image is CMYK with an ICC profile: converted to sRGB through their profile",
+                 "  1 image is CMYK without an ICC profile: converted to RGB without color management",
+                 "  1 image is a palette image with transparency: converted through RGBA",
+                 "  2 images are greyscale: converted to RGB (R = G = B)"):
+        assert line in out
