@@ -3,7 +3,8 @@ both as one ConfigError line naming the config key and the file (the CLI exits 2
 
 Checked before loading, from headers and first bytes only (a few kB per file):
   - a hub id that is not in the local cache when the hub cannot be reached (HF_HUB_OFFLINE, or no network);
-  - a folder that holds no model (no model_index.json, unet/ or transformer/);
+  - a folder that holds no model (no model_index.json, unet/ or transformer/), or lacks a part its family
+    loads (the family's folder_parts);
   - a .safetensors file that is empty, truncated or has a damaged header (every file key, and every
     .safetensors file in a folder a key names);
   - a .ckpt / .pt that is neither a zip-format torch checkpoint nor a pickle, or a truncated zip;
@@ -152,7 +153,13 @@ def _check_folder_family(cfg: Config, path: str):
     if wanted != "auto" and wanted not in claimed:
         raise fail(cfg, MODEL_KEY, f"{path} is a model folder of family \"{claimed[0]}\", but 'model.family' = "
                                    f"\"{wanted}\": set model.family = \"{claimed[0]}\" (or \"auto\")")
-    return get_family(claimed[0] if wanted == "auto" else wanted, path)
+    family = get_family(claimed[0] if wanted == "auto" else wanted, path)
+    missing = [part for part in family.folder_parts if not (Path(path) / part).is_dir()]
+    if missing:
+        raise fail(cfg, MODEL_KEY, f"{path} has no {', '.join(p + '/' for p in missing)} (a {family.name} model "
+                                   f"folder needs {', '.join(p + '/' for p in family.folder_parts)}): an incomplete "
+                                   f"download?")
+    return family
 
 
 def _check_file_family(cfg: Config, header: SafetensorsHeader):

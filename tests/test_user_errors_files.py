@@ -197,6 +197,15 @@ def folder_with_a_truncated_part(user, monkeypatch):
             f"is truncated (header says {len(whole)} bytes, file has {len(whole) - 100})")
 
 
+def folder_missing_a_part(user, monkeypatch):
+    folder = user.root / "tiny-sd1"
+    shutil.copytree(user.folder, folder)
+    shutil.rmtree(folder / "vae")
+    user.model["pretrained_model_name_or_path"] = str(folder)
+    return ("model.pretrained_model_name_or_path", folder, "has no vae/ (a sd1 model folder needs unet/, vae/, "
+            "text_encoder/, scheduler/): an incomplete download?")
+
+
 def ckpt_truncated_zip(user, monkeypatch):
     whole = user.root / "whole.ckpt"
     torch.save({"state_dict": load_file(user.single)}, whole)
@@ -243,6 +252,7 @@ NETWORK_FAULTS = [hub_offline, hub_unreachable, sdxl_file_as_sd1, sd1_file_as_fl
                   model_truncated, model_not_safetensors, model_damaged_header, model_empty,
                   *(part_truncated(k) for k in ("vae", "clip_l", "clip_g", "t5xxl", "ae")),
                   folder_without_model, folder_holding_a_single_file, folder_with_a_truncated_part,
+                  folder_missing_a_part,
                   ckpt_truncated_zip, ckpt_constructs_objects,
                   network_weights_other_family, network_weights_other_dim, network_weights_truncated]
 DB_FAULTS = [hub_offline, sdxl_file_as_sd1, model_truncated, model_damaged_header, part_truncated("vae"),

@@ -94,6 +94,8 @@ class ModelFamily(Protocol):
 
     # ss_base_model_version values of adapter files made for this family's models (checked before loading)
     adapter_base_versions: tuple[str, ...]
+    # the subfolders of a diffusers folder that load() reads (checked before loading)
+    folder_parts: tuple[str, ...]
 
     def recognises(self, tensors: dict[str, TensorInfo]) -> bool:
         """True if a single file with these tensors (names and shapes from its header) is this family's."""

@@ -37,6 +37,7 @@ BLOCK_PARENTS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 class FluxFamily:
     name = "flux"
     adapter_base_versions = ("flux1",)
+    folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         dev = bool(parts.denoiser.config.guidance_embeds)

@@ -27,6 +27,7 @@ DEFAULT_TOKENIZERS = {"clip": "openai/clip-vit-large-patch14", "open_clip": "sta
 class SD1Family:
     name = "sd1"
     adapter_base_versions = ("sd_v1", "sd_v2")
+    folder_parts = ("unet", "vae", "text_encoder", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         """What kohya/modelspec metadata says about the base model."""

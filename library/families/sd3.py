@@ -76,6 +76,8 @@ class Sd3FlowMatchObjective(FlowMatchObjective):
 class Sd3Family:
     name = "sd3"
     adapter_base_versions = ("sd3",)
+    folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                    "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         return {"ss_base_model_version": "sd3", "ss_v2": "False", "ss_v_parameterization": "False",
