@@ -7,7 +7,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
