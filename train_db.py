@@ -52,7 +52,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
-    from library.families import ModelSource, get_family
+    from library.model_files import check_model_files, load_model
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
     from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints,
                                 peak_memory_text, set_attention, weight_dtype)
@@ -65,6 +65,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
+    check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
@@ -83,8 +84,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     # ---- model, then class images from the untouched base model ----------------------------------
     m = cfg.model
-    family = get_family(m.family, m.pretrained_model_name_or_path)
-    parts = family.load(ModelSource.from_section(m))
+    family, parts = load_model(cfg)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]

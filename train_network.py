@@ -56,7 +56,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
     from library.evaluation import fixed_denoising_loss
-    from library.families import ModelSource, get_family
+    from library.model_files import check_model_files, load_model, loading_errors
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
     from library.memory import (allow_fp16_gradients, cast_frozen_parts, cast_trainable,
                                 enable_gradient_checkpointing, offload_checkpoints, peak_memory_text, set_attention,
@@ -72,6 +72,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
 
     t, out_dir = cfg.train, Path(cfg.train.output_dir)
+    check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
@@ -91,8 +92,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     # ---- model ----------------------------------------------------------------------------------
     m = cfg.model
-    family = get_family(m.family, m.pretrained_model_name_or_path)
-    parts = family.load(ModelSource.from_section(m))
+    family, parts = load_model(cfg)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     for module in modules:
@@ -108,7 +108,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
             module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
             adapted.append(inject(module, target, settings))
     if n.network_weights:
-        loaded = files.load_into(adapted, n.network_weights, family.file_metadata(parts))
+        with loading_errors(cfg):
+            loaded = files.load_into(adapted, n.network_weights, family.file_metadata(parts))
         say(f"continuing from {n.network_weights}: {loaded} layers")
     train_te = any(c.target.component != "denoiser" for c in adapted)
     say(f"adapters: {settings.algo}, {sum(len(c.layers) for c in adapted)} layers, "

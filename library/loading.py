@@ -4,8 +4,13 @@ tokenizers from a local folder or the user's cache. Family modules call these; n
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import re
+import struct
+import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -14,7 +19,75 @@ ARCH_ROOT = Path(__file__).parent / "arch"
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be read safely or does not match what the config says."""
+    """A checkpoint that cannot be read safely or does not match what the config says; `key` is the config key
+    that named the file, where the raiser knows it (else the message names the file)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class TensorInfo(NamedTuple):
+    """A tensor as a .safetensors header describes it (detect_arch functions read `.shape` from these too)."""
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class SafetensorsHeader(NamedTuple):
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
+    """The tensor names, dtypes and shapes and the metadata of a .safetensors file, from its header alone (a few
+    kB read); CheckpointError saying what is wrong if the file is empty, not a .safetensors file, or cut short."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+        if size < 8:
+            raise CheckpointError(f"{path} is {'empty' if size == 0 else 'too short'} ({size} bytes): not a "
+                                  f".safetensors file")
+        length = struct.unpack("<Q", head[:8])[0]
+        if head[8:9] != b"{" or length > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is not a .safetensors file (its header does not start with a length "
+                                  f"and a JSON object; another format renamed?)")
+        if 8 + length > size:
+            raise CheckpointError(f"{path} is truncated (its header alone says {8 + length} bytes, file has {size})")
+        f.seek(0)
+        raw = f.read(8 + length)[8:]
+    try:
+        header = json.loads(raw)
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path} has a damaged header (not the JSON a .safetensors file holds: "
+                              f"{type(e).__name__})") from None
+    expected = 8 + length + end
+    if size < expected:
+        raise CheckpointError(f"{path} is truncated (header says {expected} bytes, file has {size})")
+    if size > expected:
+        raise CheckpointError(f"{path} is damaged: {size - expected} bytes more than its header says ({expected})")
+    return SafetensorsHeader(tensors, metadata)
+
+
+def pickle_problem(path: str | Path) -> str | None:
+    """Why a torch pickle checkpoint (.ckpt / .pt / .pth / .bin) cannot be read, from its first bytes; None if it
+    looks like one (zip-format torch.save, or the legacy pickle format)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if size == 0:
+        return f"{path} is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        return None if zipfile.is_zipfile(path) else f"{path} is truncated (a zip-format torch checkpoint without " \
+                                                     f"its end: {size} bytes)"
+    if head[:1] == b"\x80":  # the pickle PROTO opcode: torch.save's legacy (non-zip) format
+        return None
+    return f"{path} is not a torch checkpoint (neither the zip format nor a pickle; another format renamed?)"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -22,21 +95,36 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     unpickling would construct arbitrary objects (and could run code) is refused."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
+        read_safetensors_header(path)  # a damaged file is named, not a Rust error
         return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    problem = pickle_problem(path)
+    if problem:
+        raise CheckpointError(problem)
+    try:  # mmap needs the zip format; a legacy (non-zip) torch.save file is read into memory, weights-only too
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        found = str(e).strip().splitlines()
         raise CheckpointError(
             f"{path}: refused to load: this pickle file contains objects other than tensors, and "
-            f"unpickling it could run code. Convert it to .safetensors with a tool you trust. ({e})"
-        ) from None
-    except RuntimeError as e:  # not a zip/pickle at all
-        raise CheckpointError(f"{path}: not a readable checkpoint: {e}") from None
+            f"unpickling it could run code ({_unsafe_global(found)}); convert it to .safetensors with a tool you "
+            f"trust") from None
+    except (RuntimeError, EOFError, ValueError) as e:  # a damaged zip or pickle
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no details'})") from None
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _unsafe_global(lines: list[str]) -> str:
+    """What the pickle wanted to construct, from torch's weights-only refusal."""
+    for line in lines:
+        found = re.search(r"GLOBAL ([\w.]+)", line)
+        if found:
+            return f"it constructs {found.group(1)}"
+    return next((line.strip() for line in lines if line.strip()), "no details")
 
 
 def has_key_prefix(path: str | Path, prefix: str) -> bool:

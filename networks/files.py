@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from library.loading import CheckpointError, read_safetensors_header
 from networks import lycoris_format, peft_format
 from networks.lycoris_format import LoraFileError
 from networks.settings import NetworkSettings
@@ -35,6 +36,10 @@ def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
 
 
 def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        read_safetensors_header(path)  # an empty, truncated or damaged file is named, not a Rust error
+    except CheckpointError as e:
+        raise LoraFileError(str(e)) from None
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
 

@@ -67,6 +67,12 @@ def test_prefix_suffix_and_dropout_every_n_epochs():
     (None, None, (None, "no caption file x.txt and no class tokens (from a folder name or class_tokens)")),
     ("  \n", None, (None, "caption file x.txt is empty")),
     (b"caf\xe9", None, (None, "caption file x.txt is not UTF-8 (byte 0xe9 at offset 3)")),
+    ("sks, café, 猫".encode("utf-16"), None, ("sks, café, 猫", None)),  # with its BOM (Windows Notepad "Unicode")
+    (b"\xfe\xff" + "sks dog".encode("utf-16-be"), None, ("sks dog", None)),
+    ("sks, café, 猫 \n".encode("utf-16-le"), None, ("sks, café, 猫", None)),  # no BOM: found from the NUL bytes
+    ("sks dog".encode("utf-16-be"), None, ("sks dog", None)),
+    (b"sks\x00dog", None, (None, "caption file x.txt holds NUL bytes (offset 3): not UTF-8 text (UTF-16 or another "
+                                 "encoding? save it as UTF-8)")),
 ])
 def test_read_caption(tmp_path, content, class_tokens, expected):
     path = image(tmp_path / "x.png")

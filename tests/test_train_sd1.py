@@ -1,14 +1,16 @@
 """SD1 adapter training on the tiny model: golden losses, the saved file, reloading it here and in
 diffusers, continuing from it, and the memory / data switches."""
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library.config import ConfigError
 from library.families.base import ModelSource
 from library.families.sd1 import SD1Family
 from networks import files
-from networks.lycoris_format import LoraFileError
 from networks.settings import NetworkSettings
 from networks.targets import inject
 from networks.merge import merge_lora
@@ -133,15 +135,16 @@ def test_continue_from_network_weights(make_config, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"network": {"network_dim": 8}}, "has shape"),
-    ({"network": {"network_alpha": 1.0}}, "alpha is 2"),
+    ({"network": {"network_dim": 8}}, "has network_dim 4 (metadata ss_network_dim)"),  # before the model loads
+    ({"network": {"network_alpha": 1.0}}, "alpha is 2"),  # the rest once the adapters exist
     ({"network": {"network_train_unet_only": True}}, "match no layer"),
 ])
 def test_mismatched_network_weights_are_refused(make_config, change, message):
     first = train(make_config())
     change = {**change, "train": {"output_name": "second"}}
     change["network"] = {**change["network"], "network_weights": str(first.adapter_path)}
-    with pytest.raises(LoraFileError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(f"'network.network_weights': {first.adapter_path}") + ".*"
+                       + re.escape(message)):
         train(make_config(**change))
 
 

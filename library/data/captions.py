@@ -10,9 +10,12 @@ Every random choice comes from the `rng` passed in, so a seed gives the same cap
 """
 from __future__ import annotations
 
+import codecs
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,41 @@ def read_caption(image: Path, extension: str, class_tokens: str | None) -> tuple
         if class_tokens:
             return class_tokens, None
         return None, f"no caption file {caption_file.name} and no class tokens (from a folder name or class_tokens)"
-    data = caption_file.read_bytes()
-    try:
-        text = data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError as e:
-        return None, f"caption file {caption_file.name} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+    text, problem = decode_caption(caption_file.read_bytes())
+    if problem:
+        return None, f"caption file {caption_file.name} {problem}"
     if not text:
         return None, f"caption file {caption_file.name} is empty"
     return text, None
+
+
+def decode_caption(data: bytes) -> tuple[str | None, str | None]:
+    """(text, problem) of a caption file's bytes: UTF-8, with or without a BOM; UTF-16 with a BOM; UTF-16
+    without a BOM when its NUL bytes say so (ASCII tags in UTF-16-LE are "a\0b\0"). Any other NUL byte is a
+    problem, never a character of the caption."""
+    encoding = next((name for bom, name in BOMS if data.startswith(bom)), None) or _bomless_utf16(data) or "utf-8"
+    try:
+        text = data.decode(encoding).strip()
+    except UnicodeDecodeError as e:
+        what = "UTF-8" if encoding == "utf-8" else encoding.upper()
+        return None, f"is not {what} (byte 0x{data[e.start]:02x} at offset {e.start})"
+    if "\0" in text:
+        return None, (f"holds NUL bytes (offset {data.index(0)}): not UTF-8 text (UTF-16 or another encoding? "
+                      f"save it as UTF-8)")
+    return text, None
+
+
+def _bomless_utf16(data: bytes) -> str | None:
+    """"utf-16-le" / "utf-16-be" if the NUL bytes of `data` sit only at odd / even offsets, in more than half of
+    its 16-bit units (mostly ASCII / Latin-1 text), else None."""
+    if len(data) < 2 or len(data) % 2 or 0 not in data:
+        return None
+    even, odd, units = data[0::2].count(0), data[1::2].count(0), len(data) // 2
+    if even == 0 and 2 * odd > units:
+        return "utf-16-le"
+    if odd == 0 and 2 * even > units:
+        return "utf-16-be"
+    return None
 
 
 def render_caption(text: str, recipe: CaptionRecipe, rng: random.Random, epoch: int) -> str:

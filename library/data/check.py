@@ -3,12 +3,13 @@ reported with its path and reason. `dataset.bad_data` says what happens then: "s
 run with the whole list, "skip" trains without those files and prints each one as a warning. User files are
 only read, never written.
 
-Problems: empty (0-byte) files, files that are not images or do not decode (corrupt), truncated files (a
-PNG without its IEND chunk, a JPEG without its end marker, a WEBP shorter than its RIFF size, or a decode
-that runs out of data), modes that do not convert to RGB faithfully (CMYK, 16/32-bit, palette with
-transparency), images too small for their bucket (enlarged more than 2x), missing / empty / non-UTF-8
-captions, empty folders, and duplicate files (the later copies). An EXIF-rotated image is a note, not a
-problem: it is trained as displayed.
+Problems: only files that cannot be used: empty (0-byte) files, files that are not images or do not decode
+(corrupt), truncated files (a PNG without its IEND chunk, a JPEG without its end marker, a WEBP shorter than
+its RIFF size, or a decode that runs out of data), decompression bombs (more pixels than Pillow's limit),
+modes Pillow cannot turn into RGB, images too small for their bucket (enlarged more than 2x), missing /
+empty / undecodable captions, empty folders, and duplicate files (the later copies). Valid but unusual images
+(16-bit, CMYK, palette with transparency, greyscale) train: library.data.images converts them and the data
+summary counts each kind. An EXIF-rotated image is a note, not a problem: it is trained as displayed.
 
     python -m library.data.check --config my.toml          # a training config, or a dataset TOML
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import struct
 import sys
 from collections import defaultdict
@@ -26,11 +28,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from library.data.images import IMAGE_EXTENSIONS, ImageHeader, read_header
+from library.data.images import CONVERTIBLE_MODES, IMAGE_EXTENSIONS, ImageHeader, read_header
 
 MAX_UPSCALE = 2.0
 EXIT_DATASET_ERROR = 3
-FAITHFUL_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "RGBa", "La"}
 PNG_END = b"IEND\xaeB`\x82"
 
 
@@ -50,6 +51,8 @@ def inspect_image(path: Path, decode: bool) -> tuple[ImageHeader | None, list[Fi
         return None, [Finding(path, "empty file (0 bytes)")]
     try:
         header = read_header(path)
+    except Image.DecompressionBombError as e:
+        return None, [Finding(path, bomb_reason(e))]
     except Exception as e:  # PIL raises several types for a file that is not an image
         cut = "truncat" in str(e).lower() and truncation(path, format_from_magic(path))
         return None, [Finding(path, cut or f"corrupt: not a readable image ({type(e).__name__}: {e})")]
@@ -65,15 +68,17 @@ def inspect_image(path: Path, decode: bool) -> tuple[ImageHeader | None, list[Fi
     return header, findings
 
 
+def bomb_reason(e: Exception) -> str:
+    pixels = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+    return (f"decompression bomb: {size}, more than twice Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+            f"(PIL.Image.MAX_IMAGE_PIXELS); it is not decoded")
+
+
 def mode_problems(h: ImageHeader) -> list[str]:
-    if h.mode == "CMYK":
-        return ["CMYK image: its colors change when converted to RGB (save it as RGB)"]
-    if h.bit_depth > 8:
-        return [f"{h.bit_depth}-bit image (mode {h.mode}): it would be cut to 8 bits per channel (save it as 8-bit)"]
-    if h.palette_transparency and h.mode in ("P", "PA"):
-        return ["palette image with transparency: transparent pixels have no defined color (save it as RGBA)"]
-    if h.mode not in FAITHFUL_MODES:
-        return [f"unsupported mode {h.mode} (save it as RGB)"]
+    """Only modes that have no RGB conversion; 16-bit, CMYK, palette and greyscale images are converted."""
+    if h.mode not in CONVERTIBLE_MODES or h.bit_depth > 16:
+        return [f"unsupported mode {h.mode} ({h.bit_depth}-bit; save it as 8-bit RGB)"]
     return []
 
 

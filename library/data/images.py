@@ -1,11 +1,18 @@
 """Image files: listing a folder, reading a header (size, mode, EXIF orientation) without decoding, and
 loading the pixels of one training example (resize to cover, crop, flip, alpha mask).
 
+Every mode Pillow reads becomes 8-bit RGB the same way for training and for the check's summary notes
+(`conversion`): 16-bit greyscale v -> round(v / 257) (Pillow itself already reduces 16-bit RGB(A) PNGs to their
+high byte when it decodes them); CMYK through its embedded ICC profile to sRGB where it has one, else Pillow's
+plain formula; a palette with transparency through RGBA; greyscale (L, LA, 1) copied to the three channels.
+Alpha is not composited: the color channels train as stored, and alpha_mask reads the alpha channel.
+
 Sizes are (width, height) everywhere in this package except the batch fields original_size,
 crop_top_left and target_size, which are (h, w) / (top, left) as SDXL's size conditioning reads them.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +40,7 @@ class ImageHeader:
     has_alpha: bool
     palette_transparency: bool
     bit_depth: int  # bits per channel
+    has_icc: bool = False  # an embedded ICC color profile
 
 
 def read_header(path: Path) -> ImageHeader:
@@ -43,7 +51,7 @@ def read_header(path: Path) -> ImageHeader:
         palette_transparency = im.mode == "PA" or (im.mode == "P" and "transparency" in im.info)
         has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or palette_transparency
         return ImageHeader(width, height, im.mode, im.format or "", orientation, has_alpha,
-                           palette_transparency, _bit_depth(path, im))
+                           palette_transparency, _bit_depth(path, im), bool(im.info.get("icc_profile")))
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -57,13 +65,40 @@ def _exif_orientation(im: Image.Image) -> int:
 
 
 def _bit_depth(path: Path, im: Image.Image) -> int:
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        return 16 if im.mode.startswith("I;16") else 32
     if im.format == "PNG":  # 16-bit RGB(A) PNGs open as 8-bit modes; the IHDR chunk says the truth
         with open(path, "rb") as f:
             head = f.read(26)
         return head[24] if len(head) == 26 else 8
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        return 16 if im.mode.startswith("I;16") else 32
     return 8
+
+
+# How an image that is not 8-bit RGB(A) becomes RGB: the data summary counts each kind, one line each:
+# kind -> (what one image is, what several are, what is done)
+CONVERSIONS = {
+    "16-bit": ("a 16-bit PNG", "16-bit PNGs", "converted to 8-bit RGB"),
+    "cmyk-icc": ("CMYK with an ICC profile", "CMYK with an ICC profile", "converted to sRGB through their profile"),
+    "cmyk": ("CMYK without an ICC profile", "CMYK without an ICC profile",
+             "converted to RGB without color management"),
+    "palette-alpha": ("a palette image with transparency", "palette images with transparency",
+                      "converted through RGBA (transparent pixels keep their palette color; alpha_mask reads the "
+                      "transparency)"),
+    "greyscale": ("greyscale", "greyscale", "converted to RGB (R = G = B)"),
+}
+CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr",
+                     "I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def conversion(h: ImageHeader) -> str | None:
+    """The key in CONVERSIONS of how this image becomes RGB, None for plain 8-bit RGB(A)."""
+    if h.bit_depth == 16:
+        return "16-bit"
+    if h.mode == "CMYK":
+        return "cmyk-icc" if h.has_icc else "cmyk"
+    if h.palette_transparency:
+        return "palette-alpha"
+    return "greyscale" if h.mode in ("1", "L", "LA", "La") else None
 
 
 @dataclass(frozen=True)
@@ -101,7 +136,7 @@ def load_pixels(path: Path, orientation: int, crop: Crop, flip: bool = False, wi
     """RGB in [-1, 1] (3, H, W) and, with_mask, the alpha channel in [0, 1] (1, H, W) (ones without alpha)."""
     import torch  # here, not above: the dataset check (this module's headers) runs before torch loads
     with open_upright(path, orientation) as im:
-        rgb = _resize_crop(im.convert("RGB"), crop)
+        rgb = _resize_crop(to_rgb(im), crop)
         if color_shift is not None:
             rgb = color_shift(rgb)
         mask = None
@@ -113,6 +148,31 @@ def load_pixels(path: Path, orientation: int, crop: Crop, flip: bool = False, wi
         pixels = pixels.flip(-1)
         mask = mask.flip(-1) if mask is not None else None
     return pixels, mask
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB (see the module docstring for each mode); alpha is dropped, not composited."""
+    if im.mode.startswith("I"):  # 16-bit greyscale (I;16*; "I" holds 16-bit PNG values too): v -> round(v / 257)
+        values = np.clip(np.asarray(im, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.rint(values / 257).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "CMYK":
+        return _cmyk_to_rgb(im)
+    if im.mode == "P" and "transparency" in im.info:
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    icc = im.info.get("icc_profile")
+    if icc:
+        from PIL import ImageCms
+
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken or non-CMYK profile: the plain conversion below
+    return im.convert("RGB")
 
 
 def _has_alpha(im: Image.Image) -> bool:

@@ -20,7 +20,7 @@ from library.data.buckets import bucket_sizes, bucket_table, choose_bucket, upsc
 from library.data.captions import read_caption
 from library.data.check import MAX_UPSCALE, Finding, empty_folder, find_duplicates, inspect_all
 from library.data.dataset_config import DataLayout, SubsetSpec, read_layout
-from library.data.images import ImageHeader, list_images
+from library.data.images import CONVERSIONS, ImageHeader, conversion, list_images
 from library.data.report import CountingBar
 
 
@@ -34,6 +34,7 @@ class ImageRecord:
     dataset: int
     subset: SubsetSpec
     bucket: tuple[int, int]  # (w, h) it is trained at
+    conversion: str | None = None  # how it becomes RGB (library.data.images.CONVERSIONS), None: plain RGB(A)
 
     @property
     def bucket_key(self) -> tuple:
@@ -73,10 +74,22 @@ class DataPlan:
                 kind = "regularization" if s.is_reg else "training"
                 lines.append(f"  {s.where}: {n} {kind} images x {s.num_repeats} repeats -> "
                              f"{per_subset[id(s)]} examples per epoch")
+        lines += self.conversion_notes()
         lines += bucket_table(self.entry_keys, Counter(r.bucket_key for r in self.images), self.batch_sizes)
         batches = self.batches_per_epoch()
         lines.append(f"  {len(self.entries)} examples per epoch in {batches} batches; gradient accumulation "
                      f"{accumulation} -> {self.steps_per_epoch(accumulation)} steps per epoch")
+        return lines
+
+
+    def conversion_notes(self) -> list[str]:
+        """One line per kind of image that is not plain 8-bit RGB(A), e.g. "3 images are 16-bit PNGs: ..."."""
+        counts = Counter(r.conversion for r in self.images if r.conversion)
+        lines = []
+        for kind, (one, several, done) in CONVERSIONS.items():
+            n = counts[kind]
+            if n:
+                lines.append(f"  {n} image is {one}: {done}" if n == 1 else f"  {n} images are {several}: {done}")
         return lines
 
 
@@ -155,7 +168,9 @@ def _record(path: Path, header: ImageHeader, d: int, subset: SubsetSpec, layout:
         findings.append(Finding(path, f"too small: {size[0]}x{size[1]} would be enlarged "
                                       f"{upscale_factor(size, bucket):.1f}x to {bucket[0]}x{bucket[1]} "
                                       f"(more than {MAX_UPSCALE:g}x)"))
-    return ImageRecord(path, caption or "", size, header.orientation, header.has_alpha, d, subset, bucket), findings
+    record = ImageRecord(path, caption or "", size, header.orientation, header.has_alpha, d, subset, bucket,
+                         conversion(header))
+    return record, findings
 
 
 def epoch_entries(records: list[ImageRecord], num_datasets: int) -> list[int]:

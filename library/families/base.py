@@ -13,6 +13,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from library.loading import TensorInfo
+
 
 @dataclass
 class ModelSource:
@@ -90,6 +92,18 @@ class ModelFamily(Protocol):
     def claims(self, path: str) -> bool:
         """True if the checkpoint at `path` belongs to this family."""
 
+    # ss_base_model_version values of adapter files made for this family's models (checked before loading)
+    adapter_base_versions: tuple[str, ...]
+    # the subfolders of a diffusers folder that load() reads (checked before loading)
+    folder_parts: tuple[str, ...]
+
+    def recognises(self, tensors: dict[str, TensorInfo]) -> bool:
+        """True if a single file with these tensors (names and shapes from its header) is this family's."""
+
+    def single_file_problem(self, tensors: dict[str, TensorInfo], source: ModelSource) -> str | None:
+        """Why load(source) would fail on a single file of this family with these tensors (shapes no shipped
+        architecture has, parts neither in the file nor named by a key), from its header alone; None if none."""
+
     def load(self, source: ModelSource) -> Components: ...
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
@@ -130,6 +144,13 @@ _REGISTRY: dict[str, ModelFamily] = {}
 def register(family: ModelFamily) -> ModelFamily:
     _REGISTRY[family.name] = family
     return family
+
+
+def registered() -> list[ModelFamily]:
+    """Every family, in the order family = "auto" asks them."""
+    from library import families  # noqa: F401  (imports every family module, which registers it)
+
+    return list(_REGISTRY.values())
 
 
 def get_family(name: str, path: str) -> ModelFamily:

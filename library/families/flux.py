@@ -36,6 +36,8 @@ BLOCK_PARENTS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 class FluxFamily:
     name = "flux"
+    adapter_base_versions = ("flux1",)
+    folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         dev = bool(parts.denoiser.config.guidance_embeds)
@@ -49,6 +51,16 @@ class FluxFamily:
             return has_key_prefix(path, "double_blocks.") or has_key_prefix(path, BFL_PREFIX + "double_blocks.")
         index = Path(path) / "model_index.json"
         return index.is_file() and read_json(index).get("_class_name") == PIPELINE_CLASS
+
+    def recognises(self, tensors) -> bool:
+        return any(k.startswith(("double_blocks.", BFL_PREFIX + "double_blocks.")) for k in tensors)
+
+    def single_file_problem(self, tensors, source: ModelSource) -> str | None:
+        missing = [k for k in ("clip_l", "t5xxl", "ae") if not getattr(source, k)]
+        if missing:
+            return ("a FLUX.1 transformer file holds the transformer only; set "
+                    + ", ".join(f"model.{k}" for k in missing) + " to the separate files")
+        return None
 
     def load(self, source: ModelSource) -> Components:
         parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)

@@ -26,6 +26,8 @@ DEFAULT_TOKENIZERS = {"clip": "openai/clip-vit-large-patch14", "open_clip": "sta
 
 class SD1Family:
     name = "sd1"
+    adapter_base_versions = ("sd_v1", "sd_v2")
+    folder_parts = ("unet", "vae", "text_encoder", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         """What kohya/modelspec metadata says about the base model."""
@@ -41,6 +43,21 @@ class SD1Family:
             return not has_key_prefix(path, "conditioner.embedders.")
         index = Path(path) / "model_index.json"
         return not index.is_file() or read_json(index).get("_class_name") == "StableDiffusionPipeline"
+
+    def recognises(self, tensors) -> bool:
+        """An LDM U-Net (input_blocks) without SDXL's conditioner.embedders."""
+        return (any(k.startswith(UNET_PREFIX + "input_blocks.") for k in tensors)
+                and not any(k.startswith("conditioner.embedders.") for k in tensors))
+
+    def single_file_problem(self, tensors, source: ModelSource) -> str | None:
+        if not any(k.startswith((CLIP_PREFIX, OPEN_CLIP_PREFIX)) for k in tensors):
+            return f"no text-encoder keys ('{CLIP_PREFIX}' or '{OPEN_CLIP_PREFIX}')"
+        if source.arch is None:
+            try:
+                detect_arch(tensors)
+            except (CheckpointError, KeyError, StopIteration, IndexError) as e:
+                return str(e) if isinstance(e, CheckpointError) else "no U-Net input convolution or cross-attention"
+        return None
 
     def load(self, source: ModelSource) -> Components:
         if is_single_file(source.path):

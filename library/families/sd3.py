@@ -75,6 +75,9 @@ class Sd3FlowMatchObjective(FlowMatchObjective):
 
 class Sd3Family:
     name = "sd3"
+    adapter_base_versions = ("sd3",)
+    folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                    "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         return {"ss_base_model_version": "sd3", "ss_v2": "False", "ss_v_parameterization": "False",
@@ -87,6 +90,19 @@ class Sd3Family:
             return has_key_prefix(path, SAI_PREFIX + "joint_blocks.") or has_key_prefix(path, "joint_blocks.")
         index = Path(path) / "model_index.json"
         return index.is_file() and read_json(index).get("_class_name") == PIPELINE_CLASS
+
+    def recognises(self, tensors) -> bool:
+        return any(k.startswith((SAI_PREFIX + "joint_blocks.", "joint_blocks.")) for k in tensors)
+
+    def single_file_problem(self, tensors, source: ModelSource) -> str | None:
+        if not source.vae and not any(k.startswith(VAE_PREFIX) for k in tensors):
+            return "holds no VAE ('first_stage_model.*'); set model.vae to the SD3 VAE"
+        missing = [key for key in ("clip_l", "clip_g", "t5xxl")
+                   if not getattr(source, key) and not any(k.startswith(TEXT_PREFIX.format(key)) for k in tensors)]
+        if missing:
+            return (f"holds no {', '.join(missing)} text encoder(s); set " + ", ".join(f"model.{k}" for k in missing)
+                    + " to the separate file(s)")
+        return None
 
     def load(self, source: ModelSource) -> Components:
         parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)

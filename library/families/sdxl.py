@@ -43,6 +43,8 @@ FP16_VAE_WARNING = (
 
 class SDXLFamily:
     name = "sdxl"
+    adapter_base_versions = ("sdxl_base_v1-0", "sdxl_base_v0-9")
+    folder_parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         """What kohya/modelspec metadata says about the base model (sd-scripts' names)."""
@@ -54,6 +56,21 @@ class SDXLFamily:
 
     def claims(self, path: str) -> bool:
         return is_sdxl_checkpoint(path)
+
+    def recognises(self, tensors) -> bool:
+        """The SAI layout's OpenCLIP-G tower (as claims() reads it)."""
+        return any(k.startswith(OPEN_CLIP_G_PREFIX) for k in tensors)
+
+    def single_file_problem(self, tensors, source: ModelSource) -> str | None:
+        for prefix in (UNET_PREFIX, CLIP_L_PREFIX, OPEN_CLIP_G_PREFIX):
+            if not any(k.startswith(prefix) for k in tensors):
+                return f"no '{prefix}*' keys: not an SDXL base checkpoint in the SAI layout"
+        if source.arch is None:
+            try:
+                detect_arch(tensors)
+            except (CheckpointError, KeyError, StopIteration, IndexError) as e:
+                return str(e) if isinstance(e, CheckpointError) else "no U-Net input convolution or cross-attention"
+        return None
 
     def load(self, source: ModelSource) -> Components:
         parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
