@@ -399,3 +399,21 @@ def test_network_alpha_zero_means_alpha_equals_dim(tiny_sd1, tiny_data, tmp_path
         assert f.metadata()["ss_network_alpha"] == "4.0"
         alphas = {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")}
     assert alphas == {4.0}
+
+
+def test_train_db_finishes_from_a_state_saved_during_its_last_step(tiny_sd1, tiny_data, tmp_path, capsys):
+    """As after a SIGTERM in the final step: a state at max_train_steps and no final file yet."""
+    config = _config(tiny_sd1, tiny_data, tmp_path, dreambooth={"train_text_encoder": False},
+                     save={"save_state": True})
+    path = _write(tmp_path, config)
+    assert train_db.main(["--config", str(path)]) == 0
+    out = tmp_path / "out"
+    final = (out / "lora.safetensors").read_bytes()
+    (out / "lora.safetensors").unlink()
+    shutil.move(out / "lora-state", out / "lora-step00000002-state")
+    assert train_db.main(["--config", str(path), "--set", "save.resume=\"latest\""]) == 0
+    assert "the state is at step 2 of 2: no step is left; writing the final files" in capsys.readouterr().out
+    from safetensors.torch import load
+
+    a, b = load(final), load((out / "lora.safetensors").read_bytes())
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # the weights the run ended with
