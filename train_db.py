@@ -16,6 +16,7 @@ from pathlib import Path
 
 from library import cli
 from library.config import Config, write_resolved
+from library.model_files import check_files
 from library.outputs import claim_output_dir
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return planner.run(cfg, "db", args.vram_budget)
     with cli.exit_on_user_error():
+        check_files(cfg)  # the model and adapter files can be read (headers only): the first second of the run
         planned = cli.plan_data(cfg)  # every image and caption checked, before torch loads
         train(cfg, planned)
     return 0
