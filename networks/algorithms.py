@@ -4,9 +4,8 @@ settings become a peft config, and names each layer's peft parameters the way Ly
 
 Facts the file layout depends on (read from peft 0.21 and LyCORIS / ComfyUI sources):
 - LoRA: lora_A = kohya lora_down, lora_B = lora_up, scale alpha / rank.
-- DoRA: peft's magnitude is the per-output-channel norm of W + scale * up @ down, the axis LyCORIS'
-  `dora_scale` uses by default (wd_on_out); only its shape differs: (out,) or (1, out, 1, 1) in peft,
-  (out, 1) or (out, 1, 1, 1) in the file.
+- DoRA: decomposed along the input axis (networks/dora.py says why), a LoRA variant of ours on top of
+  peft's LoRA; the magnitude (in,) is the file's `dora_scale` of shape (1, in) or (1, in, 1, 1).
 - LoHa / LoKr: peft's parameter names and shapes are LyCORIS' (hada_w1_a..., lokr_w1, lokr_w2_a...,
   hada_t1 / lokr_t2 with use_tucker), scale alpha / rank. One difference: a LoKr layer whose w1 and
   w2 are both full matrices has scale 1 in LyCORIS (alpha is ignored, files store alpha = rank), while
@@ -23,6 +22,7 @@ import torch
 from peft import BOFTConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 from torch import nn
 
+from networks import dora
 from networks.settings import NetworkSettings
 
 ADAPTER = "default"
@@ -38,8 +38,8 @@ def peft_config(s: NetworkSettings, layers: dict[str, tuple[int, float]]):
     alphas = {_exact(n): a for n, (r, a) in layers.items() if a != s.alpha}
     if s.is_lora:
         return LoraConfig(r=s.dim, lora_alpha=s.alpha, lora_dropout=s.dropout or 0.0, target_modules=targets,
-                          rank_pattern=ranks, alpha_pattern=alphas, use_dora=s.algo == "dora",
-                          init_lora_weights=True)
+                          rank_pattern=ranks, alpha_pattern=alphas, use_dora=False,
+                          init_lora_weights=True)  # DoRA: networks/dora.py, attached after injection
     common = dict(r=s.dim, alpha=s.alpha, rank_dropout=s.rank_dropout, module_dropout=s.module_dropout,
                   target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas,
                   use_effective_conv2d=s.use_tucker)
@@ -64,6 +64,8 @@ def _exact(name: str) -> str:
 def after_injection(s: NetworkSettings, layer: nn.Module, rank_alpha: tuple[int, float]) -> tuple[int, float]:
     """Bring a fresh peft layer to LyCORIS' convention where they differ; returns its (rank, alpha)."""
     rank, alpha = rank_alpha
+    if s.algo == "dora":
+        dora.attach(layer, ADAPTER)
     if s.algo == "lokr" and ADAPTER in layer.lokr_w1 and ADAPTER in layer.lokr_w2:
         layer.alpha[ADAPTER], layer.scaling[ADAPTER] = float(rank), 1.0
         return rank, float(rank)
@@ -104,8 +106,7 @@ def file_tensors(algo: str, layer: nn.Module) -> dict[str, torch.Tensor]:
     out = {suffix: params[f"{attr}.weight"] for suffix, attr in LORA_FILE_NAMES.items()}
     if algo == "dora":
         magnitude = params["lora_magnitude_vector.weight"]
-        weight = layer.get_base_layer().weight
-        out["dora_scale"] = magnitude.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+        out["dora_scale"] = magnitude.reshape(dora.file_shape(layer.get_base_layer().weight))
     return out
 
 

@@ -7,7 +7,9 @@ kohya / LyCORIS files are merged by the published formulas, without peft (what U
     LoHa          delta = (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b)   (Tucker: t x_1 a x_2 b per factor)
     LoKr          delta = scale * kron(w1, w2), each w full or a @ b (w2 Tucker with t2); scale alpha / rank,
                   or 1 when neither is factored
-    DoRA          W' = dora_scale * (W + delta) / ||W + delta|| per output channel
+    DoRA          W' = (W + delta) * dora_scale / ||W + delta||, per input column for a (1, in) dora_scale
+                  (ours, LyCORIS wd_on_output=False, what every UI applies), per output row for LyCORIS'
+                  default (out, 1) (as LyCORIS itself applies it)
     W' = W + ratio * (merged - W).
 A layer a family's files fuse (FLUX double_blocks_0_img_attn_qkv: to_q, to_k, to_v) is merged into the parts'
 weights stacked along the output rows, then split back (exact for any algorithm: the delta's rows are the parts').
@@ -24,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from networks import dora
 from networks.lycoris_format import LoraFileError, file_names
 
 
@@ -56,9 +59,13 @@ def merged_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch
     delta = layer_delta(parts, weight.shape)
     if "dora_scale" not in parts:
         return weight + delta
-    combined = weight + delta
-    norm = combined.reshape(combined.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
-    return parts["dora_scale"].reshape(norm.shape) * combined / norm
+    combined, scale = weight + delta, parts["dora_scale"]
+    eps = torch.finfo(torch.float32).eps
+    if scale.shape[0] == 1 and weight.shape[0] != 1:  # input axis
+        shape = dora.file_shape(weight)
+        return combined * (scale.reshape(shape) / dora.column_norm(combined).reshape(shape))
+    norm = combined.reshape(combined.shape[0], -1).norm(dim=1) + eps
+    return combined * (scale.flatten() / norm).reshape(-1, *[1] * (weight.dim() - 1))
 
 
 def layer_delta(parts: dict[str, torch.Tensor], shape) -> torch.Tensor:

@@ -20,7 +20,7 @@ LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 # network_args key -> [network] key, where the names differ
 ARG_NAMES = {"dropout": "network_dropout", "dora_wd": "dora_wd"}
 ARG_KEYS = ("algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "factor",
-            "decompose_both", "use_tucker", "dora_wd", "block_dims", "block_alphas", "conv_block_dims",
+            "decompose_both", "use_tucker", "dora_wd", "wd_on_output", "block_dims", "block_alphas", "conv_block_dims",
             "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio",
             "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
@@ -68,7 +68,7 @@ class NetworkSettings:
         if self.module == "lycoris.kohya" or self.algo not in ("lora", "locon"):
             args["algo"] = "lora" if self.algo == "dora" else self.algo
         if self.algo == "dora":
-            args["dora_wd"] = "True"
+            args.update(dora_wd="True", wd_on_output="False")  # LyCORIS' name for the input-axis form
         if self.conv_dim:
             args.update(conv_dim=str(self.conv_dim), conv_alpha=str(self.conv_alpha))
         for name in ("rank_dropout", "module_dropout"):
@@ -128,6 +128,9 @@ def settings_from(o: dict) -> NetworkSettings:
         if algo not in ("lora", "locon", "dora"):
             raise SettingsError(f"'dora_wd' (DoRA) exists for lora/locon only in peft, not for algo={algo}")
         algo = "dora"
+    if algo == "dora" and o.get("wd_on_output") is not None and _flag(o.get("wd_on_output")):
+        raise SettingsError("'wd_on_output=True' (LyCORIS' output-axis DoRA) is not trained here: UIs render "
+                            "only the input-axis form exactly (networks/dora.py); drop wd_on_output")
     conv_dim = _int(o, "conv_dim")
     block_dims = _ints(o, "block_dims", NUM_BLOCKS)
     s = NetworkSettings(

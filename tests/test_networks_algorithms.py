@@ -98,9 +98,7 @@ def formula_delta(file: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
         delta = alpha / down.shape[0] * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(shape)
         if "dora_scale" not in t:
             return delta
-        V = W + delta  # DoRA: magnitude times the direction, normalised per output channel
-        norm = V.reshape(shape[0], -1).norm(dim=1).reshape(-1, *[1] * (W.dim() - 1))
-        return t["dora_scale"] * V / norm - W
+        return comfyui_weight_decompose(t["dora_scale"], W, delta) - W
     if "hada_w1_a" in t:
         def hada(a, b, c):
             if c in t:  # Tucker core (r, r, kh, kw), a: (r, out), b: (r, in)
@@ -137,6 +135,19 @@ def formula_delta(file: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
         W2 = W.reshape(shape[0], -1)
         return (t["boft_s"].reshape(-1, 1) * (W2 @ R.T)).reshape(shape) - W
     raise AssertionError(f"no formula for {sorted(t)}")
+
+
+def comfyui_weight_decompose(dora_scale, weight, diff):
+    """ComfyUI's comfy/weight_adapter/base.py weight_decompose at strength 1: an (out, ...) dora_scale divides
+    by the norm of the un-adapted weight's rows, any other by the adapted weight's input columns; + eps."""
+    calc = weight + diff
+    if dora_scale.shape[0] == weight.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1)
+    return calc * (dora_scale / (norm + torch.finfo(torch.float32).eps))
 
 
 def _peft_delta(layer) -> torch.Tensor:
