@@ -7,7 +7,8 @@ Facts the file layout depends on (read from peft 0.21 and LyCORIS / ComfyUI sour
 - DoRA: decomposed along the input axis (networks/dora.py says why), a LoRA variant of ours on top of
   peft's LoRA; the magnitude (in,) is the file's `dora_scale` of shape (1, in) or (1, in, 1, 1).
 - LoHa / LoKr: peft's parameter names and shapes are LyCORIS' (hada_w1_a..., lokr_w1, lokr_w2_a...,
-  hada_t1 / lokr_t2 with use_tucker), scale alpha / rank. One difference: a LoKr layer whose w1 and
+  hada_t1 / lokr_t2 with use_tucker), scale alpha / rank. LoKr's Tucker w2 is written in the plain form
+  (lokr_w2_a @ lokr_w2_b) that ComfyUI can apply (networks/tucker.py). One difference: a LoKr layer whose w1 and
   w2 are both full matrices has scale 1 in LyCORIS (alpha is ignored, files store alpha = rank), while
   peft scales it by alpha / rank; such layers are given alpha = rank here, as LyCORIS does.
 - OFT / BOFT: peft rotates the layer's input (W R^T); LyCORIS' oft_blocks rotate its output (R W).
@@ -22,7 +23,7 @@ import torch
 from peft import BOFTConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 from torch import nn
 
-from networks import dora
+from networks import dora, tucker
 from networks.settings import NetworkSettings
 
 ADAPTER = "default"
@@ -101,6 +102,9 @@ def file_tensors(algo: str, layer: nn.Module) -> dict[str, torch.Tensor]:
     if algo in ("oft", "boft"):
         raise ValueError(f"{algo}: peft's rotation has no LyCORIS file layout (save_format = \"peft\")")
     params = parameters(layer)
+    if algo == "lokr" and "lokr_t2" in params:  # Tucker w2 in the plain form UIs apply (networks/tucker.py)
+        plain = tucker.to_file(*(params[k] for k in tucker.TUCKER_KEYS))
+        return {**{k: v for k, v in params.items() if k not in tucker.TUCKER_KEYS}, **plain}
     if algo in LYCORIS_NAMES:
         return dict(params)
     out = {suffix: params[f"{attr}.weight"] for suffix, attr in LORA_FILE_NAMES.items()}
@@ -118,6 +122,9 @@ def expected_file_shapes(algo: str, layer: nn.Module) -> dict[str, tuple[int, ..
 def load_file_tensors(algo: str, layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy a layer's file tensors (already checked: same suffixes and shapes) into peft's parameters."""
     params = parameters(layer)
+    if "lokr_t2" in params:  # the file's plain w2 back into Tucker factors
+        shapes = (params["lokr_t2"].shape, params["lokr_w2_b"].shape[1])
+        tensors = {**tensors, **tucker.from_file(tensors["lokr_w2_a"], tensors["lokr_w2_b"], *shapes)}
     for suffix, value in tensors.items():
         if suffix == "dora_scale":
             param = params["lora_magnitude_vector.weight"]

@@ -185,7 +185,10 @@ def test_save_load_gives_identical_outputs_and_merge_matches(base_parts, case, t
     loaded = files.load_into(_adapted(fresh, settings), str(path), {"ss_base_model_version": "sd_v1"})
     assert loaded == sum(len(c.layers) for c in adapted)
     for a, b in zip(_probe(fresh), live):
-        assert torch.equal(a, b)
+        if settings.algo == "lokr" and settings.use_tucker:  # the file's plain w2 refactored (networks/tucker.py)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
     merged = copy.deepcopy(base_parts)
     family = SD1Family()
     merge_file({"denoiser": merged.denoiser, "te": merged.text_encoders["te"]}, family.adapter_targets(merged),

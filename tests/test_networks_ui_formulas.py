@@ -29,6 +29,10 @@ EPS = torch.finfo(torch.float32).eps
 FAMILIES = {"sd1": SD1Family, "sdxl": SDXLFamily, "sd3": Sd3Family, "flux": FluxFamily}
 CASES = {  # id -> network options (conv options only where the family has 3x3 convs in adapted blocks)
     "dora": {"algo": "dora", "dim": 4, "alpha": 2.0, "conv_dim": 2, "conv_alpha": 1.0},
+    "lokr_tucker_both": {"algo": "lokr", "dim": 2, "alpha": 1.0, "conv_dim": 2, "conv_alpha": 1.0, "factor": 4,
+                         "decompose_both": True, "use_tucker": True},
+    "lokr_tucker": {"algo": "lokr", "dim": 2, "alpha": 1.0, "conv_dim": 2, "conv_alpha": 1.0, "factor": 4,
+                    "use_tucker": True},
 }
 
 
