@@ -167,7 +167,7 @@ def test_file_delta_by_formula_equals_peft_delta(base_parts, case, tmp_path):
     checked = 0
     for c in adapted:
         for module_path, layer in c.adapter_layers():
-            name = (f"{c.target.diffusers_prefix}.{module_path}" if fmt == "peft" else
+            name = (f"{c.target.diffusers_prefix}.{c.target.kohya_path_prefix}{module_path}" if fmt == "peft" else
                     f"{c.target.kohya_prefix}_{(c.target.kohya_path_prefix + module_path).replace('.', '_')}")
             expected = formula_delta(file, name, layer.get_base_layer().weight.detach())
             assert expected.abs().max() > 0, name
@@ -207,3 +207,25 @@ def test_kohya_block_index_follows_sd_scripts():
     assert kohya_block_index("up_blocks.0.resnets.0.conv1") == 13
     assert kohya_block_index("up_blocks.3.attentions.2.proj_out") == 24
     assert kohya_block_index("conv_in") is None
+
+
+COMFY_CLIP_LAYERS = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj",
+                     "self_attn.out_proj")  # comfy/lora.py LORA_CLIP_MAP
+
+
+def test_peft_layout_text_encoder_keys_are_in_comfyui_key_map(base_parts, tmp_path):
+    """ComfyUI maps diffusers-style CLIP LoRA keys as text_encoder.text_model.encoder.layers.{b}.{c}
+    (model_lora_keys_clip); every text-encoder layer of a peft-layout file must be one of those names,
+    and a file without the segment (written before) still loads."""
+    parts, adapted, path = _trained(base_parts, "lora_peft_layout", tmp_path)
+    layers = {k.rsplit(".", 2)[0] for k in load_file(path) if k.startswith("text_encoder.")}
+    comfy = {f"text_encoder.text_model.encoder.layers.{b}.{c}" for b in range(32) for c in COMFY_CLIP_LAYERS}
+    assert layers and layers <= comfy
+    assert len(layers) == len(adapted[[c.target.component for c in adapted].index("te")].layers)
+    old = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in load_file(path).items()}
+    old_path = tmp_path / "old.safetensors"
+    files.save(old_path, old, files.read(path)[1])
+    fresh = copy.deepcopy(base_parts)
+    files.load_into(_adapted(fresh, CASES["lora_peft_layout"][0]), str(old_path))
+    for a, b in zip(_probe(fresh), _probe(parts)):
+        assert torch.equal(a, b)
