@@ -1,6 +1,6 @@
-"""The adapter algorithms, each a peft config: LoRA / LoCon / DoRA (LoraConfig), LoHa (LoHaConfig),
-LoKr (LoKrConfig), OFT (OFTConfig), BOFT (BOFTConfig). peft does the math; this module says how our
-settings become a peft config, and names each layer's peft parameters the way LyCORIS / kohya files do.
+"""The adapter algorithms: LoRA / LoCon / DoRA (peft's LoraConfig, DoRA's decomposition ours: networks/dora.py),
+LoHa (LoHaConfig), LoKr (LoKrConfig), OFT / BOFT (ours: networks/oft.py). This module says how our settings
+become a peft config, and names each layer's parameters the way LyCORIS / kohya files do.
 
 Facts the file layout depends on (read from peft 0.21 and LyCORIS / ComfyUI sources):
 - LoRA: lora_A = kohya lora_down, lora_B = lora_up, scale alpha / rank.
@@ -11,16 +11,15 @@ Facts the file layout depends on (read from peft 0.21 and LyCORIS / ComfyUI sour
   (lokr_w2_a @ lokr_w2_b) that ComfyUI can apply (networks/tucker.py). One difference: a LoKr layer whose w1 and
   w2 are both full matrices has scale 1 in LyCORIS (alpha is ignored, files store alpha = rank), while
   peft scales it by alpha / rank; such layers are given alpha = rank here, as LyCORIS does.
-- OFT / BOFT: peft rotates the layer's input (W R^T); LyCORIS' oft_blocks rotate its output (R W).
-  A peft OFT is not an oft_blocks file, so these algorithms save in peft layout only (settings refuse
-  the other combination).
+- OFT / BOFT: not peft's (which rotates the layer's input), but networks/oft.py, which rotates the output
+  as LyCORIS' `oft_blocks` files do; the file holds the blocks and alpha = the norm constraint.
 """
 from __future__ import annotations
 
 import re
 
 import torch
-from peft import BOFTConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig
 from torch import nn
 
 from networks import dora, tucker
@@ -29,7 +28,8 @@ from networks.settings import NetworkSettings
 ADAPTER = "default"
 LORA_FILE_NAMES = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B"}
 LYCORIS_NAMES = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-                 "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
+                 "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+                 "oft": ("oft_blocks",), "boft": ("oft_blocks",)}
 
 
 def peft_config(s: NetworkSettings, layers: dict[str, tuple[int, float]]):
@@ -48,12 +48,6 @@ def peft_config(s: NetworkSettings, layers: dict[str, tuple[int, float]]):
         return LoHaConfig(**common)
     if s.algo == "lokr":
         return LoKrConfig(**common, decompose_both=s.decompose_both, decompose_factor=s.factor)
-    if s.algo == "oft":  # network_dim is the block size, as in LyCORIS; exact Cayley transform
-        return OFTConfig(r=0, oft_block_size=s.dim, module_dropout=s.module_dropout, target_modules=targets,
-                         use_cayley_neumann=False)
-    if s.algo == "boft":
-        return BOFTConfig(boft_block_size=s.dim, boft_n_butterfly_factor=max(s.factor, 1),
-                          boft_dropout=s.module_dropout, target_modules=targets)
     raise ValueError(f"unknown algorithm {s.algo}")
 
 
@@ -99,8 +93,6 @@ def up_parameters(layer: nn.Module) -> list[nn.Parameter]:
 
 def file_tensors(algo: str, layer: nn.Module) -> dict[str, torch.Tensor]:
     """suffix -> tensor in file layout ("lora_down.weight", "dora_scale", "hada_w1_a", "lokr_w1", ...)."""
-    if algo in ("oft", "boft"):
-        raise ValueError(f"{algo}: peft's rotation has no LyCORIS file layout (save_format = \"peft\")")
     params = parameters(layer)
     if algo == "lokr" and "lokr_t2" in params:  # Tucker w2 in the plain form UIs apply (networks/tucker.py)
         plain = tucker.to_file(*(params[k] for k in tucker.TUCKER_KEYS))
@@ -140,7 +132,7 @@ def algorithm_of_suffixes(suffixes: set[str]) -> str:
     if any(s.startswith("lokr_") for s in suffixes):
         return "lokr"
     if any(s.startswith("oft_") for s in suffixes):
-        return "oft (LyCORIS)"
+        return "oft"  # or boft: the blocks' shape tells
     if "dora_scale" in suffixes:
         return "dora"
     if "lora_down.weight" in suffixes:

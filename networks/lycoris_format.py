@@ -154,7 +154,8 @@ def _checked(source, name, parts, component: AdaptedComponent, path: str, layer)
     """The layer's tensors without alpha, after checking algorithm, key set, shapes and alpha."""
     expected = algorithms.expected_file_shapes(component.algo, layer)
     found_algo = algorithms.algorithm_of_suffixes(set(parts))
-    if found_algo != component.algo and not (found_algo == "lora" and component.algo in ("locon", "dora")):
+    kin = {"lora": ("locon", "dora"), "oft": ("boft",)}
+    if found_algo != component.algo and component.algo not in kin.get(found_algo, ()):
         raise LoraFileError(f"{source}: {name} holds {found_algo} weights ({sorted(parts)[:3]}), the config "
                             f"trains {component.algo}: set network.algo to the file's algorithm")
     weights = {k: v for k, v in parts.items() if k != "alpha"}

@@ -7,13 +7,14 @@ kohya / LyCORIS files are merged by the published formulas, without peft (what U
     LoHa          delta = (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b)   (Tucker: t x_1 a x_2 b per factor)
     LoKr          delta = scale * kron(w1, w2), each w full or a @ b (w2 Tucker with t2); scale alpha / rank,
                   or 1 when neither is factored
+    OFT / BOFT    W' = T W, T the block rotations of oft_blocks (networks/oft.py), alpha the norm constraint
     DoRA          W' = (W + delta) * dora_scale / ||W + delta||, per input column for a (1, in) dora_scale
                   (ours, LyCORIS wd_on_output=False, what every UI applies), per output row for LyCORIS'
                   default (out, 1) (as LyCORIS itself applies it)
     W' = W + ratio * (merged - W).
 A layer a family's files fuse (FLUX double_blocks_0_img_attn_qkv: to_q, to_k, to_v) is merged into the parts'
 weights stacked along the output rows, then split back (exact for any algorithm: the delta's rows are the parts').
-peft-layout files (OFT, BOFT, or save_format = "peft") are merged through peft's own merge.
+peft-layout files (save_format = "peft") are merged by injecting the adapter and merging it.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from networks import dora
+from networks import dora, oft
 from networks.lycoris_format import LoraFileError, file_names
 
 
@@ -56,6 +57,9 @@ def merge_lora(modules: dict[str, nn.Module], targets, path: str, ratio: float =
 
 
 def merged_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "oft_blocks" in parts:  # OFT / BOFT: the output rows rotated, alpha the constraint (networks/oft.py)
+        constraint = float(parts["alpha"]) if "alpha" in parts else 0.0
+        return oft.rotate_rows(oft.rotation(parts["oft_blocks"], constraint), weight)
     delta = layer_delta(parts, weight.shape)
     if "dora_scale" not in parts:
         return weight + delta
@@ -135,7 +139,8 @@ def merge_file(modules: dict[str, nn.Module], targets, path: str, ratio: float) 
     from networks import files
 
     keys = files.read(path)[0].keys()
-    if all(k.startswith(("unet.", "text_encoder.", "transformer.")) for k in keys):
+    prefixes = tuple(f"{t.diffusers_prefix or t.component}." for t in targets)
+    if keys and all(k.startswith(prefixes) for k in keys):
         return merge_peft(modules, targets, path, ratio)
     return merge_lora(modules, targets, path, ratio)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 ALGORITHMS = ("lora", "locon", "loha", "lokr", "oft", "boft", "dora")
 LORA_FAMILY = ("lora", "locon", "dora")  # one peft LoraConfig; dora adds the magnitude vector
-INPUT_ROTATIONS = ("oft", "boft")  # peft rotates the layer input; LyCORIS files rotate the output
+ROTATIONS = ("oft", "boft")  # output rotations (networks/oft.py), not additive
 MODULES = ("networks.lora", "lycoris.kohya")
 NUM_BLOCKS, NUM_UPDOWN = 25, 12  # kohya's SD1/SD2 U-Net blocks: IN00-IN11, MID, OUT00-OUT11
 LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
@@ -20,7 +20,7 @@ LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 # network_args key -> [network] key, where the names differ
 ARG_NAMES = {"dropout": "network_dropout", "dora_wd": "dora_wd"}
 ARG_KEYS = ("algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "factor",
-            "decompose_both", "use_tucker", "dora_wd", "wd_on_output", "block_dims", "block_alphas", "conv_block_dims",
+            "decompose_both", "use_tucker", "dora_wd", "wd_on_output", "constraint", "block_dims", "block_alphas", "conv_block_dims",
             "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio",
             "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
@@ -52,6 +52,7 @@ class NetworkSettings:
     up_lr_weight: tuple[float, ...] | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    constraint: float = 0.0  # OFT / BOFT: the norm limit of Q, as UIs read the file's alpha (0: none)
 
     @classmethod
     def from_network_section(cls, net) -> "NetworkSettings":
@@ -76,6 +77,10 @@ class NetworkSettings:
                 args[name] = str(getattr(self, name))
         if self.algo == "lokr":
             args.update(factor=str(self.factor), decompose_both=str(self.decompose_both))
+        if self.algo == "boft":
+            args["factor"] = str(self.factor)
+        if self.algo in ROTATIONS:
+            args["constraint"] = f"{self.constraint:g}"
         if self.use_tucker:
             args["use_tucker"] = "True"
         for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
@@ -145,17 +150,17 @@ def settings_from(o: dict) -> NetworkSettings:
         down_lr_weight=_lr_weights(o, "down_lr_weight"), mid_lr_weight=_float(o, "mid_lr_weight", None),
         up_lr_weight=_lr_weights(o, "up_lr_weight"),
         loraplus_unet_lr_ratio=_float(o, "loraplus_unet_lr_ratio", None),
-        loraplus_text_encoder_lr_ratio=_float(o, "loraplus_text_encoder_lr_ratio", None))
+        loraplus_text_encoder_lr_ratio=_float(o, "loraplus_text_encoder_lr_ratio", None),
+        constraint=_float(o, "constraint", 0.0))
     check(s)
     return s
 
 
 def check(s: NetworkSettings) -> None:
     """Combinations peft or the file formats cannot do, refused with the reason."""
-    if s.algo in INPUT_ROTATIONS and (s.conv_dim or s.conv_block_dims):
-        raise SettingsError(f"algo={s.algo} on 3x3 convs (conv_dim) is refused: peft's {s.algo.upper()} rotates "
-                            f"unfolded input patches there, so its merged weight differs from what it trains")
-    if s.algo in INPUT_ROTATIONS and (s.block_dims or s.block_alphas):
+    if s.constraint < 0 or s.constraint and s.algo not in ROTATIONS:
+        raise SettingsError(f"'constraint' = {s.constraint:g} is OFT / BOFT's norm limit (>= 0), not for algo={s.algo}")
+    if s.algo in ROTATIONS and (s.block_dims or s.block_alphas):
         raise SettingsError(f"block_dims / block_alphas set ranks, which algo={s.algo} does not have "
                             f"(network_dim is its block size)")
     if s.use_tucker and s.algo not in ("loha", "lokr"):
@@ -245,11 +250,7 @@ def check_network_section(net, save_format: str = "kohya") -> list[str]:
     except SettingsError as e:
         return [f"'network': {e}"]
     problems = []
-    if s.algo in INPUT_ROTATIONS and save_format != "peft":
-        problems.append(f"algo={s.algo}: peft's {s.algo.upper()} rotates the layer input (W R^T), LyCORIS' "
-                        f"oft_blocks the output (R W), so it has no exact kohya / LyCORIS file: set "
-                        f"'save.save_format' = \"peft\"")
-    if net.scale_weight_norms is not None and (s.algo in INPUT_ROTATIONS or net.scale_weight_norms <= 0):
+    if net.scale_weight_norms is not None and (s.algo in ROTATIONS or net.scale_weight_norms <= 0):
         problems.append(f"'network.scale_weight_norms' needs a positive limit and an additive algorithm "
                         f"(lora, locon, dora, loha, lokr), got {net.scale_weight_norms} with algo={s.algo}")
     return problems

@@ -24,8 +24,11 @@ CASES = {  # id -> (settings, save_format)
     "lokr": (NetworkSettings(dim=2, alpha=1.0, conv_dim=2, conv_alpha=1.0, algo="lokr"), "kohya"),
     "lokr_both_tucker": (NetworkSettings(dim=2, alpha=1.0, conv_dim=2, conv_alpha=1.0, algo="lokr", factor=4,
                                          decompose_both=True, use_tucker=True), "kohya"),
-    "oft": (NetworkSettings(dim=4, algo="oft"), "peft"),
-    "boft": (NetworkSettings(dim=4, algo="boft"), "peft"),
+    "oft": (NetworkSettings(dim=4, algo="oft"), "kohya"),
+    "oft_conv_constraint": (NetworkSettings(dim=4, algo="oft", conv_dim=8, conv_alpha=1.0, constraint=0.05), "kohya"),
+    "boft": (NetworkSettings(dim=4, algo="boft"), "kohya"),
+    "boft_butterfly": (NetworkSettings(dim=4, algo="boft", factor=3, conv_dim=4, conv_alpha=1.0), "kohya"),
+    "oft_peft_layout": (NetworkSettings(dim=4, algo="oft"), "peft"),
     "lora_peft_layout": (NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0), "peft"),
 }
 
@@ -80,10 +83,28 @@ def _training():
 # ---- the published formulas, from the file's tensors alone ------------------------------------------
 
 
-def _cayley(skew):
-    """R = (I - Q)(I + Q)^-1 for skew-symmetric Q (a batch), the Cayley transform peft files store."""
-    eye = torch.eye(skew.shape[-1]).expand_as(skew)
-    return (eye - skew) @ torch.linalg.inv(eye + skew)
+def comfy_oft(blocks, alpha, weight):
+    """comfy/weight_adapter/oft.py and boft.py calculate_weight: Q = B - B^T, scaled to norm alpha where longer
+    (alpha > 0), R = (I + Q)(I - Q)^-1; OFT: row block k -> R_k^T W_k; BOFT: per level i, rows permuted in
+    groups of (2, 2^i * b/2), row block k -> R_ik W_k, permutation undone."""
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype)
+    q = blocks - blocks.transpose(-1, -2)
+    if alpha > 0:
+        norm = torch.norm(q) + 1e-8
+        if norm > alpha:
+            q = q * alpha / norm
+    r = (eye + q) @ (eye - q).inverse()
+    _, *shape = weight.shape
+    if blocks.dim() == 3:
+        return torch.einsum("k n m, k n ... -> k m ...", r, weight.view(blocks.shape[0], blocks.shape[1], *shape)
+                            ).reshape(-1, *shape)
+    out, b = weight, blocks.shape[-1]
+    for i in range(blocks.shape[0]):
+        k = 2 ** i * (b // 2)
+        out = out.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        out = torch.einsum("b i j, b j ...-> b i ...", r[i], out)
+        out = out.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    return out
 
 
 def formula_delta(file: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -120,20 +141,8 @@ def formula_delta(file: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
             w2 = w2.reshape(w2.shape[0], -1, *shape[2:]) if w2.dim() == 2 else w2
             w1 = w1[:, :, None, None]
         return scale * torch.kron(w1, w2.contiguous()).reshape(shape)
-    if "oft_R.weight" in t:  # OFT (peft layout): packed upper triangles; W' = W R^T, R block-diagonal
-        packed = t["oft_R.weight"]
-        b = int((1 + (1 + 8 * packed.shape[1]) ** 0.5) / 2)
-        rows, cols = torch.triu_indices(b, b, 1)
-        M = torch.zeros(packed.shape[0], b, b, dtype=packed.dtype)
-        M[:, rows, cols] = packed
-        R = torch.block_diag(*_cayley(M - M.transpose(1, 2)))
-        W2 = W.reshape(shape[0], -1)
-        return (W2 @ R.T).reshape(shape) - W
-    if "boft_R" in t:  # BOFT with one butterfly factor: W' = diag(s) W R^T; s per output channel, stored
-        M = t["boft_R"][0]  # (out, 1) for Linear, (1, out) for Conv2d
-        R = torch.block_diag(*_cayley(0.5 * (M - M.transpose(1, 2))))
-        W2 = W.reshape(shape[0], -1)
-        return (t["boft_s"].reshape(-1, 1) * (W2 @ R.T)).reshape(shape) - W
+    if "oft_blocks" in t:  # ComfyUI's OFTAdapter (3-d blocks) / BOFTAdapter (4-d), at strength 1
+        return comfy_oft(t["oft_blocks"], float(t["alpha"]) if "alpha" in t else 0.0, W) - W
     raise AssertionError(f"no formula for {sorted(t)}")
 
 
