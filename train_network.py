@@ -33,6 +33,7 @@ from library.quantization import store_t5
 from library.sampling import due, log_images, render_samples, settings_from_config
 from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data, resolution
 from networks import blockwise, files, max_norm
+from networks.ema import AdapterEMA
 from networks.settings import NetworkSettings
 from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
 
@@ -162,20 +163,30 @@ def train(cfg: Config) -> TrainResult:
         accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name, config=hparams)
 
     # ---- resume, and the training loop -----------------------------------------------------------
+    ema = AdapterEMA(params, settings.ema_decay) if settings.use_ema else None
+
     def save_weights(stem: str) -> list[Path]:
         path = out_dir / f"{stem}.safetensors"
         _save_adapter(path, adapted, cfg, family, parts, settings, step, epoch, items, started_at)
-        return [path]
+        if ema is None:
+            return [path]
+        with ema.applied():  # the averaged adapter beside the trained one (networks/ema.py)
+            _save_adapter(path.with_name(f"{stem}-ema.safetensors"), adapted, cfg, family, parts, settings, step,
+                          epoch, items, started_at, {"ss_ema_decay": f"{ema.decay:g}"})
+        return [path, path.with_name(f"{stem}-ema.safetensors")]
 
     noise_generator = torch.Generator().manual_seed(t.seed)
     params_by_name = {f"{i}.{name}": p for i, c in enumerate(adapted) for name, p in c.module.named_parameters()
                       if p.requires_grad}
     checkpoints = Checkpointer(cfg, save_weights, params_by_name, optimizer, scheduler,
                          {"noise": noise_generator, "order": order}, accelerator.scaler,
+                         extra=lambda: {"adapter_ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
     position = Position()
     if cfg.save.resume:
-        position, _ = checkpoints.resume()
+        position, extra = checkpoints.resume()
+        if ema is not None:
+            ema.load_state_dict(extra["adapter_ema"])
         order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
         sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
     guard = NonFiniteGuard(t.nan_skip_limit, say)
@@ -219,6 +230,8 @@ def train(cfg: Config) -> TrainResult:
                 continue
             scheduler.step()
             step += 1
+            if ema is not None:
+                ema.update()
             if n.scale_weight_norms:
                 scaled, mean_norm, top_norm = max_norm.apply(adapted, n.scale_weight_norms)
                 result.keys_scaled.append(scaled)
@@ -265,7 +278,8 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
-def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epoch, items, started_at) -> None:
+def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epoch, items, started_at,
+                  more: dict[str, str] | None = None) -> None:
     tags = Counter(tag.strip() for item in items for tag in item.caption.split(",") if tag.strip())
     training = {
         "started_at": started_at, "output_name": cfg.train.output_name, "learning_rate": cfg.optimizer.learning_rate,
@@ -279,7 +293,7 @@ def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epo
     network = {**files.network_metadata(settings), "scale_weight_norms": cfg.network.scale_weight_norms,
                "loraplus_lr_ratio": cfg.network.loraplus_lr_ratio, "save_format": cfg.save.save_format}
     tensors, extra = files.adapter_tensors(adapted, cfg.save.save_format, files.SAVE_DTYPES[cfg.save.save_precision])
-    files.save(path, tensors, {**files.metadata(family.file_metadata(parts), network, training), **extra})
+    files.save(path, tensors, {**files.metadata(family.file_metadata(parts), network, training), **extra, **(more or {})})
 
 
 if __name__ == "__main__":

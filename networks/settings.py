@@ -20,7 +20,7 @@ LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 # network_args key -> [network] key, where the names differ
 ARG_NAMES = {"dropout": "network_dropout", "dora_wd": "dora_wd"}
 ARG_KEYS = ("algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "factor",
-            "decompose_both", "use_tucker", "dora_wd", "wd_on_output", "constraint", "block_dims", "block_alphas", "conv_block_dims",
+            "decompose_both", "use_tucker", "dora_wd", "wd_on_output", "constraint", "use_ema", "ema_decay", "block_dims", "block_alphas", "conv_block_dims",
             "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio",
             "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
@@ -53,6 +53,8 @@ class NetworkSettings:
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     constraint: float = 0.0  # OFT / BOFT: the norm limit of Q, as UIs read the file's alpha (0: none)
+    use_ema: bool = False  # train_network.py: also save an EMA of the adapter weights (networks/ema.py)
+    ema_decay: float = 0.999
 
     @classmethod
     def from_network_section(cls, net) -> "NetworkSettings":
@@ -151,7 +153,8 @@ def settings_from(o: dict) -> NetworkSettings:
         up_lr_weight=_lr_weights(o, "up_lr_weight"),
         loraplus_unet_lr_ratio=_float(o, "loraplus_unet_lr_ratio", None),
         loraplus_text_encoder_lr_ratio=_float(o, "loraplus_text_encoder_lr_ratio", None),
-        constraint=_float(o, "constraint", 0.0))
+        constraint=_float(o, "constraint", 0.0), use_ema=_flag(o.get("use_ema")),
+        ema_decay=_float(o, "ema_decay", 0.999))
     check(s)
     return s
 
@@ -171,6 +174,8 @@ def check(s: NetworkSettings) -> None:
                             f"has none (use lora, locon or dora)")
     if s.block_alphas and not s.block_dims or s.conv_block_alphas and not s.conv_block_dims:
         raise SettingsError("block_alphas / conv_block_alphas need block_dims / conv_block_dims")
+    if not 0.0 < s.ema_decay < 1.0:
+        raise SettingsError(f"'ema_decay' = {s.ema_decay:g} must be in (0, 1)")
     for name in ("dropout", "rank_dropout", "module_dropout"):
         value = getattr(s, name) or 0.0
         if not 0.0 <= value < 1.0:
