@@ -1,7 +1,8 @@
-"""What UIs make of our kohya files, in all four families: each layer's patched weight rebuilt from the saved
-file alone with the formula ComfyUI applies (comfy/weight_adapter/base.py weight_decompose, lora.py, lokr.py;
-Forge vendors the same functions), written here from their published source, equals the weight our merge
-writes and the weight of the live peft adapter (merged).
+"""What UIs make of our kohya files, in all four families and for every algorithm (LoRA, LoCon, LoHa, LoKr, DoRA,
+OFT, BOFT): each layer's patched weight rebuilt from the saved file alone with the formula ComfyUI applies
+(comfy/weight_adapter/base.py weight_decompose, lora.py, loha.py, lokr.py, oft.py, boft.py; Forge vendors the
+same functions), written here from their published source, equals the weight our merge writes and the weight
+of the live adapter (merged).
 
 Where ComfyUI patches a layer differently from the module it belongs to here, the test does what ComfyUI
 does: SD3's last context modulation is patched in the checkpoint's row order (its key map hands the diff
@@ -28,6 +29,9 @@ from tests.test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 EPS = torch.finfo(torch.float32).eps
 FAMILIES = {"sd1": SD1Family, "sdxl": SDXLFamily, "sd3": Sd3Family, "flux": FluxFamily}
 CASES = {  # id -> network options (conv options only where the family has 3x3 convs in adapted blocks)
+    "lora": {"module": "networks.lora", "dim": 4, "alpha": 2.0},
+    "locon": {"algo": "locon", "dim": 4, "alpha": 2.0, "conv_dim": 2, "conv_alpha": 1.0},
+    "loha_tucker": {"algo": "loha", "dim": 4, "alpha": 2.0, "conv_dim": 2, "conv_alpha": 1.0, "use_tucker": True},
     "dora": {"algo": "dora", "dim": 4, "alpha": 2.0, "conv_dim": 2, "conv_alpha": 1.0},
     "lokr_tucker_both": {"algo": "lokr", "dim": 2, "alpha": 1.0, "conv_dim": 2, "conv_alpha": 1.0, "factor": 4,
                          "decompose_both": True, "use_tucker": True},
@@ -69,6 +73,17 @@ def comfy_lora_diff(t, shape):
     return alpha * (up.flatten(1) @ down.flatten(1)).reshape(shape)
 
 
+def comfy_loha_diff(t, shape):
+    """LoHaAdapter.calculate_weight: (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b), Tucker (CP) with t1, t2."""
+    def factor(a, b, core):
+        if core in t:
+            return torch.einsum("i j k l, j r, i p -> p r k l", t[core], t[b], t[a])
+        return t[a] @ t[b]
+    alpha = float(t["alpha"]) / t["hada_w1_b"].shape[0] if "alpha" in t else 1.0
+    m1, m2 = factor("hada_w1_a", "hada_w1_b", "hada_t1"), factor("hada_w2_a", "hada_w2_b", "hada_t2")
+    return alpha * (m1 * m2).reshape(shape)
+
+
 def comfy_lokr_diff(t, shape):
     """LoKrAdapter.calculate_weight, including torch.kron on the einsum's output as ComfyUI calls it (a
     non-contiguous Tucker product there raises 'view size is not compatible', and ComfyUI skips the layer)."""
@@ -98,6 +113,8 @@ def comfy_patched(t, weight, function):
         return weight + function(comfy_oft(t["oft_blocks"], float(t["alpha"]), weight) - weight)
     if "lora_up.weight" in t:
         diff = comfy_lora_diff(t, weight.shape)
+    elif "hada_w1_a" in t:
+        diff = comfy_loha_diff(t, weight.shape)
     elif any(k.startswith("lokr_") for k in t):
         diff = comfy_lokr_diff(t, weight.shape)
     else:
@@ -152,12 +169,6 @@ def _randomise(adapted, seed=0):
             p.copy_(p * (1 + 0.2 * torch.randn(p.shape, generator=g)) + 0.1 * torch.randn(p.shape, generator=g))
 
 
-def _file_name_of(component) -> dict[str, str]:
-    """module path -> the file layer name holding it alone (DoRA and LoKr layers are never fused)."""
-    names = lycoris_format.file_names(component.target, list(component.layers))
-    return {paths[0]: name for name, paths in names.items() if len(paths) == 1}
-
-
 def _checkpoint_order(family_name, component, path):
     """ComfyUI's key-map function for the layer (identity but for SD3's last context modulation)."""
     target = component.target
@@ -191,28 +202,33 @@ def test_comfyui_formula_equals_our_merge_and_the_live_adapter(family_name, case
     modules = {"denoiser": merged.denoiser, **merged.text_encoders}
     assert merge_file(modules, family.adapter_targets(merged), str(path), 1.0) > 0
 
-    checked = tucker = swapped = 0
+    checked = tucker = swapped = fused = 0
+    seen = set()
     for component in adapted:
-        names, merged_module = _file_name_of(component), modules[component.target.component]
-        for module_path, layer in component.adapter_layers():
-            name = names[module_path]
+        layers, merged_module = dict(component.adapter_layers()), modules[component.target.component]
+        for name, paths in lycoris_format.layers_to_save(component):  # a fused layer: its parts' rows stacked
             t = {k[len(name) + 1:]: v.double() for k, v in file.items() if k.startswith(name + ".")}
-            to_checkpoint, back = _checkpoint_order(family_name, component, module_path)
-            weight = layer.get_base_layer().weight.detach().double()
+            seen.add(name)
+            to_checkpoint, back = _checkpoint_order(family_name, component, paths[0])
+            weight = torch.cat([layers[p].get_base_layer().weight.detach().double() for p in paths])
             ui = back(comfy_patched(t, to_checkpoint(weight), to_checkpoint))
             assert (ui - weight).abs().max() > 1e-4, name
-            torch.testing.assert_close(ui, _live_merged(layer), rtol=1e-5, atol=1e-6, msg=f"live {name}")
-            ours = merged_module.get_submodule(module_path).weight.detach().double()
+            live = torch.cat([_live_merged(layers[p]) for p in paths])
+            torch.testing.assert_close(ui, live, rtol=1e-5, atol=1e-6, msg=f"live {name}")
+            ours = torch.cat([merged_module.get_submodule(p).weight.detach().double() for p in paths])
             torch.testing.assert_close(ui, ours, rtol=1e-5, atol=1e-6, msg=f"merge {name}")
-            checked += 1
+            checked += len(paths)
+            fused += len(paths) > 1
             tucker += weight.dim() == 4 and weight.shape[-1] == 3
             swapped += to_checkpoint is swap_halves
     assert checked == sum(len(c.layers) for c in adapted)
+    assert seen == {k.split(".")[0] for k in file}  # every key of the file is a layer ComfyUI patches
     rotation = settings.algo in ("oft", "boft")  # no exact rotation of a row-reordered layer: left out
     assert swapped == (1 if family_name == "sd3" and not rotation else 0)
     if rotation:
         alphas = [t for k, t in file.items() if k.endswith(".alpha")]
         assert len(alphas) == checked and all(a.dim() == 0 and float(a) == pytest.approx(settings.constraint)
                                               for a in alphas)
-    if family_name in ("sd1", "sdxl"):
+    if family_name in ("sd1", "sdxl") and settings.conv_dim:
         assert tucker > 0  # 3x3 convs were adapted
+    assert (fused > 0) == (family_name in ("sd3", "flux") and settings.algo in ("lora", "locon"))
