@@ -4,8 +4,9 @@ and LyCORIS read.
 Key = prefix + "_" + module path with "." replaced by "_", then the algorithm's suffixes:
 LoRA / LoCon `.lora_down.weight`, `.lora_up.weight`; DoRA adds `.dora_scale`; LoHa `.hada_w1_a`,
 `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` (+ `.hada_t1`, `.hada_t2` with use_tucker); LoKr `.lokr_w1` or
-`.lokr_w1_a`/`.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a`/`.lokr_w2_b` (+ `.lokr_t2`); every layer `.alpha`
-(a scalar: the delta is scaled by alpha / rank).
+`.lokr_w1_a`/`.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a`/`.lokr_w2_b` (a Tucker w2 written in that plain form,
+networks/tucker.py); OFT / BOFT `.oft_blocks` (3-d / 4-d); every layer `.alpha` (a scalar: the delta is scaled
+by alpha / rank; for OFT / BOFT the norm constraint).
 
 Where a family's checkpoints name layers otherwise (AdapterTarget.kohya_layout: FLUX `double_blocks_0_img_attn_qkv`,
 `single_blocks_0_linear1`, `double_blocks_0_img_mlp_0`, ...), files use those names, as sd-scripts writes them and
