@@ -8,6 +8,9 @@ comfy/weight_adapter/oft.py and boft.py):
 - OFT: B is (blocks, size, size); row block k of W becomes R_kᵀ W_k (einsum "k n m, k n ... -> k m ...").
 - BOFT: B is (m, blocks, size, size); for i = 0 .. m-1 the rows are permuted in butterfly order (groups of
   2 x 2^i x size/2, the two halves interleaved), each row block k becomes R_ik W_k, and the permutation is undone.
+- Block sizes follow LyCORIS' rules from network_dim (oft_block_size, boft_block_size), because its loader
+  re-derives the layout from the stored block size: OFT blocks no larger than their count; BOFT even blocks,
+  a power-of-two count of them and log2(count) + 1 butterfly levels.
 ComfyUI reads alpha as the constraint itself; LyCORIS' trainer multiplies its `constraint` by the output size
 before writing `alpha = constraint`, so files it trains with a constraint render differently there. Here the
 constraint is trained as the UIs apply it (network_args `constraint`, default 0: none).
@@ -33,24 +36,40 @@ BLOCKS = "oft_blocks"
 ALGORITHMS = ("oft", "boft")
 
 
-def block_size(out_features: int, wanted: int) -> int:
-    """The largest divisor of the output size not above `wanted` (network_dim): blocks tile the rows."""
-    return max(d for d in range(1, min(wanted, out_features) + 1) if out_features % d == 0)
+def oft_block_size(out_features: int, dim: int) -> int:
+    """LyCORIS' OFT block size for network_dim `dim` (its factorization rule, which its loader applies again to
+    a file's blocks, so it must hold): min(dim, out / dim) where dim divides the rows, else the largest divisor
+    reached going up to dim while below out / divisor (taken as min(d, out / d))."""
+    if out_features % dim == 0:
+        return min(dim, out_features // dim)
+    size = 1
+    for d in range(2, min(dim, out_features) + 1):
+        if out_features % d == 0:
+            size = d
+            if d >= out_features // d:
+                break
+    return min(size, out_features // size)
 
 
-def blocks_shape(algo: str, out_features: int, dim: int, factor: int) -> tuple[int, ...]:
-    """oft_blocks' shape: (blocks, size, size) for OFT; (m, blocks, size, size) for BOFT, with m = factor
-    butterfly levels (at least 1), fewer where the output size does not split into 2^(m-1) x size rows."""
+def boft_block_size(out_features: int, dim: int) -> int:
+    """LyCORIS' BOFT block size: even, with out / size a power of two (the butterfly then has log2(out / size) + 1
+    levels, as LyCORIS builds and reads it); the largest such size up to dim, else the smallest above it."""
+    sizes = [b for b in range(2, out_features + 1, 2)
+             if out_features % b == 0 and (out_features // b) & (out_features // b - 1) == 0]
+    if not sizes:
+        raise ValueError(f"BOFT: {out_features} rows split into no even blocks of a power-of-two count")
+    below = [b for b in sizes if b <= dim]
+    return below[-1] if below else sizes[0]
+
+
+def blocks_shape(algo: str, out_features: int, dim: int) -> tuple[int, ...]:
+    """oft_blocks' shape: (blocks, size, size) for OFT; (levels, blocks, size, size) for BOFT."""
     if algo == "oft":
-        size = block_size(out_features, dim)
+        size = oft_block_size(out_features, dim)
         return out_features // size, size, size
-    even = [d for d in range(2, min(dim, out_features) + 1, 2) if out_features % d == 0]
-    if not even:
-        raise ValueError(f"BOFT needs an even block size dividing {out_features} rows, at most network_dim {dim}")
-    size, levels = even[-1], max(factor, 1)
-    while out_features % (size * 2 ** (levels - 1)):
-        levels -= 1
-    return levels, out_features // size, size, size
+    size = boft_block_size(out_features, dim)
+    blocks = out_features // size
+    return blocks.bit_length(), blocks, size, size
 
 
 def rotation(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
@@ -145,7 +164,7 @@ def inject(module: nn.Module, target, layers: dict[str, tuple[int, float]], sett
         if not keeps_row_order(target, path):
             continue
         base = module.get_submodule(path)
-        shape = blocks_shape(settings.algo, base.weight.shape[0], layers[path][0], settings.factor)
+        shape = blocks_shape(settings.algo, base.weight.shape[0], layers[path][0])
         parent, _, child = path.rpartition(".")
         holder = module.get_submodule(parent) if parent else module
         setattr(holder, child, OutputRotation(base, shape, settings.constraint, settings.module_dropout))

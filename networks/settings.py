@@ -79,8 +79,6 @@ class NetworkSettings:
                 args[name] = str(getattr(self, name))
         if self.algo == "lokr":
             args.update(factor=str(self.factor), decompose_both=str(self.decompose_both))
-        if self.algo == "boft":
-            args["factor"] = str(self.factor)
         if self.algo in ROTATIONS:
             args["constraint"] = f"{self.constraint:g}"
         if self.use_tucker:

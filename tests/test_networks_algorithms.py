@@ -27,7 +27,7 @@ CASES = {  # id -> (settings, save_format)
     "oft": (NetworkSettings(dim=4, algo="oft"), "kohya"),
     "oft_conv_constraint": (NetworkSettings(dim=4, algo="oft", conv_dim=8, conv_alpha=1.0, constraint=0.05), "kohya"),
     "boft": (NetworkSettings(dim=4, algo="boft"), "kohya"),
-    "boft_butterfly": (NetworkSettings(dim=4, algo="boft", factor=3, conv_dim=4, conv_alpha=1.0), "kohya"),
+    "boft_conv": (NetworkSettings(dim=4, algo="boft", conv_dim=4, conv_alpha=1.0), "kohya"),
     "oft_peft_layout": (NetworkSettings(dim=4, algo="oft"), "peft"),
     "lora_peft_layout": (NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0), "peft"),
 }

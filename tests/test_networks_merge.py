@@ -82,7 +82,7 @@ def test_sdxl_single_file_oft_and_boft_files(tiny_sdxl, tmp_path):
     base = family.load(source)
     runs = []
     for seed, (options, fmt) in enumerate((({"algo": "oft", "dim": 4, "constraint": 0.05}, "kohya"),
-                                           ({"algo": "boft", "dim": 4, "factor": 2}, "peft"))):
+                                           ({"algo": "boft", "dim": 4}, "peft"))):
         settings = settings_from({"module": "lycoris.kohya", "alpha": 1.0, **options})
         adapted = _adapted(family, copy.deepcopy(base), settings)
         _randomise(adapted, seed)

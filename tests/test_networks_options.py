@@ -130,7 +130,7 @@ def test_merge_command_writes_a_single_file_equal_to_the_adapter(parts, tiny_sd1
 @pytest.mark.parametrize("network, save", [
     ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "conv_dim=2", "conv_alpha=1"]}, {}),
     ({"algo": "oft", "scale_weight_norms": None}, {"save_format": "peft"}),
-    ({"algo": "boft", "network_args": ["factor=2", "constraint=0.01"], "conv_dim": 4}, {}),
+    ({"algo": "boft", "network_args": ["constraint=0.01"], "conv_dim": 4}, {}),
     ({"network_module": "lycoris.kohya", "network_args": ["algo=dora", "conv_dim=2", "conv_alpha=1"]}, {}),
     ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "conv_dim=2", "conv_alpha=1", "factor=4",
                                                           "use_tucker=True"]}, {}),

@@ -38,7 +38,7 @@ CASES = {  # id -> network options (conv options only where the family has 3x3 c
     "lokr_tucker": {"algo": "lokr", "dim": 2, "alpha": 1.0, "conv_dim": 2, "conv_alpha": 1.0, "factor": 4,
                     "use_tucker": True},
     "oft_constraint": {"algo": "oft", "dim": 4, "alpha": 1.0, "conv_dim": 8, "conv_alpha": 1.0, "constraint": 0.05},
-    "boft": {"algo": "boft", "dim": 4, "alpha": 1.0, "conv_dim": 4, "conv_alpha": 1.0, "factor": 2},
+    "boft": {"algo": "boft", "dim": 4, "alpha": 1.0, "conv_dim": 4, "conv_alpha": 1.0},
 }
 
 
