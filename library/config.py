@@ -307,7 +307,8 @@ class DreamboothSection:
         "prior_loss_weight); missing ones are generated here once")
     class_prompt: Optional[str] = opt(None, "prompt (and caption) of generated class images, e.g. 'a photo of a dog'")
     num_class_images: int = opt(0, "generate class images until the folder holds this many")
-    use_ema: bool = opt(False, "train_db.py: keep an exponential moving average of the weights (on the CPU)")
+    use_ema: bool = opt(False, "keep an exponential moving average of the trained weights, saved beside them as "
+                        "name-ema: train_db.py the model's (on the CPU), train_network.py the adapter's")
     ema_decay: float = opt(0.9999, "EMA decay per step")
 
 

@@ -51,9 +51,6 @@ def load_into(adapted: list[AdaptedComponent], path: str, family_meta: dict[str,
     _check_family(path, metadata, family_meta or {})
     if peft_format.is_peft_layout(tensors.keys(), adapted):
         return peft_format.load_into(adapted, tensors, metadata, str(path))
-    if any(c.algo in ("oft", "boft") for c in adapted):
-        raise LoraFileError(f"{path}: kohya / LyCORIS layout, but peft's {adapted[0].algo} loads from peft layout "
-                            f"only (LyCORIS oft_blocks rotate the other side of the weight)")
     return lycoris_format.load_into(adapted, tensors, str(path))
 
 
