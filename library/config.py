@@ -96,7 +96,7 @@ class NetworkSection:
                                           "(LoHa, LoKr, OFT, BOFT)")
     factor: Optional[int] = opt(None, "LoKr: Kronecker factor size (-1: near the square root); BOFT: butterfly factor")
     decompose_both: Optional[bool] = opt(None, "LoKr: low-rank factor the small Kronecker matrix (lokr_w1) too")
-    use_tucker: Optional[bool] = opt(None, "LoHa / LoKr: Tucker-decompose 3x3 conv kernels (hada_t1, lokr_t2)")
+    use_tucker: Optional[bool] = opt(None, "LoHa / LoKr: Tucker-decompose 3x3 conv kernels (LoHa: hada_t1; LoKr files store the plain product)")
     dora_wd: Optional[bool] = opt(None, "DoRA: weight-decomposed LoRA (same as algo = dora)")
     block_dims: Optional[list[int]] = opt(None, "ranks of the 25 U-Net blocks IN00-IN11, MID, OUT00-OUT11 "
                                           "(0 leaves a block out)")
@@ -234,7 +234,7 @@ class SaveSection:
         False, "resume even though images or captions changed since the state was saved: the run continues at "
         "the saved step with a new epoch order (otherwise such a resume is refused, naming what changed)")
     save_format: str = opt("kohya", "adapter key layout: kohya (kohya / LyCORIS names every UI loads) or peft "
-                           "(peft / diffusers names; the only one for OFT and BOFT)", choices=("kohya", "peft"))
+                           "(peft / diffusers names; DoRA, OFT and BOFT in this layout reload only here)", choices=("kohya", "peft"))
 
 
 @dataclass
