@@ -135,8 +135,9 @@ def train(cfg: Config) -> TrainResult:
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
     groups = [{"params": list(parts.denoiser.parameters()), "lr": o.learning_rate}]
-    for encoder in text_encoders:
-        groups.append({"params": list(encoder.parameters()), "lr": db.learning_rate_te or o.learning_rate})
+    for index, encoder in enumerate(text_encoders):
+        te_lr = db.learning_rate_te2 if index == 1 and db.learning_rate_te2 is not None else db.learning_rate_te
+        groups.append({"params": list(encoder.parameters()), "lr": te_lr or o.learning_rate})
     fused = o.fused_backward_pass or bool(o.fused_optimizer_groups)
     if fused:
         if accelerator.num_processes > 1:

@@ -279,7 +279,8 @@ def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epo
     network = {**files.network_metadata(settings), "scale_weight_norms": cfg.network.scale_weight_norms,
                "loraplus_lr_ratio": cfg.network.loraplus_lr_ratio, "save_format": cfg.save.save_format}
     tensors, extra = files.adapter_tensors(adapted, cfg.save.save_format, files.SAVE_DTYPES[cfg.save.save_precision])
-    files.save(path, tensors, {**files.metadata(family.file_metadata(parts), network, training), **extra})
+    meta = files.with_user_metadata(files.metadata(family.file_metadata(parts), network, training), cfg.save)
+    files.save(path, tensors, {**meta, **extra})
 
 
 if __name__ == "__main__":

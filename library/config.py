@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -115,7 +114,9 @@ class NetworkSection:
     network_train_unet_only: bool = opt(False, "train the U-Net adapter only")
     network_train_text_encoder_only: bool = opt(False, "train the text-encoder adapter only")
     unet_lr: Optional[float] = opt(None, "learning rate of the U-Net adapter (default: learning_rate)")
-    text_encoder_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapter (default: learning_rate)")
+    text_encoder_lr: Optional[Union[float, list[float]]] = opt(
+        None, "learning rate of the text-encoder adapters (default: learning_rate); a list gives one per encoder "
+        "in order (SDXL: [te1, te2]; FLUX.1 / SD3: [clip_l, ...]), a shorter list repeats its last")
 
 
 @dataclass
@@ -230,6 +231,20 @@ class SaveSection:
     save_last_n_steps: Optional[int] = opt(None, "keep only the newest N step saves (files and states)")
     save_last_n_epochs: Optional[int] = opt(None, "keep only the newest N epoch saves (files and states)")
     resume: Optional[str] = opt(None, "continue from a state folder, or \"latest\" (newest in output_dir)")
+    no_metadata: bool = opt(False, "the saved file keeps only the ss_* keys a loader needs (module, dim, alpha, "
+                            "args, base model) and modelspec.*")
+    training_comment: Optional[str] = opt(None, "written to the saved file as ss_training_comment")
+    metadata_title: Optional[str] = opt(None, "modelspec.title of the saved file (default: output_name)")
+    metadata_author: Optional[str] = opt(None, "modelspec.author of the saved file")
+    metadata_description: Optional[str] = opt(None, "modelspec.description of the saved file")
+    metadata_license: Optional[str] = opt(None, "modelspec.license of the saved file")
+    metadata_tags: Optional[str] = opt(None, "modelspec.tags of the saved file (comma-separated)")
+    metadata_usage_hint: Optional[str] = opt(None, "modelspec.usage_hint of the saved file")
+    metadata_thumbnail: Optional[str] = opt(None, "modelspec.thumbnail of the saved file")
+    metadata_merged_from: Optional[str] = opt(None, "modelspec.merged_from of the saved file")
+    metadata_trigger_phrase: Optional[str] = opt(None, "modelspec.trigger_phrase of the saved file")
+    metadata_preprocessor: Optional[str] = opt(None, "modelspec.preprocessor of the saved file")
+    metadata_is_negative_embedding: Optional[str] = opt(None, "modelspec.is_negative_embedding of the saved file")
     save_format: str = opt("kohya", "adapter key layout: kohya (kohya / LyCORIS names every UI loads) or peft "
                            "(peft / diffusers names; the only one for OFT and BOFT)", choices=("kohya", "peft"))
 
@@ -298,6 +313,8 @@ class LossSection:
 class DreamboothSection:
     train_text_encoder: bool = opt(True, "train_db.py: fine-tune the text encoder too")
     learning_rate_te: Optional[float] = opt(None, "train_db.py: text-encoder learning rate (default: learning_rate)")
+    learning_rate_te2: Optional[float] = opt(None, "train_db.py: SDXL's second text encoder's learning rate "
+                                                   "(default: learning_rate_te)")
     stop_text_encoder_training: Optional[int] = opt(None, "train_db.py: freeze the text encoder after N steps")
     class_data_dir: Optional[str] = opt(
         None, "prior preservation: folder of class images (the regularization images, weighted by "
@@ -335,6 +352,7 @@ class Config:
     loss: LossSection
     dreambooth: DreamboothSection
     source: str = "<config>"  # the file the config came from, for messages
+    notes: list = field(default_factory=list)  # one line each about sd-scripts keys, printed at start
 
     def to_toml_dict(self) -> dict:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -345,27 +363,16 @@ def _section_to_dict(section) -> dict:
             if getattr(section, f.name) is not None}
 
 
+def schema_default(key: str):
+    """The schema's default of a key (by name, in whichever section)."""
+    cls = SECTIONS[key_to_section()[key]]
+    f = next(f for f in dataclasses.fields(cls) if f.name == key)
+    return f.default_factory() if f.default is REQUIRED else f.default
+
+
 def key_to_section() -> dict[str, str]:
     """Every schema key name -> its section (names are unique across sections)."""
     return {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-
-
-# ---------------------------------------------------------------------------------------------
-# sd-scripts flat keys: renamed ones, and ones that are accepted only with their default meaning.
-# ---------------------------------------------------------------------------------------------
-
-SD_SCRIPTS_RENAMES = {
-    "batch_size": "train_batch_size",
-    "fp8_base_unet": "fp8_base",  # sd-scripts: fp8 for the denoiser only; ours never touches the text encoders
-    "training_shift": "discrete_flow_shift",  # sd-scripts' SD3 scripts name the shift so
-}
-# sd-scripts keys that carry no meaning here when set to these values (they are the behaviour we have).
-SD_SCRIPTS_HARMLESS = {
-    "persistent_data_loader_workers": {True, False},
-    "lowram": {False},
-    "mem_eff_attn": {False},
-    "highvram": {True, False},
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,25 +380,30 @@ SD_SCRIPTS_HARMLESS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Read a TOML file (ours or sd-scripts' flat one), apply `--set` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return config_from_dict(raw, source=str(path), overrides=overrides, check_paths=check_paths)
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths: bool = True,
+                flags: dict | None = None) -> Config:
+    """Read a TOML file (ours or sd-scripts' flat one), put sd-scripts command-line `flags` on top (they win,
+    as in sd-scripts), apply `--set` overrides, validate. Without a file the flags are the whole config."""
+    raw, source = {}, "command line"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        source = str(path) + (" + command line" if flags else "")
+    return config_from_dict(raw, source=source, overrides=overrides, check_paths=check_paths, flags=flags)
 
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),
-                     check_paths: bool = True) -> Config:
-    sections = _sections_of(raw, source)
+                     check_paths: bool = True, flags: dict | None = None) -> Config:
+    sections, notes = _sections_of(raw, source, flags or {})
     for item in overrides:
         _apply_override(sections, item, source)
     cfg = Config(**{name: _build_section(name, sections.get(name, {}), source) for name in SECTIONS},
-                 source=source)
+                 source=source, notes=notes)
     from library.config_checks import check_combinations, check_paths as check_files  # they read this schema
 
     if check_paths:
@@ -400,48 +412,54 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (
     return cfg
 
 
-def _sections_of(raw: dict, source: str) -> dict[str, dict]:
-    """Our sectioned layout, or a flat sd-scripts file mapped onto it."""
+def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], list[str]]:
+    """Our sectioned layout, or a flat sd-scripts file mapped onto it; command-line flags on top."""
+    from library.sd_flat import default_notes, map_flat  # it maps onto this schema
+
     tables = {k for k, v in raw.items() if isinstance(v, dict)}
     if raw and tables == set(raw) and tables <= set(SECTIONS):
-        return {k: dict(v) for k, v in raw.items()}
+        sections = {k: dict(v) for k, v in raw.items()}
+        if not flags:
+            return sections, []
+        mapped = map_flat(flags, source)
+        for name, values in mapped.sections.items():
+            sections.setdefault(name, {}).update(values)
+        return sections, mapped.notes
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, dict):
             flat.update(v)  # sd-scripts ignores section names
         else:
             flat[k] = v
-    return _map_flat_keys(flat, source)
+    flat.update(flags)  # the command line wins, as in sd-scripts
+    mapped = map_flat(flat, source)
+    return mapped.sections, mapped.notes + default_notes(flat)
 
 
-def _map_flat_keys(flat: dict, source: str) -> dict[str, dict]:
-    owner = key_to_section()
-    sections: dict[str, dict] = {}
-    unsupported = []
-    for key, value in flat.items():
-        name = SD_SCRIPTS_RENAMES.get(key, key)
-        if name == "resolution" and isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value):
-            value = [int(v) for v in value.split(",")]  # sd-scripts writes "512,768"
-            value = value[0] if len(value) == 1 else value
-        if name in owner:
-            sections.setdefault(owner[name], {})[name] = value
-        elif key in SD_SCRIPTS_HARMLESS and value in SD_SCRIPTS_HARMLESS[key]:
-            continue
-        else:
-            unsupported.append(key)
-    if unsupported:
-        lines = [f"  {k}{_did_you_mean(k, owner)}" for k in unsupported]
-        raise ConfigError(f"{source}: {len(unsupported)} key(s) not supported by this trainer:\n" + "\n".join(lines))
-    return sections
+def did_you_mean(key: str) -> str:
+    """A suggestion among our keys and sd-scripts' known ones, only for what looks like a typo."""
+    from library.sd_vocab import VOCAB
+
+    return _did_you_mean(key, [*key_to_section(), *VOCAB])
 
 
 def _did_you_mean(key: str, candidates) -> str:
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    """A close name with the same words, each spelled nearly alike: `network_dimm` -> `network_dim`, but
+    never `max_token_length` -> `t5xxl_max_token_length` (another meaning with one word more)."""
+    words = key.lower().split("_")
+    close = [c for c in difflib.get_close_matches(key, list(candidates), n=5, cutoff=0.6)
+             if _same_words(words, str(c).lower().split("_"))]
     if not close:
         return ""
     owner = key_to_section()
     where = f"{owner[close[0]]}.{close[0]}" if close[0] in owner else close[0]
     return f" (did you mean '{where}'?)"
+
+
+def _same_words(words: list[str], other: list[str]) -> bool:
+    if len(words) != len(other):
+        return False
+    return all(a == b or difflib.SequenceMatcher(None, a, b).ratio() >= 0.75 for a, b in zip(words, other))
 
 
 def _apply_override(sections: dict[str, dict], item: str, source: str) -> None:
@@ -455,7 +473,7 @@ def _apply_override(sections: dict[str, dict], item: str, source: str) -> None:
     else:
         section, key = owner.get(dotted, ""), dotted
     if section not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
-        raise ConfigError(f"--set {dotted}: unknown key{_did_you_mean(key, owner)}")
+        raise ConfigError(f"--set {dotted}: unknown key{did_you_mean(key)}")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -470,7 +488,7 @@ def _build_section(name: str, values: dict, source: str):
         raise ConfigError(f"{source}: [{name}] must be a table")
     for key in values:
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}'{_did_you_mean(key, key_to_section())}")
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'{did_you_mean(key)}")
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for key, f in fields.items():
@@ -538,6 +556,23 @@ def parse_kv_args(args: list[str]) -> dict[str, Any]:
             out[key] = tomllib.loads(f"v = {lowered}")["v"]
         except tomllib.TOMLDecodeError:
             out[key] = text
+    return out
+
+
+def optimizer_kwargs(args: list[str]) -> dict[str, Any]:
+    """optimizer_args read as sd-scripts reads them: each value is a Python literal (`betas=0.9,0.99` is the
+    tuple (0.9, 0.99), `betas=[0.9,0.99]` a list); `true` / `false` are taken as True / False too."""
+    import ast
+
+    out = {}
+    for arg in args:
+        key, text = (s.strip() for s in arg.split("=", 1))
+        text = {"true": "True", "false": "False"}.get(text.lower(), text)
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"'optimizer.optimizer_args': {arg!r}: the value must be a Python literal "
+                              f"(a number, True/False, a quoted string, a tuple such as 0.9,0.99)") from None
     return out
 
 

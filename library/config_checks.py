@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from library.config import SECTIONS, Config, ConfigError, _did_you_mean
+from library.config import SECTIONS, Config, ConfigError, _did_you_mean, optimizer_kwargs
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -88,6 +88,10 @@ def check_combinations(cfg: Config) -> None:
     for arg in n.network_args + cfg.optimizer.optimizer_args:
         if "=" not in arg:
             problems.append(f"argument {arg!r} must be written key=value")
+    try:
+        optimizer_kwargs([a for a in cfg.optimizer.optimizer_args if "=" in a])
+    except ConfigError as e:
+        problems.append(str(e))
     problems += _optimizer_problems(cfg)
     if cfg.sample.sample_prompts and Path(cfg.sample.sample_prompts).is_file():
         from library.sampling import PromptFileError, read_prompt_file

@@ -5,7 +5,7 @@ import importlib
 
 import torch
 
-from library.config import ConfigError, parse_kv_args
+from library.config import ConfigError, optimizer_kwargs
 
 
 def build_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str]) -> torch.optim.Optimizer:
@@ -13,7 +13,7 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, args: list[s
 
     Adafactor is used as sd-scripts' users run it for fine-tuning: with the given learning rate and
     our schedule (relative_step, scale_parameter and warmup_init off unless optimizer_args say so)."""
-    kwargs = parse_kv_args(args)
+    kwargs = optimizer_kwargs(args)
     cls = optimizer_class(name)
     if name.lower() == "sgdnesterov":
         kwargs = {"momentum": 0.9, "nesterov": True, **kwargs}

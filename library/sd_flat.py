@@ -1,0 +1,178 @@
+"""A flat sd-scripts key set (a training TOML's keys, or command-line flags) mapped onto our sections.
+
+Keys of our schema go to their section; the other sd-scripts keys follow library/sd_vocab.py: converted,
+accepted with a note, or refused with the reason. Every refusal and every unknown key is named in one error.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from library.config import ConfigError, did_you_mean, key_to_section, schema_default
+from library.sd_vocab import DIFFERENT_DEFAULTS, REFUSED_MODULES, SD_MODULES, VOCAB
+
+
+@dataclass
+class Mapped:
+    sections: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # one line each, printed at start
+    problems: list[str] = field(default_factory=list)
+    at_default: list[str] = field(default_factory=list)  # sd-scripts keys given at their no-effect default
+
+    def put(self, key: str, value: Any) -> None:
+        self.sections.setdefault(key_to_section()[key], {})[key] = value
+
+    def get(self, key: str, default=None):
+        return self.sections.get(key_to_section()[key], {}).get(key, default)
+
+
+def map_flat(flat: dict, source: str) -> Mapped:
+    out = Mapped()
+    owner = key_to_section()
+    unknown = []
+    for key, value in flat.items():
+        if key in CONVERTERS:
+            continue  # after the plain keys: a conversion may depend on them
+        if key in owner:
+            out.put(key, _plain_value(key, value))
+        elif key in VOCAB:
+            _apply_vocab(out, key, value)
+        else:
+            unknown.append(key)
+    for key, convert in CONVERTERS.items():
+        if key in flat and flat[key] is not None:
+            convert(out, flat[key], flat)
+    if unknown:
+        out.problems += [f"unknown key '{k}'{did_you_mean(k)}" for k in unknown]
+    if out.problems:
+        raise ConfigError(f"{source}: {len(out.problems)} problem(s):\n  " + "\n  ".join(out.problems))
+    if out.at_default:
+        out.notes.append("sd-scripts keys at their default, no effect here either: " + ", ".join(out.at_default))
+    return out
+
+
+def default_notes(flat: dict) -> list[str]:
+    """Where an sd-scripts config relies on an sd-scripts default that ours does not share."""
+    return [f"'{k}' is not set: sd-scripts' default is {v!r}, this trainer's is the schema's "
+            f"(see --help); set it to keep sd-scripts' behaviour" for k, v in DIFFERENT_DEFAULTS.items()
+            if k not in flat]
+
+
+def _plain_value(key: str, value):
+    if key == "resolution" and isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value):
+        sizes = [int(v) for v in value.split(",")]  # sd-scripts writes "512,768"
+        return sizes[0] if len(sizes) == 1 else sizes
+    return value
+
+
+def _apply_vocab(out: Mapped, key: str, value) -> None:
+    entry = VOCAB[key]
+    if entry.status == "refused":
+        if _harmless(value, entry.harmless):
+            out.at_default.append(key)
+        else:
+            out.problems.append(f"'{key}' = {value!r} is refused: {entry.note}")
+    elif entry.status == "noop":
+        out.notes.append(f"'{key}' accepted, no effect: {entry.note}")
+    elif entry.status == "gui":
+        out.notes.append(f"'{key}': {entry.note}")
+    else:
+        raise AssertionError(f"{key}: a mapped key needs a converter")  # pragma: no cover - table check
+
+
+def _harmless(value, harmless: tuple) -> bool:
+    return any(value == h and type(value) is type(h) or (value is None and h is None)
+               or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and isinstance(h, (int, float)) and not isinstance(h, bool) and value == h)
+               for h in harmless)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions: (out, value, flat) -> None; they put our keys, or add a problem.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rename(ours: str):
+    def convert(out: Mapped, value, flat) -> None:
+        if value is False:
+            return  # a flag left off
+        if ours in flat and flat[ours] != value:
+            out.problems.append(f"'{ours}' and its other name are both set, to different values")
+        else:
+            out.put(ours, value)
+    return convert
+
+
+def _optimizer_switch(name: str):
+    def convert(out: Mapped, value, flat) -> None:
+        if value is not True:
+            return
+        if flat.get("optimizer_type"):
+            out.problems.append(f"both use_{'8bit_adam' if name == 'AdamW8bit' else 'lion_optimizer'} and "
+                                f"optimizer_type are set (sd-scripts stops here too): keep optimizer_type")
+        elif flat.get("use_8bit_adam") is True and flat.get("use_lion_optimizer") is True:
+            out.problems.append("both use_8bit_adam and use_lion_optimizer are set: keep one")
+        else:
+            out.put("optimizer_type", name)
+    return convert
+
+
+def _te1_rate(out: Mapped, value, flat) -> None:
+    """sdxl_train / sd3_train: learning_rate_te1 and te2, each defaulting to learning_rate."""
+    out.put("learning_rate_te", value)
+    if flat.get("learning_rate_te2") is None:
+        out.put("learning_rate_te2", flat.get("learning_rate", schema_default("learning_rate")))
+
+
+def _network_module(out: Mapped, value, flat) -> None:
+    if value in REFUSED_MODULES:
+        out.problems.append(f"'network_module' = {value!r} is refused: {REFUSED_MODULES[value]}")
+    else:
+        out.put("network_module", SD_MODULES.get(value, value))
+
+
+def _text_encoder_lr(out: Mapped, value, flat) -> None:
+    """sd-scripts' networks.lora uses the first rate for every text encoder; lora_flux / lora_sd3 one each."""
+    if not isinstance(value, list):
+        out.put("text_encoder_lr", value)
+    elif flat.get("network_module") in SD_MODULES:
+        out.put("text_encoder_lr", value or None)
+    else:
+        out.put("text_encoder_lr", value[0] if value else None)
+        if len(set(value)) > 1:
+            out.notes.append(f"text_encoder_lr = {value}: sd-scripts' networks.lora trains every text encoder at "
+                             f"the first rate, {value[0]}; so does this run")
+
+
+def _state_keep(files_key: str):
+    def convert(out: Mapped, value, flat) -> None:
+        if value in (None, 0):
+            return
+        if flat.get(files_key) == value:
+            return  # ours keeps files and states together: the same N
+        out.problems.append(f"'{files_key}_state' = {value} differs from '{files_key}' = {flat.get(files_key)}: "
+                            f"saved files and states are kept together here; set both to the same N")
+    return convert
+
+
+def _state_on_end(out: Mapped, value, flat) -> None:
+    if value is True:
+        out.put("save_state", True)
+        if flat.get("save_every_n_steps") or flat.get("save_every_n_epochs"):
+            out.notes.append("save_state_on_train_end: states are saved with every periodic save too")
+
+
+CONVERTERS = {
+    "caption_extention": _rename("caption_extension"),
+    "fp8_base_unet": _rename("fp8_base"),
+    "training_shift": _rename("discrete_flow_shift"),
+    "use_8bit_adam": _optimizer_switch("AdamW8bit"),
+    "use_lion_optimizer": _optimizer_switch("Lion"),
+    "learning_rate_te1": _te1_rate,
+    "network_module": _network_module,
+    "text_encoder_lr": _text_encoder_lr,
+    "save_last_n_epochs_state": _state_keep("save_last_n_epochs"),
+    "save_last_n_steps_state": _state_keep("save_last_n_steps"),
+    "save_state_on_train_end": _state_on_end,
+}
