@@ -161,7 +161,7 @@ VOCAB: dict[str, Key] = {
     "resize_interpolation": refused(STR, "images are resized with the trainer's fixed interpolation (area / "
                                          "lanczos); leave it unset"),
     "token_warmup_min": refused(INT, "caption token warmup is not offered", 1),
-    "token_warmup_step": refused(NUM, "caption token warmup is not offered", 0, 0.0),
+    "token_warmup_step": refused(FLOAT, "caption token warmup is not offered", 0, 0.0),
     "dataset_class": refused(STR, "custom dataset classes are not offered: use a dataset TOML"),
     "in_json": refused(STR, "fine-tune metadata (.json) captions are not offered: use caption files beside "
                             "the images (caption_extension)"),

@@ -1,0 +1,238 @@
+"""sd-scripts users change nothing: every sd-scripts option is known (implemented, a no-op with a note, or
+refused with a reason), its command-line flags parse as sd-scripts parses them, and the values that change
+training are read as sd-scripts reads them."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from library.config import ConfigError, config_from_dict, key_to_section, load_config, optimizer_kwargs
+from library.sd_args import parse
+from library.sd_vocab import VOCAB
+
+from conftest import ROOT
+
+OPTIONS = Path(__file__).parent / "sdscripts_corpus" / "sd_scripts_options.txt"
+
+
+def _sd_scripts_options() -> dict[str, str]:
+    rows = [line.split() for line in OPTIONS.read_text().splitlines() if line and not line.startswith("#")]
+    return {name: kind for name, kind, _scripts in rows}
+
+
+def test_every_sd_scripts_option_is_known_once():
+    ours = key_to_section()
+    options = _sd_scripts_options()
+    assert len(options) > 240
+    unknown = [k for k in options if k not in ours and k not in VOCAB and k != "config_file"]
+    assert unknown == []
+    assert [k for k in VOCAB if k in ours] == []  # a key is ours or in the table, never both
+    for key, entry in VOCAB.items():
+        assert entry.status in ("mapped", "noop", "refused", "gui") and entry.note, key
+
+
+def test_every_flag_kind_matches_sd_scripts():
+    """A flag here takes values the way sd-scripts' flag of the same name does."""
+    parser_kinds = {}
+    from library.sd_args import build_parser
+
+    for action in build_parser("x")._actions:
+        if action.dest and action.option_strings:
+            kind = ("flag" if action.nargs == 0 else "list" if action.nargs == "*" else
+                    getattr(action.type, "__name__", "str"))
+            parser_kinds[action.option_strings[0][2:]] = kind
+    mismatched = {k: (kind, parser_kinds.get(k)) for k, kind in _sd_scripts_options().items()
+                  if k not in ("config_file", "dataset_config")
+                  and {"int_or_float": "_int_or_float", "Path": "str"}.get(kind, kind) != parser_kinds.get(k)}
+    assert mismatched == {}
+
+
+@pytest.fixture
+def paths(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"")
+    return model, data, tmp_path / "out"
+
+
+def _flat(paths, **keys) -> dict:
+    model, data, out = paths
+    return {"pretrained_model_name_or_path": str(model), "train_data_dir": str(data), "output_dir": str(out), **keys}
+
+
+def test_command_line_alone_both_spellings_flags_and_lists(paths):
+    model, data, out = paths
+    args = parse([f"--pretrained_model_name_or_path={model}", "--train_data_dir", str(data), "--output_dir", str(out),
+                  "--network_dim", "16", "--network_alpha=8", "--enable_bucket", "--xformers",
+                  "--network_args", "conv_dim=4", "conv_alpha=1", "--optimizer_args", "weight_decay=0.01",
+                  "betas=0.9,0.99", "--resolution", "768,512", "--lr_warmup_steps", "0.1", "--text_encoder_lr",
+                  "5e-5", "--set", "train.max_train_steps=7"], "test")
+    assert args.config is None and args.overrides == ["train.max_train_steps=7"]
+    args.flags.pop("xformers")  # not installed here: the check would refuse it
+    cfg = load_config(None, args.overrides, flags=args.flags)
+    n, d = cfg.network, cfg.dataset
+    assert (n.network_dim, n.network_alpha, n.network_args) == (16, 8.0, ["conv_dim=4", "conv_alpha=1"])
+    assert d.enable_bucket is True and d.resolution == [768, 512] and cfg.optimizer.lr_warmup_steps == 0.1
+    assert n.text_encoder_lr == 5e-5 and cfg.train.max_train_steps == 7 and cfg.source == "command line"
+    assert optimizer_kwargs(cfg.optimizer.optimizer_args) == {"weight_decay": 0.01, "betas": (0.9, 0.99)}
+
+
+def test_command_line_wins_over_config_file(tmp_path, paths):
+    toml = tmp_path / "sd.toml"
+    model, data, out = paths
+    toml.write_text(f'[model_arguments]\npretrained_model_name_or_path = "{model}"\n'
+                    f'[training_arguments]\noutput_dir = "{out}"\ntrain_data_dir = "{data}"\nnetwork_dim = 32\n'
+                    f'learning_rate = 1e-4\ncache_latents = true\n')
+    args = parse(["--config_file", str(toml), "--network_dim", "8", "--learning_rate=3e-4"], "test")
+    cfg = load_config(args.config, args.overrides, flags=args.flags)
+    assert (cfg.network.network_dim, cfg.optimizer.learning_rate, cfg.dataset.cache_latents) == (8, 3e-4, True)
+    assert str(toml) in cfg.source
+    ours = tmp_path / "ours.toml"  # our sectioned layout takes flags on top too
+    ours.write_text(f'[model]\npretrained_model_name_or_path = "{model}"\n[dataset]\ntrain_data_dir = "{data}"\n'
+                    f'[train]\noutput_dir = "{out}"\n[network]\nnetwork_dim = 32\n')
+    cfg = load_config(ours, flags=parse(["--network_dim", "2", "--use_8bit_adam"], "t").flags)
+    assert cfg.network.network_dim == 2 and cfg.optimizer.optimizer_type == "AdamW8bit"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--network_dimm", "4"], "unknown option(s) --network_dimm (did you mean 'network.network_dim'?)"),
+    (["--network_dim", "four"], "argument --network_dim: invalid int value: 'four'"),
+    (["--enable_bucket=true"], "ignored explicit argument"),
+])
+def test_bad_command_lines_are_config_errors(argv, message):
+    with pytest.raises(ConfigError) as e:
+        parse(argv, "test")
+    assert message in str(e.value)
+
+
+def test_cli_exits_2_with_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "train_network.py"), "--network_dim", "4",
+                          "--max_token_length", "225", "--output_dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("config error: command line:")
+    assert "'max_token_length' = 225 is refused" in run.stderr
+
+
+def test_help_lists_every_option_with_its_help():
+    run = subprocess.run([sys.executable, str(ROOT / "train_network.py"), "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0
+    text = " ".join(run.stdout.split())
+    for key in ("--network_dim", "--use_8bit_adam", "--huggingface_repo_id", "--noise_offset_type", "--set"):
+        assert key in text
+    assert "LoRA rank of attention/MLP linears" in text  # the schema's help
+    assert "uploading to the Hub is not offered" in text  # the table's reason
+
+
+@pytest.mark.parametrize("typo, wrong", [("max_token_length", "t5xxl_max_token_length"),
+                                         ("dataset_repeats", "num_repeats"), ("train_blocks", "train_batch_size")])
+def test_known_keys_never_suggest_a_key_of_another_meaning(paths, typo, wrong):
+    cfg = config_from_dict(_flat(paths, **{typo: {"max_token_length": 75, "dataset_repeats": 3,
+                                                   "train_blocks": "all"}[typo]}), source="x.toml")
+    assert all(wrong not in note for note in cfg.notes)
+    from library.config import did_you_mean
+
+    assert wrong not in did_you_mean(typo + "z")
+    assert did_you_mean("netwrok_dim") == " (did you mean 'network.network_dim'?)"
+
+
+def test_noop_gui_and_default_keys_are_noted(paths):
+    cfg = config_from_dict(_flat(paths, lowram=False, dynamo_backend="no", lr_scheduler_args=[],
+                                 huggingface_repo_id="", epoch=10, noise_offset_type="Original",
+                                 debug_dataset=False, wandb_run_name="r"), source="gui.toml")
+    notes = "\n".join(cfg.notes)
+    assert "'epoch': written by the kohya_ss GUI" in notes and "'noise_offset_type'" in notes
+    assert "'wandb_run_name' accepted, no effect" in notes
+    assert "at their default, no effect here either: lr_scheduler_args, huggingface_repo_id, debug_dataset" in notes
+    assert "'caption_extension' is not set: sd-scripts' default is '.caption'" in notes
+
+
+def test_refusals_name_every_key_with_reason(paths):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(_flat(paths, masked_loss=True, validation_split=0.1, network_module="networks.oft",
+                               use_8bit_adam=True, optimizer_type="Lion"), source="x.toml")
+    text = str(e.value)
+    assert text.startswith("x.toml: 4 problem(s):")
+    assert "'masked_loss' = True is refused: masked loss from mask images is not offered: use alpha_mask" in text
+    assert "'validation_split' = 0.1 is refused" in text and "'network_module' = 'networks.oft'" in text
+    assert "both use_8bit_adam and optimizer_type are set" in text
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["betas=0.9,0.99"], {"betas": (0.9, 0.99)}),
+    (["betas=[0.9, 0.999]", "weight_decay=1e-2"], {"betas": [0.9, 0.999], "weight_decay": 0.01}),
+    (["decouple=True", "use_bias_correction=true", "d_coef=2"], {"decouple": True, "use_bias_correction": True,
+                                                                  "d_coef": 2}),
+])
+def test_optimizer_args_are_python_literals(args, expected):
+    assert optimizer_kwargs(args) == expected
+
+
+def test_optimizer_args_that_are_no_literal_stop_before_loading(paths):
+    with pytest.raises(ConfigError, match=r"'optimizer.optimizer_args': 'eps=tiny': the value must be a Python"):
+        config_from_dict(_flat(paths, optimizer_args=["eps=tiny"]), source="x.toml")
+
+
+def test_optimizer_with_tuple_betas_builds():
+    import torch
+
+    from library.optim import build_optimizer
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer("AdamW", [{"params": [param]}], 1e-3, ["betas=0.9,0.99", "weight_decay=0.1"])
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99) and opt.param_groups[0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({"use_8bit_adam": True}, "AdamW8bit"), ({"use_lion_optimizer": True}, "Lion"),
+    ({"use_8bit_adam": False, "optimizer_type": "Prodigy"}, "Prodigy"),
+])
+def test_old_optimizer_switches(paths, keys, expected):
+    assert config_from_dict(_flat(paths, **keys), source="x.toml").optimizer.optimizer_type == expected
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({"text_encoder_lr": [1e-5, 2e-5]}, 1e-5),  # networks.lora: the first rate for every encoder
+    ({"text_encoder_lr": [1e-5, 2e-5], "network_module": "networks.lora_flux"}, [1e-5, 2e-5]),
+    ({"text_encoder_lr": [3e-5], "network_module": "networks.lora_sd3"}, [3e-5]),
+    ({"text_encoder_lr": []}, None), ({"text_encoder_lr": 4e-5}, 4e-5),
+])
+def test_text_encoder_lr_lists_as_sd_scripts(paths, keys, expected):
+    cfg = config_from_dict(_flat(paths, **keys), source="x.toml")
+    assert cfg.network.text_encoder_lr == expected and cfg.network.network_module == "networks.lora"
+
+
+def test_per_encoder_rates_reach_the_groups():
+    from types import SimpleNamespace
+
+    from networks.blockwise import _encoder_rate
+
+    assert [_encoder_rate([1e-5, 2e-5], i) for i in (0, 1)] == [1e-5, 2e-5]
+    assert [_encoder_rate([1e-5], i) for i in (0, 1)] == [1e-5, 1e-5]
+    assert _encoder_rate(3e-5, 1) == 3e-5 and _encoder_rate(None, 0) is None
+    del SimpleNamespace
+
+
+def test_sdxl_train_text_encoder_rates(paths):
+    cfg = config_from_dict(_flat(paths, learning_rate=1e-5, learning_rate_te1=3e-6, learning_rate_te2=2e-6),
+                           source="x.toml")
+    assert (cfg.dreambooth.learning_rate_te, cfg.dreambooth.learning_rate_te2) == (3e-6, 2e-6)
+    only_te1 = config_from_dict(_flat(paths, learning_rate=1e-5, learning_rate_te1=3e-6), source="x.toml")
+    assert only_te1.dreambooth.learning_rate_te2 == 1e-5  # sd-scripts: te2 defaults to learning_rate
+
+
+def test_file_metadata_as_sd_scripts_writes_it(paths):
+    from networks.files import with_user_metadata
+
+    meta = {"ss_network_dim": "4", "ss_seed": "1", "ss_tag_frequency": "{}", "modelspec.title": "last"}
+    cfg = config_from_dict(_flat(paths, metadata_author="me", metadata_title="T", training_comment="hi",
+                                 metadata_trigger_phrase="sks"), source="x.toml")
+    out = with_user_metadata(meta, cfg.save)
+    assert out["modelspec.author"] == "me" and out["modelspec.title"] == "T" and out["ss_training_comment"] == "hi"
+    assert out["modelspec.trigger_phrase"] == "sks" and out["ss_seed"] == "1"
+    cfg.save.no_metadata = True
+    assert set(with_user_metadata(meta, cfg.save)) == {"ss_network_dim", "modelspec.title", "modelspec.author",
+                                                       "modelspec.trigger_phrase"}
