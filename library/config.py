@@ -577,10 +577,21 @@ def optimizer_kwargs(args: list[str]) -> dict[str, Any]:
 
 
 def write_resolved(cfg: Config, path: Path) -> None:
-    """The config as it was run (defaults filled in, seed drawn), in our sectioned layout."""
+    """The config as it was run (defaults filled in, seed drawn), in our sectioned layout. With a dataset TOML,
+    [dataset] records what its datasets use (resolution, batch size, buckets, shared subset keys)."""
+    values = cfg.to_toml_dict()
+    comments = [f"# resolved from {cfg.source}"]
+    if cfg.dataset.dataset_config:
+        from library.data.dataset_config import layout_from_toml, used_values  # it reads this schema
+
+        used, differ = used_values(layout_from_toml(Path(cfg.dataset.dataset_config), cfg.dataset))
+        values["dataset"].update(used)
+        comments += [f"# [dataset] from {cfg.dataset.dataset_config}" + (": the first dataset / subset where they "
+                                                                        "differ" if differ else "")]
+        comments += [f"#   {line}" for line in differ]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(f"# resolved from {cfg.source}\n" + toml.dumps(cfg.to_toml_dict()), encoding="utf-8")
+    tmp.write_text("\n".join(comments) + "\n" + toml.dumps(values), encoding="utf-8")
     os.replace(tmp, path)
 
 

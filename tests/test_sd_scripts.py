@@ -236,3 +236,42 @@ def test_file_metadata_as_sd_scripts_writes_it(paths):
     cfg.save.no_metadata = True
     assert set(with_user_metadata(meta, cfg.save)) == {"ss_network_dim", "modelspec.title", "modelspec.author",
                                                        "modelspec.trigger_phrase"}
+
+
+def test_resolved_config_records_what_the_dataset_toml_sets(tmp_path, paths):
+    import tomllib
+
+    from library.config import write_resolved
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f'[general]\nenable_bucket = true\nshuffle_caption = true\n[[datasets]]\nresolution = 896\n'
+                       f'batch_size = 2\nmax_bucket_reso = 1536\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "a"}"\n'
+                       f'num_repeats = 10\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "b"}"\nnum_repeats = 1\n')
+    cfg = config_from_dict(_flat(paths, dataset_config=str(dataset)), source="x.toml")
+    write_resolved(cfg, tmp_path / "r.toml")
+    text = (tmp_path / "r.toml").read_text()
+    d = tomllib.loads(text)["dataset"]
+    assert (d["resolution"], d["train_batch_size"], d["enable_bucket"], d["max_bucket_reso"]) == (896, 2, True, 1536)
+    assert d["shuffle_caption"] is True and d["num_repeats"] == 10
+    assert "#   num_repeats differs between subsets: [10, 1]" in text
+
+
+def test_fp16_with_cached_latents_trains_on_the_cpu(make_config):
+    import math
+
+    from train_network import train
+
+    cfg = make_config(dataset={"cache_latents": True}, train={"mixed_precision": "fp16", "max_train_steps": 2})
+    result = train(cfg)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+
+
+def test_fp16_with_an_fp32_vae_is_refused_on_the_cpu_before_loading(make_config, monkeypatch):
+    import train_network
+
+    monkeypatch.setattr(train_network, "get_family", lambda *a: pytest.fail("a model was loaded"))
+    cfg = make_config(train={"mixed_precision": "fp16", "no_half_vae": True})
+    with pytest.raises(ConfigError, match="'train.no_half_vae' with mixed_precision = \"fp16\" cannot run on the CPU"):
+        train_network.train(cfg)

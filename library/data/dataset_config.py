@@ -202,6 +202,27 @@ def _bucket_settings(values: dict, source: str, where: str) -> BucketSettings:
     return BucketSettings((sizes[0], sizes[1]), *(values[k] for k in BUCKET_KEYS))
 
 
+def used_values(layout: DataLayout) -> tuple[dict, list[str]]:
+    """What the run uses, as [dataset] keys: each dataset's resolution, batch size and bucket keys, and each
+    subset key all subsets share. With datasets or subsets that differ, the first one's value is given and a
+    line per key says how they differ (for the resolved config's comments)."""
+    per_dataset = [{"resolution": list(d.buckets.resolution), "train_batch_size": d.batch_size,
+                    **{k: getattr(d.buckets, k) for k in BUCKET_KEYS}} for d in layout.datasets]
+    per_subset = [{"num_repeats": s.num_repeats, "caption_extension": s.caption_extension,
+                   **dataclasses.asdict(s.captions), **dataclasses.asdict(s.augment)}
+                  for d in layout.datasets for s in d.subsets]
+    values, differ = {}, []
+    for rows, what in ((per_dataset, "datasets"), (per_subset, "subsets")):
+        for key in rows[0]:
+            seen = [row[key] for row in rows]
+            values[key] = seen[0]
+            if any(v != seen[0] for v in seen):
+                differ.append(f"{key} differs between {what}: {seen}")
+    res = values["resolution"]
+    values["resolution"] = res[0] if res[0] == res[1] else res
+    return {k: v for k, v in values.items() if v is not None}, differ
+
+
 # ---- settings that cannot work together ---------------------------------------------------------
 
 
