@@ -17,7 +17,7 @@ from typing import Union
 from library.config import SECTIONS, ConfigError, did_you_mean
 from library.sd_vocab import CLI_KINDS, FLAG, FLOAT, FLOATS, INT, LIST, NUM, STR, VOCAB
 
-OWN = ("config", "overrides", "dataset_config", "plan", "vram_budget")
+OWN = ("config", "overrides", "plan", "vram_budget")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,9 +44,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             help_text = f.metadata["help"] + (f" (one of: {', '.join(f.metadata['choices'])})"
                                               if f.metadata["choices"] else "")
-            if f.name == "dataset_config":
-                group.add_argument("--dataset_config", dest="dataset_config", help=_escape(help_text))
-                continue
             default_true = f.default is True
             _add(group, f.name, CLI_KINDS.get(f.name) or _kind(hints[f.name]), help_text, default_true)
     for status, title in (("mapped", "sd-scripts options implemented under another name"),

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from library.config import ConfigError, did_you_mean, key_to_section, schema_default
-from library.sd_vocab import DIFFERENT_DEFAULTS, REFUSED_MODULES, SD_MODULES, VOCAB
+from library.sd_vocab import (DIFFERENT_DEFAULTS, LYCORIS_ALGOS_REFUSED, NETWORK_ARGS, REFUSED_MODULES, SD_MODULES,
+                              VOCAB)
 
 
 @dataclass
@@ -97,7 +98,9 @@ def _rename(ours: str):
     def convert(out: Mapped, value, flat) -> None:
         if value is False:
             return  # a flag left off
-        if ours in flat and flat[ours] != value:
+        if flat.get(ours) is False:
+            out.put(ours, value)  # fp8_base = false, fp8_base_unet = true: the one switched on
+        elif ours in flat and flat[ours] != value:
             out.problems.append(f"'{ours}' and its other name are both set, to different values")
         else:
             out.put(ours, value)
@@ -149,6 +152,9 @@ def _state_keep(files_key: str):
     def convert(out: Mapped, value, flat) -> None:
         if value in (None, 0):
             return
+        if not flat.get("save_state") and not flat.get("save_state_on_train_end"):
+            out.notes.append(f"'{files_key}_state' accepted, no effect: no states are saved (save_state is off)")
+            return
         if flat.get(files_key) == value:
             return  # ours keeps files and states together: the same N
         out.problems.append(f"'{files_key}_state' = {value} differs from '{files_key}' = {flat.get(files_key)}: "
@@ -163,7 +169,43 @@ def _state_on_end(out: Mapped, value, flat) -> None:
             out.notes.append("save_state_on_train_end: states are saved with every periodic save too")
 
 
+FLOW_MODELS = ("ae", "t5xxl", "clip_g")  # keys only FLUX.1 / SD3 configs have
+
+
+def _max_token_length(out: Mapped, value, flat) -> None:
+    if value == 75:
+        out.at_default.append("max_token_length")
+    elif any(flat.get(k) for k in FLOW_MODELS) or flat.get("network_module") in SD_MODULES:
+        out.notes.append(f"'max_token_length' = {value} accepted, no effect: sd-scripts ignores it for FLUX.1 / SD3 "
+                         f"(t5xxl_max_token_length applies)")
+    else:
+        out.problems.append(f"'max_token_length' = {value!r} is refused: captions longer than 75 tokens (SD1 / SDXL "
+                            f"in 75-token chunks) are not offered yet: shorten the captions, or leave it unset (75)")
+
+
+def _network_args(out: Mapped, value, flat) -> None:
+    """sd-scripts / LyCORIS network_args this trainer does not take: harmless values dropped with a note, others
+    refused; the rest go on to [network] (networks/settings.py reads them)."""
+    kept = []
+    for arg in value if isinstance(value, list) else [value]:
+        key, _, text = str(arg).partition("=")
+        key, text = key.strip(), text.strip()
+        if key == "algo" and text.lower() in LYCORIS_ALGOS_REFUSED:
+            out.problems.append(f"'algo' = {text!r} is refused (network_args): {LYCORIS_ALGOS_REFUSED[text.lower()]}")
+        elif key not in NETWORK_ARGS:
+            kept.append(arg)
+        elif NETWORK_ARGS[key][0] is None:
+            out.notes.append(f"network_args '{key}' accepted, no effect: {NETWORK_ARGS[key][1]}")
+        elif text.lower() in NETWORK_ARGS[key][0]:
+            out.at_default.append(f"network_args {key}={text}")
+        else:
+            out.problems.append(f"'{key}' = {text!r} is refused (network_args): {NETWORK_ARGS[key][1]}")
+    out.put("network_args", kept)
+
+
 CONVERTERS = {
+    "network_args": _network_args,
+    "max_token_length": _max_token_length,
     "caption_extention": _rename("caption_extension"),
     "fp8_base_unet": _rename("fp8_base"),
     "training_shift": _rename("discrete_flow_shift"),

@@ -61,6 +61,38 @@ REFUSED_MODULES = {
     "networks.lora_fa": "LoRA-FA is not offered: use networks.lora",
 }
 
+# network_args keys of sd-scripts' and LyCORIS' modules that this trainer does not take: (values with no
+# effect, lower-case; None: any value), and the reason a different value is refused
+NETWORK_ARGS: dict[str, tuple[tuple | None, str]] = {
+    "train_double_block_indices": (("all",), "FLUX: training a subset of the double blocks is not offered"),
+    "train_single_block_indices": (("all",), "FLUX: training a subset of the single blocks is not offered"),
+    "train_blocks": (("all",), "FLUX: training only the single or the double blocks is not offered"),
+    "preset": (("full",), "LyCORIS presets other than full (every layer) are not offered: leave preset unset"),
+    "train_norm": (("false",), "training the norm layers is not offered"),
+    "verbose": (None, "prints the adapted layers; no effect on training"),
+}
+LYCORIS_ALGOS_REFUSED = {"full": "LyCORIS' native fine-tuning: use train_db.py",
+                         "ia3": "(IA)^3 is not offered: use algo lora, loha or lokr",
+                         "diag-oft": "diag-oft is not offered: use algo oft", "glora": "GLoRA is not offered"}
+
+# sd-scripts dataset-TOML keys the dataset TOML reader does not take: (values with no effect, reason otherwise)
+DATASET_KEYS: dict[str, tuple[tuple, str]] = {
+    "metadata_file": ((None, ""), "fine-tune metadata (.json) captions are not offered: use caption files beside "
+                                  "the images (caption_extension)"),
+    "conditioning_data_dir": ((None, ""), "masked loss from mask images is not offered: use alpha_mask"),
+    "cache_info": ((None, False, True), "disk caches are checked by their content and settings"),
+    "secondary_separator": ((None, ""), "not offered: use caption_separator and keep_tokens_separator"),
+    "enable_wildcard": ((None, False), "wildcard captions ({a|b}) are not offered"),
+    "token_warmup_min": ((None, 1), "caption token warmup is not offered"),
+    "token_warmup_step": ((None, 0, 0.0), "caption token warmup is not offered"),
+    "face_crop_aug_range": ((None, ""), "face-crop augmentation is not offered: use random_crop"),
+    "validation_split": ((None, 0, 0.0), "a held-out validation loss is not offered yet"),
+    "validation_seed": ((None,), "read only with validation_split"),
+    "resize_interpolation": ((None, ""), "images are resized with the trainer's fixed interpolation"),
+    "network_multiplier": ((None, 1, 1.0), "per-dataset adapter multipliers are not offered"),
+    "custom_attributes": ((None, {}), "custom subset attributes are not offered"),
+}
+
 # sd-scripts' defaults that differ from ours where relying on them changes results: told at start
 DIFFERENT_DEFAULTS = {
     "caption_extension": ".caption",  # ours .txt: what nearly every published dataset uses
@@ -87,10 +119,10 @@ VOCAB: dict[str, Key] = {
     "lr_decay_steps": refused(NUM, "warmup_stable_decay is not offered: use lr_scheduler = \"linear\" or "
                                    "\"cosine\"", 0),
     "dataset_repeats": noop(INT, "read only with in_json (fine-tune metadata datasets, refused)"),
-    "batch_size": refused(INT, "sd-scripts reads batch_size only in a dataset TOML and ignores it in a training "
-                               "TOML: use train_batch_size"),
-    "max_token_length": refused(INT, "captions longer than 75 tokens (150 / 225) are not offered yet: "
-                                     "shorten the captions, or leave max_token_length unset (75)", 75),
+    "batch_size": noop(INT, "sd-scripts reads batch_size only in a dataset TOML and ignores it in a training TOML "
+                            "(train_batch_size applies): set train_batch_size to change the batch"),
+    "max_token_length": mapped(INT, "75 (the default) or, with FLUX.1 / SD3 (which sd-scripts ignores it for), any "
+                                    "value; 150 / 225 (longer SD1 / SDXL captions) are refused, not offered yet"),
     # ---- accepted: no effect on training ---------------------------------------------------------
     "tokenizer_cache_dir": noop(STR, "tokenizers come from model.tokenizer or the local Hugging Face cache"),
     "mem_eff_attn": noop(FLAG, "attention is memory-efficient already (sdpa, or xformers)"),
@@ -206,8 +238,8 @@ VOCAB: dict[str, Key] = {
     "blockwise_fused_optimizers": refused(FLAG, "use fused_optimizer_groups (N groups stepped in backward) or "
                                                 "fused_backward_pass"),
     "num_last_block_to_freeze": refused(INT, "freezing the last blocks is not offered"),
-    "double_blocks_to_swap": refused(INT, "use blocks_to_swap (counts FLUX.1's 19 double and 38 single blocks)"),
-    "single_blocks_to_swap": refused(INT, "use blocks_to_swap (counts FLUX.1's 19 double and 38 single blocks)"),
+    "double_blocks_to_swap": refused(INT, "use blocks_to_swap (counts FLUX.1's 19 double and 38 single blocks)", 0),
+    "single_blocks_to_swap": refused(INT, "use blocks_to_swap (counts FLUX.1's 19 double and 38 single blocks)", 0),
     # ---- written by the kohya_ss GUI, read by no sd-scripts script --------------------------------
     "epoch": gui(INT),
     "noise_offset_type": gui(),

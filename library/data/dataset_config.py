@@ -126,7 +126,7 @@ def layout_from_toml(path: Path, d: DatasetSection) -> DataLayout:
     raw = _read_toml(path)
     source = str(path)
     _check_keys(raw, {"general", "datasets"}, source, "top level")
-    general = raw.get("general", {})
+    general = _without_sd_scripts_keys(raw.get("general", {}), source, "[general]")
     _check_keys(general, set(DATASET_KEYS) | set(SUBSET_KEYS) - {"image_dir"}, source, "[general]")
     base = {k: getattr(d, k) for k in _schema_keys()} | {"batch_size": d.train_batch_size}
     datasets = []
@@ -134,6 +134,7 @@ def layout_from_toml(path: Path, d: DatasetSection) -> DataLayout:
         raise ConfigError(f"{source}: write datasets as [[datasets]] (an array of tables)")
     for i, dataset in enumerate(raw.get("datasets", [])):
         where = f"datasets[{i}]"
+        dataset = _without_sd_scripts_keys(dataset, source, where)
         _check_keys(dataset, set(DATASET_KEYS) | set(SUBSET_KEYS) | {"subsets"}, source, where)
         values = _typed(base | general | {k: v for k, v in dataset.items() if k != "subsets"}, source, where)
         subsets = [_toml_subset(values, s, source, f"{where}.subsets[{j}]")
@@ -154,6 +155,7 @@ def _read_toml(path: Path) -> dict:
 
 
 def _toml_subset(dataset_values: dict, raw: dict, source: str, where: str) -> SubsetSpec:
+    raw = _without_sd_scripts_keys(raw, source, where)
     _check_keys(raw, set(SUBSET_KEYS), source, where)
     values = _typed(dataset_values | raw, source, where)
     if "image_dir" not in raw:
@@ -163,6 +165,22 @@ def _toml_subset(dataset_values: dict, raw: dict, source: str, where: str) -> Su
         raise ConfigError(f"{source}: '{where}.image_dir': no such folder: {folder}")
     return _subset(folder, values["num_repeats"], values.get("class_tokens"), values.get("is_reg", False),
                    values, where)
+
+
+def _without_sd_scripts_keys(table, source: str, where: str):
+    """sd-scripts' dataset keys this reader does not take (library/sd_vocab.py DATASET_KEYS): dropped at a value
+    with no effect, refused otherwise; caption_extention is sd-scripts' old spelling of caption_extension."""
+    from library.sd_vocab import DATASET_KEYS
+
+    if not isinstance(table, dict):
+        return table
+    out = {("caption_extension" if k == "caption_extention" and "caption_extension" not in table else k): v
+           for k, v in table.items() if k not in DATASET_KEYS}
+    refused = [f"'{k}' = {v!r} is refused: {DATASET_KEYS[k][1]}" for k, v in table.items()
+               if k in DATASET_KEYS and not any(v == h and type(v) is type(h) for h in DATASET_KEYS[k][0])]
+    if refused:
+        raise ConfigError(f"{source}: {where}:\n  " + "\n  ".join(refused))
+    return out
 
 
 def _check_keys(table, allowed: set, source: str, where: str) -> None:
