@@ -175,3 +175,28 @@ def test_each_dataset_toml_loads(path, places, tmp_path):
     kind, details = outcome(lambda: layout_from_toml(target, DatasetSection()))
     assert kind in ("ok", "refused"), details[0]
     DATASET_STOPS[path.stem] = details if kind == "refused" else []
+
+
+RUN_SAMPLE = ["offlive_setting", "thr3a_config", "sd_scripts_doc_sd1"]  # SD1 LoRA: fp16, cached latents, 8-bit
+
+
+@pytest.mark.parametrize("name", RUN_SAMPLE)
+def test_a_sample_trains_two_steps(name, places, tiny_sd1, tiny_data, tmp_path):
+    """Loaded as published, then made small for the CPU: the tiny SD1 model and images, 2 steps at 64 px, no
+    xformers (not installed here), no sample images."""
+    import math
+
+    from train_network import train
+
+    path = next(p for p in TRAINING + COMMANDS if p.stem == name)
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tiny_data}"\n')
+    run_places = {**places, "@MODEL@": tiny_sd1[0], "@DATA@": tiny_data, "@DATASET@": dataset,
+                  "@OUT@": tmp_path / "out"}
+    load = load_training(path, run_places, tmp_path) if path.suffix == ".toml" else load_command(path, run_places)
+    cfg = load()
+    cfg.train.xformers, cfg.sample.sample_prompts = False, None
+    cfg.train.max_train_epochs, cfg.train.max_train_steps, cfg.dataset.resolution = None, 2, 64
+    result = train(cfg)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    assert result.adapter_path.is_file()
