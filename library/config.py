@@ -66,6 +66,9 @@ class ModelSection:
     t5xxl: Optional[str] = opt(None, "FLUX.1 / SD3 single files: the T5-XXL text encoder file (.safetensors)",
                                path="exists")
     ae: Optional[str] = opt(None, "FLUX.1 single files: the autoencoder file (ae.safetensors)", path="exists")
+    max_token_length: Optional[int] = opt(
+        None, "SD1 / SD2 / SDXL: tokens per caption: 75 (one CLIP window, the default), 150 or 225 (longer captions "
+        "encoded in 75-token windows and joined, as sd-scripts does)", choices=(75, 150, 225))
     t5xxl_max_token_length: Optional[int] = opt(
         None, "T5 tokens per caption (default: 512 for FLUX.1-dev, 256 for schnell, 256 for SD3)")
     apply_t5_attn_mask: bool = opt(False, "mask T5 padding tokens in the encoder and in the denoiser's attention")
@@ -605,7 +608,7 @@ def options_markdown() -> str:
             default = "required" if f.default is REQUIRED and f.default_factory is REQUIRED else (
                 repr(f.default_factory()) if f.default is REQUIRED else repr(f.default))
             default = default.replace("'", '"').replace("None", "unset").replace("True", "true").replace("False", "false")
-            choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
+            choices = f" One of: {', '.join(map(str, f.metadata['choices']))}." if f.metadata["choices"] else ""
             lines.append(f"| `{f.name}` | {_describe(hints[f.name])} | `{default}` | {f.metadata['help']}.{choices} |")
         lines.append("")
     return "\n".join(lines)

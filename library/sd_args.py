@@ -42,7 +42,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         group = parser.add_argument_group(f"[{name}]")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            help_text = f.metadata["help"] + (f" (one of: {', '.join(f.metadata['choices'])})"
+            help_text = f.metadata["help"] + (f" (one of: {', '.join(map(str, f.metadata['choices']))})"
                                               if f.metadata["choices"] else "")
             default_true = f.default is True
             _add(group, f.name, CLI_KINDS.get(f.name) or _kind(hints[f.name]), help_text, default_true)

@@ -64,7 +64,21 @@ def _plain_value(key: str, value):
     if key == "resolution" and isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value):
         sizes = [int(v) for v in value.split(",")]  # sd-scripts writes "512,768"
         return sizes[0] if len(sizes) == 1 else sizes
+    if isinstance(value, str) and _number_key(key) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\s*", value,
+                                                                   re.I):
+        return float(value) if re.search(r"[.e]", value, re.I) else int(value)  # "1e-4": a number in quotes
     return value
+
+
+def _number_key(key: str) -> bool:
+    """A schema key whose type is a number (and not also a string)."""
+    import typing
+
+    from library.config import SECTIONS
+
+    hint = typing.get_type_hints(SECTIONS[key_to_section()[key]])[key]
+    args = set(typing.get_args(hint)) if typing.get_origin(hint) is typing.Union else {hint}
+    return bool(args & {int, float}) and str not in args
 
 
 def _apply_vocab(out: Mapped, key: str, value) -> None:
@@ -137,6 +151,7 @@ def _network_module(out: Mapped, value, flat) -> None:
 
 def _text_encoder_lr(out: Mapped, value, flat) -> None:
     """sd-scripts' networks.lora uses the first rate for every text encoder; lora_flux / lora_sd3 one each."""
+    value = _plain_value("text_encoder_lr", value)
     if not isinstance(value, list):
         out.put("text_encoder_lr", value)
     elif flat.get("network_module") in SD_MODULES:
@@ -173,14 +188,12 @@ FLOW_MODELS = ("ae", "t5xxl", "clip_g")  # keys only FLUX.1 / SD3 configs have
 
 
 def _max_token_length(out: Mapped, value, flat) -> None:
-    if value == 75:
-        out.at_default.append("max_token_length")
-    elif any(flat.get(k) for k in FLOW_MODELS) or flat.get("network_module") in SD_MODULES:
+    """sd-scripts ignores max_token_length for FLUX.1 / SD3 (t5xxl_max_token_length applies there)."""
+    if any(flat.get(k) for k in FLOW_MODELS) or flat.get("network_module") in SD_MODULES:
         out.notes.append(f"'max_token_length' = {value} accepted, no effect: sd-scripts ignores it for FLUX.1 / SD3 "
                          f"(t5xxl_max_token_length applies)")
     else:
-        out.problems.append(f"'max_token_length' = {value!r} is refused: captions longer than 75 tokens (SD1 / SDXL "
-                            f"in 75-token chunks) are not offered yet: shorten the captions, or leave it unset (75)")
+        out.put("max_token_length", value)
 
 
 def _network_args(out: Mapped, value, flat) -> None:

@@ -121,8 +121,6 @@ VOCAB: dict[str, Key] = {
     "dataset_repeats": noop(INT, "read only with in_json (fine-tune metadata datasets, refused)"),
     "batch_size": noop(INT, "sd-scripts reads batch_size only in a dataset TOML and ignores it in a training TOML "
                             "(train_batch_size applies): set train_batch_size to change the batch"),
-    "max_token_length": mapped(INT, "75 (the default) or, with FLUX.1 / SD3 (which sd-scripts ignores it for), any "
-                                    "value; 150 / 225 (longer SD1 / SDXL captions) are refused, not offered yet"),
     # ---- accepted: no effect on training ---------------------------------------------------------
     "tokenizer_cache_dir": noop(STR, "tokenizers come from model.tokenizer or the local Hugging Face cache"),
     "mem_eff_attn": noop(FLAG, "attention is memory-efficient already (sdpa, or xformers)"),

@@ -109,11 +109,11 @@ def test_bad_command_lines_are_config_errors(argv, message):
 
 def test_cli_exits_2_with_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "train_network.py"), "--network_dim", "4",
-                          "--max_token_length", "225", "--output_dir", str(tmp_path)],
+                          "--masked_loss", "--output_dir", str(tmp_path)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("config error: command line:")
-    assert "'max_token_length' = 225 is refused" in run.stderr
+    assert "'masked_loss' = True is refused: masked loss from mask images is not offered" in run.stderr
 
 
 def test_help_lists_every_option_with_its_help():
@@ -130,7 +130,7 @@ def test_help_lists_every_option_with_its_help():
 @pytest.mark.parametrize("typo, wrong", [("max_token_length", "t5xxl_max_token_length"),
                                          ("dataset_repeats", "num_repeats"), ("train_blocks", "train_batch_size")])
 def test_known_keys_never_suggest_a_key_of_another_meaning(paths, typo, wrong):
-    cfg = config_from_dict(_flat(paths, **{typo: {"max_token_length": 75, "dataset_repeats": 3,
+    cfg = config_from_dict(_flat(paths, **{typo: {"max_token_length": 150, "dataset_repeats": 3,
                                                    "train_blocks": "all"}[typo]}), source="x.toml")
     assert all(wrong not in note for note in cfg.notes)
     from library.config import did_you_mean
@@ -275,3 +275,46 @@ def test_fp16_with_an_fp32_vae_is_refused_on_the_cpu_before_loading(make_config,
     cfg = make_config(train={"mixed_precision": "fp16", "no_half_vae": True})
     with pytest.raises(ConfigError, match="'train.no_half_vae' with mixed_precision = \"fp16\" cannot run on the CPU"):
         train_network.train(cfg)
+
+
+def test_long_captions_in_75_token_windows(tiny_sd1):
+    """max_token_length 150: the first window of a short caption is its usual 77 tokens, so its states are the
+    usual ones; a long caption keeps the tokens beyond 75 instead of cutting them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from library import long_prompts
+    from library.families import ModelSource, get_family
+
+    family = get_family("auto", str(tiny_sd1[0]))
+    parts = family.load(ModelSource(path=str(tiny_sd1[0])))
+    tokenizer = parts.tokenizers["te"]
+    short, long = "a photo of a cat", " ".join(["red cat"] * 60)  # 120 words
+    ids = long_prompts.window_ids(tokenizer, [short, long], 2)
+    assert ids.shape == (4, 77)
+    usual = tokenizer([short], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids[0], usual[0])
+    assert ids[3, 0] == tokenizer.bos_token_id and ids[3, 1] != tokenizer.eos_token_id  # the 2nd window has text
+    with torch.no_grad():
+        plain = family.encode_prompts(parts, [short, long], 1)["encoder_hidden_states"]
+        parts.source = SimpleNamespace(max_token_length=150)
+        windowed = family.encode_prompts(parts, [short, long], 1)["encoder_hidden_states"]
+        windowed_skip = family.encode_prompts(parts, [short], 2)["encoder_hidden_states"]
+    assert plain.shape[1] == 77 and windowed.shape[1] == 152 and windowed_skip.shape[1] == 152
+    torch.testing.assert_close(windowed[0, :76], plain[0, :76])
+    assert not torch.allclose(windowed[1, 76:151], windowed[0, 76:151])  # the long caption's 2nd window differs
+
+
+def test_long_captions_train_sdxl_two_steps(tiny_sdxl, tiny_data, tmp_path):
+    import math
+
+    from library.config import config_from_dict
+    from train_network import train
+
+    cfg = config_from_dict({"model": {"pretrained_model_name_or_path": str(tiny_sdxl[0]), "max_token_length": 225},
+                            "dataset": {"train_data_dir": str(tiny_data), "resolution": 64},
+                            "train": {"output_dir": str(tmp_path / "out"), "max_train_steps": 2, "seed": 3}},
+                           source="t.toml")
+    result = train(cfg)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)

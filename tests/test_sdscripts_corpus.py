@@ -23,7 +23,6 @@ REFUSED = re.compile(r"^'(\w+)' = .* is refused( \(network_args\))?: ")
 # What stops corpus files today: refused key -> number of corpus files (training TOMLs and command lines) it
 # stops. A key implemented later leaves this table (and the files it stopped then load).
 EXPECTED_REFUSALS: dict[str, int] = {
-    "max_token_length": 12,  # 150 / 225: long SD1 / SDXL captions in 75-token chunks, not implemented yet
     "cache_text_encoder_outputs": 11,  # FLUX.1 / SD3 with a trained CLIP-L: sd-scripts caches T5 only (partial)
     "preset": 4,  # LyCORIS preset attn-mlp
     "fp8_base": 1,  # fp8_base_unet in a FLUX full fine-tune (flux_train ignores fp8_base_unet; ours refuses fp8)
@@ -177,7 +176,7 @@ def test_each_dataset_toml_loads(path, places, tmp_path):
     DATASET_STOPS[path.stem] = details if kind == "refused" else []
 
 
-RUN_SAMPLE = ["offlive_setting", "thr3a_config", "sd_scripts_doc_sd1"]  # SD1 LoRA: fp16, cached latents, 8-bit
+RUN_SAMPLE = ["offlive_setting", "thr3a_config", "sd_scripts_doc_sd1", "archgen_training"]  # SD1: fp16, cached latents, 8-bit; 225 tokens
 
 
 @pytest.mark.parametrize("name", RUN_SAMPLE)
