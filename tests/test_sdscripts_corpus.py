@@ -30,6 +30,7 @@ EXPECTED_REFUSALS: dict[str, int] = {
     "train_norm": 1,  # LyCORIS train_norm=True
     "lr_decay_steps": 1,  # warmup_stable_decay / cosine_with_min_lr decay
     "model_type": 1,  # Chroma
+    "blocks_to_swap": 2,  # sd3_train / flux_train with block swap but no fused backward pass
 }
 # sd-scripts itself rejects these command lines: the error must name the problem
 DATASET_STOPS: dict[str, list[str]] = {}  # filled by test_each_dataset_toml_loads, for the report
