@@ -216,7 +216,55 @@ def _network_args(out: Mapped, value, flat) -> None:
     out.put("network_args", kept)
 
 
+def _dim_from_weights(out: Mapped, value, flat) -> None:
+    """sd-scripts' dim_from_weights: the ranks and alphas of the network_weights file (kohya LoRA / LoCon)."""
+    if value is not True:
+        return
+    path = flat.get("network_weights")
+    try:
+        found = _file_ranks(path)
+    except (OSError, ValueError, TypeError) as e:
+        out.problems.append(f"'dim_from_weights' needs network_weights naming a kohya LoRA file: {path!r} ({e})")
+        return
+    for kind, (dims, alphas) in found.items():
+        if len(dims) > 1 or len(alphas) > 1:
+            out.problems.append(f"'dim_from_weights' = True is refused: the file's {kind} layers have different ranks "
+                                f"or alphas ({sorted(dims)}, {sorted(alphas)}); one rank per kind (or block_dims) is "
+                                f"offered: set network_dim and network_alpha")
+            return
+    if "linear" in found:
+        out.put("network_dim", next(iter(found["linear"][0])))
+        out.put("network_alpha", next(iter(found["linear"][1])))
+    if "conv" in found:
+        out.put("conv_dim", next(iter(found["conv"][0])))
+        out.put("conv_alpha", next(iter(found["conv"][1])))
+    out.notes.append(f"dim_from_weights: {', '.join(f'{k} rank {next(iter(d))}, alpha {next(iter(a)):g}' for k, (d, a) in found.items())} "
+                     f"from {path}")
+
+
+def _file_ranks(path) -> dict[str, tuple[set, set]]:
+    """{"linear" | "conv": ({ranks}, {alphas})} of a kohya LoRA file, from its tensor shapes and alpha values."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[set, set]] = {}
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+        downs = [k for k in keys if k.endswith(".lora_down.weight")]
+        if not downs:
+            raise ValueError("no lora_down weights (not a kohya LoRA / LoCon file)")
+        for key in downs:
+            shape = f.get_slice(key).get_shape()
+            kind = "conv" if len(shape) == 4 and shape[2] * shape[3] > 1 else "linear"
+            module = key[: -len(".lora_down.weight")]
+            alpha = float(f.get_tensor(f"{module}.alpha")) if f"{module}.alpha" in keys else float(shape[0])
+            dims, alphas = found.setdefault(kind, (set(), set()))
+            dims.add(int(shape[0]))
+            alphas.add(alpha)
+    return found
+
+
 CONVERTERS = {
+    "dim_from_weights": _dim_from_weights,
     "network_args": _network_args,
     "max_token_length": _max_token_length,
     "caption_extention": _rename("caption_extension"),

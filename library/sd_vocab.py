@@ -214,8 +214,8 @@ VOCAB: dict[str, Key] = {
                                0, 0.0),
     "pos_emb_random_crop_rate": refused(FLOAT, "SD3 position-embedding crop is not offered", 0, 0.0),
     "enable_scaled_pos_embed": refused(FLAG, "SD3 scaled position embeddings are not offered"),
-    "dim_from_weights": refused(FLAG, "set network_dim (and network_alpha, conv_dim) to the file's values; "
-                                      "network_weights then checks that the shapes match"),
+    "dim_from_weights": mapped(FLAG, "network_dim / network_alpha (and conv_dim / conv_alpha) read from the "
+                                     "network_weights file; refused when its layers have different ranks"),
     "base_weights": refused(LIST, "merging other LoRAs into the base is not offered: merge them first"),
     "base_weights_multiplier": refused(FLOATS, "merging other LoRAs into the base is not offered"),
     "skip_until_initial_step": refused(FLAG, "use resume with a saved state (continues at its step)"),

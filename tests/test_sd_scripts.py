@@ -318,3 +318,29 @@ def test_long_captions_train_sdxl_two_steps(tiny_sdxl, tiny_data, tmp_path):
                            source="t.toml")
     result = train(cfg)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+
+
+def test_dim_from_weights_reads_the_file(paths, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    def lora(path, dims):
+        tensors = {}
+        for i, dim in enumerate(dims):
+            tensors[f"lora_unet_l{i}.lora_down.weight"] = torch.zeros(dim, 8)
+            tensors[f"lora_unet_l{i}.lora_up.weight"] = torch.zeros(8, dim)
+            tensors[f"lora_unet_l{i}.alpha"] = torch.tensor(float(dim) / 2)
+        tensors["lora_unet_c.lora_down.weight"] = torch.zeros(4, 8, 3, 3)
+        tensors["lora_unet_c.alpha"] = torch.tensor(1.0)
+        save_file(tensors, str(path))
+        return path
+
+    same = lora(tmp_path / "same.safetensors", [16, 16])
+    cfg = config_from_dict(_flat(paths, network_weights=str(same), dim_from_weights=True, network_dim=4),
+                           source="x.toml")
+    n = cfg.network
+    assert (n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha) == (16, 8.0, 4, 1.0)
+    mixed = lora(tmp_path / "mixed.safetensors", [16, 8])
+    with pytest.raises(ConfigError, match="'dim_from_weights' = True is refused: the file's linear layers have "
+                                          "different ranks"):
+        config_from_dict(_flat(paths, network_weights=str(mixed), dim_from_weights=True), source="x.toml")
