@@ -44,6 +44,7 @@ def map_flat(flat: dict, source: str) -> Mapped:
     for key, convert in CONVERTERS.items():
         if key in flat and flat[key] is not None:
             convert(out, flat[key], flat)
+    _full_fine_tune_text_encoder(out, flat)
     if unknown:
         out.problems += [f"unknown key '{k}'{did_you_mean(k)}" for k in unknown]
     if out.problems:
@@ -51,6 +52,19 @@ def map_flat(flat: dict, source: str) -> Mapped:
     if out.at_default:
         out.notes.append("sd-scripts keys at their default, no effect here either: " + ", ".join(out.at_default))
     return out
+
+
+def _full_fine_tune_text_encoder(out: Mapped, flat: dict) -> None:
+    """sd-scripts' full fine-tunes train the text encoders only where that family's script does: train_db.py
+    (SD1 / SD2) by default; sdxl_train / sd3_train only with train_text_encoder; flux_train never. Without the
+    key, a config whose keys show one of the latter (FLUX / SD3 files, cached text outputs, per-encoder rates,
+    the GUI's sdxl = true) leaves the text encoders frozen, as that script would."""
+    if "train_text_encoder" in flat:
+        return
+    hints = [k for k in (*FLOW_MODELS, "cache_text_encoder_outputs", "learning_rate_te1", "learning_rate_te2", "sdxl")
+             if flat.get(k)]
+    if hints:
+        out.put("train_text_encoder", False)
 
 
 def default_notes(flat: dict) -> list[str]:

@@ -261,3 +261,17 @@ def status_table() -> list[tuple[str, str, str]]:
     """(key, status, note) for every listed key, sorted by status then key: README's table."""
     order = {"mapped": 0, "noop": 1, "refused": 2, "gui": 3}
     return sorted(((k, v.status, v.note) for k, v in VOCAB.items()), key=lambda r: (order[r[1]], r[0]))
+
+
+def vocab_markdown() -> str:
+    """README's table of sd-scripts options that are not our schema's keys (those are implemented as named)."""
+    titles = {"mapped": "implemented (another name or a conversion)", "noop": "accepted, no effect here",
+              "refused": "refused unless at sd-scripts' default", "gui": "kohya_ss GUI keys (no sd-scripts script "
+                                                                        "reads them)"}
+    lines = ["| sd-scripts key | status | what happens |", "|---|---|---|"]
+    lines += [f"| `{key}` | {titles[status]} | {note} |" for key, status, note in status_table()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(vocab_markdown())

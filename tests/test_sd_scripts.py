@@ -344,3 +344,18 @@ def test_dim_from_weights_reads_the_file(paths, tmp_path):
     with pytest.raises(ConfigError, match="'dim_from_weights' = True is refused: the file's linear layers have "
                                           "different ranks"):
         config_from_dict(_flat(paths, network_weights=str(mixed), dim_from_weights=True), source="x.toml")
+
+
+@pytest.mark.parametrize("keys, trains", [
+    ({}, True),  # train_db.py (SD1 / SD2): the text encoder trains by default
+    ({"t5xxl": "t5.safetensors", "ae": "ae.safetensors"}, False),  # flux_train: never
+    ({"learning_rate_te1": 1e-6}, False),  # sdxl_train without train_text_encoder
+    ({"learning_rate_te1": 1e-6, "train_text_encoder": True}, True),
+    ({"cache_text_encoder_outputs": True}, False),
+])
+def test_full_fine_tune_text_encoder_as_that_sd_scripts_script(paths, tmp_path, keys, trains):
+    for name in ("t5.safetensors", "ae.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    keys = {k: str(tmp_path / v) if k in ("t5xxl", "ae") else v for k, v in keys.items()}
+    cfg = config_from_dict(_flat(paths, **keys), source="x.toml")
+    assert cfg.dreambooth.train_text_encoder is trains
