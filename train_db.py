@@ -153,7 +153,8 @@ def train(cfg: Config) -> TrainResult:
     else:
         optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
-                                o.lr_scheduler_num_cycles, o.lr_scheduler_power)
+                                o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
+                                o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained = [parts.denoiser, *text_encoders]
     if fused:  # modules stay bare (see average_gradients); a fused optimizer steps in backward, unprepared

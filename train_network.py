@@ -143,7 +143,8 @@ def train(cfg: Config) -> TrainResult:
     groups = blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, o.learning_rate)
     optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
-                                o.lr_scheduler_num_cycles, o.lr_scheduler_power)
+                                o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
+                                o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
     optimizer, loader = accelerator.prepare(optimizer, loader)  # modules stay bare: see average_gradients

@@ -180,6 +180,11 @@ class OptimizerSection:
     lr_warmup_steps: Union[int, float] = opt(0, "warmup steps, or a fraction (<1) of max_train_steps")
     lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts")
     lr_scheduler_power: float = opt(1.0, "power of the polynomial schedule")
+    lr_scheduler_type: Optional[str] = opt(
+        None, "a scheduler class instead of lr_scheduler: a torch.optim.lr_scheduler name (CosineAnnealingLR) or a "
+        "dotted class path, made with (optimizer, **lr_scheduler_args); no warmup")
+    lr_scheduler_args: list[str] = opt([], 'extra "key=value" arguments of the schedule (Python literals), e.g. '
+                                           '"T_max=1000" for lr_scheduler_type, "num_cycles=0.5" for cosine')
     fused_backward_pass: bool = opt(
         False, "train_db.py: update each parameter in its own gradient hook and free its gradient at once")
     fused_optimizer_groups: Optional[int] = opt(
@@ -562,19 +567,20 @@ def parse_kv_args(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def optimizer_kwargs(args: list[str]) -> dict[str, Any]:
-    """optimizer_args read as sd-scripts reads them: each value is a Python literal (`betas=0.9,0.99` is the
-    tuple (0.9, 0.99), `betas=[0.9,0.99]` a list); `true` / `false` are taken as True / False too."""
+def optimizer_kwargs(args: list[str], key: str = "optimizer_args") -> dict[str, Any]:
+    """optimizer_args (and lr_scheduler_args) read as sd-scripts reads them: each value is a Python literal
+    (`betas=0.9,0.99` is the tuple (0.9, 0.99), `betas=[0.9,0.99]` a list); `true` / `false` are taken as
+    True / False too."""
     import ast
 
     out = {}
     for arg in args:
-        key, text = (s.strip() for s in arg.split("=", 1))
+        name, text = (s.strip() for s in arg.split("=", 1))
         text = {"true": "True", "false": "False"}.get(text.lower(), text)
         try:
-            out[key] = ast.literal_eval(text)
+            out[name] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            raise ConfigError(f"'optimizer.optimizer_args': {arg!r}: the value must be a Python literal "
+            raise ConfigError(f"'optimizer.{key}': {arg!r}: the value must be a Python literal "
                               f"(a number, True/False, a quoted string, a tuple such as 0.9,0.99)") from None
     return out
 

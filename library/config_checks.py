@@ -85,13 +85,19 @@ def check_combinations(cfg: Config) -> None:
                        ("train.clip_skip", cfg.model.clip_skip)]:
         if value < 1:
             problems.append(f"'{key}' must be at least 1, got {value}")
-    for arg in n.network_args + cfg.optimizer.optimizer_args:
+    for arg in n.network_args:
         if "=" not in arg:
             problems.append(f"argument {arg!r} must be written key=value")
-    try:
-        optimizer_kwargs([a for a in cfg.optimizer.optimizer_args if "=" in a])
-    except ConfigError as e:
-        problems.append(str(e))
+    for key in ("optimizer_args", "lr_scheduler_args"):
+        args = getattr(cfg.optimizer, key)
+        problems += [f"argument {a!r} of 'optimizer.{key}' must be written key=value" for a in args if "=" not in a]
+        try:
+            optimizer_kwargs([a for a in args if "=" in a], key)
+        except ConfigError as e:
+            problems.append(str(e))
+    if cfg.optimizer.lr_scheduler_type and cfg.optimizer.lr_warmup_steps:
+        problems.append("'optimizer.lr_scheduler_type' classes have no warmup (sd-scripts stops here too): "
+                        "set 'optimizer.lr_warmup_steps' = 0")
     problems += _optimizer_problems(cfg)
     if cfg.sample.sample_prompts and Path(cfg.sample.sample_prompts).is_file():
         from library.sampling import PromptFileError, read_prompt_file

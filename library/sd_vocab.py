@@ -161,9 +161,6 @@ VOCAB: dict[str, Key] = {
     "validation_seed": noop(INT, "read only with validation_split (refused)"),
     "t5xxl_device": noop(STR, "T5 visits the training device while captions are encoded"),
     # ---- refused unless at sd-scripts' default ----------------------------------------------------
-    "lr_scheduler_type": refused(STR, "custom scheduler classes are not offered: use lr_scheduler"),
-    "lr_scheduler_args": refused(LIST, "custom scheduler arguments are not offered: use lr_scheduler, "
-                                       "lr_scheduler_num_cycles, lr_scheduler_power"),
     "huggingface_repo_id": refused(STR, "uploading to the Hub is not offered: upload the saved file yourself"),
     "huggingface_repo_type": refused(STR, "uploading to the Hub is not offered"),
     "huggingface_path_in_repo": refused(STR, "uploading to the Hub is not offered"),

@@ -359,3 +359,35 @@ def test_full_fine_tune_text_encoder_as_that_sd_scripts_script(paths, tmp_path, 
     keys = {k: str(tmp_path / v) if k in ("t5xxl", "ae") else v for k, v in keys.items()}
     cfg = config_from_dict(_flat(paths, **keys), source="x.toml")
     assert cfg.dreambooth.train_text_encoder is trains
+
+
+def test_lr_scheduler_type_and_args_as_sd_scripts_passes_them(paths):
+    import math
+
+    import torch
+
+    from library.optim import build_scheduler
+
+    def lrs(scheduler, optimizer, steps=4):
+        out = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    def fresh():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    opt = fresh()
+    got = lrs(build_scheduler("constant", opt, 0, 8, scheduler_type="CosineAnnealingLR",
+                              scheduler_args=["T_max=8", "eta_min=0.1"]), opt)
+    assert got == pytest.approx([0.1 + 0.9 * (1 + math.cos(math.pi * t / 8)) / 2 for t in range(1, 5)])
+    opt = fresh()
+    quarter = lrs(build_scheduler("cosine", opt, 0, 8, scheduler_args=["num_cycles=0.25"]), opt)
+    assert quarter == pytest.approx([(1 + math.cos(math.pi * 2 * 0.25 * t / 8)) / 2 for t in range(1, 5)])
+    cfg = config_from_dict(_flat(paths, lr_scheduler_type="CosineAnnealingLR", lr_scheduler_args=["T_max=100"]),
+                           source="x.toml")
+    assert cfg.optimizer.lr_scheduler_args == ["T_max=100"]
+    with pytest.raises(ConfigError, match="classes have no warmup"):
+        config_from_dict(_flat(paths, lr_scheduler_type="StepLR", lr_warmup_steps=10), source="x.toml")
