@@ -172,10 +172,6 @@ VOCAB: dict[str, Key] = {
     "async_upload": refused(FLAG, "uploading to the Hub is not offered"),
     "save_n_epoch_ratio": refused(INT, "use save_every_n_epochs (epochs / ratio, rounded down)", 0),
     "torch_compile": refused(FLAG, "torch.compile is not offered: leave it off"),
-    "noise_offset_random_strength": refused(FLAG, "a random noise-offset strength is not offered: noise_offset "
-                                                  "applies a fixed strength"),
-    "ip_noise_gamma_random_strength": refused(FLAG, "a random ip_noise_gamma strength is not offered: "
-                                                    "ip_noise_gamma applies a fixed strength"),
     "adaptive_noise_scale": refused(FLOAT, "not offered: use noise_offset alone", 0, 0.0),
     "output_config": refused(FLAG, "the resolved config is written as <output_name>-config.toml at every start"),
     "conditioning_data_dir": refused(STR, "masked loss from mask images is not offered: use alpha_mask "

@@ -391,3 +391,24 @@ def test_lr_scheduler_type_and_args_as_sd_scripts_passes_them(paths):
     assert cfg.optimizer.lr_scheduler_args == ["T_max=100"]
     with pytest.raises(ConfigError, match="classes have no warmup"):
         config_from_dict(_flat(paths, lr_scheduler_type="StepLR", lr_warmup_steps=10), source="x.toml")
+
+
+def test_random_strength_noise_offset_and_ip_gamma():
+    """sd-scripts' *_random_strength: the strength is scaled by one U(0, 1) draw per batch."""
+    import torch
+
+    from library.objectives import LossOptions, draw_noise
+
+    shape = (2, 4, 8, 8)
+    options = LossOptions(noise_offset=0.1, noise_offset_random_strength=True, ip_noise_gamma=0.2,
+                          ip_noise_gamma_random_strength=True)
+    target, noised = draw_noise(shape, torch.Generator().manual_seed(5), options)
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(shape, generator=g)
+    offset = 0.1 * torch.rand((), generator=g).item()
+    noise = noise + offset * torch.randn((2, 4, 1, 1), generator=g)
+    gamma = 0.2 * torch.rand((), generator=g).item()
+    torch.testing.assert_close(target, noise)
+    torch.testing.assert_close(noised, noise + gamma * torch.randn(shape, generator=g))
+    fixed, _ = draw_noise(shape, torch.Generator().manual_seed(5), LossOptions(noise_offset=0.1))
+    assert not torch.allclose(fixed, target)
