@@ -230,6 +230,8 @@ class TrainSection:
 class SaveSection:
     save_every_n_steps: Optional[int] = opt(None, "also save name-step{N:08d}.safetensors every N steps")
     save_every_n_epochs: Optional[int] = opt(None, "also save name-{N:06d}.safetensors every N epochs")
+    save_n_epoch_ratio: Optional[int] = opt(
+        None, "save about N times over the run: save_every_n_epochs = epochs // N (at least 1), as sd-scripts")
     save_precision: str = opt("float", "dtype of saved weights", choices=("float", "fp16", "bf16"))
     save_model_as: str = opt(
         "safetensors", "safetensors: one file (train_db.py: in the original layout UIs load); diffusers: a "

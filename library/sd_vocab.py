@@ -170,7 +170,6 @@ VOCAB: dict[str, Key] = {
     "resume_from_huggingface": refused(FLAG, "resuming from the Hub is not offered: download the state folder "
                                              "and set resume"),
     "async_upload": refused(FLAG, "uploading to the Hub is not offered"),
-    "save_n_epoch_ratio": refused(INT, "use save_every_n_epochs (epochs / ratio, rounded down)", 0),
     "torch_compile": refused(FLAG, "torch.compile is not offered: leave it off"),
     "adaptive_noise_scale": refused(FLOAT, "not offered: use noise_offset alone", 0, 0.0),
     "output_config": refused(FLAG, "the resolved config is written as <output_name>-config.toml at every start"),

@@ -412,3 +412,12 @@ def test_random_strength_noise_offset_and_ip_gamma():
     torch.testing.assert_close(noised, noise + gamma * torch.randn(shape, generator=g))
     fixed, _ = draw_noise(shape, torch.Generator().manual_seed(5), LossOptions(noise_offset=0.1))
     assert not torch.allclose(fixed, target)
+
+
+def test_save_n_epoch_ratio_sets_the_epoch_cadence(make_config, capsys):
+    from library.training import prepare_data
+
+    cfg = make_config(train={"max_train_epochs": 7}, save={"save_n_epoch_ratio": 3})
+    prepare_data(cfg, print)
+    assert cfg.save.save_every_n_epochs == 2  # floor(7 / 3)
+    assert "save_n_epoch_ratio 3: saving every 2 epochs" in capsys.readouterr().out
