@@ -69,9 +69,8 @@ def _full_fine_tune_text_encoder(out: Mapped, flat: dict) -> None:
 
 def default_notes(flat: dict) -> list[str]:
     """Where an sd-scripts config relies on an sd-scripts default that ours does not share."""
-    return [f"'{k}' is not set: sd-scripts' default is {v!r}, this trainer's is the schema's "
-            f"(see --help); set it to keep sd-scripts' behaviour" for k, v in DIFFERENT_DEFAULTS.items()
-            if k not in flat]
+    return [f"'{k}' is not set: sd-scripts' default is {v!r}, this trainer's is {schema_default(k)!r}; set it "
+            f"to keep sd-scripts' behaviour" for k, v in DIFFERENT_DEFAULTS.items() if k not in flat]
 
 
 def _plain_value(key: str, value):

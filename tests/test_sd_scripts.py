@@ -147,7 +147,7 @@ def test_noop_gui_and_default_keys_are_noted(paths):
     assert "'epoch': written by the kohya_ss GUI" in notes and "'noise_offset_type'" in notes
     assert "'wandb_run_name' accepted, no effect" in notes
     assert "at their default, no effect here either: lr_scheduler_args, huggingface_repo_id, debug_dataset" in notes
-    assert "'caption_extension' is not set: sd-scripts' default is '.caption'" in notes
+    assert "'caption_extension' is not set: sd-scripts' default is '.caption', this trainer's is '.txt'" in notes
 
 
 def test_refusals_name_every_key_with_reason(paths):
