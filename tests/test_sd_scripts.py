@@ -146,7 +146,7 @@ def test_noop_gui_and_default_keys_are_noted(paths):
     notes = "\n".join(cfg.notes)
     assert "'epoch': written by the kohya_ss GUI" in notes and "'noise_offset_type'" in notes
     assert "'wandb_run_name' accepted, no effect" in notes
-    assert "at their default, no effect here either: lr_scheduler_args, huggingface_repo_id, debug_dataset" in notes
+    assert "at their default, no effect here either: huggingface_repo_id, debug_dataset" in notes
     assert "'caption_extension' is not set: sd-scripts' default is '.caption', this trainer's is '.txt'" in notes
 
 
