@@ -77,10 +77,21 @@ def _plain_value(key: str, value):
     if key == "resolution" and isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value):
         sizes = [int(v) for v in value.split(",")]  # sd-scripts writes "512,768"
         return sizes[0] if len(sizes) == 1 else sizes
+    if isinstance(value, str) and _list_key(key):
+        return [value] if value.strip() else []  # optimizer_args = "" (sd-scripts: no arguments)
     if isinstance(value, str) and _number_key(key) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\s*", value,
                                                                    re.I):
         return float(value) if re.search(r"[.e]", value, re.I) else int(value)  # "1e-4": a number in quotes
     return value
+
+
+def _list_key(key: str) -> bool:
+    """A schema key whose type is a list of strings only."""
+    import typing
+
+    from library.config import SECTIONS
+
+    return typing.get_type_hints(SECTIONS[key_to_section()[key]])[key] == list[str]
 
 
 def _number_key(key: str) -> bool:
@@ -213,7 +224,7 @@ def _network_args(out: Mapped, value, flat) -> None:
     """sd-scripts / LyCORIS network_args this trainer does not take: harmless values dropped with a note, others
     refused; the rest go on to [network] (networks/settings.py reads them)."""
     kept = []
-    for arg in value if isinstance(value, list) else [value]:
+    for arg in value if isinstance(value, list) else [value] if str(value).strip() else []:
         key, _, text = str(arg).partition("=")
         key, text = key.strip(), text.strip()
         if key == "algo" and text.lower() in LYCORIS_ALGOS_REFUSED:
@@ -276,7 +287,31 @@ def _file_ranks(path) -> dict[str, tuple[set, set]]:
     return found
 
 
+SD_SAMPLERS = {"dpm_2": "k_dpm_2", "dpm_2_a": "k_dpm_2_a"}  # sd-scripts: the same schedulers as k_dpm_2 / k_dpm_2_a
+REFUSED_VALUES = {
+    ("save_model_as", "ckpt"): "use safetensors (the same weights in one safe file every UI loads)",
+    ("save_model_as", "diffusers_safetensors"): "use diffusers (a diffusers folder, saved as safetensors)",
+    ("log_with", "all"): "choose tensorboard or wandb",
+}
+
+
+def _sampler(out: Mapped, value, flat) -> None:
+    out.put("sample_sampler", SD_SAMPLERS.get(value, value))
+
+
+def _refused_values(key: str):
+    def convert(out: Mapped, value, flat) -> None:
+        if (key, value) in REFUSED_VALUES:
+            out.problems.append(f"'{key}' = {value!r} is refused: {REFUSED_VALUES[key, value]}")
+        else:
+            out.put(key, value)
+    return convert
+
+
 CONVERTERS = {
+    "sample_sampler": _sampler,
+    "save_model_as": _refused_values("save_model_as"),
+    "log_with": _refused_values("log_with"),
     "dim_from_weights": _dim_from_weights,
     "network_args": _network_args,
     "max_token_length": _max_token_length,

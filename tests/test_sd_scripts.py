@@ -421,3 +421,13 @@ def test_save_n_epoch_ratio_sets_the_epoch_cadence(make_config, capsys):
     prepare_data(cfg, print)
     assert cfg.save.save_every_n_epochs == 2  # floor(7 / 3)
     assert "save_n_epoch_ratio 3: saving every 2 epochs" in capsys.readouterr().out
+
+
+def test_sd_scripts_value_spellings(paths):
+    cfg = config_from_dict(_flat(paths, optimizer_args="", network_args="", sample_sampler="dpm_2_a"),
+                           source="x.toml")
+    assert (cfg.optimizer.optimizer_args, cfg.network.network_args, cfg.sample.sample_sampler) == ([], [], "k_dpm_2_a")
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(_flat(paths, save_model_as="ckpt", log_with="all"), source="x.toml")
+    assert "'save_model_as' = 'ckpt' is refused: use safetensors" in str(e.value)
+    assert "'log_with' = 'all' is refused: choose tensorboard or wandb" in str(e.value)
