@@ -93,9 +93,10 @@ class NetworkSection:
     conv_alpha: Optional[float] = opt(None, "LoCon: alpha of conv layers (defaults to 1.0)")
     network_args: list[str] = opt([], 'extra "key=value" strings, as sd-scripts / LyCORIS write them '
                                   '(algo, conv_dim, factor, block_dims, loraplus_lr_ratio, ...; any key of this table)')
-    rank_dropout: Optional[float] = opt(None, "dropout of whole ranks (rows of the delta) during training (LoHa, LoKr)")
+    rank_dropout: Optional[float] = opt(None, "dropout of whole ranks (rows of the delta) during training (LoRA, "
+                                        "LoCon, LoHa, LoKr)")
     module_dropout: Optional[float] = opt(None, "probability of skipping a layer's adapter in a training step "
-                                          "(LoHa, LoKr, OFT, BOFT)")
+                                          "(LoRA, LoCon, LoHa, LoKr, OFT, BOFT)")
     factor: Optional[int] = opt(None, "LoKr: Kronecker factor size (-1: near the square root); BOFT: butterfly factor")
     decompose_both: Optional[bool] = opt(None, "LoKr: low-rank factor the small Kronecker matrix (lokr_w1) too")
     use_tucker: Optional[bool] = opt(None, "LoHa / LoKr: Tucker-decompose 3x3 conv kernels (hada_t1, lokr_t2)")

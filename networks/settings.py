@@ -163,6 +163,9 @@ def check(s: NetworkSettings) -> None:
                             f"has none (use lora, locon or dora)")
     if s.block_alphas and not s.block_dims or s.conv_block_alphas and not s.conv_block_dims:
         raise SettingsError("block_alphas / conv_block_alphas need block_dims / conv_block_dims")
+    if s.algo == "dora" and (s.rank_dropout or s.module_dropout):
+        raise SettingsError("rank_dropout / module_dropout with algo=dora are refused: DoRA rescales the base "
+                            "weight too, so skipping the low-rank part does not skip the adapter")
     for name in ("dropout", "rank_dropout", "module_dropout"):
         value = getattr(s, name) or 0.0
         if not 0.0 <= value < 1.0:

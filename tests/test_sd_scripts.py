@@ -431,3 +431,48 @@ def test_sd_scripts_value_spellings(paths):
         config_from_dict(_flat(paths, save_model_as="ckpt", log_with="all"), source="x.toml")
     assert "'save_model_as' = 'ckpt' is refused: use safetensors" in str(e.value)
     assert "'log_with' = 'all' is refused: choose tensorboard or wandb" in str(e.value)
+
+
+def test_lora_rank_and_module_dropout_as_sd_scripts():
+    """rank_dropout: ranks of the down output zeroed per example with probability p, the rest scaled by
+    1 / (1 - p); module_dropout: the adapter skipped; neither in eval mode."""
+    import torch
+    from torch import nn
+
+    from networks.settings import NetworkSettings
+    from networks.targets import AdaptedComponent, inject
+    from library.families.base import AdapterTarget
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+    def adapted(**dropouts):
+        torch.manual_seed(0)
+        root = Root()
+        target = AdapterTarget("denoiser", "lora_unet", linear_parents=("Block",), conv_parents=())
+        component = inject(root, target, NetworkSettings(dim=4, alpha=4.0, **dropouts))
+        layer = dict(component.adapter_layers())["block.proj"]
+        nn.init.normal_(layer.lora_B["default"].weight)
+        return root, layer
+
+    x = torch.randn(3, 5, 8)
+    root, layer = adapted(rank_dropout=0.5)
+    down, up = layer.lora_A["default"], layer.lora_B["default"]
+    torch.manual_seed(1)
+    got = root.block.proj(x)
+    torch.manual_seed(1)
+    keep = (torch.rand(3, 1, 4) > 0.5).float()
+    expected = layer.base_layer(x) + up(x @ down.weight.T * keep / 0.5)  # scaling alpha / dim = 1; no hook
+    torch.testing.assert_close(got, expected)
+    root.eval()
+    torch.testing.assert_close(root.block.proj(x), layer.base_layer(x) + up(x @ down.weight.T))
+    root, layer = adapted(module_dropout=0.999)
+    torch.testing.assert_close(root.block.proj(x), layer.base_layer(x))
+    del AdaptedComponent
