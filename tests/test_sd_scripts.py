@@ -206,14 +206,11 @@ def test_text_encoder_lr_lists_as_sd_scripts(paths, keys, expected):
 
 
 def test_per_encoder_rates_reach_the_groups():
-    from types import SimpleNamespace
-
     from networks.blockwise import _encoder_rate
 
     assert [_encoder_rate([1e-5, 2e-5], i) for i in (0, 1)] == [1e-5, 2e-5]
     assert [_encoder_rate([1e-5], i) for i in (0, 1)] == [1e-5, 1e-5]
     assert _encoder_rate(3e-5, 1) == 3e-5 and _encoder_rate(None, 0) is None
-    del SimpleNamespace
 
 
 def test_sdxl_train_text_encoder_rates(paths):
@@ -440,8 +437,8 @@ def test_lora_rank_and_module_dropout_as_sd_scripts():
     from torch import nn
 
     from networks.settings import NetworkSettings
-    from networks.targets import AdaptedComponent, inject
     from library.families.base import AdapterTarget
+    from networks.targets import inject
 
     class Block(nn.Module):
         def __init__(self):
@@ -475,4 +472,3 @@ def test_lora_rank_and_module_dropout_as_sd_scripts():
     torch.testing.assert_close(root.block.proj(x), layer.base_layer(x) + up(x @ down.weight.T))
     root, layer = adapted(module_dropout=0.999)
     torch.testing.assert_close(root.block.proj(x), layer.base_layer(x))
-    del AdaptedComponent
