@@ -35,7 +35,9 @@ def map_flat(flat: dict, source: str) -> Mapped:
     for key, value in flat.items():
         if key in CONVERTERS:
             continue  # after the plain keys: a conversion may depend on them
-        if key in owner:
+        if key in owner and _unset(key, value):
+            out.at_default.append(key)  # sample_prompts = "", resume = false: sd-scripts reads them as unset
+        elif key in owner:
             out.put(key, _plain_value(key, value))
         elif key in VOCAB:
             _apply_vocab(out, key, value)
@@ -83,6 +85,17 @@ def _plain_value(key: str, value):
                                                                    re.I):
         return float(value) if re.search(r"[.e]", value, re.I) else int(value)  # "1e-4": a number in quotes
     return value
+
+
+def _unset(key: str, value) -> bool:
+    """An empty string (or false) for one of our optional string keys (paths, names): sd-scripts tests them as
+    `if args.key:`, so they mean unset."""
+    import typing
+
+    from library.config import SECTIONS
+
+    hint = typing.get_type_hints(SECTIONS[key_to_section()[key]])[key]
+    return (value == "" or value is False) and schema_default(key) is None and hint == typing.Optional[str]
 
 
 def _list_key(key: str) -> bool:

@@ -472,3 +472,10 @@ def test_lora_rank_and_module_dropout_as_sd_scripts():
     torch.testing.assert_close(root.block.proj(x), layer.base_layer(x) + up(x @ down.weight.T))
     root, layer = adapted(module_dropout=0.999)
     torch.testing.assert_close(root.block.proj(x), layer.base_layer(x))
+
+
+def test_empty_strings_and_false_mean_unset_as_in_sd_scripts(paths):
+    cfg = config_from_dict(_flat(paths, sample_prompts="", resume=False, vae="", network_weights="", log_prefix=""),
+                           source="gui.toml")
+    assert (cfg.sample.sample_prompts, cfg.save.resume, cfg.model.vae, cfg.network.network_weights) == (None,) * 4
+    assert any("sample_prompts, resume, vae, network_weights, log_prefix" in note for note in cfg.notes)
