@@ -143,8 +143,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
     groups = [{"params": list(parts.denoiser.parameters()), "lr": o.learning_rate}]
-    for encoder in text_encoders:
-        groups.append({"params": list(encoder.parameters()), "lr": db.learning_rate_te or o.learning_rate})
+    for index, encoder in enumerate(text_encoders):
+        te_lr = db.learning_rate_te2 if index == 1 and db.learning_rate_te2 is not None else db.learning_rate_te
+        groups.append({"params": list(encoder.parameters()), "lr": te_lr or o.learning_rate})
     fused = o.fused_backward_pass or bool(o.fused_optimizer_groups)
     if fused:
         if accelerator.num_processes > 1:
@@ -160,7 +161,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     else:
         optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
-                                o.lr_scheduler_num_cycles, o.lr_scheduler_power)
+                                o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
+                                o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained = [parts.denoiser, *text_encoders]
     if fused:  # modules stay bare (see average_gradients); a fused optimizer steps in backward, unprepared

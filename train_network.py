@@ -151,7 +151,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     groups = blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, o.learning_rate)
     optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
-                                o.lr_scheduler_num_cycles, o.lr_scheduler_power)
+                                o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
+                                o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
     optimizer, loader = accelerator.prepare(optimizer, loader)  # modules stay bare: see average_gradients
@@ -318,8 +319,9 @@ def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epo
     network = {**files.network_metadata(settings), "scale_weight_norms": cfg.network.scale_weight_norms,
                "loraplus_lr_ratio": cfg.network.loraplus_lr_ratio, "save_format": cfg.save.save_format}
     tensors, extra = files.adapter_tensors(adapted, cfg.save.save_format, files.SAVE_DTYPES[cfg.save.save_precision])
-    files.save(path, tensors, {**files.metadata(family.file_metadata(parts), network, training), **extra,
-                               **(more or {}), "ss_session_id": cfg.run_id})  # which run wrote it (outputs.py)
+    meta = files.with_user_metadata(files.metadata(family.file_metadata(parts), network, training), cfg.save)
+    files.save(path, tensors, {**meta, **extra, **(more or {}),
+                               "ss_session_id": cfg.run_id})  # which run wrote it (library/outputs.py)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,9 @@ def check(s: NetworkSettings) -> None:
         raise SettingsError("block_alphas / conv_block_alphas need block_dims / conv_block_dims")
     if not 0.0 < s.ema_decay < 1.0:
         raise SettingsError(f"'ema_decay' = {s.ema_decay:g} must be in (0, 1)")
+    if s.algo == "dora" and (s.rank_dropout or s.module_dropout):
+        raise SettingsError("rank_dropout / module_dropout with algo=dora are refused: DoRA rescales the base "
+                            "weight too, so skipping the low-rank part does not skip the adapter")
     for name in ("dropout", "rank_dropout", "module_dropout"):
         value = getattr(s, name) or 0.0
         if not 0.0 <= value < 1.0:

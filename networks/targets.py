@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from library.families.base import AdapterTarget
-from networks import algorithms, oft
+from networks import algorithms, dropout, oft
 from networks.algorithms import ADAPTER
 from networks.settings import NUM_UPDOWN, NetworkSettings
 
@@ -114,6 +114,7 @@ def inject(module: nn.Module, target: AdapterTarget, settings: NetworkSettings) 
         raise RuntimeError(f"peft adapted {len(found)} of {len(layers)} layers: {sorted(set(layers) - set(found))[:3]}")
     for path, layer in found.items():
         layers[path] = algorithms.after_injection(settings, layer, layers[path])
+    dropout.install(adapted, settings)  # LoRA's rank / module dropout (peft's LoRA has neither)
     return adapted
 
 
