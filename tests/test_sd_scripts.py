@@ -266,9 +266,10 @@ def test_fp16_with_cached_latents_trains_on_the_cpu(make_config):
 
 
 def test_fp16_with_an_fp32_vae_is_refused_on_the_cpu_before_loading(make_config, monkeypatch):
+    import library.model_files
     import train_network
 
-    monkeypatch.setattr(train_network, "get_family", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(library.model_files, "load_model", lambda *a: pytest.fail("a model was loaded"))
     cfg = make_config(train={"mixed_precision": "fp16", "no_half_vae": True})
     with pytest.raises(ConfigError, match="'train.no_half_vae' with mixed_precision = \"fp16\" cannot run on the CPU"):
         train_network.train(cfg)
