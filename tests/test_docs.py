@@ -23,3 +23,10 @@ def test_readme_commands_exist():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "bash quickstart.sh" in readme and "python -m pytest" in readme
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_sd_scripts_table_is_generated_from_the_vocabulary():
+    from library.sd_vocab import vocab_markdown
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert vocab_markdown().strip() in readme, "regenerate with: python -m library.sd_vocab"
