@@ -52,7 +52,7 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "sd3", "flux"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -363,6 +363,7 @@ SD_SCRIPTS_RENAMES = {
     "batch_size": "train_batch_size",
     "fp8_base_unet": "fp8_base",  # sd-scripts: fp8 for the denoiser only; ours never touches the text encoders
     "training_shift": "discrete_flow_shift",  # sd-scripts' SD3 scripts name the shift so
+    "model_type": "family",  # flux_train_network's model_type = "flux" | "chroma"
 }
 # sd-scripts keys that carry no meaning here when set to these values (they are the behaviour we have).
 SD_SCRIPTS_HARMLESS = {

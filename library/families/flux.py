@@ -21,8 +21,10 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
-from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5, t5_keys,
-                                                t5_max_length)
+from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5,  # noqa: F401
+                                                latent_image_ids, pack_latents, t5_keys, t5_max_length,
+                                                unpack_latents)
+from library.chroma_layout import APPROXIMATOR, is_chroma_key
 from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -48,12 +50,14 @@ class FluxFamily:
 
     def claims(self, path: str) -> bool:
         if is_single_file(path):
-            return has_key_prefix(path, "double_blocks.") or has_key_prefix(path, BFL_PREFIX + "double_blocks.")
+            return ((has_key_prefix(path, "double_blocks.") or has_key_prefix(path, BFL_PREFIX + "double_blocks."))
+                    and not any(has_key_prefix(path, p + APPROXIMATOR) for p in ("", BFL_PREFIX)))
         index = Path(path) / "model_index.json"
         return index.is_file() and read_json(index).get("_class_name") == PIPELINE_CLASS
 
     def recognises(self, tensors) -> bool:
-        return any(k.startswith(("double_blocks.", BFL_PREFIX + "double_blocks.")) for k in tensors)
+        return (any(k.startswith(("double_blocks.", BFL_PREFIX + "double_blocks.")) for k in tensors)
+                and not any(is_chroma_key(k) for k in tensors))  # Chroma's blocks have the same names
 
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
         missing = [k for k in ("clip_l", "t5xxl", "ae") if not getattr(source, k)]
@@ -193,25 +197,6 @@ class FluxFamily:
                             text_encoder=parts.text_encoders["te1"], tokenizer=parts.tokenizers["te1"],
                             text_encoder_2=parts.text_encoders["te3"], tokenizer_2=parts.tokenizers["te3"],
                             transformer=parts.denoiser)
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2x2 patch one token, as FluxPipeline._pack_latents."""
-    b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, d = tokens.shape
-    c = d // 4
-    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
-def latent_image_ids(h: int, w: int, device) -> torch.Tensor:
-    """(h/2 * w/2, 3): (0, row, column) of each packed token, as FluxPipeline._prepare_latent_image_ids."""
-    rows = torch.arange(h // 2, device=device).view(-1, 1).expand(h // 2, w // 2)
-    cols = torch.arange(w // 2, device=device).view(1, -1).expand(h // 2, w // 2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
 
 
 def _arch_name(denoiser) -> str:
