@@ -216,3 +216,27 @@ def test_adapter_in_diffusers_every_key_consumed(chroma_config, tiny_chroma):
             text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
             outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
     assert torch.allclose(*outs, atol=1e-5)
+
+
+@pytest.mark.parametrize("model, said", [
+    ({}, "a Chroma transformer file holds the transformer only; set model.t5xxl, model.ae to the separate files"),
+    ({"family": "flux"}, "is a checkpoint of family \"chroma\" (from its tensor names), but 'model.family' = "
+                         "\"flux\": set model.family = \"chroma\""),
+])
+def test_chroma_file_faults_exit_2_naming_the_key(model, said, tiny_chroma, tiny_data, tmp_path, capsys):
+    import json
+
+    import train_network
+
+    values = {"pretrained_model_name_or_path": str(tiny_chroma["transformer"]), **model}
+    config = tmp_path / "chroma.toml"
+    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
+                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_network.main(["--config", str(config)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert said in lines[0] and str(tiny_chroma["transformer"]) in lines[0]
