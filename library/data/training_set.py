@@ -8,6 +8,9 @@ come from a generator seeded by (seed, epoch, entry). A batch holds:
     image            list of str (the file)
     pixels           (B, 3, H, W) in [-1, 1]; or latents (B, C, h, w) once latents are cached
     mask             (B, 1, H, W) or (B, 1, h, w), alpha in [0, 1]; only with alpha_mask
+    control_pixels   (B, 3, H, W) in [-1, 1]: each image's control image (same stem in the subset's
+                     control_directory) resized and center-cropped to its bucket, flipped with it; only
+                     with control_directory
     loss_weight      (B,) prior_loss_weight for regularization images, 1 otherwise (denoising_loss's
                      sample_weights)
     original_size    (B, 2) (h, w) of the image as displayed, before resizing
@@ -23,7 +26,7 @@ import torch
 
 from library.data.augment import crop_offset_draw, draws_flip, example_rng, hue_shift
 from library.data.captions import render_caption
-from library.data.images import Crop, load_pixels, plan_crop
+from library.data.images import Crop, list_images, load_pixels, plan_crop, read_header
 from library.data.plan import DataPlan, ImageRecord
 
 SIZE_FIELDS = ("original_size", "crop_top_left", "target_size")
@@ -72,6 +75,8 @@ class TrainingSet(torch.utils.data.Dataset):
             example["pixels"] = pixels
             if mask is not None:
                 example["mask"] = mask
+        if record.subset.control_dir is not None:
+            example["control_pixels"] = control_pixels(record, flip)
         example.update(size_fields(record, crop, flip))
         return example
 
@@ -104,6 +109,22 @@ class TrainingSet(torch.utils.data.Dataset):
         return example
 
 
+def control_path(record: ImageRecord) -> Path:
+    """The control image of `record`: the file with its stem in the subset's control_directory."""
+    found = [p for p in list_images(record.subset.control_dir) if p.stem == record.path.stem]
+    if not found:
+        raise FileNotFoundError(f"{record.path}: no control image {record.path.stem}.* in "
+                                f"{record.subset.control_dir} ({record.subset.where}.control_directory)")
+    return found[0]
+
+
+def control_pixels(record: ImageRecord, flip: bool) -> torch.Tensor:
+    """The control image of `record` at its bucket: resized to cover it, center-cropped, flipped with the image."""
+    path = control_path(record)
+    header = read_header(path)
+    return load_pixels(path, header.orientation, plan_crop((header.width, header.height), record.bucket), flip)[0]
+
+
 def size_fields(record: ImageRecord, crop: Crop, flip: bool) -> dict:
     left = crop.resized[0] - crop.left - crop.target[0] if flip else crop.left
     return {"original_size": (record.size[1], record.size[0]), "crop_top_left": (crop.top, left),
@@ -112,7 +133,7 @@ def size_fields(record: ImageRecord, crop: Crop, flip: bool) -> dict:
 
 def collate(examples: list[dict]) -> dict:
     batch = {"caption": [e["caption"] for e in examples], "image": [e["image"] for e in examples]}
-    for key in ("pixels", "latents"):
+    for key in ("pixels", "latents", "control_pixels"):
         if key in examples[0]:
             batch[key] = torch.stack([e[key] for e in examples])
     masks = [e.get("mask") for e in examples]

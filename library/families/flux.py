@@ -53,7 +53,7 @@ class FluxFamily:
             return ((has_key_prefix(path, "double_blocks.") or has_key_prefix(path, BFL_PREFIX + "double_blocks."))
                     and not any(has_key_prefix(path, p + APPROXIMATOR) for p in ("", BFL_PREFIX)))
         index = Path(path) / "model_index.json"
-        return index.is_file() and read_json(index).get("_class_name") == PIPELINE_CLASS
+        return index.is_file() and read_json(index).get("_class_name") in (PIPELINE_CLASS, "FluxKontextPipeline")
 
     def recognises(self, tensors) -> bool:
         return (any(k.startswith(("double_blocks.", BFL_PREFIX + "double_blocks.")) for k in tensors)
@@ -144,6 +144,9 @@ class FluxFamily:
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """FLUX.1 Kontext: the batch's control (reference) latents, when the dataset has control images."""
+        if "control_latents" in batch:
+            return {**conditioning, "control_latents": batch["control_latents"]}
         return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
@@ -162,17 +165,21 @@ class FluxFamily:
         if model.config.guidance_embeds:
             scale = parts.source.guidance_scale if parts.source else 3.5
             guidance = torch.full((b,), scale, device=device, dtype=torch.float32)
+        tokens, ids = pack_latents(noisy_latents), latent_image_ids(h, w, device)
+        n = tokens.shape[1]
+        if "control_latents" in conditioning:  # Kontext: reference tokens after the image's, ids (1, row, column)
+            tokens, ids = with_reference(tokens, ids, conditioning["control_latents"].to(device, tokens.dtype))
         attention = None
         if "t5_attention_mask" in conditioning:  # apply_t5_attn_mask: text padding masked out of the joint attention
-            image = torch.ones(b, (h // 2) * (w // 2), dtype=torch.bool, device=device)
+            image = torch.ones(b, tokens.shape[1], dtype=torch.bool, device=device)
             joint = torch.cat([conditioning["t5_attention_mask"].to(device, torch.bool), image], dim=1)
             attention = {"attention_mask": joint[:, None, None, :]}
-        out = model(hidden_states=pack_latents(noisy_latents), encoder_hidden_states=text,
+        out = model(hidden_states=tokens, encoder_hidden_states=text,
                     pooled_projections=conditioning["pooled_prompt_embeds"].to(device),
-                    timestep=timesteps.to(device, torch.float32) / 1000, img_ids=latent_image_ids(h, w, device),
+                    timestep=timesteps.to(device, torch.float32) / 1000, img_ids=ids,
                     txt_ids=torch.zeros(text.shape[1], 3, device=device), guidance=guidance,
                     joint_attention_kwargs=attention).sample
-        return unpack_latents(out, h, w)
+        return unpack_latents(out[:, :n], h, w)
 
     # ---- preview images -------------------------------------------------------------------
 
@@ -197,6 +204,16 @@ class FluxFamily:
                             text_encoder=parts.text_encoders["te1"], tokenizer=parts.tokenizers["te1"],
                             text_encoder_2=parts.text_encoders["te3"], tokenizer_2=parts.tokenizers["te3"],
                             transformer=parts.denoiser)
+
+
+def with_reference(tokens: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor):
+    """FLUX.1 Kontext's input: the packed reference latents (B, C, h', w') appended to the image tokens along the
+    sequence, their position ids (1, row, column), as FluxKontextPipeline builds them; the prediction is read
+    from the first (image) tokens only."""
+    _, _, rh, rw = reference.shape
+    reference_ids = latent_image_ids(rh, rw, ids.device)
+    reference_ids[:, 0] = 1
+    return torch.cat([tokens, pack_latents(reference)], dim=1), torch.cat([ids, reference_ids], dim=0)
 
 
 def _arch_name(denoiser) -> str:
