@@ -75,3 +75,39 @@ def test_edit_run_golden_losses_and_the_control_image_matters(kontext_config, ti
     assert all(abs(a - b) > 1e-4 for a, b in zip(result.losses, other.losses))
     again = train(kontext_config(tmp_path / "control-a", save={"overwrite": True}))
     assert again.losses == pytest.approx(result.losses, rel=1e-6)  # the same pairs: the same run
+
+
+def test_cached_control_latents_follow_the_control_file(kontext_config, tiny_data, tmp_path, capsys):
+    """cache_latents_to_disk stores each image's control latents beside its latents, with the control file in the
+    dependency record: a changed control image makes the entry stale (re-encoded, other losses), an unchanged
+    one is reused (the same losses)."""
+    from train_network import train
+
+    control = _controls(tiny_data, tmp_path / "control", 1)
+    cached = {"cache_latents_to_disk": True, "cache_dir": str(tmp_path / "cache")}
+
+    def run():
+        cfg = kontext_config(control, save={"overwrite": True})
+        for k, v in cached.items():
+            setattr(cfg.dataset, k, v)
+        capsys.readouterr()
+        losses = train(cfg).losses
+        return losses, next(line for line in capsys.readouterr().out.splitlines() if line.startswith("latents:"))
+
+    from safetensors.torch import load_file
+
+    def stored():
+        return {p.name: load_file(p)["control_latents"] for p in (tmp_path / "cache" / "latents").iterdir()}
+
+    first, said = run()
+    assert "8 encoded" in said
+    before = stored()
+    assert len(before) == 8 and all(t.shape == (16, 8, 8) for t in before.values())
+    again, said = run()
+    assert "8 reused" in said and again == pytest.approx(first, rel=1e-6)
+    _controls(tiny_data, control, 2, flat=True)  # new control images under the same names
+    changed, said = run()
+    assert "8 encoded (8 stale: control changed)" in said
+    after = stored()
+    assert before.keys() == after.keys() and not any(torch.allclose(before[k], after[k]) for k in before)
+    assert changed != pytest.approx(first, rel=1e-5)  # the same pairs agree to 1e-6 (above)
