@@ -111,3 +111,14 @@ def test_cached_control_latents_follow_the_control_file(kontext_config, tiny_dat
     after = stored()
     assert before.keys() == after.keys() and not any(torch.allclose(before[k], after[k]) for k in before)
     assert changed != pytest.approx(first, rel=1e-5)  # the same pairs agree to 1e-6 (above)
+
+
+def test_an_image_without_its_control_image_is_named_before_training(kontext_config, tiny_data, tmp_path):
+    from library.data import DatasetError
+    from library.data.plan import plan_data
+
+    control = _controls(tiny_data, tmp_path / "control", 1)
+    gone = sorted(control.iterdir())[0]
+    gone.unlink()
+    with pytest.raises(DatasetError, match=f"no control image {gone.stem}.\\* in {control} \\(control_directory\\)"):
+        plan_data(kontext_config(control), say=lambda *_: None)
