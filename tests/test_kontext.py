@@ -122,3 +122,38 @@ def test_an_image_without_its_control_image_is_named_before_training(kontext_con
     gone.unlink()
     with pytest.raises(DatasetError, match=f"no control image {gone.stem}.\\* in {control} \\(control_directory\\)"):
         plan_data(kontext_config(control), say=lambda *_: None)
+
+
+def test_samples_take_a_reference_image(tiny_kontext, tmp_path):
+    """--ci in a prompt line: the sample is FluxKontextPipeline's with that reference, and differs from the plain
+    sample and from the sample with another reference."""
+    import numpy as np
+    from diffusers import FluxKontextPipeline
+
+    from library.prompts import parse_line
+
+    refs = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        refs.append(tmp_path / f"ref{seed}.png")
+        Image.fromarray((torch.rand(48, 80, 3, generator=g) * 255).to(torch.uint8).numpy()).save(refs[-1])
+    prompt = parse_line(f"a red dog --w 64 --h 64 --s 2 --ci {refs[0]}", "prompts.txt:1")
+    assert prompt.control_image == str(refs[0])
+    family = FluxFamily()
+    parts = family.load(ModelSource(str(tiny_kontext["folder"]), t5xxl_max_token_length=8))
+
+    def sample(control):
+        return np.asarray(family.sample(parts, "a red dog", 64, 64, 2, 5, "euler", 1, control_image=control))
+
+    ours, other, plain = sample(prompt.control_image), sample(str(refs[1])), sample(None)
+    pipe = FluxKontextPipeline.from_pretrained(str(tiny_kontext["folder"]))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt="a red dog", image=Image.open(refs[0]).convert("RGB").resize((64, 64), Image.LANCZOS), width=64,
+                  height=64, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=8, _auto_resize=False,
+                  generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    assert np.array_equal(ours, np.asarray(theirs))
+    assert not np.array_equal(ours, other) and not np.array_equal(ours, plain)
+    from library.prompts import PromptFileError
+
+    with pytest.raises(PromptFileError, match="prompts.txt:2: control image .*missing.png not found"):
+        parse_line(f"a dog --ci {tmp_path / 'missing.png'}", "prompts.txt:2")

@@ -185,16 +185,26 @@ class FluxFamily:
 
     def sample(self, parts: Components, prompt: str, width: int, height: int, steps: int, seed: int,
                sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5,
-               guidance: float | None = None):
+               guidance: float | None = None, control_image: str | None = None):
         """Flow-matching Euler steps (the sampler name does not apply); `guidance` (--g) is FLUX.1-dev's
-        distilled guidance, default model.guidance_scale. No CFG: negative prompts are not used."""
-        pipe = self.pipeline(parts)
+        distilled guidance, default model.guidance_scale. No CFG: negative prompts are not used. With a
+        control image (--ci, FLUX.1 Kontext), diffusers' FluxKontextPipeline over the same parts, the image at
+        the sample's size as the reference."""
+        pipe = self.pipeline(parts) if control_image is None else self.kontext_pipeline(parts)
         pipe.set_progress_bar_config(disable=True)
         if guidance is None:
             guidance = parts.source.guidance_scale if parts.source else 3.5
         generator = torch.Generator("cpu").manual_seed(seed)
-        return pipe(prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=generator, max_sequence_length=self.t5_max_length(parts)).images[0]
+        reference = {} if control_image is None else {"image": _reference_image(control_image, width, height),
+                                                      "_auto_resize": False}
+        return pipe(prompt=prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=generator, max_sequence_length=self.t5_max_length(parts), **reference).images[0]
+
+    def kontext_pipeline(self, parts: Components, scheduler=None):
+        """A diffusers FluxKontextPipeline over the parts themselves (no copy)."""
+        from diffusers import FluxKontextPipeline
+
+        return FluxKontextPipeline(**self.pipeline(parts, scheduler).components)
 
     def pipeline(self, parts: Components, scheduler=None):
         """A diffusers FluxPipeline over the parts themselves (no copy)."""
@@ -214,6 +224,14 @@ def with_reference(tokens: torch.Tensor, ids: torch.Tensor, reference: torch.Ten
     reference_ids = latent_image_ids(rh, rw, ids.device)
     reference_ids[:, 0] = 1
     return torch.cat([tokens, pack_latents(reference)], dim=1), torch.cat([ids, reference_ids], dim=0)
+
+
+def _reference_image(path: str, width: int, height: int):
+    """The control image of a sample, upright and RGB, resized to the sample's size."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB").resize((width, height), Image.LANCZOS)
 
 
 def _arch_name(denoiser) -> str:
