@@ -240,3 +240,31 @@ def test_chroma_file_faults_exit_2_naming_the_key(model, said, tiny_chroma, tiny
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
     assert said in lines[0] and str(tiny_chroma["transformer"]) in lines[0]
+
+
+def test_samples_use_the_training_mask_and_the_negative_prompt(tiny_chroma):
+    """A sample is ChromaPipeline's Euler loop over the conditioning training uses (boolean mask); with CFG the
+    negative prompt changes it; a sample is reproducible from its seed."""
+    import numpy as np
+
+    family = ChromaFamily()
+    parts = family.load(ModelSource(str(tiny_chroma["folder"]), t5xxl_max_token_length=16))
+
+    def sample(negative, seed=5):
+        return np.asarray(family.sample(parts, "a red dog", 64, 64, 2, seed, "euler", 1, negative, 4.0))
+
+    first = sample("blurry")
+    assert first.shape == (64, 64, 3) and np.array_equal(first, sample("blurry"))
+    assert not np.array_equal(first, sample("")) and not np.array_equal(first, sample("blurry", seed=6))
+    captured = []
+    denoiser_forward = parts.denoiser.forward
+
+    def spy(*args, **kwargs):
+        captured.append(kwargs["attention_mask"])
+        return denoiser_forward(*args, **kwargs)
+
+    parts.denoiser.forward = spy
+    sample("blurry")
+    text = family.encode_prompts(parts, ["a red dog"], 1)["t5_attention_mask"]
+    assert captured and all(m.dtype == torch.bool for m in captured)
+    assert torch.equal(captured[0][:, :16], text) and captured[0][:, 16:].all()

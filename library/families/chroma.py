@@ -156,13 +156,17 @@ class ChromaFamily:
                sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5,
                guidance: float | None = None):
         """Flow-matching Euler steps with classifier-free guidance (Chroma has no distilled guidance: `guidance`
-        does not apply; the sampler name does not either)."""
+        does not apply; the sampler name does not either). The pipeline gets the prompts as encode_prompts gives
+        them, with the boolean mask training uses (ChromaPipeline's own encoding hands the transformer a 0/1
+        float mask, which SDPA adds to the scores instead of masking)."""
         pipe = self.pipeline(parts)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator("cpu").manual_seed(seed)
-        return pipe(prompt, negative_prompt=negative_prompt or None, width=width, height=height,
-                    num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                    max_sequence_length=self.t5_max_length(parts)).images[0]
+        positive, negative = (self.encode_prompts(parts, [text], 1) for text in (prompt, negative_prompt))
+        return pipe(prompt_embeds=positive["prompt_embeds"], prompt_attention_mask=positive["t5_attention_mask"],
+                    negative_prompt_embeds=negative["prompt_embeds"],
+                    negative_prompt_attention_mask=negative["t5_attention_mask"], width=width, height=height,
+                    num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images[0]
 
     def pipeline(self, parts: Components, scheduler=None):
         """A diffusers ChromaPipeline over the parts themselves (no copy)."""
