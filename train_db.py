@@ -16,6 +16,7 @@ from pathlib import Path
 
 from library import cli
 from library.config import Config, write_resolved
+from library.model_files import check_files
 from library.outputs import claim_output_dir
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return planner.run(cfg, "db", args.vram_budget)
     with cli.exit_on_user_error():
+        check_files(cfg)  # the model and adapter files can be read (headers only): the first second of the run
         planned = cli.plan_data(cfg)  # every image and caption checked, before torch loads
         train(cfg, planned)
     return 0
@@ -141,8 +143,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
     # ---- optimizer ------------------------------------------------------------------------------
     o = cfg.optimizer
     groups = [{"params": list(parts.denoiser.parameters()), "lr": o.learning_rate}]
-    for encoder in text_encoders:
-        groups.append({"params": list(encoder.parameters()), "lr": db.learning_rate_te or o.learning_rate})
+    for index, encoder in enumerate(text_encoders):
+        te_lr = db.learning_rate_te2 if index == 1 and db.learning_rate_te2 is not None else db.learning_rate_te
+        groups.append({"params": list(encoder.parameters()), "lr": te_lr or o.learning_rate})
     fused = o.fused_backward_pass or bool(o.fused_optimizer_groups)
     if fused:
         if accelerator.num_processes > 1:
@@ -158,7 +161,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     else:
         optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
-                                o.lr_scheduler_num_cycles, o.lr_scheduler_power)
+                                o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
+                                o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained = [parts.denoiser, *text_encoders]
     if fused:  # modules stay bare (see average_gradients); a fused optimizer steps in backward, unprepared

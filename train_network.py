@@ -16,6 +16,7 @@ from pathlib import Path
 
 from library import cli
 from library.config import Config, write_resolved
+from library.model_files import check_files
 from library.outputs import claim_output_dir
 
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return planner.run(cfg, "network", args.vram_budget)
     with cli.exit_on_user_error():
+        check_files(cfg)  # the model and adapter files can be read (headers only): the first second of the run
         planned = cli.plan_data(cfg)  # every image and caption checked, before torch loads
         train(cfg, planned)
     return 0
@@ -68,6 +70,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.sampling import due, log_images, render_samples, settings_from_config
     from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
     from networks import blockwise, files, max_norm
+    from networks.ema import AdapterEMA
     from networks.settings import NetworkSettings
     from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
 
@@ -148,7 +151,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     groups = blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, o.learning_rate)
     optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
-                                o.lr_scheduler_num_cycles, o.lr_scheduler_power)
+                                o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
+                                o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
     optimizer, loader = accelerator.prepare(optimizer, loader)  # modules stay bare: see average_gradients
@@ -167,20 +171,33 @@ def train(cfg: Config, planned=None) -> TrainResult:
         accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name, config=hparams)
 
     # ---- resume, and the training loop -----------------------------------------------------------
+    if settings.use_ema or cfg.dreambooth.use_ema:  # network_args "use_ema=True", or the use_ema key
+        ema = AdapterEMA(params, settings.ema_decay if settings.use_ema else cfg.dreambooth.ema_decay)
+    else:
+        ema = None
+
     def save_weights(stem: str) -> list[Path]:
         path = out_dir / f"{stem}.safetensors"
         _save_adapter(path, adapted, cfg, family, parts, settings, step, epoch, items, started_at)
-        return [path]
+        if ema is None:
+            return [path]
+        with ema.applied():  # the averaged adapter beside the trained one (networks/ema.py)
+            _save_adapter(path.with_name(f"{stem}-ema.safetensors"), adapted, cfg, family, parts, settings, step,
+                          epoch, items, started_at, {"ss_ema_decay": f"{ema.decay:g}"})
+        return [path, path.with_name(f"{stem}-ema.safetensors")]
 
     noise_generator = torch.Generator().manual_seed(t.seed)
     params_by_name = {f"{i}.{name}": p for i, c in enumerate(adapted) for name, p in c.module.named_parameters()
                       if p.requires_grad}
     checkpoints = Checkpointer(cfg, save_weights, params_by_name, optimizer, scheduler,
                          {"noise": noise_generator, "order": order}, accelerator.scaler,
+                         extra=lambda: {"adapter_ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
     position = Position()
     if cfg.save.resume:
-        position, _ = checkpoints.resume()
+        position, extra = checkpoints.resume()
+        if ema is not None:
+            ema.load_state_dict(extra["adapter_ema"])
         if position.epoch_order is not None:  # None: the data changed, a new epoch starts
             order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
         sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
@@ -233,6 +250,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
                 continue
             scheduler.step()
             step += 1
+            if ema is not None:
+                ema.update()
             if n.scale_weight_norms:
                 scaled, mean_norm, top_norm = max_norm.apply(adapted, n.scale_weight_norms)
                 result.keys_scaled.append(scaled)
@@ -280,7 +299,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     return result
 
 
-def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epoch, items, started_at) -> None:
+def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epoch, items, started_at,
+                  more: dict[str, str] | None = None) -> None:
     from collections import Counter
 
     from library.training import resolution
@@ -299,7 +319,8 @@ def _save_adapter(path, adapted, cfg: Config, family, parts, settings, step, epo
     network = {**files.network_metadata(settings), "scale_weight_norms": cfg.network.scale_weight_norms,
                "loraplus_lr_ratio": cfg.network.loraplus_lr_ratio, "save_format": cfg.save.save_format}
     tensors, extra = files.adapter_tensors(adapted, cfg.save.save_format, files.SAVE_DTYPES[cfg.save.save_precision])
-    files.save(path, tensors, {**files.metadata(family.file_metadata(parts), network, training), **extra,
+    meta = files.with_user_metadata(files.metadata(family.file_metadata(parts), network, training), cfg.save)
+    files.save(path, tensors, {**meta, **extra, **(more or {}),
                                "ss_session_id": cfg.run_id})  # which run wrote it (library/outputs.py)
 
 

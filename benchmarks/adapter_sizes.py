@@ -25,7 +25,7 @@ from networks.settings import NetworkSettings  # noqa: E402
 from networks.targets import inject, trainable_parameter_count  # noqa: E402
 
 ALGOS = {"lora": ("lora", "kohya"), "loha": ("loha", "kohya"), "lokr": ("lokr", "kohya"),
-         "dora": ("dora", "kohya"), "oft": ("oft", "peft"), "boft": ("boft", "peft")}
+         "dora": ("dora", "kohya"), "oft": ("oft", "kohya"), "boft": ("boft", "kohya")}
 SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

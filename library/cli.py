@@ -18,17 +18,14 @@ EXIT_DATASET_ERROR = 3
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", "--config_file", dest="config", required=True,
-                        help="training TOML (ours, or a flat sd-scripts one)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key (repeatable), e.g. --set train.max_train_steps=200")
-    parser.add_argument("--dataset_config", help="sd-scripts dataset TOML (same as dataset.dataset_config)")
-    parser.add_argument("--plan", action="store_true",
-                        help="print the planned peak device memory of this config (no GPU, no weights needed)")
-    parser.add_argument("--vram_budget", type=float, metavar="GB",
-                        help="find the memory switches that make this config fit in GB of device memory")
-    return parser.parse_args(argv)
+    """Our options and every sd-scripts flag (library/sd_args.py); bad flags exit 2 with one line."""
+    from library.sd_args import parse
+
+    try:
+        return parse(argv, description)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 
 def load_or_exit(args: argparse.Namespace, recipe: str) -> Config:
@@ -37,8 +34,10 @@ def load_or_exit(args: argparse.Namespace, recipe: str) -> Config:
         dataset_config = getattr(args, "dataset_config", None)
         overrides = [*args.overrides,
                      *([f"dataset.dataset_config={json.dumps(dataset_config)}"] if dataset_config else [])]
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, flags=getattr(args, "flags", None))
         check_recipe(cfg, recipe)
+        for note in cfg.notes:
+            print(f"note: {note}", file=sys.stderr)
         return cfg
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +66,9 @@ class ModelSection:
     t5xxl: Optional[str] = opt(None, "FLUX.1 / SD3 single files: the T5-XXL text encoder file (.safetensors)",
                                path="exists")
     ae: Optional[str] = opt(None, "FLUX.1 single files: the autoencoder file (ae.safetensors)", path="exists")
+    max_token_length: Optional[int] = opt(
+        None, "SD1 / SD2 / SDXL: tokens per caption: 75 (one CLIP window, the default), 150 or 225 (longer captions "
+        "encoded in 75-token windows and joined, as sd-scripts does)", choices=(75, 150, 225))
     t5xxl_max_token_length: Optional[int] = opt(
         None, "T5 tokens per caption (default: 512 for FLUX.1-dev, 256 for schnell, 256 for SD3)")
     apply_t5_attn_mask: bool = opt(False, "mask T5 padding tokens in the encoder and in the denoiser's attention")
@@ -91,12 +93,13 @@ class NetworkSection:
     conv_alpha: Optional[float] = opt(None, "LoCon: alpha of conv layers (defaults to 1.0)")
     network_args: list[str] = opt([], 'extra "key=value" strings, as sd-scripts / LyCORIS write them '
                                   '(algo, conv_dim, factor, block_dims, loraplus_lr_ratio, ...; any key of this table)')
-    rank_dropout: Optional[float] = opt(None, "dropout of whole ranks (rows of the delta) during training (LoHa, LoKr)")
+    rank_dropout: Optional[float] = opt(None, "dropout of whole ranks (rows of the delta) during training (LoRA, "
+                                        "LoCon, LoHa, LoKr)")
     module_dropout: Optional[float] = opt(None, "probability of skipping a layer's adapter in a training step "
-                                          "(LoHa, LoKr, OFT, BOFT)")
+                                          "(LoRA, LoCon, LoHa, LoKr, OFT, BOFT)")
     factor: Optional[int] = opt(None, "LoKr: Kronecker factor size (-1: near the square root); BOFT: butterfly factor")
     decompose_both: Optional[bool] = opt(None, "LoKr: low-rank factor the small Kronecker matrix (lokr_w1) too")
-    use_tucker: Optional[bool] = opt(None, "LoHa / LoKr: Tucker-decompose 3x3 conv kernels (hada_t1, lokr_t2)")
+    use_tucker: Optional[bool] = opt(None, "LoHa / LoKr: Tucker-decompose 3x3 conv kernels (LoHa: hada_t1; LoKr files store the plain product)")
     dora_wd: Optional[bool] = opt(None, "DoRA: weight-decomposed LoRA (same as algo = dora)")
     block_dims: Optional[list[int]] = opt(None, "ranks of the 25 U-Net blocks IN00-IN11, MID, OUT00-OUT11 "
                                           "(0 leaves a block out)")
@@ -115,7 +118,9 @@ class NetworkSection:
     network_train_unet_only: bool = opt(False, "train the U-Net adapter only")
     network_train_text_encoder_only: bool = opt(False, "train the text-encoder adapter only")
     unet_lr: Optional[float] = opt(None, "learning rate of the U-Net adapter (default: learning_rate)")
-    text_encoder_lr: Optional[float] = opt(None, "learning rate of the text-encoder adapter (default: learning_rate)")
+    text_encoder_lr: Optional[Union[float, list[float]]] = opt(
+        None, "learning rate of the text-encoder adapters (default: learning_rate); a list gives one per encoder "
+        "in order (SDXL: [te1, te2]; FLUX.1 / SD3: [clip_l, ...]), a shorter list repeats its last")
 
 
 @dataclass
@@ -179,6 +184,11 @@ class OptimizerSection:
     lr_warmup_steps: Union[int, float] = opt(0, "warmup steps, or a fraction (<1) of max_train_steps")
     lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts")
     lr_scheduler_power: float = opt(1.0, "power of the polynomial schedule")
+    lr_scheduler_type: Optional[str] = opt(
+        None, "a scheduler class instead of lr_scheduler: a torch.optim.lr_scheduler name (CosineAnnealingLR) or a "
+        "dotted class path, made with (optimizer, **lr_scheduler_args); no warmup")
+    lr_scheduler_args: list[str] = opt([], 'extra "key=value" arguments of the schedule (Python literals), e.g. '
+                                           '"T_max=1000" for lr_scheduler_type, "num_cycles=0.5" for cosine')
     fused_backward_pass: bool = opt(
         False, "train_db.py: update each parameter in its own gradient hook and free its gradient at once")
     fused_optimizer_groups: Optional[int] = opt(
@@ -224,6 +234,8 @@ class TrainSection:
 class SaveSection:
     save_every_n_steps: Optional[int] = opt(None, "also save name-step{N:08d}.safetensors every N steps")
     save_every_n_epochs: Optional[int] = opt(None, "also save name-{N:06d}.safetensors every N epochs")
+    save_n_epoch_ratio: Optional[int] = opt(
+        None, "save about N times over the run: save_every_n_epochs = epochs // N (at least 1), as sd-scripts")
     save_precision: str = opt("float", "dtype of saved weights", choices=("float", "fp16", "bf16"))
     save_model_as: str = opt(
         "safetensors", "safetensors: one file (train_db.py: in the original layout UIs load); diffusers: a "
@@ -236,8 +248,22 @@ class SaveSection:
     resume_with_changed_data: bool = opt(
         False, "resume even though images or captions changed since the state was saved: the run continues at "
         "the saved step with a new epoch order (otherwise such a resume is refused, naming what changed)")
+    no_metadata: bool = opt(False, "the saved file keeps only the ss_* keys a loader needs (module, dim, alpha, "
+                            "args, base model) and modelspec.*")
+    training_comment: Optional[str] = opt(None, "written to the saved file as ss_training_comment")
+    metadata_title: Optional[str] = opt(None, "modelspec.title of the saved file (default: output_name)")
+    metadata_author: Optional[str] = opt(None, "modelspec.author of the saved file")
+    metadata_description: Optional[str] = opt(None, "modelspec.description of the saved file")
+    metadata_license: Optional[str] = opt(None, "modelspec.license of the saved file")
+    metadata_tags: Optional[str] = opt(None, "modelspec.tags of the saved file (comma-separated)")
+    metadata_usage_hint: Optional[str] = opt(None, "modelspec.usage_hint of the saved file")
+    metadata_thumbnail: Optional[str] = opt(None, "modelspec.thumbnail of the saved file")
+    metadata_merged_from: Optional[str] = opt(None, "modelspec.merged_from of the saved file")
+    metadata_trigger_phrase: Optional[str] = opt(None, "modelspec.trigger_phrase of the saved file")
+    metadata_preprocessor: Optional[str] = opt(None, "modelspec.preprocessor of the saved file")
+    metadata_is_negative_embedding: Optional[str] = opt(None, "modelspec.is_negative_embedding of the saved file")
     save_format: str = opt("kohya", "adapter key layout: kohya (kohya / LyCORIS names every UI loads) or peft "
-                           "(peft / diffusers names; the only one for OFT and BOFT)", choices=("kohya", "peft"))
+                           "(peft / diffusers names; DoRA, OFT and BOFT in this layout reload only here)", choices=("kohya", "peft"))
 
 
 @dataclass
@@ -276,9 +302,11 @@ class LossSection:
     debiased_estimation_loss: bool = opt(False, "weight the loss by 1 / sqrt(SNR)")
     scale_v_pred_loss_like_noise_pred: bool = opt(False, "v-prediction: weight by SNR / (SNR + 1)")
     noise_offset: Optional[float] = opt(None, "add offset * N(0,1) per sample and channel to the noise (0.05-0.1)")
+    noise_offset_random_strength: bool = opt(False, "scale noise_offset by a U(0, 1) draw, once per batch")
     multires_noise_iterations: Optional[int] = opt(None, "pyramid noise levels (6-10)")
     multires_noise_discount: float = opt(0.3, "weight decay per pyramid level")
     ip_noise_gamma: Optional[float] = opt(None, "input perturbation: noise the latents with extra gamma * N(0,1)")
+    ip_noise_gamma_random_strength: bool = opt(False, "scale ip_noise_gamma by a U(0, 1) draw, once per batch")
     min_timestep: int = opt(0, "lowest timestep trained")
     max_timestep: Optional[int] = opt(None, "timesteps are drawn below this (default: all 1000)")
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero SNR at the last step (use with v-pred)")
@@ -304,13 +332,16 @@ class LossSection:
 class DreamboothSection:
     train_text_encoder: bool = opt(True, "train_db.py: fine-tune the text encoder too")
     learning_rate_te: Optional[float] = opt(None, "train_db.py: text-encoder learning rate (default: learning_rate)")
+    learning_rate_te2: Optional[float] = opt(None, "train_db.py: SDXL's second text encoder's learning rate "
+                                                   "(default: learning_rate_te)")
     stop_text_encoder_training: Optional[int] = opt(None, "train_db.py: freeze the text encoder after N steps")
     class_data_dir: Optional[str] = opt(
         None, "prior preservation: folder of class images (the regularization images, weighted by "
         "prior_loss_weight); missing ones are generated here once")
     class_prompt: Optional[str] = opt(None, "prompt (and caption) of generated class images, e.g. 'a photo of a dog'")
     num_class_images: int = opt(0, "generate class images until the folder holds this many")
-    use_ema: bool = opt(False, "train_db.py: keep an exponential moving average of the weights (on the CPU)")
+    use_ema: bool = opt(False, "keep an exponential moving average of the trained weights, saved beside them as "
+                        "name-ema: train_db.py the model's (on the CPU), train_network.py the adapter's")
     ema_decay: float = opt(0.9999, "EMA decay per step")
 
 
@@ -343,6 +374,7 @@ class Config:
     source: str = "<config>"  # the file the config came from, for messages
     run_id: str = ""  # this run's id, in every file it writes (set by the output check; a resumed run keeps its own)
     data_fingerprint: Optional[dict] = None  # the data the run trains on, recorded in its states (training.py)
+    notes: list = field(default_factory=list)  # one line each about sd-scripts keys, printed at start
 
     def to_toml_dict(self) -> dict:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -353,28 +385,16 @@ def _section_to_dict(section) -> dict:
             if getattr(section, f.name) is not None}
 
 
+def schema_default(key: str):
+    """The schema's default of a key (by name, in whichever section)."""
+    cls = SECTIONS[key_to_section()[key]]
+    f = next(f for f in dataclasses.fields(cls) if f.name == key)
+    return f.default_factory() if f.default is REQUIRED else f.default
+
+
 def key_to_section() -> dict[str, str]:
     """Every schema key name -> its section (names are unique across sections)."""
     return {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-
-
-# ---------------------------------------------------------------------------------------------
-# sd-scripts flat keys: renamed ones, and ones that are accepted only with their default meaning.
-# ---------------------------------------------------------------------------------------------
-
-SD_SCRIPTS_RENAMES = {
-    "batch_size": "train_batch_size",
-    "fp8_base_unet": "fp8_base",  # sd-scripts: fp8 for the denoiser only; ours never touches the text encoders
-    "training_shift": "discrete_flow_shift",  # sd-scripts' SD3 scripts name the shift so
-    "model_type": "family",  # flux_train_network's model_type = "flux" | "chroma"
-}
-# sd-scripts keys that carry no meaning here when set to these values (they are the behaviour we have).
-SD_SCRIPTS_HARMLESS = {
-    "persistent_data_loader_workers": {True, False},
-    "lowram": {False},
-    "mem_eff_attn": {False},
-    "highvram": {True, False},
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,16 +402,21 @@ SD_SCRIPTS_HARMLESS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Read a TOML file (ours or sd-scripts' flat one), apply `--set` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(read_text_file(path))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return config_from_dict(raw, source=str(path), overrides=overrides, check_paths=check_paths)
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths: bool = True,
+                flags: dict | None = None) -> Config:
+    """Read a TOML file (ours or sd-scripts' flat one), put sd-scripts command-line `flags` on top (they win,
+    as in sd-scripts), apply `--set` overrides, validate. Without a file the flags are the whole config."""
+    raw, source = {}, "command line"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(read_text_file(path))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        source = str(path) + (" + command line" if flags else "")
+    return config_from_dict(raw, source=source, overrides=overrides, check_paths=check_paths, flags=flags)
 
 
 def read_text_file(path: Path) -> str:
@@ -408,12 +433,12 @@ def read_text_file(path: Path) -> str:
 
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),
-                     check_paths: bool = True) -> Config:
-    sections = _sections_of(raw, source)
+                     check_paths: bool = True, flags: dict | None = None) -> Config:
+    sections, notes = _sections_of(raw, source, flags or {})
     for item in overrides:
         _apply_override(sections, item, source)
     cfg = Config(**{name: _build_section(name, sections.get(name, {}), source) for name in SECTIONS},
-                 source=source)
+                 source=source, notes=notes)
     from library.config_checks import check_combinations, check_paths as check_files  # they read this schema
 
     if check_paths:
@@ -422,48 +447,54 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (
     return cfg
 
 
-def _sections_of(raw: dict, source: str) -> dict[str, dict]:
-    """Our sectioned layout, or a flat sd-scripts file mapped onto it."""
+def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], list[str]]:
+    """Our sectioned layout, or a flat sd-scripts file mapped onto it; command-line flags on top."""
+    from library.sd_flat import default_notes, map_flat  # it maps onto this schema
+
     tables = {k for k, v in raw.items() if isinstance(v, dict)}
     if raw and tables == set(raw) and tables <= set(SECTIONS):
-        return {k: dict(v) for k, v in raw.items()}
+        sections = {k: dict(v) for k, v in raw.items()}
+        if not flags:
+            return sections, []
+        mapped = map_flat(flags, source)
+        for name, values in mapped.sections.items():
+            sections.setdefault(name, {}).update(values)
+        return sections, mapped.notes
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, dict):
             flat.update(v)  # sd-scripts ignores section names
         else:
             flat[k] = v
-    return _map_flat_keys(flat, source)
+    flat.update(flags)  # the command line wins, as in sd-scripts
+    mapped = map_flat(flat, source)
+    return mapped.sections, mapped.notes + default_notes(flat)
 
 
-def _map_flat_keys(flat: dict, source: str) -> dict[str, dict]:
-    owner = key_to_section()
-    sections: dict[str, dict] = {}
-    unsupported = []
-    for key, value in flat.items():
-        name = SD_SCRIPTS_RENAMES.get(key, key)
-        if name == "resolution" and isinstance(value, str) and re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)?", value):
-            value = [int(v) for v in value.split(",")]  # sd-scripts writes "512,768"
-            value = value[0] if len(value) == 1 else value
-        if name in owner:
-            sections.setdefault(owner[name], {})[name] = value
-        elif key in SD_SCRIPTS_HARMLESS and value in SD_SCRIPTS_HARMLESS[key]:
-            continue
-        else:
-            unsupported.append(key)
-    if unsupported:
-        lines = [f"  {k}{_did_you_mean(k, owner)}" for k in unsupported]
-        raise ConfigError(f"{source}: {len(unsupported)} key(s) not supported by this trainer:\n" + "\n".join(lines))
-    return sections
+def did_you_mean(key: str) -> str:
+    """A suggestion among our keys and sd-scripts' known ones, only for what looks like a typo."""
+    from library.sd_vocab import VOCAB
+
+    return _did_you_mean(key, [*key_to_section(), *VOCAB])
 
 
 def _did_you_mean(key: str, candidates) -> str:
-    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    """A close name with the same words, each spelled nearly alike: `network_dimm` -> `network_dim`, but
+    never `max_token_length` -> `t5xxl_max_token_length` (another meaning with one word more)."""
+    words = key.lower().split("_")
+    close = [c for c in difflib.get_close_matches(key, list(candidates), n=5, cutoff=0.6)
+             if _same_words(words, str(c).lower().split("_"))]
     if not close:
         return ""
     owner = key_to_section()
     where = f"{owner[close[0]]}.{close[0]}" if close[0] in owner else close[0]
     return f" (did you mean '{where}'?)"
+
+
+def _same_words(words: list[str], other: list[str]) -> bool:
+    if len(words) != len(other):
+        return False
+    return all(a == b or difflib.SequenceMatcher(None, a, b).ratio() >= 0.75 for a, b in zip(words, other))
 
 
 def _apply_override(sections: dict[str, dict], item: str, source: str) -> None:
@@ -477,7 +508,7 @@ def _apply_override(sections: dict[str, dict], item: str, source: str) -> None:
     else:
         section, key = owner.get(dotted, ""), dotted
     if section not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
-        raise ConfigError(f"--set {dotted}: unknown key{_did_you_mean(key, owner)}")
+        raise ConfigError(f"--set {dotted}: unknown key{did_you_mean(key)}")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -492,7 +523,7 @@ def _build_section(name: str, values: dict, source: str):
         raise ConfigError(f"{source}: [{name}] must be a table")
     for key in values:
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}'{_did_you_mean(key, key_to_section())}")
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'{did_you_mean(key)}")
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for key, f in fields.items():
@@ -563,12 +594,40 @@ def parse_kv_args(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def optimizer_kwargs(args: list[str], key: str = "optimizer_args") -> dict[str, Any]:
+    """optimizer_args (and lr_scheduler_args) read as sd-scripts reads them: each value is a Python literal
+    (`betas=0.9,0.99` is the tuple (0.9, 0.99), `betas=[0.9,0.99]` a list); `true` / `false` are taken as
+    True / False too."""
+    import ast
+
+    out = {}
+    for arg in args:
+        name, text = (s.strip() for s in arg.split("=", 1))
+        text = {"true": "True", "false": "False"}.get(text.lower(), text)
+        try:
+            out[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"'optimizer.{key}': {arg!r}: the value must be a Python literal "
+                              f"(a number, True/False, a quoted string, a tuple such as 0.9,0.99)") from None
+    return out
+
+
 def write_resolved(cfg: Config, path: Path) -> None:
-    """The config as it was run (defaults filled in, seed drawn), in our sectioned layout."""
+    """The config as it was run (defaults filled in, seed drawn), in our sectioned layout. With a dataset TOML,
+    [dataset] records what its datasets use (resolution, batch size, buckets, shared subset keys)."""
+    values = cfg.to_toml_dict()
+    comments = [f"# resolved from {cfg.source}", f"# run_id = {cfg.run_id}"]
+    if cfg.dataset.dataset_config:
+        from library.data.dataset_config import layout_from_toml, used_values  # it reads this schema
+
+        used, differ = used_values(layout_from_toml(Path(cfg.dataset.dataset_config), cfg.dataset))
+        values["dataset"].update(used)
+        comments += [f"# [dataset] from {cfg.dataset.dataset_config}" + (": the first dataset / subset where they "
+                                                                        "differ" if differ else "")]
+        comments += [f"#   {line}" for line in differ]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(f"# resolved from {cfg.source}\n# run_id = {cfg.run_id}\n" + toml.dumps(cfg.to_toml_dict()),
-                   encoding="utf-8")
+    tmp.write_text("\n".join(comments) + "\n" + toml.dumps(values), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -582,7 +641,7 @@ def options_markdown() -> str:
             default = "required" if f.default is REQUIRED and f.default_factory is REQUIRED else (
                 repr(f.default_factory()) if f.default is REQUIRED else repr(f.default))
             default = default.replace("'", '"').replace("None", "unset").replace("True", "true").replace("False", "false")
-            choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
+            choices = f" One of: {', '.join(map(str, f.metadata['choices']))}." if f.metadata["choices"] else ""
             lines.append(f"| `{f.name}` | {_describe(hints[f.name])} | `{default}` | {f.metadata['help']}.{choices} |")
         lines.append("")
     return "\n".join(lines)

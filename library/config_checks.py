@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from library.config import SECTIONS, Config, ConfigError, _did_you_mean
+from library.config import SECTIONS, Config, ConfigError, _did_you_mean, optimizer_kwargs
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -102,10 +102,20 @@ def check_combinations(cfg: Config) -> None:
                        ("train.clip_skip", cfg.model.clip_skip)]:
         if value < 1:
             problems.append(f"'{key}' must be at least 1, got {value}")
-    for arg in n.network_args + cfg.optimizer.optimizer_args:
+    for arg in n.network_args:
         if "=" not in arg:
             problems.append(f"argument {arg!r} must be written key=value")
     problems += _number_problems(cfg)
+    for key in ("optimizer_args", "lr_scheduler_args"):
+        args = getattr(cfg.optimizer, key)
+        problems += [f"argument {a!r} of 'optimizer.{key}' must be written key=value" for a in args if "=" not in a]
+        try:
+            optimizer_kwargs([a for a in args if "=" in a], key)
+        except ConfigError as e:
+            problems.append(str(e))
+    if cfg.optimizer.lr_scheduler_type and cfg.optimizer.lr_warmup_steps:
+        problems.append("'optimizer.lr_scheduler_type' classes have no warmup (sd-scripts stops here too): "
+                        "set 'optimizer.lr_warmup_steps' = 0")
     problems += _optimizer_problems(cfg)
     if cfg.sample.sample_prompts and Path(cfg.sample.sample_prompts).is_file():
         from library.prompts import PromptFileError, read_prompt_file

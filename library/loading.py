@@ -10,10 +10,10 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
-from safetensors.torch import load_file
+if TYPE_CHECKING:
+    import torch  # imported where tensors are made: reading a header (the checks before loading) needs no torch
 
 ARCH_ROOT = Path(__file__).parent / "arch"
 
@@ -93,6 +93,9 @@ def pickle_problem(path: str | Path) -> str | None:
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a single-file checkpoint. A pickle (.ckpt) is read weights-only: a file whose
     unpickling would construct arbitrary objects (and could run code) is refused."""
+    import torch
+    from safetensors.torch import load_file
+
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         read_safetensors_header(path)  # a damaged file is named, not a Rust error
@@ -189,6 +192,8 @@ def fuse_parts(state: dict[str, torch.Tensor], prefix: str, fused: dict[str, tup
                out_prefix: str) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The fused weights of one block: for each `fused` name, its parts' weights and biases (under `prefix`)
     concatenated along the output rows, keyed `out_prefix + name`; and the keys of `state` they used."""
+    import torch
+
     out, used = {}, set()
     for name, parts in fused.items():
         for suffix in ("weight", "bias"):

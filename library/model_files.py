@@ -49,22 +49,25 @@ def fail(cfg: Config, key: str, message: str) -> ConfigError:
     return ConfigError(f"{cfg.source}: '{key}': {' '.join(message.split())}")
 
 
-def check_model_files(cfg: Config) -> None:
-    """Every check above that the config's information allows, before any model loads; ConfigError on the first
-    problem."""
-    files = named_files(cfg)
-    headers = {}
-    for key, value in files.items():
-        headers[key] = _check_file(cfg, key, value)
+def check_files(cfg: Config) -> dict[str, SafetensorsHeader | None]:
+    """The checks that read files only (no torch, no model code: they run first, within a second): every file
+    key's file can be read, a hub id can be reached, a folder holds a model. Returns the .safetensors headers."""
+    headers = {key: _check_file(cfg, key, value) for key, value in named_files(cfg).items()}
     model = cfg.model.pretrained_model_name_or_path
     if _is_hub_id(model):
         _check_hub_id(cfg, model)
-        family = None  # known once the hub's files load
-    else:
-        if os.path.isdir(model):
-            _check_model_folder(cfg, model)
-        family = _check_family(cfg, headers.get(MODEL_KEY))
-    if "network.network_weights" in headers:
+    elif os.path.isdir(model):
+        _check_model_folder(cfg, model)
+    return headers
+
+
+def check_model_files(cfg: Config) -> None:
+    """Every check above that the config's information allows, before any model loads; ConfigError on the first
+    problem. The family checks import the model families (diffusers)."""
+    headers = check_files(cfg)
+    model = cfg.model.pretrained_model_name_or_path
+    family = None if _is_hub_id(model) else _check_family(cfg, headers.get(MODEL_KEY))  # a hub id: once loaded
+    if headers.get("network.network_weights"):
         _check_network_weights(cfg, headers["network.network_weights"], family)
 
 

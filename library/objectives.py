@@ -89,9 +89,11 @@ class LossOptions:
     debiased_estimation_loss: bool = False
     scale_v_pred_loss_like_noise_pred: bool = False
     noise_offset: float | None = None
+    noise_offset_random_strength: bool = False  # the offset scaled by U(0, 1), drawn once per batch
     multires_noise_iterations: int | None = None
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False  # gamma scaled by U(0, 1), drawn once per batch
 
 
 def configure(objective: DiffusionObjective, loss_section) -> tuple[DiffusionObjective, LossOptions]:
@@ -116,12 +118,18 @@ def draw_noise(shape: tuple, generator: torch.Generator, options: LossOptions = 
     noise the latents are actually noised with (input perturbation adds ip_noise_gamma * N(0, 1))."""
     noise = torch.randn(shape, generator=generator)
     if options.noise_offset:
-        noise = apply_noise_offset(noise, options.noise_offset, generator)
+        offset = options.noise_offset
+        if options.noise_offset_random_strength:
+            offset = offset * torch.rand((), generator=generator).item()
+        noise = apply_noise_offset(noise, offset, generator)
     if options.multires_noise_iterations:
         noise = apply_multires_noise(noise, options.multires_noise_iterations, options.multires_noise_discount,
                                      generator)
     if options.ip_noise_gamma:
-        return noise, noise + options.ip_noise_gamma * torch.randn(shape, generator=generator)
+        gamma = options.ip_noise_gamma
+        if options.ip_noise_gamma_random_strength:
+            gamma = gamma * torch.rand((), generator=generator).item()
+        return noise, noise + gamma * torch.randn(shape, generator=generator)
     return noise, noise
 
 

@@ -5,7 +5,7 @@ import importlib
 
 import torch
 
-from library.config import ConfigError, parse_kv_args
+from library.config import ConfigError, optimizer_kwargs
 
 
 def build_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str]) -> torch.optim.Optimizer:
@@ -13,7 +13,7 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, args: list[s
 
     Adafactor is used as sd-scripts' users run it for fine-tuning: with the given learning rate and
     our schedule (relative_step, scale_parameter and warmup_init off unless optimizer_args say so)."""
-    kwargs = parse_kv_args(args)
+    kwargs = optimizer_kwargs(args)
     cls = optimizer_class(name)
     if name.lower() == "sgdnesterov":
         kwargs = {"momentum": 0.9, "nesterov": True, **kwargs}
@@ -66,15 +66,39 @@ def optimizer_class(name: str) -> type:
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int | float, total_steps: int,
-                    num_cycles: int = 1, power: float = 1.0):
-    """diffusers' schedules; `warmup` below 1 is a fraction of the total steps."""
-    from diffusers.optimization import get_scheduler
+                    num_cycles: int = 1, power: float = 1.0, scheduler_type: str | None = None,
+                    scheduler_args: list[str] = ()):
+    """diffusers' schedules; `warmup` below 1 is a fraction of the total steps. `scheduler_args` (Python
+    literals) go to the schedule function, as sd-scripts passes lr_scheduler_args; `scheduler_type` names a
+    scheduler class (torch.optim.lr_scheduler's, or a dotted path) made with (optimizer, **args) instead."""
+    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType, get_scheduler
 
+    kwargs = optimizer_kwargs(list(scheduler_args), "lr_scheduler_args")
+    if scheduler_type:
+        return _scheduler_class(scheduler_type)(optimizer, **kwargs)
     warmup_steps = int(warmup * total_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
     if name == "constant" and warmup_steps:
         name = "constant_with_warmup"
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
-                         num_cycles=num_cycles, power=power)
+    if not kwargs:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                             num_cycles=num_cycles, power=power)
+    standard = {"num_warmup_steps": warmup_steps, "num_training_steps": total_steps, "num_cycles": num_cycles,
+                "power": power}
+    wanted = {"constant": (), "constant_with_warmup": ("num_warmup_steps",),
+              "linear": ("num_warmup_steps", "num_training_steps"),
+              "cosine": ("num_warmup_steps", "num_training_steps"),
+              "cosine_with_restarts": ("num_warmup_steps", "num_training_steps", "num_cycles"),
+              "polynomial": ("num_warmup_steps", "num_training_steps", "power")}[name]
+    function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    return function(optimizer, **{**{k: standard[k] for k in wanted}, **kwargs})
+
+
+def _scheduler_class(path: str) -> type:
+    module, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module or "torch.optim.lr_scheduler"), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"lr_scheduler_type {path!r}: no such scheduler class") from None
 
 
 class FusedBackward(torch.optim.Optimizer):

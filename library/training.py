@@ -22,8 +22,8 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     shard = (rank, processes): every process draws the noise and timesteps of the whole global batch from
     the same generator and uses its own slice, so N processes train exactly as one process would on the
     global batch."""
-    if "latents" in batch:
-        latents = batch["latents"].to(parts.denoiser.device)
+    if "latents" in batch:  # in the dtype a fresh encoding has (half precision without autocast: the CPU)
+        latents = batch["latents"].to(parts.denoiser.device, next(parts.vae.parameters()).dtype)
     else:
         with torch.no_grad():
             latents = family.encode_images(parts, batch["pixels"])
@@ -58,10 +58,25 @@ def prepare_data(cfg, say, planned=None):
     from library.data.plan import plan_training
     from library.data.training_set import TrainingSet
 
+    check_precision_on_device(cfg)  # fp16 on a device that cannot run it: before any model loads
     plan, max_steps = planned or plan_training(cfg, say)
     dataset = TrainingSet(plan, cfg.train.seed, cfg.dataset.prior_loss_weight)
     steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps)
     return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
+
+
+def check_precision_on_device(cfg) -> None:
+    """accelerate does not autocast fp16 on the CPU: the frozen weights are fp16 and every input must be too,
+    which a VAE kept in fp32 (no_half_vae) breaks. Said before any model loads."""
+    from accelerate import PartialState
+
+    from library.config import ConfigError
+
+    t = cfg.train
+    if t.mixed_precision == "fp16" and t.no_half_vae and PartialState().device.type == "cpu":
+        raise ConfigError(f"{cfg.source}: 'train.no_half_vae' with mixed_precision = \"fp16\" cannot run on the "
+                          f"CPU (no fp16 autocast there: fp32 latents would meet fp16 weights); use "
+                          f"mixed_precision = \"bf16\" or \"no\" on the CPU")
 
 
 def make_loader(cfg, plan, dataset):

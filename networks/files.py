@@ -51,9 +51,6 @@ def load_into(adapted: list[AdaptedComponent], path: str, family_meta: dict[str,
     _check_family(path, metadata, family_meta or {})
     if peft_format.is_peft_layout(tensors.keys(), adapted):
         return peft_format.load_into(adapted, tensors, metadata, str(path))
-    if any(c.algo in ("oft", "boft") for c in adapted):
-        raise LoraFileError(f"{path}: kohya / LyCORIS layout, but peft's {adapted[0].algo} loads from peft layout "
-                            f"only (LyCORIS oft_blocks rotate the other side of the weight)")
     return lycoris_format.load_into(adapted, tensors, str(path))
 
 
@@ -107,3 +104,21 @@ def metadata(family_meta: dict[str, str], network: dict, training: dict) -> dict
     for key, value in family_meta.items():
         meta[key] = value + "/lora" if key == "modelspec.architecture" else value
     return meta
+
+
+# what sd-scripts keeps with no_metadata: the keys a loader needs (and modelspec.*)
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
+
+
+def with_user_metadata(meta: dict[str, str], save) -> dict[str, str]:
+    """The [save] section's metadata_* (as modelspec.*) and training_comment (ss_training_comment) added,
+    and, with no_metadata, every other ss_* key left out, as sd-scripts writes them."""
+    out = {k: v for k, v in meta.items() if not save.no_metadata or k in MINIMUM_KEYS or k.startswith("modelspec.")}
+    if save.training_comment is not None and not save.no_metadata:
+        out["ss_training_comment"] = save.training_comment
+    for name in vars(save):
+        value = getattr(save, name)
+        if name.startswith("metadata_") and value not in (None, ""):
+            out[f"modelspec.{name[len('metadata_'):]}"] = str(value)
+    return out

@@ -4,8 +4,9 @@ and LyCORIS read.
 Key = prefix + "_" + module path with "." replaced by "_", then the algorithm's suffixes:
 LoRA / LoCon `.lora_down.weight`, `.lora_up.weight`; DoRA adds `.dora_scale`; LoHa `.hada_w1_a`,
 `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` (+ `.hada_t1`, `.hada_t2` with use_tucker); LoKr `.lokr_w1` or
-`.lokr_w1_a`/`.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a`/`.lokr_w2_b` (+ `.lokr_t2`); every layer `.alpha`
-(a scalar: the delta is scaled by alpha / rank).
+`.lokr_w1_a`/`.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a`/`.lokr_w2_b` (a Tucker w2 written in that plain form,
+networks/tucker.py); OFT / BOFT `.oft_blocks` (3-d / 4-d); every layer `.alpha` (a scalar: the delta is scaled
+by alpha / rank; for OFT / BOFT the norm constraint).
 
 Where a family's checkpoints name layers otherwise (AdapterTarget.kohya_layout: FLUX `double_blocks_0_img_attn_qkv`,
 `single_blocks_0_linear1`, `double_blocks_0_img_mlp_0`, ...), files use those names, as sd-scripts writes them and
@@ -154,7 +155,8 @@ def _checked(source, name, parts, component: AdaptedComponent, path: str, layer)
     """The layer's tensors without alpha, after checking algorithm, key set, shapes and alpha."""
     expected = algorithms.expected_file_shapes(component.algo, layer)
     found_algo = algorithms.algorithm_of_suffixes(set(parts))
-    if found_algo != component.algo and not (found_algo == "lora" and component.algo in ("locon", "dora")):
+    kin = {"lora": ("locon", "dora"), "oft": ("boft",)}
+    if found_algo != component.algo and component.algo not in kin.get(found_algo, ()):
         raise LoraFileError(f"{source}: {name} holds {found_algo} weights ({sorted(parts)[:3]}), the config "
                             f"trains {component.algo}: set network.algo to the file's algorithm")
     weights = {k: v for k, v in parts.items() if k != "alpha"}

@@ -7,11 +7,14 @@ kohya / LyCORIS files are merged by the published formulas, without peft (what U
     LoHa          delta = (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b)   (Tucker: t x_1 a x_2 b per factor)
     LoKr          delta = scale * kron(w1, w2), each w full or a @ b (w2 Tucker with t2); scale alpha / rank,
                   or 1 when neither is factored
-    DoRA          W' = dora_scale * (W + delta) / ||W + delta|| per output channel
+    OFT / BOFT    W' = T W, T the block rotations of oft_blocks (networks/oft.py), alpha the norm constraint
+    DoRA          W' = (W + delta) * dora_scale / ||W + delta||, per input column for a (1, in) dora_scale
+                  (ours, LyCORIS wd_on_output=False, what every UI applies), per output row for LyCORIS'
+                  default (out, 1) (as LyCORIS itself applies it)
     W' = W + ratio * (merged - W).
 A layer a family's files fuse (FLUX double_blocks_0_img_attn_qkv: to_q, to_k, to_v) is merged into the parts'
 weights stacked along the output rows, then split back (exact for any algorithm: the delta's rows are the parts').
-peft-layout files (OFT, BOFT, or save_format = "peft") are merged through peft's own merge.
+peft-layout files (save_format = "peft") are merged by injecting the adapter and merging it.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
+from networks import dora, oft
 from networks.lycoris_format import LoraFileError, file_names
 
 
@@ -53,12 +58,19 @@ def merge_lora(modules: dict[str, nn.Module], targets, path: str, ratio: float =
 
 
 def merged_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "oft_blocks" in parts:  # OFT / BOFT: the output rows rotated, alpha the constraint (networks/oft.py)
+        constraint = float(parts["alpha"]) if "alpha" in parts else 0.0
+        return oft.rotate_rows(oft.rotation(parts["oft_blocks"], constraint), weight)
     delta = layer_delta(parts, weight.shape)
     if "dora_scale" not in parts:
         return weight + delta
-    combined = weight + delta
-    norm = combined.reshape(combined.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
-    return parts["dora_scale"].reshape(norm.shape) * combined / norm
+    combined, scale = weight + delta, parts["dora_scale"]
+    eps = torch.finfo(torch.float32).eps
+    if scale.shape[0] == 1 and weight.shape[0] != 1:  # input axis
+        shape = dora.file_shape(weight)
+        return combined * (scale.reshape(shape) / dora.column_norm(combined).reshape(shape))
+    norm = combined.reshape(combined.shape[0], -1).norm(dim=1) + eps
+    return combined * (scale.flatten() / norm).reshape(-1, *[1] * (weight.dim() - 1))
 
 
 def layer_delta(parts: dict[str, torch.Tensor], shape) -> torch.Tensor:
@@ -128,41 +140,84 @@ def merge_file(modules: dict[str, nn.Module], targets, path: str, ratio: float) 
     from networks import files
 
     keys = files.read(path)[0].keys()
-    if all(k.startswith(("unet.", "text_encoder.", "transformer.")) for k in keys):
+    prefixes = tuple(f"{t.diffusers_prefix or t.component}." for t in targets)
+    if keys and all(k.startswith(prefixes) for k in keys):
         return merge_peft(modules, targets, path, ratio)
     return merge_lora(modules, targets, path, ratio)
 
 
-def main(argv: list[str] | None = None) -> int:
+def components_in_file(targets, keys) -> set[str]:
+    """The components (denoiser, te1, ...) an adapter file's keys adapt, by kohya or diffusers prefix."""
+    found = set()
+    for t in targets:
+        prefixes = (t.kohya_prefix + "_", f"lora_{t.diffusers_prefix}_", f"{t.diffusers_prefix or t.component}.")
+        if any(k.startswith(prefixes) for k in keys):
+            found.add(t.component)
+    return found
+
+
+def _arguments(argv):
     p = argparse.ArgumentParser(prog="python -m networks.merge", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="base model: single file or diffusers folder")
-    p.add_argument("--network", required=True, nargs="+", help="adapter file(s)")
+    p.add_argument("--network", required=True, nargs="+", help="adapter file(s), merged in order")
     p.add_argument("--ratio", type=float, nargs="+", default=[1.0], help="strength, one per file (or one for all)")
     p.add_argument("--out", required=True, help="merged single file (.safetensors, original layout)")
     p.add_argument("--tokenizer", help="tokenizer folder, for single files (as model.tokenizer)")
     p.add_argument("--arch", help="shipped architecture name or folder, for single files (as model.arch)")
+    for name in ("vae", "clip_l", "clip_g", "t5xxl", "ae"):
+        p.add_argument(f"--{name}", help=f"separate {name} file beside a single-file model (as model.{name})")
     p.add_argument("--precision", choices=("float", "fp16", "bf16"), default="float")
     a = p.parse_args(argv)
+    if len(a.ratio) not in (1, len(a.network)):
+        p.error(f"--ratio: {len(a.ratio)} values for {len(a.network)} networks (give one, or one per network)")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _arguments(argv)
     from library.families import ModelSource, get_family
+    from library.loading import CheckpointError
     from networks import files
 
-    family = get_family("auto", a.model)
-    parts = family.load(ModelSource(a.model, tokenizer=a.tokenizer, arch=a.arch))
+    missing = [path for path in a.network if not Path(path).is_file()]
+    if missing:
+        print(f"merge error: {missing[0]}: no such adapter file", file=sys.stderr)
+        return 2
+    source = ModelSource(a.model, tokenizer=a.tokenizer, arch=a.arch, vae=a.vae, clip_l=a.clip_l,
+                         clip_g=a.clip_g, t5xxl=a.t5xxl, ae=a.ae)
+    try:
+        family = get_family("auto", a.model)
+        parts = family.load(source)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"merge error: {a.model}: {e}", file=sys.stderr)
+        return 2
     modules = {"denoiser": parts.denoiser, **parts.text_encoders}
+    targets = family.adapter_targets(parts)
     ratios = a.ratio * len(a.network) if len(a.ratio) == 1 else a.ratio
-    for path, ratio in zip(a.network, ratios, strict=True):
+    touched: set[str] = set()
+    for path, ratio in tqdm(list(zip(a.network, ratios)), desc="merging", unit="file", disable=len(ratios) < 2):
         try:
-            merged = merge_file(modules, family.adapter_targets(parts), path, ratio)
-        except LoraFileError as e:
-            print(f"merge error: {e}", file=sys.stderr)
+            merged = merge_file(modules, targets, path, ratio)
+            touched |= components_in_file(targets, files.read(path)[0].keys())
+        except (LoraFileError, OSError, KeyError, ValueError) as e:
+            print(f"merge error: {e if isinstance(e, LoraFileError) else f'{path}: {e}'}", file=sys.stderr)
             return 2
         print(f"merged {path} at ratio {ratio:g}: {merged} layers")
-    state = family.single_file_state_dict(parts)
     dtype = files.SAVE_DTYPES[a.precision]
-    files.save(Path(a.out), {k: v.detach().to(dtype).contiguous() for k, v in state.items()},
-               {"merged_from": json.dumps([a.model, *a.network]), "merge_ratios": json.dumps(ratios)})
-    print(f"wrote {a.out}")
+    metadata = {"merged_from": json.dumps([a.model, *a.network]), "merge_ratios": json.dumps(ratios)}
+    _write(Path(a.out), family.single_file_state_dict(parts), dtype, metadata)
+    separate = family.separate_files(parts) if hasattr(family, "separate_files") else {}
+    for component, (name, state) in separate.items():
+        if component in touched:  # the single file leaves this encoder out: its merged weights beside it
+            _write(Path(a.out).with_name(f"{Path(a.out).stem}_{name}.safetensors"), state, dtype, metadata)
     return 0
+
+
+def _write(path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype, metadata: dict[str, str]) -> None:
+    from networks import files
+
+    files.save(path, {k: v.detach().to(dtype).contiguous() for k, v in state.items()}, metadata)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,18 @@ def prefix(component: AdaptedComponent) -> str:
     return component.target.diffusers_prefix or component.target.component
 
 
+def layer_name(component: AdaptedComponent, path: str) -> str:
+    """`text_encoder.text_model.encoder.layers.0.mlp.fc1`: CLIP keys keep the `text_model.` segment ComfyUI's key
+    map (comfy/lora.py model_lora_keys_clip) and older diffusers expect, where transformers 5 dropped it from the
+    module path (diffusers removes it again when it loads)."""
+    return f"{prefix(component)}.{component.target.kohya_path_prefix}{path}"
+
+
+def _names(component: AdaptedComponent, path: str) -> tuple[str, ...]:
+    """The names a layer may have in files: ours, and the module path without the segment (older files)."""
+    return tuple(dict.fromkeys((layer_name(component, path), f"{prefix(component)}.{path}")))
+
+
 def is_peft_layout(keys, adapted: list[AdaptedComponent]) -> bool:
     prefixes = tuple(prefix(c) + "." for c in adapted) + ("unet.", "text_encoder.", "transformer.")
     return bool(keys) and all(k.startswith(prefixes) for k in keys)
@@ -33,7 +45,7 @@ def state_dict(adapted: list[AdaptedComponent], dtype: torch.dtype = torch.float
     out, layers = {}, {}
     for component in adapted:
         for path, layer in component.adapter_layers():
-            name = f"{prefix(component)}.{path}"
+            name = layer_name(component, path)
             for param_name, param in algorithms.parameters(layer).items():
                 out[f"{name}.{param_name}"] = param.detach().to("cpu", dtype).contiguous()
             layers[name] = list(component.layers[path])
@@ -46,9 +58,9 @@ def load_into(adapted: list[AdaptedComponent], tensors: dict[str, torch.Tensor],
     params, ranks = {}, {}
     for component in adapted:
         for path, layer in component.adapter_layers():
-            name = f"{prefix(component)}.{path}"
-            ranks[name] = component.layers[path]
-            params.update({f"{name}.{n}": p for n, p in algorithms.parameters(layer).items()})
+            for name in _names(component, path):
+                ranks[name] = component.layers[path]
+                params.update({f"{name}.{n}": p for n, p in algorithms.parameters(layer).items()})
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise LoraFileError(f"{source}: {len(unknown)} key(s) match no parameter of this network (another "

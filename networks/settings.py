@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 ALGORITHMS = ("lora", "locon", "loha", "lokr", "oft", "boft", "dora")
 LORA_FAMILY = ("lora", "locon", "dora")  # one peft LoraConfig; dora adds the magnitude vector
-INPUT_ROTATIONS = ("oft", "boft")  # peft rotates the layer input; LyCORIS files rotate the output
+ROTATIONS = ("oft", "boft")  # output rotations (networks/oft.py), not additive
 MODULES = ("networks.lora", "lycoris.kohya")
 NUM_BLOCKS, NUM_UPDOWN = 25, 12  # kohya's SD1/SD2 U-Net blocks: IN00-IN11, MID, OUT00-OUT11
 LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
@@ -20,7 +20,7 @@ LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 # network_args key -> [network] key, where the names differ
 ARG_NAMES = {"dropout": "network_dropout", "dora_wd": "dora_wd"}
 ARG_KEYS = ("algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "factor",
-            "decompose_both", "use_tucker", "dora_wd", "block_dims", "block_alphas", "conv_block_dims",
+            "decompose_both", "use_tucker", "dora_wd", "wd_on_output", "constraint", "use_ema", "ema_decay", "block_dims", "block_alphas", "conv_block_dims",
             "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio",
             "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
@@ -52,6 +52,9 @@ class NetworkSettings:
     up_lr_weight: tuple[float, ...] | None = None
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
+    constraint: float = 0.0  # OFT / BOFT: the norm limit of Q, as UIs read the file's alpha (0: none)
+    use_ema: bool = False  # train_network.py: also save an EMA of the adapter weights (networks/ema.py)
+    ema_decay: float = 0.999
 
     @classmethod
     def from_network_section(cls, net) -> "NetworkSettings":
@@ -68,7 +71,7 @@ class NetworkSettings:
         if self.module == "lycoris.kohya" or self.algo not in ("lora", "locon"):
             args["algo"] = "lora" if self.algo == "dora" else self.algo
         if self.algo == "dora":
-            args["dora_wd"] = "True"
+            args.update(dora_wd="True", wd_on_output="False")  # LyCORIS' name for the input-axis form
         if self.conv_dim:
             args.update(conv_dim=str(self.conv_dim), conv_alpha=str(self.conv_alpha))
         for name in ("rank_dropout", "module_dropout"):
@@ -76,6 +79,8 @@ class NetworkSettings:
                 args[name] = str(getattr(self, name))
         if self.algo == "lokr":
             args.update(factor=str(self.factor), decompose_both=str(self.decompose_both))
+        if self.algo in ROTATIONS:
+            args["constraint"] = f"{self.constraint:g}"
         if self.use_tucker:
             args["use_tucker"] = "True"
         for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
@@ -130,6 +135,9 @@ def settings_from(o: dict) -> NetworkSettings:
         if algo not in ("lora", "locon", "dora"):
             raise SettingsError(f"'dora_wd' (DoRA) exists for lora/locon only in peft, not for algo={algo}")
         algo = "dora"
+    if algo == "dora" and o.get("wd_on_output") is not None and _flag(o.get("wd_on_output")):
+        raise SettingsError("'wd_on_output=True' (LyCORIS' output-axis DoRA) is not trained here: UIs render "
+                            "only the input-axis form exactly (networks/dora.py); drop wd_on_output")
     conv_dim = _int(o, "conv_dim")
     block_dims = _ints(o, "block_dims", NUM_BLOCKS)
     s = NetworkSettings(
@@ -144,17 +152,18 @@ def settings_from(o: dict) -> NetworkSettings:
         down_lr_weight=_lr_weights(o, "down_lr_weight"), mid_lr_weight=_float(o, "mid_lr_weight", None),
         up_lr_weight=_lr_weights(o, "up_lr_weight"),
         loraplus_unet_lr_ratio=_float(o, "loraplus_unet_lr_ratio", None),
-        loraplus_text_encoder_lr_ratio=_float(o, "loraplus_text_encoder_lr_ratio", None))
+        loraplus_text_encoder_lr_ratio=_float(o, "loraplus_text_encoder_lr_ratio", None),
+        constraint=_float(o, "constraint", 0.0), use_ema=_flag(o.get("use_ema")),
+        ema_decay=_float(o, "ema_decay", 0.999))
     check(s)
     return s
 
 
 def check(s: NetworkSettings) -> None:
     """Combinations peft or the file formats cannot do, refused with the reason."""
-    if s.algo in INPUT_ROTATIONS and (s.conv_dim or s.conv_block_dims):
-        raise SettingsError(f"algo={s.algo} on 3x3 convs (conv_dim) is refused: peft's {s.algo.upper()} rotates "
-                            f"unfolded input patches there, so its merged weight differs from what it trains")
-    if s.algo in INPUT_ROTATIONS and (s.block_dims or s.block_alphas):
+    if s.constraint < 0 or s.constraint and s.algo not in ROTATIONS:
+        raise SettingsError(f"'constraint' = {s.constraint:g} is OFT / BOFT's norm limit (>= 0), not for algo={s.algo}")
+    if s.algo in ROTATIONS and (s.block_dims or s.block_alphas):
         raise SettingsError(f"block_dims / block_alphas set ranks, which algo={s.algo} does not have "
                             f"(network_dim is its block size)")
     if s.use_tucker and s.algo not in ("loha", "lokr"):
@@ -165,6 +174,11 @@ def check(s: NetworkSettings) -> None:
                             f"has none (use lora, locon or dora)")
     if s.block_alphas and not s.block_dims or s.conv_block_alphas and not s.conv_block_dims:
         raise SettingsError("block_alphas / conv_block_alphas need block_dims / conv_block_dims")
+    if not 0.0 < s.ema_decay < 1.0:
+        raise SettingsError(f"'ema_decay' = {s.ema_decay:g} must be in (0, 1)")
+    if s.algo == "dora" and (s.rank_dropout or s.module_dropout):
+        raise SettingsError("rank_dropout / module_dropout with algo=dora are refused: DoRA rescales the base "
+                            "weight too, so skipping the low-rank part does not skip the adapter")
     for name in ("dropout", "rank_dropout", "module_dropout"):
         value = getattr(s, name) or 0.0
         if not 0.0 <= value < 1.0:
@@ -244,11 +258,7 @@ def check_network_section(net, save_format: str = "kohya") -> list[str]:
     except SettingsError as e:
         return [f"'network': {e}"]
     problems = []
-    if s.algo in INPUT_ROTATIONS and save_format != "peft":
-        problems.append(f"algo={s.algo}: peft's {s.algo.upper()} rotates the layer input (W R^T), LyCORIS' "
-                        f"oft_blocks the output (R W), so it has no exact kohya / LyCORIS file: set "
-                        f"'save.save_format' = \"peft\"")
-    if net.scale_weight_norms is not None and (s.algo in INPUT_ROTATIONS or net.scale_weight_norms <= 0):
+    if net.scale_weight_norms is not None and (s.algo in ROTATIONS or net.scale_weight_norms <= 0):
         problems.append(f"'network.scale_weight_norms' needs a positive limit and an additive algorithm "
                         f"(lora, locon, dora, loha, lokr), got {net.scale_weight_norms} with algo={s.algo}")
     return problems

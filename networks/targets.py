@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from library.families.base import AdapterTarget
-from networks import algorithms
+from networks import algorithms, dropout, oft
 from networks.algorithms import ADAPTER
 from networks.settings import NUM_UPDOWN, NetworkSettings
 
@@ -104,13 +104,17 @@ def inject(module: nn.Module, target: AdapterTarget, settings: NetworkSettings) 
     layers = find_layers(module, target, settings)
     if not layers:
         raise ValueError(f"no layers to adapt in {type(module).__name__} for {target.kohya_prefix}")
-    inject_adapter_in_model(algorithms.peft_config(settings, layers), module, adapter_name=ADAPTER)
+    if settings.algo in oft.ALGORITHMS:  # output rotations of our own (networks/oft.py says why)
+        layers = oft.inject(module, target, layers, settings)
+    else:
+        inject_adapter_in_model(algorithms.peft_config(settings, layers), module, adapter_name=ADAPTER)
     adapted = AdaptedComponent(target, module, layers, settings.algo)
     found = dict(adapted.adapter_layers())
     if set(found) != set(layers):
         raise RuntimeError(f"peft adapted {len(found)} of {len(layers)} layers: {sorted(set(layers) - set(found))[:3]}")
     for path, layer in found.items():
         layers[path] = algorithms.after_injection(settings, layer, layers[path])
+    dropout.install(adapted, settings)  # LoRA's rank / module dropout (peft's LoRA has neither)
     return adapted
 
 

@@ -40,7 +40,9 @@ def test_resume_with_a_different_config_names_what_differs(make_config, tmp_path
 def test_nan_steps_are_skipped_then_the_run_stops(make_config, tmp_path, monkeypatch):
     from library.guards import NonFiniteLoss
 
-    real = train_db.batch_loss
+    import library.training
+
+    real = library.training.batch_loss  # train() imports it when it starts: patched here, it is the one used
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -48,7 +50,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(make_config, tmp_path, monkeyp
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
 
-    monkeypatch.setattr(train_db, "batch_loss", sometimes_nan)
+    monkeypatch.setattr(library.training, "batch_loss", sometimes_nan)
     with pytest.raises(NonFiniteLoss, match="3 steps in a row.*no_half_vae.*learning rate"):
         train_db.train(_db(make_config, tmp_path, train={"nan_skip_limit": 3, "max_train_steps": 10},
                            save={"save_every_n_steps": None, "save_state": False}))

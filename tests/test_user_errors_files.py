@@ -343,3 +343,15 @@ def test_legacy_ckpt_without_objects_trains(user, capsys):
     assert train_network.main(["--config", str(user.config("network"))]) == 0
     saved = load_file(user.root / "out" / "run.safetensors")
     assert any(k.startswith("lora_unet_") for k in saved) and any(k.startswith("lora_te_") for k in saved)
+
+
+def test_file_errors_come_before_the_data_check(user, monkeypatch, capsys):
+    """A truncated model and a truncated image: the model is named first (its check reads headers only)."""
+    key, named, said = model_truncated(user, monkeypatch)
+    image = next(user.data.rglob("*.png"))
+    image.write_bytes(image.read_bytes()[:60])
+    config = user.config("network")
+    code, stderr = _run_main(train_network.main, config, capsys)
+    assert code == 2
+    _assert_one_line(stderr, config, key, named, said)
+    assert "dataset error" not in stderr and str(image) not in stderr

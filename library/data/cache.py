@@ -195,8 +195,8 @@ def _encode_controls(family, parts, records: list[ImageRecord], generator, flipp
 
 def text_dependencies(family_name: str, encoders_id: str, clip_skip: int, caption: str, source=None) -> dict:
     """What a cached text output depends on: the encoders' weights, clip_skip, the caption, and the
-    model keys that change T5's output (token length, padding mask)."""
-    t5 = {k: getattr(source, k, None) for k in ("t5xxl_max_token_length", "apply_t5_attn_mask")}
+    model keys that change the encoders' output (token lengths, T5's padding mask)."""
+    t5 = {k: getattr(source, k, None) for k in ("t5xxl_max_token_length", "apply_t5_attn_mask", "max_token_length")}
     return {"kind": "text", "format": CACHE_FORMAT, "family": family_name, "text_encoders": encoders_id,
             "clip_skip": clip_skip, "caption": caption, **t5}
 

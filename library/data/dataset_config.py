@@ -128,7 +128,7 @@ def layout_from_toml(path: Path, d: DatasetSection) -> DataLayout:
     raw = _read_toml(path)
     source = str(path)
     _check_keys(raw, {"general", "datasets"}, source, "top level")
-    general = raw.get("general", {})
+    general = _without_sd_scripts_keys(raw.get("general", {}), source, "[general]")
     _check_keys(general, set(DATASET_KEYS) | set(SUBSET_KEYS) - {"image_dir"}, source, "[general]")
     base = {k: getattr(d, k) for k in _schema_keys()} | {"batch_size": d.train_batch_size}
     datasets = []
@@ -136,6 +136,7 @@ def layout_from_toml(path: Path, d: DatasetSection) -> DataLayout:
         raise ConfigError(f"{source}: write datasets as [[datasets]] (an array of tables)")
     for i, dataset in enumerate(raw.get("datasets", [])):
         where = f"datasets[{i}]"
+        dataset = _without_sd_scripts_keys(dataset, source, where)
         _check_keys(dataset, set(DATASET_KEYS) | set(SUBSET_KEYS) | {"subsets"}, source, where)
         values = _typed(base | general | {k: v for k, v in dataset.items() if k != "subsets"}, source, where)
         subsets = [_toml_subset(values, s, source, f"{where}.subsets[{j}]")
@@ -156,6 +157,7 @@ def _read_toml(path: Path) -> dict:
 
 
 def _toml_subset(dataset_values: dict, raw: dict, source: str, where: str) -> SubsetSpec:
+    raw = _without_sd_scripts_keys(raw, source, where)
     _check_keys(raw, set(SUBSET_KEYS), source, where)
     values = _typed(dataset_values | raw, source, where)
     if "image_dir" not in raw:
@@ -165,6 +167,22 @@ def _toml_subset(dataset_values: dict, raw: dict, source: str, where: str) -> Su
         raise ConfigError(f"{source}: '{where}.image_dir': no such folder: {folder}")
     return _subset(folder, values["num_repeats"], values.get("class_tokens"), values.get("is_reg", False),
                    values, where)
+
+
+def _without_sd_scripts_keys(table, source: str, where: str):
+    """sd-scripts' dataset keys this reader does not take (library/sd_vocab.py DATASET_KEYS): dropped at a value
+    with no effect, refused otherwise; caption_extention is sd-scripts' old spelling of caption_extension."""
+    from library.sd_vocab import DATASET_KEYS
+
+    if not isinstance(table, dict):
+        return table
+    out = {("caption_extension" if k == "caption_extention" and "caption_extension" not in table else k): v
+           for k, v in table.items() if k not in DATASET_KEYS}
+    refused = [f"'{k}' = {v!r} is refused: {DATASET_KEYS[k][1]}" for k, v in table.items()
+               if k in DATASET_KEYS and not any(v == h and type(v) is type(h) for h in DATASET_KEYS[k][0])]
+    if refused:
+        raise ConfigError(f"{source}: {where}:\n  " + "\n  ".join(refused))
+    return out
 
 
 def _check_keys(table, allowed: set, source: str, where: str) -> None:
@@ -203,6 +221,27 @@ def _bucket_settings(values: dict, source: str, where: str) -> BucketSettings:
     if len(sizes) != 2 or any(s < 8 or s % 8 for s in sizes):
         raise ConfigError(f"{source}: '{where}.resolution' = {res!r}: one or two sizes, each a multiple of 8")
     return BucketSettings((sizes[0], sizes[1]), *(values[k] for k in BUCKET_KEYS))
+
+
+def used_values(layout: DataLayout) -> tuple[dict, list[str]]:
+    """What the run uses, as [dataset] keys: each dataset's resolution, batch size and bucket keys, and each
+    subset key all subsets share. With datasets or subsets that differ, the first one's value is given and a
+    line per key says how they differ (for the resolved config's comments)."""
+    per_dataset = [{"resolution": list(d.buckets.resolution), "train_batch_size": d.batch_size,
+                    **{k: getattr(d.buckets, k) for k in BUCKET_KEYS}} for d in layout.datasets]
+    per_subset = [{"num_repeats": s.num_repeats, "caption_extension": s.caption_extension,
+                   **dataclasses.asdict(s.captions), **dataclasses.asdict(s.augment)}
+                  for d in layout.datasets for s in d.subsets]
+    values, differ = {}, []
+    for rows, what in ((per_dataset, "datasets"), (per_subset, "subsets")):
+        for key in rows[0]:
+            seen = [row[key] for row in rows]
+            values[key] = seen[0]
+            if any(v != seen[0] for v in seen):
+                differ.append(f"{key} differs between {what}: {seen}")
+    res = values["resolution"]
+    values["resolution"] = res[0] if res[0] == res[1] else res
+    return {k: v for k, v in values.items() if v is not None}, differ
 
 
 # ---- settings that cannot work together ---------------------------------------------------------

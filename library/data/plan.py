@@ -209,6 +209,9 @@ def plan_training(cfg: Config, say) -> tuple[DataPlan, int]:
     for line in plan.summary(t.gradient_accumulation_steps):
         say(line)
     say(f"  {max_steps} steps (~{math.ceil(max_steps / steps_per_epoch)} epochs)")
+    if cfg.save.save_n_epoch_ratio:  # sd-scripts: save_every_n_epochs = floor(epochs / ratio), at least 1
+        cfg.save.save_every_n_epochs = max(1, math.ceil(max_steps / steps_per_epoch) // cfg.save.save_n_epoch_ratio)
+        say(f"  save_n_epoch_ratio {cfg.save.save_n_epoch_ratio}: saving every {cfg.save.save_every_n_epochs} epochs")
     _check_against_run(cfg, plan, max_steps, say)
     return plan, max_steps
 

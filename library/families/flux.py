@@ -125,6 +125,14 @@ class FluxFamily:
         """The transformer in the BFL layout (what ComfyUI / Forge / sd-scripts load beside clip_l, t5xxl, ae)."""
         return transformer_to_bfl(parts.denoiser.state_dict())
 
+    def separate_files(self, parts: Components) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+        """Text encoders the single file leaves out, as the separate files UIs load beside it: component ->
+        (file name, weights). CLIP-L in transformers' names with `text_model.` (ComfyUI's clip_l.safetensors)."""
+        clip = parts.text_encoders["te1"]
+        prefix = "" if hasattr(clip, "text_model") else "text_model."
+        return {"te1": ("clip_l", {prefix + k: v for k, v in clip.state_dict().items()
+                                   if not k.endswith("position_ids")})}
+
     # ---- the training step ----------------------------------------------------------------
 
     def t5_max_length(self, parts: Components) -> int:

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from library import long_prompts
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
 from library.loading import (CheckpointError, arch_dir, has_key_prefix, load_clip_tokenizer, read_checkpoint,
                              read_json, shipped_archs)
@@ -121,15 +122,19 @@ class SD1Family:
 
     def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
         tokenizer, encoder = parts.tokenizers["te"], parts.text_encoders["te"]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+        n = long_prompts.windows(parts)  # max_token_length 150 / 225: captions in 75-token windows
+        if n > 1:
+            ids = long_prompts.window_ids(tokenizer, captions, n).to(encoder.device)
+        else:
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
         if clip_skip == 1:
             hidden = encoder(ids).last_hidden_state
         else:
             out = encoder(ids, output_hidden_states=True)
             final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
             hidden = final_norm(out.hidden_states[-clip_skip])
-        return {"encoder_hidden_states": hidden}
+        return {"encoder_hidden_states": long_prompts.join_windows(hidden, n) if n > 1 else hidden}
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:

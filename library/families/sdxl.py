@@ -25,6 +25,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from library import long_prompts
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
 from library.loading import (CheckpointError, arch_dir, has_key_prefix, load_clip_tokenizer, read_checkpoint, read_json,
                              shipped_archs)
@@ -157,13 +158,19 @@ class SDXLFamily:
                        f"-{clip_skip + 1} ({clip_skip - 1} before SDXL's usual penultimate layer); sd-scripts "
                        f"ignores clip_skip for SDXL")
         hidden = []
+        n = long_prompts.windows(parts)  # max_token_length 150 / 225: captions in 75-token windows
         for name in ("te1", "te2"):
             tokenizer, encoder = parts.tokenizers[name], parts.text_encoders[name]
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+            if n > 1:
+                ids = long_prompts.window_ids(tokenizer, captions, n).to(encoder.device)
+            else:
+                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids.to(encoder.device)
             out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-(clip_skip + 1)])
-        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": out.text_embeds}
+            states = out.hidden_states[-(clip_skip + 1)]
+            hidden.append(long_prompts.join_windows(states, n) if n > 1 else states)
+        pooled = long_prompts.first_window(out.text_embeds, n) if n > 1 else out.text_embeds
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
