@@ -148,8 +148,8 @@ def test_samples_take_a_reference_image(tiny_kontext, tmp_path):
     ours, other, plain = sample(prompt.control_image), sample(str(refs[1])), sample(None)
     pipe = FluxKontextPipeline.from_pretrained(str(tiny_kontext["folder"]))
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(prompt="a red dog", image=Image.open(refs[0]).convert("RGB").resize((64, 64), Image.LANCZOS), width=64,
-                  height=64, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=8, _auto_resize=False,
+    reference = Image.open(refs[0]).convert("RGB").resize((64, 64), Image.LANCZOS)
+    theirs = pipe(prompt="a red dog", image=reference, width=64, height=64, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=8, _auto_resize=False,
                   generator=torch.Generator("cpu").manual_seed(5)).images[0]
     assert np.array_equal(ours, np.asarray(theirs))
     assert not np.array_equal(ours, other) and not np.array_equal(ours, plain)
