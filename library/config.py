@@ -51,7 +51,7 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "sd3", "flux"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -162,6 +162,9 @@ class DatasetSection:
     cache_latents_to_disk: bool = opt(False, "cache latents as files in cache_dir, reused while still valid")
     vae_batch_size: int = opt(1, "images per VAE call when caching latents")
     cache_dir: Optional[str] = opt(None, "folder of the disk caches (default: output_dir/cache)")
+    control_directory: Optional[str] = opt(
+        None, "edit pairs (FLUX.1 Kontext): folder of control (reference) images, one per training image with the "
+        "same file stem, each resized to its image's bucket (a dataset TOML sets it per subset)", path="dir")
     bad_data: str = opt("stop", "what the dataset check does with bad images and captions: stop with the "
                         "list, or skip them with a warning", choices=("stop", "skip"))
     check_decode: bool = opt(True, "the dataset check decodes every image fully (false: headers and file ends)")

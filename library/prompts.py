@@ -2,9 +2,10 @@
 stops the run then, not hours later). Imports no torch: the config check reads the file.
 
   .txt   one prompt a line, `#` comments; flags: --n negative prompt, --w width, --h height, --d seed,
-         --s steps, --l CFG scale, --g guidance (FLUX), --ss sampler
+         --s steps, --l CFG scale, --g guidance (FLUX), --ss sampler, --ci control (reference) image of an
+         edit model (FLUX.1 Kontext), as musubi-tuner writes it
   .toml  [prompt] defaults and [[prompt.subset]] entries with prompt, negative_prompt, width, height,
-         seed, sample_steps, scale, guidance_scale, sample_sampler
+         seed, sample_steps, scale, guidance_scale, sample_sampler, control_image
   .json  a list of prompt strings (with flags) or of such tables
 """
 from __future__ import annotations
@@ -34,13 +35,15 @@ class SamplePrompt:
     scale: float = 7.5
     guidance: float | None = None
     sampler: str | None = None
+    control_image: str | None = None
 
 
 FLAGS = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
-         "s": ("steps", int), "l": ("scale", float), "g": ("guidance", float), "ss": ("sampler", str)}
+         "s": ("steps", int), "l": ("scale", float), "g": ("guidance", float), "ss": ("sampler", str),
+         "ci": ("control_image", str)}
 TOML_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
              "seed": "seed", "sample_steps": "steps", "scale": "scale", "guidance_scale": "guidance",
-             "sample_sampler": "sampler"}
+             "sample_sampler": "sampler", "control_image": "control_image"}
 
 
 def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
@@ -110,7 +113,7 @@ def _from_dict(entry: dict, where: str) -> SamplePrompt:
     if unknown:
         raise PromptFileError(f"{where}: unknown key(s) {unknown} (known: {', '.join(TOML_KEYS)})")
     values = {TOML_KEYS[k]: v for k, v in entry.items()}
-    for key in ("prompt", "negative_prompt", "sampler"):
+    for key in ("prompt", "negative_prompt", "sampler", "control_image"):
         if key in values and not isinstance(values[key], str):
             raise PromptFileError(f"{where}: {key} must be a string, got {values[key]!r}")
     for key, kind in (("width", int), ("height", int), ("seed", int), ("steps", int), ("scale", float),
@@ -136,6 +139,8 @@ def _checked(p: SamplePrompt, where: str) -> SamplePrompt:
             raise PromptFileError(f"{where}: {name} {value} must be a positive multiple of 8")
     if p.steps is not None and p.steps < 1:
         raise PromptFileError(f"{where}: steps must be at least 1")
+    if p.control_image is not None and not Path(p.control_image).is_file():
+        raise PromptFileError(f"{where}: control image {p.control_image} not found")
     if p.sampler is not None and p.sampler not in SAMPLERS:
         raise PromptFileError(f"{where}: sampler {p.sampler!r} is not one of {', '.join(SAMPLERS)}")
     return p

@@ -104,9 +104,10 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
         with torch.inference_mode():
             for index, p in enumerate(settings.prompts):
                 seed = p.seed if p.seed is not None else settings.seed + index
+                reference = {"control_image": p.control_image} if p.control_image else {}  # edit models only
                 image = family.sample(parts, p.prompt, p.width or settings.width, p.height or settings.height,
                                       p.steps or settings.steps, seed, p.sampler or settings.sampler,
-                                      settings.clip_skip, p.negative_prompt, p.scale, p.guidance)
+                                      settings.clip_skip, p.negative_prompt, p.scale, p.guidance, **reference)
                 paths.append(_save_png(image, out_dir / f"{tag}_{index:02d}_{seed}.png"))
                 images.append(image)
         if len(images) > 1:

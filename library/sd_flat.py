@@ -331,6 +331,7 @@ CONVERTERS = {
     "caption_extention": _rename("caption_extension"),
     "fp8_base_unet": _rename("fp8_base"),
     "training_shift": _rename("discrete_flow_shift"),
+    "model_type": _rename("family"),  # flux_train_network: flux | chroma
     "use_8bit_adam": _optimizer_switch("AdamW8bit"),
     "use_lion_optimizer": _optimizer_switch("Lion"),
     "learning_rate_te1": _te1_rate,

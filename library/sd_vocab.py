@@ -193,7 +193,7 @@ VOCAB: dict[str, Key] = {
     "deepspeed": refused(FLAG, "DeepSpeed is not offered: use fused_backward_pass, blocks_to_swap, "
                                "gradient_checkpointing"),
     "controlnet_model_name_or_path": refused(STR, "ControlNet training is not offered"),
-    "model_type": refused(STR, "Chroma is not offered: model_type = \"flux\" only", "flux"),
+    "model_type": mapped(STR, "model.family (flux_train_network's flux or chroma)"),
     "save_clip": refused(FLAG, "train_db.py saves the denoiser file only; the text encoders are unchanged"),
     "save_t5xxl": refused(FLAG, "train_db.py saves the denoiser file only; T5 is never trained"),
     "t5xxl_dtype": refused(STR, "use model.t5xxl_precision (auto, fp8, int8)"),

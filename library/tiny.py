@@ -9,6 +9,7 @@ real checkpoint goes through.
     python -m library.tiny sd3 out/tiny-sd3             # folder + SAI single files + separate clip_l/clip_g/t5xxl
     python -m library.tiny flux-dev out/tiny-flux       # folder + BFL transformer + clip_l / t5xxl / ae files
     python -m library.tiny flux-schnell out/tiny-schnell   # the same without the guidance input
+    python -m library.tiny chroma out/tiny-chroma          # folder + Chroma transformer + t5xxl / ae files
     python -m library.tiny data quickstart/data         # 8 images with .txt captions
 """
 from __future__ import annotations
@@ -260,6 +261,45 @@ def save_tiny_flux(folder: str | Path, seed: int = 0, guidance: bool = True) -> 
     return files
 
 
+def build_tiny_chroma(seed: int = 0):
+    """The parts of a tiny Chroma-architecture pipeline: a ChromaTransformer2DModel with 2 double and 2 single
+    blocks and a 2-layer approximator (the FLUX.1 widths of build_tiny_flux), FLUX.1's tiny 16-channel VAE and
+    T5 encoder with its tokenizer (Chroma has no CLIP-L)."""
+    from diffusers import ChromaTransformer2DModel
+
+    flux = build_tiny_flux(seed, guidance=False)
+    torch.manual_seed(seed + 1)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=flux["text_encoder_2"].config.d_model, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2)
+    return dict(transformer=transformer, vae=flux["vae"], text_encoder=flux["text_encoder_2"],
+                tokenizer=flux["tokenizer_2"], scheduler=flux["scheduler"])
+
+
+def save_tiny_chroma(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write `folder` (diffusers layout) and the files users have: `folder`.safetensors (the Chroma transformer,
+    library.chroma_layout), `folder`-t5xxl.safetensors and `folder`-ae.safetensors (original VAE layout)."""
+    from diffusers import ChromaPipeline
+    from safetensors.torch import save_file
+
+    from library.chroma_layout import transformer_to_file
+    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
+
+    folder = Path(folder)
+    parts = build_tiny_chroma(seed)
+    ChromaPipeline(**parts).save_pretrained(str(folder))
+    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
+    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm(parts["vae"].state_dict()).items()}
+    t5 = {k: v for k, v in parts["text_encoder"].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    for name, state in (("transformer", transformer_to_file(parts["transformer"].state_dict())), ("t5xxl", t5),
+                        ("ae", ae)):
+        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        files[name] = path
+    return files
+
+
 def build_tiny_sd3(seed: int = 0):
     """The parts of a tiny SD3-architecture pipeline: an SD3Transformer2DModel with 2 joint blocks (the first with
     SD3.5-medium's second image attention, q/k RMS norm as SD3.5, the last one's context stream pre-only), the
@@ -357,7 +397,7 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "data"))
+    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "chroma", "data"))
     parser.add_argument("out")
     args = parser.parse_args(argv)
     if args.what in ("sd1", "sd2"):
@@ -366,6 +406,8 @@ def main(argv=None) -> None:
         written = save_tiny_sdxl(args.out)
     elif args.what == "sd3":
         written = tuple(save_tiny_sd3(args.out).values())
+    elif args.what == "chroma":
+        written = tuple(save_tiny_chroma(args.out).values())
     elif args.what.startswith("flux"):
         written = tuple(save_tiny_flux(args.out, guidance=args.what == "flux-dev").values())
     else:

@@ -29,7 +29,6 @@ EXPECTED_REFUSALS: dict[str, int] = {
     "algo": 1,  # LyCORIS algo=full (native fine-tuning)
     "train_norm": 1,  # LyCORIS train_norm=True
     "lr_decay_steps": 1,  # warmup_stable_decay / cosine_with_min_lr decay
-    "model_type": 1,  # Chroma
     "blocks_to_swap": 2,  # sd3_train / flux_train with block swap but no fused backward pass
 }
 # sd-scripts itself rejects these command lines: the error must name the problem

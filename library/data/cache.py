@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from library.data.control import control_path, control_pixels
 from library.data.images import load_pixels, plan_crop
 from library.data.plan import ImageRecord
 from library.data.report import CountingBar
@@ -104,9 +105,10 @@ class LatentCacheSettings:
 def latent_dependencies(family_name: str, vae_id: str, dtype, record: ImageRecord) -> dict:
     crop = plan_crop(record.size, record.bucket)
     a = record.subset.augment
+    control = {"control": file_identity(control_path(record))} if record.subset.control_dir is not None else {}
     return {"kind": "latents", "format": CACHE_FORMAT, "family": family_name, "vae": vae_id, "dtype": str(dtype),
             "image": file_identity(record.path), "resized": list(crop.resized), "crop": [crop.top, crop.left],
-            "bucket": list(record.bucket), "flip_variant": a.flip_aug, "alpha_mask": a.alpha_mask}
+            "bucket": list(record.bucket), "flip_variant": a.flip_aug, "alpha_mask": a.alpha_mask, **control}
 
 
 def latent_name(record: ImageRecord) -> str:
@@ -160,15 +162,31 @@ def _encode_chunk(family, parts, records: list[ImageRecord], generator) -> list[
     latents = family.encode_images(parts, pixels, generator).cpu()
     flipped = any(r.subset.augment.flip_aug for r in records)
     latents_flipped = family.encode_images(parts, pixels.flip(-1), generator).cpu() if flipped else None
+    controls = _encode_controls(family, parts, records, generator, flipped)
     out = []
     for k, (record, (_, mask)) in enumerate(zip(records, loaded)):
         tensors = {"latents": latents[k]}
         if record.subset.augment.flip_aug:
             tensors["latents_flipped"] = latents_flipped[k]
+        if controls:
+            tensors["control_latents"] = controls["control_latents"][k]
+            if record.subset.augment.flip_aug:
+                tensors["control_latents_flipped"] = controls["control_latents_flipped"][k]
         if mask is not None:
             small = torch.nn.functional.interpolate(mask[None], size=latents.shape[-2:], mode="area")[0]
             tensors |= {"mask": small, "mask_flipped": small.flip(-1)}
         out.append(tensors)
+    return out
+
+
+def _encode_controls(family, parts, records: list[ImageRecord], generator, flipped: bool) -> dict:
+    """Edit pairs: the records' control images encoded as their images are (and flipped); {} without controls."""
+    if any(r.subset.control_dir is None for r in records):
+        return {}
+    pixels = torch.stack([control_pixels(r, False) for r in records])
+    out = {"control_latents": family.encode_images(parts, pixels, generator).cpu()}
+    if flipped:
+        out["control_latents_flipped"] = family.encode_images(parts, pixels.flip(-1), generator).cpu()
     return out
 
 

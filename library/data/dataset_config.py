@@ -32,8 +32,8 @@ BUCKET_KEYS = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_re
 DATASET_KEYS = ("resolution", "batch_size", *BUCKET_KEYS)
 CAPTION_KEYS = tuple(f.name for f in dataclasses.fields(CaptionRecipe))
 AUGMENT_KEYS = tuple(f.name for f in dataclasses.fields(AugmentSettings))
-SUBSET_KEYS = ("image_dir", "num_repeats", "caption_extension", "class_tokens", "is_reg", *CAPTION_KEYS,
-               *AUGMENT_KEYS)
+SUBSET_KEYS = ("image_dir", "num_repeats", "caption_extension", "class_tokens", "is_reg", "control_directory",
+               *CAPTION_KEYS, *AUGMENT_KEYS)
 # keys a dataset TOML has that the training config does not (their types; their defaults are "not set")
 TOML_ONLY = {"image_dir": str, "class_tokens": Optional[str], "is_reg": bool, "batch_size": int}
 
@@ -48,6 +48,7 @@ class SubsetSpec:
     captions: CaptionRecipe
     augment: AugmentSettings
     where: str  # "datasets[0].subsets[1]" or the folder, for messages
+    control_dir: Path | None = None  # edit pairs: the control image of each image, same stem
 
 
 @dataclass
@@ -114,7 +115,8 @@ def folder_subsets(root: Path, root_repeats: int, is_reg: bool, values: dict,
 def _subset(folder: Path, repeats: int, class_tokens, is_reg: bool, values: dict, where: str = "") -> SubsetSpec:
     return SubsetSpec(folder, repeats, values["caption_extension"], class_tokens, is_reg,
                       CaptionRecipe(**{k: values[k] for k in CAPTION_KEYS}),
-                      AugmentSettings(**{k: values[k] for k in AUGMENT_KEYS}), where or str(folder))
+                      AugmentSettings(**{k: values[k] for k in AUGMENT_KEYS}), where or str(folder),
+                      Path(values["control_directory"]) if values.get("control_directory") else None)
 
 
 # ---- the dataset TOML -------------------------------------------------------------------------
@@ -208,7 +210,8 @@ def _typed(values: dict, source: str, where: str) -> dict:
 
 
 def _schema_keys() -> list[str]:
-    wanted = {"resolution", "num_repeats", "caption_extension", *BUCKET_KEYS, *CAPTION_KEYS, *AUGMENT_KEYS}
+    wanted = {"resolution", "num_repeats", "caption_extension", "control_directory", *BUCKET_KEYS, *CAPTION_KEYS,
+              *AUGMENT_KEYS}
     return [f.name for f in dataclasses.fields(DatasetSection) if f.name in wanted]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from library.config import Config
 from library.data import DatasetError
+from library.data.control import find_control, missing_control
 from library.data.buckets import bucket_sizes, bucket_table, choose_bucket, upscale_factor
 from library.data.captions import read_caption
 from library.data.check import MAX_UPSCALE, Finding, empty_folder, find_duplicates, inspect_all
@@ -160,6 +161,8 @@ def _record(path: Path, header: ImageHeader, d: int, subset: SubsetSpec, layout:
     caption, problem = read_caption(path, subset.caption_extension, subset.class_tokens)
     if problem:
         findings.append(Finding(path, problem))
+    if subset.control_dir is not None and find_control(subset.control_dir, path) is None:
+        findings.append(Finding(path, missing_control(subset.control_dir, path)))
     size = (header.width, header.height)
     bucket = choose_bucket(size, layout.datasets[d].buckets, sizes)
     if min(bucket) < 8 or min(size) < 8:

@@ -8,6 +8,9 @@ come from a generator seeded by (seed, epoch, entry). A batch holds:
     image            list of str (the file)
     pixels           (B, 3, H, W) in [-1, 1]; or latents (B, C, h, w) once latents are cached
     mask             (B, 1, H, W) or (B, 1, h, w), alpha in [0, 1]; only with alpha_mask
+    control_pixels   (B, 3, H, W) in [-1, 1]: each image's control image (same stem in the subset's
+                     control_directory) resized and center-cropped to its bucket, flipped with it; only
+                     with control_directory; control_latents instead once latents are cached
     loss_weight      (B,) prior_loss_weight for regularization images, 1 otherwise (denoising_loss's
                      sample_weights)
     original_size    (B, 2) (h, w) of the image as displayed, before resizing
@@ -23,6 +26,7 @@ import torch
 
 from library.data.augment import crop_offset_draw, draws_flip, example_rng, hue_shift
 from library.data.captions import render_caption
+from library.data.control import control_pixels
 from library.data.images import Crop, load_pixels, plan_crop
 from library.data.plan import DataPlan, ImageRecord
 
@@ -72,6 +76,8 @@ class TrainingSet(torch.utils.data.Dataset):
             example["pixels"] = pixels
             if mask is not None:
                 example["mask"] = mask
+        if record.subset.control_dir is not None and "control_latents" not in example:
+            example["control_pixels"] = control_pixels(record, flip)
         example.update(size_fields(record, crop, flip))
         return example
 
@@ -89,6 +95,8 @@ class TrainingSet(torch.utils.data.Dataset):
             tensors = load_file(self.latent_files[index])
         suffix = "_flipped" if flip else ""
         out = {"latents": tensors["latents" + suffix].float()}
+        if "control_latents" + suffix in tensors:
+            out["control_latents"] = tensors["control_latents" + suffix].float()
         if "mask" + suffix in tensors:
             out["mask"] = tensors["mask" + suffix].float()
         return out
@@ -112,7 +120,7 @@ def size_fields(record: ImageRecord, crop: Crop, flip: bool) -> dict:
 
 def collate(examples: list[dict]) -> dict:
     batch = {"caption": [e["caption"] for e in examples], "image": [e["image"] for e in examples]}
-    for key in ("pixels", "latents"):
+    for key in ("pixels", "latents", "control_pixels", "control_latents"):
         if key in examples[0]:
             batch[key] = torch.stack([e[key] for e in examples])
     masks = [e.get("mask") for e in examples]

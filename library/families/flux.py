@@ -21,8 +21,10 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
-from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5, t5_keys,
-                                                t5_max_length)
+from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5,  # noqa: F401
+                                                latent_image_ids, pack_latents, t5_keys, t5_max_length,
+                                                unpack_latents)
+from library.chroma_layout import APPROXIMATOR, is_chroma_key
 from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -48,12 +50,14 @@ class FluxFamily:
 
     def claims(self, path: str) -> bool:
         if is_single_file(path):
-            return has_key_prefix(path, "double_blocks.") or has_key_prefix(path, BFL_PREFIX + "double_blocks.")
+            return ((has_key_prefix(path, "double_blocks.") or has_key_prefix(path, BFL_PREFIX + "double_blocks."))
+                    and not any(has_key_prefix(path, p + APPROXIMATOR) for p in ("", BFL_PREFIX)))
         index = Path(path) / "model_index.json"
-        return index.is_file() and read_json(index).get("_class_name") == PIPELINE_CLASS
+        return index.is_file() and read_json(index).get("_class_name") in (PIPELINE_CLASS, "FluxKontextPipeline")
 
     def recognises(self, tensors) -> bool:
-        return any(k.startswith(("double_blocks.", BFL_PREFIX + "double_blocks.")) for k in tensors)
+        return (any(k.startswith(("double_blocks.", BFL_PREFIX + "double_blocks.")) for k in tensors)
+                and not any(is_chroma_key(k) for k in tensors))  # Chroma's blocks have the same names
 
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
         missing = [k for k in ("clip_l", "t5xxl", "ae") if not getattr(source, k)]
@@ -148,6 +152,9 @@ class FluxFamily:
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """FLUX.1 Kontext: the batch's control (reference) latents, when the dataset has control images."""
+        if "control_latents" in batch:
+            return {**conditioning, "control_latents": batch["control_latents"]}
         return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
@@ -166,32 +173,46 @@ class FluxFamily:
         if model.config.guidance_embeds:
             scale = parts.source.guidance_scale if parts.source else 3.5
             guidance = torch.full((b,), scale, device=device, dtype=torch.float32)
+        tokens, ids = pack_latents(noisy_latents), latent_image_ids(h, w, device)
+        n = tokens.shape[1]
+        if "control_latents" in conditioning:  # Kontext: reference tokens after the image's, ids (1, row, column)
+            tokens, ids = with_reference(tokens, ids, conditioning["control_latents"].to(device, tokens.dtype))
         attention = None
         if "t5_attention_mask" in conditioning:  # apply_t5_attn_mask: text padding masked out of the joint attention
-            image = torch.ones(b, (h // 2) * (w // 2), dtype=torch.bool, device=device)
+            image = torch.ones(b, tokens.shape[1], dtype=torch.bool, device=device)
             joint = torch.cat([conditioning["t5_attention_mask"].to(device, torch.bool), image], dim=1)
             attention = {"attention_mask": joint[:, None, None, :]}
-        out = model(hidden_states=pack_latents(noisy_latents), encoder_hidden_states=text,
+        out = model(hidden_states=tokens, encoder_hidden_states=text,
                     pooled_projections=conditioning["pooled_prompt_embeds"].to(device),
-                    timestep=timesteps.to(device, torch.float32) / 1000, img_ids=latent_image_ids(h, w, device),
+                    timestep=timesteps.to(device, torch.float32) / 1000, img_ids=ids,
                     txt_ids=torch.zeros(text.shape[1], 3, device=device), guidance=guidance,
                     joint_attention_kwargs=attention).sample
-        return unpack_latents(out, h, w)
+        return unpack_latents(out[:, :n], h, w)
 
     # ---- preview images -------------------------------------------------------------------
 
     def sample(self, parts: Components, prompt: str, width: int, height: int, steps: int, seed: int,
                sampler: str, clip_skip: int, negative_prompt: str = "", guidance_scale: float = 7.5,
-               guidance: float | None = None):
+               guidance: float | None = None, control_image: str | None = None):
         """Flow-matching Euler steps (the sampler name does not apply); `guidance` (--g) is FLUX.1-dev's
-        distilled guidance, default model.guidance_scale. No CFG: negative prompts are not used."""
-        pipe = self.pipeline(parts)
+        distilled guidance, default model.guidance_scale. No CFG: negative prompts are not used. With a
+        control image (--ci, FLUX.1 Kontext), diffusers' FluxKontextPipeline over the same parts, the image at
+        the sample's size as the reference."""
+        pipe = self.pipeline(parts) if control_image is None else self.kontext_pipeline(parts)
         pipe.set_progress_bar_config(disable=True)
         if guidance is None:
             guidance = parts.source.guidance_scale if parts.source else 3.5
         generator = torch.Generator("cpu").manual_seed(seed)
-        return pipe(prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=generator, max_sequence_length=self.t5_max_length(parts)).images[0]
+        reference = {} if control_image is None else {"image": _reference_image(control_image, width, height),
+                                                      "_auto_resize": False}
+        return pipe(prompt=prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
+                    generator=generator, max_sequence_length=self.t5_max_length(parts), **reference).images[0]
+
+    def kontext_pipeline(self, parts: Components, scheduler=None):
+        """A diffusers FluxKontextPipeline over the parts themselves (no copy)."""
+        from diffusers import FluxKontextPipeline
+
+        return FluxKontextPipeline(**self.pipeline(parts, scheduler).components)
 
     def pipeline(self, parts: Components, scheduler=None):
         """A diffusers FluxPipeline over the parts themselves (no copy)."""
@@ -203,23 +224,22 @@ class FluxFamily:
                             transformer=parts.denoiser)
 
 
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2x2 patch one token, as FluxPipeline._pack_latents."""
-    b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+def with_reference(tokens: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor):
+    """FLUX.1 Kontext's input: the packed reference latents (B, C, h', w') appended to the image tokens along the
+    sequence, their position ids (1, row, column), as FluxKontextPipeline builds them; the prediction is read
+    from the first (image) tokens only."""
+    _, _, rh, rw = reference.shape
+    reference_ids = latent_image_ids(rh, rw, ids.device)
+    reference_ids[:, 0] = 1
+    return torch.cat([tokens, pack_latents(reference)], dim=1), torch.cat([ids, reference_ids], dim=0)
 
 
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, d = tokens.shape
-    c = d // 4
-    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+def _reference_image(path: str, width: int, height: int):
+    """The control image of a sample, upright and RGB, resized to the sample's size."""
+    from PIL import Image, ImageOps
 
-
-def latent_image_ids(h: int, w: int, device) -> torch.Tensor:
-    """(h/2 * w/2, 3): (0, row, column) of each packed token, as FluxPipeline._prepare_latent_image_ids."""
-    rows = torch.arange(h // 2, device=device).view(-1, 1).expand(h // 2, w // 2)
-    cols = torch.arange(w // 2, device=device).view(1, -1).expand(h // 2, w // 2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB").resize((width, height), Image.LANCZOS)
 
 
 def _arch_name(denoiser) -> str:

@@ -1,6 +1,6 @@
-"""What the two transformer families (SD3 and FLUX.1) share: assigning separate single files (clip_l, clip_g,
+"""What the transformer families (SD3, FLUX.1, Chroma) share: assigning separate single files (clip_l, clip_g,
 t5xxl) to encoders built on the meta device, T5-XXL encoding with its padding mask, and the shifted, scaled
-16-channel latents of their autoencoders."""
+16-channel latents of their autoencoders; the FLUX line's 2x2 latent packing and image position ids."""
 from __future__ import annotations
 
 import torch
@@ -75,3 +75,22 @@ def encode_latents(parts, pixels: torch.Tensor, generator: torch.Generator | Non
     vae = parts.vae
     latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): each 2x2 patch one token, as FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def latent_image_ids(h: int, w: int, device) -> torch.Tensor:
+    """(h/2 * w/2, 3): (0, row, column) of each packed token, as FluxPipeline._prepare_latent_image_ids."""
+    rows = torch.arange(h // 2, device=device).view(-1, 1).expand(h // 2, w // 2)
+    cols = torch.arange(w // 2, device=device).view(1, -1).expand(h // 2, w // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()

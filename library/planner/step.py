@@ -21,7 +21,7 @@ STEPS = 2
 # the text-encoder names each family's Components use, by diffusers subfolder (families may instead
 # provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
 TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
-                      "flux": {"text_encoder": "te1", "text_encoder_2": "te3"},
+                      "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}, "chroma": {"text_encoder": "te3"},
                       "sd3": {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}}
 DENOISER_FOLDERS = ("unet", "transformer")
 

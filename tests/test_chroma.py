@@ -1,0 +1,270 @@
+"""Chroma on the tiny Chroma-architecture model: the shipped architecture, the single-file layout against
+diffusers' converter, loading (folder, and the transformer file with separate t5xxl / ae files), the T5-only
+conditioning with its attention mask against diffusers' ChromaPipeline, golden losses of adapter and full
+fine-tune runs, the same losses with cached text outputs and with block swap, the adapter in diffusers."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.families import get_family
+from library.families.base import Components, ModelSource
+from library.families.chroma import ChromaFamily
+from library.families.flux import FluxFamily
+from library.loading import CheckpointError, arch_dir
+from model_checks import assert_same_weights
+
+# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, T5 16 tokens, sd-scripts defaults
+GOLDEN_CHROMA = [0.516216, 0.935634, 0.815975, 0.527397]
+GOLDEN_CHROMA_DB = [0.505084, 0.910699, 0.786815, 0.530564]
+# Cached text outputs and swapped blocks move or reuse tensors, never change them (see test_memory_offload.SAME)
+SAME = {"rel": 1e-6, "abs": 1e-9}
+
+
+def _close(losses, expected):
+    return losses == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma(tmp_path_factory):
+    from library.tiny import save_tiny_chroma
+
+    return save_tiny_chroma(tmp_path_factory.mktemp("models") / "tiny-chroma")
+
+
+@pytest.fixture
+def chroma_config(make_config, tiny_chroma):
+    def make(**sections):
+        model = {"pretrained_model_name_or_path": str(tiny_chroma["folder"]), "t5xxl_max_token_length": 16}
+        sections["model"] = {**model, **sections.get("model", {})}
+        return make_config(**sections)
+    return make
+
+
+def _single_file_source(files, **extra):
+    return ModelSource(str(files["transformer"]), t5xxl=str(files["t5xxl"]), ae=str(files["ae"]),
+                       arch=str(files["folder"]), tokenizer=str(files["folder"]), **extra)
+
+
+def test_shipped_chroma_config_builds_the_real_architecture():
+    from diffusers import ChromaTransformer2DModel
+
+    with torch.device("meta"):
+        model = ChromaTransformer2DModel.from_config(
+            ChromaTransformer2DModel.load_config(str(arch_dir("chroma") / "transformer")))
+    assert sum(p.numel() for p in model.parameters()) == 8_899_983_424  # "8.9B"
+
+
+def test_single_file_layout_is_the_inverse_of_diffusers_converter():
+    """Ours -> file -> diffusers' own converter gives back the same keys and shapes (full width, meta device)."""
+    from diffusers import ChromaTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
+
+    from library.chroma_layout import file_to_transformer, transformer_to_file
+
+    with torch.device("meta"):
+        model = ChromaTransformer2DModel(num_layers=1, num_single_layers=1, approximator_layers=2)
+    state = model.state_dict()
+    file = transformer_to_file(state)
+    assert {"distilled_guidance_layer.layers.1.out_layer.weight", "distilled_guidance_layer.norms.0.scale",
+            "double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "txt_in.weight"} <= set(file)
+    assert not any("_mod." in k or "modulation" in k or k.startswith(("time_in", "vector_in")) for k in file)
+    theirs = convert_chroma_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v
+                                                                 for k, v in file.items()})
+    ours = file_to_transformer(file)
+    assert set(theirs) == set(state) == set(ours)
+    assert all(theirs[k].shape == state[k].shape == ours[k].shape for k in state)
+
+
+def test_single_files_and_folder_give_identical_weights(tiny_chroma):
+    assert get_family("auto", str(tiny_chroma["folder"])).name == "chroma"
+    assert get_family("auto", str(tiny_chroma["transformer"])).name == "chroma"
+    assert not FluxFamily().claims(str(tiny_chroma["transformer"]))  # FLUX.1's block names, not FLUX.1
+    family = ChromaFamily()
+    a = family.load(ModelSource(str(tiny_chroma["folder"])))
+    b = family.load(_single_file_source(tiny_chroma))
+    assert_same_weights(a, b)
+    assert torch.equal(a.denoiser.time_text_embed.mod_proj, b.denoiser.time_text_embed.mod_proj)
+    with pytest.raises(CheckpointError, match="model.t5xxl, model.ae"):
+        family.load(ModelSource(str(tiny_chroma["transformer"])))
+
+
+def test_flux_files_stay_with_flux(tmp_path):
+    from library.tiny import save_tiny_flux
+
+    flux = save_tiny_flux(tmp_path / "tiny-flux", guidance=False)
+    assert not ChromaFamily().claims(str(flux["transformer"])) and not ChromaFamily().claims(str(flux["folder"]))
+    assert get_family("auto", str(flux["transformer"])).name == "flux"
+
+
+def test_text_conditioning_is_chroma_pipeline(tiny_chroma):
+    """T5 alone, run with the padding mask; the transformer sees the caption and its first padding token."""
+    family = ChromaFamily()
+    parts = family.load(ModelSource(str(tiny_chroma["folder"]), t5xxl_max_token_length=16))
+    captions = ["a photo of a red circle", "blue"]
+    with torch.no_grad():
+        ours = family.encode_prompts(parts, captions, 1)
+        embeds, _, mask, *_ = family.pipeline(parts).encode_prompt(captions, None, device="cpu",
+                                                                    do_classifier_free_guidance=False,
+                                                                    max_sequence_length=16)
+    assert ours["prompt_embeds"].shape == (2, 16, 48) and torch.allclose(ours["prompt_embeds"], embeds, atol=1e-5)
+    assert torch.equal(ours["t5_attention_mask"], mask.bool())
+    n = len(parts.tokenizers["te3"]("blue").input_ids)
+    assert ours["t5_attention_mask"][1].sum() == n + 1
+
+
+def test_masked_text_tokens_do_not_reach_the_image(tiny_chroma):
+    """Changing a text token past the first padding token leaves the prediction as it is; changing the first
+    padding token (which Chroma sees) or a caption token changes it."""
+    family = ChromaFamily()
+    parts = family.load(ModelSource(str(tiny_chroma["folder"]), t5xxl_max_token_length=16))
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = family.encode_prompts(parts, ["blue"], 1)
+        seen = int(text["t5_attention_mask"].sum())
+
+        def predict_with(position):
+            embeds = text["prompt_embeds"].clone()
+            if position is not None:
+                embeds[0, position] += 5.0
+            return family.predict(parts, latents, torch.tensor([500.0]), {**text, "prompt_embeds": embeds})
+
+        base = predict_with(None)
+        assert torch.equal(predict_with(seen), base)  # the second padding token: masked
+        assert not torch.allclose(predict_with(seen - 1), base)  # the first padding token: seen
+        assert not torch.allclose(predict_with(0), base)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def train_network(cfg):
+    from train_network import train
+
+    return train(cfg)
+
+
+def train_db(cfg):
+    from train_db import train
+
+    return train(cfg)
+
+
+def test_golden_losses_lora(chroma_config):
+    result = train_network(chroma_config())
+    assert _close(result.losses, GOLDEN_CHROMA)
+    assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet"}
+    names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_single_blocks_1_linear1" in names
+    assert "lora_unet_double_blocks_1_txt_mlp_2" in names and not any("_mod_" in n for n in names)
+
+
+def test_sd_scripts_model_type_selects_chroma(tmp_path, tiny_chroma, tiny_data):
+    from library.config import load_config
+
+    path = tmp_path / "flat.toml"
+    path.write_text(f'pretrained_model_name_or_path = "{tiny_chroma["folder"].as_posix()}"\nmodel_type = "chroma"\n'
+                    f't5xxl_max_token_length = 16\ntrain_data_dir = "{tiny_data.as_posix()}"\n'
+                    f'output_dir = "{(tmp_path / "out").as_posix()}"\n')
+    assert load_config(path).model.family == "chroma"
+
+
+def test_cached_text_outputs_give_the_same_losses(chroma_config):
+    plain = train_network(chroma_config(train={"max_train_steps": 2}))
+    cached = train_network(chroma_config(train={"max_train_steps": 2, "cache_text_encoder_outputs": True},
+                                         save={"overwrite": True}))
+    assert cached.losses == pytest.approx(plain.losses, **SAME)
+
+
+def test_block_swap_gives_the_same_losses(chroma_config):
+    plain = train_network(chroma_config(train={"max_train_steps": 2, "gradient_checkpointing": True}))
+    swapped = train_network(chroma_config(train={"max_train_steps": 2, "gradient_checkpointing": True,
+                                                 "blocks_to_swap": 4}, save={"overwrite": True}))
+    assert swapped.losses == pytest.approx(plain.losses, **SAME)
+    assert swapped.parts.denoiser._block_swapper.loads == 2 * 8
+
+
+def test_golden_losses_full_fine_tune_and_single_file_reload(chroma_config, tiny_chroma):
+    result = train_db(chroma_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
+                                               "learning_rate": 1e-4, "max_grad_norm": 0.0},
+                                    dreambooth={"train_text_encoder": False}))
+    assert _close(result.losses, GOLDEN_CHROMA_DB)
+    reloaded = ChromaFamily().load(_single_file_source({**tiny_chroma, "transformer": result.model_path}))
+    assert_same_weights(result.parts, reloaded)
+
+
+def test_adapter_in_diffusers_every_key_consumed(chroma_config, tiny_chroma):
+    """peft-layout file: ChromaPipeline.load_lora_weights consumes every key, with our outputs."""
+    from diffusers import ChromaPipeline
+    from peft.tuners.lora import LoraLayer
+
+    # alpha = dim: diffusers reads no alpha from a peft-layout file (scale 1)
+    result = train_network(chroma_config(save={"save_format": "peft"}, train={"max_train_steps": 2},
+                                         network={"network_dim": 4, "network_alpha": 4.0}))
+    tensors = load_file(result.adapter_path)
+    pipe = ChromaPipeline.from_pretrained(str(tiny_chroma["folder"]))
+    pipe.load_lora_weights(str(result.adapter_path))
+    consumed = sum(isinstance(m, LoraLayer) for m in pipe.transformer.modules())
+    assert consumed == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2
+    family = ChromaFamily()
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
+                        text_encoders={"te3": pipe.text_encoder}, tokenizers={"te3": pipe.tokenizer},
+                        source=result.parts.source)
+    outs = []
+    for parts in (result.parts, theirs):
+        with torch.no_grad():
+            text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
+            outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
+    assert torch.allclose(*outs, atol=1e-5)
+
+
+@pytest.mark.parametrize("model, said", [
+    ({}, "a Chroma transformer file holds the transformer only; set model.t5xxl, model.ae to the separate files"),
+    ({"family": "flux"}, "is a checkpoint of family \"chroma\" (from its tensor names), but 'model.family' = "
+                         "\"flux\": set model.family = \"chroma\""),
+])
+def test_chroma_file_faults_exit_2_naming_the_key(model, said, tiny_chroma, tiny_data, tmp_path, capsys):
+    import json
+
+    import train_network
+
+    values = {"pretrained_model_name_or_path": str(tiny_chroma["transformer"]), **model}
+    config = tmp_path / "chroma.toml"
+    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
+                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_network.main(["--config", str(config)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert said in lines[0] and str(tiny_chroma["transformer"]) in lines[0]
+
+
+def test_samples_use_the_training_mask_and_the_negative_prompt(tiny_chroma):
+    """A sample is ChromaPipeline's Euler loop over the conditioning training uses (boolean mask); with CFG the
+    negative prompt changes it; a sample is reproducible from its seed."""
+    import numpy as np
+
+    family = ChromaFamily()
+    parts = family.load(ModelSource(str(tiny_chroma["folder"]), t5xxl_max_token_length=16))
+
+    def sample(negative, seed=5):
+        return np.asarray(family.sample(parts, "a red dog", 64, 64, 2, seed, "euler", 1, negative, 4.0))
+
+    first = sample("blurry")
+    assert first.shape == (64, 64, 3) and np.array_equal(first, sample("blurry"))
+    assert not np.array_equal(first, sample("")) and not np.array_equal(first, sample("blurry", seed=6))
+    captured = []
+    denoiser_forward = parts.denoiser.forward
+
+    def spy(*args, **kwargs):
+        captured.append(kwargs["attention_mask"])
+        return denoiser_forward(*args, **kwargs)
+
+    parts.denoiser.forward = spy
+    sample("blurry")
+    text = family.encode_prompts(parts, ["a red dog"], 1)["t5_attention_mask"]
+    assert captured and all(m.dtype == torch.bool for m in captured)
+    assert torch.equal(captured[0][:, :16], text) and captured[0][:, 16:].all()
