@@ -23,9 +23,12 @@ REFUSED = re.compile(r"^'(\w+)' = .* is refused( \(network_args\))?: ")
 # What stops corpus files today: refused key -> number of corpus files (training TOMLs and command lines) it
 # stops. A key implemented later leaves this table (and the files it stopped then load).
 EXPECTED_REFUSALS: dict[str, int] = {
-    "cache_text_encoder_outputs": 9,  # FLUX.1 / SD3 LoRA with a trained CLIP-L: sd-scripts caches T5 only (partial)
+    "cache_text_encoder_outputs": 7,  # FLUX.1 / SD3 LoRA with a trained CLIP-L: sd-scripts caches T5 only (partial)
     "preset": 4,  # LyCORIS preset attn-mlp
-    "fp8_base": 1,  # fp8_base_unet in a FLUX full fine-tune (flux_train ignores fp8_base_unet; ours refuses fp8)
+    # Adafactor with relative_step=True (the optimizer picks its own rate): found by building the optimizer on a
+    # probe before loading; it stops these 4 before the recipe checks, so fp8_base (FLUX full fine-tune) and 2 of
+    # the text-encoder caching refusals no longer show for them
+    "optimizer_args": 4,
     "algo": 1,  # LyCORIS algo=full (native fine-tuning)
     "train_norm": 1,  # LyCORIS train_norm=True
     "lr_decay_steps": 1,  # warmup_stable_decay / cosine_with_min_lr decay
@@ -94,7 +97,8 @@ def outcome(load) -> tuple[str, list[str]]:
     try:
         cfg = load()
     except ConfigError as e:
-        lines = [line.strip() for line in str(e).splitlines()[1:]] or [str(e)]
+        text = str(e)  # "<file>: <problem>", or "<file>: N problems:" and one indented line each
+        lines = [line.strip() for line in text.splitlines()[1:]] or [text.split(": ", 1)[-1]]
         refused = [refusal(line) for line in lines]
         return ("refused", refused) if None not in refused else ("error", [str(e)])
     return "ok", cfg.notes
@@ -199,6 +203,8 @@ def test_a_sample_trains_two_steps(name, places, tiny_sd1, tiny_data, tmp_path):
     cfg = load()
     cfg.train.xformers, cfg.sample.sample_prompts = False, None
     cfg.train.max_train_epochs, cfg.train.max_train_steps, cfg.dataset.resolution = None, 2, 64
+    warmup = cfg.optimizer.lr_warmup_steps
+    cfg.optimizer.lr_warmup_steps = warmup if isinstance(warmup, float) else min(warmup, 1)  # 2 steps: shorter
     result = train(cfg)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
     assert result.adapter_path.is_file()
