@@ -37,7 +37,8 @@ def load_or_exit(args: argparse.Namespace, recipe: str) -> Config:
         dataset_config = getattr(args, "dataset_config", None)
         overrides = [*args.overrides,
                      *([f"dataset.dataset_config={json.dumps(dataset_config)}"] if dataset_config else [])]
-        cfg = load_config(args.config, overrides)
+        planning = bool(getattr(args, "plan", False) or getattr(args, "vram_budget", None))
+        cfg = load_config(args.config, overrides, check_paths=not planning)  # a plan needs no files
         check_recipe(cfg, recipe)
         return cfg
     except ConfigError as e:

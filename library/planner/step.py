@@ -146,8 +146,8 @@ class _offload_observed:
     def observe(self, tensor, where: str) -> None:
         if where == "host":
             self.tracker.release([tensor])
-        else:
-            self.tracker.arrive([tensor], where)
+        else:  # weights and optimizer state come over on block swap's side stream; activations do not
+            self.tracker.arrive([tensor], where, "main" if where == "activations" else "swap")
 
     def __enter__(self):
         from library.memory import OFFLOAD_OBSERVERS
