@@ -53,8 +53,8 @@ def format_plan(p: Plan) -> str:
         lines.append(f"    {key:<16} {p.breakdown.get(key, 0) / GIB:7.2f} GiB")
     lines += phase_lines(p)
     lines += [f"  note: {n}" for n in p.notes]
-    lines.append(f"  (fake tensors, {2} optimizer steps, planned in {p.seconds:.0f}s; a faked device with CUDA's "
-                 f"autocast policy and foreach optimizer kernels)")
+    lines.append(f"  (fake tensors, the optimizer state of a first step then one measured step, planned in "
+                 f"{p.seconds:.0f}s; a faked device with CUDA's autocast policy and foreach optimizer kernels)")
     return "\n".join(lines)
 
 

@@ -51,14 +51,14 @@ def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, 
         change = {"fp8_base": True, **({"mixed_precision": half} if s.mixed_precision == "no" else {})}
         steps.append(("fp8_base", change, ["fp8_base = true   # [train]"],
                       "slightly slower (each layer's weights cast per use); fp8 rounding of the frozen base"))
-    blocks = _swappable_block_sizes(s)
-    if blocks and (s.recipe == "network" or s.fused_backward_pass or not s.fused_optimizer_groups):
-        from library.block_swap import spread
-
+    swap_counts = _swap_counts(s)
+    if swap_counts and (s.recipe == "network" or s.fused_backward_pass or not s.fused_optimizer_groups):
         trained = s.recipe == "db"
-        for count in [c for c in (*range(8, len(blocks), 8), len(blocks)) if c > s.blocks_to_swap]:
-            per_weight = 1 if s.fp8_base else 4 if (trained and not (s.full_bf16 or s.full_fp16)) else 2
-            moved = sum(blocks[k] for k in spread(len(blocks), count)) * per_weight
+        per_weight = 1 if s.fp8_base else 4 if (trained and not (s.full_bf16 or s.full_fp16)) else 2
+        for count, params in swap_counts.items():
+            if count <= s.blocks_to_swap:
+                continue
+            moved = params * per_weight
             seconds = (2 * moved + (moved if trained else 0)) / 25e9
             steps.append((f"blocks_to_swap {count}", {"blocks_to_swap": count},
                           [f"blocks_to_swap = {count}   # [train]"],
@@ -76,20 +76,25 @@ def _has_t5(s: StepSettings) -> bool:
     return any("T5EncoderModel" in json.loads(c.read_text()).get("architectures", []) for c in configs)
 
 
-def _swappable_block_sizes(s: StepSettings) -> list[int]:
-    """Parameter counts of the family's swappable blocks (empty for families without block swap)."""
+def _swap_counts(s: StepSettings, stride: int = 8) -> dict[int, int]:
+    """blocks_to_swap values the search tries (every `stride`, then the least that swaps every block) ->
+    parameters they keep on the host; empty for families without block swap."""
+    import torch
+
+    from library.block_swap import swapped_blocks
     from library.families import get_family
     from library.loading import arch_dir
     from library.planner.step import build_parts
 
     family = get_family(s.family, "")
     if not hasattr(family, "swappable_blocks"):
-        return []
-    import torch
-
+        return {}
     with torch.device("meta"):
         parts = build_parts(family, s.family, arch_dir(s.arch))
-    return [sum(p.numel() for p in block.parameters()) for block in family.swappable_blocks(parts)]
+    total = len(family.swappable_blocks(parts))
+    every = next(c for c in range(1, 2 * total + 1) if len(swapped_blocks(family, parts, c)) == total)
+    return {c: sum(p.numel() for b in swapped_blocks(family, parts, c) for p in b.parameters())
+            for c in (*range(stride, every, stride), every)}
 
 
 def search_budget(s: StepSettings, budget_gb: float, say=print, fake: bool = True,

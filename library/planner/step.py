@@ -1,5 +1,6 @@
 """The training step of a config, run for the planner: the model built from its architecture configs
-(no weights), the recipe's adapters, memory switches, optimizer and batch_loss, two optimizer steps.
+(no weights), the recipe's adapters, memory switches, optimizer and batch_loss: the optimizer state as the
+first step leaves it (warm_up_state), then one measured step (forward, backward, optimizer step).
 
 The order of calls is the recipes' (train_network.py / train_db.py): what trains -> adapters -> casts ->
 attention -> gradient checkpointing -> pre-encoding (VAE, text encoders) -> offload -> optimizer ->
@@ -17,7 +18,7 @@ import torch
 
 from library.planner.tracker import FakeDevice, MemoryTracker
 
-STEPS = 2
+STEPS = 1  # measured steps, after warm_up_state (a plan's time is its number of operators)
 # the text-encoder names each family's Components use, by diffusers subfolder (families may instead
 # provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
 TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
@@ -121,7 +122,8 @@ def _storages(module: torch.nn.Module):
 
 
 def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = None) -> StepMeasure:
-    """Run the step of `s` (on fake tensors unless fake=False), two optimizer steps, and return the tracker."""
+    """Run the step of `s` (on fake tensors unless fake=False) with the optimizer state in place, and return
+    the tracker."""
     from library.families import get_family
     from library.loading import arch_dir
 
@@ -264,6 +266,8 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     if swapper and fused:
         swapper.optimizer_state = optimizer.state_of
 
+    warm_up_state(trained, optimizers, swapper, tracker)
+
     # ---- the training steps ------------------------------------------------------------------
     generator = torch.Generator().manual_seed(0)
     objective = family.objective(parts)
@@ -299,6 +303,35 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
                        frozen=frozen)
 
 
+def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker) -> None:
+    """The optimizer state as the first step leaves it, made by the optimizers' own step on a zero gradient,
+    one parameter at a time (a full set of gradients never exists here, as it need not in a fused backward
+    pass): the steady state one measured step then runs in. State of block-swapped weights goes to the host,
+    where block swap keeps it between uses."""
+    owner = {id(p): opt for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    with torch.no_grad():
+        for p in trained:
+            opt = owner.get(id(p))
+            if opt is None:
+                continue
+            p.grad = torch.zeros_like(p)
+            opt.step()
+            p.grad = None
+            state = opt.state.get(p, {})
+            tensors = [t for t in state.values() if isinstance(t, torch.Tensor)]
+            tracker.tag(tensors, "optimizer state")
+            if swapper is not None and swapper.swaps(p):
+                _state_to_host(swapper, p, state)
+
+
+def _state_to_host(swapper, p, state: dict) -> None:
+    from library.memory import host_copy
+
+    for key, value in list(state.items()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            state[key] = swapper.state_host[(id(p), key)] = host_copy(value)
+
+
 def _swap_seconds(swapper, bandwidth: float = 25e9) -> float:
     """PCIe time of one step's swapping: each swapped block comes over twice (forward, backward's re-run);
     trained weights also go back once."""
@@ -322,17 +355,20 @@ def _optimizer(s: StepSettings, adapted, parts, text_encoders, trained, notes):
             groups.append({"params": list(encoder.parameters()), "lr": s.learning_rate})
     name = s.optimizer_type
     eight_bit = name.lower() in EIGHT_BIT
-    if s.fused_backward_pass or s.fused_optimizer_groups:
-        if eight_bit:
-            raise NotImplementedError("planning a fused backward pass with an 8-bit optimizer")
-        optimizer = FusedBackward(name, groups, s.learning_rate, s.optimizer_args,
-                                  chunks=s.fused_optimizer_groups, max_grad_norm=s.max_grad_norm)
-        return optimizer, optimizer.optimizers
+    build = None
     if eight_bit:
         notes.append(f"{name}: bitsandbytes kernels do not run on fake tensors; its state is allocated from "
                      f"bitsandbytes' documented layout (uint8 moments + one fp32 absmax per 256 values for "
                      f"tensors of 4096+ values, fp32 moments below that)")
-        optimizer = Bnb8bitLayout(groups, moments=EIGHT_BIT[name.lower()])
+
+        def build(_name, groups, _lr, _args):  # the layout of bitsandbytes' state, also per fused chunk
+            return Bnb8bitLayout(groups, moments=EIGHT_BIT[name.lower()])
+    if s.fused_backward_pass or s.fused_optimizer_groups:
+        optimizer = FusedBackward(name, groups, s.learning_rate, s.optimizer_args, chunks=s.fused_optimizer_groups,
+                                  max_grad_norm=s.max_grad_norm, build=build)
+        return optimizer, optimizer.optimizers
+    if build:
+        optimizer = build(name, groups, s.learning_rate, s.optimizer_args)
         return optimizer, [optimizer]
     optimizer = build_optimizer(name, groups, s.learning_rate, s.optimizer_args)
     return optimizer, [optimizer]
