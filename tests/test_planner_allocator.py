@@ -91,3 +91,20 @@ def test_replay_starts_with_what_lives_and_the_workspace():
     assert phases["x"].reserved == 20 * MIB + 100 * MIB
     assert phases["x"].allocated == card.cublas_workspace + 103 * MIB
     assert Card(capability=(9, 0)).cublas_workspace == 32 * MIB
+
+
+def test_bucket_steps_repeat_the_step_at_other_sizes():
+    """Inside the step span (clocks 10-20): an activation of 12 MiB and a gradient of 4 MiB; a bucket of 3/4 the
+    area repeats them at 9 MiB and 4 MiB, then the planned size comes back; what outlives the step is not repeated."""
+    from library.planner.plan import bucket_steps
+
+    weights = Record(100 * MIB, born=1, phase="setup", category="weights")
+    activation = Record(12 * MIB, born=11, phase="forward", died=15)
+    gradient = Record(4 * MIB, born=14, phase="backward", died=19, category="gradients")
+    state = Record(MIB, born=18, phase="optimizer", category="optimizer state")
+    records, span = bucket_steps([weights, activation, gradient, state], (10, 20), (0.75,))
+    assert span == (10, 40)
+    added = [(r.nbytes // MIB, r.born, r.died) for r in records[4:]]
+    assert added == [(9, 21, 25), (4, 24, 29), (12, 31, 35), (4, 34, 39)]
+    assert records[4].nbytes == 9 * MIB and records[5].category == "gradients"
+    assert bucket_steps([activation], (10, 20), ()) == ([activation], (10, 20))

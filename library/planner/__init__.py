@@ -40,7 +40,25 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
         v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
         fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing,
-        t5xxl_precision=m.t5xxl_precision)
+        t5xxl_precision=m.t5xxl_precision, bucket_areas=bucket_areas(d, (width, height)))
+
+
+def bucket_areas(d, size: tuple[int, int]) -> tuple[float, ...]:
+    """Areas (over the planned size's) of two other buckets a bucketed run alternates with: the largest one
+    smaller than the planned size and the most elongated one (library.data.buckets). A bucket of the same area
+    has tensors of the same sizes: nothing to fragment."""
+    if not d.enable_bucket:
+        return ()
+    from library.data.buckets import BucketSettings, bucket_sizes
+
+    area = size[0] * size[1]
+    sizes = [b for b in bucket_sizes(BucketSettings(size, True, d.min_bucket_reso, d.max_bucket_reso,
+                                                    d.bucket_reso_steps, d.bucket_no_upscale)) if b[0] * b[1] < area]
+    if not sizes:
+        return ()
+    largest = max(sizes, key=lambda b: b[0] * b[1])
+    elongated = max(sizes, key=lambda b: max(b) / min(b))
+    return tuple(dict.fromkeys(b[0] * b[1] / area for b in (largest, elongated)))
 
 
 def format_plan(p: Plan) -> str:

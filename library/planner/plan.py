@@ -8,6 +8,7 @@ import time
 from library.planner.allocator import PhaseMemory, replay
 from library.planner.card import Card
 from library.planner.step import StepSettings, measure_step
+from library.planner.tracker import Record
 
 GIB = 2**30
 
@@ -49,7 +50,27 @@ def plan(settings: StepSettings, fake: bool = True, card: Card | None = None) ->
     started = time.perf_counter()
     m = measure_step(settings, fake=fake)
     step = m.phases["step"]
-    spans = m.tracker.spans
-    phases = replay(m.tracker.records, spans["vae"][0], spans, [card.cublas_workspace])
+    spans = dict(m.tracker.spans)
+    records, spans["step"] = bucket_steps(m.tracker.records, spans["step"], settings.bucket_areas)
+    phases = replay(records, spans["vae"][0], spans, [card.cublas_workspace])
     return Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
                 m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card)
+
+
+def bucket_steps(records: list[Record], span: tuple[int, int], areas: tuple[float, ...]):
+    """The measured step, followed by steps at other bucket sizes and then the measured size again, for the
+    allocator replay: what lived and died inside the step is repeated, its activations and temporaries scaled
+    by each bucket's area over the planned one (weights, gradients and state keep their size). Blocks cached
+    for one bucket's tensors and split for the next one's are the fragmentation bucketed training shows.
+    Returns (records, the span of all those steps)."""
+    if not areas:
+        return records, span
+    first, last = span
+    inside = [r for r in records if first < r.born and r.died is not None and r.died <= last]
+    out = list(records)
+    for n, area in enumerate((*areas, 1.0), 1):
+        shift = n * (last - first)
+        for r in inside:
+            size = r.nbytes if r.category else max(1, round(r.nbytes * area))
+            out.append(Record(size, r.born + shift, r.phase, r.died + shift, r.category, r.stream))
+    return out, (first, last + (len(areas) + 1) * (last - first))

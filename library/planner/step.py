@@ -57,6 +57,7 @@ class StepSettings:
     blocks_to_swap: int = 0
     cpu_offload_checkpointing: bool = False
     t5xxl_precision: str = "auto"  # model.t5xxl_precision (library.quantization)
+    bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
     learning_rate: float = 1e-4
 
