@@ -40,7 +40,8 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
         v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
         fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing,
-        t5xxl_precision=m.t5xxl_precision, bucket_areas=bucket_areas(d, (width, height)))
+        t5xxl_precision=m.t5xxl_precision, bucket_areas=bucket_areas(d, (width, height)),
+        sample=bool(cfg.sample.sample_prompts))
 
 
 def bucket_areas(d, size: tuple[int, int]) -> tuple[float, ...]:
@@ -76,7 +77,7 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-PHASE_NAMES = {"vae": "VAE latents", "text": "text encoders", "step": "training step"}
+PHASE_NAMES = {"vae": "VAE latents", "text": "text encoders", "step": "training step", "sample": "sampling"}
 
 
 def phase_lines(p: Plan) -> list[str]:
@@ -92,6 +93,9 @@ def phase_lines(p: Plan) -> list[str]:
                      f"{p.card_total(name) / GIB:11.2f}   {when.get(name, '')}")
     lines.append(f"  card peak: {p.card_peak / GIB:.2f} GiB ({p.card.name}; cuBLAS workspace "
                  f"{p.card.cublas_workspace / 2**20:.1f} MiB included)")
+    if p.host:
+        lines.append(f"  host RAM held while training: {sum(p.host.values()) / GIB:.2f} GiB ("
+                     + ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.host.items()) + ")")
     return lines
 
 

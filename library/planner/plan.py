@@ -25,6 +25,7 @@ class Plan:
     trainable: int = 0
     phases: dict[str, PhaseMemory] = dataclasses.field(default_factory=dict)  # as the allocator counts them
     card: Card = dataclasses.field(default_factory=Card)
+    host: dict = dataclasses.field(default_factory=dict)  # host RAM the run holds while training, by what
 
     @property
     def device_peak(self) -> int:
@@ -54,7 +55,7 @@ def plan(settings: StepSettings, fake: bool = True, card: Card | None = None) ->
     records, spans["step"] = bucket_steps(m.tracker.records, spans["step"], settings.bucket_areas)
     phases = replay(records, spans["vae"][0], spans, [card.cublas_workspace])
     return Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
-                m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card)
+                m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card, m.host)
 
 
 def bucket_steps(records: list[Record], span: tuple[int, int], areas: tuple[float, ...]):

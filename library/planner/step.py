@@ -57,6 +57,7 @@ class StepSettings:
     blocks_to_swap: int = 0
     cpu_offload_checkpointing: bool = False
     t5xxl_precision: str = "auto"  # model.t5xxl_precision (library.quantization)
+    sample: bool = False  # sample.sample_prompts: sampling during training
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
     learning_rate: float = 1e-4
@@ -69,6 +70,7 @@ class StepMeasure:
     notes: list[str]
     trainable: int = 0
     frozen: int = 0
+    host: dict = field(default_factory=dict)  # what -> bytes of host memory the run holds
 
 
 class _PlanTokenizer:
@@ -300,8 +302,53 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
             tracker.set_phase("idle")
     if fused:
         optimizer.remove_hooks()
+    if s.sample:
+        sample_phase(s, family, parts, latents if s.cache_latents else None, tracker, notes)
+    host = host_bytes(s, parts, swapper, text_cached)
     return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
-                       frozen=frozen)
+                       frozen=frozen, host=host)
+
+
+def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker, notes: list[str]) -> None:
+    """Sampling between steps, placed as library/sampling.py places it: with the training state on the device
+    (weights, optimizer state), every part comes over (text encoders and VAE included), then one prompt is
+    encoded, the denoiser runs one inference step at the training size (classifier-free guidance doubles its
+    batch, except FLUX.1's distilled guidance) and the VAE decodes the image."""
+    gone = [m for m in (parts.vae, *parts.text_encoders.values())
+            if not any(id(t.untyped_storage()) in tracker.by_storage for t in _storages(m))]
+    if gone:
+        notes.append("sampling brings every text encoder and the VAE to the device together (library/sampling.py)")
+    tracker.set_phase("sample")
+    with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
+        for module in gone:
+            tracker.arrive(_storages(module), "weights")
+        conditioning = family.encode_prompts(parts, ["a photo"] * (1 if s.family == "flux" else 2), s.clip_skip)
+        if latents is None:
+            latents = family.encode_images(parts, torch.zeros(1, 3, s.height, s.width))
+        noisy = torch.zeros((len(next(iter(conditioning.values()))), *latents.shape[1:]), dtype=latents.dtype)
+        conditioning = family.conditioning_for_batch(parts, {}, conditioning, noisy)
+        prediction = family.predict(parts, noisy, torch.full((noisy.shape[0],), 500.0), conditioning)
+        del prediction
+        parts.vae.decode(noisy[:1].to(next(parts.vae.parameters()).dtype))
+    for module in gone:
+        tracker.release(_storages(module))
+
+
+def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, int]:
+    """Host memory the run holds while training (besides what loading the checkpoints takes): parts kept on
+    the CPU, block swap's host copies (pinned) and the optimizer state of swapped weights."""
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in _storages(module))
+
+    out = {}
+    if s.cache_latents:
+        out["vae (latents cached)"] = size(parts.vae)
+    if text_cached:
+        out["text encoders (outputs cached)"] = sum(size(m) for m in parts.text_encoders.values())
+    if swapper is not None:
+        out["block swap: weights (pinned)"] = swapper.bytes_swapped()
+        out["block swap: optimizer state"] = sum(t.numel() * t.element_size() for t in swapper.state_host.values())
+    return out
 
 
 def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker) -> None:
