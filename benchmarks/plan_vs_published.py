@@ -102,8 +102,10 @@ FIGURES = [
            {**FLUX_LORA, "dim": 16, "optimizer_type": "AdamW"},
            "int8-quanto planned as fp8_base (1 byte per weight either way)"),
     Figure(AI_TOOLKIT, "FLUX.1 LoRA rank 16, 8-bit base, adamw8bit, bf16, batch 1, 1024px (\"24GB minimum\")",
-           "fits", 24, {**FLUX_LORA, "dim": 16, "cache_text_encoder_outputs": False},
-           "text encoders resident (not cached), T5 in 8 bits; sampling during training and LoRA EMA not planned"),
+           "fits", 24, {**FLUX_LORA, "dim": 16, "cache_text_encoder_outputs": False, "sample": True,
+                        "bucket_areas": (768**2 / 1024**2, 512**2 / 1024**2)},
+           "text encoders resident (not cached), T5 in 8 bits (as fp8); buckets 512/768/1024 and sampling at "
+           "1024px planned; the LoRA's EMA (~0.3 GiB) not planned"),
 ]
 
 

@@ -31,7 +31,7 @@ WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
              ("SDXL full fine-tune 1024px", "sdxl", "sdxl", 1024, FULL),
              ("SD3-medium LoRA 1024px", "sd3", "sd3-medium", 1024, {**LORA, **T5_FP8}),
              ("FLUX.1-dev LoRA 1024px", "flux", "flux-dev", 1024,
-              {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 48}),
+              {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 38}),
              # sd-scripts' 24 GB recipe: fused backward pass + Adafactor + full_bf16 + blocks_to_swap
              ("FLUX.1-dev full fine-tune 1024px", "flux", "flux-dev", 1024, {**FULL, **T5_FP8, "blocks_to_swap": 28})]
 GIB = 2**30
