@@ -85,3 +85,19 @@ def test_cli_budget_outcomes(make_config, tmp_path, capsys, monkeypatch, as_conf
     monkeypatch.setattr(planner, "search_budget", lambda *a, **k: None)  # (a real miss: the test above)
     assert train_network.main(["--config", str(path), "--vram_budget", "0.000001"]) == 1
     assert "nothing fits in 1e-06 GiB" in capsys.readouterr().out
+
+
+def test_plan_on_a_present_card_that_is_too_small_searches_what_it_supports(make_config, monkeypatch, capsys,
+                                                                           as_configured):
+    """--plan without a budget on a machine with a card: the card's memory is the budget, and a card without
+    bf16 is offered fp16 (torch.cuda is faked: this machine has no card)."""
+    from library.planner import card as card_module
+
+    first = plan(as_configured).card_peak
+    small = Card(name="a small Turing card", total=int(first * 0.99 / 0.95), capability=(7, 5), bf16=False)
+    monkeypatch.setattr(card_module, "present_card", lambda: small)
+    cfg = _config_with(make_config, [])
+    assert planner.run(cfg, "network") == 0
+    out = capsys.readouterr().out
+    assert "this does not fit a small Turing card" in out
+    assert 'mixed_precision = "fp16"' in out and "bf16" not in out.split("add to the config:")[1]
