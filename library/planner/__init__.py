@@ -1,13 +1,16 @@
-"""The memory planner: the peak device memory of a config's training step, by category, for the
-full-size architecture the config names, without a GPU or weights (`--plan`); and the cheapest set of
-memory switches that fits a budget (`--vram_budget GB`).
+"""The memory planner: what a config's run will show on the card, phase by phase (VAE caching, text
+encoding, the training step, sampling): allocated, reserved and the card total (reserved + CUDA context), by
+category, for the full-size architecture the config names, without a GPU, weights or data (`--plan`); and the
+cheapest set of memory switches whose card total fits a budget less a margin (`--vram_budget GB`, or the
+present card's memory when a plan does not fit it).
 
     python train_network.py --config x.toml --plan
     python train_db.py --config x.toml --vram_budget 8
 
-How: library/planner/step.py runs the recipe's step on fake tensors (library/planner/tracker.py counts
-every storage on the faked device); this module turns a config into that step, prints the result and
-searches the switches.
+How: step.py runs the recipe's setup and step on fake tensors (tracker.py counts every storage on the faked
+device), allocator.py replays those allocations through a model of PyTorch's caching allocator, card.py adds
+what the card holds besides, architecture.py tells the model from the config, budget.py searches the
+switches; this module turns a config into settings and prints.
 """
 from __future__ import annotations
 
