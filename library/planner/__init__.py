@@ -44,7 +44,7 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
         fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing,
         t5xxl_precision=m.t5xxl_precision, bucket_areas=bucket_areas(d, (width, height)),
-        sample=bool(cfg.sample.sample_prompts))
+        sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema)
 
 
 def bucket_areas(d, size: tuple[int, int]) -> tuple[float, ...]:

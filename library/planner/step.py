@@ -58,6 +58,7 @@ class StepSettings:
     cpu_offload_checkpointing: bool = False
     t5xxl_precision: str = "auto"  # model.t5xxl_precision (library.quantization)
     sample: bool = False  # sample.sample_prompts: sampling during training
+    ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
     learning_rate: float = 1e-4
@@ -345,6 +346,8 @@ def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, 
         out["vae (latents cached)"] = size(parts.vae)
     if text_cached:
         out["text encoders (outputs cached)"] = sum(size(m) for m in parts.text_encoders.values())
+    if s.ema:  # torch's AveragedModel of the denoiser as loaded (fp32), on the CPU
+        out["EMA copy (fp32)"] = sum(p.numel() * 4 for p in parts.denoiser.parameters())
     if swapper is not None:
         out["block swap: weights (pinned)"] = swapper.bytes_swapped()
         out["block swap: optimizer state"] = sum(t.numel() * t.element_size() for t in swapper.state_host.values())
