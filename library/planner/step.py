@@ -359,25 +359,33 @@ def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker) -> None:
     one parameter at a time (a full set of gradients never exists here, as it need not in a fused backward
     pass): the steady state one measured step then runs in. State of block-swapped weights goes to the host,
     where block swap keeps it between uses."""
+    from library.memory import device_copy
+
     owner = {id(p): opt for opt in optimizers for group in opt.param_groups for p in group["params"]}
     with torch.no_grad():
         for p in trained:
             opt = owner.get(id(p))
             if opt is None:
                 continue
+            swapped = swapper is not None and swapper.swaps(p)
+            if swapped:  # a swapped weight steps while its block is on the device (library/block_swap.py)
+                p.data = device_copy(swapper.host[p], p.device)
             p.grad = torch.zeros_like(p)
             opt.step()
             p.grad = None
             state = opt.state.get(p, {})
-            tensors = [t for t in state.values() if isinstance(t, torch.Tensor)]
-            tracker.tag(tensors, "optimizer state")
-            if swapper is not None and swapper.swaps(p):
-                _state_to_host(swapper, p, state)
+            tracker.tag([t for t in state.values() if isinstance(t, torch.Tensor)], "optimizer state")
+            if swapped:
+                _back_to_host(swapper, p, state)
 
 
-def _state_to_host(swapper, p, state: dict) -> None:
+def _back_to_host(swapper, p, state: dict) -> None:
+    """What block swap does after a swapped weight's step: the weight copied back to its host buffer, its
+    optimizer state moved to host buffers."""
     from library.memory import host_copy
 
+    host_copy(p.data, out=swapper.host[p])
+    p.data = swapper.host[p]
     for key, value in list(state.items()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             state[key] = swapper.state_host[(id(p), key)] = host_copy(value)
