@@ -76,3 +76,4 @@ def test_full_fine_tune_block_swap_moves_weights_and_state(wide_flux):
     saved = plain.breakdown["weights"] - swapped.breakdown["weights"]
     assert sum(chosen) - sum(sorted(chosen)[-2:]) <= saved <= sum(chosen)
     assert swapped.breakdown["optimizer state"] < plain.breakdown["optimizer state"]
+    assert swapped.device_peak < plain.device_peak and swapped.card_peak <= plain.card_peak
