@@ -144,7 +144,7 @@ def main() -> None:
           "allocated) | ratio | in goal | not reproduced | plan s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for i, f in enumerate(FIGURES, 1):
-        if only and not any(o == str(i) or o in (f.source + f.what).lower() for o in only):
+        if only and not any(o == str(i) if o.isdigit() else o in (f.source + f.what).lower() for o in only):
             continue
         s = settings_of(f)
         started = time.perf_counter()
