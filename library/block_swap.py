@@ -2,9 +2,9 @@
 (pinned when the device is CUDA) and come to the device just in time for their forward, and for the
 forward that backward re-runs under gradient checkpointing; they go back to the host after use.
 
-Which blocks: the family's `swappable_blocks(parts)` (FLUX.1: the 19 double- then the 38 single-stream
-blocks, in execution order); N of them, evenly spread over that list, so that the copy of the next swapped
-block (a prefetch, on a side CUDA stream) overlaps with the compute of the blocks in between. On the CPU
+Which blocks (swapped_blocks): N as sd-scripts counts them (FLUX.1: N // 2 double- and (N - N // 2) * 2
+single-stream blocks, families/flux.py; SD3: N joint blocks), each kind evenly spread, so that the copy of the
+next swapped block (a prefetch, on a side CUDA stream) overlaps with the compute of the blocks in between. On the CPU
 the copies are plain, synchronous, but still separate storages, so tests exercise the same mechanism.
 
 What moves: the block's frozen weights; in full fine-tuning (`trained=True`) its trained weights too, with
@@ -207,6 +207,17 @@ def make_swapper(family, parts, count: int | None, device, trained: bool = False
         from library.config import ConfigError
 
         raise ConfigError(f"train.blocks_to_swap: the {family.name} family has no swappable blocks (SD3 / FLUX.1)")
-    swapper = BlockSwapper(family.swappable_blocks(parts), count, device, trained, optimizer_state)
+    blocks = swapped_blocks(family, parts, count)
+    swapper = BlockSwapper(blocks, len(blocks), device, trained, optimizer_state)
     parts.denoiser._block_swapper = swapper  # for move()
     return swapper
+
+
+def swapped_blocks(family, parts, count: int) -> list[nn.Module]:
+    """The blocks train.blocks_to_swap = count keeps on the host, in execution order: the family's own count
+    (FLUX.1: sd-scripts' meaning, families/flux.py) or `count` of its swappable blocks (SD3: joint blocks, as in
+    sd-scripts), evenly spread; all of them when count exceeds them."""
+    if hasattr(family, "blocks_to_swap"):
+        return family.blocks_to_swap(parts, count)
+    blocks = family.swappable_blocks(parts)
+    return [blocks[k] for k in spread(len(blocks), min(count, len(blocks)))]

@@ -34,7 +34,9 @@ def load_or_exit(args: argparse.Namespace, recipe: str) -> Config:
         dataset_config = getattr(args, "dataset_config", None)
         overrides = [*args.overrides,
                      *([f"dataset.dataset_config={json.dumps(dataset_config)}"] if dataset_config else [])]
-        cfg = load_config(args.config, overrides, flags=getattr(args, "flags", None))
+        planning = bool(getattr(args, "plan", False) or getattr(args, "vram_budget", None))
+        cfg = load_config(args.config, overrides, check_paths=not planning,  # a plan needs no files
+                          flags=getattr(args, "flags", None))
         check_recipe(cfg, recipe)
         for note in cfg.notes:
             print(f"note: {note}", file=sys.stderr)

@@ -15,12 +15,18 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def check_paths(cfg: Config) -> None:
+    """What the config names on this machine: its files and folders, xformers when asked for."""
     for name in SECTIONS:
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
             kind, value = f.metadata.get("path"), getattr(section, f.name)
             if kind and value is not None:
                 _check_path(f"{name}.{f.name}", value, kind, cfg.source)
+    if cfg.train.xformers:  # what is installed here is checked with the files (a plan needs neither)
+        import importlib.util
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError(f"{cfg.source}: 'train.xformers' = true but xformers is not installed "
+                              f"(pip install xformers, or use the default sdpa)")
     model = cfg.model.pretrained_model_name_or_path
     if not os.path.exists(model) and not HUB_ID.match(model):
         raise ConfigError(f"{cfg.source}: 'model.pretrained_model_name_or_path': no such file or folder: {model}")
@@ -85,11 +91,6 @@ def check_combinations(cfg: Config) -> None:
     if n.network_train_unet_only and n.network_train_text_encoder_only:
         problems.append("'network.network_train_unet_only' and 'network.network_train_text_encoder_only' "
                         "cannot both be true")
-    if t.xformers:
-        import importlib.util
-        if importlib.util.find_spec("xformers") is None:
-            problems.append("'train.xformers' = true but xformers is not installed "
-                            "(pip install xformers, or use the default sdpa)")
     if cfg.dataset.train_data_dir is None and cfg.dataset.dataset_config is None:
         problems.append("'dataset.train_data_dir' or 'dataset.dataset_config' is required")
     res = cfg.dataset.resolution

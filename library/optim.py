@@ -112,7 +112,7 @@ class FusedBackward(torch.optim.Optimizer):
     backward did the work."""
 
     def __init__(self, name: str, param_groups: list[dict], lr: float, args: list[str],
-                 chunks: int | None = None, max_grad_norm: float = 0.0):
+                 chunks: int | None = None, max_grad_norm: float = 0.0, build=None):
         self.optimizers: list[torch.optim.Optimizer] = []
         self.max_grad_norm = max_grad_norm
         self.chunk_params: list[list[torch.nn.Parameter]] = []
@@ -120,7 +120,7 @@ class FusedBackward(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.requires_grad]
             for piece in _split(params, chunks):
                 settings = {k: v for k, v in group.items() if k != "params"}
-                self.optimizers.append(build_optimizer(name, [{"params": piece, **settings}], lr, args))
+                self.optimizers.append((build or build_optimizer)(name, [{"params": piece, **settings}], lr, args))
                 self.chunk_params.append(piece)
         self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
         self.defaults, self.state = {}, {}

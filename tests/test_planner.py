@@ -102,3 +102,21 @@ def test_cached_text_encoders_visit_the_device_one_at_a_time(tiny_sdxl):
     visiting = _plan(dataclasses.replace(base, cache_text_encoder_outputs=True), fake=False)
     assert resident.text_peak - visiting.text_peak == pytest.approx(sizes[0], rel=0.05)
     assert visiting.vae_peak == resident.vae_peak  # text encoders come after the VAE pass either way
+
+
+def test_sampling_brings_every_part_to_the_device(tiny, tiny_sd1):
+    """With cached latents and text outputs the VAE and text encoder are off the device while training;
+    sampling (library/sampling.py) brings them all over with the training state still there."""
+    from library.families import get_family
+    from library.families.base import ModelSource
+
+    s = dataclasses.replace(tiny, cache_latents=True, cache_text_encoder_outputs=True, train_text_encoder=False,
+                            sample=True)
+    p = _plan(s, fake=False)
+    parts = get_family("sd1", "").load(ModelSource(str(tiny_sd1[0])))
+    every_part = sum(t.numel() * 4 for m in (parts.denoiser, parts.vae, *parts.text_encoders.values())
+                     for t in [*m.parameters(), *m.buffers()])
+    assert p.breakdown["weights"] + p.breakdown["adapter weights"] < every_part  # the step: the denoiser alone
+    assert p.phases["sample"].allocated >= every_part + p.card.cublas_workspace
+    assert p.phases["sample"].reserved >= p.phases["step"].reserved
+    assert "vae (latents cached)" in p.host and any("sampling brings" in n for n in p.notes)

@@ -1,6 +1,7 @@
 """--vram_budget: the switch search on the tiny SD1 model. What it prints must be true: the config lines it
-says to add, added to the config, give a plan that fits; one switch fewer does not fit; nothing fitting and
-fitting as configured are said plainly."""
+says to add, added to the config, give a plan whose card total fits the budget less the margin; one switch
+fewer does not fit; nothing fitting and fitting as configured are said plainly; a card without bf16 is
+offered fp16."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,9 @@ import toml
 
 import train_network
 from library import planner
-from library.planner import GIB, _ladder, plan, search_budget, settings_from_config
+from library.planner import GIB, plan, search_budget, settings_from_config
+from library.planner.budget import _ladder
+from library.planner.card import Card, margin
 
 
 def _config_with(make_config, lines: list[str], **extra):
@@ -33,37 +36,68 @@ def as_configured(make_config):
     return settings_from_config(cfg, "network")
 
 
+def _budget_for(card_bytes: float) -> float:
+    """The budget (GiB) whose limit (budget less margin) is `card_bytes`."""
+    budget = card_bytes / (1 - 0.05) / GIB
+    assert margin(int(budget * GIB)) == int(budget * GIB * 0.05)
+    return budget
+
+
 def test_suggested_lines_fit_and_one_fewer_does_not(make_config, as_configured):
-    first = plan(as_configured, fake=False).device_peak
+    first = plan(as_configured, fake=False).card_peak
     everything = search_budget(as_configured, 1e-9, say=lambda _: None, fake=False)
     assert everything is None  # nothing fits in a few bytes
-    lowest = min(plan(dataclasses.replace(as_configured, **changes), fake=False).device_peak
+    lowest = min(plan(dataclasses.replace(as_configured, **changes), fake=False).card_peak
                  for changes in ({"mixed_precision": "bf16", "gradient_checkpointing": True, "cache_latents": True},))
     assert lowest < first
-    budget = (first + lowest) / 2 / GIB
+    budget = _budget_for((first + lowest) / 2)
     found = search_budget(as_configured, budget, say=lambda _: None, fake=False)
     assert found is not None
     found_plan, lines, costs = found
-    assert lines and len(costs) >= 1 and found_plan.device_peak <= budget * GIB
+    limit = budget * GIB - margin(budget * GIB)
+    assert lines and len(costs) >= 1 and found_plan.card_peak <= limit
     # the printed lines, put into the config, give the same plan
     again = plan(settings_from_config(_config_with(make_config, lines), "network"), fake=False)
-    assert again.device_peak == found_plan.device_peak
+    assert again.card_peak == found_plan.card_peak
     # the search stops at the first rung that fits: one rung fewer did not fit
     rungs = _ladder(as_configured)[:len(costs)]
     assert [f"{name}: {cost}" for name, _, _, cost in rungs] == costs
     one_fewer = as_configured
     for _, changes, _, _ in rungs[:-1]:
         one_fewer = dataclasses.replace(one_fewer, **changes)
-    assert plan(one_fewer, fake=False).device_peak > budget * GIB
+    assert plan(one_fewer, fake=False).card_peak > limit
+
+
+def test_a_card_without_bf16_is_offered_fp16(as_configured):
+    old = Card(name="a Turing card", capability=(7, 5), bf16=False)
+    names = [name for name, _, _, _ in _ladder(as_configured, old)]
+    assert "fp16" in names and "bf16" not in names and "full_bf16" not in names
+    assert "bf16" in [name for name, _, _, _ in _ladder(as_configured)]
 
 
 def test_cli_budget_outcomes(make_config, tmp_path, capsys, monkeypatch, as_configured):
     cfg = _config_with(make_config, [])
     path = tmp_path / "budget.toml"
     path.write_text(toml.dumps(cfg.to_toml_dict()))
-    roomy = plan(as_configured).device_peak * 2 / GIB
+    roomy = plan(as_configured).card_peak * 2 / GIB
     assert train_network.main(["--config", str(path), "--vram_budget", f"{roomy:.6f}"]) == 0
     assert "fits as configured" in capsys.readouterr().out
     monkeypatch.setattr(planner, "search_budget", lambda *a, **k: None)  # (a real miss: the test above)
     assert train_network.main(["--config", str(path), "--vram_budget", "0.000001"]) == 1
     assert "nothing fits in 1e-06 GiB" in capsys.readouterr().out
+
+
+def test_plan_on_a_present_card_that_is_too_small_searches_what_it_supports(make_config, monkeypatch, capsys,
+                                                                           as_configured):
+    """--plan without a budget on a machine with a card: the card's memory is the budget, and a card without
+    bf16 is offered fp16 (torch.cuda is faked: this machine has no card)."""
+    from library.planner import card as card_module
+
+    first = plan(as_configured).card_peak
+    small = Card(name="a small Turing card", total=int(first * 0.99 / 0.95), capability=(7, 5), bf16=False)
+    monkeypatch.setattr(card_module, "present_card", lambda: small)
+    cfg = _config_with(make_config, [])
+    assert planner.run(cfg, "network") == 0
+    out = capsys.readouterr().out
+    assert "this does not fit a small Turing card" in out
+    assert 'mixed_precision = "fp16"' in out and "bf16" not in out.split("add to the config:")[1]

@@ -121,6 +121,18 @@ class FluxFamily:
         """The blocks train.blocks_to_swap may keep in CPU memory, in execution order: double-, then single-stream."""
         return [*parts.denoiser.transformer_blocks, *parts.denoiser.single_transformer_blocks]
 
+    def blocks_to_swap(self, parts: Components, count: int) -> list[torch.nn.Module]:
+        """The blocks train.blocks_to_swap = count keeps in CPU memory, as sd-scripts counts them for FLUX.1
+        (a double block weighs about two single blocks): count // 2 double blocks and (count - count // 2) * 2
+        single blocks, each kind evenly spread, in execution order. More than the model has swaps them all."""
+        from library.block_swap import spread
+
+        doubles, singles = list(parts.denoiser.transformer_blocks), list(parts.denoiser.single_transformer_blocks)
+        n_double = min(count // 2, len(doubles))
+        n_single = min((count - count // 2) * 2, len(singles))
+        return ([doubles[k] for k in spread(len(doubles), n_double)] if n_double else []) + (
+            [singles[k] for k in spread(len(singles), n_single)] if n_single else [])
+
     def single_file_state_dict(self, parts: Components) -> dict[str, torch.Tensor]:
         """The transformer in the BFL layout (what ComfyUI / Forge / sd-scripts load beside clip_l, t5xxl, ae)."""
         return transformer_to_bfl(parts.denoiser.state_dict())

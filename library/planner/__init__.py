@@ -1,48 +1,34 @@
-"""The memory planner: the peak device memory of a config's training step, by category, for the
-full-size architecture the config names, without a GPU or weights (`--plan`); and the cheapest set of
-memory switches that fits a budget (`--vram_budget GB`).
+"""The memory planner: what a config's run will show on the card, phase by phase (VAE caching, text
+encoding, the training step, sampling): allocated, reserved and the card total (reserved + CUDA context), by
+category, for the full-size architecture the config names, without a GPU, weights or data (`--plan`); and the
+cheapest set of memory switches whose card total fits a budget less a margin (`--vram_budget GB`, or the
+present card's memory when a plan does not fit it).
 
     python train_network.py --config x.toml --plan
     python train_db.py --config x.toml --vram_budget 8
 
-How: library/planner/step.py runs the recipe's step on fake tensors (library/planner/tracker.py counts
-every storage on the faked device); this module turns a config into that step, prints the result and
-searches the switches.
+How: step.py runs the recipe's setup and step on fake tensors (tracker.py counts every storage on the faked
+device), allocator.py replays those allocations through a model of PyTorch's caching allocator, card.py adds
+what the card holds besides, architecture.py tells the model from the config, budget.py searches the
+switches; this module turns a config into settings and prints.
 """
 from __future__ import annotations
 
-import dataclasses
-import time
+import sys
 
-from library.planner.step import StepSettings, measure_step
+from library.planner.architecture import resolve
+from library.planner.budget import search_budget
+from library.planner.card import margin
+from library.planner.plan import GIB, Plan, plan
+from library.planner.step import StepSettings
 from library.planner.tracker import CATEGORIES
-
-GIB = 2**30
-
-
-@dataclasses.dataclass
-class Plan:
-    settings: StepSettings
-    peak: int  # bytes at the peak of the training step
-    breakdown: dict[str, int]
-    vae_peak: int
-    text_peak: int
-    notes: list[str]
-    seconds: float
-    trainable: int = 0
-
-    @property
-    def device_peak(self) -> int:
-        """The largest of the training step and the pre-encoding phases."""
-        return max(self.peak, self.vae_peak, self.text_peak)
 
 
 def settings_from_config(cfg, recipe: str) -> StepSettings:
     from library.training import resolution
 
     m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.dataset
-    family = m.family if m.family != "auto" else _guess_family(m.pretrained_model_name_or_path)
-    arch = m.arch or {"sd1": "sd2" if m.v2 else "sd15", "sdxl": "sdxl", "sd3": "sd3-medium"}.get(family, family)
+    family, arch = resolve(m)
     width, height = resolution(d.resolution)
     n = cfg.network
     return StepSettings(
@@ -57,25 +43,26 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
         v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
         fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing,
-        t5xxl_precision=m.t5xxl_precision)
+        t5xxl_precision=m.t5xxl_precision, bucket_areas=bucket_areas(d, (width, height)),
+        sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema)
 
 
-def _guess_family(path: str) -> str:
-    from pathlib import Path
+def bucket_areas(d, size: tuple[int, int]) -> tuple[float, ...]:
+    """Areas (over the planned size's) of two other buckets a bucketed run alternates with: the largest one
+    smaller than the planned size and the most elongated one (library.data.buckets). A bucket of the same area
+    has tensors of the same sizes: nothing to fragment."""
+    if not d.enable_bucket:
+        return ()
+    from library.data.buckets import BucketSettings, bucket_sizes
 
-    from library.families import get_family
-
-    if Path(path).exists():
-        return get_family("auto", path).name
-    return "sdxl" if "xl" in Path(path).name.lower() else "sd1"
-
-
-def plan(settings: StepSettings, fake: bool = True) -> Plan:
-    started = time.perf_counter()
-    m = measure_step(settings, fake=fake)
-    step = m.phases["step"]
-    return Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
-                m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable)
+    area = size[0] * size[1]
+    sizes = [b for b in bucket_sizes(BucketSettings(size, True, d.min_bucket_reso, d.max_bucket_reso,
+                                                    d.bucket_reso_steps, d.bucket_no_upscale)) if b[0] * b[1] < area]
+    if not sizes:
+        return ()
+    largest = max(sizes, key=lambda b: b[0] * b[1])
+    elongated = max(sizes, key=lambda b: max(b) / min(b))
+    return tuple(dict.fromkeys(b[0] * b[1] / area for b in (largest, elongated)))
 
 
 def format_plan(p: Plan) -> str:
@@ -86,16 +73,33 @@ def format_plan(p: Plan) -> str:
              f"  peak device memory of the training step: {p.peak / GIB:.2f} GiB"]
     for key in CATEGORIES:
         lines.append(f"    {key:<16} {p.breakdown.get(key, 0) / GIB:7.2f} GiB")
-    vae_when = "before training (cache_latents)" if s.cache_latents else "inside every step (counted above)"
-    text_when = ("before training (cache_text_encoder_outputs)" if s.cache_text_encoder_outputs
-                 else "inside every step (counted above)")
-    lines += [f"  pre-encoding phases: VAE latents {p.vae_peak / GIB:.2f} GiB ({vae_when}); "
-              f"text encoders {p.text_peak / GIB:.2f} GiB ({text_when})",
-              f"  device peak: {p.device_peak / GIB:.2f} GiB allocated (the CUDA context, ~0.3-0.5 GiB, comes on top)"]
+    lines += phase_lines(p)
     lines += [f"  note: {n}" for n in p.notes]
-    lines.append(f"  (fake tensors, {2} optimizer steps, planned in {p.seconds:.0f}s; a faked device with CUDA's "
-                 f"autocast policy and foreach optimizer kernels)")
+    lines.append(f"  (fake tensors, the optimizer state of a first step then one measured step, planned in "
+                 f"{p.seconds:.0f}s; a faked device with CUDA's autocast policy and foreach optimizer kernels)")
     return "\n".join(lines)
+
+
+PHASE_NAMES = {"vae": "VAE latents", "text": "text encoders", "step": "training step", "sample": "sampling"}
+
+
+def phase_lines(p: Plan) -> list[str]:
+    """Per phase: allocated (tensors, in allocator blocks), reserved (max_memory_reserved) and the card total."""
+    s = p.settings
+    when = {"vae": "before training (cache_latents)" if s.cache_latents else "inside every step",
+            "text": "before training (cached outputs)" if s.cache_text_encoder_outputs else "inside every step"}
+    lines = [f"  per phase, GiB        allocated  reserved  card total (reserved + {p.card.context / GIB:.2f} "
+             f"GiB CUDA context)"]
+    for name, memory in p.phases.items():
+        label = PHASE_NAMES.get(name, name)
+        lines.append(f"    {label:<20} {memory.allocated / GIB:8.2f} {memory.reserved / GIB:9.2f} "
+                     f"{p.card_total(name) / GIB:11.2f}   {when.get(name, '')}")
+    lines.append(f"  card peak: {p.card_peak / GIB:.2f} GiB ({p.card.name}; cuBLAS workspace "
+                 f"{p.card.cublas_workspace / 2**20:.1f} MiB included)")
+    if p.host:
+        lines.append(f"  host RAM held while training: {sum(p.host.values()) / GIB:.2f} GiB ("
+                     + ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.host.items()) + ")")
+    return lines
 
 
 def switch_text(s: StepSettings) -> str:
@@ -117,125 +121,28 @@ def switch_text(s: StepSettings) -> str:
     return ", ".join(on)
 
 
-# ---------------------------------------------------------------------------------------------
-# --vram_budget: the switches, cheapest first
-# ---------------------------------------------------------------------------------------------
-
-# (name, what it changes, config lines, its cost in speed as far as known without a GPU)
-def _ladder(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
-    steps = []
-    if s.mixed_precision == "no":
-        steps.append(("bf16", {"mixed_precision": "bf16"}, ['mixed_precision = "bf16"   # [train]'],
-                      "faster on any GPU since Ampere"))
-    if not s.cache_latents:
-        steps.append(("cache latents", {"cache_latents": True}, ["cache_latents = true   # [dataset]"],
-                      "faster (no VAE per step); no random crop / color aug"))
-    if not s.cache_text_encoder_outputs and (s.recipe == "db" or s.train_unet):
-        frozen = {"cache_text_encoder_outputs": True, "train_text_encoder": False}
-        lines = ["cache_text_encoder_outputs = true   # [train]",
-                 "network_train_unet_only = true   # [network]" if s.recipe == "network"
-                 else "train_text_encoder = false   # [dreambooth]"]
-        steps.append(("frozen, cached text encoders", frozen, lines, "faster; the text encoder no longer trains"))
-    if s.t5xxl_precision == "auto" and _has_t5(s):
-        steps.append(("T5-XXL in fp8 while encoding", {"t5xxl_precision": "fp8"},
-                      ['t5xxl_precision = "fp8"   # [model]'],
-                      "encoding only (once, when cached); fp8 rounding of T5's weights"))
-    if s.optimizer_type.lower() == "adamw" and s.recipe == "network":
-        steps.append(("AdamW8bit", {"optimizer_type": "AdamW8bit"}, ['optimizer_type = "AdamW8bit"   # [optimizer]'],
-                      "about the same speed"))
-    if s.recipe == "db" and not s.fused_backward_pass:
-        steps.append(("Adafactor, fused backward", {"optimizer_type": "Adafactor", "fused_backward_pass": True},
-                      ['optimizer_type = "Adafactor"   # [optimizer]', "fused_backward_pass = true   # [optimizer]"],
-                      "about the same speed; per-parameter clipping"))
-    if not s.gradient_checkpointing:
-        steps.append(("gradient checkpointing", {"gradient_checkpointing": True},
-                      ["gradient_checkpointing = true   # [train]"], "~20-30% slower (forward recomputed)"))
-    if s.recipe == "db" and not (s.full_bf16 or s.full_fp16):
-        steps.append(("full_bf16", {"full_bf16": True, "mixed_precision": "bf16"},
-                      ["full_bf16 = true   # [train]"], "same speed; bf16 weights lose small updates"))
-    if s.recipe == "network" and s.train_unet and not s.fp8_base:
-        change = {"fp8_base": True, **({"mixed_precision": "bf16"} if s.mixed_precision == "no" else {})}
-        steps.append(("fp8_base", change, ["fp8_base = true   # [train]"],
-                      "slightly slower (each layer's weights cast per use); fp8 rounding of the frozen base"))
-    blocks = _swappable_block_sizes(s)
-    if blocks and (s.recipe == "network" or s.fused_backward_pass or not s.fused_optimizer_groups):
-        from library.block_swap import spread
-
-        trained = s.recipe == "db"
-        for count in [c for c in (*range(8, len(blocks), 8), len(blocks)) if c > s.blocks_to_swap]:
-            per_weight = 1 if s.fp8_base else 4 if (trained and not (s.full_bf16 or s.full_fp16)) else 2
-            moved = sum(blocks[k] for k in spread(len(blocks), count)) * per_weight
-            seconds = (2 * moved + (moved if trained else 0)) / 25e9
-            steps.append((f"blocks_to_swap {count}", {"blocks_to_swap": count},
-                          [f"blocks_to_swap = {count}   # [train]"],
-                          f"~{seconds:.1f} s/step of PCIe copies at 25 GB/s ({moved / GIB:.1f} GiB each way), "
-                          f"partly hidden behind compute"))
-    return steps
-
-
-def _has_t5(s: StepSettings) -> bool:
-    import json
-
-    from library.loading import arch_dir
-
-    configs = [p / "config.json" for p in arch_dir(s.arch).iterdir() if (p / "config.json").is_file()]
-    return any("T5EncoderModel" in json.loads(c.read_text()).get("architectures", []) for c in configs)
-
-
-def _swappable_block_sizes(s: StepSettings) -> list[int]:
-    """Parameter counts of the family's swappable blocks (empty for families without block swap)."""
-    from library.families import get_family
-    from library.loading import arch_dir
-    from library.planner.step import build_parts
-
-    family = get_family(s.family, "")
-    if not hasattr(family, "swappable_blocks"):
-        return []
-    import torch
-
-    with torch.device("meta"):
-        parts = build_parts(family, s.family, arch_dir(s.arch))
-    return [sum(p.numel() for p in block.parameters()) for block in family.swappable_blocks(parts)]
-
-
-def search_budget(s: StepSettings, budget_gb: float, say=print,
-                  fake: bool = True) -> tuple[Plan, list[str], list[str]] | None:
-    """Add switches, cheapest in speed first, until the planned device peak fits `budget_gb` (GiB);
-    then lower the batch size. Returns (plan, config lines, costs) or None if nothing fits. fake=False
-    plans with real tensors on the CPU (for models small enough: the tests)."""
-    budget = budget_gb * GIB
-    current, lines, costs = s, [], []
-    p = plan(current, fake=fake)
-    say(f"  as configured: {p.device_peak / GIB:.2f} GiB")
-    ladder = _ladder(s)
-    while p.device_peak > budget and ladder:
-        name, change, add, cost = ladder.pop(0)
-        current = dataclasses.replace(current, **change)
-        keys = {line.split("=")[0].strip() for line in add}
-        lines = [x for x in lines if x.split("=")[0].strip() not in keys] + add  # blocks_to_swap 8 -> 16: one line
-        costs.append(f"{name}: {cost}")
-        p = plan(current, fake=fake)
-        say(f"  + {name}: {p.device_peak / GIB:.2f} GiB")
-    while p.device_peak > budget and current.batch_size > 1:
-        current = dataclasses.replace(current, batch_size=max(1, current.batch_size // 2))
-        p = plan(current, fake=fake)
-        lines = [x for x in lines if "train_batch_size" not in x] + [
-            f"train_batch_size = {current.batch_size}   # [dataset]"]
-        costs.append("smaller batch: fewer images per step")
-        say(f"  batch {current.batch_size}: {p.device_peak / GIB:.2f} GiB")
-    if p.device_peak > budget:
-        return None
-    return p, lines, costs
-
-
 def run(cfg, recipe: str, budget_gb: float | None = None) -> int:
-    """--plan / --vram_budget from a recipe's main(): print, and return the exit code."""
-    s = settings_from_config(cfg, recipe)
+    """--plan / --vram_budget from a recipe's main(): print, and return the exit code. With a CUDA card present
+    the plan is for that card, and without a budget the card's memory is the budget when the plan does not fit."""
+    from library.cli import EXIT_CONFIG_ERROR
+    from library.config import ConfigError
+    from library.planner.card import present_card
+
+    try:
+        s = settings_from_config(cfg, recipe)
+    except ConfigError as e:
+        print(f"config error: {cfg.source}: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    card = present_card()
     if budget_gb is None:
-        print(format_plan(plan(s)), flush=True)
-        return 0
+        p = plan(s, card=card)
+        print(format_plan(p), flush=True)
+        if card is None or p.card_peak <= card.total - margin(card.total):
+            return 0
+        budget_gb = card.total / GIB
+        print(f"this does not fit {card.name} ({budget_gb:.1f} GiB):", flush=True)
     print(f"searching memory switches for a {budget_gb:g} GiB budget ({s.arch}, {s.width}x{s.height}):", flush=True)
-    found = search_budget(s, budget_gb, say=lambda line: print(line, flush=True))
+    found = search_budget(s, budget_gb, say=lambda line: print(line, flush=True), card=card)
     if found is None:
         print(f"nothing fits in {budget_gb:g} GiB with the switches this trainer has", flush=True)
         return 1

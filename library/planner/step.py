@@ -1,5 +1,6 @@
 """The training step of a config, run for the planner: the model built from its architecture configs
-(no weights), the recipe's adapters, memory switches, optimizer and batch_loss, two optimizer steps.
+(no weights), the recipe's adapters, memory switches, optimizer and batch_loss: the optimizer state as the
+first step leaves it (warm_up_state), then one measured step (forward, backward, optimizer step).
 
 The order of calls is the recipes' (train_network.py / train_db.py): what trains -> adapters -> casts ->
 attention -> gradient checkpointing -> pre-encoding (VAE, text encoders) -> offload -> optimizer ->
@@ -17,7 +18,7 @@ import torch
 
 from library.planner.tracker import FakeDevice, MemoryTracker
 
-STEPS = 2
+STEPS = 1  # measured steps, after warm_up_state (a plan's time is its number of operators)
 # the text-encoder names each family's Components use, by diffusers subfolder (families may instead
 # provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
 TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
@@ -56,6 +57,9 @@ class StepSettings:
     blocks_to_swap: int = 0
     cpu_offload_checkpointing: bool = False
     t5xxl_precision: str = "auto"  # model.t5xxl_precision (library.quantization)
+    sample: bool = False  # sample.sample_prompts: sampling during training
+    ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
+    bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
     learning_rate: float = 1e-4
 
@@ -67,6 +71,7 @@ class StepMeasure:
     notes: list[str]
     trainable: int = 0
     frozen: int = 0
+    host: dict = field(default_factory=dict)  # what -> bytes of host memory the run holds
 
 
 class _PlanTokenizer:
@@ -121,7 +126,8 @@ def _storages(module: torch.nn.Module):
 
 
 def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = None) -> StepMeasure:
-    """Run the step of `s` (on fake tensors unless fake=False), two optimizer steps, and return the tracker."""
+    """Run the step of `s` (on fake tensors unless fake=False) with the optimizer state in place, and return
+    the tracker."""
     from library.families import get_family
     from library.loading import arch_dir
 
@@ -146,8 +152,8 @@ class _offload_observed:
     def observe(self, tensor, where: str) -> None:
         if where == "host":
             self.tracker.release([tensor])
-        else:
-            self.tracker.arrive([tensor], where)
+        else:  # weights and optimizer state come over on block swap's side stream; activations do not
+            self.tracker.arrive([tensor], where, "main" if where == "activations" else "swap")
 
     def __enter__(self):
         from library.memory import OFFLOAD_OBSERVERS
@@ -264,6 +270,8 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     if swapper and fused:
         swapper.optimizer_state = optimizer.state_of
 
+    warm_up_state(trained, optimizers, swapper, tracker)
+
     # ---- the training steps ------------------------------------------------------------------
     generator = torch.Generator().manual_seed(0)
     objective = family.objective(parts)
@@ -295,8 +303,92 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
             tracker.set_phase("idle")
     if fused:
         optimizer.remove_hooks()
+    if s.sample:
+        sample_phase(s, family, parts, latents if s.cache_latents else None, tracker, notes)
+    host = host_bytes(s, parts, swapper, text_cached)
     return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
-                       frozen=frozen)
+                       frozen=frozen, host=host)
+
+
+def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker, notes: list[str]) -> None:
+    """Sampling between steps, placed as library/sampling.py places it: with the training state on the device
+    (weights, optimizer state), every part comes over (text encoders and VAE included), then one prompt is
+    encoded, the denoiser runs one inference step at the training size (classifier-free guidance doubles its
+    batch, except FLUX.1's distilled guidance) and the VAE decodes the image."""
+    gone = [m for m in (parts.vae, *parts.text_encoders.values())
+            if not any(id(t.untyped_storage()) in tracker.by_storage for t in _storages(m))]
+    if gone:
+        notes.append("sampling brings every text encoder and the VAE to the device together (library/sampling.py)")
+    tracker.set_phase("sample")
+    with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
+        for module in gone:
+            tracker.arrive(_storages(module), "weights")
+        conditioning = family.encode_prompts(parts, ["a photo"] * (1 if s.family == "flux" else 2), s.clip_skip)
+        if latents is None:
+            latents = family.encode_images(parts, torch.zeros(1, 3, s.height, s.width))
+        noisy = torch.zeros((len(next(iter(conditioning.values()))), *latents.shape[1:]), dtype=latents.dtype)
+        conditioning = family.conditioning_for_batch(parts, {}, conditioning, noisy)
+        prediction = family.predict(parts, noisy, torch.full((noisy.shape[0],), 500.0), conditioning)
+        del prediction
+        parts.vae.decode(noisy[:1].to(next(parts.vae.parameters()).dtype))
+    for module in gone:
+        tracker.release(_storages(module))
+
+
+def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, int]:
+    """Host memory the run holds while training (besides what loading the checkpoints takes): parts kept on
+    the CPU, block swap's host copies (pinned) and the optimizer state of swapped weights."""
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in _storages(module))
+
+    out = {}
+    if s.cache_latents:
+        out["vae (latents cached)"] = size(parts.vae)
+    if text_cached:
+        out["text encoders (outputs cached)"] = sum(size(m) for m in parts.text_encoders.values())
+    if s.ema:  # torch's AveragedModel of the denoiser as loaded (fp32), on the CPU
+        out["EMA copy (fp32)"] = sum(p.numel() * 4 for p in parts.denoiser.parameters())
+    if swapper is not None:
+        out["block swap: weights (pinned)"] = swapper.bytes_swapped()
+        out["block swap: optimizer state"] = sum(t.numel() * t.element_size() for t in swapper.state_host.values())
+    return out
+
+
+def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker) -> None:
+    """The optimizer state as the first step leaves it, made by the optimizers' own step on a zero gradient,
+    one parameter at a time (a full set of gradients never exists here, as it need not in a fused backward
+    pass): the steady state one measured step then runs in. State of block-swapped weights goes to the host,
+    where block swap keeps it between uses."""
+    from library.memory import device_copy
+
+    owner = {id(p): opt for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    with torch.no_grad():
+        for p in trained:
+            opt = owner.get(id(p))
+            if opt is None:
+                continue
+            swapped = swapper is not None and swapper.swaps(p)
+            if swapped:  # a swapped weight steps while its block is on the device (library/block_swap.py)
+                p.data = device_copy(swapper.host[p], p.device)
+            p.grad = torch.zeros_like(p)
+            opt.step()
+            p.grad = None
+            state = opt.state.get(p, {})
+            tracker.tag([t for t in state.values() if isinstance(t, torch.Tensor)], "optimizer state")
+            if swapped:
+                _back_to_host(swapper, p, state)
+
+
+def _back_to_host(swapper, p, state: dict) -> None:
+    """What block swap does after a swapped weight's step: the weight copied back to its host buffer, its
+    optimizer state moved to host buffers."""
+    from library.memory import host_copy
+
+    host_copy(p.data, out=swapper.host[p])
+    p.data = swapper.host[p]
+    for key, value in list(state.items()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            state[key] = swapper.state_host[(id(p), key)] = host_copy(value)
 
 
 def _swap_seconds(swapper, bandwidth: float = 25e9) -> float:
@@ -322,17 +414,20 @@ def _optimizer(s: StepSettings, adapted, parts, text_encoders, trained, notes):
             groups.append({"params": list(encoder.parameters()), "lr": s.learning_rate})
     name = s.optimizer_type
     eight_bit = name.lower() in EIGHT_BIT
-    if s.fused_backward_pass or s.fused_optimizer_groups:
-        if eight_bit:
-            raise NotImplementedError("planning a fused backward pass with an 8-bit optimizer")
-        optimizer = FusedBackward(name, groups, s.learning_rate, s.optimizer_args,
-                                  chunks=s.fused_optimizer_groups, max_grad_norm=s.max_grad_norm)
-        return optimizer, optimizer.optimizers
+    build = None
     if eight_bit:
         notes.append(f"{name}: bitsandbytes kernels do not run on fake tensors; its state is allocated from "
                      f"bitsandbytes' documented layout (uint8 moments + one fp32 absmax per 256 values for "
                      f"tensors of 4096+ values, fp32 moments below that)")
-        optimizer = Bnb8bitLayout(groups, moments=EIGHT_BIT[name.lower()])
+
+        def build(_name, groups, _lr, _args):  # the layout of bitsandbytes' state, also per fused chunk
+            return Bnb8bitLayout(groups, moments=EIGHT_BIT[name.lower()])
+    if s.fused_backward_pass or s.fused_optimizer_groups:
+        optimizer = FusedBackward(name, groups, s.learning_rate, s.optimizer_args, chunks=s.fused_optimizer_groups,
+                                  max_grad_norm=s.max_grad_norm, build=build)
+        return optimizer, optimizer.optimizers
+    if build:
+        optimizer = build(name, groups, s.learning_rate, s.optimizer_args)
         return optimizer, [optimizer]
     optimizer = build_optimizer(name, groups, s.learning_rate, s.optimizer_args)
     return optimizer, [optimizer]

@@ -33,6 +33,7 @@ class Record:
     phase: str
     died: int | None = None
     category: str | None = None  # set when the storage turns out to be a weight, a gradient, a state
+    stream: str = "main"  # "swap": allocated by block swap's copies, on its side stream
 
     def final_category(self) -> str:
         if self.category:
@@ -68,6 +69,7 @@ class MemoryTracker(TorchDispatchMode):
         self.phase = "setup"
         self.peak = Peak()  # over the whole run
         self.windows: dict[str, Peak] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # window name -> (first clock, last clock)
         self._open: list[str] = []
         self.fake_scalars = fake_scalars
 
@@ -77,10 +79,12 @@ class MemoryTracker(TorchDispatchMode):
         """Measure the peak of a stretch of the run separately (e.g. the VAE encoding phase)."""
         self.windows[name] = Peak(self.current, self.clock, self.phase)
         self._open.append(name)
+        start = self.clock
         try:
             yield self.windows[name]
         finally:
             self._open.remove(name)
+            self.spans[name] = (start, self.clock)
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -94,10 +98,13 @@ class MemoryTracker(TorchDispatchMode):
             if record is not None:
                 record.category = category
 
-    def arrive(self, tensors, category: str) -> None:
-        """The storages of `tensors` come (back) to the device now (a module moved over after the caches)."""
+    def arrive(self, tensors, category: str, stream: str = "main") -> None:
+        """The storages of `tensors` come (back) to the device now (a module moved over after the caches),
+        copied on `stream`."""
         for t in tensors:
-            self._track(t)
+            record = self._track(t)
+            if record is not None:
+                record.stream = stream
         self.tag(tensors, category)
 
     def release(self, tensors) -> None:
@@ -120,13 +127,13 @@ class MemoryTracker(TorchDispatchMode):
         if self.by_storage.get(key) is record:
             del self.by_storage[key]
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t: torch.Tensor) -> Record | None:
         if t.device.type in ("meta",) or t.layout != torch.strided:
-            return
+            return None
         storage = t.untyped_storage()
         key = id(storage)
         if key in self.by_storage:
-            return
+            return None
         self.clock += 1
         record = Record(storage.nbytes(), self.clock, self.phase)
         self.records.append(record)
@@ -139,6 +146,7 @@ class MemoryTracker(TorchDispatchMode):
             w = self.windows[name]
             if self.current > w.bytes:
                 w.bytes, w.clock, w.phase = self.current, self.clock, self.phase
+        return record
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -1,0 +1,77 @@
+"""A plan: the memory of a config's phases, measured on fake tensors (library/planner/step.py) and replayed
+through the caching-allocator model (library/planner/allocator.py) for the card (library/planner/card.py)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from library.planner.allocator import PhaseMemory, replay
+from library.planner.card import Card
+from library.planner.step import StepSettings, measure_step
+from library.planner.tracker import Record
+
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class Plan:
+    settings: StepSettings
+    peak: int  # bytes the tensors hold at the peak of the training step
+    breakdown: dict[str, int]
+    vae_peak: int
+    text_peak: int
+    notes: list[str]
+    seconds: float
+    trainable: int = 0
+    phases: dict[str, PhaseMemory] = dataclasses.field(default_factory=dict)  # as the allocator counts them
+    card: Card = dataclasses.field(default_factory=Card)
+    host: dict = dataclasses.field(default_factory=dict)  # host RAM the run holds while training, by what
+
+    @property
+    def device_peak(self) -> int:
+        """The largest of the training step and the pre-encoding phases: bytes in tensors."""
+        return max(self.peak, self.vae_peak, self.text_peak)
+
+    @property
+    def reserved_peak(self) -> int:
+        """What torch.cuda.max_memory_reserved will say at the end of the run."""
+        return max((m.reserved for m in self.phases.values()), default=self.device_peak)
+
+    @property
+    def card_peak(self) -> int:
+        """What the card shows at the worst moment (nvidia-smi): reserved + the CUDA context."""
+        return self.reserved_peak + self.card.context
+
+    def card_total(self, phase: str) -> int:
+        return self.phases[phase].reserved + self.card.context
+
+
+def plan(settings: StepSettings, fake: bool = True, card: Card | None = None) -> Plan:
+    card = card or Card()
+    started = time.perf_counter()
+    m = measure_step(settings, fake=fake)
+    step = m.phases["step"]
+    spans = dict(m.tracker.spans)
+    records, spans["step"] = bucket_steps(m.tracker.records, spans["step"], settings.bucket_areas)
+    phases = replay(records, spans["vae"][0], spans, [card.cublas_workspace])
+    return Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
+                m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card, m.host)
+
+
+def bucket_steps(records: list[Record], span: tuple[int, int], areas: tuple[float, ...]):
+    """The measured step, followed by steps at other bucket sizes and then the measured size again, for the
+    allocator replay: what lived and died inside the step is repeated, its activations and temporaries scaled
+    by each bucket's area over the planned one (weights, gradients and state keep their size). Blocks cached
+    for one bucket's tensors and split for the next one's are the fragmentation bucketed training shows.
+    Returns (records, the span of all those steps)."""
+    if not areas:
+        return records, span
+    first, last = span
+    inside = [r for r in records if first < r.born and r.died is not None and r.died <= last]
+    out = list(records)
+    for n, area in enumerate((*areas, 1.0), 1):
+        shift = n * (last - first)
+        for r in inside:
+            size = r.nbytes if r.category else max(1, round(r.nbytes * area))
+            out.append(Record(size, r.born + shift, r.phase, r.died + shift, r.category, r.stream))
+    return out, (first, last + (len(areas) + 1) * (last - first))
