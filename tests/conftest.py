@@ -78,3 +78,13 @@ def fresh_accelerator_state():
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
+
+
+@pytest.fixture
+def gpu():
+    """The test accelerator (tests/fake_device.py, built on first use): a device distinct from the host;
+    accelerate hands it out to runs started inside, as it hands out `cuda`."""
+    import fake_device
+
+    with fake_device.use() as device:
+        yield device

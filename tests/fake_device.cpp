@@ -75,7 +75,8 @@ bool on_device(const at::Tensor& t) { return t.defined() && t.device().type() ==
 at::Tensor host_view(const at::Tensor& t) {
   auto storage = t.storage();
   c10::Storage host(c10::Storage::use_byte_size_t(), storage.nbytes(),
-                    c10::DataPtr(storage.mutable_data(), c10::Device(DeviceType::CPU)), nullptr, false);
+                    c10::DataPtr(storage.mutable_data(), c10::Device(DeviceType::CPU)), c10::GetAllocator(DeviceType::CPU),
+                    true);  // an out= kernel may resize it: see write_back
   auto out = at::detail::make_tensor<c10::TensorImpl>(std::move(host), c10::DispatchKeySet(DispatchKey::CPU),
                                                       t.dtype());
   out.unsafeGetTensorImpl()->set_sizes_and_strides(t.sizes(), t.strides(), t.storage_offset());
@@ -134,6 +135,25 @@ at::Tensor to_device_result(const at::Tensor& out, const std::vector<Arg>& args)
   return adopt(out);
 }
 
+const at::Tensor& grow(const at::Tensor& self, c10::IntArrayRef size, std::optional<at::MemoryFormat>);
+
+// An out= kernel resized the CPU view of a device tensor: the device tensor takes the new shape (and data).
+void write_back(const Arg& arg) {
+  const auto& host = arg.host;
+  const auto& dev = arg.device;
+  const bool moved = host.storage().data() != dev.storage().data();
+  if (!moved && host.sizes() == dev.sizes() && host.strides() == dev.strides() &&
+      host.storage_offset() == dev.storage_offset()) {
+    return;
+  }
+  if (moved) {
+    grow(dev, host.sizes(), std::nullopt);
+    host_view(dev).copy_(host);
+  } else {
+    dev.unsafeGetTensorImpl()->set_sizes_and_strides(host.sizes(), host.strides(), host.storage_offset());
+  }
+}
+
 void fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   const auto count = schema.arguments().size();
@@ -161,6 +181,7 @@ void fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   if (host_tensor && !args.empty()) mixed(op);
   if (schema.name() == "aten::_local_scalar_dense") reads.fetch_add(1);
   op.redispatchBoxed(c10::DispatchKeySet(DispatchKey::CPU), stack);
+  for (const auto& arg : args) write_back(arg);
   const auto returns = schema.returns().size();
   for (size_t i = stack->size() - returns; i < stack->size(); ++i) {
     auto& value = (*stack)[i];
@@ -243,6 +264,28 @@ at::Tensor copy_from_and_resize(const at::Tensor& self, const at::Tensor& dst) {
   return copy_from(self, dst, false);
 }
 
+// convolutions reach a device that is not CPU / CUDA as the "overrideable" operators
+at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, bool transposed,
+                       c10::IntArrayRef output_padding, int64_t groups) {
+  std::optional<at::Tensor> host_bias;
+  if (bias.has_value() && bias->defined()) host_bias = host_view(*bias);
+  return adopt(at::convolution(host_view(input), host_view(weight), host_bias, stride, padding, dilation, transposed,
+                               output_padding, groups));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef stride,
+    c10::IntArrayRef padding, c10::IntArrayRef dilation, bool transposed, c10::IntArrayRef output_padding,
+    int64_t groups, std::array<bool, 3> output_mask) {
+  std::vector<int64_t> bias_size{transposed ? weight.size(1) * groups : weight.size(0)};
+  auto [gi, gw, gb] = at::convolution_backward(host_view(grad_output), host_view(input), host_view(weight),
+                                               c10::IntArrayRef(bias_size), stride, padding, dilation, transposed,
+                                               output_padding, groups, output_mask);
+  auto back = [](const at::Tensor& t) { return t.defined() ? adopt(t) : t; };
+  return {back(gi), back(gw), back(gb)};
+}
+
 // ---- counters, for the tests -------------------------------------------------------------------------------
 
 int64_t resident_bytes() { return resident.load(); }
@@ -270,6 +313,13 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("set_.source_Storage_storage_offset", set_storage);
   m.impl("_copy_from", copy_from);
   m.impl("_copy_from_and_resize", copy_from_and_resize);
+  // CPU's own kernels, not the generic (CompositeExplicitAutograd) ones a new backend gets: same results
+  for (const char* name : {"native_group_norm", "native_group_norm_backward", "native_layer_norm",
+                           "native_layer_norm_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  }
+  m.impl("convolution_overrideable", convolution);
+  m.impl("convolution_backward_overrideable", convolution_backward);
 }
 
 // autocast on the test device: CUDA's lists and policies (as aten/src/ATen/autocast_mode.cpp registers them)
