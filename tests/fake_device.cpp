@@ -250,6 +250,22 @@ at::Tensor& set_storage(at::Tensor& self, c10::Storage source, c10::SymInt offse
   return self;
 }
 
+at::Tensor& set_whole_storage(at::Tensor& self, c10::Storage source) {
+  const int64_t count = static_cast<int64_t>(source.nbytes()) / static_cast<int64_t>(self.dtype().itemsize());
+  auto* impl = self.unsafeGetTensorImpl();
+  impl->set_storage_keep_dtype(std::move(source));
+  const int64_t size[1] = {count}, stride[1] = {1};
+  impl->set_sizes_and_strides(c10::IntArrayRef(size), c10::IntArrayRef(stride), 0);
+  return self;
+}
+
+at::Tensor& set_tensor(at::Tensor& self, const at::Tensor& source) {
+  auto* impl = self.unsafeGetTensorImpl();
+  impl->set_storage_keep_dtype(source.storage());
+  impl->set_sizes_and_strides(source.sizes(), source.strides(), source.storage_offset());
+  return self;
+}
+
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool) {
   if (on_device(self) && !on_device(dst)) to_host.fetch_add(1);
   if (!on_device(self) && on_device(dst)) to_device.fetch_add(1);
@@ -286,6 +302,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
   return {back(gi), back(gw), back(gb)};
 }
 
+// `param.data = tensor` between the host and the device is allowed as between CPU and CUDA (torch lists the
+// dense backends that may exchange storages, and PrivateUse1 is not among them)
+bool compatible_shallow_copy(const at::Tensor& self, const at::Tensor& from) {
+  auto dense = [](const at::Tensor& t) {
+    return t.layout() == at::kStrided && (t.device().is_cpu() || t.device().type() == DeviceType::PrivateUse1);
+  };
+  return self.unsafeGetTensorImpl()->has_compatible_shallow_copy_type(from.key_set()) || (dense(self) && dense(from));
+}
+
 // ---- counters, for the tests -------------------------------------------------------------------------------
 
 int64_t resident_bytes() { return resident.load(); }
@@ -311,8 +336,11 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("_reshape_alias", reshape_alias);
   m.impl("resize_", grow);
   m.impl("set_.source_Storage_storage_offset", set_storage);
+  m.impl("set_.source_Storage", set_whole_storage);
+  m.impl("set_.source_Tensor", set_tensor);
   m.impl("_copy_from", copy_from);
   m.impl("_copy_from_and_resize", copy_from_and_resize);
+  m.impl("_has_compatible_shallow_copy_type", compatible_shallow_copy);  // also in inference mode
   // CPU's own kernels, not the generic (CompositeExplicitAutograd) ones a new backend gets: same results
   for (const char* name : {"native_group_norm", "native_group_norm_backward", "native_layer_norm",
                            "native_layer_norm_backward"}) {
@@ -320,6 +348,10 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   }
   m.impl("convolution_overrideable", convolution);
   m.impl("convolution_backward_overrideable", convolution_backward);
+}
+
+TORCH_LIBRARY_IMPL(aten, AutogradPrivateUse1, m) {
+  m.impl("_has_compatible_shallow_copy_type", compatible_shallow_copy);
 }
 
 // autocast on the test device: CUDA's lists and policies (as aten/src/ATen/autocast_mode.cpp registers them)

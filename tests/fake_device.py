@@ -44,6 +44,16 @@ _loaded = False
 class _Backend:
     """torch.fakegpu: what torch, autocast and accelerate ask of a device module."""
 
+    class device:  # noqa: N801  (torch.load restores a storage inside `torch.<backend>.device(index)`)
+        def __init__(self, index) -> None:  # noqa: ARG002
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
     @staticmethod
     def is_available() -> bool:
         return True

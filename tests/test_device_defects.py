@@ -1,0 +1,70 @@
+"""GPU-only defects (issue 15), each shown on the test accelerator (tests/fake_device.py) or, where the defect
+needs no device, on the host. Every test names its defect number."""
+import pytest
+import torch
+
+import fake_device
+from test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
+
+CHECKPOINTED = {"gradient_checkpointing": True}
+FUSED = {"optimizer_type": "AdamW", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
+
+
+def _lora(cfg):
+    from train_network import train
+
+    return train(cfg)
+
+
+def _db(cfg):
+    from train_db import train
+
+    return train(cfg)
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle --d 3 --s 2\n")
+    return str(path)
+
+
+def _tensor_state(optimizer, param):
+    state = optimizer.state_of(param)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+
+
+def test_block_swap_keeps_swapping_after_sampling(flux_config, tmp_path, gpu):  # noqa: F811
+    """Defect 1: after a sample, the denoiser went back with module.to(`fakegpu:0`), which is not the swapper's
+    `fakegpu`: every swapped block stayed on the device."""
+    result = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 2},
+                               sample={"sample_prompts": _prompts(tmp_path), "sample_at_first": True}))
+    swapper = result.parts.denoiser._block_swapper
+    assert len(result.samples) == 2 and swapper.resident() == []
+    assert all(not fake_device.on_device(p) for p in swapper.host)  # the swapped weights are their host copies
+    assert all(fake_device.on_device(p) for p in result.parts.denoiser.parameters() if not swapper.swaps(p))
+
+
+def test_swapped_weights_optimizer_state_leaves_the_device(flux_config, gpu):  # noqa: F811
+    """Defect 2: the swapped weights' optimizer state was compared with `fakegpu:0 == fakegpu` and never left
+    the device (+2x the swapped weights with AdamW)."""
+    result = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
+                             dreambooth={"train_text_encoder": False}))
+    swapper = result.parts.denoiser._block_swapper
+    trained = [p for k in swapper.swapped for p in swapper.weights[k] if p.requires_grad]
+    states = [v for p in trained for v in _tensor_state(result.optimizer, p).values()]
+    assert trained and states and not any(fake_device.on_device(v) for v in states)
+
+
+def test_resume_full_fine_tune_with_block_swap(flux_config, tmp_path, gpu):  # noqa: F811
+    """Defect 3: on resume the swapped weights' optimizer state was loaded on the host and never brought to the
+    device: the first step mixed host and device tensors."""
+    def run(**sections):
+        base = {"train": {**CHECKPOINTED, "blocks_to_swap": 3, "max_train_steps": 4}, "optimizer": FUSED,
+                "dreambooth": {"train_text_encoder": False}, "save": {"save_every_n_steps": 2, "save_state": True}}
+        for name, values in sections.items():
+            base[name] = {**base[name], **values} if name in base else values
+        return _db(flux_config(**base))
+
+    whole = run(train={"output_name": "whole"})
+    resumed = run(train={"output_name": "resumed"}, save={"resume": str(tmp_path / "out" / "whole-step00000002-state")})
+    assert resumed.losses == whole.losses[2:]
