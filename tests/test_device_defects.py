@@ -68,3 +68,41 @@ def test_resume_full_fine_tune_with_block_swap(flux_config, tmp_path, gpu):  # n
     whole = run(train={"output_name": "whole"})
     resumed = run(train={"output_name": "resumed"}, save={"resume": str(tmp_path / "out" / "whole-step00000002-state")})
     assert resumed.losses == whole.losses[2:]
+
+
+def _nan_at(module, monkeypatch, calls_with_nan):
+    real, calls = module.batch_loss, {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in calls_with_nan else loss
+
+    monkeypatch.setattr(module, "batch_loss", sometimes_nan)
+
+
+@pytest.mark.parametrize("bad_steps", [{0, 2}, {1, 2}])
+def test_nan_loss_under_fp16_loss_scaling(bad_steps):
+    """Defect 4: under fp16 loss scaling a skipped NaN step left the GradScaler unscaled-but-not-updated, so the
+    next step's unscale_ raised; at step 0 (NaN first) the scaler had no scale yet. accelerate gives no scaler
+    on the CPU: a CPU GradScaler is put where accelerate puts its CUDA one."""
+    from accelerate import Accelerator
+
+    from library.guards import NonFiniteGuard
+
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**8)  # as on CUDA
+    model = torch.nn.Linear(4, 1)
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    guard, said = NonFiniteGuard(3, say=lambda text: None), []
+    for step in range(4):
+        before = model.weight.detach().clone()
+        loss = model(torch.ones(2, 4)).pow(2).mean() * (float("nan") if step in bad_steps else 1.0)
+        if guard.loss_ok(loss):
+            accelerator.backward(loss)
+        if guard.step_ok(list(model.parameters()), 1.0, step, accelerator):
+            optimizer.step()
+            said.append(step)
+        optimizer.zero_grad(set_to_none=True)
+        assert torch.equal(model.weight, before) == (step in bad_steps)
+    assert said == [s for s in range(4) if s not in bad_steps] and guard.skipped == len(bad_steps)
