@@ -106,3 +106,12 @@ def test_nan_loss_under_fp16_loss_scaling(bad_steps):
         optimizer.zero_grad(set_to_none=True)
         assert torch.equal(model.weight, before) == (step in bad_steps)
     assert said == [s for s in range(4) if s not in bad_steps] and guard.skipped == len(bad_steps)
+
+
+def test_t5_mask_with_cached_text_outputs(flux_config, gpu):  # noqa: F811
+    """Defect 5: with apply_t5_attn_mask and cached text outputs the padding mask was built on the host while
+    T5 ran on the device (brought over for its forward), and the two were multiplied."""
+    result = _lora(flux_config(model={"apply_t5_attn_mask": True},
+                               network={"network_train_unet_only": True},
+                               train={"cache_text_encoder_outputs": True}))
+    assert len(result.losses) == 4 and all(x == x for x in result.losses)
