@@ -154,7 +154,8 @@ def train(cfg: Config) -> TrainResult:
     result = TrainResult(parts=parts, adapted=adapted, optimizer=optimizer)
     if cfg.logging.report_denoising_loss:
         set_adapters_enabled(adapted, False)
-        result.base_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed)
+        result.base_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed,
+                                                cached=cached_conditioning)
         set_adapters_enabled(adapted, True)
     if cfg.logging.log_with:
         hparams = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -252,7 +253,8 @@ def train(cfg: Config) -> TrainResult:
     for module in trained_modules:
         module.eval()
     if cfg.logging.report_denoising_loss:
-        result.trained_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed)
+        result.trained_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed,
+                                                   cached=cached_conditioning)
         say(f"denoising loss at fixed timesteps and noise: base {result.base_loss:.5f} -> "
             f"trained {result.trained_loss:.5f}")
     sample(step)

@@ -115,3 +115,12 @@ def test_t5_mask_with_cached_text_outputs(flux_config, gpu):  # noqa: F811
                                network={"network_train_unet_only": True},
                                train={"cache_text_encoder_outputs": True}))
     assert len(result.losses) == 4 and all(x == x for x in result.losses)
+
+
+def test_report_denoising_loss_with_cached_text_outputs(make_config, gpu):
+    """Defect 6: report_denoising_loss re-encoded the captions with the text encoders left on the host after
+    caching (T5 on the CPU for minutes with SD3 / FLUX) and gave host hidden states to the device's U-Net."""
+    result = _lora(make_config(network={"network_train_unet_only": True},
+                               train={"cache_text_encoder_outputs": True},
+                               logging={"report_denoising_loss": True}))
+    assert result.base_loss > 0 and result.trained_loss > 0
