@@ -124,3 +124,22 @@ def test_report_denoising_loss_with_cached_text_outputs(make_config, gpu):
                                train={"cache_text_encoder_outputs": True},
                                logging={"report_denoising_loss": True}))
     assert result.base_loss > 0 and result.trained_loss > 0
+
+
+def _int8_tensors(encoder):
+    import bitsandbytes as bnb
+
+    for layer in encoder.modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            yield from (t for t in (layer.weight, layer.weight.CB, layer.weight.SCB, layer.state.CB, layer.state.SCB)
+                        if t is not None)
+
+
+def test_int8_t5_leaves_the_device_after_caching(flux_config, gpu):  # noqa: F811
+    """Defect 7: bitsandbytes keeps int8 T5's weights in weight.CB / SCB and state.CB / SCB, which a parent's
+    .to() never moves: after caching, T5 (~4.4 GiB at full size) stayed on the device for the whole run."""
+    result = _lora(flux_config(model={"t5xxl_precision": "int8"}, network={"network_train_unet_only": True},
+                               train={"cache_text_encoder_outputs": True}))
+    t5 = result.parts.text_encoders["te3"]
+    tensors = list(_int8_tensors(t5))
+    assert tensors and not any(fake_device.on_device(t) for t in tensors)
