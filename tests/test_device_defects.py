@@ -143,3 +143,21 @@ def test_int8_t5_leaves_the_device_after_caching(flux_config, gpu):  # noqa: F81
     t5 = result.parts.text_encoders["te3"]
     tensors = list(_int8_tensors(t5))
     assert tensors and not any(fake_device.on_device(t) for t in tensors)
+
+
+def test_cached_text_outputs_stay_on_the_host(make_config, tiny_sd1, gpu):
+    """Defect 8: every cached text-encoder output lived on the device for the whole run (~4 MiB per caption
+    for FLUX); they stay on the host and each batch's share comes over."""
+    from library.data.cache import cache_text_outputs
+    from library.families import ModelSource, get_family
+
+    family = get_family("auto", str(tiny_sd1[0]))
+    parts = family.load(ModelSource(str(tiny_sd1[0])))
+    for encoder in parts.text_encoders.values():
+        encoder.to(gpu)
+    before = fake_device.resident_bytes()
+    cached = cache_text_outputs(family, parts, ["a red circle", "a blue square"], 1, None, lambda *a: None, gpu)
+    assert not any(fake_device.on_device(v) for c in cached.values() for v in c.values())
+    assert fake_device.resident_bytes() == before
+    result = _lora(make_config(network={"network_train_unet_only": True}, train={"cache_text_encoder_outputs": True}))
+    assert len(result.losses) == 4 and all(x == x for x in result.losses)
