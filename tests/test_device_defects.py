@@ -5,6 +5,7 @@ import torch
 
 import fake_device
 from test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
+from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
 CHECKPOINTED = {"gradient_checkpointing": True}
 FUSED = {"optimizer_type": "AdamW", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
@@ -161,3 +162,21 @@ def test_cached_text_outputs_stay_on_the_host(make_config, tiny_sd1, gpu):
     assert fake_device.resident_bytes() == before
     result = _lora(make_config(network={"network_train_unet_only": True}, train={"cache_text_encoder_outputs": True}))
     assert len(result.losses) == 4 and all(x == x for x in result.losses)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_saving_a_transformer_builds_the_fused_tensors_on_the_host(name, tiny_flux, tiny_sd3, gpu):  # noqa: F811
+    """Defect 11: saving a FLUX / SD3 full fine-tune built the single file's fused qkv tensors on the device
+    (a second copy of every attention weight there, at the end of the run)."""
+    from library.families import ModelSource, get_family
+
+    folder = {"flux": tiny_flux, "sd3": tiny_sd3}[name]["folder"]
+    family = get_family("auto", str(folder))
+    parts = family.load(ModelSource(str(folder)))
+    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
+        module.to(gpu)
+    fake_device.reset_peak()
+    before = fake_device.resident_bytes()
+    state = family.single_file_state_dict(parts)
+    assert fake_device.peak_bytes() == before
+    assert not any(fake_device.on_device(v) for v in state.values())
