@@ -3,6 +3,8 @@
 computes goes through `same_device`."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -23,3 +25,28 @@ def same_device(a: torch.device | str, b: torch.device | str) -> bool:
 
 def on(tensor: torch.Tensor, device: torch.device | str) -> bool:
     return same_device(tensor.device, device)
+
+
+ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
+
+
+def refuse_unsupported(cfg) -> None:
+    """What the config accepts but a run would fail on or silently ignore after loading, refused before
+    anything loads, with what to do instead: DeepSpeed / FSDP from `accelerate config` (the trainer runs one
+    model copy per GPU and averages gradients itself; multi-GPU engines are a separate issue), and xformers
+    for SD3 / FLUX.1, whose joint attention runs on PyTorch SDPA."""
+    from library.config import ConfigError
+    from library.families import get_family
+
+    problems = [f"accelerate is set up for {engine} ({env}=true), which this trainer does not use: run "
+                f"`accelerate config` again without {engine} (plain multi-GPU, or one GPU); for memory use "
+                f"blocks_to_swap, fp8_base or gradient_checkpointing"
+                for env, engine in ENGINES.items() if os.environ.get(env, "").lower() in ("1", "true", "yes")]
+    m = cfg.model
+    if cfg.train.xformers:
+        family = get_family(m.family, m.pretrained_model_name_or_path).name
+        if family in ("sd3", "flux"):
+            problems.append(f"'train.xformers': {family}'s joint attention runs on PyTorch SDPA, xformers would be "
+                            f"ignored; remove 'train.xformers' (sdpa is the default)")
+    if problems:
+        raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))

@@ -180,3 +180,24 @@ def test_saving_a_transformer_builds_the_fused_tensors_on_the_host(name, tiny_fl
     state = family.single_file_state_dict(parts)
     assert fake_device.peak_bytes() == before
     assert not any(fake_device.on_device(v) for v in state.values())
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_multi_gpu_engines_are_refused_up_front(make_config, monkeypatch, env):
+    """Defect 16: an `accelerate config` with FSDP was ignored (the modules are never prepared) and one with
+    DeepSpeed failed inside accelerate; both are refused before anything loads, saying what to do."""
+    from library.config import ConfigError
+
+    monkeypatch.setenv(env, "true")
+    with pytest.raises(ConfigError, match="accelerate config.*without"):
+        _lora(make_config())
+
+
+def test_xformers_on_flux_is_refused_up_front(flux_config):  # noqa: F811
+    """Defect 16: xformers on FLUX.1 / SD3 was accepted and silently ignored (joint attention runs on SDPA)."""
+    from library.config import ConfigError
+
+    cfg = flux_config()
+    cfg.train.xformers = True  # as a config with xformers installed reads (not installed here)
+    with pytest.raises(ConfigError, match="xformers.*SDPA"):
+        _db(cfg)
