@@ -20,7 +20,7 @@ import torch
 from library import cli
 from library.checkpoint import Checkpointer, Position, resumed_seed
 from library.config import Config, write_resolved
-from library.devices import refuse_unsupported
+from library.devices import enable_tf32, refuse_unsupported
 from library.families import ModelSource, get_family
 from library.evaluation import fixed_denoising_loss
 from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
@@ -73,6 +73,7 @@ def train(cfg: Config) -> TrainResult:
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
     refuse_unsupported(cfg)  # before anything starts or loads
+    enable_tf32()
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=cfg.logging.log_with,

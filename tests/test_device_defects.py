@@ -201,3 +201,17 @@ def test_xformers_on_flux_is_refused_up_front(flux_config):  # noqa: F811
     cfg.train.xformers = True  # as a config with xformers installed reads (not installed here)
     with pytest.raises(ConfigError, match="xformers.*SDPA"):
         _db(cfg)
+
+
+@pytest.fixture
+def fp32_precision():
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    yield
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_runs_use_tf32_on_cuda(make_config, fp32_precision):
+    """GPU users' expectation: TF32 matmuls and convolutions (a default run did full-fp32 matmuls on Ampere+)."""
+    _lora(make_config(train={"max_train_steps": 1}))
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
