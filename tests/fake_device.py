@@ -6,6 +6,10 @@ Its memory is host memory from its own allocator; every operator runs the CPU ke
 copy), so results are the CPU's bit for bit and the golden losses hold on it. `use()` makes accelerate hand
 it out the way it hands out CUDA: `accelerator.device` is `fakegpu` (no index), tensors report `fakegpu:0`.
 
+It must be registered before the process's first backward (autograd sizes its per-device queues then):
+tests/conftest.py loads it at collection when a test asks for the `gpu` fixture. `use()` also resets
+accelerate's process state, which otherwise keeps the device of an earlier host run.
+
 What it catches:
 - a tensor left on the wrong side: an operator mixing host tensors (with dimensions) and device tensors
   raises "Expected all tensors to be on the same device", as on CUDA (0-dim host tensors pass, as on CUDA);
@@ -176,6 +180,7 @@ def use():
     load()
     before = os.environ.get("ACCELERATE_TORCH_DEVICE")
     os.environ["ACCELERATE_TORCH_DEVICE"] = NAME
+    _reset_accelerate()  # accelerate keeps the device it chose for the process (PartialState)
     try:
         yield device()
     finally:
@@ -183,3 +188,11 @@ def use():
             os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
         else:
             os.environ["ACCELERATE_TORCH_DEVICE"] = before
+        _reset_accelerate()
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

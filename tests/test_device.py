@@ -43,6 +43,18 @@ def test_device_is_distinct_from_the_host(gpu):
     assert fake_device.resident_bytes() == before
 
 
+def test_runs_get_the_test_device_after_host_runs(make_config, gpu):
+    """accelerate keeps the device it chose for the process: a run on the host before must not leave it."""
+    from accelerate import Accelerator, PartialState
+
+    PartialState._reset_state()
+    Accelerator(cpu=True)  # a host run earlier in the session
+    from fake_device import use
+
+    with use():
+        assert Accelerator().device == gpu
+
+
 def test_golden_losses_sd1(make_config, gpu):
     result = train_network(make_config())
     assert _close(result.losses, GOLDEN) and _on_device(result)

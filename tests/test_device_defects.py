@@ -42,7 +42,8 @@ def test_block_swap_keeps_swapping_after_sampling(flux_config, tmp_path, gpu):  
     swapper = result.parts.denoiser._block_swapper
     assert len(result.samples) == 2 and swapper.resident() == []
     assert all(not fake_device.on_device(p) for p in swapper.host)  # the swapped weights are their host copies
-    assert all(fake_device.on_device(p) for p in result.parts.denoiser.parameters() if not swapper.swaps(p))
+    assert all(fake_device.on_device(p) for p in result.parts.denoiser.parameters() if not swapper.swaps(p)), [
+        (n, p.device) for n, p in result.parts.denoiser.named_parameters() if not fake_device.on_device(p)][:5]
 
 
 def test_swapped_weights_optimizer_state_leaves_the_device(flux_config, gpu):  # noqa: F811
@@ -215,3 +216,36 @@ def test_runs_use_tf32_on_cuda(make_config, fp32_precision):
     """GPU users' expectation: TF32 matmuls and convolutions (a default run did full-fp32 matmuls on Ampere+)."""
     _lora(make_config(train={"max_train_steps": 1}))
     assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def test_sampling_brings_the_parts_one_at_a_time(flux_config, tmp_path, gpu):  # noqa: F811
+    """Defect 9: sampling brought the VAE, every text encoder and the denoiser to the device at once, on top of
+    the training state. The parts kept on the host (cached latents and text outputs) visit one at a time; the
+    denoiser stays where training keeps it."""
+    from library.families import ModelSource, get_family
+    from library.sampling import SampleSettings, SamplePrompt, render_samples
+
+    cfg = flux_config()
+    folder = cfg.model.pretrained_model_name_or_path
+    family = get_family("auto", folder)
+    parts = family.load(ModelSource(folder, t5xxl_max_token_length=16))
+    parts.denoiser.to(gpu)  # as in training; the VAE and the text encoders stay on the host (cached outputs)
+    others = {"vae": parts.vae, **parts.text_encoders}
+    seen = []
+
+    def record(name):
+        def hook(module, args):  # noqa: ARG001
+            seen.append((name, sorted(k for k, m in others.items() if fake_device.on_device(next(m.parameters())))))
+        return hook
+
+    for name, module in parts.text_encoders.items():  # the layers inside: they run once the encoder has arrived
+        for layer in module.modules():
+            if list(layer.parameters(recurse=False)):
+                layer.register_forward_pre_hook(record(name))
+    parts.vae.decoder.register_forward_pre_hook(record("vae"))
+    settings = SampleSettings((SamplePrompt("a red circle", seed=3, steps=2),), 64, 64, 2, "euler", 3, 1)
+    paths = render_samples(family, parts, settings, tmp_path, "s", gpu)
+    assert len(paths) == 1 and {name for name, _ in seen} == set(others), seen
+    assert all(resident == [name] for name, resident in seen), seen  # each ran alone on the device
+    assert not any(fake_device.on_device(next(m.parameters())) for m in others.values())  # and went back
+    assert all(fake_device.on_device(p) for p in parts.denoiser.parameters())
