@@ -88,12 +88,10 @@ def train(cfg: Config) -> TrainResult:
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
-            for module in modules:
-                module.to(accelerator.device)
-            made = ensure_class_images(family, parts, db.class_data_dir, db.class_prompt, db.num_class_images,
-                                       (width, height), s.sample_steps, s.sample_sampler, t.seed, m.clip_skip, say)
-            for module in modules:  # each comes back when training needs it (cache_outputs, below)
-                module.to("cpu")
+            with accelerator.autocast():  # in the run's precision; one module at a time on the device
+                made = ensure_class_images(family, parts, db.class_data_dir, db.class_prompt, db.num_class_images,
+                                           (width, height), s.sample_steps, s.sample_sampler, t.seed, m.clip_skip,
+                                           say, accelerator.device)
             say(f"prior preservation: {made} class images generated")
         accelerator.wait_for_everyone()
         cfg.dataset.reg_data_dir = db.class_data_dir

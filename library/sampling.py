@@ -182,6 +182,7 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
     """Render every prompt to out_dir/<tag>_<index>_<seed>.png, plus <tag>_grid.png for several prompts.
     RNG states, train/eval modes and device placement are restored afterwards."""
     from library.block_swap import move
+    from library.offload import visiting
 
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
@@ -190,15 +191,13 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     device = device or _device_of(parts.denoiser)
     paths, images = [], []
-    visitors = []
     try:
         for m in modules:
             m.eval()
         move(parts.denoiser, device)  # where training keeps it (a block swapper keeps swapping)
-        visitors = _visit_one_at_a_time(modules[1:], device)
         _vae_tiling(parts.vae, max(max(p.width or settings.width, p.height or settings.height)
                                    for p in settings.prompts))
-        with torch.inference_mode():
+        with torch.inference_mode(), visiting(modules[1:], device, parts.denoiser):
             for index, p in enumerate(settings.prompts):
                 seed = p.seed if p.seed is not None else settings.seed + index
                 image = family.sample(parts, p.prompt, p.width or settings.width, p.height or settings.height,
@@ -209,9 +208,6 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
         if len(images) > 1:
             paths.append(_save_png(grid(images), out_dir / f"{tag}_grid.png"))
     finally:
-        for hook in visitors:
-            hook.offload()
-            hook.remove()
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -220,25 +216,6 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
             move(m, where)
         _vae_tiling(parts.vae, 0)
     return paths
-
-
-def _visit_one_at_a_time(modules: list[torch.nn.Module], device) -> list:
-    """Modules kept off the device (the VAE and text encoders whose outputs are cached) come to it one at a time,
-    each when it runs, and the one before leaves then (accelerate's model offload hooks, which the diffusers
-    pipelines and the VAE's encode / decode honour). Returns the hooks (offload() and remove() afterwards)."""
-    from accelerate import cpu_offload_with_hook
-
-    from library.devices import same_device
-
-    hooks, previous = [], None
-    for module in modules:
-        if same_device(_device_of(module), device):
-            continue  # resident for training already: it stays
-        _, previous = cpu_offload_with_hook(module, torch.device(device), prev_module_hook=previous)
-        hooks.append(previous)
-    if hooks:
-        hooks[0].hook.prev_module_hook = hooks[-1]  # the last one (the VAE, decoding) leaves for the next sample
-    return hooks
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -249,3 +249,42 @@ def test_sampling_brings_the_parts_one_at_a_time(flux_config, tmp_path, gpu):  #
     assert all(resident == [name] for name, resident in seen), seen  # each ran alone on the device
     assert not any(fake_device.on_device(next(m.parameters())) for m in others.values())  # and went back
     assert all(fake_device.on_device(p) for p in parts.denoiser.parameters())
+
+
+def test_class_images_in_the_runs_precision_one_module_at_a_time(make_config, tmp_path, monkeypatch, gpu):
+    """Defect 10: class images for prior preservation were generated in fp32 without autocast with the
+    denoiser, the VAE and the text encoders on the device at once."""
+    import train_db
+
+    real, seen = train_db.ensure_class_images, []
+
+    def watched(family, parts, *args, **kwargs):
+        others = {"vae": parts.vae, **parts.text_encoders}
+
+        def record(name):
+            def hook(module, args):  # noqa: ARG001
+                resident = sorted(k for k, m in others.items() if fake_device.on_device(next(m.parameters())))
+                seen.append((name, resident, torch.is_autocast_enabled(fake_device.NAME)))
+            return hook
+
+        handles = [layer.register_forward_pre_hook(record(name)) for name, module in parts.text_encoders.items()
+                   for layer in module.modules() if list(layer.parameters(recurse=False))]
+        handles += [parts.vae.decoder.register_forward_pre_hook(record("vae")),
+                    parts.denoiser.conv_in.register_forward_pre_hook(record("denoiser"))]
+        try:
+            return real(family, parts, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    monkeypatch.setattr(train_db, "ensure_class_images", watched)
+    result = train_db.train(make_config(train={"mixed_precision": "bf16", "max_train_steps": 2},
+                                        dreambooth={"class_data_dir": str(tmp_path / "class"),
+                                                    "class_prompt": "a photo of a circle", "num_class_images": 2},
+                                        sample={"sample_steps": 2}))
+    assert len(result.losses) == 2 and len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert {name for name, _, _ in seen} == {"te", "vae", "denoiser"}
+    events = [(n, tuple(r)) for n, r, _ in seen]
+    events = [e for k, e in enumerate(events) if k == 0 or e != events[k - 1]]  # one per change
+    assert all(resident == (() if name == "denoiser" else (name,)) for name, resident in events), events
+    assert all(autocast for _, _, autocast in seen)  # the run's precision (bf16 autocast)
