@@ -35,7 +35,8 @@ PHASES = ("caching", "training", "sampling", "saving")
 
 TINY_SWITCHES = {  # (label, recipe, sections)
     "sd1": [("lora", "network", {}),
-            ("lora cached", "network", {"dataset": {"cache_latents": True}, "network": {"network_train_unet_only": True},
+            ("lora cached", "network", {"dataset": {"cache_latents": True},
+                                        "network": {"network_train_unet_only": True},
                                         "train": {"cache_text_encoder_outputs": True}}),
             ("lora checkpointing fp16", "network", {"train": {"gradient_checkpointing": True,
                                                               "mixed_precision": "fp16"}}),
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = tmp / "prompts.txt"
         prompts.write_text("a red circle --d 1\n")
         folders = {"sd1": tiny.save_tiny_sd1(tmp / "sd1")[0], "sdxl": tiny.save_tiny_sdxl(tmp / "sdxl")[0],
-                   "sd3": tiny.save_tiny_sd3(tmp / "sd3")["folder"], "flux": tiny.save_tiny_flux(tmp / "flux")["folder"]}
+                   "sd3": tiny.save_tiny_sd3(tmp / "sd3")["folder"],
+                   "flux": tiny.save_tiny_flux(tmp / "flux")["folder"]}
         for family, runs in TINY_SWITCHES.items():
             for label, recipe, sections in runs:
                 cfg = config(folders[family], data, tmp / "out", recipe, sections, prompts=prompts)
