@@ -54,6 +54,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
+    from library.devices import enable_tf32, refuse_unsupported
     from library.model_files import check_model_files, load_model
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
     from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints,
@@ -70,6 +71,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
+    refuse_unsupported(cfg)  # before anything starts or loads
+    enable_tf32()
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=cfg.logging.log_with,
@@ -93,12 +96,10 @@ def train(cfg: Config, planned=None) -> TrainResult:
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
-            for module in modules:
-                module.to(accelerator.device)
-            made = ensure_class_images(family, parts, db.class_data_dir, db.class_prompt, db.num_class_images,
-                                       (width, height), s.sample_steps, s.sample_sampler, t.seed, m.clip_skip, say)
-            for module in modules:  # each comes back when training needs it (cache_outputs, below)
-                module.to("cpu")
+            with accelerator.autocast():  # in the run's precision; one module at a time on the device
+                made = ensure_class_images(family, parts, db.class_data_dir, db.class_prompt, db.num_class_images,
+                                           (width, height), s.sample_steps, s.sample_sampler, t.seed, m.clip_skip,
+                                           say, accelerator.device)
             say(f"prior preservation: {made} class images generated")
         accelerator.wait_for_everyone()
         cfg.dataset.reg_data_dir = db.class_data_dir

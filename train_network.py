@@ -57,6 +57,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
+    from library.devices import enable_tf32, refuse_unsupported
     from library.evaluation import fixed_denoising_loss
     from library.model_files import check_model_files, load_model, loading_errors
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
@@ -78,6 +79,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
+    refuse_unsupported(cfg)  # before anything starts or loads
+    enable_tf32()
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=cfg.logging.log_with,
@@ -163,7 +166,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     result = TrainResult(parts=parts, adapted=adapted, optimizer=optimizer)
     if cfg.logging.report_denoising_loss:
         set_adapters_enabled(adapted, False)
-        result.base_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed)
+        result.base_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed,
+                                                cached=cached_conditioning)
         set_adapters_enabled(adapted, True)
     if cfg.logging.log_with:
         hparams = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -285,7 +289,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     for module in trained_modules:
         module.eval()
     if cfg.logging.report_denoising_loss:
-        result.trained_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed)
+        result.trained_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed,
+                                                   cached=cached_conditioning)
         say(f"denoising loss at fixed timesteps and noise: base {result.base_loss:.5f} -> "
             f"trained {result.trained_loss:.5f}")
     sample(step)

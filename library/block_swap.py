@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from library.devices import on, same_device
 from library.memory import device_copy, host_copy
 
 
@@ -113,8 +114,8 @@ class BlockSwapper:
                 p.data = device_copy(self.host[p], self.device, non_blocking=stream is not None)
                 if with_state and p.requires_grad and self.optimizer_state is not None:
                     state = self.optimizer_state(p)
-                    for key, value in list(state.items()):
-                        if value is not None and value is self.state_host.get((id(p), key)):
+                    for key, value in list(state.items()):  # the host buffers, or a state resumed on the host
+                        if isinstance(value, torch.Tensor) and value.dim() > 0 and not on(value, self.device):
                             state[key] = device_copy(value, self.device, "optimizer state",
                                                      non_blocking=stream is not None)
             event = None
@@ -148,7 +149,7 @@ class BlockSwapper:
             if stepped and p.requires_grad and self.optimizer_state is not None:
                 state = self.optimizer_state(p)
                 for key, value in list(state.items()):
-                    if isinstance(value, torch.Tensor) and value.device == self.device and value.dim() > 0:
+                    if isinstance(value, torch.Tensor) and on(value, self.device) and value.dim() > 0:
                         buffer = self.state_host.get((id(p), key))
                         if buffer is not None and (buffer.shape != value.shape or buffer.dtype != value.dtype):
                             buffer = None
@@ -193,7 +194,7 @@ def move(module: nn.Module, device) -> None:
     """module.to(device), except that a denoiser with blocks_to_swap keeps its swapped weights on the host
     (the recipes, and sampling, move the denoiser with this)."""
     swapper = getattr(module, "_block_swapper", None)
-    if swapper is None or torch.device(device) != swapper.device:
+    if swapper is None or not same_device(device, swapper.device):
         module.to(device)
     else:
         swapper.place(module)

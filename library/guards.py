@@ -35,18 +35,13 @@ class NonFiniteGuard:
         the step may be taken. With fp16 loss scaling, inf gradients are the scaler's business (it skips
         the step and lowers the scale), so only the loss counts. known_bad: the caller already saw
         non-finite gradients (the fused backward pass checks its own)."""
-        with_grads = [p for p in params if p.grad is not None]
-        accelerator.unscale_gradients()
-        if max_grad_norm > 0 and with_grads:
-            norm = torch.nn.utils.clip_grad_norm_(with_grads, max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads]) if with_grads else torch.tensor(0.0)
-        grads_ok = accelerator.scaler is not None or math.isfinite(float(norm))
         bad_here = self._bad_loss or known_bad
         if accelerator.num_processes > 1:  # every process must take the same decision
             bad_here = accelerator.reduce(torch.tensor(float(bad_here), device=accelerator.device), "sum").item() > 0
-        ok = not bad_here and grads_ok
         self._bad_loss = False
+        # A skipped step must leave the fp16 GradScaler untouched: unscaled without the update() that
+        # optimizer.step() brings, its next unscale_ raises (and before any backward it has no scale yet).
+        ok = not bad_here and self._unscale_and_clip(params, max_grad_norm, accelerator)
         if ok:
             self.in_a_row = 0
             return True
@@ -60,6 +55,17 @@ class NonFiniteGuard:
                 f"no_half_vae), a learning rate too high for this optimizer, fp16 without loss scaling "
                 f"(full_fp16): try bf16, a lower learning_rate, or max_grad_norm = 1.0")
         return False
+
+    @staticmethod
+    def _unscale_and_clip(params, max_grad_norm: float, accelerator) -> bool:
+        """Unscale (fp16) and clip the gradients; whether they are finite (with a GradScaler: its business)."""
+        with_grads = [p for p in params if p.grad is not None]
+        accelerator.unscale_gradients()
+        if max_grad_norm > 0 and with_grads:
+            norm = torch.nn.utils.clip_grad_norm_(with_grads, max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads]) if with_grads else torch.tensor(0.0)
+        return accelerator.scaler is not None or math.isfinite(float(norm))
 
 
 class StopSignal:

@@ -143,6 +143,12 @@ def device_copy(tensor: torch.Tensor, device: torch.device, category: str = "wei
     return out
 
 
+def host_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() in host memory, tensor by tensor: what a file is built from (fusing or reshaping
+    device tensors would build a second copy of them on the device)."""
+    return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+
+
 def offload_checkpoints(denoiser: nn.Module) -> None:
     """cpu_offload_checkpointing: while the denoiser runs forward with gradient enabled, every tensor autograd
     saves for backward goes to host memory and comes back when backward needs it. With gradient checkpointing,

@@ -6,13 +6,18 @@ A module comes to the device when its forward starts (its tensor arguments with 
 of the set runs or the set is closed, like diffusers' enable_model_cpu_offload. Encoding runs in batches of
 captions, so each encoder makes one round trip per batch, not per caption.
 
+`visiting` does the same for sampling and class images, while the denoiser stays where training keeps it.
+
 The planner (library/planner) counts the moves through library.memory.tell / OFFLOAD_OBSERVERS.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
+from library.devices import same_device
 from library.memory import tell
 
 
@@ -66,3 +71,34 @@ class OneAtATime:
             self.resident.to(self.host)
             _tell(self.resident, "host")
             self.resident = None
+
+
+@contextmanager
+def visiting(visitors: list[nn.Module], device, worker: nn.Module):
+    """`visitors` kept off the device (the VAE and the text encoders whose outputs are cached) come to it one at
+    a time while `worker` (the denoiser, which stays where it is) samples: each arrives when it runs and the one
+    before leaves then, and all leave when the worker runs (accelerate's model offload hooks, which the
+    diffusers pipelines and the VAE's encode / decode honour). Visitors resident already stay."""
+    from accelerate import cpu_offload_with_hook
+
+    hooks, previous = [], None
+    for module in visitors:
+        if same_device(next(module.parameters()).device, device):
+            continue  # resident for training already: it stays
+        _, previous = cpu_offload_with_hook(module, torch.device(device), prev_module_hook=previous)
+        hooks.append(previous)
+    if hooks:
+        hooks[0].hook.prev_module_hook = hooks[-1]  # the last one (the VAE, decoding) leaves for the next sample
+    def all_leave(module, args) -> None:  # noqa: ARG001
+        for hook in hooks:
+            hook.offload()
+
+    handle = worker.register_forward_pre_hook(all_leave) if hooks else None
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.offload()
+            hook.remove()
+        if handle is not None:
+            handle.remove()

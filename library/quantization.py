@@ -15,6 +15,8 @@ The encoder's outputs change slightly (fp8: ~2 significant digits per weight); c
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -60,20 +62,47 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype) -> None:
 
 
 def store_int8(module: nn.Module, threshold: float = 6.0) -> None:
-    """Every nn.Linear of `module` -> bitsandbytes Linear8bitLt holding the same weights."""
+    """Every nn.Linear of `module` -> bitsandbytes Linear8bitLt (int8_layer()) holding the same weights."""
     import bitsandbytes as bnb
 
+    layer_class = int8_layer()
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                        has_fp16_weights=False, threshold=threshold, device="meta")
+            layer = layer_class(child.in_features, child.out_features, bias=child.bias is not None,
+                                has_fp16_weights=False, threshold=threshold, device="meta")
             layer.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
                                              has_fp16_weights=False)
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, child_name, layer)
+
+
+@functools.cache
+def int8_layer() -> type:
+    """bitsandbytes' Linear8bitLt whose int8 state follows the layer. The int8 weights and their scales live in
+    weight.CB / weight.SCB, then (after the first forward) in state.CB / state.SCB, which forward puts back
+    into the weight. A parent's .to() reaches the layer through _apply, which moves parameters and buffers
+    only: without this, T5's int8 weights stayed on the device after it left (or, quantized on the host,
+    never came)."""
+    import bitsandbytes as bnb
+
+    class Linear8bitLt(bnb.nn.Linear8bitLt):  # the same name in module listings
+        def _apply(self, fn, recurse=True):
+            super()._apply(fn, recurse)
+            weight, device = self.weight, self.weight.device
+            if getattr(weight, "CB", None) is not None:
+                weight.CB = weight.data
+            if getattr(weight, "SCB", None) is not None:
+                weight.SCB = weight.SCB.to(device)
+            for name in ("CB", "SCB"):
+                value = getattr(self.state, name)
+                if value is not None:
+                    setattr(self.state, name, weight.data if name == "CB" else value.to(device))
+            return self
+
+    return Linear8bitLt
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -87,6 +87,7 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
     """Render every prompt to out_dir/<tag>_<index>_<seed>.png, plus <tag>_grid.png for several prompts.
     RNG states, train/eval modes and device placement are restored afterwards."""
     from library.block_swap import move
+    from library.offload import visiting
 
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
@@ -98,10 +99,10 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
     try:
         for m in modules:
             m.eval()
-            move(m, device)  # model offload: parts kept off the device come over only for sampling
+        move(parts.denoiser, device)  # where training keeps it (a block swapper keeps swapping)
         _vae_tiling(parts.vae, max(max(p.width or settings.width, p.height or settings.height)
                                    for p in settings.prompts))
-        with torch.inference_mode():
+        with torch.inference_mode(), visiting(modules[1:], device, parts.denoiser):
             for index, p in enumerate(settings.prompts):
                 seed = p.seed if p.seed is not None else settings.seed + index
                 reference = {"control_image": p.control_image} if p.control_image else {}  # edit models only

@@ -30,8 +30,9 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     if "control_pixels" in batch:  # edit pairs: the reference images, encoded as the targets are
         with torch.no_grad():
             batch = {**batch, "control_latents": family.encode_images(parts, batch["control_pixels"])}
-    if cached_conditioning is not None:
-        conditioning = {k: torch.cat([cached_conditioning[c][k] for c in batch["caption"]])
+    if cached_conditioning is not None:  # kept on the host: this batch's share comes over (pinned: async)
+        conditioning = {k: torch.cat([cached_conditioning[c][k].to(latents.device, non_blocking=True)
+                                      for c in batch["caption"]])
                         for k in next(iter(cached_conditioning.values()))}
     else:
         with torch.set_grad_enabled(train_te):

@@ -78,3 +78,22 @@ def fresh_accelerator_state():
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
+
+
+def pytest_collection_modifyitems(session, config, items):  # noqa: ARG001
+    """The test device is registered before any test runs when one will use it: autograd sizes its per-device
+    queues at the first backward of the process."""
+    if any("gpu" in getattr(item, "fixturenames", ()) for item in items):
+        import fake_device
+
+        fake_device.load()
+
+
+@pytest.fixture
+def gpu():
+    """The test accelerator (tests/fake_device.py, built on first use): a device distinct from the host;
+    accelerate hands it out to runs started inside, as it hands out `cuda`."""
+    import fake_device
+
+    with fake_device.use() as device:
+        yield device

@@ -27,6 +27,7 @@ from library.data.control import control_path, control_pixels
 from library.data.images import load_pixels, plan_crop
 from library.data.plan import ImageRecord
 from library.data.report import CountingBar
+from library.memory import host_copy
 
 CACHE_FORMAT = 1
 SAMPLED_VALUES = 4096  # per tensor, for the weight fingerprint
@@ -208,16 +209,22 @@ def text_name(caption: str, clip_skip: int) -> str:
 @torch.no_grad()
 def cache_text_outputs(family, parts, captions: list[str], clip_skip: int, folder: Path | None,
                        say=print, device=None, batch_size: int = TEXT_BATCH) -> dict[str, dict[str, torch.Tensor]]:
-    """caption -> family.encode_prompts output (batch of one) on `device` (default: the first encoder's),
-    from disk where valid, else encoded in batches of `batch_size` captions (and saved)."""
+    """caption -> family.encode_prompts output (batch of one), kept in host memory (pinned when `device`, by
+    default the first encoder's, is CUDA): each batch's share goes to the device when it trains (batch_loss),
+    not the whole cache for the whole run. From disk where valid, else encoded in batches of `batch_size`
+    captions (and saved)."""
     encoders = list(parts.text_encoders.values())
-    device = device or next(encoders[0].parameters()).device
+    device = torch.device(device or next(encoders[0].parameters()).device)
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        return host_copy(tensor, pin=device.type == "cuda")
+
     disk = DiskCache(Path(folder) / "text") if folder else None
     encoders_id = fingerprint(encoders)
     source = getattr(parts, "source", None)
     depends = {c: text_dependencies(family.name, encoders_id, clip_skip, c, source) for c in captions}
     statuses = {c: disk.status(text_name(c, clip_skip), depends[c]) if disk else "missing" for c in captions}
-    out = {c: {k: v.to(device) for k, v in disk.load(text_name(c, clip_skip)).items()}
+    out = {c: {k: keep(v) for k, v in disk.load(text_name(c, clip_skip)).items()}
            for c in captions if statuses[c] == "valid"}
     missing = [c for c in captions if statuses[c] != "valid"]
     bar = CountingBar(len(missing), "caching text-encoder outputs")
@@ -225,10 +232,9 @@ def cache_text_outputs(family, parts, captions: list[str], clip_skip: int, folde
         batch = missing[start:start + batch_size]
         encoded = family.encode_prompts(parts, batch, clip_skip)
         for i, caption in enumerate(batch):
-            out[caption] = {k: v[i:i + 1].to(device) for k, v in encoded.items()}
+            out[caption] = {k: keep(v[i:i + 1]) for k, v in encoded.items()}
             if disk:
-                disk.save(text_name(caption, clip_skip), {k: v.cpu() for k, v in out[caption].items()},
-                          depends[caption])
+                disk.save(text_name(caption, clip_skip), out[caption], depends[caption])
             bar.advance()
     bar.close()
     reused = len(captions) - len(missing)

@@ -135,7 +135,9 @@ class FluxFamily:
 
     def single_file_state_dict(self, parts: Components) -> dict[str, torch.Tensor]:
         """The transformer in the BFL layout (what ComfyUI / Forge / sd-scripts load beside clip_l, t5xxl, ae)."""
-        return transformer_to_bfl(parts.denoiser.state_dict())
+        from library.memory import host_state_dict
+
+        return transformer_to_bfl(host_state_dict(parts.denoiser))  # fused on the host
 
     def separate_files(self, parts: Components) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
         """Text encoders the single file leaves out, as the separate files UIs load beside it: component ->

@@ -189,11 +189,13 @@ class Sd3Family:
         """The transformer, the VAE and both CLIPs in the SAI single-file layout (what ComfyUI, Forge and
         sd-scripts load, with the t5xxl file beside it); T5-XXL, never trained here, is left out."""
         from library.ldm_layout import vae_to_ldm
+        from library.memory import host_state_dict
 
-        out = {SAI_PREFIX + k: v for k, v in transformer_to_sai(parts.denoiser.state_dict()).items()}
-        out.update(vae_to_ldm(parts.vae.state_dict()))
+        # built on the host: the layout fuses and reshapes (a second copy on the device otherwise)
+        out = {SAI_PREFIX + k: v for k, v in transformer_to_sai(host_state_dict(parts.denoiser)).items()}
+        out.update(vae_to_ldm(host_state_dict(parts.vae)))
         for name, key in (("te1", "clip_l"), ("te2", "clip_g")):
-            out.update({TEXT_PREFIX.format(key) + k: v for k, v in parts.text_encoders[name].state_dict().items()
+            out.update({TEXT_PREFIX.format(key) + k: v for k, v in host_state_dict(parts.text_encoders[name]).items()
                         if not k.endswith("position_ids")})
         return out
 

@@ -67,6 +67,7 @@ def encode_t5(parts, captions: list[str], max_length: int) -> tuple[torch.Tensor
     if not (parts.source and parts.source.apply_t5_attn_mask):
         return t5(tokens.input_ids.to(t5.device)).last_hidden_state, None
     hidden = t5(tokens.input_ids.to(t5.device), attention_mask=mask).last_hidden_state
+    mask = mask.to(hidden.device)  # T5 may have run elsewhere (library/offload.py brings it over for its forward)
     return hidden * mask.unsqueeze(-1).to(hidden.dtype), mask
 
 

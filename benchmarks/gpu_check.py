@@ -1,0 +1,287 @@
+"""GPU acceptance check (issue 15, section 4): one command, on a CUDA machine, that runs
+
+1. each family's tiny model (SD1, SDXL, SD3, FLUX.1) through both recipes with every placement switch
+   (cached latents / text outputs, gradient checkpointing, cpu_offload_checkpointing, fp8_base, blocks_to_swap,
+   int8 T5, sampling);
+2. full-size random-weight models: SD1.5 LoRA at 512px, SDXL LoRA at 1024px with an fp8 base, FLUX.1-dev LoRA
+   at 1024px with block swap (and without, where it fits);
+
+and prints, per run and phase (caching, training, sampling, saving): torch.cuda.max_memory_allocated and
+max_memory_reserved, the planner's figure for the training step (full-size runs), steps/s, and the block-swap
+overhead against the same run without swap.
+
+    python benchmarks/gpu_check.py [--tiny-only] [--out results.md]
+
+It refuses to run without CUDA. Full-size models are built from the shipped architecture configs with random
+weights directly on the GPU and written to a temporary folder (FLUX.1-dev: ~34 GB of disk), so no download
+is needed; tokenizers are the tiny ones (the token ids stay in range). Status: written for the first GPU
+machine lent to the project; it has not run on one yet.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 2**30
+PHASES = ("caching", "training", "sampling", "saving")
+
+TINY_SWITCHES = {  # (label, recipe, sections)
+    "sd1": [("lora", "network", {}),
+            ("lora cached", "network", {"dataset": {"cache_latents": True},
+                                        "network": {"network_train_unet_only": True},
+                                        "train": {"cache_text_encoder_outputs": True}}),
+            ("lora checkpointing fp16", "network", {"train": {"gradient_checkpointing": True,
+                                                              "mixed_precision": "fp16"}}),
+            ("db fused adafactor", "db", {"optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True,
+                                                        "max_grad_norm": 0.0}})],
+    "sdxl": [("lora bf16 fp8_base", "network", {"train": {"mixed_precision": "bf16", "fp8_base": True}}),
+             ("db fused adafactor", "db", {"optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True,
+                                                         "max_grad_norm": 0.0}})],
+    "sd3": [("lora cached", "network", {"network": {"network_train_unet_only": True},
+                                        "train": {"cache_text_encoder_outputs": True}}),
+            ("db swap", "db", {"train": {"gradient_checkpointing": True, "blocks_to_swap": 2},
+                               "optimizer": {"optimizer_type": "AdamW", "fused_backward_pass": True,
+                                             "max_grad_norm": 0.0}, "dreambooth": {"train_text_encoder": False}})],
+    "flux": [("lora swap offload", "network", {"train": {"gradient_checkpointing": True, "blocks_to_swap": 2,
+                                                          "cpu_offload_checkpointing": True}}),
+             ("lora int8 t5 cached mask", "network", {"model": {"t5xxl_precision": "int8", "apply_t5_attn_mask": True},
+                                                       "network": {"network_train_unet_only": True},
+                                                       "train": {"cache_text_encoder_outputs": True}}),
+             ("db swap", "db", {"train": {"gradient_checkpointing": True, "blocks_to_swap": 3},
+                                "optimizer": {"optimizer_type": "AdamW", "fused_backward_pass": True,
+                                              "max_grad_norm": 0.0}, "dreambooth": {"train_text_encoder": False}})],
+}
+
+
+class PhasePeaks:
+    """Peak allocated / reserved CUDA memory per phase of a run, measured by wrapping the recipe's phase
+    functions (caching: cache_outputs; sampling: render_samples; saving: Checkpointer.save); what is left is
+    training. Times are wall-clock seconds per phase."""
+
+    def __init__(self):
+        self.peaks = {p: (0, 0) for p in PHASES}
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    def _close(self, phase: str, started: float) -> None:
+        torch.cuda.synchronize()
+        allocated, reserved = self.peaks[phase]
+        self.peaks[phase] = (max(allocated, torch.cuda.max_memory_allocated()),
+                             max(reserved, torch.cuda.max_memory_reserved()))
+        self.seconds[phase] += time.perf_counter() - started
+        torch.cuda.reset_peak_memory_stats()
+
+    def wrap(self, phase: str, fn):
+        def wrapped(*args, **kwargs):
+            self._close("training", self._training_started)
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._close(phase, started)
+                self._training_started = time.perf_counter()
+        return wrapped
+
+    @contextmanager
+    def watching(self, recipe_module):
+        from library import checkpoint
+
+        saved = (recipe_module.cache_outputs, recipe_module.render_samples, checkpoint.Checkpointer.save)
+        recipe_module.cache_outputs = self.wrap("caching", saved[0])
+        recipe_module.render_samples = self.wrap("sampling", saved[1])
+        checkpoint.Checkpointer.save = self.wrap("saving", saved[2])
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._training_started = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self._close("training", self._training_started)
+            recipe_module.cache_outputs, recipe_module.render_samples, checkpoint.Checkpointer.save = saved
+
+
+def run_once(cfg, recipe: str, planned: int | None = None) -> dict:
+    import train_db
+    import train_network
+
+    module = train_network if recipe == "network" else train_db
+    peaks = PhasePeaks()
+    with peaks.watching(module):
+        result = module.train(cfg)
+    steps = len(result.losses)
+    return {"peaks": peaks.peaks, "seconds": peaks.seconds, "steps": steps,
+            "steps_per_s": steps / max(peaks.seconds["training"], 1e-9), "planned": planned}
+
+
+def planned_peak(cfg, recipe: str) -> int | None:
+    from library.planner import plan, settings_from_config
+
+    try:
+        return plan(settings_from_config(cfg, recipe)).device_peak
+    except Exception as e:  # the planner's own failure is a finding, not a reason to stop the check
+        print(f"  planner failed: {type(e).__name__}: {e}")
+        return None
+
+
+def config(folder: Path, data: Path, out: Path, recipe: str, sections: dict, resolution: int = 64,
+           steps: int = 4, prompts: Path | None = None):
+    from library.config import config_from_dict
+
+    raw = {"model": {"pretrained_model_name_or_path": str(folder)},
+           "dataset": {"train_data_dir": str(data), "resolution": resolution, "train_batch_size": 1},
+           "optimizer": {"learning_rate": 1e-4},
+           "train": {"output_dir": str(out), "output_name": "check", "max_train_steps": steps, "seed": 1},
+           "save": {"overwrite": True}}
+    if recipe == "network":
+        raw["network"] = {"network_dim": 16, "network_alpha": 8.0}
+    if prompts is not None:
+        raw["sample"] = {"sample_prompts": str(prompts), "sample_steps": 4}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw, source="gpu_check")
+
+
+# ---- full-size random-weight models ---------------------------------------------------------------------
+
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux-dev": "FluxPipeline"}
+
+
+def random_model(arch: str, folder: Path, dtype: torch.dtype) -> Path:
+    """A diffusers folder of the shipped architecture `arch` with random weights (built on the GPU)."""
+    import json
+
+    import diffusers
+    import transformers
+
+    from library.loading import arch_dir
+    from library.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    source = arch_dir(arch)
+    parts = {}
+    for sub in sorted(p for p in source.iterdir() if p.is_dir()):
+        if sub.name == "scheduler":
+            config = json.loads((sub / "scheduler_config.json").read_text())
+            parts[sub.name] = getattr(diffusers, config["_class_name"]).from_config(config)
+            continue
+        config = json.loads((sub / "config.json").read_text())
+        with torch.device("cuda"):
+            if "_class_name" in config:
+                model = getattr(diffusers, config["_class_name"]).from_config(config)
+            else:
+                cls = getattr(transformers, config["architectures"][0])
+                model = cls(transformers.AutoConfig.from_pretrained(str(sub)))
+        parts[sub.name] = model.to(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts["tokenizer"] = tiny_clip_tokenizer(Path(tmp))
+        if "text_encoder_2" in parts:
+            t5 = isinstance(parts["text_encoder_2"], transformers.T5EncoderModel)
+            parts["tokenizer_2"] = tiny_t5_tokenizer() if t5 else tiny_clip_tokenizer(Path(tmp))
+        pipeline_class = getattr(diffusers, PIPELINES[arch])
+        extra = {"safety_checker": None, "feature_extractor": None,
+                 "requires_safety_checker": False} if arch == "sd15" else {}
+        pipeline_class(**parts, **extra).save_pretrained(str(folder))
+    del parts
+    torch.cuda.empty_cache()
+    return folder
+
+
+FULL = [  # (label, arch, dtype, resolution, recipe sections)
+    ("SD1.5 LoRA 512px", "sd15", torch.float16, 512,
+     {"train": {"mixed_precision": "fp16", "gradient_checkpointing": True}}),
+    ("SDXL LoRA 1024px fp8 base", "sdxl", torch.bfloat16, 1024,
+     {"train": {"mixed_precision": "bf16", "fp8_base": True, "gradient_checkpointing": True}}),
+    ("FLUX.1-dev LoRA 1024px", "flux-dev", torch.bfloat16, 1024,
+     {"train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "cache_text_encoder_outputs": True},
+      "network": {"network_train_unet_only": True}, "dataset": {"cache_latents": True}}),
+]
+SWAP = {"train": {"blocks_to_swap": 18}}  # FLUX.1-dev: 18 of 57 blocks
+
+
+# ---- the report -----------------------------------------------------------------------------------------
+
+def row(label: str, recipe: str, r: dict) -> str:
+    def gib(value):
+        return f"{value / GIB:.2f}"
+
+    cells = [label, recipe, gib(r["planned"]) if r["planned"] else "-"]
+    for phase in PHASES:
+        allocated, reserved = r["peaks"][phase]
+        cells.append(f"{gib(allocated)} / {gib(reserved)}" if allocated else "-")
+    cells += [f"{r['steps_per_s']:.2f}", r.get("swap_overhead", "-")]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| run | recipe | planned step GiB | caching GiB (alloc / reserved) | training | sampling | saving "
+          "| steps/s | swap overhead |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny-only", action="store_true", help="skip the full-size models")
+    parser.add_argument("--out", help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); the CPU test suite covers the "
+              "rest (tests/test_device*.py run the recipes on a test device distinct from the host)", file=sys.stderr)
+        return 2
+    from library import tiny
+    from library.cli import quiet_libraries
+
+    quiet_libraries()
+    lines = [f"{torch.cuda.get_device_name()} - torch {torch.__version__}", "", HEADER]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tiny.make_dataset(tmp / "data")
+        prompts = tmp / "prompts.txt"
+        prompts.write_text("a red circle --d 1\n")
+        folders = {"sd1": tiny.save_tiny_sd1(tmp / "sd1")[0], "sdxl": tiny.save_tiny_sdxl(tmp / "sdxl")[0],
+                   "sd3": tiny.save_tiny_sd3(tmp / "sd3")["folder"],
+                   "flux": tiny.save_tiny_flux(tmp / "flux")["folder"]}
+        for family, runs in TINY_SWITCHES.items():
+            for label, recipe, sections in runs:
+                cfg = config(folders[family], data, tmp / "out", recipe, sections, prompts=prompts)
+                lines.append(row(f"tiny {family} {label}", recipe, run_once(cfg, recipe)))
+                print(lines[-1], flush=True)
+        if not args.tiny_only:
+            big_data = tiny.make_dataset(tmp / "data-1024", size=1024)
+            for label, arch, dtype, resolution, sections in FULL:
+                folder = random_model(arch, tmp / arch, dtype)
+                data_for = data if resolution <= 64 else big_data
+                cfg = config(folder, data_for, tmp / "out", "network", sections, resolution, steps=6)
+                r = run_once(cfg, "network", planned_peak(cfg, "network"))
+                if arch == "flux-dev":
+                    swap_sections = {k: {**v, **SWAP.get(k, {})} for k, v in sections.items()}
+                    swap_cfg = config(folder, data_for, tmp / "out", "network", swap_sections, resolution, steps=6)
+                    swapped = run_once(swap_cfg, "network", planned_peak(swap_cfg, "network"))
+                    swapped["swap_overhead"] = f"{r['steps_per_s'] / swapped['steps_per_s']:.2f}x"
+                    lines.append(row(label + " no swap", "network", r))
+                    lines.append(row(label + " blocks_to_swap 18", "network", swapped))
+                else:
+                    lines.append(row(label, "network", r))
+                print(lines[-1], flush=True)
+                cleanup(tmp / arch)
+    lines.append(f"\n{time.perf_counter() - started:.0f} s in all")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def cleanup(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

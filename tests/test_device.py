@@ -1,0 +1,81 @@
+"""The runs on the test accelerator (tests/fake_device.py), a device distinct from the host: the golden losses
+of every family hold on it, nothing is left on the wrong side, and what stays resident is counted."""
+import pytest
+
+import fake_device
+from test_flux import GOLDEN_FLUX, GOLDEN_FLUX_DB, flux_config, tiny_flux  # noqa: F401
+from test_sd3 import GOLDEN_SD3, sd3_config, tiny_sd3  # noqa: F401
+from test_sdxl import GOLDEN_SDXL, GOLDEN_SDXL_DB, sdxl_config  # noqa: F401
+from test_train_sd1 import GOLDEN
+
+
+def _close(losses, expected):
+    return losses == pytest.approx(expected, rel=1e-5)
+
+
+def train_network(cfg):
+    from train_network import train
+
+    return train(cfg)
+
+
+def train_db(cfg):
+    from train_db import train
+
+    return train(cfg)
+
+
+def _on_device(result):
+    return all(fake_device.on_device(p) for p in result.parts.denoiser.parameters())
+
+
+def test_device_is_distinct_from_the_host(gpu):
+    import torch
+
+    x = torch.ones(4, device=gpu)
+    assert x.device == torch.device("fakegpu", 0) and x.device != gpu  # as cuda:0 != cuda
+    with pytest.raises(RuntimeError, match="same device"):
+        x + torch.ones(4)
+    before = fake_device.resident_bytes()
+    y = torch.zeros(1024, device=gpu)
+    assert fake_device.resident_bytes() == before + 4096
+    del y
+    assert fake_device.resident_bytes() == before
+
+
+def test_runs_get_the_test_device_after_host_runs(make_config, gpu):
+    """accelerate keeps the device it chose for the process: a run on the host before must not leave it."""
+    from accelerate import Accelerator, PartialState
+
+    PartialState._reset_state()
+    Accelerator(cpu=True)  # a host run earlier in the session
+    from fake_device import use
+
+    with use():
+        assert Accelerator().device == gpu
+
+
+def test_golden_losses_sd1(make_config, gpu):
+    result = train_network(make_config())
+    assert _close(result.losses, GOLDEN) and _on_device(result)
+
+
+def test_golden_losses_sdxl_lora_and_full_fine_tune(sdxl_config, gpu):
+    assert _close(train_network(sdxl_config()).losses, GOLDEN_SDXL)
+    result = train_db(sdxl_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
+                                             "learning_rate": 1e-4, "max_grad_norm": 0.0},
+                                  train={"output_name": "db"}))
+    assert _close(result.losses, GOLDEN_SDXL_DB) and _on_device(result)
+
+
+def test_golden_losses_sd3(sd3_config, gpu):
+    result = train_network(sd3_config())
+    assert _close(result.losses, GOLDEN_SD3) and _on_device(result)
+
+
+def test_golden_losses_flux_lora_and_full_fine_tune(flux_config, gpu):
+    assert _close(train_network(flux_config()).losses, GOLDEN_FLUX)
+    result = train_db(flux_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
+                                             "learning_rate": 1e-4, "max_grad_norm": 0.0},
+                                  dreambooth={"train_text_encoder": False}, train={"output_name": "db"}))
+    assert _close(result.losses, GOLDEN_FLUX_DB) and _on_device(result)

@@ -1,0 +1,290 @@
+"""GPU-only defects (issue 15), each shown on the test accelerator (tests/fake_device.py) or, where the defect
+needs no device, on the host. Every test names its defect number."""
+import pytest
+import torch
+
+import fake_device
+from test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
+from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
+
+CHECKPOINTED = {"gradient_checkpointing": True}
+FUSED = {"optimizer_type": "AdamW", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
+
+
+def _lora(cfg):
+    from train_network import train
+
+    return train(cfg)
+
+
+def _db(cfg):
+    from train_db import train
+
+    return train(cfg)
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle --d 3 --s 2\n")
+    return str(path)
+
+
+def _tensor_state(optimizer, param):
+    state = optimizer.state_of(param)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+
+
+def test_block_swap_keeps_swapping_after_sampling(flux_config, tmp_path, gpu):  # noqa: F811
+    """Defect 1: after a sample, the denoiser went back with module.to(`fakegpu:0`), which is not the swapper's
+    `fakegpu`: every swapped block stayed on the device."""
+    result = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 2},
+                               sample={"sample_prompts": _prompts(tmp_path), "sample_at_first": True}))
+    swapper = result.parts.denoiser._block_swapper
+    assert len(result.samples) == 2 and swapper.resident() == []
+    assert all(not fake_device.on_device(p) for p in swapper.host)  # the swapped weights are their host copies
+    assert all(fake_device.on_device(p) for p in result.parts.denoiser.parameters() if not swapper.swaps(p)), [
+        (n, p.device) for n, p in result.parts.denoiser.named_parameters() if not fake_device.on_device(p)][:5]
+
+
+def test_swapped_weights_optimizer_state_leaves_the_device(flux_config, gpu):  # noqa: F811
+    """Defect 2: the swapped weights' optimizer state was compared with `fakegpu:0 == fakegpu` and never left
+    the device (+2x the swapped weights with AdamW)."""
+    result = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
+                             dreambooth={"train_text_encoder": False}))
+    swapper = result.parts.denoiser._block_swapper
+    trained = [p for k in swapper.swapped for p in swapper.weights[k] if p.requires_grad]
+    states = [v for p in trained for v in _tensor_state(result.optimizer, p).values()]
+    assert trained and states and not any(fake_device.on_device(v) for v in states)
+
+
+def test_resume_full_fine_tune_with_block_swap(flux_config, tmp_path, gpu):  # noqa: F811
+    """Defect 3: on resume the swapped weights' optimizer state was loaded on the host and never brought to the
+    device: the first step mixed host and device tensors."""
+    def run(**sections):
+        base = {"train": {**CHECKPOINTED, "blocks_to_swap": 3, "max_train_steps": 4}, "optimizer": FUSED,
+                "dreambooth": {"train_text_encoder": False}, "save": {"save_every_n_steps": 2, "save_state": True}}
+        for name, values in sections.items():
+            base[name] = {**base[name], **values} if name in base else values
+        return _db(flux_config(**base))
+
+    whole = run(train={"output_name": "whole"})
+    resumed = run(train={"output_name": "resumed"}, save={"resume": str(tmp_path / "out" / "whole-step00000002-state")})
+    assert resumed.losses == whole.losses[2:]
+
+
+def _nan_at(module, monkeypatch, calls_with_nan):
+    real, calls = module.batch_loss, {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in calls_with_nan else loss
+
+    monkeypatch.setattr(module, "batch_loss", sometimes_nan)
+
+
+@pytest.mark.parametrize("bad_steps", [{0, 2}, {1, 2}])
+def test_nan_loss_under_fp16_loss_scaling(bad_steps):
+    """Defect 4: under fp16 loss scaling a skipped NaN step left the GradScaler unscaled-but-not-updated, so the
+    next step's unscale_ raised; at step 0 (NaN first) the scaler had no scale yet. accelerate gives no scaler
+    on the CPU: a CPU GradScaler is put where accelerate puts its CUDA one."""
+    from accelerate import Accelerator
+
+    from library.guards import NonFiniteGuard
+
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**8)  # as on CUDA
+    model = torch.nn.Linear(4, 1)
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    guard, said = NonFiniteGuard(3, say=lambda text: None), []
+    for step in range(4):
+        before = model.weight.detach().clone()
+        loss = model(torch.ones(2, 4)).pow(2).mean() * (float("nan") if step in bad_steps else 1.0)
+        if guard.loss_ok(loss):
+            accelerator.backward(loss)
+        if guard.step_ok(list(model.parameters()), 1.0, step, accelerator):
+            optimizer.step()
+            said.append(step)
+        optimizer.zero_grad(set_to_none=True)
+        assert torch.equal(model.weight, before) == (step in bad_steps)
+    assert said == [s for s in range(4) if s not in bad_steps] and guard.skipped == len(bad_steps)
+
+
+def test_t5_mask_with_cached_text_outputs(flux_config, gpu):  # noqa: F811
+    """Defect 5: with apply_t5_attn_mask and cached text outputs the padding mask was built on the host while
+    T5 ran on the device (brought over for its forward), and the two were multiplied."""
+    result = _lora(flux_config(model={"apply_t5_attn_mask": True},
+                               network={"network_train_unet_only": True},
+                               train={"cache_text_encoder_outputs": True}))
+    assert len(result.losses) == 4 and all(x == x for x in result.losses)
+
+
+def test_report_denoising_loss_with_cached_text_outputs(make_config, gpu):
+    """Defect 6: report_denoising_loss re-encoded the captions with the text encoders left on the host after
+    caching (T5 on the CPU for minutes with SD3 / FLUX) and gave host hidden states to the device's U-Net."""
+    result = _lora(make_config(network={"network_train_unet_only": True},
+                               train={"cache_text_encoder_outputs": True},
+                               logging={"report_denoising_loss": True}))
+    assert result.base_loss > 0 and result.trained_loss > 0
+
+
+def _int8_tensors(encoder):
+    import bitsandbytes as bnb
+
+    for layer in encoder.modules():
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            yield from (t for t in (layer.weight, layer.weight.CB, layer.weight.SCB, layer.state.CB, layer.state.SCB)
+                        if t is not None)
+
+
+def test_int8_t5_leaves_the_device_after_caching(flux_config, gpu):  # noqa: F811
+    """Defect 7: bitsandbytes keeps int8 T5's weights in weight.CB / SCB and state.CB / SCB, which a parent's
+    .to() never moves: after caching, T5 (~4.4 GiB at full size) stayed on the device for the whole run."""
+    result = _lora(flux_config(model={"t5xxl_precision": "int8"}, network={"network_train_unet_only": True},
+                               train={"cache_text_encoder_outputs": True}))
+    t5 = result.parts.text_encoders["te3"]
+    tensors = list(_int8_tensors(t5))
+    assert tensors and not any(fake_device.on_device(t) for t in tensors)
+
+
+def test_cached_text_outputs_stay_on_the_host(make_config, tiny_sd1, gpu):
+    """Defect 8: every cached text-encoder output lived on the device for the whole run (~4 MiB per caption
+    for FLUX); they stay on the host and each batch's share comes over."""
+    from library.data.cache import cache_text_outputs
+    from library.families import ModelSource, get_family
+
+    family = get_family("auto", str(tiny_sd1[0]))
+    parts = family.load(ModelSource(str(tiny_sd1[0])))
+    for encoder in parts.text_encoders.values():
+        encoder.to(gpu)
+    before = fake_device.resident_bytes()
+    cached = cache_text_outputs(family, parts, ["a red circle", "a blue square"], 1, None, lambda *a: None, gpu)
+    assert not any(fake_device.on_device(v) for c in cached.values() for v in c.values())
+    assert fake_device.resident_bytes() == before
+    result = _lora(make_config(network={"network_train_unet_only": True}, train={"cache_text_encoder_outputs": True}))
+    assert len(result.losses) == 4 and all(x == x for x in result.losses)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_saving_a_transformer_builds_the_fused_tensors_on_the_host(name, tiny_flux, tiny_sd3, gpu):  # noqa: F811
+    """Defect 11: saving a FLUX / SD3 full fine-tune built the single file's fused qkv tensors on the device
+    (a second copy of every attention weight there, at the end of the run)."""
+    from library.families import ModelSource, get_family
+
+    folder = {"flux": tiny_flux, "sd3": tiny_sd3}[name]["folder"]
+    family = get_family("auto", str(folder))
+    parts = family.load(ModelSource(str(folder)))
+    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
+        module.to(gpu)
+    fake_device.reset_peak()
+    before = fake_device.resident_bytes()
+    state = family.single_file_state_dict(parts)
+    assert fake_device.peak_bytes() == before
+    assert not any(fake_device.on_device(v) for v in state.values())
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_multi_gpu_engines_are_refused_up_front(make_config, monkeypatch, env):
+    """Defect 16: an `accelerate config` with FSDP was ignored (the modules are never prepared) and one with
+    DeepSpeed failed inside accelerate; both are refused before anything loads, saying what to do."""
+    from library.config import ConfigError
+
+    monkeypatch.setenv(env, "true")
+    with pytest.raises(ConfigError, match="accelerate config.*without"):
+        _lora(make_config())
+
+
+def test_xformers_on_flux_is_refused_up_front(flux_config):  # noqa: F811
+    """Defect 16: xformers on FLUX.1 / SD3 was accepted and silently ignored (joint attention runs on SDPA)."""
+    from library.config import ConfigError
+
+    cfg = flux_config()
+    cfg.train.xformers = True  # as a config with xformers installed reads (not installed here)
+    with pytest.raises(ConfigError, match="xformers.*SDPA"):
+        _db(cfg)
+
+
+@pytest.fixture
+def fp32_precision():
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    yield
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_runs_use_tf32_on_cuda(make_config, fp32_precision):
+    """GPU users' expectation: TF32 matmuls and convolutions (a default run did full-fp32 matmuls on Ampere+)."""
+    _lora(make_config(train={"max_train_steps": 1}))
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def test_sampling_brings_the_parts_one_at_a_time(flux_config, tmp_path, gpu):  # noqa: F811
+    """Defect 9: sampling brought the VAE, every text encoder and the denoiser to the device at once, on top of
+    the training state. The parts kept on the host (cached latents and text outputs) visit one at a time; the
+    denoiser stays where training keeps it."""
+    from library.families import ModelSource, get_family
+    from library.sampling import SampleSettings, SamplePrompt, render_samples
+
+    cfg = flux_config()
+    folder = cfg.model.pretrained_model_name_or_path
+    family = get_family("auto", folder)
+    parts = family.load(ModelSource(folder, t5xxl_max_token_length=16))
+    parts.denoiser.to(gpu)  # as in training; the VAE and the text encoders stay on the host (cached outputs)
+    others = {"vae": parts.vae, **parts.text_encoders}
+    seen = []
+
+    def record(name):
+        def hook(module, args):  # noqa: ARG001
+            seen.append((name, sorted(k for k, m in others.items() if fake_device.on_device(next(m.parameters())))))
+        return hook
+
+    for name, module in parts.text_encoders.items():  # the layers inside: they run once the encoder has arrived
+        for layer in module.modules():
+            if list(layer.parameters(recurse=False)):
+                layer.register_forward_pre_hook(record(name))
+    parts.vae.decoder.register_forward_pre_hook(record("vae"))
+    settings = SampleSettings((SamplePrompt("a red circle", seed=3, steps=2),), 64, 64, 2, "euler", 3, 1)
+    paths = render_samples(family, parts, settings, tmp_path, "s", gpu)
+    assert len(paths) == 1 and {name for name, _ in seen} == set(others), seen
+    assert all(resident == [name] for name, resident in seen), seen  # each ran alone on the device
+    assert not any(fake_device.on_device(next(m.parameters())) for m in others.values())  # and went back
+    assert all(fake_device.on_device(p) for p in parts.denoiser.parameters())
+
+
+def test_class_images_in_the_runs_precision_one_module_at_a_time(make_config, tmp_path, monkeypatch, gpu):
+    """Defect 10: class images for prior preservation were generated in fp32 without autocast with the
+    denoiser, the VAE and the text encoders on the device at once."""
+    import train_db
+
+    real, seen = train_db.ensure_class_images, []
+
+    def watched(family, parts, *args, **kwargs):
+        others = {"vae": parts.vae, **parts.text_encoders}
+
+        def record(name):
+            def hook(module, args):  # noqa: ARG001
+                resident = sorted(k for k, m in others.items() if fake_device.on_device(next(m.parameters())))
+                seen.append((name, resident, torch.is_autocast_enabled(fake_device.NAME)))
+            return hook
+
+        handles = [layer.register_forward_pre_hook(record(name)) for name, module in parts.text_encoders.items()
+                   for layer in module.modules() if list(layer.parameters(recurse=False))]
+        handles += [parts.vae.decoder.register_forward_pre_hook(record("vae")),
+                    parts.denoiser.conv_in.register_forward_pre_hook(record("denoiser"))]
+        try:
+            return real(family, parts, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    monkeypatch.setattr(train_db, "ensure_class_images", watched)
+    result = train_db.train(make_config(train={"mixed_precision": "bf16", "max_train_steps": 2},
+                                        dreambooth={"class_data_dir": str(tmp_path / "class"),
+                                                    "class_prompt": "a photo of a circle", "num_class_images": 2},
+                                        sample={"sample_steps": 2}))
+    assert len(result.losses) == 2 and len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert {name for name, _, _ in seen} == {"te", "vae", "denoiser"}
+    events = [(n, tuple(r)) for n, r, _ in seen]
+    events = [e for k, e in enumerate(events) if k == 0 or e != events[k - 1]]  # one per change
+    assert all(resident == (() if name == "denoiser" else (name,)) for name, resident in events), events
+    assert all(autocast for _, _, autocast in seen)  # the run's precision (bf16 autocast)
