@@ -254,9 +254,10 @@ def test_sampling_brings_the_parts_one_at_a_time(flux_config, tmp_path, gpu):  #
 def test_class_images_in_the_runs_precision_one_module_at_a_time(make_config, tmp_path, monkeypatch, gpu):
     """Defect 10: class images for prior preservation were generated in fp32 without autocast with the
     denoiser, the VAE and the text encoders on the device at once."""
+    import library.prior
     import train_db
 
-    real, seen = train_db.ensure_class_images, []
+    real, seen = library.prior.ensure_class_images, []  # train() imports it when it starts: patched there
 
     def watched(family, parts, *args, **kwargs):
         others = {"vae": parts.vae, **parts.text_encoders}
@@ -277,7 +278,7 @@ def test_class_images_in_the_runs_precision_one_module_at_a_time(make_config, tm
             for handle in handles:
                 handle.remove()
 
-    monkeypatch.setattr(train_db, "ensure_class_images", watched)
+    monkeypatch.setattr(library.prior, "ensure_class_images", watched)
     result = train_db.train(make_config(train={"mixed_precision": "bf16", "max_train_steps": 2},
                                         dreambooth={"class_data_dir": str(tmp_path / "class"),
                                                     "class_prompt": "a photo of a circle", "num_class_images": 2},
