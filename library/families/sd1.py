@@ -194,7 +194,7 @@ def detect_arch(checkpoint: dict[str, torch.Tensor]) -> Path:
     """The shipped architecture whose U-Net matches the checkpoint's first conv and cross-attention widths."""
     found = _unet_signature(checkpoint)
     for arch in shipped_archs():
-        if (arch / "text_encoder_2").is_dir():  # two text encoders: SDXL's, not ours
+        if (arch / "text_encoder_2").is_dir() or not (arch / "unet").is_dir():  # SDXL's, or a transformer's
             continue
         config = read_json(arch / "unet" / "config.json")
         expected = (config["in_channels"], config["block_out_channels"][0], config["cross_attention_dim"])
