@@ -68,7 +68,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.progress import Progress
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
-    from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
+    from library.training import (average_gradients, batch_loss, cache_outputs, check_partial_cache, make_loader,
+                                  prepare_data)
     from networks import blockwise, files, max_norm
     from networks.ema import AdapterEMA
     from networks.settings import NetworkSettings
@@ -115,6 +116,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
             loaded = files.load_into(adapted, n.network_weights, family.file_metadata(parts))
         say(f"continuing from {n.network_weights}: {loaded} layers")
     train_te = any(c.target.component != "denoiser" for c in adapted)
+    check_partial_cache(cfg, family, train_te)  # SD1 / SDXL: all text outputs cached, or none
     say(f"adapters: {settings.algo}, {sum(len(c.layers) for c in adapted)} layers, "
         f"{trainable_parameter_count(adapted):,} trainable parameters (dim {settings.dim}, alpha {settings.alpha:g}"
         f"{f', conv_dim {settings.conv_dim}, conv_alpha {settings.conv_alpha:g}' if settings.conv_dim else ''})")

@@ -210,7 +210,8 @@ class TrainSection:
     sdpa: bool = opt(True, "PyTorch scaled-dot-product attention")
     xformers: bool = opt(False, "xformers memory-efficient attention (pip install xformers)")
     cache_text_encoder_outputs: bool = opt(
-        False, "encode all captions once; needs a frozen text encoder (network_train_unet_only)")
+        False, "encode all captions once; needs frozen text encoders (network_train_unet_only), except FLUX.1 / "
+        "SD3 LoRA, where T5 alone is cached while the CLIP adapters train (as sd-scripts)")
     fp8_base: bool = opt(
         False, "adapter training: store the frozen denoiser's Linear weights as float8_e4m3fn, computed layer by "
         "layer in the autocast dtype (needs mixed_precision bf16 or fp16); halves the denoiser's weights. The "

@@ -212,9 +212,10 @@ def check_recipe(cfg: Config, recipe: str) -> None:
     """Keys that only one recipe understands."""
     problems = []
     caching = cfg.train.cache_text_encoder_outputs or cfg.train.cache_text_encoder_outputs_to_disk
-    if recipe == "network" and caching and not cfg.network.network_train_unet_only:
-        problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
-                        "set 'network.network_train_unet_only' = true")
+    if recipe == "network" and caching and not cfg.network.network_train_unet_only and cfg.model.family in ("sd1",
+                                                                                                          "sdxl"):
+        problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder (only FLUX.1 / SD3 cache "
+                        "T5 while the CLIPs train): set 'network.network_train_unet_only' = true")
     if recipe == "db" and caching and cfg.dreambooth.train_text_encoder:
         problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
                         "set 'dreambooth.train_text_encoder' = false")

@@ -27,9 +27,12 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     else:
         with torch.no_grad():
             latents = family.encode_images(parts, batch["pixels"])
-    if cached_conditioning is not None:
-        conditioning = {k: torch.cat([cached_conditioning[c][k] for c in batch["caption"]])
-                        for k in next(iter(cached_conditioning.values()))}
+    cached = None if cached_conditioning is None else {
+        k: torch.cat([cached_conditioning[c][k] for c in batch["caption"]]) for k in next(iter(cached_conditioning.values()))}
+    if cached is not None and train_te:  # the cached_apart encoder's share is cached; the trained encoders run now
+        conditioning = family.encode_prompts(parts, batch["caption"], clip_skip, t5=cached)
+    elif cached is not None:
+        conditioning = cached
     else:
         with torch.set_grad_enabled(train_te):
             conditioning = family.encode_prompts(parts, batch["caption"], clip_skip)
@@ -93,7 +96,8 @@ def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say):
     """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
     `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the
     device one at a time while captions are encoded (library/offload.py), the others come to stay. The
-    denoiser is not on the device yet. Returns the cached conditioning or None."""
+    denoiser is not on the device yet. With trained text encoders, only the family's cached_apart encoder
+    (FLUX.1 / SD3: T5) is cached, as sd-scripts does. Returns the cached conditioning or None."""
     from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
     from library.offload import OneAtATime
 
@@ -104,15 +108,18 @@ def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say):
         cache_latents(family, parts, dataset, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
                                                                   d.vae_batch_size, t.seed), say)
         parts.vae.to("cpu")  # sampling brings it back when it needs it
-    conditioning = None
-    if (t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk) and text_frozen:
-        with OneAtATime(list(parts.text_encoders.values()), device):
+    conditioning, cached = None, []
+    if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
+        apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
+        cached = [apart] if apart else list(parts.text_encoders)
+        with OneAtATime([parts.text_encoders[name] for name in cached], device):
             conditioning = cache_text_outputs(family, parts, dataset.captions, cfg.model.clip_skip, cache_folder(cfg)
-                                              if t.cache_text_encoder_outputs_to_disk else None, say, device)
-    else:
-        for encoder in parts.text_encoders.values():
+                                              if t.cache_text_encoder_outputs_to_disk else None, say, device,
+                                              apart=apart)
+    for name, encoder in parts.text_encoders.items():
+        if name not in cached:
             encoder.to(device)
-    kept = (["vae"] if latents_cached else []) + (list(parts.text_encoders) if conditioning is not None else [])
+    kept = (["vae"] if latents_cached else []) + cached
     if kept:
         say(f"kept on the CPU while training (outputs cached): {', '.join(kept)}")
     return conditioning
@@ -130,3 +137,15 @@ def average_gradients(params: list, accelerator) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad /= accelerator.num_processes
+
+
+def check_partial_cache(cfg, family, train_te: bool) -> None:
+    """Cached text-encoder outputs with trained text encoders: only a family with an encoder cached apart
+    (FLUX.1 / SD3: T5, while the CLIPs train) can; else the config error names the key."""
+    from library.config import ConfigError
+
+    t = cfg.train
+    if (t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk) and train_te and not family.cached_apart:
+        raise ConfigError(f"{cfg.source}: 'train.cache_text_encoder_outputs' needs a frozen text encoder with "
+                          f"{family.name} (only FLUX.1 / SD3 cache T5 while the CLIPs train): set "
+                          f"'network.network_train_unet_only' = true")

@@ -156,6 +156,14 @@ def test_caches_unet_only_and_accumulation(make_config):
     assert all(k.startswith("lora_unet_") for k in load_file(result.adapter_path))
 
 
+def test_cached_text_outputs_with_a_trained_sd1_text_encoder_are_refused(make_config):
+    """SD1 has no encoder to cache apart (FLUX.1 / SD3 cache T5 while the CLIPs train): with the family found
+    from the files, the config error names the key and the fix, before a step is taken."""
+    with pytest.raises(ConfigError, match=r"'train.cache_text_encoder_outputs' needs a frozen text encoder with "
+                                          r"sd1 .*'network.network_train_unet_only' = true"):
+        train(make_config(train={"cache_text_encoder_outputs": True}))
+
+
 def test_adafactor_trains(make_config):
     result = train(make_config(optimizer={"optimizer_type": "Adafactor"}))
     assert result.losses[0] == pytest.approx(GOLDEN[0], rel=1e-5) and not _close(result.losses, GOLDEN)
