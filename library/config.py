@@ -373,6 +373,9 @@ class Config:
     run_id: str = ""  # this run's id, in every file it writes (set by the output check; a resumed run keeps its own)
     data_fingerprint: Optional[dict] = None  # the data the run trains on, recorded in its states (training.py)
     notes: list = field(default_factory=list)  # one line each about sd-scripts keys, printed at start
+    # sd-scripts input: the flat keys it set, false and empty values left out (None for our sectioned schema); some
+    # keys are read by some of sd-scripts' scripts only (sd_flat.py: text_encoder_of_family, network_only_keys)
+    sd_scripts_keys: Optional[frozenset] = None
 
     def to_toml_dict(self) -> dict:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -432,11 +435,11 @@ def read_text_file(path: Path) -> str:
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),
                      check_paths: bool = True, flags: dict | None = None) -> Config:
-    sections, notes = _sections_of(raw, source, flags or {})
+    sections, notes, given = _sections_of(raw, source, flags or {})
     for item in overrides:
         _apply_override(sections, item, source)
     cfg = Config(**{name: _build_section(name, sections.get(name, {}), source) for name in SECTIONS},
-                 source=source, notes=notes)
+                 source=source, notes=notes, sd_scripts_keys=given)
     from library.config_checks import check_combinations, check_paths as check_files  # they read this schema
 
     if check_paths:
@@ -445,19 +448,20 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (
     return cfg
 
 
-def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], list[str]]:
-    """Our sectioned layout, or a flat sd-scripts file mapped onto it; command-line flags on top."""
+def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], list[str], frozenset | None]:
+    """Our sectioned layout, or a flat sd-scripts file mapped onto it; command-line flags on top. Also the
+    flat keys of sd-scripts input (Config.sd_scripts_keys; with a sectioned file, its command-line flags)."""
     from library.sd_flat import default_notes, map_flat  # it maps onto this schema
 
     tables = {k for k, v in raw.items() if isinstance(v, dict)}
     if raw and tables == set(raw) and tables <= set(SECTIONS):
         sections = {k: dict(v) for k, v in raw.items()}
         if not flags:
-            return sections, []
+            return sections, [], None
         mapped = map_flat(flags, source)
         for name, values in mapped.sections.items():
             sections.setdefault(name, {}).update(values)
-        return sections, mapped.notes
+        return sections, mapped.notes, _set_keys(flags)
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, dict):
@@ -466,7 +470,11 @@ def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], 
             flat[k] = v
     flat.update(flags)  # the command line wins, as in sd-scripts
     mapped = map_flat(flat, source)
-    return mapped.sections, mapped.notes + default_notes(flat)
+    return mapped.sections, mapped.notes + default_notes(flat), _set_keys(flat)
+
+
+def _set_keys(flat: dict) -> frozenset:
+    return frozenset(k for k, v in flat.items() if v not in (False, None, "", [], 0))
 
 
 def did_you_mean(key: str) -> str:

@@ -210,6 +210,9 @@ def _optimizer_problems(cfg: Config) -> list[str]:
 
 def check_recipe(cfg: Config, recipe: str) -> None:
     """Keys that only one recipe understands."""
+    from library.sd_flat import network_only_keys  # sd-scripts' reading of them
+
+    network_only_keys(cfg, recipe)
     problems = []
     caching = cfg.train.cache_text_encoder_outputs or cfg.train.cache_text_encoder_outputs_to_disk
     if recipe == "network" and caching and not cfg.network.network_train_unet_only and cfg.model.family in ("sd1",
