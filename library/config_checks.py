@@ -76,6 +76,9 @@ def check_combinations(cfg: Config) -> None:
                         "(or \"fp16\")")
     if t.blocks_to_swap < 0:
         problems.append(f"'train.blocks_to_swap' must be 0 or more, got {t.blocks_to_swap}")
+    if cfg.loss.adaptive_noise_scale and not cfg.loss.noise_offset:
+        problems.append("'loss.adaptive_noise_scale' adds to noise_offset: set 'loss.noise_offset' too (as "
+                        "sd-scripts requires)")
     if t.blocks_to_swap and not t.gradient_checkpointing:
         problems.append("'train.blocks_to_swap' needs 'train.gradient_checkpointing' = true: without it autograd "
                         "keeps every block's weights on the GPU for backward, so none could leave")

@@ -171,7 +171,6 @@ VOCAB: dict[str, Key] = {
                                              "and set resume"),
     "async_upload": refused(FLAG, "uploading to the Hub is not offered"),
     "torch_compile": refused(FLAG, "torch.compile is not offered: leave it off"),
-    "adaptive_noise_scale": refused(FLOAT, "not offered: use noise_offset alone", 0, 0.0),
     "output_config": refused(FLAG, "the resolved config is written as <output_name>-config.toml at every start"),
     "conditioning_data_dir": refused(STR, "masked loss from mask images is not offered: use alpha_mask "
                                           "(the image's alpha channel weights the loss)"),

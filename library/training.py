@@ -41,11 +41,20 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     size = latents.shape[0]
     shape = (size * processes, *latents.shape[1:])
     mine = slice(rank * size, (rank + 1) * size)
-    noise, input_noise = (n[mine].to(latents.device, latents.dtype) for n in draw_noise(shape, generator, loss_options))
+    noise, input_noise = (n[mine].to(latents.device, latents.dtype)
+                          for n in draw_noise(shape, generator, loss_options, _latent_means(latents, shape, mine)))
     timesteps = objective.sample_timesteps(shape[0], generator, latent_shape=shape)[mine]
     return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps,
                           mask=latent_mask(batch, latents), sample_weights=batch.get("loss_weight"),
                           options=loss_options, input_noise=input_noise)
+
+
+def _latent_means(latents: torch.Tensor, shape: tuple, mine: slice) -> torch.Tensor:
+    """|mean over H, W| of each latent channel, placed in the global batch (other processes' rows zero: the
+    noise of this process' rows depends on its own rows only), for adaptive_noise_scale."""
+    means = torch.zeros((shape[0], shape[1], 1, 1))
+    means[mine] = latents.detach().float().mean(dim=(2, 3), keepdim=True).abs().cpu()
+    return means
 
 
 # ---- what both recipes do around the step: data, caches, loader --------------------------------

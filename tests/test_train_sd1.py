@@ -164,6 +164,17 @@ def test_cached_text_outputs_with_a_trained_sd1_text_encoder_are_refused(make_co
         train(make_config(train={"cache_text_encoder_outputs": True}))
 
 
+def test_adaptive_noise_scale_reaches_the_step(make_config):
+    """The latents of each batch scale its noise offset: the same run with adaptive_noise_scale loses
+    differently; without noise_offset the key is refused, naming both."""
+    offset = train(make_config(loss={"noise_offset": 0.1}, train={"max_train_steps": 2}))
+    adaptive = train(make_config(loss={"noise_offset": 0.1, "adaptive_noise_scale": 0.5},
+                                 train={"max_train_steps": 2, "output_name": "adaptive"}))
+    assert offset.losses[0] != pytest.approx(adaptive.losses[0], rel=1e-4)
+    with pytest.raises(ConfigError, match=r"test.toml: 'loss.adaptive_noise_scale' .* 'loss.noise_offset'"):
+        make_config(loss={"adaptive_noise_scale": 0.5}, train={"output_name": "third"})
+
+
 def test_adafactor_trains(make_config):
     result = train(make_config(optimizer={"optimizer_type": "Adafactor"}))
     assert result.losses[0] == pytest.approx(GOLDEN[0], rel=1e-5) and not _close(result.losses, GOLDEN)
