@@ -330,6 +330,18 @@ def _file_ranks(path) -> dict[str, tuple[set, set]]:
     return found
 
 
+def _split_block_swap(out: Mapped, value, flat) -> None:
+    """sd-scripts' earlier FLUX.1 block swap, double_blocks_to_swap D and single_blocks_to_swap S: here
+    blocks_to_swap = D + S, spread over both kinds (which blocks swap changes memory and speed only, never the
+    training); a blocks_to_swap of its own wins, as in sd-scripts."""
+    double, single = flat.get("double_blocks_to_swap") or 0, flat.get("single_blocks_to_swap") or 0
+    if not (double or single) or flat.get("blocks_to_swap") or out.get("blocks_to_swap"):
+        return
+    out.put("blocks_to_swap", double + single)
+    out.notes.append(f"double_blocks_to_swap {double} + single_blocks_to_swap {single}: blocks_to_swap = "
+                     f"{double + single} (spread over both kinds of block)")
+
+
 SD_SAMPLERS = {"dpm_2": "k_dpm_2", "dpm_2_a": "k_dpm_2_a"}  # sd-scripts: the same schedulers as k_dpm_2 / k_dpm_2_a
 REFUSED_VALUES = {
     ("save_model_as", "ckpt"): "use safetensors (the same weights in one safe file every UI loads)",
@@ -360,6 +372,8 @@ CONVERTERS = {
     "max_token_length": _max_token_length,
     "caption_extention": _rename("caption_extension"),
     "fp8_base_unet": _rename("fp8_base"),
+    "double_blocks_to_swap": _split_block_swap,
+    "single_blocks_to_swap": _split_block_swap,
     "training_shift": _rename("discrete_flow_shift"),
     "use_8bit_adam": _optimizer_switch("AdamW8bit"),
     "use_lion_optimizer": _optimizer_switch("Lion"),

@@ -227,8 +227,9 @@ VOCAB: dict[str, Key] = {
     "blockwise_fused_optimizers": refused(FLAG, "use fused_optimizer_groups (N groups stepped in backward) or "
                                                 "fused_backward_pass"),
     "num_last_block_to_freeze": refused(INT, "freezing the last blocks is not offered"),
-    "double_blocks_to_swap": refused(INT, "use blocks_to_swap (counts FLUX.1's 19 double and 38 single blocks)", 0),
-    "single_blocks_to_swap": refused(INT, "use blocks_to_swap (counts FLUX.1's 19 double and 38 single blocks)", 0),
+    "double_blocks_to_swap": mapped(INT, "blocks_to_swap = double + single blocks (spread over both kinds; memory "
+                                         "only, training unchanged)"),
+    "single_blocks_to_swap": mapped(INT, "blocks_to_swap = double + single blocks (see double_blocks_to_swap)"),
     # ---- written by the kohya_ss GUI, read by no sd-scripts script --------------------------------
     "epoch": gui(INT),
     "noise_offset_type": gui(),

@@ -398,6 +398,18 @@ def test_fp8_base_unet_only_where_sd_scripts_reads_it(paths, keys, recipe, fp8):
     assert any("'fp8_base_unet' is ignored" in n for n in cfg.notes) is (recipe == "db")
 
 
+@pytest.mark.parametrize("keys, swapped", [
+    ({"double_blocks_to_swap": 6, "single_blocks_to_swap": 12}, 18),
+    ({"double_blocks_to_swap": 0, "single_blocks_to_swap": 10}, 10),  # the GUI writes both
+    ({"double_blocks_to_swap": 6, "blocks_to_swap": 4}, 4),  # blocks_to_swap wins, as in sd-scripts
+    ({"double_blocks_to_swap": 0, "single_blocks_to_swap": 0}, 0),
+])
+def test_double_and_single_blocks_to_swap(paths, keys, swapped):
+    cfg = config_from_dict(_flat(paths, gradient_checkpointing=True, **keys), source="x.toml")
+    assert cfg.train.blocks_to_swap == swapped
+    assert any("double_blocks_to_swap" in n for n in cfg.notes) is bool(swapped and "blocks_to_swap" not in keys)
+
+
 def test_lr_scheduler_type_and_args_as_sd_scripts_passes_them(paths):
     import math
 
