@@ -201,6 +201,13 @@ class TrainSection:
     seed: Optional[int] = opt(None, "random seed (a random one is drawn and recorded if unset)")
     gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
     nan_skip_limit: int = opt(5, "skip steps with NaN/inf loss or gradients; stop after this many in a row")
+    validation_split: float = opt(
+        0.0, "train_network.py: hold out this fraction of each training subset's images (drawn with "
+        "validation_seed); their loss at fixed noise and timesteps is printed and logged as the validation loss")
+    validation_seed: Optional[int] = opt(None, "which images are held out, and the validation noise (default: seed)")
+    validate_every_n_steps: Optional[int] = opt(None, "also compute the validation loss every N steps")
+    validate_every_n_epochs: Optional[int] = opt(None, "compute it every N epochs (default: every epoch)")
+    max_validation_steps: Optional[int] = opt(None, "at most this many validation batches of train_batch_size")
     mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
     full_fp16: bool = opt(False, "keep trainable weights in fp16 too (needs mixed_precision=fp16)")
     full_bf16: bool = opt(False, "keep trainable weights in bf16 too (needs mixed_precision=bf16)")

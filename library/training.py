@@ -27,15 +27,8 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     else:
         with torch.no_grad():
             latents = family.encode_images(parts, batch["pixels"])
-    cached = None if cached_conditioning is None else {
-        k: torch.cat([cached_conditioning[c][k] for c in batch["caption"]]) for k in next(iter(cached_conditioning.values()))}
-    if cached is not None and train_te:  # the cached_apart encoder's share is cached; the trained encoders run now
-        conditioning = family.encode_prompts(parts, batch["caption"], clip_skip, t5=cached)
-    elif cached is not None:
-        conditioning = cached
-    else:
-        with torch.set_grad_enabled(train_te):
-            conditioning = family.encode_prompts(parts, batch["caption"], clip_skip)
+    with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):
+        conditioning = text_conditioning(family, parts, batch["caption"], clip_skip, cached_conditioning, train_te)
     conditioning = family.conditioning_for_batch(parts, batch, conditioning, latents)
     rank, processes = shard
     size = latents.shape[0]
@@ -47,6 +40,17 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps,
                           mask=latent_mask(batch, latents), sample_weights=batch.get("loss_weight"),
                           options=loss_options, input_noise=input_noise)
+
+
+def text_conditioning(family, parts, captions: list[str], clip_skip: int, cached_conditioning: dict | None,
+                      train_te: bool) -> dict[str, torch.Tensor]:
+    """The captions' text conditioning: from the cache (all of it; or, with trained text encoders, the
+    cached_apart encoder's share, the others running now), else encoded now."""
+    if cached_conditioning is None:
+        return family.encode_prompts(parts, captions, clip_skip)
+    first = next(iter(cached_conditioning.values()))
+    cached = {k: torch.cat([cached_conditioning[c][k] for c in captions]) for k in first}
+    return family.encode_prompts(parts, captions, clip_skip, t5=cached) if train_te else cached
 
 
 def _latent_means(latents: torch.Tensor, shape: tuple, mine: slice) -> torch.Tensor:
@@ -72,6 +76,30 @@ def prepare_data(cfg, say, planned=None):
     dataset = TrainingSet(plan, cfg.train.seed, cfg.dataset.prior_loss_weight)
     steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps)
     return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
+
+
+def held_out_set(cfg, plan, say):
+    """The held-out images of train.validation_split as a dataset (no augmentation is used on them), or None."""
+    from library.data.plan import DataPlan
+    from library.data.training_set import TrainingSet
+
+    if not plan.validation:
+        return None
+    say(f"validation: {len(plan.validation)} images held out ({cfg.train.validation_split:g} of each training "
+        f"subset), their loss at 4 fixed timesteps and fixed noise")
+    held = DataPlan(plan.layout, plan.validation, list(range(len(plan.validation))))
+    return TrainingSet(held, cfg.train.seed, cfg.dataset.prior_loss_weight)
+
+
+def validation_seed(cfg) -> int:
+    t = cfg.train
+    return t.validation_seed if t.validation_seed is not None else t.seed
+
+
+def validation_images(cfg, plan) -> int | None:
+    """max_validation_steps batches of the first dataset's batch size, in images (None: all)."""
+    steps = cfg.train.max_validation_steps
+    return None if steps is None else steps * plan.layout.datasets[0].batch_size
 
 
 def check_precision_on_device(cfg) -> None:
@@ -101,7 +129,7 @@ def make_loader(cfg, plan, dataset):
     return loader, sampler, order
 
 
-def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say):
+def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
     """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
     `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the
     device one at a time while captions are encoded (library/offload.py), the others come to stay. The
@@ -114,15 +142,17 @@ def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say):
     latents_cached = d.cache_latents or d.cache_latents_to_disk
     parts.vae.to(device)
     if latents_cached:
-        cache_latents(family, parts, dataset, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
-                                                                  d.vae_batch_size, t.seed), say)
+        for images in [dataset] + ([held_out] if held_out else []):  # held_out: the validation images
+            cache_latents(family, parts, images, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
+                                                                     d.vae_batch_size, t.seed), say)
         parts.vae.to("cpu")  # sampling brings it back when it needs it
     conditioning, cached = None, []
     if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
         apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
         cached = [apart] if apart else list(parts.text_encoders)
         with OneAtATime([parts.text_encoders[name] for name in cached], device):
-            conditioning = cache_text_outputs(family, parts, dataset.captions, cfg.model.clip_skip, cache_folder(cfg)
+            captions = sorted({*dataset.captions, *(held_out.captions if held_out else [])})
+            conditioning = cache_text_outputs(family, parts, captions, cfg.model.clip_skip, cache_folder(cfg)
                                               if t.cache_text_encoder_outputs_to_disk else None, say, device,
                                               apart=apart)
     for name, encoder in parts.text_encoders.items():

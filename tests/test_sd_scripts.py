@@ -152,12 +152,12 @@ def test_noop_gui_and_default_keys_are_noted(paths):
 
 def test_refusals_name_every_key_with_reason(paths):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(_flat(paths, masked_loss=True, validation_split=0.1, network_module="networks.oft",
+        config_from_dict(_flat(paths, masked_loss=True, weighted_captions=True, network_module="networks.oft",
                                use_8bit_adam=True, optimizer_type="Lion"), source="x.toml")
     text = str(e.value)
     assert text.startswith("x.toml: 4 problem(s):")
     assert "'masked_loss' = True is refused: masked loss from mask images is not offered: use alpha_mask" in text
-    assert "'validation_split' = 0.1 is refused" in text and "'network_module' = 'networks.oft'" in text
+    assert "'weighted_captions' = True is refused" in text and "'network_module' = 'networks.oft'" in text
     assert "both use_8bit_adam and optimizer_type are set" in text
 
 
