@@ -309,7 +309,7 @@ class LossSection:
     noise_offset: Optional[float] = opt(None, "add offset * N(0,1) per sample and channel to the noise (0.05-0.1)")
     noise_offset_random_strength: bool = opt(False, "scale noise_offset by a U(0, 1) draw, once per batch")
     adaptive_noise_scale: Optional[float] = opt(
-        None, "add this times |mean of each latent channel| to noise_offset, per sample (the sum floored at 0; "
+        None, "add this times abs(mean of each latent channel) to noise_offset, per sample (the sum floored at 0; "
         "needs noise_offset)")
     multires_noise_iterations: Optional[int] = opt(None, "pyramid noise levels (6-10)")
     multires_noise_discount: float = opt(0.3, "weight decay per pyramid level")
