@@ -65,10 +65,12 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.progress import Progress
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
+    from library.sd_flat import text_encoder_of_family
     from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
-    check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
+    found = check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
+    te_note = text_encoder_of_family(cfg, found and found.name)  # sd-scripts input: its script's text encoders
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
     refuse_unsupported(cfg)  # before anything starts or loads
@@ -90,6 +92,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
     # ---- model, then class images from the untouched base model ----------------------------------
     m = cfg.model
     family, parts = load_model(cfg)
+    te_note = te_note or text_encoder_of_family(cfg, family.name)  # a family only loading could tell
+    if te_note:
+        say(te_note)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]

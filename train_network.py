@@ -32,6 +32,7 @@ class TrainResult:
     adapted: list = field(default_factory=list)
     optimizer: object = None
     keys_scaled: list[int] = field(default_factory=list)  # scale_weight_norms: layers scaled, per step
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) on held-out images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +59,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
     from library.devices import enable_tf32, refuse_unsupported
-    from library.evaluation import fixed_denoising_loss
+    from library.evaluation import fixed_denoising_loss, validation_loss
     from library.model_files import check_model_files, load_model, loading_errors
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
     from library.memory import (allow_fp16_gradients, cast_frozen_parts, cast_trainable,
@@ -69,7 +70,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.progress import Progress
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
-    from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
+    from library.training import (average_gradients, batch_loss, cache_outputs, check_partial_cache, held_out_set,
+                                  make_loader, prepare_data, validation_images, validation_seed)
     from networks import blockwise, files, max_norm
     from networks.ema import AdapterEMA
     from networks.settings import NetworkSettings
@@ -93,6 +95,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     # ---- data: every image and caption is checked before any model loads ----------------------
     plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say, planned)
+    held_out = held_out_set(cfg, plan, say)  # train.validation_split: images kept for the validation loss
     items = dataset.items
     sampling = settings_from_config(cfg, width, height)  # the prompt file, read and checked now
 
@@ -118,6 +121,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
             loaded = files.load_into(adapted, n.network_weights, family.file_metadata(parts))
         say(f"continuing from {n.network_weights}: {loaded} layers")
     train_te = any(c.target.component != "denoiser" for c in adapted)
+    check_partial_cache(cfg, family, train_te)  # SD1 / SDXL: all text outputs cached, or none
     say(f"adapters: {settings.algo}, {sum(len(c.layers) for c in adapted)} layers, "
         f"{trainable_parameter_count(adapted):,} trainable parameters (dim {settings.dim}, alpha {settings.alpha:g}"
         f"{f', conv_dim {settings.conv_dim}, conv_alpha {settings.conv_alpha:g}' if settings.conv_dim else ''})")
@@ -146,7 +150,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     # ---- caches ---------------------------------------------------------------------------------
     clip_skip = m.clip_skip
     with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
-        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, accelerator.device, say)
+        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, accelerator.device, say,
+                                            held_out)
     move(parts.denoiser, accelerator.device)  # now: the VAE pass of caching did not share the device with it
 
     # ---- optimizer ------------------------------------------------------------------------------
@@ -206,6 +211,17 @@ def train(cfg: Config, planned=None) -> TrainResult:
             order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
         sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
     guard = NonFiniteGuard(t.nan_skip_limit, say)
+
+    def validate(step: int) -> None:
+        for module in trained_modules:
+            module.eval()  # no adapter dropout
+        value = validation_loss(family, parts, objective, held_out, clip_skip, validation_seed(cfg), loss_options,
+                                cached_conditioning, train_te, validation_images(cfg, plan))
+        for module in trained_modules:
+            module.train()
+        result.validation_losses.append((step, value))
+        accelerator.log({"loss/validation": value}, step=step)
+        say(f"validation loss at step {step}: {value:.5f}")
 
     def sample(step: int) -> None:
         if sampling and accelerator.is_main_process:
@@ -270,12 +286,16 @@ def train(cfg: Config, planned=None) -> TrainResult:
             checkpoints.after_step(here, max_steps)
             if due(sampling, step) and step < max_steps:
                 sample(step)
+            if held_out and t.validate_every_n_steps and step % t.validate_every_n_steps == 0:
+                validate(step)
             if stop.requested:
                 checkpoints.save_stopped(here)
                 raise SystemExit(EXIT_STOPPED)
             if step >= max_steps:
                 break
         checkpoints.after_epoch(Position(step, epoch, batches_done, epoch_order), max_steps)
+        if held_out and epoch % (t.validate_every_n_epochs or 1) == 0:
+            validate(step)
         if due(sampling, step, epoch_end=epoch) and step < max_steps:
             sample(step)
     stop.__exit__()

@@ -204,6 +204,13 @@ class TrainSection:
     seed: Optional[int] = opt(None, "random seed (a random one is drawn and recorded if unset)")
     gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
     nan_skip_limit: int = opt(5, "skip steps with NaN/inf loss or gradients; stop after this many in a row")
+    validation_split: float = opt(
+        0.0, "train_network.py: hold out this fraction of each training subset's images (drawn with "
+        "validation_seed); their loss at fixed noise and timesteps is printed and logged as the validation loss")
+    validation_seed: Optional[int] = opt(None, "which images are held out, and the validation noise (default: seed)")
+    validate_every_n_steps: Optional[int] = opt(None, "also compute the validation loss every N steps")
+    validate_every_n_epochs: Optional[int] = opt(None, "compute it every N epochs (default: every epoch)")
+    max_validation_steps: Optional[int] = opt(None, "at most this many validation batches of train_batch_size")
     mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
     full_fp16: bool = opt(False, "keep trainable weights in fp16 too (needs mixed_precision=fp16)")
     full_bf16: bool = opt(False, "keep trainable weights in bf16 too (needs mixed_precision=bf16)")
@@ -213,7 +220,8 @@ class TrainSection:
     sdpa: bool = opt(True, "PyTorch scaled-dot-product attention")
     xformers: bool = opt(False, "xformers memory-efficient attention (pip install xformers)")
     cache_text_encoder_outputs: bool = opt(
-        False, "encode all captions once; needs a frozen text encoder (network_train_unet_only)")
+        False, "encode all captions once; needs frozen text encoders (network_train_unet_only), except FLUX.1 / "
+        "SD3 LoRA, where T5 alone is cached while the CLIP adapters train (as sd-scripts)")
     fp8_base: bool = opt(
         False, "adapter training: store the frozen denoiser's Linear weights as float8_e4m3fn, computed layer by "
         "layer in the autocast dtype (needs mixed_precision bf16 or fp16); halves the denoiser's weights. The "
@@ -303,6 +311,9 @@ class LossSection:
     scale_v_pred_loss_like_noise_pred: bool = opt(False, "v-prediction: weight by SNR / (SNR + 1)")
     noise_offset: Optional[float] = opt(None, "add offset * N(0,1) per sample and channel to the noise (0.05-0.1)")
     noise_offset_random_strength: bool = opt(False, "scale noise_offset by a U(0, 1) draw, once per batch")
+    adaptive_noise_scale: Optional[float] = opt(
+        None, "add this times abs(mean of each latent channel) to noise_offset, per sample (the sum floored at 0; "
+        "needs noise_offset)")
     multires_noise_iterations: Optional[int] = opt(None, "pyramid noise levels (6-10)")
     multires_noise_discount: float = opt(0.3, "weight decay per pyramid level")
     ip_noise_gamma: Optional[float] = opt(None, "input perturbation: noise the latents with extra gamma * N(0,1)")
@@ -375,6 +386,9 @@ class Config:
     run_id: str = ""  # this run's id, in every file it writes (set by the output check; a resumed run keeps its own)
     data_fingerprint: Optional[dict] = None  # the data the run trains on, recorded in its states (training.py)
     notes: list = field(default_factory=list)  # one line each about sd-scripts keys, printed at start
+    # sd-scripts input: the flat keys it set, false and empty values left out (None for our sectioned schema); some
+    # keys are read by some of sd-scripts' scripts only (sd_flat.py: text_encoder_of_family, network_only_keys)
+    sd_scripts_keys: Optional[frozenset] = None
 
     def to_toml_dict(self) -> dict:
         return {name: _section_to_dict(getattr(self, name)) for name in SECTIONS}
@@ -434,11 +448,11 @@ def read_text_file(path: Path) -> str:
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),
                      check_paths: bool = True, flags: dict | None = None) -> Config:
-    sections, notes = _sections_of(raw, source, flags or {})
+    sections, notes, given = _sections_of(raw, source, flags or {})
     for item in overrides:
         _apply_override(sections, item, source)
     cfg = Config(**{name: _build_section(name, sections.get(name, {}), source) for name in SECTIONS},
-                 source=source, notes=notes)
+                 source=source, notes=notes, sd_scripts_keys=given)
     from library.config_checks import check_combinations, check_paths as check_files  # they read this schema
 
     if check_paths:
@@ -447,19 +461,20 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (
     return cfg
 
 
-def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], list[str]]:
-    """Our sectioned layout, or a flat sd-scripts file mapped onto it; command-line flags on top."""
+def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], list[str], frozenset | None]:
+    """Our sectioned layout, or a flat sd-scripts file mapped onto it; command-line flags on top. Also the
+    flat keys of sd-scripts input (Config.sd_scripts_keys; with a sectioned file, its command-line flags)."""
     from library.sd_flat import default_notes, map_flat  # it maps onto this schema
 
     tables = {k for k, v in raw.items() if isinstance(v, dict)}
     if raw and tables == set(raw) and tables <= set(SECTIONS):
         sections = {k: dict(v) for k, v in raw.items()}
         if not flags:
-            return sections, []
+            return sections, [], None
         mapped = map_flat(flags, source)
         for name, values in mapped.sections.items():
             sections.setdefault(name, {}).update(values)
-        return sections, mapped.notes
+        return sections, mapped.notes, _set_keys(flags)
     flat: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, dict):
@@ -468,7 +483,11 @@ def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], 
             flat[k] = v
     flat.update(flags)  # the command line wins, as in sd-scripts
     mapped = map_flat(flat, source)
-    return mapped.sections, mapped.notes + default_notes(flat)
+    return mapped.sections, mapped.notes + default_notes(flat), _set_keys(flat)
+
+
+def _set_keys(flat: dict) -> frozenset:
+    return frozenset(k for k, v in flat.items() if v not in (False, None, "", [], 0))
 
 
 def did_you_mean(key: str) -> str:

@@ -82,6 +82,12 @@ def check_combinations(cfg: Config) -> None:
                         "(or \"fp16\")")
     if t.blocks_to_swap < 0:
         problems.append(f"'train.blocks_to_swap' must be 0 or more, got {t.blocks_to_swap}")
+    if not 0 <= t.validation_split < 1:
+        problems.append(f"'train.validation_split' is the fraction of images held out: from 0 up to (not "
+                        f"including) 1, got {t.validation_split}")
+    if cfg.loss.adaptive_noise_scale and not cfg.loss.noise_offset:
+        problems.append("'loss.adaptive_noise_scale' adds to noise_offset: set 'loss.noise_offset' too (as "
+                        "sd-scripts requires)")
     if t.blocks_to_swap and not t.gradient_checkpointing:
         problems.append("'train.blocks_to_swap' needs 'train.gradient_checkpointing' = true: without it autograd "
                         "keeps every block's weights on the GPU for backward, so none could leave")
@@ -211,11 +217,15 @@ def _optimizer_problems(cfg: Config) -> list[str]:
 
 def check_recipe(cfg: Config, recipe: str) -> None:
     """Keys that only one recipe understands."""
+    from library.sd_flat import network_only_keys  # sd-scripts' reading of them
+
+    network_only_keys(cfg, recipe)
     problems = []
     caching = cfg.train.cache_text_encoder_outputs or cfg.train.cache_text_encoder_outputs_to_disk
-    if recipe == "network" and caching and not cfg.network.network_train_unet_only:
-        problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
-                        "set 'network.network_train_unet_only' = true")
+    if recipe == "network" and caching and not cfg.network.network_train_unet_only and cfg.model.family in ("sd1",
+                                                                                                          "sdxl"):
+        problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder (only FLUX.1 / SD3 cache "
+                        "T5 while the CLIPs train): set 'network.network_train_unet_only' = true")
     if recipe == "db" and caching and cfg.dreambooth.train_text_encoder:
         problems.append("'train.cache_text_encoder_outputs' needs a frozen text encoder: "
                         "set 'dreambooth.train_text_encoder' = false")
@@ -226,6 +236,9 @@ def check_recipe(cfg: Config, recipe: str) -> None:
                                                                     and cfg.dreambooth.class_prompt):
         problems.append("'dreambooth.num_class_images' needs 'dreambooth.class_data_dir' and "
                         "'dreambooth.class_prompt' (where to put class images, and what they show)")
+    if recipe == "db" and cfg.train.validation_split:
+        problems.append("'train.validation_split' is read by train_network.py; train_db.py has no validation loss "
+                        "yet: leave it 0")
     if recipe == "db" and cfg.train.fp8_base:
         problems.append("'train.fp8_base' stores frozen weights in float8; train_db.py trains the denoiser's weights, "
                         "which must stay bf16/fp32 to take updates: use full_bf16 (with fused_backward_pass) and "

@@ -2,6 +2,7 @@
 models (the base, and the base with the trained adapter) are compared on exactly the same problems."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from library.objectives import denoising_loss
@@ -31,4 +32,40 @@ def fixed_denoising_loss(family, parts, objective, dataset, clip_skip: int, seed
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             loss = denoising_loss(family, parts, objective, latents, conditioning, noise, torch.tensor([t]))
             losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+def validation_timesteps(objective) -> list[int]:
+    """sd-scripts' four validation timesteps: evenly inside [min_timestep, max_timestep] (200, 400, 600, 800)."""
+    low = objective.min_timestep or 0
+    high = objective.max_timestep if objective.max_timestep is not None else objective.num_timesteps
+    return [int(t) for t in np.linspace(low, high, 6, dtype=int)[1:-1]]
+
+
+@torch.no_grad()
+def validation_loss(family, parts, objective, held_out, clip_skip: int, seed: int, options=None,
+                    cached_conditioning: dict | None = None, train_te: bool = False,
+                    max_images: int | None = None) -> float:
+    """The mean loss over the held-out images (the first `max_images`) x validation_timesteps, with the noise
+    drawn from `seed` each time: the same problems at every validation, so the values compare."""
+    from library.objectives import LossOptions, draw_noise
+    from library.training import text_conditioning
+
+    options = options or LossOptions()
+    generator = torch.Generator().manual_seed(seed)
+    device = parts.denoiser.device
+    losses = []
+    for index in range(min(max_images or len(held_out.items), len(held_out.items))):
+        example = held_out.plain_example(index)
+        if "latents" in example:
+            latents = example["latents"].unsqueeze(0).to(device, next(parts.vae.parameters()).dtype)
+        else:
+            latents = family.encode_images(parts, example["pixels"].unsqueeze(0), generator).to(device)
+        text = text_conditioning(family, parts, [example["caption"]], clip_skip, cached_conditioning, train_te,
+                                 device)
+        conditioning = family.conditioning_for_batch(parts, {"caption": [example["caption"]]}, text, latents)
+        for t in validation_timesteps(objective):
+            noise, input_noise = (n.to(device, latents.dtype) for n in draw_noise(latents.shape, generator, options))
+            losses.append(denoising_loss(family, parts, objective, latents, conditioning, noise, torch.tensor([t]),
+                                         options=options, input_noise=input_noise).item())
     return sum(losses) / len(losses)

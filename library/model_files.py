@@ -61,14 +61,16 @@ def check_files(cfg: Config) -> dict[str, SafetensorsHeader | None]:
     return headers
 
 
-def check_model_files(cfg: Config) -> None:
+def check_model_files(cfg: Config):
     """Every check above that the config's information allows, before any model loads; ConfigError on the first
-    problem. The family checks import the model families (diffusers)."""
+    problem. The family checks import the model families (diffusers). Returns the family found (None where
+    only loading can tell)."""
     headers = check_files(cfg)
     model = cfg.model.pretrained_model_name_or_path
     family = None if _is_hub_id(model) else _check_family(cfg, headers.get(MODEL_KEY))  # a hub id: once loaded
     if headers.get("network.network_weights"):
         _check_network_weights(cfg, headers["network.network_weights"], family)
+    return family
 
 
 def _check_file(cfg: Config, key: str, value: str) -> SafetensorsHeader | None:

@@ -90,6 +90,7 @@ class LossOptions:
     scale_v_pred_loss_like_noise_pred: bool = False
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False  # the offset scaled by U(0, 1), drawn once per batch
+    adaptive_noise_scale: float | None = None  # offset + scale * |latent channel mean|, per sample and channel
     multires_noise_iterations: int | None = None
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float | None = None
@@ -113,14 +114,18 @@ def configure(objective: DiffusionObjective, loss_section) -> tuple[DiffusionObj
     return objective, LossOptions(**{k: getattr(loss_section, k) for k in fields})
 
 
-def draw_noise(shape: tuple, generator: torch.Generator, options: LossOptions = LossOptions()):
+def draw_noise(shape: tuple, generator: torch.Generator, options: LossOptions = LossOptions(),
+               latent_means: torch.Tensor | None = None):
     """(target noise, input noise): Gaussian noise with the offset / multires options applied, and the
-    noise the latents are actually noised with (input perturbation adds ip_noise_gamma * N(0, 1))."""
+    noise the latents are actually noised with (input perturbation adds ip_noise_gamma * N(0, 1)).
+    latent_means: |mean over H, W| of each latent (B, C, 1, 1), for adaptive_noise_scale."""
     noise = torch.randn(shape, generator=generator)
     if options.noise_offset:
         offset = options.noise_offset
         if options.noise_offset_random_strength:
             offset = offset * torch.rand((), generator=generator).item()
+        if options.adaptive_noise_scale and latent_means is not None:  # as sd-scripts' apply_noise_offset
+            offset = torch.clamp(offset + options.adaptive_noise_scale * latent_means.float().cpu(), min=0.0)
         noise = apply_noise_offset(noise, offset, generator)
     if options.multires_noise_iterations:
         noise = apply_multires_noise(noise, options.multires_noise_iterations, options.multires_noise_discount,
@@ -133,8 +138,9 @@ def draw_noise(shape: tuple, generator: torch.Generator, options: LossOptions = 
     return noise, noise
 
 
-def apply_noise_offset(noise: torch.Tensor, offset: float, generator: torch.Generator) -> torch.Tensor:
-    """noise + offset * N(0, 1) drawn once per sample and channel (shifts the mean brightness)."""
+def apply_noise_offset(noise: torch.Tensor, offset, generator: torch.Generator) -> torch.Tensor:
+    """noise + offset * N(0, 1) drawn once per sample and channel (shifts the mean brightness); `offset` a
+    number or one per sample and channel (B, C, 1, 1)."""
     return noise + offset * torch.randn((*noise.shape[:2], 1, 1), generator=generator)
 
 

@@ -69,6 +69,36 @@ def _full_fine_tune_text_encoder(out: Mapped, flat: dict) -> None:
         out.put("train_text_encoder", False)
 
 
+def text_encoder_of_family(cfg, family: str | None) -> str | None:
+    """sd-scripts input to train_db.py, once the model's family is known: SDXL / SD3 (sdxl_train / sd3_train)
+    train the text encoders only when the config asks, FLUX.1 (flux_train) never. Sets
+    cfg.dreambooth.train_text_encoder; returns the line to print where it changed it, else None."""
+    db, given = cfg.dreambooth, cfg.sd_scripts_keys
+    if given is None or family is None or not db.train_text_encoder:
+        return None
+    if family == "flux":
+        db.train_text_encoder = False
+        return ("text encoders frozen: sd-scripts' flux_train never trains them (train_text_encoder is read "
+                "by the other scripts only)")
+    if family in ("sdxl", "sd3") and "train_text_encoder" not in given:
+        db.train_text_encoder = False
+        return (f"text encoders frozen: sd-scripts' {family}_train trains them only with train_text_encoder = "
+                f"true, which this config leaves unset")
+    return None
+
+
+def network_only_keys(cfg, recipe: str) -> None:
+    """sd-scripts input to train_db.py: fp8_base_unet is read by the *_train_network scripts only (the full
+    fine-tunes ignore it), so it does not switch fp8_base on here; noted."""
+    given = cfg.sd_scripts_keys
+    if recipe != "db" or given is None or "fp8_base_unet" not in given or "fp8_base" in given:
+        return
+    if cfg.train.fp8_base:
+        cfg.train.fp8_base = False
+        cfg.notes.append("'fp8_base_unet' is ignored, as sd-scripts' full fine-tunes ignore it (only the "
+                         "*_train_network scripts read it)")
+
+
 def default_notes(flat: dict) -> list[str]:
     """Where an sd-scripts config relies on an sd-scripts default that ours does not share."""
     return [f"'{k}' is not set: sd-scripts' default is {v!r}, this trainer's is {schema_default(k)!r}; set it "
@@ -300,6 +330,18 @@ def _file_ranks(path) -> dict[str, tuple[set, set]]:
     return found
 
 
+def _split_block_swap(out: Mapped, value, flat) -> None:
+    """sd-scripts' earlier FLUX.1 block swap, double_blocks_to_swap D and single_blocks_to_swap S: here
+    blocks_to_swap = D + S, spread over both kinds (which blocks swap changes memory and speed only, never the
+    training); a blocks_to_swap of its own wins, as in sd-scripts."""
+    double, single = flat.get("double_blocks_to_swap") or 0, flat.get("single_blocks_to_swap") or 0
+    if not (double or single) or flat.get("blocks_to_swap") or out.get("blocks_to_swap"):
+        return
+    out.put("blocks_to_swap", double + single)
+    out.notes.append(f"double_blocks_to_swap {double} + single_blocks_to_swap {single}: blocks_to_swap = "
+                     f"{double + single} (spread over both kinds of block)")
+
+
 SD_SAMPLERS = {"dpm_2": "k_dpm_2", "dpm_2_a": "k_dpm_2_a"}  # sd-scripts: the same schedulers as k_dpm_2 / k_dpm_2_a
 REFUSED_VALUES = {
     ("save_model_as", "ckpt"): "use safetensors (the same weights in one safe file every UI loads)",
@@ -330,6 +372,8 @@ CONVERTERS = {
     "max_token_length": _max_token_length,
     "caption_extention": _rename("caption_extension"),
     "fp8_base_unet": _rename("fp8_base"),
+    "double_blocks_to_swap": _split_block_swap,
+    "single_blocks_to_swap": _split_block_swap,
     "training_shift": _rename("discrete_flow_shift"),
     "model_type": _rename("family"),  # flux_train_network: flux | chroma
     "use_8bit_adam": _optimizer_switch("AdamW8bit"),

@@ -86,8 +86,8 @@ DATASET_KEYS: dict[str, tuple[tuple, str]] = {
     "token_warmup_min": ((None, 1), "caption token warmup is not offered"),
     "token_warmup_step": ((None, 0, 0.0), "caption token warmup is not offered"),
     "face_crop_aug_range": ((None, ""), "face-crop augmentation is not offered: use random_crop"),
-    "validation_split": ((None, 0, 0.0), "a held-out validation loss is not offered yet"),
-    "validation_seed": ((None,), "read only with validation_split"),
+    "validation_split": ((None, 0, 0.0), "per dataset: set validation_split in the training config (every subset)"),
+    "validation_seed": ((None,), "per dataset: set validation_seed in the training config"),
     "resize_interpolation": ((None, ""), "images are resized with the trainer's fixed interpolation"),
     "network_multiplier": ((None, 1, 1.0), "per-dataset adapter multipliers are not offered"),
     "custom_attributes": ((None, {}), "custom subset attributes are not offered"),
@@ -158,7 +158,6 @@ VOCAB: dict[str, Key] = {
     "zero3_init_flag": noop(FLAG, "read only with deepspeed (refused)"),
     "zero3_save_16bit_model": noop(FLAG, "read only with deepspeed (refused)"),
     "fp16_master_weights_and_gradients": noop(FLAG, "read only with deepspeed (refused)"),
-    "validation_seed": noop(INT, "read only with validation_split (refused)"),
     "t5xxl_device": noop(STR, "T5 visits the training device while captions are encoded"),
     # ---- refused unless at sd-scripts' default ----------------------------------------------------
     "huggingface_repo_id": refused(STR, "uploading to the Hub is not offered: upload the saved file yourself"),
@@ -171,7 +170,6 @@ VOCAB: dict[str, Key] = {
                                              "and set resume"),
     "async_upload": refused(FLAG, "uploading to the Hub is not offered"),
     "torch_compile": refused(FLAG, "torch.compile is not offered: leave it off"),
-    "adaptive_noise_scale": refused(FLOAT, "not offered: use noise_offset alone", 0, 0.0),
     "output_config": refused(FLAG, "the resolved config is written as <output_name>-config.toml at every start"),
     "conditioning_data_dir": refused(STR, "masked loss from mask images is not offered: use alpha_mask "
                                           "(the image's alpha channel weights the loss)"),
@@ -213,11 +211,6 @@ VOCAB: dict[str, Key] = {
     "skip_until_initial_step": refused(FLAG, "use resume with a saved state (continues at its step)"),
     "initial_epoch": refused(INT, "use resume with a saved state (continues at its step and epoch)"),
     "initial_step": refused(INT, "use resume with a saved state (continues at its step and epoch)"),
-    "validation_split": refused(FLOAT, "a held-out validation loss is not offered yet: use "
-                                       "report_denoising_loss (fixed timesteps and noise)", 0, 0.0),
-    "validate_every_n_steps": refused(INT, "validation is not offered yet (see validation_split)"),
-    "validate_every_n_epochs": refused(INT, "validation is not offered yet (see validation_split)"),
-    "max_validation_steps": refused(INT, "validation is not offered yet (see validation_split)"),
     "split_mode": refused(FLAG, "FLUX split mode is not offered: use blocks_to_swap"),
     "no_token_padding": refused(FLAG, "captions are always padded to the encoder length"),
     "diffusers_xformers": refused(FLAG, "use xformers = true"),
@@ -228,8 +221,9 @@ VOCAB: dict[str, Key] = {
     "blockwise_fused_optimizers": refused(FLAG, "use fused_optimizer_groups (N groups stepped in backward) or "
                                                 "fused_backward_pass"),
     "num_last_block_to_freeze": refused(INT, "freezing the last blocks is not offered"),
-    "double_blocks_to_swap": refused(INT, "use blocks_to_swap (counts FLUX.1's 19 double and 38 single blocks)", 0),
-    "single_blocks_to_swap": refused(INT, "use blocks_to_swap (counts FLUX.1's 19 double and 38 single blocks)", 0),
+    "double_blocks_to_swap": mapped(INT, "blocks_to_swap = double + single blocks (spread over both kinds; memory "
+                                         "only, training unchanged)"),
+    "single_blocks_to_swap": mapped(INT, "blocks_to_swap = double + single blocks (see double_blocks_to_swap)"),
     # ---- written by the kohya_ss GUI, read by no sd-scripts script --------------------------------
     "epoch": gui(INT),
     "noise_offset_type": gui(),

@@ -30,23 +30,41 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     if "control_pixels" in batch:  # edit pairs: the reference images, encoded as the targets are
         with torch.no_grad():
             batch = {**batch, "control_latents": family.encode_images(parts, batch["control_pixels"])}
-    if cached_conditioning is not None:  # kept on the host: this batch's share comes over (pinned: async)
-        conditioning = {k: torch.cat([cached_conditioning[c][k].to(latents.device, non_blocking=True)
-                                      for c in batch["caption"]])
-                        for k in next(iter(cached_conditioning.values()))}
-    else:
-        with torch.set_grad_enabled(train_te):
-            conditioning = family.encode_prompts(parts, batch["caption"], clip_skip)
+    with torch.set_grad_enabled(train_te and torch.is_grad_enabled()):
+        conditioning = text_conditioning(family, parts, batch["caption"], clip_skip, cached_conditioning, train_te,
+                                         latents.device)
     conditioning = family.conditioning_for_batch(parts, batch, conditioning, latents)
     rank, processes = shard
     size = latents.shape[0]
     shape = (size * processes, *latents.shape[1:])
     mine = slice(rank * size, (rank + 1) * size)
-    noise, input_noise = (n[mine].to(latents.device, latents.dtype) for n in draw_noise(shape, generator, loss_options))
+    noise, input_noise = (n[mine].to(latents.device, latents.dtype)
+                          for n in draw_noise(shape, generator, loss_options, _latent_means(latents, shape, mine)))
     timesteps = objective.sample_timesteps(shape[0], generator, latent_shape=shape)[mine]
     return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps,
                           mask=latent_mask(batch, latents), sample_weights=batch.get("loss_weight"),
                           options=loss_options, input_noise=input_noise)
+
+
+def text_conditioning(family, parts, captions: list[str], clip_skip: int, cached_conditioning: dict | None,
+                      train_te: bool, device) -> dict[str, torch.Tensor]:
+    """The captions' text conditioning: from the cache (all of it; or, with trained text encoders, the
+    cached_apart encoder's share, the others running now), else encoded now. The cache is kept on the host:
+    this batch's share comes to `device` (pinned on CUDA: asynchronously)."""
+    if cached_conditioning is None:
+        return family.encode_prompts(parts, captions, clip_skip)
+    first = next(iter(cached_conditioning.values()))
+    cached = {k: torch.cat([cached_conditioning[c][k].to(device, non_blocking=True) for c in captions])
+              for k in first}
+    return family.encode_prompts(parts, captions, clip_skip, t5=cached) if train_te else cached
+
+
+def _latent_means(latents: torch.Tensor, shape: tuple, mine: slice) -> torch.Tensor:
+    """|mean over H, W| of each latent channel, placed in the global batch (other processes' rows zero: the
+    noise of this process' rows depends on its own rows only), for adaptive_noise_scale."""
+    means = torch.zeros((shape[0], shape[1], 1, 1))
+    means[mine] = latents.detach().float().mean(dim=(2, 3), keepdim=True).abs().cpu()
+    return means
 
 
 # ---- what both recipes do around the step: data, caches, loader --------------------------------
@@ -64,6 +82,30 @@ def prepare_data(cfg, say, planned=None):
     dataset = TrainingSet(plan, cfg.train.seed, cfg.dataset.prior_loss_weight)
     steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps)
     return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
+
+
+def held_out_set(cfg, plan, say):
+    """The held-out images of train.validation_split as a dataset (no augmentation is used on them), or None."""
+    from library.data.plan import DataPlan
+    from library.data.training_set import TrainingSet
+
+    if not plan.validation:
+        return None
+    say(f"validation: {len(plan.validation)} images held out ({cfg.train.validation_split:g} of each training "
+        f"subset), their loss at 4 fixed timesteps and fixed noise")
+    held = DataPlan(plan.layout, plan.validation, list(range(len(plan.validation))))
+    return TrainingSet(held, cfg.train.seed, cfg.dataset.prior_loss_weight)
+
+
+def validation_seed(cfg) -> int:
+    t = cfg.train
+    return t.validation_seed if t.validation_seed is not None else t.seed
+
+
+def validation_images(cfg, plan) -> int | None:
+    """max_validation_steps batches of the first dataset's batch size, in images (None: all)."""
+    steps = cfg.train.max_validation_steps
+    return None if steps is None else steps * plan.layout.datasets[0].batch_size
 
 
 def check_precision_on_device(cfg) -> None:
@@ -93,11 +135,12 @@ def make_loader(cfg, plan, dataset):
     return loader, sampler, order
 
 
-def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say):
+def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
     """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
     `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the
     device one at a time while captions are encoded (library/offload.py), the others come to stay. The
-    denoiser is not on the device yet. Returns the cached conditioning or None."""
+    denoiser is not on the device yet. With trained text encoders, only the family's cached_apart encoder
+    (FLUX.1 / SD3: T5) is cached, as sd-scripts does. Returns the cached conditioning or None."""
     from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
     from library.offload import OneAtATime
 
@@ -105,18 +148,23 @@ def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say):
     latents_cached = d.cache_latents or d.cache_latents_to_disk
     parts.vae.to(device)
     if latents_cached:
-        cache_latents(family, parts, dataset, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
-                                                                  d.vae_batch_size, t.seed), say)
+        for images in [dataset] + ([held_out] if held_out else []):  # held_out: the validation images
+            cache_latents(family, parts, images, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
+                                                                     d.vae_batch_size, t.seed), say)
         parts.vae.to("cpu")  # sampling brings it back when it needs it
-    conditioning = None
-    if (t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk) and text_frozen:
-        with OneAtATime(list(parts.text_encoders.values()), device):
-            conditioning = cache_text_outputs(family, parts, dataset.captions, cfg.model.clip_skip, cache_folder(cfg)
-                                              if t.cache_text_encoder_outputs_to_disk else None, say, device)
-    else:
-        for encoder in parts.text_encoders.values():
+    conditioning, cached = None, []
+    if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
+        apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
+        cached = [apart] if apart else list(parts.text_encoders)
+        with OneAtATime([parts.text_encoders[name] for name in cached], device):
+            captions = sorted({*dataset.captions, *(held_out.captions if held_out else [])})
+            conditioning = cache_text_outputs(family, parts, captions, cfg.model.clip_skip, cache_folder(cfg)
+                                              if t.cache_text_encoder_outputs_to_disk else None, say, device,
+                                              apart=apart)
+    for name, encoder in parts.text_encoders.items():
+        if name not in cached:
             encoder.to(device)
-    kept = (["vae"] if latents_cached else []) + (list(parts.text_encoders) if conditioning is not None else [])
+    kept = (["vae"] if latents_cached else []) + cached
     if kept:
         say(f"kept on the CPU while training (outputs cached): {', '.join(kept)}")
     return conditioning
@@ -134,3 +182,15 @@ def average_gradients(params: list, accelerator) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad /= accelerator.num_processes
+
+
+def check_partial_cache(cfg, family, train_te: bool) -> None:
+    """Cached text-encoder outputs with trained text encoders: only a family with an encoder cached apart
+    (FLUX.1 / SD3: T5, while the CLIPs train) can; else the config error names the key."""
+    from library.config import ConfigError
+
+    t = cfg.train
+    if (t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk) and train_te and not family.cached_apart:
+        raise ConfigError(f"{cfg.source}: 'train.cache_text_encoder_outputs' needs a frozen text encoder with "
+                          f"{family.name} (only FLUX.1 / SD3 cache T5 while the CLIPs train): set "
+                          f"'network.network_train_unet_only' = true")

@@ -159,6 +159,24 @@ def test_golden_losses_lora(flux_config):
     assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in names
 
 
+def test_t5_cached_while_clip_l_trains_gives_the_golden_losses(flux_config, tmp_path):
+    """sd-scripts' partial text-encoder cache: cache_text_encoder_outputs with a trained CLIP-L adapter caches T5
+    only; CLIP-L runs (and trains) every step. Same losses and adapter as encoding everything each step; on
+    disk, only T5's outputs, read back by a second run."""
+    cache = tmp_path / "cache"
+    cfg = flux_config(train={"cache_text_encoder_outputs_to_disk": True}, dataset={"cache_dir": str(cache)})
+    result = train_network(cfg)
+    assert _close(result.losses, GOLDEN_FLUX)
+    assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1"}
+    stored = [load_file(f) for f in sorted((cache / "text").glob("*.safetensors"))]
+    assert stored and all(set(t) == {"prompt_embeds"} for t in stored)  # T5 only: CLIP-L's pooled output is live
+    again = train_network(flux_config(train={"cache_text_encoder_outputs": True, "output_name": "again"},
+                                      dataset={"cache_dir": str(cache)}))
+    assert again.losses == pytest.approx(result.losses, rel=1e-6)
+    ups = [v for k, v in load_file(result.adapter_path).items() if k.startswith("lora_te1") and "lora_up" in k]
+    assert ups and all(v.abs().sum() > 0 for v in ups)  # CLIP-L's adapter trained (lora_up starts at zero)
+
+
 def test_golden_losses_full_fine_tune_and_single_file_reload(flux_config, tiny_flux):
     result = train_db(flux_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
                                              "learning_rate": 1e-4, "max_grad_norm": 0.0},

@@ -138,6 +138,27 @@ def test_noise_options():
     assert pooled[0] > 1.5 * pooled[1]  # 0.118 vs 0.064 when written; low frequencies carry more energy than in white noise (std 1/16)
 
 
+def test_adaptive_noise_scale_as_sd_scripts():
+    """sd-scripts' apply_noise_offset: offset + scale * |latent mean over H, W|, floored at 0, times one N(0, 1)
+    per sample and channel."""
+    from library.objectives import LossOptions, draw_noise
+
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    latents = latents + torch.tensor([0.5, -2.0, 0, 1])[:, None, None]
+    means = latents.mean(dim=(2, 3), keepdim=True).abs()
+    for scale in (0.5, -0.3):
+        noise, _ = draw_noise((2, 4, 8, 8), g(), LossOptions(noise_offset=0.1, adaptive_noise_scale=scale), means)
+        gen = g()
+        white = torch.randn((2, 4, 8, 8), generator=gen)
+        direction = torch.randn((2, 4, 1, 1), generator=gen)
+        expected = white + torch.clamp(0.1 + scale * means, min=0.0) * direction
+        assert torch.allclose(noise, expected, atol=1e-6)
+        assert bool((torch.clamp(0.1 + scale * means, min=0.0) == 0).any()) is (scale < 0)  # the floor was reached
+    plain, _ = draw_noise((2, 4, 8, 8), g(), LossOptions(noise_offset=0.1), means)
+    assert not torch.allclose(plain, noise)
+
+
 def test_timestep_bounds():
     objective = _objective()
     objective.min_timestep, objective.max_timestep = 200, 300

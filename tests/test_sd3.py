@@ -286,6 +286,14 @@ def test_cached_text_outputs_give_the_same_losses(sd3_config):
     assert result.losses == pytest.approx(plain.losses, rel=1e-6)
 
 
+def test_t5_cached_while_both_clips_train_gives_the_golden_losses(sd3_config):
+    """cache_text_encoder_outputs with trained CLIP-L / CLIP-G adapters: T5 alone is cached (sd-scripts' partial
+    cache), the CLIPs run every step: the golden losses of encoding everything each step."""
+    result = train_network(sd3_config(train={"cache_text_encoder_outputs": True}))
+    assert _close(result.losses, GOLDEN_SD3)
+    assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1", "lora_te2"}
+
+
 def test_golden_losses_full_fine_tune_and_single_file_reload(sd3_config, tiny_sd3):
     result = train_db(sd3_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
                                             "learning_rate": 1e-4, "max_grad_norm": 0.0},

@@ -152,12 +152,12 @@ def test_noop_gui_and_default_keys_are_noted(paths):
 
 def test_refusals_name_every_key_with_reason(paths):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(_flat(paths, masked_loss=True, validation_split=0.1, network_module="networks.oft",
+        config_from_dict(_flat(paths, masked_loss=True, weighted_captions=True, network_module="networks.oft",
                                use_8bit_adam=True, optimizer_type="Lion"), source="x.toml")
     text = str(e.value)
     assert text.startswith("x.toml: 4 problem(s):")
     assert "'masked_loss' = True is refused: masked loss from mask images is not offered: use alpha_mask" in text
-    assert "'validation_split' = 0.1 is refused" in text and "'network_module' = 'networks.oft'" in text
+    assert "'weighted_captions' = True is refused" in text and "'network_module' = 'networks.oft'" in text
     assert "both use_8bit_adam and optimizer_type are set" in text
 
 
@@ -357,6 +357,57 @@ def test_full_fine_tune_text_encoder_as_that_sd_scripts_script(paths, tmp_path, 
     keys = {k: str(tmp_path / v) if k in ("t5xxl", "ae") else v for k, v in keys.items()}
     cfg = config_from_dict(_flat(paths, **keys), source="x.toml")
     assert cfg.dreambooth.train_text_encoder is trains
+
+
+@pytest.mark.parametrize("family, keys, trains", [
+    ("sd1", {}, True),  # train_db.py
+    ("sdxl", {}, False),  # sdxl_train: only when asked
+    ("sdxl", {"train_text_encoder": True}, True),
+    ("sd3", {}, False),
+    ("sd3", {"train_text_encoder": True}, True),
+    ("flux", {"train_text_encoder": True}, False),  # flux_train: never
+])
+def test_text_encoder_once_the_family_is_known(paths, family, keys, trains):
+    from library.sd_flat import text_encoder_of_family
+
+    cfg = config_from_dict(_flat(paths, **keys), source="x.toml")
+    assert cfg.dreambooth.train_text_encoder is True  # no hint key: the family decides, once known
+    note = text_encoder_of_family(cfg, family)
+    assert cfg.dreambooth.train_text_encoder is trains and (note is None) is trains
+    ours = config_from_dict({"model": {"pretrained_model_name_or_path": str(paths[0])},
+                             "dataset": {"train_data_dir": str(paths[1])}, "train": {"output_dir": str(paths[2])}})
+    assert text_encoder_of_family(ours, family) is None and ours.dreambooth.train_text_encoder  # our schema: as set
+
+
+@pytest.mark.parametrize("keys, recipe, fp8", [
+    ({"fp8_base_unet": True}, "db", False),  # the full fine-tunes ignore fp8_base_unet
+    ({"fp8_base_unet": True, "fp8_base": False}, "db", False),  # the GUI writes both
+    ({"fp8_base_unet": True}, "network", True),  # *_train_network: fp8 denoiser
+    ({"fp8_base": True}, "db", True),  # asked for: refused below
+])
+def test_fp8_base_unet_only_where_sd_scripts_reads_it(paths, keys, recipe, fp8):
+    from library.config_checks import check_recipe
+
+    cfg = config_from_dict(_flat(paths, mixed_precision="bf16", **keys), source="x.toml")
+    if fp8 and recipe == "db":
+        with pytest.raises(ConfigError, match="'train.fp8_base' stores frozen weights in float8"):
+            check_recipe(cfg, recipe)
+        return
+    check_recipe(cfg, recipe)
+    assert cfg.train.fp8_base is fp8
+    assert any("'fp8_base_unet' is ignored" in n for n in cfg.notes) is (recipe == "db")
+
+
+@pytest.mark.parametrize("keys, swapped", [
+    ({"double_blocks_to_swap": 6, "single_blocks_to_swap": 12}, 18),
+    ({"double_blocks_to_swap": 0, "single_blocks_to_swap": 10}, 10),  # the GUI writes both
+    ({"double_blocks_to_swap": 6, "blocks_to_swap": 4}, 4),  # blocks_to_swap wins, as in sd-scripts
+    ({"double_blocks_to_swap": 0, "single_blocks_to_swap": 0}, 0),
+])
+def test_double_and_single_blocks_to_swap(paths, keys, swapped):
+    cfg = config_from_dict(_flat(paths, gradient_checkpointing=True, **keys), source="x.toml")
+    assert cfg.train.blocks_to_swap == swapped
+    assert any("double_blocks_to_swap" in n for n in cfg.notes) is bool(swapped and "blocks_to_swap" not in keys)
 
 
 def test_lr_scheduler_type_and_args_as_sd_scripts_passes_them(paths):

@@ -174,6 +174,27 @@ def test_golden_losses_full_fine_tune_fused_adafactor(sdxl_config, tiny_sdxl):
     assert any(not torch.equal(v, base["te2"][k]) for k, v in result.parts.text_encoders["te2"].state_dict().items())
 
 
+@pytest.mark.parametrize("asked", [False, True])
+def test_sd_scripts_config_trains_the_text_encoders_as_sdxl_train(tiny_sdxl, tiny_data, tmp_path, capsys, asked):
+    """A flat sd-scripts config (no key telling its script) on an SDXL model: sdxl_train trains the text
+    encoders only with train_text_encoder = true; the resolved config records what the run did."""
+    from library.config import config_from_dict
+
+    flat = {"pretrained_model_name_or_path": str(tiny_sdxl[0]), "train_data_dir": str(tiny_data),
+            "output_dir": str(tmp_path / "out"), "output_name": "db", "resolution": 64, "train_batch_size": 2,
+            "max_train_steps": 2, "seed": 7, "learning_rate": 1e-3, "optimizer_type": "AdamW",
+            **({"train_text_encoder": True} if asked else {})}
+    result = train_db(config_from_dict(flat, source="sdxl_train.toml"))
+    base = part_states(SDXLFamily().load(ModelSource(str(tiny_sdxl[0]))))
+    for name in ("te1", "te2"):
+        changed = [k for k, v in result.parts.text_encoders[name].state_dict().items()
+                   if not torch.equal(v, base[name][k])]
+        assert bool(changed) is asked, name
+    assert ("sdxl_train trains them only with train_text_encoder = true" in capsys.readouterr().out) is not asked
+    resolved = (tmp_path / "out" / "db-config.toml").read_text()
+    assert f"train_text_encoder = {str(asked).lower()}" in resolved
+
+
 def train_network(cfg):
     from train_network import train
 

@@ -156,6 +156,63 @@ def test_caches_unet_only_and_accumulation(make_config):
     assert all(k.startswith("lora_unet_") for k in load_file(result.adapter_path))
 
 
+def test_cached_text_outputs_with_a_trained_sd1_text_encoder_are_refused(make_config):
+    """SD1 has no encoder to cache apart (FLUX.1 / SD3 cache T5 while the CLIPs train): with the family found
+    from the files, the config error names the key and the fix, before a step is taken."""
+    with pytest.raises(ConfigError, match=r"'train.cache_text_encoder_outputs' needs a frozen text encoder with "
+                                          r"sd1 .*'network.network_train_unet_only' = true"):
+        train(make_config(train={"cache_text_encoder_outputs": True}))
+
+
+def test_adaptive_noise_scale_reaches_the_step(make_config):
+    """The latents of each batch scale its noise offset: the same run with adaptive_noise_scale loses
+    differently; without noise_offset the key is refused, naming both."""
+    offset = train(make_config(loss={"noise_offset": 0.1}, train={"max_train_steps": 2}))
+    adaptive = train(make_config(loss={"noise_offset": 0.1, "adaptive_noise_scale": 0.5},
+                                 train={"max_train_steps": 2, "output_name": "adaptive"}))
+    assert offset.losses[0] != pytest.approx(adaptive.losses[0], rel=1e-4)
+    with pytest.raises(ConfigError, match=r"test.toml: 'loss.adaptive_noise_scale' .* 'loss.noise_offset'"):
+        make_config(loss={"adaptive_noise_scale": 0.5}, train={"output_name": "third"})
+
+
+def test_validation_loss_on_held_out_images(make_config):
+    """validation_split 0.25 holds 2 of the 8 images out; the validation loss (every 2 steps and each epoch's
+    end) is the loss at timesteps 200, 400, 600, 800 with noise drawn from validation_seed, recomputed here
+    with diffusers' scheduler and the U-Net directly."""
+    import torch.nn.functional as F
+
+    from library.data.plan import plan_data
+
+    cfg = make_config(train={"validation_split": 0.25, "validation_seed": 11, "validate_every_n_steps": 2})
+    plan = plan_data(cfg, say=lambda *a: None)
+    assert len(plan.validation) == 2 and len(plan.images) == 6
+    assert not {r.path for r in plan.validation} & {r.path for r in plan.images}
+    result = train(cfg)
+    steps = [s for s, _ in result.validation_losses]
+    assert steps == [2, 3, 4, 4]  # every 2 steps, and at the end of epochs 1 (3 steps) and 2
+    assert result.validation_losses[2][1] == result.validation_losses[3][1]  # the same noise and timesteps
+    assert result.validation_losses[0][1] != result.validation_losses[2][1]  # the adapter moved
+    parts, family = result.parts, SD1Family()
+    from library.data.training_set import TrainingSet
+
+    from library.data.plan import DataPlan
+
+    held = TrainingSet(DataPlan(plan.layout, plan.validation, [0, 1]), 7, 1.0)
+    generator, losses = torch.Generator().manual_seed(11), []
+    with torch.no_grad():
+        for i in range(2):
+            example = held.plain_example(i)
+            latents = parts.vae.encode(example["pixels"][None]).latent_dist.sample(generator)
+            latents = latents * parts.vae.config.scaling_factor
+            text = family.encode_prompts(parts, [example["caption"]], 1)["encoder_hidden_states"]
+            for t in (200, 400, 600, 800):
+                noise = torch.randn(latents.shape, generator=generator)
+                noisy = parts.noise_scheduler.add_noise(latents, noise, torch.tensor([t]))
+                prediction = parts.denoiser(noisy, torch.tensor([t]), encoder_hidden_states=text).sample
+                losses.append(F.mse_loss(prediction, noise).item())
+    assert result.validation_losses[-1][1] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
 def test_adafactor_trains(make_config):
     result = train(make_config(optimizer={"optimizer_type": "Adafactor"}))
     assert result.losses[0] == pytest.approx(GOLDEN[0], rel=1e-5) and not _close(result.losses, GOLDEN)

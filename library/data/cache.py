@@ -202,18 +202,21 @@ def text_dependencies(family_name: str, encoders_id: str, clip_skip: int, captio
             "clip_skip": clip_skip, "caption": caption, **t5}
 
 
-def text_name(caption: str, clip_skip: int) -> str:
-    return hashlib.sha256(f"{clip_skip}\n{caption}".encode()).hexdigest()[:32]
+def text_name(caption: str, clip_skip: int, apart: str | None = None) -> str:
+    key = f"{clip_skip}\n{caption}" if apart is None else f"{apart}\n{clip_skip}\n{caption}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 @torch.no_grad()
 def cache_text_outputs(family, parts, captions: list[str], clip_skip: int, folder: Path | None,
-                       say=print, device=None, batch_size: int = TEXT_BATCH) -> dict[str, dict[str, torch.Tensor]]:
+                       say=print, device=None, batch_size: int = TEXT_BATCH,
+                       apart: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """caption -> family.encode_prompts output (batch of one), kept in host memory (pinned when `device`, by
     default the first encoder's, is CUDA): each batch's share goes to the device when it trains (batch_loss),
     not the whole cache for the whole run. From disk where valid, else encoded in batches of `batch_size`
-    captions (and saved)."""
-    encoders = list(parts.text_encoders.values())
+    captions (and saved). With `apart` (the family's cached_apart encoder), only that encoder's share:
+    family.encode_apart, while the others train."""
+    encoders = [parts.text_encoders[apart]] if apart else list(parts.text_encoders.values())
     device = torch.device(device or next(encoders[0].parameters()).device)
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
@@ -222,24 +225,26 @@ def cache_text_outputs(family, parts, captions: list[str], clip_skip: int, folde
     disk = DiskCache(Path(folder) / "text") if folder else None
     encoders_id = fingerprint(encoders)
     source = getattr(parts, "source", None)
-    depends = {c: text_dependencies(family.name, encoders_id, clip_skip, c, source) for c in captions}
-    statuses = {c: disk.status(text_name(c, clip_skip), depends[c]) if disk else "missing" for c in captions}
-    out = {c: {k: keep(v) for k, v in disk.load(text_name(c, clip_skip)).items()}
+    depends = {c: {**text_dependencies(family.name, encoders_id, clip_skip, c, source), "apart": apart}
+               for c in captions}
+    names = {c: text_name(c, clip_skip, apart) for c in captions}
+    statuses = {c: disk.status(names[c], depends[c]) if disk else "missing" for c in captions}
+    out = {c: {k: keep(v) for k, v in disk.load(names[c]).items()}
            for c in captions if statuses[c] == "valid"}
     missing = [c for c in captions if statuses[c] != "valid"]
-    bar = CountingBar(len(missing), "caching text-encoder outputs")
+    bar = CountingBar(len(missing), "caching text-encoder outputs" + (f" ({apart} only)" if apart else ""))
     for start in range(0, len(missing), batch_size):
         batch = missing[start:start + batch_size]
-        encoded = family.encode_prompts(parts, batch, clip_skip)
+        encoded = family.encode_apart(parts, batch) if apart else family.encode_prompts(parts, batch, clip_skip)
         for i, caption in enumerate(batch):
             out[caption] = {k: keep(v[i:i + 1]) for k, v in encoded.items()}
             if disk:
-                disk.save(text_name(caption, clip_skip), out[caption], depends[caption])
+                disk.save(names[caption], out[caption], depends[caption])
             bar.advance()
     bar.close()
     reused = len(captions) - len(missing)
-    say(f"text-encoder outputs: {len(captions)} captions, {reused} reused, {len(missing)} encoded"
-        f"{_reasons(statuses)}")
+    say(f"text-encoder outputs{f' of {apart}' if apart else ''}: {len(captions)} captions, {reused} reused, "
+        f"{len(missing)} encoded{_reasons(statuses)}")
     return out
 
 

@@ -49,6 +49,7 @@ class DataPlan:
     entries: list[int]  # one per example of an epoch: an index into images
     findings: list[Finding] = field(default_factory=list)
     skipped: list[Finding] = field(default_factory=list)
+    validation: list[ImageRecord] = field(default_factory=list)  # held out (train.validation_split)
 
     @property
     def entry_keys(self) -> list[tuple]:
@@ -112,9 +113,34 @@ def plan_data(cfg: Config, say=print) -> DataPlan:
     records = [r for r in records if r.path not in bad]
     if not any(not r.subset.is_reg for r in records):
         raise DatasetError(_nothing_found(layout, problems))
-    plan = DataPlan(layout, records, [], findings, problems)
+    records, held_out = split_validation(records, cfg.train.validation_split, _validation_seed(cfg))
+    plan = DataPlan(layout, records, [], findings, problems, held_out)
     plan.entries = epoch_entries(records, len(layout.datasets))
     return plan
+
+
+def _validation_seed(cfg: Config) -> int:
+    t = cfg.train
+    return t.validation_seed if t.validation_seed is not None else (t.seed or 0)
+
+
+def split_validation(records: list[ImageRecord], fraction: float,
+                     seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(training, held out): each training subset's images shuffled with `seed`, the first
+    ceil(n * (1 - fraction)) trained and the rest held out, as sd-scripts' split_train_val does;
+    regularization images all train."""
+    if not fraction:
+        return records, []
+    import random
+
+    held_out = []
+    subsets = {id(r.subset): r.subset for r in records if not r.subset.is_reg}  # by identity, in order
+    for subset in subsets.values():
+        mine = [r for r in records if r.subset is subset]
+        random.Random(seed).shuffle(mine)
+        held_out += mine[math.ceil(len(mine) * (1 - fraction)):]
+    out = {id(r) for r in held_out}
+    return [r for r in records if id(r) not in out], held_out
 
 
 def _problem_list(problems: list[Finding]) -> str:

@@ -113,7 +113,12 @@ class ModelFamily(Protocol):
     def adapter_targets(self, parts: Components) -> list[AdapterTarget]: ...
 
     def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
-        """Text conditioning of a batch of captions, as a dict of batched tensors."""
+        """Text conditioning of a batch of captions, as a dict of batched tensors. Families with a
+        cached_apart encoder also take its encode_apart output (t5=...) instead of running it."""
+
+    cached_apart: str | None
+    """The text encoder whose outputs can be cached while the others train (FLUX.1 / SD3: "te3", T5), with
+    encode_apart(parts, captions) -> its share of encode_prompts; None where the family has none."""
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:

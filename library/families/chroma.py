@@ -36,6 +36,7 @@ SEPARATE_FILES = ("t5xxl", "ae")
 
 class ChromaFamily:
     name = "chroma"
+    cached_apart = None  # T5 alone, never trained: its outputs are cached whole or not at all
     adapter_base_versions = ("chroma",)
     folder_parts = ("transformer", "vae", "text_encoder", "scheduler")
 

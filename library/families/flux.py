@@ -152,17 +152,25 @@ class FluxFamily:
     def t5_max_length(self, parts: Components) -> int:
         return t5_max_length(parts, 512 if parts.denoiser.config.guidance_embeds else 256)  # dev / schnell
 
-    def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int,
+                       t5: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """prompt_embeds: T5's last hidden state (B, L, 4096); pooled_prompt_embeds: CLIP-L's pooled output;
         with apply_t5_attn_mask, t5_attention_mask (predict() masks the padding out of the joint attention).
-        clip_skip does not apply (FLUX uses CLIP-L's pooled output only)."""
+        clip_skip does not apply (FLUX uses CLIP-L's pooled output only). `t5`: encode_apart's output for
+        these captions (cached while CLIP-L trains), else T5 runs now."""
         clip, clip_tok = parts.text_encoders["te1"], parts.tokenizers["te1"]
         ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids.to(clip.device)
         pooled = clip(ids, output_hidden_states=False).pooler_output
+        t5 = t5 if t5 is not None else self.encode_apart(parts, captions)
+        return {**{k: v.to(pooled.device) for k, v in t5.items()}, "pooled_prompt_embeds": pooled}
+
+    cached_apart = "te3"  # T5: cached while CLIP-L trains (sd-scripts' partial text-encoder cache)
+
+    def encode_apart(self, parts: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        """T5's share of encode_prompts: prompt_embeds (and t5_attention_mask with apply_t5_attn_mask)."""
         hidden, mask = encode_t5(parts, captions, self.t5_max_length(parts))
-        out = {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
-        return out if mask is None else {**out, "t5_attention_mask": mask}
+        return {"prompt_embeds": hidden} if mask is None else {"prompt_embeds": hidden, "t5_attention_mask": mask}
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ DEFAULT_TOKENIZERS = {"clip": "openai/clip-vit-large-patch14", "open_clip": "sta
 
 class SD1Family:
     name = "sd1"
+    cached_apart = None  # no encoder's outputs are cached apart: all or none
     adapter_base_versions = ("sd_v1", "sd_v2")
     folder_parts = ("unet", "vae", "text_encoder", "scheduler")  # the subfolders _load_folder reads
 

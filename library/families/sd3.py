@@ -204,9 +204,11 @@ class Sd3Family:
     def t5_max_length(self, parts: Components) -> int:
         return t5_max_length(parts, DEFAULT_T5_LENGTH)
 
-    def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int,
+                       t5: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """prompt_embeds: (B, 77 + L, T5 width): both CLIPs' layer -(clip_skip + 1), concatenated and zero-padded
-        to T5's width, then T5's last hidden state; pooled_prompt_embeds: both CLIPs' text_embeds, concatenated."""
+        to T5's width, then T5's last hidden state; pooled_prompt_embeds: both CLIPs' text_embeds, concatenated.
+        `t5`: encode_apart's output for these captions (cached while the CLIPs train), else T5 runs now."""
         hidden, pooled = [], []
         for name in ("te1", "te2"):
             encoder, tokenizer = parts.text_encoders[name], parts.tokenizers[name]
@@ -216,10 +218,16 @@ class Sd3Family:
             pooled.append(out.text_embeds)
             hidden.append(out.hidden_states[-(clip_skip + 1)])
         clip = torch.cat(hidden, dim=-1)
-        t5_hidden, _ = encode_t5(parts, captions, self.t5_max_length(parts))  # padding zeroed with the mask
+        t5_hidden = (t5 if t5 is not None else self.encode_apart(parts, captions))["t5_hidden"]
         clip = torch.nn.functional.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
         return {"prompt_embeds": torch.cat([clip, t5_hidden.to(clip.device, clip.dtype)], dim=-2),
                 "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
+
+    cached_apart = "te3"  # T5: cached while CLIP-L / CLIP-G train (sd-scripts' partial text-encoder cache)
+
+    def encode_apart(self, parts: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        """T5's share of encode_prompts: its last hidden state, padding zeroed with the mask."""
+        return {"t5_hidden": encode_t5(parts, captions, self.t5_max_length(parts))[0]}
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:

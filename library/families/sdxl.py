@@ -44,6 +44,7 @@ FP16_VAE_WARNING = (
 
 class SDXLFamily:
     name = "sdxl"
+    cached_apart = None  # no encoder's outputs are cached apart: all or none
     adapter_base_versions = ("sdxl_base_v1-0", "sdxl_base_v0-9")
     folder_parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads
 
