@@ -20,8 +20,11 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, args: list[s
     if name.lower() == "adafactor":
         kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **kwargs}
         if kwargs["relative_step"]:
-            raise ConfigError("Adafactor with relative_step=True picks its own learning rate; this trainer "
-                              "drives it with learning_rate and lr_scheduler: use relative_step=False")
+            comma = (f" (relative_step={kwargs['relative_step'][0]}, with a trailing comma is the tuple "
+                     f"{kwargs['relative_step']!r}, which is true: sd-scripts trains with relative_step then)"
+                     if isinstance(kwargs["relative_step"], tuple) else "")
+            raise ConfigError(f"Adafactor with relative_step=True picks its own learning rate{comma}; this trainer "
+                              "drives it with learning_rate and lr_scheduler: write relative_step=False")
     return cls(param_groups, lr=lr, **kwargs)
 
 
