@@ -311,28 +311,38 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
 
 
 def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker, notes: list[str]) -> None:
-    """Sampling between steps, placed as library/sampling.py places it: with the training state on the device
-    (weights, optimizer state), every part comes over (text encoders and VAE included), then one prompt is
-    encoded, the denoiser runs one inference step at the training size (classifier-free guidance doubles its
-    batch, except FLUX.1's distilled guidance) and the VAE decodes the image."""
-    gone = [m for m in (parts.vae, *parts.text_encoders.values())
-            if not any(id(t.untyped_storage()) in tracker.by_storage for t in _storages(m))]
-    if gone:
-        notes.append("sampling brings every text encoder and the VAE to the device together (library/sampling.py)")
+    """Sampling between steps, placed as library/sampling.py places it (library/offload.py visiting): with the
+    training state on the device (weights, optimizer state), the text encoders kept elsewhere come over to
+    encode one prompt and leave before the denoiser runs one inference step at the training size
+    (classifier-free guidance doubles its batch, except FLUX.1's distilled guidance); then the VAE comes to
+    decode. The text encoders are counted together (the run brings them one at a time: an upper bound)."""
+    def away(module) -> bool:
+        return not any(id(t.untyped_storage()) in tracker.by_storage for t in _storages(module))
+
+    encoders = [m for m in parts.text_encoders.values() if away(m)]
+    vae_away = away(parts.vae)
     tracker.set_phase("sample")
     with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
-        for module in gone:
+        for module in encoders:
             tracker.arrive(_storages(module), "weights")
         conditioning = family.encode_prompts(parts, ["a photo"] * (1 if s.family == "flux" else 2), s.clip_skip)
+        for module in encoders:
+            tracker.release(_storages(module))
+        if vae_away:
+            tracker.arrive(_storages(parts.vae), "weights")
         if latents is None:
             latents = family.encode_images(parts, torch.zeros(1, 3, s.height, s.width))
         noisy = torch.zeros((len(next(iter(conditioning.values()))), *latents.shape[1:]), dtype=latents.dtype)
         conditioning = family.conditioning_for_batch(parts, {}, conditioning, noisy)
+        if vae_away:
+            tracker.release(_storages(parts.vae))  # it leaves while the denoiser runs
         prediction = family.predict(parts, noisy, torch.full((noisy.shape[0],), 500.0), conditioning)
         del prediction
+        if vae_away:
+            tracker.arrive(_storages(parts.vae), "weights")
         parts.vae.decode(noisy[:1].to(next(parts.vae.parameters()).dtype))
-    for module in gone:
-        tracker.release(_storages(module))
+        if vae_away:
+            tracker.release(_storages(parts.vae))
 
 
 def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, int]:
