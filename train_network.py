@@ -234,13 +234,11 @@ def train(cfg: Config, planned=None) -> TrainResult:
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
-    if cfg.save.resume and step >= max_steps:  # saved at the last step: no step is left, only the final files
+    end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
+    if end:
         epoch = position.epoch
-        if checkpoints.finished(t.output_name):
-            say(f"this run finished at step {step} (max_train_steps {max_steps}); its final weights are in "
-                f"{out_dir}: nothing to do")
+        if end == "finished":
             return result
-        say(f"the state is at step {step} of {max_steps}: no step is left; writing the final files")
     if sampling and sampling.at_first and step == 0:
         sample(0)
     stop = StopSignal(say).__enter__()

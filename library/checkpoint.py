@@ -261,9 +261,17 @@ class Checkpointer:
         self.say(f"saved resumable state {folder}")
         return folder
 
-    def finished(self, stem: str) -> bool:
-        """The final weights `stem` exist (a file or a diffusers folder)."""
-        return (self.out_dir / f"{stem}.safetensors").is_file() or (self.out_dir / stem).is_dir()
+    def at_the_end(self, position: Position, max_steps: int) -> str | None:
+        """A resumed state saved at the last step: "finished" when the final weights exist (nothing to do), else
+        "final files" (only they remain to be written); None while steps remain. Says which."""
+        if not self.cfg.save.resume or position.step < max_steps:
+            return None
+        if (self.out_dir / f"{self.name}.safetensors").is_file() or (self.out_dir / self.name).is_dir():
+            self.say(f"this run finished at step {position.step} (max_train_steps {max_steps}); its final "
+                     f"weights are in {self.out_dir}: nothing to do")
+            return "finished"
+        self.say(f"the state is at step {position.step} of {max_steps}: no step is left; writing the final files")
+        return "final files"
 
     def resume(self) -> tuple[Position, dict]:
         folder = find_state(self.cfg.save.resume, self.out_dir, self.say)

@@ -202,3 +202,12 @@ def fuse_parts(state: dict[str, torch.Tensor], prefix: str, fused: dict[str, tup
                 out[f"{out_prefix}{name}.{suffix}"] = torch.cat([state[k] for k in keys])
                 used.update(keys)
     return out, used
+
+
+def arch_problem(detect_arch, tensors) -> str | None:
+    """Why `detect_arch` (a U-Net family's shipped-architecture lookup) finds none for these tensors, or None."""
+    try:
+        detect_arch(tensors)
+    except (CheckpointError, KeyError, StopIteration, IndexError) as e:
+        return str(e) if isinstance(e, CheckpointError) else "no U-Net input convolution or cross-attention"
+    return None

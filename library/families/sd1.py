@@ -15,8 +15,8 @@ from transformers import CLIPTextModel
 
 from library import long_prompts
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
-from library.loading import (CheckpointError, arch_dir, has_key_prefix, load_clip_tokenizer, read_checkpoint,
-                             read_json, shipped_archs)
+from library.loading import (CheckpointError, arch_dir, arch_problem, has_key_prefix, load_clip_tokenizer,
+                             read_checkpoint, read_json, shipped_archs)
 from library.objectives import DiffusionObjective
 
 UNET_PREFIX = "model.diffusion_model."
@@ -54,12 +54,7 @@ class SD1Family:
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
         if not any(k.startswith((CLIP_PREFIX, OPEN_CLIP_PREFIX)) for k in tensors):
             return f"no text-encoder keys ('{CLIP_PREFIX}' or '{OPEN_CLIP_PREFIX}')"
-        if source.arch is None:
-            try:
-                detect_arch(tensors)
-            except (CheckpointError, KeyError, StopIteration, IndexError) as e:
-                return str(e) if isinstance(e, CheckpointError) else "no U-Net input convolution or cross-attention"
-        return None
+        return arch_problem(detect_arch, tensors) if source.arch is None else None
 
     def load(self, source: ModelSource) -> Components:
         if is_single_file(source.path):

@@ -27,8 +27,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from library import long_prompts
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
-from library.loading import (CheckpointError, arch_dir, has_key_prefix, load_clip_tokenizer, read_checkpoint, read_json,
-                             shipped_archs)
+from library.loading import (CheckpointError, arch_dir, arch_problem, has_key_prefix, load_clip_tokenizer,
+                             read_checkpoint, read_json, shipped_archs)
 from library.objectives import DiffusionObjective
 
 UNET_PREFIX = "model.diffusion_model."
@@ -67,12 +67,7 @@ class SDXLFamily:
         for prefix in (UNET_PREFIX, CLIP_L_PREFIX, OPEN_CLIP_G_PREFIX):
             if not any(k.startswith(prefix) for k in tensors):
                 return f"no '{prefix}*' keys: not an SDXL base checkpoint in the SAI layout"
-        if source.arch is None:
-            try:
-                detect_arch(tensors)
-            except (CheckpointError, KeyError, StopIteration, IndexError) as e:
-                return str(e) if isinstance(e, CheckpointError) else "no U-Net input convolution or cross-attention"
-        return None
+        return arch_problem(detect_arch, tensors) if source.arch is None else None
 
     def load(self, source: ModelSource) -> Components:
         parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
