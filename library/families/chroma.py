@@ -22,8 +22,8 @@ from transformers import T5Config, T5EncoderModel
 
 from library.chroma_layout import APPROXIMATOR, file_to_transformer, is_chroma_key, transformer_to_file
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
-from library.families.transformer_parts import (assign_weights, encode_latents, latent_image_ids, pack_latents,
-                                                t5_keys, t5_max_length, unpack_latents)
+from library.families.transformer_parts import (assign_weights, encode_latents, latent_image_ids, load_ae,
+                                                pack_latents, t5_keys, t5_max_length, unpack_latents)
 from library.flux_layout import kohya_layout
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -69,7 +69,7 @@ class ChromaFamily:
 
     def _load_folder(self, source: ModelSource) -> Components:
         path = source.path
-        vae = _load_ae(source.ae, arch_dir("chroma")) if source.ae else AutoencoderKL.from_pretrained(
+        vae = load_ae(source.ae, arch_dir("chroma")) if source.ae else AutoencoderKL.from_pretrained(
             path, subfolder="vae")
         return Components(
             denoiser=ChromaTransformer2DModel.from_pretrained(path, subfolder="transformer"), vae=vae,
@@ -89,7 +89,7 @@ class ChromaFamily:
         _rebuild_buffers(denoiser)
         assign_weights(denoiser, file_to_transformer(read_checkpoint(source.path)), source.path)
         assign_weights(t5, t5_keys(read_checkpoint(source.t5xxl)), source.t5xxl)
-        return Components(denoiser=denoiser, vae=_load_ae(source.ae, arch), text_encoders={"te3": t5},
+        return Components(denoiser=denoiser, vae=load_ae(source.ae, arch), text_encoders={"te3": t5},
                           tokenizers=_tokenizers(source.tokenizer or DEFAULT_TOKENIZER),
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
                                                                                           subfolder="scheduler"),
@@ -189,13 +189,6 @@ def _rebuild_buffers(denoiser: ChromaTransformer2DModel) -> None:
         embed.register_buffer("mod_proj", get_timestep_embedding(torch.arange(out_dim) * 1000, width,
                                                                  flip_sin_to_cos=True, downscale_freq_shift=0),
                               persistent=False)
-
-
-def _load_ae(path: str, arch: Path) -> AutoencoderKL:
-    if Path(path).is_dir():
-        return AutoencoderKL.from_pretrained(path)
-    return AutoencoderKL.from_single_file(read_checkpoint(path), config=str(arch), subfolder="vae",
-                                          local_files_only=True)
 
 
 def _tokenizers(where: str) -> dict:

@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
 from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5,  # noqa: F401
-                                                latent_image_ids, pack_latents, t5_keys, t5_max_length,
+                                                latent_image_ids, load_ae, pack_latents, t5_keys, t5_max_length,
                                                 unpack_latents)
 from library.chroma_layout import APPROXIMATOR, is_chroma_key
 from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
@@ -69,7 +69,7 @@ class FluxFamily:
     def load(self, source: ModelSource) -> Components:
         parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
         if source.ae and not is_single_file(source.path):
-            parts.vae = _load_ae(source.ae, arch_dir(source.arch or _arch_name(parts.denoiser)))
+            parts.vae = load_ae(source.ae, arch_dir(source.arch or _arch_name(parts.denoiser)))
         parts.source = source
         return parts
 
@@ -99,7 +99,7 @@ class FluxFamily:
             t5 = T5EncoderModel(T5Config.from_pretrained(str(arch / "text_encoder_2")))
         assign_weights(clip, clip_keys(read_checkpoint(source.clip_l), clip), source.clip_l)
         assign_weights(t5, t5_keys(read_checkpoint(source.t5xxl)), source.t5xxl)
-        return Components(denoiser=denoiser, vae=_load_ae(source.ae, arch), text_encoders={"te1": clip, "te3": t5},
+        return Components(denoiser=denoiser, vae=load_ae(source.ae, arch), text_encoders={"te1": clip, "te3": t5},
                           tokenizers=_tokenizers(source.tokenizer or DEFAULT_TOKENIZERS),
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
                                                                                           subfolder="scheduler"),
@@ -266,13 +266,6 @@ def _reference_image(path: str, width: int, height: int):
 
 def _arch_name(denoiser) -> str:
     return "flux-dev" if denoiser.config.guidance_embeds else "flux-schnell"
-
-
-def _load_ae(path: str, arch: Path) -> AutoencoderKL:
-    if Path(path).is_dir():
-        return AutoencoderKL.from_pretrained(path)
-    return AutoencoderKL.from_single_file(read_checkpoint(path), config=str(arch), subfolder="vae",
-                                          local_files_only=True)
 
 
 def _tokenizers(where: str) -> dict:

@@ -95,3 +95,18 @@ def latent_image_ids(h: int, w: int, device) -> torch.Tensor:
     rows = torch.arange(h // 2, device=device).view(-1, 1).expand(h // 2, w // 2)
     cols = torch.arange(w // 2, device=device).view(1, -1).expand(h // 2, w // 2)
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+
+
+def load_ae(path: str, arch) -> "AutoencoderKL":
+    """The FLUX-type autoencoder (FLUX.1, Chroma): a diffusers folder, or a single file (BFL `ae.safetensors`)
+    read with the architecture's vae config."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    from library.loading import read_checkpoint
+
+    if Path(path).is_dir():
+        return AutoencoderKL.from_pretrained(path)
+    return AutoencoderKL.from_single_file(read_checkpoint(path), config=str(arch), subfolder="vae",
+                                          local_files_only=True)
