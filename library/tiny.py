@@ -10,6 +10,7 @@ real checkpoint goes through.
     python -m library.tiny flux-dev out/tiny-flux       # folder + BFL transformer + clip_l / t5xxl / ae files
     python -m library.tiny flux-schnell out/tiny-schnell   # the same without the guidance input
     python -m library.tiny chroma out/tiny-chroma          # folder + Chroma transformer + t5xxl / ae files
+    python -m library.tiny flux2 out/tiny-flux2            # FLUX.2 klein: folder + BFL transformer + text_encoder / ae
     python -m library.tiny data quickstart/data         # 8 images with .txt captions
 """
 from __future__ import annotations
@@ -300,6 +301,85 @@ def save_tiny_chroma(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     return files
 
 
+QWEN_CHAT_TEMPLATE = (  # Qwen3's chat format, as Flux2KleinPipeline renders a prompt (enable_thinking=False)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def tiny_qwen_tokenizer():
+    """A real Qwen2TokenizerFast (Qwen3's tokenizer class) over the byte alphabet with no merges, Qwen's special
+    tokens (<|endoftext|> pads, <|im_start|> / <|im_end|> frame the chat turns) and a chat template of Qwen3's
+    format; built with `tokenizers`, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_flux2(seed: int = 0):
+    """The parts of a tiny FLUX.2-klein-architecture pipeline: a Flux2Transformer2DModel with 2 double and 2 single
+    blocks (128 input channels: the 32-channel latents patchified 2x2; four RoPE axes; no guidance input, as klein),
+    the 4-level 32-channel AutoencoderKLFlux2 with its latent batch-norm statistics (seeded, not the identity), a
+    Qwen3ForCausalLM of 28 layers (klein reads the hidden states of layers 9, 18 and 27, stacked: the transformer's
+    text width is 3x the encoder's) with its tokenizer."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    width = 16
+    transformer = Flux2Transformer2DModel(
+        in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * width, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=32,
+                             norm_num_groups=32, sample_size=64)
+    vae.bn.running_mean.copy_(torch.randn(128) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(128) + 0.5)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=32, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_flux2(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write `folder` (diffusers layout) and the files users have: `folder`.safetensors (the BFL transformer,
+    library.flux2_layout), `folder`-text_encoder.safetensors (Qwen3, as ComfyUI's text_encoders/ files: the language
+    model without lm_head) and `folder`-ae.safetensors (the VAE in the original layout, with its bn. statistics)."""
+    from diffusers import Flux2KleinPipeline
+    from safetensors.torch import save_file
+
+    from library.flux2_layout import transformer_to_file
+    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
+
+    folder = Path(folder)
+    parts = build_tiny_flux2(seed)
+    Flux2KleinPipeline(**parts).save_pretrained(str(folder))
+    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
+    vae_state = parts["vae"].state_dict()
+    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm({k: v for k, v in vae_state.items()
+                                                         if not k.startswith("bn.")}).items()}
+    ae.update({k: v for k, v in vae_state.items() if k.startswith("bn.")})
+    text = {k: v for k, v in parts["text_encoder"].state_dict().items() if not k.startswith("lm_head.")}
+    for name, state in (("transformer", transformer_to_file(parts["transformer"].state_dict())),
+                        ("text_encoder", text), ("ae", ae)):
+        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        files[name] = path
+    return files
+
+
 def build_tiny_sd3(seed: int = 0):
     """The parts of a tiny SD3-architecture pipeline: an SD3Transformer2DModel with 2 joint blocks (the first with
     SD3.5-medium's second image attention, q/k RMS norm as SD3.5, the last one's context stream pre-only), the
@@ -397,7 +477,8 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "chroma", "data"))
+    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "chroma", "flux2",
+                                         "data"))
     parser.add_argument("out")
     args = parser.parse_args(argv)
     if args.what in ("sd1", "sd2"):
@@ -408,6 +489,8 @@ def main(argv=None) -> None:
         written = tuple(save_tiny_sd3(args.out).values())
     elif args.what == "chroma":
         written = tuple(save_tiny_chroma(args.out).values())
+    elif args.what == "flux2":
+        written = tuple(save_tiny_flux2(args.out).values())
     elif args.what.startswith("flux"):
         written = tuple(save_tiny_flux(args.out, guidance=args.what == "flux-dev").values())
     else:
