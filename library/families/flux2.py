@@ -106,7 +106,8 @@ class Flux2Family:
         state = file_to_transformer(dequantized(read_checkpoint(source.path)))
         name = source.arch or ARCH_BY_TEXT_WIDTH.get(state["context_embedder.weight"].shape[1])
         if name is None:
-            raise CheckpointError(f"{source.path}: {self.single_file_problem({'txt_in.weight': state['context_embedder.weight']}, source)}")
+            text = {"txt_in.weight": state["context_embedder.weight"]}
+            raise CheckpointError(f"{source.path}: {self.single_file_problem(text, source)}")
         arch = arch_dir(name)
         with torch.device("meta"):
             denoiser = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(str(arch / "transformer")))
@@ -145,8 +146,8 @@ class Flux2Family:
         encoder, tokenizer = parts.text_encoders["te"], parts.tokenizers["te"]
         dev = _is_dev(parts.denoiser)
         tokens = _chat_tokens(tokenizer, captions, dev)
-        mask = tokens["attention_mask"].to(encoder.device)
-        out = encoder(input_ids=tokens["input_ids"].to(encoder.device), attention_mask=mask,
+        mask = tokens.attention_mask.to(encoder.device)
+        out = encoder(input_ids=tokens.input_ids.to(encoder.device), attention_mask=mask,
                       output_hidden_states=True, use_cache=False)
         stacked = torch.stack([out.hidden_states[k] for k in ((10, 20, 30) if dev else (9, 18, 27))], dim=2)
         return {"prompt_embeds": stacked.reshape(stacked.shape[0], stacked.shape[1], -1)}

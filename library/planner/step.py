@@ -23,6 +23,7 @@ STEPS = 1  # measured steps, after warm_up_state (a plan's time is its number of
 # provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
 TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
                       "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}, "chroma": {"text_encoder": "te3"},
+                      "flux2": {"text_encoder": "te"},
                       "sd3": {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}}
 DENOISER_FOLDERS = ("unet", "transformer")
 
@@ -79,6 +80,9 @@ class _PlanTokenizer:
 
     def __init__(self, max_length: int):
         self.model_max_length = max_length
+
+    def apply_chat_template(self, messages, tokenize=False, max_length=None, **_):  # FLUX.2's chat-rendered captions
+        return self(messages, max_length) if tokenize else str(messages)
 
     def __call__(self, captions, max_length=None, **_):
         ids = torch.zeros((len(captions), max_length or self.model_max_length), dtype=torch.long)
