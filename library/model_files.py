@@ -68,6 +68,8 @@ def check_model_files(cfg: Config):
     headers = check_files(cfg)
     model = cfg.model.pretrained_model_name_or_path
     family = None if _is_hub_id(model) else _check_family(cfg, headers.get(MODEL_KEY))  # a hub id: once loaded
+    if family is not None:
+        _check_control_images(cfg, family)
     if headers.get("network.network_weights"):
         _check_network_weights(cfg, headers["network.network_weights"], family)
     return family
@@ -187,6 +189,20 @@ def _check_file_family(cfg: Config, header: SafetensorsHeader):
     if problem:
         raise fail(cfg, MODEL_KEY, f"{path}: {problem}")
     return family
+
+
+def _check_control_images(cfg: Config, family) -> None:
+    """Control (reference) images only for a family that reads them (edit models); else one error naming the key."""
+    from library.data.dataset_config import read_layout
+    from library.families.base import takes_control_images
+
+    if takes_control_images(family):
+        return
+    where = [s.where for d in read_layout(cfg).datasets for s in d.subsets if s.control_dir is not None]
+    if where:
+        key = "dataset.control_directory" if cfg.dataset.control_directory else "dataset.dataset_config"
+        raise ConfigError(f"{cfg.source}: '{key}': control (reference) images train edit models (FLUX.1 Kontext, "
+                          f"FLUX.2); a {family.name} model takes none ({', '.join(where)}): remove control_directory")
 
 
 def _check_network_weights(cfg: Config, header: SafetensorsHeader, family) -> None:

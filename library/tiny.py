@@ -7,7 +7,7 @@ real checkpoint goes through.
     python -m library.tiny sd1 quickstart/tiny-sd1      # folder + quickstart/tiny-sd1.safetensors
     python -m library.tiny sdxl out/tiny-sdxl           # folder + out/tiny-sdxl.safetensors (SAI layout)
     python -m library.tiny sd3 out/tiny-sd3             # folder + SAI single files + separate clip_l/clip_g/t5xxl
-    python -m library.tiny flux-dev out/tiny-flux       # folder + BFL transformer + clip_l / t5xxl / ae files
+    python -m library.tiny flux-dev out/tiny-flux       # folder + BFL transformer + clip_l / t5xxl / ae files (= flux)
     python -m library.tiny flux-schnell out/tiny-schnell   # the same without the guidance input
     python -m library.tiny chroma out/tiny-chroma          # folder + Chroma transformer + t5xxl / ae files
     python -m library.tiny flux2 out/tiny-flux2            # FLUX.2 klein: folder + BFL transformer + text_encoder / ae
@@ -475,10 +475,13 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
     return folder
 
 
+# what `python -m library.tiny` builds: every family by its name (sd2 and the FLUX.1 variants too), and the data
+WHAT = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-dev", "flux-schnell", "chroma", "flux2", "data")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "chroma", "flux2",
-                                         "data"))
+    parser.add_argument("what", choices=WHAT)
     parser.add_argument("out")
     args = parser.parse_args(argv)
     if args.what in ("sd1", "sd2"):
@@ -492,7 +495,7 @@ def main(argv=None) -> None:
     elif args.what == "flux2":
         written = tuple(save_tiny_flux2(args.out).values())
     elif args.what.startswith("flux"):
-        written = tuple(save_tiny_flux(args.out, guidance=args.what == "flux-dev").values())
+        written = tuple(save_tiny_flux(args.out, guidance=args.what != "flux-schnell").values())
     else:
         written = (make_dataset(args.out),)
     print("wrote " + ", ".join(str(p) for p in written))

@@ -117,6 +117,13 @@ def test_single_files_and_folder_give_identical_models(tiny_flux2):
         family.load(ModelSource(str(tiny_flux2["transformer"])))
 
 
+def test_the_tiny_command_builds_every_family():
+    from library.families.base import registered
+    from library.tiny import WHAT
+
+    assert {f.name for f in registered()} <= set(WHAT)
+
+
 def test_flux1_files_stay_with_flux1(tmp_path):
     from library.tiny import save_tiny_flux
 

@@ -121,6 +121,10 @@ class ModelFamily(Protocol):
     """The text encoder whose outputs can be cached while the others train (FLUX.1 / SD3: "te3", T5), with
     encode_apart(parts, captions) -> its share of encode_prompts; None where the family has none."""
 
+    takes_control_images: bool
+    """Edit models (FLUX.1 Kontext, FLUX.2): conditioning_for_batch reads the batch's control_latents (a dataset
+    with control_directory). Default False (see takes_control_images() below)."""
+
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """encode_prompts' (or the cache's) text conditioning plus what the family takes from the batch
@@ -170,6 +174,11 @@ def get_family(name: str, path: str) -> ModelFamily:
         if family.claims(path):
             return family
     raise ValueError(f"{path}: no model family recognises this checkpoint; set model.family")
+
+
+def takes_control_images(family: ModelFamily) -> bool:
+    """family.takes_control_images, False where a family does not say (the protocol's default)."""
+    return bool(getattr(family, "takes_control_images", False))
 
 
 def is_single_file(path: str) -> bool:

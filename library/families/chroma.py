@@ -38,6 +38,7 @@ class ChromaFamily:
     name = "chroma"
     cached_apart = None  # T5 alone, never trained: its outputs are cached whole or not at all
     adapter_base_versions = ("chroma",)
+    takes_control_images = False
     folder_parts = ("transformer", "vae", "text_encoder", "scheduler")
 
     def file_metadata(self, parts: Components) -> dict[str, str]:

@@ -40,6 +40,7 @@ BLOCK_PARENTS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 class FluxFamily:
     name = "flux"
     adapter_base_versions = ("flux1",)
+    takes_control_images = True  # FLUX.1 Kontext edit pairs (control_directory)
     folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:

@@ -45,6 +45,7 @@ class Flux2Family:
     name = "flux2"
     cached_apart = None  # one frozen text encoder: its outputs are cached whole or not at all
     adapter_base_versions = ("flux2",)
+    takes_control_images = True  # edit pairs (control_directory): reference tokens
     folder_parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
     def file_metadata(self, parts: Components) -> dict[str, str]:

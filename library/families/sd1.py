@@ -29,6 +29,7 @@ class SD1Family:
     name = "sd1"
     cached_apart = None  # no encoder's outputs are cached apart: all or none
     adapter_base_versions = ("sd_v1", "sd_v2")
+    takes_control_images = False
     folder_parts = ("unet", "vae", "text_encoder", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:

@@ -76,6 +76,7 @@ class Sd3FlowMatchObjective(FlowMatchObjective):
 class Sd3Family:
     name = "sd3"
     adapter_base_versions = ("sd3",)
+    takes_control_images = False
     folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                     "scheduler")  # the subfolders _load_folder reads
 

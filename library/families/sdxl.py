@@ -46,6 +46,7 @@ class SDXLFamily:
     name = "sdxl"
     cached_apart = None  # no encoder's outputs are cached apart: all or none
     adapter_base_versions = ("sdxl_base_v1-0", "sdxl_base_v0-9")
+    takes_control_images = False
     folder_parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
