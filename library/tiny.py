@@ -11,6 +11,7 @@ real checkpoint goes through.
     python -m library.tiny flux-schnell out/tiny-schnell   # the same without the guidance input
     python -m library.tiny chroma out/tiny-chroma          # folder + Chroma transformer + t5xxl / ae files
     python -m library.tiny flux2 out/tiny-flux2            # FLUX.2 klein: folder + BFL transformer + text_encoder / ae
+    python -m library.tiny flux2-dev out/tiny-flux2-dev    # FLUX.2 dev (Mistral3 text encoder, guidance input)
     python -m library.tiny data quickstart/data         # 8 images with .txt captions
 """
 from __future__ import annotations
@@ -307,71 +308,112 @@ QWEN_CHAT_TEMPLATE = (  # Qwen3's chat format, as Flux2KleinPipeline renders a p
     "<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
+MISTRAL_CHAT_TEMPLATE = (  # Mistral-Small-3's chat format, as Flux2Pipeline renders a prompt (system message, user turn)
+    "{{ bos_token }}{% for m in messages %}{% if m['content'] is string %}{% set text = m['content'] %}{% else %}"
+    "{% set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% endif %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}"
+    "[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def _byte_bpe():
+    """A byte-level BPE `tokenizers` model over the byte alphabet, without merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(_byte_alphabet())}, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 def tiny_qwen_tokenizer():
     """A real Qwen2TokenizerFast (Qwen3's tokenizer class) over the byte alphabet with no merges, Qwen's special
     tokens (<|endoftext|> pads, <|im_start|> / <|im_end|> frame the chat turns) and a chat template of Qwen3's
     format; built with `tokenizers`, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import Qwen2TokenizerFast
 
-    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=_byte_bpe(), unk_token=None, bos_token=None, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", model_max_length=512)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
 
 
-def build_tiny_flux2(seed: int = 0):
-    """The parts of a tiny FLUX.2-klein-architecture pipeline: a Flux2Transformer2DModel with 2 double and 2 single
-    blocks (128 input channels: the 32-channel latents patchified 2x2; four RoPE axes; no guidance input, as klein),
-    the 4-level 32-channel AutoencoderKLFlux2 with its latent batch-norm statistics (seeded, not the identity), a
-    Qwen3ForCausalLM of 28 layers (klein reads the hidden states of layers 9, 18 and 27, stacked: the transformer's
-    text width is 3x the encoder's) with its tokenizer."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def tiny_mistral_tokenizer():
+    """A byte-level tokenizer with Mistral-Small-3's special tokens ([SYSTEM_PROMPT], [INST], ... and [IMG], the
+    image token of the vision tower) and a chat template of its format."""
+    from transformers import PreTrainedTokenizerFast
 
-    tokenizer = tiny_qwen_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(), bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]",
+                                                                "[/INST]", "[IMG]"]})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_flux2_text_encoder(tokenizer, width: int, dev: bool):
+    """klein: a Qwen3ForCausalLM of 28 layers (its hidden states 9, 18, 27 are read); dev: a
+    Mistral3ForConditionalGeneration (Mistral language model of 31 layers: 10, 20, 30 are read; a one-layer Pixtral
+    vision tower)."""
+    from transformers import (MistralConfig, Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig,
+                              Qwen3Config, Qwen3ForCausalLM)
+
+    shape = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=32, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    if not dev:
+        return Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=28, tie_word_embeddings=True, **shape))
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=8, image_size=28, patch_size=14)
+    return Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=MistralConfig(num_hidden_layers=31, **shape), vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2))
+
+
+def build_tiny_flux2(seed: int = 0, dev: bool = False):
+    """The parts of a tiny FLUX.2-architecture pipeline: a Flux2Transformer2DModel with 2 double and 2 single
+    blocks (128 input channels: the 32-channel latents patchified 2x2; four RoPE axes; the guidance input for dev,
+    none for klein), the 4-level 32-channel AutoencoderKLFlux2 with its latent batch-norm statistics (seeded, not the
+    identity), and the text encoder with its tokenizer (klein: Qwen3; dev: Mistral-Small-3-style Mistral3): the
+    transformer's text width is 3x the encoder's, three hidden states stacked."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    tokenizer = tiny_mistral_tokenizer() if dev else tiny_qwen_tokenizer()
     torch.manual_seed(seed)
     width = 16
     transformer = Flux2Transformer2DModel(
         in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=3 * width, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=False)
+        guidance_embeds=dev)
     vae = AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=32,
                              norm_num_groups=32, sample_size=64)
     vae.bn.running_mean.copy_(torch.randn(128) * 0.1)
     vae.bn.running_var.copy_(torch.rand(128) + 0.5)
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=32, num_hidden_layers=28,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id))
+    text_encoder = _tiny_flux2_text_encoder(tokenizer, width, dev)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def save_tiny_flux2(folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write `folder` (diffusers layout) and the files users have: `folder`.safetensors (the BFL transformer,
-    library.flux2_layout), `folder`-text_encoder.safetensors (Qwen3, as ComfyUI's text_encoders/ files: the language
-    model without lm_head) and `folder`-ae.safetensors (the VAE in the original layout, with its bn. statistics)."""
-    from diffusers import Flux2KleinPipeline
+def save_tiny_flux2(folder: str | Path, seed: int = 0, dev: bool = False) -> dict[str, Path]:
+    """Write `folder` (diffusers layout: Flux2KleinPipeline, or Flux2Pipeline for dev) and the files users have:
+    `folder`.safetensors (the BFL transformer, library.flux2_layout), `folder`-text_encoder.safetensors (the
+    language model alone, as ComfyUI's text_encoders/ files: no lm_head, no vision tower) and `folder`-ae.safetensors
+    (the VAE in the original layout, with its bn. statistics)."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
     from safetensors.torch import save_file
 
     from library.flux2_layout import transformer_to_file
     from library.ldm_layout import VAE_PREFIX, vae_to_ldm
 
     folder = Path(folder)
-    parts = build_tiny_flux2(seed)
-    Flux2KleinPipeline(**parts).save_pretrained(str(folder))
+    parts = build_tiny_flux2(seed, dev)
+    (Flux2Pipeline if dev else Flux2KleinPipeline)(**parts).save_pretrained(str(folder))
     files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
     vae_state = parts["vae"].state_dict()
     ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm({k: v for k, v in vae_state.items()
                                                          if not k.startswith("bn.")}).items()}
     ae.update({k: v for k, v in vae_state.items() if k.startswith("bn.")})
-    text = {k: v for k, v in parts["text_encoder"].state_dict().items() if not k.startswith("lm_head.")}
+    text = {k: v for k, v in parts["text_encoder"].state_dict().items()
+            if not k.startswith(("lm_head.", "model.vision_tower.", "model.multi_modal_projector."))}
     for name, state in (("transformer", transformer_to_file(parts["transformer"].state_dict())),
                         ("text_encoder", text), ("ae", ae)):
         path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
@@ -476,7 +518,7 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
 
 
 # what `python -m library.tiny` builds: every family by its name (sd2 and the FLUX.1 variants too), and the data
-WHAT = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-dev", "flux-schnell", "chroma", "flux2", "data")
+WHAT = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-dev", "flux-schnell", "chroma", "flux2", "flux2-dev", "data")
 
 
 def main(argv=None) -> None:
@@ -492,8 +534,8 @@ def main(argv=None) -> None:
         written = tuple(save_tiny_sd3(args.out).values())
     elif args.what == "chroma":
         written = tuple(save_tiny_chroma(args.out).values())
-    elif args.what == "flux2":
-        written = tuple(save_tiny_flux2(args.out).values())
+    elif args.what.startswith("flux2"):
+        written = tuple(save_tiny_flux2(args.out, dev=args.what == "flux2-dev").values())
     elif args.what.startswith("flux"):
         written = tuple(save_tiny_flux(args.out, guidance=args.what != "flux-schnell").values())
     else:

@@ -16,6 +16,7 @@ from library.loading import CheckpointError, arch_dir
 
 # seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, sd-scripts' FLUX defaults
 GOLDEN_FLUX2 = [3.542257, 3.090285, 2.467133, 1.963594]
+GOLDEN_FLUX2_DEV = [3.719114, 3.293840, 2.629239, 2.057453]  # dev: Mistral3 text, guidance 3.5 (model.guidance_scale)
 GOLDEN_FLUX2_DB = [3.433707, 3.119931, 2.455278, 1.849790]
 GOLDEN_FLUX2_EDIT = [3.542307, 3.190031, 2.471148, 1.952534]
 # Cached text outputs and swapped blocks move or reuse tensors, never change them (see test_memory_offload.SAME)
@@ -31,6 +32,13 @@ def tiny_flux2(tmp_path_factory):
     from library.tiny import save_tiny_flux2
 
     return save_tiny_flux2(tmp_path_factory.mktemp("models") / "tiny-flux2")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dev(tmp_path_factory):
+    from library.tiny import save_tiny_flux2
+
+    return save_tiny_flux2(tmp_path_factory.mktemp("models") / "tiny-flux2-dev", dev=True)
 
 
 @pytest.fixture
@@ -161,6 +169,47 @@ def test_text_and_inputs_are_flux2_klein_pipeline(tiny_flux2):
                              txt_ids=text_ids[:1]).sample[:, :16]
     assert torch.allclose(ours, out.transpose(1, 2).reshape(1, 128, 4, 4), atol=1e-6)
     assert not torch.allclose(ours, plain)
+
+
+def test_dev_text_and_guidance_are_flux2_pipeline(tiny_flux2_dev):
+    """dev: Mistral3 (folder) and the language model alone (the single file) give Flux2Pipeline.encode_prompt's
+    conditioning (BFL's system message, layers 10/20/30 stacked); the guidance input is model.guidance_scale."""
+    family = Flux2Family()
+    folder = family.load(ModelSource(str(tiny_flux2_dev["folder"]), guidance_scale=4.0))
+    single = family.load(_single_file_source(tiny_flux2_dev, guidance_scale=2.0))
+    assert type(folder.text_encoders["te"]).__name__ == "Mistral3ForConditionalGeneration"
+    assert family.file_metadata(single)["modelspec.architecture"] == "flux-2-dev"
+    latents = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = family.encode_prompts(folder, ["a red dog", "blue"], 1)["prompt_embeds"]
+        theirs = family.pipeline(folder).encode_prompt(["a red dog", "blue"], device="cpu")[0]
+        assert torch.equal(ours, theirs) and torch.equal(ours, family.encode_prompts(single, ["a red dog", "blue"], 1)
+                                                         ["prompt_embeds"])
+        at_4, at_2 = (family.predict(p, latents, torch.tensor([500.0]), {"prompt_embeds": ours[:1]})
+                      for p in (folder, single))
+        guidance = torch.tensor([4.0])
+        out = folder.denoiser(hidden_states=latents.flatten(2).transpose(1, 2), encoder_hidden_states=ours[:1],
+                              timestep=torch.tensor([0.5]), guidance=guidance,
+                              img_ids=family_ids(4, 4), txt_ids=family_text_ids(512)).sample
+    assert torch.allclose(at_4, out.transpose(1, 2).reshape(1, 128, 4, 4), atol=1e-6)
+    assert not torch.allclose(at_4, at_2)
+
+
+def family_ids(h, w):
+    from diffusers import Flux2Pipeline
+
+    return Flux2Pipeline._prepare_latent_ids(torch.zeros(1, 1, h, w))
+
+
+def family_text_ids(n):
+    from diffusers import Flux2Pipeline
+
+    return Flux2Pipeline._prepare_text_ids(torch.zeros(1, n, 1))
+
+
+def test_golden_losses_dev_lora(make_config, tiny_flux2_dev):
+    result = train_network(make_config(model={"pretrained_model_name_or_path": str(tiny_flux2_dev["folder"])}))
+    assert _close(result.losses, GOLDEN_FLUX2_DEV)
 
 
 def test_golden_losses_lora(flux2_config):
