@@ -76,10 +76,12 @@ class ModelSection:
         None, "T5 tokens per caption (default: 512 for FLUX.1-dev, 256 for schnell, 256 for SD3)")
     apply_t5_attn_mask: bool = opt(False, "mask T5 padding tokens in the encoder and in the denoiser's attention")
     t5xxl_precision: str = opt(
-        "auto", "T5-XXL weight storage while encoding captions: auto (the weights' dtype; 9.5 GB in bf16), "
+        "auto", "T5-XXL weight storage while encoding captions (FLUX.2: its Qwen3 / Mistral text encoder's): auto "
+        "(the weights' dtype; T5 9.5 GB in bf16), "
         "fp8 (float8, computed in the autocast dtype) or int8 (bitsandbytes LLM.int8): ~4.8 GB",
         choices=("auto", "fp8", "int8"))
-    guidance_scale: float = opt(3.5, "FLUX.1-dev: the distilled-guidance value the model is given in training")
+    guidance_scale: float = opt(3.5, "FLUX.1-dev / FLUX.2-dev: the distilled-guidance value the model is given in "
+                                     "training")
 
 
 @dataclass

@@ -248,6 +248,21 @@ def test_golden_losses_full_fine_tune_and_single_file_reload(flux2_config, tiny_
     assert trained.keys() == back.keys() and all(torch.equal(trained[k], back[k]) for k in trained)
 
 
+def test_fp8_base_and_fp8_text_encoder_train(flux2_config):
+    """fp8_base stores the transformer's block Linears in float8, t5xxl_precision = "fp8" the Qwen3 encoder's;
+    both compute in bf16, and the run trains (finite losses, near the bf16 run's)."""
+    bf16 = {"mixed_precision": "bf16", "max_train_steps": 2}
+    plain = train_network(flux2_config(train=bf16))
+    result = train_network(flux2_config(model={"t5xxl_precision": "fp8"}, train={**bf16, "fp8_base": True},
+                                        save={"overwrite": True}))
+    qkv = result.parts.denoiser.transformer_blocks[0].attn.to_q
+    assert qkv.base_layer.weight.dtype == torch.float8_e4m3fn
+    encoder = result.parts.text_encoders["te"]
+    assert encoder.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    assert encoder.model.embed_tokens.weight.dtype != torch.float8_e4m3fn
+    assert all(abs(a - b) < 0.05 * b for a, b in zip(result.losses, plain.losses)) and result.losses != plain.losses
+
+
 def _controls(images, folder, seed, flat=False):
     """A control image per training image (same stem), of another size (resized to its bucket when loaded)."""
     folder.mkdir(parents=True, exist_ok=True)
