@@ -288,9 +288,11 @@ def test_edit_run_golden_losses_and_the_control_image_matters(flux2_config, tiny
 
 def test_adapter_in_diffusers_every_key_consumed(flux2_config, tiny_flux2):
     """The kohya file: Flux2KleinPipeline.load_lora_weights consumes every key (diffusers' Flux2 kohya converter
-    leaves none), one LoRA layer per adapted module, with our outputs."""
+    leaves none), one LoRA layer per adapted module, with the outputs of our live adapter and of our merge."""
     from diffusers import Flux2KleinPipeline
     from peft.tuners.lora import LoraLayer
+
+    from networks.merge import merge_lora
 
     result = train_network(flux2_config(train={"max_train_steps": 2}))
     tensors = load_file(result.adapter_path)
@@ -306,13 +308,17 @@ def test_adapter_in_diffusers_every_key_consumed(flux2_config, tiny_flux2):
     theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
                         text_encoders={"te": pipe.text_encoder}, tokenizers={"te": pipe.tokenizer},
                         source=result.parts.source)
+    merged = family.load(ModelSource(str(tiny_flux2["folder"])))
+    assert merge_lora({"denoiser": merged.denoiser}, family.adapter_targets(merged), str(result.adapter_path)) == 20
     latents = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(3))
     outs = []
-    for parts in (result.parts, theirs):
+    for parts in (result.parts, theirs, merged):
         with torch.no_grad():
             text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
             outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
-    assert torch.allclose(*outs, atol=1e-5)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[2], outs[1], atol=1e-5)
+    assert not torch.allclose(outs[2], family.predict(family.load(ModelSource(str(tiny_flux2["folder"]))), latents,
+                                                      torch.tensor([400.0]), text), atol=1e-5)  # the adapter matters
 
 
 def test_samples_are_reproducible_and_take_the_negative_prompt_and_a_reference(tiny_flux2, tmp_path):
