@@ -168,8 +168,8 @@ class DatasetSection:
     vae_batch_size: int = opt(1, "images per VAE call when caching latents")
     cache_dir: Optional[str] = opt(None, "folder of the disk caches (default: output_dir/cache)")
     control_directory: Optional[str] = opt(
-        None, "edit pairs (FLUX.1 Kontext): folder of control (reference) images, one per training image with the "
-        "same file stem, each resized to its image's bucket (a dataset TOML sets it per subset)", path="dir")
+        None, "edit pairs (FLUX.1 Kontext, FLUX.2): folder of control (reference) images, one per training image with "
+        "the same file stem, each resized to its image's bucket (a dataset TOML sets it per subset)", path="dir")
     bad_data: str = opt("stop", "what the dataset check does with bad images and captions: stop with the "
                         "list, or skip them with a warning", choices=("stop", "skip"))
     check_decode: bool = opt(True, "the dataset check decodes every image fully (false: headers and file ends)")

@@ -308,7 +308,7 @@ QWEN_CHAT_TEMPLATE = (  # Qwen3's chat format, as Flux2KleinPipeline renders a p
     "<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-MISTRAL_CHAT_TEMPLATE = (  # Mistral-Small-3's chat format, as Flux2Pipeline renders a prompt (system message, user turn)
+MISTRAL_CHAT_TEMPLATE = (  # Mistral-Small-3's chat format, as Flux2Pipeline renders a prompt (system, user turns)
     "{{ bos_token }}{% for m in messages %}{% if m['content'] is string %}{% set text = m['content'] %}{% else %}"
     "{% set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
     "{% endif %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}"

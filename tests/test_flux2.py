@@ -73,7 +73,8 @@ def test_shipped_configs_build_the_real_architectures(arch, billions, text_width
     from diffusers import Flux2Transformer2DModel
 
     with torch.device("meta"):
-        model = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(str(arch_dir(arch) / "transformer")))
+        config = Flux2Transformer2DModel.load_config(str(arch_dir(arch) / "transformer"))
+        model = Flux2Transformer2DModel.from_config(config)
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions  # "4B", "9B", "32B"
     assert model.config.joint_attention_dim == text_width and model.config.guidance_embeds == (arch == "flux2-dev")
 
@@ -90,8 +91,8 @@ def test_single_file_layout_is_the_inverse_of_diffusers_converter():
     state = model.state_dict()
     file = transformer_to_file(state)
     assert {"double_blocks.0.img_attn.qkv.weight", "double_blocks.0.txt_mlp.2.weight", "single_blocks.0.linear1.weight",
-            "single_stream_modulation.lin.weight", "guidance_in.out_layer.weight", "final_layer.adaLN_modulation.1.weight",
-            "txt_in.weight"} <= set(file)
+            "single_stream_modulation.lin.weight", "guidance_in.out_layer.weight", "txt_in.weight",
+            "final_layer.adaLN_modulation.1.weight"} <= set(file)
     ours = file_to_transformer({"model.diffusion_model." + k: v for k, v in file.items()})
     assert set(ours) == set(state) and all(ours[k].shape == state[k].shape for k in state)
 

@@ -38,7 +38,8 @@ REFERENCE_TIME = 10  # the first position id of reference tokens (Flux2 pipeline
 # text width of txt_in (3 x the encoder's hidden size) -> shipped architecture
 ARCH_BY_TEXT_WIDTH = {7680: "flux2-klein-4b", 12288: "flux2-klein-9b", 15360: "flux2-dev"}
 DEFAULT_TOKENIZERS = {"flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",
-                      "flux2-klein-9b": "black-forest-labs/FLUX.2-klein-9B", "flux2-dev": "black-forest-labs/FLUX.2-dev"}
+                      "flux2-klein-9b": "black-forest-labs/FLUX.2-klein-9B",
+                      "flux2-dev": "black-forest-labs/FLUX.2-dev"}
 
 
 class Flux2Family:
@@ -111,7 +112,8 @@ class Flux2Family:
             raise CheckpointError(f"{source.path}: {self.single_file_problem(text, source)}")
         arch = arch_dir(name)
         with torch.device("meta"):
-            denoiser = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(str(arch / "transformer")))
+            config = Flux2Transformer2DModel.load_config(str(arch / "transformer"))
+            denoiser = Flux2Transformer2DModel.from_config(config)
         assign_weights(denoiser, state, source.path)
         return Components(denoiser=denoiser, vae=load_vae(source.ae, arch),
                           text_encoders={"te": load_text_encoder(source.text_encoder, arch)},
@@ -191,8 +193,8 @@ class Flux2Family:
             guidance = torch.full((b,), scale, device=device, dtype=torch.float32)
         text_ids = torch.zeros(text.shape[1], 4, device=device, dtype=torch.long)
         text_ids[:, 3] = torch.arange(text.shape[1], device=device)
-        out = model(hidden_states=tokens, encoder_hidden_states=text, timestep=timesteps.to(device, torch.float32) / 1000,
-                    img_ids=ids, txt_ids=text_ids, guidance=guidance).sample
+        out = model(hidden_states=tokens, encoder_hidden_states=text, img_ids=ids, txt_ids=text_ids, guidance=guidance,
+                    timestep=timesteps.to(device, torch.float32) / 1000).sample
         return out[:, :h * w].transpose(1, 2).reshape(b, c, h, w)
 
     # ---- preview images -------------------------------------------------------------------
