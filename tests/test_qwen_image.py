@@ -169,6 +169,26 @@ def test_padding_does_not_reach_the_prediction(tiny_qwen):
     assert torch.allclose(both[1:], alone, atol=1e-6)
 
 
+def test_cached_outputs_of_other_lengths_join(tiny_qwen):
+    """Text outputs cached in separate encoding batches have their own lengths; a training batch of them is padded
+    to its longest and predicts as the captions encoded together."""
+    from library.data.cache import cache_text_outputs
+    from library.training import text_conditioning
+
+    family = QwenImageFamily()
+    parts = family.load(ModelSource(str(tiny_qwen["folder"])))
+    captions = ["a photo of a red circle", "blue"]
+    cached = cache_text_outputs(family, parts, captions, 1, None, say=lambda *_: None, device="cpu", batch_size=1)
+    assert cached[captions[0]]["prompt_embeds"].shape[1] > cached[captions[1]]["prompt_embeds"].shape[1]
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        joined = text_conditioning(family, parts, captions, 1, cached, False, "cpu")
+        direct = family.encode_prompts(parts, captions, 1)
+        assert torch.equal(joined["prompt_embeds_mask"], direct["prompt_embeds_mask"])
+        outs = [family.predict(parts, latents, torch.tensor([500.0, 300.0]), c) for c in (joined, direct)]
+    assert torch.allclose(*outs, atol=1e-6)
+
+
 def test_qwen_shift_is_the_pipeline_shift():
     """timestep_sampling = qwen_shift: a sigmoid draw shifted as Qwen-Image's scheduler shifts at this size
     (exp(mu) about 2.3 at 1328px)."""

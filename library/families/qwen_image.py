@@ -144,21 +144,18 @@ class QwenImageFamily:
 
     def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
         """prompt_embeds: the language model's last hidden state of each caption in the chat template, the system
-        prefix dropped, padded to the batch's longest (B, L, 3584); prompt_embeds_mask: its real tokens (B, L).
-        clip_skip does not apply."""
+        prefix dropped, padded (right, with zeros) to the batch's longest (B, L, 3584); prompt_embeds_mask: its
+        real tokens (B, L). As QwenImagePipeline encodes prompts. clip_skip does not apply."""
         model, tokenizer = parts.text_encoders["te"], parts.tokenizers["te"]
         template = EDIT_TEMPLATE if is_edit(parts) else TEMPLATE
         drop = prefix_length(tokenizer, template)
         tokens = tokenizer([template.format(c) for c in captions], max_length=TOKENIZER_MAX_LENGTH + drop,
-                           padding=True, truncation=True, return_tensors="pt")
+                           padding=True, truncation=True, padding_side="right", return_tensors="pt")
         mask = tokens.attention_mask.to(model.device)
         hidden = model(input_ids=tokens.input_ids.to(model.device), attention_mask=mask).last_hidden_state
-        kept = [h[m.bool()][drop:][:MAX_SEQUENCE_LENGTH] for h, m in zip(hidden, mask.to(hidden.device))]
-        longest = max(k.shape[0] for k in kept)
-        embeds = torch.stack([torch.cat([k, k.new_zeros(longest - k.shape[0], k.shape[1])]) for k in kept])
-        lengths = torch.tensor([k.shape[0] for k in kept], device=hidden.device)
-        return {"prompt_embeds": embeds,
-                "prompt_embeds_mask": torch.arange(longest, device=hidden.device)[None] < lengths[:, None]}
+        keep = slice(drop, drop + MAX_SEQUENCE_LENGTH)  # every caption starts after the same prefix
+        mask = mask[:, keep].to(hidden.device, torch.bool)
+        return {"prompt_embeds": hidden[:, keep] * mask[..., None].to(hidden.dtype), "prompt_embeds_mask": mask}
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -285,10 +282,12 @@ def prefix_length(tokenizer, template: str) -> int:
 
 
 def _trimmed_text(conditioning: dict, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """prompt_embeds and its mask, cut to the longest caption of the batch; the mask None when every token is
-    real (the transformer then attends without one, as QwenImagePipeline with a mask of ones)."""
+    """prompt_embeds and its (right-padded) mask, cut to the batch's longest caption; the mask None when every
+    token is real (the transformer then attends without one, as QwenImagePipeline with a mask of ones)."""
     text = conditioning["prompt_embeds"].to(device)
     mask = conditioning["prompt_embeds_mask"].to(device, torch.bool)
+    if bool(mask[:, -1].all()):  # every caption reaches the end: no padding
+        return text, None
     longest = int(mask.sum(dim=1).max())
     text, mask = text[:, :longest], mask[:, :longest]
     return text, None if bool(mask.all()) else mask
