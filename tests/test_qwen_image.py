@@ -67,7 +67,8 @@ def test_shipped_configs_build_the_real_architectures():
         models = {name: QwenImageTransformer2DModel.from_config(
             QwenImageTransformer2DModel.load_config(str(arch_dir(name) / "transformer")))
             for name in ("qwen-image", "qwen-image-edit", "qwen-image-edit-2511")}
-        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(arch_dir("qwen-image") / "vae")))
+        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(arch_dir("qwen-image")),
+                                                                                  subfolder="vae"))
         text = Qwen2_5_VLTextModel(AutoConfig.from_pretrained(str(arch_dir("qwen-image") / "text_encoder")).text_config)
     assert {count(m) for m in models.values()} == {20_430_401_088}  # "20B"; Edit shares the architecture
     assert [m.config.zero_cond_t for m in models.values()] == [False, False, True]
@@ -83,12 +84,13 @@ def test_vae_file_layout_is_the_inverse_of_diffusers_converter():
     from library.qwen_image_layout import file_to_vae, vae_to_file
 
     with torch.device("meta"):
-        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(arch_dir("qwen-image") / "vae")))
+        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(arch_dir("qwen-image")),
+                                                                                  subfolder="vae"))
     state = vae.state_dict()
     file = vae_to_file(state)
     assert {"conv1.weight", "conv2.weight", "encoder.conv1.weight", "encoder.downsamples.0.residual.0.gamma",
-            "encoder.middle.1.to_qkv.weight", "decoder.upsamples.4.shortcut.weight", "decoder.upsamples.3.time_conv.weight",
-            "decoder.head.2.weight"} <= set(file)
+            "encoder.middle.1.to_qkv.weight", "decoder.upsamples.4.shortcut.weight",
+            "decoder.upsamples.3.time_conv.weight", "decoder.head.2.weight"} <= set(file)
     theirs = convert_wan_vae_to_diffusers(file)
     assert set(theirs) == set(state) == set(file_to_vae(file))
     assert all(theirs[k].shape == state[k].shape for k in state)
@@ -285,7 +287,8 @@ def test_adapter_in_diffusers_every_key_consumed(save_format, qwen_config, tiny_
 
     # peft layout: alpha = dim (diffusers reads no alpha from a peft-layout file: scale 1)
     result = train_network(qwen_config(save={"save_format": save_format}, train={"max_train_steps": 2},
-                                       network={"network_dim": 4, "network_alpha": 4.0 if save_format == "peft" else 2.0}))
+                                       network={"network_dim": 4,
+                                                "network_alpha": 4.0 if save_format == "peft" else 2.0}))
     tensors = load_file(result.adapter_path)
     pipe = QwenImagePipeline.from_pretrained(str(tiny_qwen["folder"]))
     pipe.load_lora_weights(str(result.adapter_path))
@@ -297,7 +300,8 @@ def test_adapter_in_diffusers_every_key_consumed(save_format, qwen_config, tiny_
     theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
                         text_encoders={"te": pipe.text_encoder.model.language_model},
                         tokenizers={"te": pipe.tokenizer}, source=result.parts.source)
-    base = Components(**{**vars(theirs), "denoiser": QwenImageFamily().load(ModelSource(str(tiny_qwen["folder"]))).denoiser})
+    untrained = family.load(ModelSource(str(tiny_qwen["folder"]))).denoiser
+    base = Components(**{**vars(theirs), "denoiser": untrained})
     ours, with_lora, without = (_predict_with(family, p, latents) for p in (result.parts, theirs, base))
     assert torch.allclose(ours, with_lora, atol=1e-5) and not torch.allclose(ours, without, atol=1e-4)
 
@@ -361,8 +365,8 @@ def test_reference_tokens_are_qwen_image_edit_plus_pipeline(tiny_qwen):
         ours = family.predict(parts, latents, torch.tensor([500.0]), {**text, "control_latents": reference})
         plain = family.predict(parts, latents, torch.tensor([500.0]), text)
         tokens = torch.cat([Edit._pack_latents(latents, 1, 16, 8, 8), Edit._pack_latents(reference, 1, 16, 6, 10)], 1)
-        out = parts.denoiser(hidden_states=tokens, encoder_hidden_states=text["prompt_embeds"], timestep=torch.tensor([0.5]),
-                             img_shapes=[[(1, 4, 4), (1, 3, 5)]]).sample[:, :16]
+        out = parts.denoiser(hidden_states=tokens, encoder_hidden_states=text["prompt_embeds"],
+                             timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4), (1, 3, 5)]]).sample[:, :16]
     assert torch.allclose(ours, Edit._unpack_latents(out, 64, 64, 8)[:, :, 0], atol=1e-6)
     assert not torch.allclose(ours, plain)
 

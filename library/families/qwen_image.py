@@ -118,6 +118,22 @@ class QwenImageFamily:
                                                                                           subfolder="scheduler"),
                           extra={"arch": str(arch), "edit": edit})
 
+    def planning_parts(self, arch: Path) -> Components:
+        """The architecture's parts with random weights on the current (the planner's fake) device: the language
+        model only (as load() reads it), captions planned at the most tokens the transformer gets."""
+        from transformers import AutoConfig, Qwen2_5_VLTextModel
+
+        index = arch / "model_index.json"
+        return Components(
+            denoiser=QwenImageTransformer2DModel.from_config(QwenImageTransformer2DModel.load_config(
+                str(arch / "transformer"))),
+            vae=AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(arch / "vae"))),
+            text_encoders={"te": Qwen2_5_VLTextModel(
+                AutoConfig.from_pretrained(str(arch / "text_encoder")).text_config)},
+            tokenizers={"te": _PlanningTokenizer()}, source=ModelSource(str(arch)),
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch), subfolder="scheduler"),
+            extra={"arch": str(arch), "edit": index.is_file() and PIPELINES.get(read_json(index).get("_class_name"))})
+
     # ---- what adapters train --------------------------------------------------------------
 
     def adapter_targets(self, parts: Components) -> list[AdapterTarget]:
@@ -345,6 +361,18 @@ def _load_text_model(path: str | Path, arch: Path):
     model.rotary_emb = Qwen2_5_VLRotaryEmbedding(config=config)  # its inverse frequencies: computed, not stored
     assign_weights(model, state, path)
     return model.eval()
+
+
+class _PlanningTokenizer:
+    """Stands in for Qwen2.5-VL's tokenizer in a plan (none ships with the architectures): the template's prefix
+    as Qwen2.5-VL's tokenizer splits it (34 tokens), then a caption of MAX_SEQUENCE_LENGTH tokens, no padding."""
+    PREFIX = 34
+
+    def __call__(self, text, **_):
+        if isinstance(text, str):
+            return type("Tokens", (), {"input_ids": [0] * self.PREFIX})()
+        ids = torch.zeros((len(text), self.PREFIX + MAX_SEQUENCE_LENGTH), dtype=torch.long)
+        return type("Tokens", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})()
 
 
 def _tokenizer(where: str):
