@@ -408,3 +408,41 @@ def test_qwen_file_faults_exit_2_naming_the_key(model, said, tiny_qwen, tiny_dat
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
     assert said in lines[0] and str(tiny_qwen["transformer"]) in lines[0]
+
+
+# ---- the planner -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, arch", [("Qwen/Qwen-Image", "qwen-image"),
+                                        ("/m/qwen_image_bf16.safetensors", "qwen-image"),
+                                        ("Qwen/Qwen-Image-Edit-2509", "qwen-image-edit"),
+                                        ("/m/qwen_image_edit_2511_bf16.safetensors", "qwen-image-edit-2511")])
+def test_known_names_plan_qwen_image(name, arch):
+    import types
+
+    from library.planner.architecture import resolve
+
+    model = types.SimpleNamespace(pretrained_model_name_or_path=name, family="auto", arch=None, v2=False)
+    assert resolve(model) == ("qwen_image", arch)
+
+
+def test_plan_of_the_tiny_architecture_sees_fp8_and_block_swap(tiny_qwen):
+    """The planner runs the Qwen-Image step (the language model only, the planning tokenizer's 512 caption
+    tokens): fp8_base halves the frozen transformer's Linear weights; blocks_to_swap is planned."""
+    import dataclasses
+
+    from library.config import NetworkSection
+    from library.planner import plan
+    from library.planner.step import StepSettings
+
+    base = StepSettings(recipe="network", family="qwen_image", arch=str(tiny_qwen["folder"]), width=64, height=64,
+                        mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
+                        cache_text_encoder_outputs=True, train_text_encoder=False,
+                        network=NetworkSection(network_dim=4, network_alpha=4))
+    plain, fp8, swapped = (plan(dataclasses.replace(base, **k)) for k in ({}, {"fp8_base": True},
+                                                                         {"blocks_to_swap": 1}))
+    assert plain.breakdown["adapter weights"] > 0 and plain.text_peak > 0
+    assert fp8.breakdown["weights"] < 0.75 * plain.breakdown["weights"]
+    # two blocks: the one running and the one prefetched are both on the card at the peak; the swap is planned
+    assert swapped.breakdown["weights"] == plain.breakdown["weights"]
+    assert any("blocks_to_swap 1" in n and "s/step" in n for n in swapped.notes)
