@@ -190,8 +190,10 @@ class QwenImageFamily:
         return (latents - mean) / std
 
     def objective(self, parts: Components) -> FlowMatchObjective:
+        """The velocity (noise - x_0) predicted as is (raw, as musubi-tuner trains Qwen-Image), timesteps drawn
+        with Qwen-Image's resolution-dependent shift; the [loss] keys override both."""
         return FlowMatchObjective(num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps,
-                                  timestep_sampling="qwen_shift")
+                                  timestep_sampling="qwen_shift", model_prediction_type="raw")
 
     def predict(self, parts: Components, noisy_latents, timesteps, conditioning):
         """The transformer called as QwenImagePipeline calls it (packed latents, img_shapes for RoPE, timestep
