@@ -42,8 +42,9 @@ def qwen_config(make_config, tiny_qwen):
 
 
 def _single_file_source(files, **extra):
-    return ModelSource(str(files["transformer"]), text_encoder=str(files["text_encoder"]), vae=str(files["vae"]),
-                       arch=str(files["folder"]), tokenizer=str(files["folder"]), **extra)
+    return ModelSource(str(files["transformer"]), **{"text_encoder": str(files["text_encoder"]),
+                                                     "vae": str(files["vae"]), "arch": str(files["folder"]),
+                                                     "tokenizer": str(files["folder"]), **extra})
 
 
 def train_network(cfg):
@@ -270,6 +271,23 @@ def test_golden_losses_full_fine_tune_and_single_file_reload(qwen_config, tiny_q
     assert get_family("auto", str(result.model_path)).name == "qwen_image"
     reloaded = QwenImageFamily().load(_single_file_source({**tiny_qwen, "transformer": result.model_path}))
     assert_same_weights(result.parts, reloaded)
+
+
+def test_full_fine_tune_saved_as_diffusers_folder_reloads(qwen_config):
+    """save_model_as = "diffusers": a QwenImagePipeline folder (its text_encoder the language model alone), which
+    loads back to the same weights."""
+    from diffusers import QwenImagePipeline
+
+    result = train_db(qwen_config(optimizer={"optimizer_type": "Adafactor", "learning_rate": 1e-4},
+                                  dreambooth={"train_text_encoder": False}, train={"max_train_steps": 1},
+                                  save={"save_model_as": "diffusers"}))
+    assert_same_weights(result.parts, QwenImageFamily().load(ModelSource(str(result.model_path))))
+    assert QwenImagePipeline.from_pretrained(str(result.model_path)).transformer.config.num_layers == 2
+
+
+def test_missing_tokenizer_names_the_key(tiny_qwen, tmp_path):
+    with pytest.raises(CheckpointError, match="Qwen2.5-VL tokenizer .* not found locally; set model.tokenizer"):
+        QwenImageFamily().load(_single_file_source(tiny_qwen, tokenizer=str(tmp_path / "nowhere")))
 
 
 def _predict_with(family, parts, latents):
