@@ -51,7 +51,7 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -67,8 +67,9 @@ class ModelSection:
                                path="exists")
     ae: Optional[str] = opt(None, "FLUX.1 / FLUX.2 single files: the autoencoder file (ae.safetensors)", path="exists")
     text_encoder: Optional[str] = opt(
-        None, "FLUX.2 single files: the text encoder file (Qwen3 for klein, Mistral-Small-3 for dev; ComfyUI's "
-        "text_encoders/ files) or a transformers folder", path="exists")
+        None, "FLUX.2 / Qwen-Image single files: the text encoder file (FLUX.2: Qwen3 for klein, Mistral-Small-3 for "
+        "dev; Qwen-Image: Qwen2.5-VL, ComfyUI's qwen_2.5_vl_7b.safetensors; ComfyUI's text_encoders/ files) or a "
+        "transformers folder", path="exists")
     max_token_length: Optional[int] = opt(
         None, "SD1 / SD2 / SDXL: tokens per caption: 75 (one CLIP window, the default), 150 or 225 (longer captions "
         "encoded in 75-token windows and joined, as sd-scripts does)", choices=(75, 150, 225))
@@ -327,8 +328,8 @@ class LossSection:
     max_timestep: Optional[int] = opt(None, "timesteps are drawn below this (default: all 1000)")
     zero_terminal_snr: bool = opt(False, "rescale the noise schedule to zero SNR at the last step (use with v-pred)")
     timestep_sampling: Optional[str] = opt(
-        None, "flow matching (FLUX.1, SD3): how s is drawn (default sigma)",
-        choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift"))
+        None, "flow matching (FLUX.1, SD3, Qwen-Image): how s is drawn (default sigma; Qwen-Image: qwen_shift)",
+        choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift", "qwen_shift"))
     sigmoid_scale: Optional[float] = opt(None, "flow matching: scale of N(0,1) before the sigmoid (default 1.0)")
     discrete_flow_shift: Optional[float] = opt(
         None, "flow matching: shift s -> shift s / (1 + (shift - 1) s) of sigma / shift sampling (default 3.0)")

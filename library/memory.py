@@ -41,13 +41,18 @@ def set_attention(denoiser: nn.Module, xformers: bool, sdpa: bool) -> str:
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
     if not any(isinstance(m, Attention) for m in denoiser.modules()) or any(
-            "Joint" in type(m.processor).__name__ for m in denoiser.modules() if isinstance(m, Attention)):
-        return "sdpa (the model's own attention processors)"  # FLUX / SD3 (joint attention): already SDPA
+            _joint(m.processor) for m in denoiser.modules() if isinstance(m, Attention)):
+        return "sdpa (the model's own attention processors)"  # FLUX / SD3 / Qwen-Image (joint): already SDPA
     if xformers:
         denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"
     denoiser.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
     return "sdpa" if sdpa else "math"
+
+
+def _joint(processor) -> bool:
+    """A joint (text + image) attention processor of the model's own, which the generic ones cannot replace."""
+    return any(word in type(processor).__name__ for word in ("Joint", "DoubleStream"))
 
 
 def enable_gradient_checkpointing(denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:

@@ -265,7 +265,8 @@ class FlowMatchObjective:
     timestep_sampling (sd-scripts): uniform s ~ U(0, 1); sigmoid s = sigmoid(sigmoid_scale * N(0, 1));
     shift: that sigmoid, then s -> shift s / (1 + (shift - 1) s) with shift = discrete_flow_shift;
     flux_shift: that sigmoid, then FLUX's resolution-dependent shift exp(mu) / (exp(mu) + 1/s - 1), mu linear
-    in the packed sequence length (h/2)(w/2) from 0.5 at 256 to 1.15 at 4096; sigma: u from the
+    in the packed sequence length (h/2)(w/2) from 0.5 at 256 to 1.15 at 4096; qwen_shift: the same with
+    Qwen-Image's constants (0.5 at 256 to 0.9 at 8192); sigma: u from the
     weighting_scheme's density (logit_normal: sigmoid(N(logit_mean, logit_std)); mode: 1 - u - mode_scale
     (cos^2(pi u / 2) - 1 + u); else uniform), picked from the 1000-entry table of diffusers'
     FlowMatchEulerDiscreteScheduler(shift = discrete_flow_shift): s = shifted((T - floor(u T)) / T).
@@ -335,6 +336,11 @@ def flow_shift(s: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
+# Qwen-Image's resolution-dependent shift (its scheduler: mu from 0.5 at 256 packed tokens to 0.9 at 8192, about
+# exp(mu) = 2.3 at 1328px), musubi-tuner's timestep_sampling = "qwen_shift"
+QWEN_IMAGE_SHIFT = (0.5, 0.9, 256, 8192)
+
+
 def flux_time_shift(s: torch.Tensor, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
                     base_len: int = 256, max_len: int = 4096) -> torch.Tensor:
     """FLUX.1's resolution-dependent shift: exp(mu) / (exp(mu) + 1/s - 1), mu linear in the sequence length."""
@@ -367,15 +373,15 @@ def sample_sigmas(o: FlowMatchObjective, batch: int, generator: torch.Generator,
     mode = o.timestep_sampling
     if mode == "uniform":
         return torch.rand((batch,), generator=generator, dtype=torch.float64)
-    if mode in ("sigmoid", "shift", "flux_shift"):
+    if mode in ("sigmoid", "shift", "flux_shift", "qwen_shift"):
         s = torch.sigmoid(o.sigmoid_scale * torch.randn((batch,), generator=generator, dtype=torch.float64))
         if mode == "shift":
             return flow_shift(s, o.discrete_flow_shift)
-        if mode == "flux_shift":
+        if mode in ("flux_shift", "qwen_shift"):
             if latent_shape is None:
-                raise ValueError("timestep_sampling = flux_shift needs the latents' size")
+                raise ValueError(f"timestep_sampling = {mode} needs the latents' size")
             h, w = latent_shape[-2], latent_shape[-1]
-            return flux_time_shift(s, (h // 2) * (w // 2))
+            return flux_time_shift(s, (h // 2) * (w // 2), *QWEN_IMAGE_SHIFT if mode == "qwen_shift" else ())
         return s
     u = density_sample(o.weighting_scheme, batch, generator, o.logit_mean, o.logit_std, o.mode_scale)
     T = o.num_train_timesteps

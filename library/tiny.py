@@ -12,6 +12,7 @@ real checkpoint goes through.
     python -m library.tiny chroma out/tiny-chroma          # folder + Chroma transformer + t5xxl / ae files
     python -m library.tiny flux2 out/tiny-flux2            # FLUX.2 klein: folder + BFL transformer + text_encoder / ae
     python -m library.tiny flux2-dev out/tiny-flux2-dev    # FLUX.2 dev (Mistral3 text encoder, guidance input)
+    python -m library.tiny qwen_image out/tiny-qwen        # folder + ComfyUI's transformer / text_encoder / vae files
     python -m library.tiny data quickstart/data         # 8 images with .txt captions
 """
 from __future__ import annotations
@@ -498,6 +499,104 @@ def save_tiny_sd3(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     return files
 
 
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>")
+
+
+def tiny_qwen25vl_tokenizer(words=("the", "photo", "of", "a", "dog", "red", "blue", "green", "yellow", "circle",
+                            "square", "image", "Describe", "system", "user", "assistant")):
+    """A real Qwen2TokenizerFast (byte-level BPE with Qwen2's pre-tokenizer) over a tiny vocabulary: the byte
+    alphabet, merges of a few words (with and without their leading space), and Qwen2.5-VL's chat and vision
+    special tokens (padding with <|endoftext|>, as Qwen2.5-VL's tokenizer)."""
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = _byte_alphabet()
+    vocab, merges = {c: i for i, c in enumerate(alphabet)}, []
+    for word in words:
+        for text in (word, "\u0120" + word):  # the byte-level form of " word"
+            piece = text[0]
+            for ch in text[1:]:
+                merges.append((piece, ch))
+                piece += ch
+                vocab.setdefault(piece, len(vocab))
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=list(dict.fromkeys(merges)), unk_token=None,
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    tokenizer.model_max_length = 32768
+    return tokenizer
+
+
+def tiny_qwen_vl(tokenizer, width: int = 32):
+    """A tiny Qwen2.5-VL-architecture model (Qwen2_5_VLForConditionalGeneration: a 2-layer language model with
+    grouped-query attention and M-RoPE, a 1-block vision tower), its token ids those of `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=width,
+                           fullatt_block_indexes=[0], window_size=112, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        **ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def build_tiny_qwen_image(seed: int = 0, edit_2511: bool = False):
+    """The parts of a tiny Qwen-Image-architecture pipeline: a QwenImageTransformer2DModel with 2 dual-stream
+    blocks (16-channel latents packed 2x2, RoPE axes summing to the head dim; with `edit_2511`, Edit-2511's
+    zero-timestep modulation of the reference tokens), the Qwen-Image (Wan-2.1-type, 3D causal) VAE at a small
+    width with its 16 latent means and deviations, the tiny Qwen2.5-VL model and its tokenizer, and Qwen-Image's
+    scheduler (dynamic shift, 0.5 at 256 to 0.9 at 8192 tokens)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    from library.loading import read_json
+
+    tokenizer = tiny_qwen25vl_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = tiny_qwen_vl(tokenizer)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=text_encoder.config.text_config.hidden_size, axes_dims_rope=(4, 6, 6),
+        zero_cond_t=edit_2511)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                 temperal_downsample=[False, True, True])
+    arch = Path(__file__).parent / "arch" / "qwen-image" / "scheduler" / "scheduler_config.json"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(read_json(arch))
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=scheduler)
+
+
+def save_tiny_qwen_image(folder: str | Path, seed: int = 0, edit_2511: bool = False) -> dict[str, Path]:
+    """Write `folder` (diffusers layout, QwenImagePipeline) and the split files ComfyUI users have:
+    `folder`.safetensors (the transformer, ComfyUI's diffusion_models file), `folder`-text_encoder.safetensors
+    (Qwen2.5-VL in the layout of ComfyUI's text_encoders/qwen_2.5_vl_7b.safetensors) and `folder`-vae.safetensors
+    (the Wan-2.1 layout of ComfyUI's vae/qwen_image_vae.safetensors)."""
+    from diffusers import QwenImagePipeline
+    from safetensors.torch import save_file
+
+    from library.qwen_image_layout import text_model_to_file, vae_to_file
+
+    folder = Path(folder)
+    parts = build_tiny_qwen_image(seed, edit_2511)
+    QwenImagePipeline(**parts).save_pretrained(str(folder))
+    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
+    for name, state in (("transformer", parts["transformer"].state_dict()),
+                        ("text_encoder", text_model_to_file(parts["text_encoder"].state_dict())),
+                        ("vae", vae_to_file(parts["vae"].state_dict()))):
+        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        files[name] = path
+    return files
+
+
 COLORS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
 
@@ -518,7 +617,8 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
 
 
 # what `python -m library.tiny` builds: every family by its name (sd2 and the FLUX.1 variants too), and the data
-WHAT = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-dev", "flux-schnell", "chroma", "flux2", "flux2-dev", "data")
+WHAT = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-dev", "flux-schnell", "chroma", "flux2", "flux2-dev", "qwen_image",
+        "data")
 
 
 def main(argv=None) -> None:
@@ -536,6 +636,8 @@ def main(argv=None) -> None:
         written = tuple(save_tiny_chroma(args.out).values())
     elif args.what.startswith("flux2"):
         written = tuple(save_tiny_flux2(args.out, dev=args.what == "flux2-dev").values())
+    elif args.what == "qwen_image":
+        written = tuple(save_tiny_qwen_image(args.out).values())
     elif args.what.startswith("flux"):
         written = tuple(save_tiny_flux(args.out, guidance=args.what != "flux-schnell").values())
     else:

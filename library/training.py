@@ -54,9 +54,18 @@ def text_conditioning(family, parts, captions: list[str], clip_skip: int, cached
     if cached_conditioning is None:
         return family.encode_prompts(parts, captions, clip_skip)
     first = next(iter(cached_conditioning.values()))
-    cached = {k: torch.cat([cached_conditioning[c][k].to(device, non_blocking=True) for c in captions])
+    cached = {k: _cat_padded([cached_conditioning[c][k].to(device, non_blocking=True) for c in captions])
               for k in first}
     return family.encode_prompts(parts, captions, clip_skip, t5=cached) if train_te else cached
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Cached outputs of a batch's captions, concatenated; outputs of different lengths (token sequences padded to
+    their own encoding batch's longest: Qwen-Image) padded with zeros (masked out) along dim 1 first."""
+    longest = max(t.shape[1] for t in tensors) if tensors[0].dim() > 1 else 0
+    if any(t.shape[1] != longest for t in tensors):
+        tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1])) for t in tensors]
+    return torch.cat(tensors)
 
 
 def _latent_means(latents: torch.Tensor, shape: tuple, mine: slice) -> torch.Tensor:
