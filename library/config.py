@@ -51,7 +51,7 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "zimage"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -66,6 +66,9 @@ class ModelSection:
     t5xxl: Optional[str] = opt(None, "FLUX.1 / SD3 single files: the T5-XXL text encoder file (.safetensors)",
                                path="exists")
     ae: Optional[str] = opt(None, "FLUX.1 single files: the autoencoder file (ae.safetensors)", path="exists")
+    text_encoder: Optional[str] = opt(
+        None, "Z-Image single files: the Qwen3 text encoder file (ComfyUI's text_encoders/qwen_3_4b.safetensors)",
+        path="exists")
     max_token_length: Optional[int] = opt(
         None, "SD1 / SD2 / SDXL: tokens per caption: 75 (one CLIP window, the default), 150 or 225 (longer captions "
         "encoded in 75-token windows and joined, as sd-scripts does)", choices=(75, 150, 225))
