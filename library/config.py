@@ -65,7 +65,8 @@ class ModelSection:
     clip_g: Optional[str] = opt(None, "SD3 single files: the CLIP-G text encoder file (.safetensors)", path="exists")
     t5xxl: Optional[str] = opt(None, "FLUX.1 / SD3 single files: the T5-XXL text encoder file (.safetensors)",
                                path="exists")
-    ae: Optional[str] = opt(None, "FLUX.1 single files: the autoencoder file (ae.safetensors)", path="exists")
+    ae: Optional[str] = opt(None, "FLUX.1 / Chroma / Z-Image single files: the autoencoder file (ae.safetensors)",
+                            path="exists")
     text_encoder: Optional[str] = opt(
         None, "Z-Image single files: the Qwen3 text encoder file (ComfyUI's text_encoders/qwen_3_4b.safetensors)",
         path="exists")

@@ -10,11 +10,12 @@ from library.config import ConfigError
 
 # shipped architecture -> family
 ARCH_FAMILY = {"sd15": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sd3-medium": "sd3", "sd3.5-medium": "sd3",
-               "sd3.5-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux"}
+               "sd3.5-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux", "zimage": "zimage"}
 # the architecture a family plans when nothing says more
-FAMILY_ARCH = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "flux": "flux-dev"}
+FAMILY_ARCH = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "flux": "flux-dev", "zimage": "zimage"}
 # known model names (hub ids, release file names), first match wins: pattern -> shipped architecture
 KNOWN_NAMES = [
+    (r"z[-_ ]?image", "zimage"),
     (r"schnell", "flux-schnell"),
     (r"flux", "flux-dev"),
     (r"(sd|stable-diffusion-)3\.5[-_ ]?large", "sd3.5-large"),
@@ -78,5 +79,5 @@ def _known_name(name: str) -> str | None:
 def _unknown(name: str) -> str:
     return (f"cannot tell which model {name!r} is (the file is not here to look at, and the name is not a known "
             f"one): set 'model.arch' to one of {', '.join(ARCH_FAMILY)} (or 'model.family' to one of "
-            f"{', '.join(FAMILY_ARCH)}). Known names: FLUX.1 dev / schnell, SD3 / SD3.5 medium / large, SDXL "
+            f"{', '.join(FAMILY_ARCH)}). Known names: Z-Image, FLUX.1 dev / schnell, SD3 / SD3.5 medium / large, SDXL "
             f"(sd_xl, Pony, Illustrious, Animagine), SD2 (v2-1, 768-v), SD1.5 (v1-5)")

@@ -23,6 +23,7 @@ STEPS = 1  # measured steps, after warm_up_state (a plan's time is its number of
 # provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
 TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
                       "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}, "chroma": {"text_encoder": "te3"},
+                      "zimage": {"text_encoder": "te"},
                       "sd3": {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}}
 DENOISER_FOLDERS = ("unet", "transformer")
 
