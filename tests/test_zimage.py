@@ -247,3 +247,58 @@ def test_samples_are_reproducible_and_follow_the_negative_prompt(tiny_zimage):
     first = sample("blurry")
     assert first.shape == (64, 64, 3) and np.array_equal(first, sample("blurry"))
     assert not np.array_equal(first, sample("")) and not np.array_equal(first, sample("blurry", seed=6))
+
+
+def test_fp8_base_stays_close_to_bf16(zimage_config):
+    """fp8_base stores the frozen transformer's Linears in float8 and computes in bf16: every block Linear but the
+    adapters' own, and losses within fp8 rounding of the bf16 run (measured: within 1%)."""
+    bf16 = {"max_train_steps": 2, "mixed_precision": "bf16"}
+    plain = train_network(zimage_config(train=bf16))
+    fp8 = train_network(zimage_config(train={**bf16, "fp8_base": True}, save={"overwrite": True}))
+    stored = [m for m in fp8.parts.denoiser.modules() if isinstance(m, torch.nn.Linear)
+              and m.weight.dtype == torch.float8_e4m3fn]
+    assert len(stored) >= 31  # every adapted layer's frozen base, the embedders and the final layer
+    assert fp8.losses == pytest.approx(plain.losses, rel=0.01) and fp8.losses != plain.losses
+
+
+def test_planner_knows_zimage_and_its_estimate_matches_real_allocations(tiny_zimage):
+    import types
+
+    from library.config import NetworkSection
+    from library.planner import plan
+    from library.planner.architecture import resolve
+    from library.planner.step import StepSettings
+
+    named = types.SimpleNamespace(pretrained_model_name_or_path="/models/z_image_turbo_bf16.safetensors",
+                                  family="auto", arch=None, v2=False)
+    assert resolve(named) == ("zimage", "zimage")
+    s = StepSettings(recipe="network", family="zimage", arch=str(tiny_zimage["folder"]), width=64, height=64,
+                     batch_size=2, network=NetworkSection(network_dim=4, network_alpha=2.0))
+    fake, real = plan(s, fake=True), plan(s, fake=False)
+    assert real.peak > 0
+    assert abs(fake.peak - real.peak) <= 0.10 * real.peak, (fake.peak, real.peak)
+
+
+@pytest.mark.parametrize("model, said", [
+    ({}, "a Z-Image transformer file holds the transformer only; set model.text_encoder, model.ae to the separate "
+         "files"),
+    ({"family": "flux"}, "is a checkpoint of family \"zimage\" (from its tensor names), but 'model.family' = "
+                         "\"flux\": set model.family = \"zimage\""),
+])
+def test_zimage_file_faults_exit_2_naming_the_key(model, said, tiny_zimage, tiny_data, tmp_path, capsys):
+    import json
+
+    import train_network
+
+    values = {"pretrained_model_name_or_path": str(tiny_zimage["transformer"]), **model}
+    config = tmp_path / "zimage.toml"
+    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
+                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_network.main(["--config", str(config)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert said in lines[0] and str(tiny_zimage["transformer"]) in lines[0]

@@ -126,14 +126,14 @@ class ZImageFamily:
 
     def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
         """prompt_embeds: Qwen3's second-to-last hidden state (B, 512, width) of the captions in the chat template,
-        run with the padding mask; text_mask: the real tokens (B, 512). clip_skip does not apply."""
+        run with the padding mask; text_mask: the real tokens (B, 512), on the host (predict() reads the lengths).
+        clip_skip does not apply."""
         qwen, tokenizer = parts.text_encoders["te"], parts.tokenizers["te"]
         tokens = tokenizer([QWEN3_PROMPT.format(c) for c in captions], padding="max_length", max_length=TEXT_LENGTH,
                            truncation=True, return_tensors="pt")
-        mask = tokens.attention_mask.to(qwen.device)
-        hidden = qwen(input_ids=tokens.input_ids.to(qwen.device), attention_mask=mask,
+        hidden = qwen(input_ids=tokens.input_ids.to(qwen.device), attention_mask=tokens.attention_mask.to(qwen.device),
                       output_hidden_states=True).hidden_states[HIDDEN_LAYER]
-        return {"prompt_embeds": hidden, "text_mask": mask.bool()}
+        return {"prompt_embeds": hidden, "text_mask": tokens.attention_mask.bool()}  # the mask stays on the host
 
     def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -154,7 +154,8 @@ class ZImageFamily:
         (16, 1, h, w) latents, t = 1 - s, each caption's real tokens), its output negated."""
         device = noisy_latents.device
         embeds = conditioning["prompt_embeds"].to(device)
-        lengths = conditioning["text_mask"].sum(dim=1).cpu().tolist()  # one small read per step
+        # the mask is on the host (cached outputs: on the device, one read); a plan's fake one reads all True
+        lengths = [sum(row) for row in conditioning["text_mask"].tolist()]
         captions = [embeds[i, :n] for i, n in enumerate(lengths)]
         t = 1 - timesteps.to(device, torch.float32) / 1000
         out = parts.denoiser(list(noisy_latents.unsqueeze(2).unbind(0)), t, captions, return_dict=False)[0]
