@@ -302,3 +302,35 @@ def test_zimage_file_faults_exit_2_naming_the_key(model, said, tiny_zimage, tiny
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
     assert said in lines[0] and str(tiny_zimage["transformer"]) in lines[0]
+
+
+def test_kohya_file_applied_as_comfyui_applies_it_gives_the_trained_outputs(zimage_config, tiny_zimage):
+    """ComfyUI's rule for lora_unet_ keys: the name is a weight of the model's own (original-layout) state dict with
+    dots as underscores, and W += alpha / rank * up @ down. Applied so to the ComfyUI-layout file, every key finds
+    its weight and the patched model predicts what the trained adapter does."""
+    from library.zimage_layout import original_to_transformer
+
+    result = train_network(zimage_config(train={"max_train_steps": 2}))
+    tensors = load_file(result.adapter_path)
+    original = load_file(tiny_zimage["transformer"])
+    by_name = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in original if k.endswith(".weight")}
+    layers = {k.split(".", 1)[0] for k in tensors}
+    assert layers <= set(by_name)
+    for name in layers:
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        original[by_name[name]] += float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    family = ZImageFamily()
+    patched = family.load(ModelSource(str(tiny_zimage["folder"])))
+    patched.denoiser.load_state_dict(original_to_transformer(original))
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for parts in (result.parts, patched):
+        with torch.no_grad():
+            text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
+            outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
+    assert torch.allclose(*outs, atol=1e-5)
+    untrained = family.load(ModelSource(str(tiny_zimage["folder"])))
+    with torch.no_grad():
+        base = family.predict(untrained, latents, torch.tensor([400.0]),
+                              family.encode_prompts(untrained, ["a photo of a red circle"], 1))
+    assert not torch.allclose(outs[0], base, atol=1e-5)  # the adapter changed the outputs
