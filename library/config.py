@@ -51,7 +51,7 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image", "zimage"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -65,11 +65,12 @@ class ModelSection:
     clip_g: Optional[str] = opt(None, "SD3 single files: the CLIP-G text encoder file (.safetensors)", path="exists")
     t5xxl: Optional[str] = opt(None, "FLUX.1 / SD3 single files: the T5-XXL text encoder file (.safetensors)",
                                path="exists")
-    ae: Optional[str] = opt(None, "FLUX.1 / FLUX.2 single files: the autoencoder file (ae.safetensors)", path="exists")
+    ae: Optional[str] = opt(None, "FLUX.1 / Chroma / FLUX.2 / Z-Image single files: the autoencoder file "
+                            "(ae.safetensors)", path="exists")
     text_encoder: Optional[str] = opt(
-        None, "FLUX.2 / Qwen-Image single files: the text encoder file (FLUX.2: Qwen3 for klein, Mistral-Small-3 for "
-        "dev; Qwen-Image: Qwen2.5-VL, ComfyUI's qwen_2.5_vl_7b.safetensors; ComfyUI's text_encoders/ files) or a "
-        "transformers folder", path="exists")
+        None, "FLUX.2 / Qwen-Image / Z-Image single files: the text encoder file (FLUX.2: Qwen3 for klein, "
+        "Mistral-Small-3 for dev; Qwen-Image: Qwen2.5-VL, ComfyUI's qwen_2.5_vl_7b.safetensors; Z-Image: Qwen3-4B, "
+        "ComfyUI's qwen_3_4b.safetensors) or a transformers folder", path="exists")
     max_token_length: Optional[int] = opt(
         None, "SD1 / SD2 / SDXL: tokens per caption: 75 (one CLIP window, the default), 150 or 225 (longer captions "
         "encoded in 75-token windows and joined, as sd-scripts does)", choices=(75, 150, 225))

@@ -13,6 +13,7 @@ real checkpoint goes through.
     python -m library.tiny flux2 out/tiny-flux2            # FLUX.2 klein: folder + BFL transformer + text_encoder / ae
     python -m library.tiny flux2-dev out/tiny-flux2-dev    # FLUX.2 dev (Mistral3 text encoder, guidance input)
     python -m library.tiny qwen_image out/tiny-qwen        # folder + ComfyUI's transformer / text_encoder / vae files
+    python -m library.tiny zimage out/tiny-zimage          # folder + Z-Image transformer + text_encoder / ae files
     python -m library.tiny data quickstart/data         # 8 images with .txt captions
 """
 from __future__ import annotations
@@ -339,6 +340,31 @@ def tiny_qwen_tokenizer():
     return tokenizer
 
 
+def tiny_qwen3_tokenizer(merges_words=("the", "dog", "photo", "red", "blue")):
+    """A real Qwen2 tokenizer (byte-level BPE, as Qwen3's) over the byte alphabet and a few merges, with Qwen's
+    special tokens (<|endoftext|> pads, <|im_start|> / <|im_end|> frame chat turns) and a chat template that
+    renders one user turn as Qwen3's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    merges = []
+    for word in merges_words:
+        piece = word[0]
+        for ch in word[1:]:
+            merges.append((piece, ch))
+            piece += ch
+            vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, bos_token=None, unk_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   model_max_length=512)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
 def tiny_mistral_tokenizer():
     """A byte-level tokenizer with Mistral-Small-3's special tokens ([SYSTEM_PROMPT], [INST], ... and [IMG], the
     image token of the vision tower) and a chat template of its format."""
@@ -417,6 +443,54 @@ def save_tiny_flux2(folder: str | Path, seed: int = 0, dev: bool = False) -> dic
             if not k.startswith(("lm_head.", "model.vision_tower.", "model.multi_modal_projector."))}
     for name, state in (("transformer", transformer_to_file(parts["transformer"].state_dict())),
                         ("text_encoder", text), ("ae", ae)):
+        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        files[name] = path
+    return files
+
+
+def build_tiny_zimage(seed: int = 0):
+    """The parts of a tiny Z-Image-architecture pipeline: a ZImageTransformer2DModel with 2 main layers and one
+    noise / one context refiner (2x2 patches of 16-channel latents, RoPE axes summing to the head dim), FLUX.1's
+    tiny 16-channel VAE (Z-Image uses FLUX.1's autoencoder), a 3-layer Qwen3 text encoder (grouped-query attention,
+    q/k norms) whose width is the transformer's caption width, and its tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    flux = build_tiny_flux(seed, guidance=False)
+    tokenizer = tiny_qwen3_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_width = 32
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=text_width, axes_dims=[8, 12, 12], axes_lens=[1024, 64, 64])
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return dict(transformer=transformer, vae=flux["vae"], text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=scheduler)
+
+
+def save_tiny_zimage(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write `folder` (diffusers layout) and ComfyUI's split files: `folder`.safetensors (the transformer in the
+    original layout, library.zimage_layout), `folder`-text_encoder.safetensors (Qwen3 as ComfyUI's
+    qwen_3_4b.safetensors: transformers' causal-LM names, `model.` prefix) and `folder`-ae.safetensors."""
+    from diffusers import ZImagePipeline
+    from safetensors.torch import save_file
+
+    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
+    from library.zimage_layout import transformer_to_original
+
+    folder = Path(folder)
+    parts = build_tiny_zimage(seed)
+    ZImagePipeline(**parts).save_pretrained(str(folder))
+    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
+    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm(parts["vae"].state_dict()).items()}
+    qwen = {"model." + k: v for k, v in parts["text_encoder"].state_dict().items()}
+    for name, state in (("transformer", transformer_to_original(parts["transformer"].state_dict())),
+                        ("text_encoder", qwen), ("ae", ae)):
         path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         files[name] = path
@@ -618,7 +692,7 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
 
 # what `python -m library.tiny` builds: every family by its name (sd2 and the FLUX.1 variants too), and the data
 WHAT = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-dev", "flux-schnell", "chroma", "flux2", "flux2-dev", "qwen_image",
-        "data")
+        "zimage", "data")
 
 
 def main(argv=None) -> None:
@@ -638,6 +712,8 @@ def main(argv=None) -> None:
         written = tuple(save_tiny_flux2(args.out, dev=args.what == "flux2-dev").values())
     elif args.what == "qwen_image":
         written = tuple(save_tiny_qwen_image(args.out).values())
+    elif args.what == "zimage":
+        written = tuple(save_tiny_zimage(args.out).values())
     elif args.what.startswith("flux"):
         written = tuple(save_tiny_flux(args.out, guidance=args.what != "flux-schnell").values())
     else:

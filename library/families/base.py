@@ -30,7 +30,7 @@ class ModelSource:
     clip_g: str | None = None
     t5xxl: str | None = None
     ae: str | None = None
-    text_encoder: str | None = None  # FLUX.2 / Qwen-Image: the text encoder's own file
+    text_encoder: str | None = None  # FLUX.2 / Qwen-Image / Z-Image: the text encoder's own file
     max_token_length: int | None = None  # SD1 / SDXL: 150 / 225 encode captions in 75-token windows
     t5xxl_max_token_length: int | None = None  # None: the family's default
     apply_t5_attn_mask: bool = False

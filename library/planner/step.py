@@ -24,6 +24,7 @@ STEPS = 1  # measured steps, after warm_up_state (a plan's time is its number of
 TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
                       "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}, "chroma": {"text_encoder": "te3"},
                       "flux2": {"text_encoder": "te"},
+                      "zimage": {"text_encoder": "te"},
                       "sd3": {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}}
 DENOISER_FOLDERS = ("unet", "transformer")
 
