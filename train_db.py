@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from library import cli
-from library.config import Config, write_resolved
+from library.config import Config
+from library.config_files import write_resolved
 from library.model_files import check_files
 from library.outputs import claim_output_dir
 

@@ -132,7 +132,7 @@ def planned_peak(cfg, recipe: str) -> int | None:
 
 def config(folder: Path, data: Path, out: Path, recipe: str, sections: dict, resolution: int = 64,
            steps: int = 4, prompts: Path | None = None):
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
 
     raw = {"model": {"pretrained_model_name_or_path": str(folder)},
            "dataset": {"train_data_dir": str(data), "resolution": resolution, "train_batch_size": 1},

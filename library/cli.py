@@ -10,7 +10,8 @@ import os
 import sys
 import warnings
 
-from library.config import Config, ConfigError, load_config
+from library.config import Config, ConfigError
+from library.config_files import load_config
 from library.config_checks import check_recipe
 
 EXIT_CONFIG_ERROR = 2

@@ -181,7 +181,7 @@ def _config_for_check(args):
     """The config to check: a training config (model paths not needed), or a bare dataset TOML."""
     import tomllib
 
-    from library.config import config_from_dict, load_config
+    from library.config_files import config_from_dict, load_config
 
     overrides = list(args.overrides)
     if args.headers_only:
