@@ -137,7 +137,7 @@ def _check_model_folder(cfg: Config, folder: str) -> None:
 def _check_family(cfg: Config, header: SafetensorsHeader | None):
     """The family that will load the model, after checking the model is one of its; None where only loading
     can tell (a pickle with family = "auto")."""
-    from library.families.base import get_family
+    from library.families import get_family
 
     path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
     if header is not None:
@@ -149,7 +149,7 @@ def _check_family(cfg: Config, header: SafetensorsHeader | None):
 
 def _check_folder_family(cfg: Config, path: str):
     """A diffusers folder: the families' claims() read its model_index.json and subfolders."""
-    from library.families.base import get_family, registered
+    from library.families import get_family, registered
 
     wanted = cfg.model.family
     claimed = [f.name for f in registered() if f.claims(path)]
@@ -170,7 +170,7 @@ def _check_folder_family(cfg: Config, path: str):
 def _check_file_family(cfg: Config, header: SafetensorsHeader):
     """A single file: the family its tensor names say, and whether that family can load it as the config
     names its parts (the family's single_file_problem: shapes, separate files)."""
-    from library.families.base import ModelSource, get_family, registered
+    from library.families import ModelSource, get_family, registered
 
     path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
     found = [f for f in registered() if f.recognises(header.tensors)]

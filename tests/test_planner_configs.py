@@ -81,7 +81,6 @@ def test_flux_blocks_to_swap_counts_as_sd_scripts(count):
     (count - count // 2) * 2 single blocks; here more than the model has swaps all of them."""
     from diffusers import FluxTransformer2DModel
 
-    from library.block_swap import swapped_blocks
     from library.families import get_family
     from library.loading import arch_dir
 
@@ -89,7 +88,7 @@ def test_flux_blocks_to_swap_counts_as_sd_scripts(count):
         denoiser = FluxTransformer2DModel.from_config(
             FluxTransformer2DModel.load_config(str(arch_dir("flux-dev")), subfolder="transformer"))
     parts = types.SimpleNamespace(denoiser=denoiser)
-    chosen = swapped_blocks(get_family("flux", ""), parts, count)
+    chosen = get_family("flux", "").blocks_to_swap(parts, count)
     doubles = [b for b in chosen if b in set(denoiser.transformer_blocks)]
     singles = [b for b in chosen if b in set(denoiser.single_transformer_blocks)]
     assert len(doubles) == min(count // 2, 19)

@@ -10,7 +10,6 @@ are used, so a switch that does not save what it should shows in the plan.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +18,6 @@ import torch
 from library.planner.tracker import FakeDevice, MemoryTracker
 
 STEPS = 1  # measured steps, after warm_up_state (a plan's time is its number of operators)
-# the text-encoder names each family's Components use, by diffusers subfolder (families may instead
-# provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
-TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
-                      "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}, "chroma": {"text_encoder": "te3"},
-                      "sd3": {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}}
-DENOISER_FOLDERS = ("unet", "transformer")
 
 
 @dataclass
@@ -74,53 +67,6 @@ class StepMeasure:
     host: dict = field(default_factory=dict)  # what -> bytes of host memory the run holds
 
 
-class _PlanTokenizer:
-    """Stands in for a tokenizer (none ships with the architectures): ids of the full padded length."""
-
-    def __init__(self, max_length: int):
-        self.model_max_length = max_length
-
-    def __call__(self, captions, max_length=None, **_):
-        ids = torch.zeros((len(captions), max_length or self.model_max_length), dtype=torch.long)
-        return type("Tokens", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})()
-
-
-def build_parts(family, family_name: str, arch: Path):
-    """Components of the architecture in `arch` (diffusers layout of configs), with random-init weights
-    on the current (fake) device: what family.load() returns, minus the weights."""
-    from library.families.base import Components, ModelSource
-
-    if hasattr(family, "planning_parts"):
-        return family.planning_parts(arch)
-    import diffusers
-    import transformers
-
-    modules, tokenizers, scheduler = {}, {}, None
-    for sub in sorted(p for p in arch.iterdir() if p.is_dir()):
-        config_path = next((sub / n for n in ("config.json", "scheduler_config.json") if (sub / n).is_file()), None)
-        if config_path is None:  # tokenizer folders
-            continue
-        config = json.loads(config_path.read_text())
-        if "scheduler" in sub.name:
-            scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(str(arch), subfolder=sub.name)
-        elif "_class_name" in config:
-            cls = getattr(diffusers, config["_class_name"])
-            modules[sub.name] = cls.from_config(cls.load_config(str(arch), subfolder=sub.name))
-        else:
-            cls = getattr(transformers, config["architectures"][0])
-            tconfig = transformers.AutoConfig.from_pretrained(str(sub))
-            modules[sub.name] = cls(tconfig)
-    names = TEXT_ENCODER_NAMES.get(family_name, {})
-    text = {names.get(k, k): m for k, m in modules.items() if k.startswith("text_encoder")}
-    for name, sub in ((names.get(k, k), k) for k in modules if k.startswith("text_encoder")):
-        length = getattr(modules[sub].config, "max_position_embeddings", 512)
-        tokenizers[name] = _PlanTokenizer(length)
-    denoiser = next(modules[k] for k in DENOISER_FOLDERS if k in modules)
-    return Components(denoiser=denoiser, vae=modules["vae"], text_encoders=text, tokenizers=tokenizers,
-                      noise_scheduler=scheduler, source=ModelSource(str(arch)),
-                      extra={"arch": str(arch), "v2": "sd2" in arch.name})
-
-
 def _storages(module: torch.nn.Module):
     return [*module.parameters(), *module.buffers()]
 
@@ -135,7 +81,7 @@ def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = No
     arch = arch_path or arch_dir(s.arch)
     notes: list[str] = []
     with FakeDevice(fake=fake), MemoryTracker(fake_scalars=fake) as tracker:
-        parts = build_parts(family, s.family, arch)
+        parts = family.planning_parts(arch)
         parts.source.v_parameterization = s.v_parameterization
         with _offload_observed(tracker):
             measure = _run(s, family, parts, tracker, notes)
