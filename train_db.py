@@ -55,7 +55,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
-    from library.devices import enable_tf32, refuse_unsupported
+    from library.devices import enable_tf32
     from library.model_files import check_model_files, load_model
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
     from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints,
@@ -64,6 +64,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.optim import FusedBackward, build_optimizer, build_scheduler
     from library.prior import ensure_class_images
     from library.progress import Progress
+    from library.run import refuse_unsupported
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
     from library.sd_flat import text_encoder_of_family
