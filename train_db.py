@@ -100,8 +100,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
     # frozen weights in half precision, trained ones fp32 unless full_fp16 / full_bf16; with block swap N blocks'
     # weights (and their optimizer state) live on the CPU between uses, and the fused backward pass steps each
     # weight while its block is on the device (library/block_swap.py)
-    placed = apply_switches(family, parts, Switches.from_config(cfg), [p for module in trained for p in module.parameters()],
-                            text_encoders, accelerator.device, whole=True)
+    trained_params = [p for module in trained for p in module.parameters()]
+    placed = apply_switches(family, parts, Switches.from_config(cfg), trained_params, text_encoders,
+                            accelerator.device, whole=True)
     swapper = placed.swapper
     say(f"full fine-tune: {_count(parts.denoiser):,} denoiser parameters"
         f"{f' + {sum(_count(e) for e in text_encoders):,} text-encoder' if text_encoders else ''}; "
