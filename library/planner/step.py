@@ -56,6 +56,21 @@ class StepSettings:
     network: object = None  # the config's [network] section (adapter recipe)
     learning_rate: float = 1e-4
 
+    def switches(self):
+        """The run's memory switches (library/run.py) these settings stand for; on fake tensors int8 T5 is
+        planned as 1-byte fp8 storage (bitsandbytes kernels do not run there), xformers as SDPA."""
+        from library.run import Switches
+
+        return Switches(self.mixed_precision, self.full_fp16, self.full_bf16, self.no_half_vae,
+                        "fp8" if self.t5xxl_precision == "int8" else self.t5xxl_precision, False, self.sdpa,
+                        self.gradient_checkpointing, self.fp8_base, self.cpu_offload_checkpointing, self.blocks_to_swap)
+
+    def optimizer_settings(self):
+        from library.run import OptimizerSettings
+
+        return OptimizerSettings(self.optimizer_type, self.learning_rate, list(self.optimizer_args),
+                                 self.max_grad_norm, self.fused_backward_pass, self.fused_optimizer_groups)
+
 
 @dataclass
 class StepMeasure:
@@ -114,57 +129,31 @@ class _offload_observed:
 
 
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
-    from library.block_swap import make_swapper
-    from library.memory import (cast_frozen_parts, cast_trainable, enable_gradient_checkpointing, offload_checkpoints,
-                                set_attention, store_fp8_base, weight_dtype)
-    from library.offload import OneAtATime
-    from library.quantization import store_t5
     from library.objectives import LossOptions
+    from library.offload import OneAtATime
+    from library.run import add_adapters, apply_switches, train_whole
     from library.training import batch_loss
 
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
-    for module in modules:
-        module.requires_grad_(False)
 
-    # ---- what trains ------------------------------------------------------------------------
+    # ---- what trains, and the memory switches: library/run.py, as the recipes call it --------------
     adapted, text_encoders = [], []
     if s.recipe == "network":
         from networks.settings import NetworkSettings
-        from networks.targets import inject
 
-        settings = NetworkSettings.from_network_section(s.network)
-        wanted = {"denoiser": s.train_unet}
-        for target in family.adapter_targets(parts):
-            if wanted.get(target.component, s.train_text_encoder):
-                module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
-                adapted.append(inject(module, target, settings))
+        adapted = add_adapters(family, parts, NetworkSettings.from_network_section(s.network), s.train_unet,
+                               s.train_text_encoder)
         trained = [p for c in adapted for p in c.parameters()]
+        checkpointed = [c.module for c in adapted if c.module is not parts.denoiser]
     else:
-        parts.denoiser.requires_grad_(True)
-        text_encoders = list(parts.text_encoders.values()) if s.train_text_encoder else []
-        for encoder in text_encoders:
-            encoder.requires_grad_(True)
+        text_encoders = train_whole(parts, s.train_text_encoder)
         trained = [p for m in [parts.denoiser, *text_encoders] for p in m.parameters()]
+        checkpointed = text_encoders
     train_te = any(c.target.component != "denoiser" for c in adapted) or bool(text_encoders)
-
-    # ---- memory switches --------------------------------------------------------------------
-    dtype = weight_dtype(s.mixed_precision)
-    cast_frozen_parts(parts, dtype, s.no_half_vae)
-    if s.full_fp16 or s.full_bf16:
-        cast_trainable(trained, dtype)  # train_db: module.to(dtype) on the trained modules: the same casts
-    set_attention(parts.denoiser, False, s.sdpa)
-    if s.gradient_checkpointing:
-        enable_gradient_checkpointing(parts.denoiser, [c.module for c in adapted if c.module is not parts.denoiser]
-                                      if s.recipe == "network" else text_encoders)
     if s.t5xxl_precision == "int8":  # bitsandbytes kernels do not run on fake tensors
         notes.append("t5xxl_precision int8 planned as 1-byte weights (fp8 storage; LLM.int8's fp32 row scales "
                      "add 4 bytes per output row)")
-    store_t5(parts, "fp8" if s.t5xxl_precision == "int8" else s.t5xxl_precision, dtype)
-    if s.fp8_base:
-        store_fp8_base(parts.denoiser, dtype)
-    if s.cpu_offload_checkpointing:
-        offload_checkpoints(parts.denoiser)
-    swapper = make_swapper(family, parts, s.blocks_to_swap, "cpu", trained=s.recipe == "db")
+    swapper = apply_switches(family, parts, s.switches(), trained, checkpointed, "cpu", s.recipe == "db").swapper
     if swapper:
         notes.append(f"blocks_to_swap {s.blocks_to_swap}: {swapper.bytes_swapped() / 2**30:.2f} GiB of weights in "
                      f"CPU memory, copied to the device and back every step ({_swap_seconds(swapper):.1f} s/step "
@@ -211,10 +200,8 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     # ---- optimizer ----------------------------------------------------------------------------
     for p in trained:  # registered before the optimizer's own hooks: sees each gradient before a fused step
         p.register_post_accumulate_grad_hook(lambda p: tracker.tag([p.grad], "gradients"))
-    optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, trained, notes)
-    fused = s.fused_backward_pass or bool(s.fused_optimizer_groups)
-    if swapper and fused:
-        swapper.optimizer_state = optimizer.state_of
+    optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, swapper, notes)
+    fused = s.optimizer_settings().fused
 
     warm_up_state(trained, optimizers, swapper, tracker)
 
@@ -354,39 +341,28 @@ def _swap_seconds(swapper, bandwidth: float = 25e9) -> float:
     return (2 * swapper.bytes_swapped() + trained) / bandwidth
 
 
-def _optimizer(s: StepSettings, adapted, parts, text_encoders, trained, notes):
-    from library.optim import FusedBackward, build_optimizer
+def _optimizer(s: StepSettings, adapted, parts, text_encoders, swapper, notes):
+    """The recipes' optimizer (library/run.py make_optimizer), with bitsandbytes' 8-bit state laid out as it
+    allocates it where its kernels cannot run on fake tensors."""
+    from library.run import adapter_groups, make_optimizer, whole_model_groups
 
     if s.recipe == "network":
-        from networks import blockwise
         from networks.settings import NetworkSettings
 
-        settings = NetworkSettings.from_network_section(s.network)
-        n = s.network
-        groups = blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, s.learning_rate)
+        groups = adapter_groups(adapted, NetworkSettings.from_network_section(s.network), s.network,
+                                s.learning_rate)
     else:
-        groups = [{"params": list(parts.denoiser.parameters()), "lr": s.learning_rate}]
-        for encoder in text_encoders:
-            groups.append({"params": list(encoder.parameters()), "lr": s.learning_rate})
+        groups = whole_model_groups(parts.denoiser, text_encoders, s.learning_rate)
     name = s.optimizer_type
-    eight_bit = name.lower() in EIGHT_BIT
     build = None
-    if eight_bit:
+    if name.lower() in EIGHT_BIT:
         notes.append(f"{name}: bitsandbytes kernels do not run on fake tensors; its state is allocated from "
                      f"bitsandbytes' documented layout (uint8 moments + one fp32 absmax per 256 values for "
                      f"tensors of 4096+ values, fp32 moments below that)")
 
         def build(_name, groups, _lr, _args):  # the layout of bitsandbytes' state, also per fused chunk
             return Bnb8bitLayout(groups, moments=EIGHT_BIT[name.lower()])
-    if s.fused_backward_pass or s.fused_optimizer_groups:
-        optimizer = FusedBackward(name, groups, s.learning_rate, s.optimizer_args, chunks=s.fused_optimizer_groups,
-                                  max_grad_norm=s.max_grad_norm, build=build)
-        return optimizer, optimizer.optimizers
-    if build:
-        optimizer = build(name, groups, s.learning_rate, s.optimizer_args)
-        return optimizer, [optimizer]
-    optimizer = build_optimizer(name, groups, s.learning_rate, s.optimizer_args)
-    return optimizer, [optimizer]
+    return make_optimizer(s.optimizer_settings(), groups, swapper, build=build)
 
 
 EIGHT_BIT = {"adamw8bit": 2, "pagedadamw8bit": 2, "lion8bit": 1, "pagedlion8bit": 1}
