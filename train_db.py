@@ -15,7 +15,6 @@ from pathlib import Path
 
 from library import cli
 from library.config import Config
-from library.model_files import check_files
 
 
 @dataclass
@@ -30,18 +29,7 @@ class TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.quiet_libraries()
-    args = cli.parse_args(argv, __doc__)
-    cfg = cli.load_or_exit(args, recipe="db")
-    if args.plan or args.vram_budget:  # the memory planner instead of training
-        from library import planner
-
-        return planner.run(cfg, "db", args.vram_budget)
-    with cli.exit_on_user_error():
-        check_files(cfg)  # the model and adapter files can be read (headers only): the first second of the run
-        planned = cli.plan_data(cfg)  # every image and caption checked, before torch loads
-        train(cfg, planned)
-    return 0
+    return cli.recipe_main(argv, __doc__, "db", train)
 
 
 def train(cfg: Config, planned=None) -> TrainResult:

@@ -151,6 +151,19 @@ class Placed:
     swapper: object = None  # library.block_swap.BlockSwapper, or None
 
 
+def cast_frozen(parts, sw: Switches):
+    """Frozen weights in the run's half precision (the VAE too, unless no_half_vae), T5 stored as
+    model.t5xxl_precision asks (fp8 / int8 for encoding). What caching alone (python -m library.data cache)
+    does too, so that its caches match a run's. Returns the weight dtype."""
+    from library.memory import cast_frozen_parts, weight_dtype
+    from library.quantization import store_t5
+
+    dtype = weight_dtype(sw.mixed_precision)
+    cast_frozen_parts(parts, dtype, sw.no_half_vae)
+    store_t5(parts, sw.t5xxl_precision, dtype)
+    return dtype
+
+
 def apply_switches(family, parts, sw: Switches, trained: list, checkpointed_encoders: list, device,
                    whole: bool) -> Placed:
     """Frozen weights in half precision (the VAE too, unless no_half_vae), T5 stored as asked, the trained
@@ -158,13 +171,10 @@ def apply_switches(family, parts, sw: Switches, trained: list, checkpointed_enco
     trained text encoders), fp8 frozen denoiser weights, checkpoints offloaded, and block swap (of trained
     weights when `whole`: a full fine-tune)."""
     from library.block_swap import make_swapper
-    from library.memory import (cast_frozen_parts, cast_trainable, enable_gradient_checkpointing,
-                                offload_checkpoints, set_attention, store_fp8_base, weight_dtype)
-    from library.quantization import store_t5
+    from library.memory import (cast_trainable, enable_gradient_checkpointing, offload_checkpoints, set_attention,
+                                store_fp8_base)
 
-    dtype = weight_dtype(sw.mixed_precision)
-    cast_frozen_parts(parts, dtype, sw.no_half_vae)
-    store_t5(parts, sw.t5xxl_precision, dtype)  # fp8 / int8 T5 for encoding (model.t5xxl_precision)
+    dtype = cast_frozen(parts, sw)
     if sw.full_fp16 or sw.full_bf16:
         cast_trainable(trained, dtype)
     attention = set_attention(parts.denoiser, sw.xformers, sw.sdpa)
@@ -182,14 +192,48 @@ def apply_switches(family, parts, sw: Switches, trained: list, checkpointed_enco
 
 
 def cache_and_place(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
-    """The VAE and text encoders placed for training, the caches built on the way
-    (library.training.cache_outputs), then the denoiser on the device (its swapped blocks stay on the host):
-    the VAE pass of caching did not share the device with it. Returns the cached conditioning or None."""
+    """The VAE and text encoders placed for training, the caches built on the way (cache_outputs), then the
+    denoiser on the device (its swapped blocks stay on the host): the VAE pass of caching did not share the
+    device with it. Returns the cached conditioning or None."""
     from library.block_swap import move
-    from library.training import cache_outputs
 
     conditioning = cache_outputs(cfg, family, parts, dataset, text_frozen, device, say, held_out)
     move(parts.denoiser, device)
+    return conditioning
+
+
+def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
+    """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
+    `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the
+    device one at a time while captions are encoded (library/offload.py), the others come to stay. The
+    denoiser is not on the device yet. With trained text encoders, only the family's cached_apart encoder
+    (FLUX.1 / SD3: T5) is cached, as sd-scripts does. Returns the cached conditioning or None."""
+    from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
+    from library.offload import OneAtATime
+
+    d, t = cfg.dataset, cfg.train
+    latents_cached = d.cache_latents or d.cache_latents_to_disk
+    parts.vae.to(device)
+    if latents_cached:
+        for images in [dataset] + ([held_out] if held_out else []):  # held_out: the validation images
+            cache_latents(family, parts, images, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
+                                                                     d.vae_batch_size, t.seed), say)
+        parts.vae.to("cpu")  # sampling brings it back when it needs it
+    conditioning, cached = None, []
+    if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
+        apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
+        cached = [apart] if apart else list(parts.text_encoders)
+        with OneAtATime([parts.text_encoders[name] for name in cached], device):
+            captions = sorted({*dataset.captions, *(held_out.captions if held_out else [])})
+            conditioning = cache_text_outputs(family, parts, captions, cfg.model.clip_skip, cache_folder(cfg)
+                                              if t.cache_text_encoder_outputs_to_disk else None, say, device,
+                                              apart=apart)
+    for name, encoder in parts.text_encoders.items():
+        if name not in cached:
+            encoder.to(device)
+    kept = (["vae"] if latents_cached else []) + cached
+    if kept:
+        say(f"kept on the CPU while training (outputs cached): {', '.join(kept)}")
     return conditioning
 
 

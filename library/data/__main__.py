@@ -4,7 +4,7 @@
     python -m library.data cache --config my.toml      # build the disk caches (also: python -m library.data.cache)
 
 They live here, above the modules they use: the check reads the data plan (which uses check.py's inspections),
-and caching sets the model up as a run does (library/training.py, which uses cache.py's caches).
+and caching sets the model up as a run does (library/run.py, which uses cache.py's caches).
 """
 from __future__ import annotations
 
@@ -61,26 +61,20 @@ def cache_command(argv: list[str] | None = None) -> int:
     from library.data.cache import __doc__ as cache_doc
     from library.data.plan import plan_data
     from library.data.training_set import TrainingSet
-    from library.families import ModelSource, get_family
-    from library.memory import cast_frozen_parts, weight_dtype
-    from library.quantization import store_t5
-    from library.training import cache_outputs
+    from library.model_files import load_model
+    from library.run import Switches, cache_outputs, cast_frozen, freeze
 
     cli.quiet_libraries()
     cfg = cli.load_or_exit(cli.parse_args(argv, cache_doc), recipe="network")
-    with cli.exit_on_user_error():
-        dataset = TrainingSet(plan_data(cfg), cfg.train.seed or 0, cfg.dataset.prior_loss_weight)
-    m, t = cfg.model, cfg.train
-    family = get_family(m.family, m.pretrained_model_name_or_path)
-    parts = family.load(ModelSource.from_section(m))  # as the recipes load it: the caches then match theirs
-    dtype = weight_dtype(t.mixed_precision)
-    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
-        module.requires_grad_(False)
-    cast_frozen_parts(parts, dtype, t.no_half_vae)
-    store_t5(parts, m.t5xxl_precision, dtype)
+    t = cfg.train
     cfg.dataset.cache_latents_to_disk = True
     t.cache_text_encoder_outputs_to_disk = t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk
-    cache_outputs(cfg, family, parts, dataset, True, "cuda" if torch.cuda.is_available() else "cpu", print)
+    with cli.exit_on_user_error():
+        dataset = TrainingSet(plan_data(cfg), t.seed or 0, cfg.dataset.prior_loss_weight)
+        family, parts = load_model(cfg)  # as the recipes load and cast it: the caches then match theirs
+        freeze(parts)
+        cast_frozen(parts, Switches.from_config(cfg))
+        cache_outputs(cfg, family, parts, dataset, True, "cuda" if torch.cuda.is_available() else "cpu", print)
     return 0
 
 

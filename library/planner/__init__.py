@@ -14,7 +14,6 @@ switches; this module turns a config into settings and prints.
 """
 from __future__ import annotations
 
-import sys
 
 from library.planner.architecture import resolve
 from library.planner.budget import search_budget
@@ -122,17 +121,16 @@ def switch_text(s: StepSettings) -> str:
 
 
 def run(cfg, recipe: str, budget_gb: float | None = None) -> int:
-    """--plan / --vram_budget from a recipe's main(): print, and return the exit code. With a CUDA card present
-    the plan is for that card, and without a budget the card's memory is the budget when the plan does not fit."""
-    from library.cli import EXIT_CONFIG_ERROR
+    """--plan / --vram_budget from a recipe's main() (library/cli.py recipe_main, which turns a ConfigError into
+    exit 2): print, and return the exit code. With a CUDA card present the plan is for that card, and without a
+    budget the card's memory is the budget when the plan does not fit."""
     from library.config import ConfigError
     from library.planner.card import present_card
 
     try:
         s = settings_from_config(cfg, recipe)
     except ConfigError as e:
-        print(f"config error: {cfg.source}: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        raise ConfigError(f"{cfg.source}: {e}") from None
     card = present_card()
     if budget_gb is None:
         p = plan(s, card=card)
