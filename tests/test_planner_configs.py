@@ -70,7 +70,9 @@ def test_plan_needs_no_files_and_no_xformers(tmp_path, capsys):
 def test_plan_of_an_unknown_missing_model_exits_2(tmp_path, capsys):
     path = _flat_config(tmp_path, pretrained_model_name_or_path=str(tmp_path / "missing" / "my_model.safetensors"),
                         clip_l=str(tmp_path / "missing" / "clip_l.safetensors"))
-    assert train_network.main(["--config", str(path), "--plan"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # as every user error of a recipe's main() (cli.recipe_main)
+        train_network.main(["--config", str(path), "--plan"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "model.arch" in err and "flux-dev" in err and "sd15" in err
 

@@ -10,66 +10,48 @@ are used, so a switch that does not save what it should shows in the plan.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from library.planner.tracker import FakeDevice, MemoryTracker
+from library.run import OptimizerSettings, Switches
 
 STEPS = 1  # measured steps, after warm_up_state (a plan's time is its number of operators)
 
 
-@dataclass
-class StepSettings:
-    """What of a config the memory depends on (the planner's search changes these)."""
+@dataclass(kw_only=True)
+class StepSettings(Switches, OptimizerSettings):
+    """What of a config the memory depends on (the planner's search changes these): the run's memory switches
+    and optimizer settings (library/run.py), and what the planned step is made of."""
     recipe: str  # "network" or "db"
     family: str
     arch: str  # a shipped architecture name or a folder of configs
     width: int
     height: int
     batch_size: int = 1
-    mixed_precision: str = "no"
-    full_fp16: bool = False
-    full_bf16: bool = False
-    no_half_vae: bool = False
-    gradient_checkpointing: bool = False
-    sdpa: bool = True
     cache_latents: bool = False
     cache_text_encoder_outputs: bool = False
-    optimizer_type: str = "AdamW"
-    optimizer_args: list = field(default_factory=list)
-    max_grad_norm: float = 1.0
-    fused_backward_pass: bool = False
-    fused_optimizer_groups: int | None = None
     train_text_encoder: bool = True  # db: dreambooth.train_text_encoder; network: not network_train_unet_only
     train_unet: bool = True  # network: not network_train_text_encoder_only
     clip_skip: int = 1
     v_parameterization: bool = False
-    fp8_base: bool = False
-    blocks_to_swap: int = 0
-    cpu_offload_checkpointing: bool = False
-    t5xxl_precision: str = "auto"  # model.t5xxl_precision (library.quantization)
     sample: bool = False  # sample.sample_prompts: sampling during training
     ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
-    learning_rate: float = 1e-4
 
-    def switches(self):
-        """The run's memory switches (library/run.py) these settings stand for; on fake tensors int8 T5 is
-        planned as 1-byte fp8 storage (bitsandbytes kernels do not run there), xformers as SDPA."""
-        from library.run import Switches
+    def switches(self) -> Switches:
+        """The run's memory switches as planned: on fake tensors int8 T5 is 1-byte fp8 storage (bitsandbytes
+        kernels do not run there), and xformers SDPA."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(Switches)}
+        return Switches(**{**own, "xformers": False,
+                           "t5xxl_precision": "fp8" if self.t5xxl_precision == "int8" else self.t5xxl_precision})
 
-        return Switches(self.mixed_precision, self.full_fp16, self.full_bf16, self.no_half_vae,
-                        "fp8" if self.t5xxl_precision == "int8" else self.t5xxl_precision, False, self.sdpa,
-                        self.gradient_checkpointing, self.fp8_base, self.cpu_offload_checkpointing, self.blocks_to_swap)
-
-    def optimizer_settings(self):
-        from library.run import OptimizerSettings
-
-        return OptimizerSettings(self.optimizer_type, self.learning_rate, list(self.optimizer_args),
-                                 self.max_grad_norm, self.fused_backward_pass, self.fused_optimizer_groups)
+    def optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerSettings)})
 
 
 @dataclass
