@@ -38,7 +38,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     from library.checkpoint import Checkpointer, Position
     from library.model_files import check_model_files, load_model
-    from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
+    from library.guards import NonFiniteGuard, StopSignal
+    from library.loop import Bookkeeping, resume_position, sample_renderer
     from library.memory import peak_memory_text
     from library.objectives import configure
     from library.optim import build_scheduler
@@ -46,7 +47,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.progress import Progress
     from library.run import (OptimizerSettings, Switches, apply_switches, cache_and_place, make_optimizer, prepare,
                              start, start_trackers, train_whole, whole_model_groups)
-    from library.sampling import due, log_images, render_samples, settings_from_config
+    from library.sampling import settings_from_config
     from library.sd_flat import text_encoder_of_family
     from library.training import average_gradients, batch_loss, make_loader, prepare_data
 
@@ -129,24 +130,15 @@ def train(cfg: Config, planned=None) -> TrainResult:
                          scheduler, {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
-    position = Position()
-    if cfg.save.resume:
-        position, extra = checkpoints.resume()
-        if ema is not None:
-            ema.load_state_dict(extra["ema"])
-        if position.epoch_order is not None:  # None: the data changed, a new epoch starts
-            order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
-        sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
+    position, extra = resume_position(cfg, checkpoints, order, sampler)
+    if ema is not None and cfg.save.resume:
+        ema.load_state_dict(extra["ema"])
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
-    def sample(step: int) -> None:
-        if sampling and accelerator.is_main_process:
-            paths = render_samples(family, parts, sampling, out_dir / "samples", f"{t.output_name}_step{step:08d}",
-                                   accelerator.device)
-            log_images(accelerator, paths, step)
-            result.samples += paths
-
+    sample = sample_renderer(family, parts, sampling, accelerator, out_dir / "samples", t.output_name,
+                             result.samples)
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
+    books = Bookkeeping(accelerator, checkpoints, progress, sampling, sample, max_steps)
     train_te = bool(text_encoders)
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
@@ -157,9 +149,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
             return result
     if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
         train_te = _stop_training(text_encoders, say, step)
-    if sampling and sampling.at_first and step == 0:
-        sample(0)
-    stop = StopSignal(say).__enter__()
+    books.at_start(step)
+    stop = books.stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
         epoch_order = order.get_state()
@@ -194,21 +185,11 @@ def train(cfg: Config, planned=None) -> TrainResult:
                 train_te = _stop_training(text_encoders, say, step)
             result.losses.append(sum(micro_losses) / len(micro_losses))
             micro_losses = []
-            lr = scheduler.get_last_lr()[0]
-            progress.update(step, result.losses[-1], lr)
-            accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
-            here = Position(step, epoch, batches_done, epoch_order)
-            checkpoints.after_step(here, max_steps)
-            if due(sampling, step) and step < max_steps:
-                sample(step)
-            if stop.requested:
-                checkpoints.save_stopped(here)
-                raise SystemExit(EXIT_STOPPED)
+            books.after_step(Position(step, epoch, batches_done, epoch_order), result.losses[-1],
+                             scheduler.get_last_lr()[0])
             if step >= max_steps:
                 break
-        checkpoints.after_epoch(Position(step, epoch, batches_done, epoch_order), max_steps)
-        if due(sampling, step, epoch_end=epoch) and step < max_steps:
-            sample(step)
+        books.after_epoch(Position(step, epoch, batches_done, epoch_order))
     stop.__exit__()
     elapsed = progress.close()
     if fused:

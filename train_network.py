@@ -43,14 +43,15 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.checkpoint import Checkpointer, Position
     from library.evaluation import fixed_denoising_loss, validation_loss
     from library.model_files import check_model_files, load_model, loading_errors
-    from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
+    from library.guards import NonFiniteGuard, StopSignal
+    from library.loop import Bookkeeping, resume_position, sample_renderer
     from library.memory import peak_memory_text
     from library.objectives import configure
     from library.optim import build_scheduler
     from library.progress import Progress
     from library.run import (OptimizerSettings, Switches, adapter_groups, add_adapters, apply_switches,
                              cache_and_place, make_optimizer, prepare, start, start_trackers)
-    from library.sampling import due, log_images, render_samples, settings_from_config
+    from library.sampling import settings_from_config
     from library.training import (average_gradients, batch_loss, check_partial_cache, held_out_set, make_loader,
                                   prepare_data, validation_images, validation_seed)
     from networks import files, max_norm
@@ -149,14 +150,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
                          {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"adapter_ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
-    position = Position()
-    if cfg.save.resume:
-        position, extra = checkpoints.resume()
-        if ema is not None:
-            ema.load_state_dict(extra["adapter_ema"])
-        if position.epoch_order is not None:  # None: the data changed, a new epoch starts
-            order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
-        sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
+    position, extra = resume_position(cfg, checkpoints, order, sampler)
+    if ema is not None and cfg.save.resume:
+        ema.load_state_dict(extra["adapter_ema"])
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
     def validate(step: int) -> None:
@@ -170,15 +166,19 @@ def train(cfg: Config, planned=None) -> TrainResult:
         accelerator.log({"loss/validation": value}, step=step)
         say(f"validation loss at step {step}: {value:.5f}")
 
-    def sample(step: int) -> None:
-        if sampling and accelerator.is_main_process:
-            paths = render_samples(family, parts, sampling, out_dir / "samples", f"{t.output_name}_step{step:08d}",
-                                   accelerator.device)
-            log_images(accelerator, paths, step)
-            result.samples += paths
+    def validate_every_n_steps(step: int) -> None:
+        if held_out and t.validate_every_n_steps and step % t.validate_every_n_steps == 0:
+            validate(step)
 
+    def validate_every_n_epochs(step: int) -> None:
+        if held_out and epoch % (t.validate_every_n_epochs or 1) == 0:
+            validate(step)
+
+    sample = sample_renderer(family, parts, sampling, accelerator, out_dir / "samples", t.output_name,
+                             result.samples)
     started_at = time.time()
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
+    books = Bookkeeping(accelerator, checkpoints, progress, sampling, sample, max_steps)
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
     end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
@@ -186,9 +186,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
         epoch = position.epoch
         if end == "finished":
             return result
-    if sampling and sampling.at_first and step == 0:
-        sample(0)
-    stop = StopSignal(say).__enter__()
+    books.at_start(step)
+    stop = books.stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
         epoch_order = order.get_state()
@@ -224,25 +223,11 @@ def train(cfg: Config, planned=None) -> TrainResult:
                                 step=step)
             result.losses.append(sum(micro_losses) / len(micro_losses))
             micro_losses = []
-            lr = scheduler.get_last_lr()[0]
-            progress.update(step, result.losses[-1], lr)
-            accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
-            here = Position(step, epoch, batches_done, epoch_order)
-            checkpoints.after_step(here, max_steps)
-            if due(sampling, step) and step < max_steps:
-                sample(step)
-            if held_out and t.validate_every_n_steps and step % t.validate_every_n_steps == 0:
-                validate(step)
-            if stop.requested:
-                checkpoints.save_stopped(here)
-                raise SystemExit(EXIT_STOPPED)
+            books.after_step(Position(step, epoch, batches_done, epoch_order), result.losses[-1],
+                             scheduler.get_last_lr()[0], also=validate_every_n_steps)
             if step >= max_steps:
                 break
-        checkpoints.after_epoch(Position(step, epoch, batches_done, epoch_order), max_steps)
-        if held_out and epoch % (t.validate_every_n_epochs or 1) == 0:
-            validate(step)
-        if due(sampling, step, epoch_end=epoch) and step < max_steps:
-            sample(step)
+        books.after_epoch(Position(step, epoch, batches_done, epoch_order), also=validate_every_n_epochs)
     stop.__exit__()
     elapsed = progress.close()
 
