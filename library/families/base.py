@@ -104,6 +104,9 @@ class ModelFamily:
     # train.xformers: False where the denoiser's attention runs on PyTorch SDPA whatever is set (SD3 / FLUX.1's
     # joint attention): the config is refused before loading rather than the key silently ignored
     xformers_attention: bool = True
+    # sampling runs the denoiser once per step on the prompt alone (FLUX.1's distilled guidance input), not
+    # twice for classifier-free guidance: what a sample costs in memory (the planner's sampling phase)
+    distilled_guidance: bool = False
 
     # ---- recognising and loading ------------------------------------------------------------------
 

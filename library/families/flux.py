@@ -40,6 +40,7 @@ BLOCK_PARENTS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 class FluxFamily(ModelFamily):
     name = "flux"
     xformers_attention = False  # joint attention runs on PyTorch SDPA
+    distilled_guidance = True  # guidance is an input of the transformer: no classifier-free guidance batch
     text_encoder_folders = {"text_encoder": "te1", "text_encoder_2": "te3"}  # diffusers subfolder -> our name
     adapter_base_versions = ("flux1",)
     folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads

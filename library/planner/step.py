@@ -240,7 +240,8 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
     with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
         for module in encoders:
             tracker.arrive(_storages(module), "weights")
-        conditioning = family.encode_prompts(parts, ["a photo"] * (1 if s.family == "flux" else 2), s.clip_skip)
+        prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
+        conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
         for module in encoders:
             tracker.release(_storages(module))
         if vae_away:
