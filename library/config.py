@@ -1,4 +1,6 @@
-"""The typed schema of a training TOML, strict loading, `--set` overrides and sd-scripts import.
+"""The typed schema of a training TOML, its strict checks of names and types, and `--set` overrides (reading
+files, sd-scripts input and the checks of combinations: library/config_files.py). Imports nothing of ours
+but sd-scripts' vocabulary (for "did you mean").
 
 A config file has sections ([model], [network], [dataset], [optimizer], [train], [save], [sample],
 [logging]); every key keeps the name sd-scripts uses for the same thing. Defaults live here and
@@ -14,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import toml
 
 
 class ConfigError(Exception):
@@ -419,25 +419,8 @@ def key_to_section() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Loading (reading files and checking combinations: library/config_files.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths: bool = True,
-                flags: dict | None = None) -> Config:
-    """Read a TOML file (ours or sd-scripts' flat one), put sd-scripts command-line `flags` on top (they win,
-    as in sd-scripts), apply `--set` overrides, validate. Without a file the flags are the whole config."""
-    raw, source = {}, "command line"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = tomllib.loads(read_text_file(path))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        source = str(path) + (" + command line" if flags else "")
-    return config_from_dict(raw, source=source, overrides=overrides, check_paths=check_paths, flags=flags)
 
 
 def read_text_file(path: Path) -> str:
@@ -451,50 +434,6 @@ def read_text_file(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}, in "
                           f"{data[max(0, e.start - 20):e.start]!r}...); save the file as UTF-8") from None
-
-
-def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),
-                     check_paths: bool = True, flags: dict | None = None) -> Config:
-    sections, notes, given = _sections_of(raw, source, flags or {})
-    for item in overrides:
-        _apply_override(sections, item, source)
-    cfg = Config(**{name: _build_section(name, sections.get(name, {}), source) for name in SECTIONS},
-                 source=source, notes=notes, sd_scripts_keys=given)
-    from library.config_checks import check_combinations, check_paths as check_files  # they read this schema
-
-    if check_paths:
-        check_files(cfg)
-    check_combinations(cfg)
-    return cfg
-
-
-def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], list[str], frozenset | None]:
-    """Our sectioned layout, or a flat sd-scripts file mapped onto it; command-line flags on top. Also the
-    flat keys of sd-scripts input (Config.sd_scripts_keys; with a sectioned file, its command-line flags)."""
-    from library.sd_flat import default_notes, map_flat  # it maps onto this schema
-
-    tables = {k for k, v in raw.items() if isinstance(v, dict)}
-    if raw and tables == set(raw) and tables <= set(SECTIONS):
-        sections = {k: dict(v) for k, v in raw.items()}
-        if not flags:
-            return sections, [], None
-        mapped = map_flat(flags, source)
-        for name, values in mapped.sections.items():
-            sections.setdefault(name, {}).update(values)
-        return sections, mapped.notes, _set_keys(flags)
-    flat: dict[str, Any] = {}
-    for k, v in raw.items():
-        if isinstance(v, dict):
-            flat.update(v)  # sd-scripts ignores section names
-        else:
-            flat[k] = v
-    flat.update(flags)  # the command line wins, as in sd-scripts
-    mapped = map_flat(flat, source)
-    return mapped.sections, mapped.notes + default_notes(flat), _set_keys(flat)
-
-
-def _set_keys(flat: dict) -> frozenset:
-    return frozenset(k for k, v in flat.items() if v not in (False, None, "", [], 0))
 
 
 def did_you_mean(key: str) -> str:
@@ -636,25 +575,6 @@ def optimizer_kwargs(args: list[str], key: str = "optimizer_args") -> dict[str, 
             raise ConfigError(f"'optimizer.{key}': {arg!r}: the value must be a Python literal "
                               f"(a number, True/False, a quoted string, a tuple such as 0.9,0.99)") from None
     return out
-
-
-def write_resolved(cfg: Config, path: Path) -> None:
-    """The config as it was run (defaults filled in, seed drawn), in our sectioned layout. With a dataset TOML,
-    [dataset] records what its datasets use (resolution, batch size, buckets, shared subset keys)."""
-    values = cfg.to_toml_dict()
-    comments = [f"# resolved from {cfg.source}", f"# run_id = {cfg.run_id}"]
-    if cfg.dataset.dataset_config:
-        from library.data.dataset_config import layout_from_toml, used_values  # it reads this schema
-
-        used, differ = used_values(layout_from_toml(Path(cfg.dataset.dataset_config), cfg.dataset))
-        values["dataset"].update(used)
-        comments += [f"# [dataset] from {cfg.dataset.dataset_config}" + (": the first dataset / subset where they "
-                                                                        "differ" if differ else "")]
-        comments += [f"#   {line}" for line in differ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(comments) + "\n" + toml.dumps(values), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def options_markdown() -> str:

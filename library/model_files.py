@@ -139,7 +139,7 @@ def _check_model_folder(cfg: Config, folder: str) -> None:
 def _check_family(cfg: Config, header: SafetensorsHeader | None):
     """The family that will load the model, after checking the model is one of its; None where only loading
     can tell (a pickle with family = "auto")."""
-    from library.families.base import get_family
+    from library.families import get_family
 
     path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
     if header is not None:
@@ -151,7 +151,7 @@ def _check_family(cfg: Config, header: SafetensorsHeader | None):
 
 def _check_folder_family(cfg: Config, path: str):
     """A diffusers folder: the families' claims() read its model_index.json and subfolders."""
-    from library.families.base import get_family, registered
+    from library.families import get_family, registered
 
     wanted = cfg.model.family
     claimed = [f.name for f in registered() if f.claims(path)]
@@ -172,7 +172,7 @@ def _check_folder_family(cfg: Config, path: str):
 def _check_file_family(cfg: Config, header: SafetensorsHeader):
     """A single file: the family its tensor names say, and whether that family can load it as the config
     names its parts (the family's single_file_problem: shapes, separate files)."""
-    from library.families.base import ModelSource, get_family, registered
+    from library.families import ModelSource, get_family, registered
 
     path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
     found = [f for f in registered() if f.recognises(header.tensors)]
@@ -194,15 +194,15 @@ def _check_file_family(cfg: Config, header: SafetensorsHeader):
 def _check_control_images(cfg: Config, family) -> None:
     """Control (reference) images only for a family that reads them (edit models); else one error naming the key."""
     from library.data.dataset_config import read_layout
-    from library.families.base import takes_control_images
 
-    if takes_control_images(family):
+    if family.takes_control_images:
         return
     where = [s.where for d in read_layout(cfg).datasets for s in d.subsets if s.control_dir is not None]
     if where:
         key = "dataset.control_directory" if cfg.dataset.control_directory else "dataset.dataset_config"
         raise ConfigError(f"{cfg.source}: '{key}': control (reference) images train edit models (FLUX.1 Kontext, "
-                          f"FLUX.2); a {family.name} model takes none ({', '.join(where)}): remove control_directory")
+                          f"FLUX.2, Qwen-Image-Edit); a {family.name} model takes none ({', '.join(where)}): "
+                          "remove control_directory")
 
 
 def _check_network_weights(cfg: Config, header: SafetensorsHeader, family) -> None:

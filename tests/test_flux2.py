@@ -127,7 +127,7 @@ def test_single_files_and_folder_give_identical_models(tiny_flux2):
 
 
 def test_the_tiny_command_builds_every_family():
-    from library.families.base import registered
+    from library.families import registered
     from library.tiny import WHAT
 
     assert {f.name for f in registered()} <= set(WHAT)

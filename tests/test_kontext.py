@@ -178,5 +178,5 @@ def test_control_images_on_a_family_without_edit_training_are_one_config_error(t
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"config error: {config}: 'dataset.control_directory': control (reference) images "
-                               f"train edit models (FLUX.1 Kontext, FLUX.2); a sd1 model takes none")
+                               f"train edit models (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit); a sd1 model takes none")
     assert "Loading" not in captured.err + captured.out and not (tmp_path / "out" / "lora.safetensors").exists()

@@ -20,7 +20,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
+                                   register)
 from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5,  # noqa: F401
                                                 latent_image_ids, load_ae, pack_latents, t5_keys, t5_max_length,
                                                 unpack_latents)
@@ -37,8 +38,11 @@ TEXT_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 BLOCK_PARENTS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
-class FluxFamily:
+class FluxFamily(ModelFamily):
     name = "flux"
+    xformers_attention = False  # joint attention runs on PyTorch SDPA
+    distilled_guidance = True  # guidance is an input of the transformer: no classifier-free guidance batch
+    text_encoder_folders = {"text_encoder": "te1", "text_encoder_2": "te3"}  # diffusers subfolder -> our name
     adapter_base_versions = ("flux1",)
     takes_control_images = True  # FLUX.1 Kontext edit pairs (control_directory)
     folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads

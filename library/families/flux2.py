@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
 from library.families.transformer_parts import assign_weights
 from library.flux2_layout import MARKER, file_to_transformer, is_flux2_key, kohya_layout, transformer_to_file
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
@@ -42,8 +42,10 @@ DEFAULT_TOKENIZERS = {"flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",
                       "flux2-dev": "black-forest-labs/FLUX.2-dev"}
 
 
-class Flux2Family:
+class Flux2Family(ModelFamily):
     name = "flux2"
+    xformers_attention = False  # joint attention runs on PyTorch SDPA
+    text_encoder_folders = {"text_encoder": "te"}  # diffusers subfolder -> our name
     cached_apart = None  # one frozen text encoder: its outputs are cached whole or not at all
     adapter_base_versions = ("flux2",)
     takes_control_images = True  # edit pairs (control_directory): reference tokens

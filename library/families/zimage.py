@@ -25,7 +25,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3Model
 
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
 from library.families.transformer_parts import assign_weights, encode_latents, load_ae
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -40,8 +40,10 @@ TEXT_LENGTH = 512  # ZImagePipeline's max_sequence_length
 HIDDEN_LAYER = -2  # the second-to-last hidden state
 
 
-class ZImageFamily:
+class ZImageFamily(ModelFamily):
     name = "zimage"
+    xformers_attention = False  # its own attention processors run on PyTorch SDPA
+    text_encoder_folders = {"text_encoder": "te"}  # diffusers subfolder -> our name
     cached_apart = None  # one text encoder, never trained: its outputs are cached whole or not at all
     adapter_base_versions = ("zimage",)
     folder_parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -96,7 +98,8 @@ class ZImageFamily:
         assign_weights(denoiser, original_to_transformer(read_checkpoint(source.path)), source.path)
         assign_weights(qwen, qwen3_keys(read_checkpoint(source.text_encoder)), source.text_encoder)
         return Components(denoiser=denoiser, vae=load_ae(_separate_file(source, "ae"), arch),
-                          text_encoders={"te": qwen}, tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZER)},
+                          text_encoders={"te": qwen},
+                          tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZER)},
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
                                                                                           subfolder="scheduler"),
                           extra={"arch": str(arch)})
