@@ -55,6 +55,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
     from library.devices import enable_tf32, refuse_unsupported
+    from library.engines import accelerator_settings, prepare_trained
     from library.model_files import check_model_files, load_model
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
     from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints,
@@ -66,19 +67,20 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
     from library.sd_flat import text_encoder_of_family
-    from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
+    from library.training import batch_loss, cache_outputs, make_loader, prepare_data
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
     found = check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     te_note = text_encoder_of_family(cfg, found and found.name)  # sd-scripts input: its script's text encoders
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
-    refuse_unsupported(cfg)  # before anything starts or loads
+    refuse_unsupported(cfg, "db")  # before anything starts or loads
     enable_tf32()
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=cfg.logging.log_with,
-                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
+                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"),
+                              **accelerator_settings(cfg))  # ddp_timeout, DDP's settings
     set_seed(t.seed)
     say = Progress(0, enabled=accelerator.is_main_process).write
     if accelerator.is_main_process:
@@ -154,9 +156,6 @@ def train(cfg: Config, planned=None) -> TrainResult:
         groups.append({"params": list(encoder.parameters()), "lr": te_lr or o.learning_rate})
     fused = o.fused_backward_pass or bool(o.fused_optimizer_groups)
     if fused:
-        if accelerator.num_processes > 1:
-            raise SystemExit("fused backward pass steps inside backward, before gradients are averaged across "
-                             "processes: train on one GPU, or turn it off")
         optimizer = FusedBackward(o.optimizer_type, groups, o.learning_rate, o.optimizer_args,
                                   chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm)
         if swapper:
@@ -171,7 +170,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
                                 o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained = [parts.denoiser, *text_encoders]
-    if fused:  # modules stay bare (see average_gradients); a fused optimizer steps in backward, unprepared
+    engine = prepare_trained(accelerator, parts, trained)  # DDP with several processes (library/engines.py)
+    if fused:  # a fused optimizer steps in backward, unprepared (one process: library/engines.py refuses more)
         loader = accelerator.prepare(loader)
     else:
         optimizer, loader = accelerator.prepare(optimizer, loader)
@@ -228,14 +228,12 @@ def train(cfg: Config, planned=None) -> TrainResult:
         micro_losses = []
         for batch in batches:
             batches_done += 1
-            with accelerator.accumulate(*trained), accelerator.autocast():
-                loss = batch_loss(family, parts, objective, batch, m.clip_skip, noise_generator,
+            with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
+                loss = batch_loss(family, engine.step_parts, objective, batch, m.clip_skip, noise_generator,
                                   cached_conditioning, train_te, loss_options,
                                   (accelerator.process_index, accelerator.num_processes))
-                if guard.loss_ok(loss):
+                if guard.loss_ok(loss, accelerator.num_processes):
                     accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
-                if accelerator.sync_gradients and not fused:
-                    average_gradients([p for g in groups for p in g["params"]], accelerator)
                 if accelerator.sync_gradients and guard.step_ok(
                         [p for g in groups for p in g["params"]], 0 if fused else o.max_grad_norm, step,
                         accelerator, optimizer.pop_nonfinite() if fused else False):

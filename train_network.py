@@ -59,6 +59,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
     from library.devices import enable_tf32, refuse_unsupported
+    from library.engines import accelerator_settings, prepare_trained
     from library.evaluation import fixed_denoising_loss, validation_loss
     from library.model_files import check_model_files, load_model, loading_errors
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
@@ -70,7 +71,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.progress import Progress
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
-    from library.training import (average_gradients, batch_loss, cache_outputs, check_partial_cache, held_out_set,
+    from library.training import (batch_loss, cache_outputs, check_partial_cache, held_out_set,
                                   make_loader, prepare_data, validation_images, validation_seed)
     from networks import blockwise, files, max_norm
     from networks.ema import AdapterEMA
@@ -81,12 +82,13 @@ def train(cfg: Config, planned=None) -> TrainResult:
     check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
-    refuse_unsupported(cfg)  # before anything starts or loads
+    refuse_unsupported(cfg, "network")  # before anything starts or loads
     enable_tf32()
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=cfg.logging.log_with,
-                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
+                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"),
+                              **accelerator_settings(cfg))  # ddp_timeout, DDP's settings
     set_seed(t.seed)
     say = Progress(0, enabled=accelerator.is_main_process).write
     if accelerator.is_main_process:
@@ -163,7 +165,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
                                 o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
-    optimizer, loader = accelerator.prepare(optimizer, loader)  # modules stay bare: see average_gradients
+    engine = prepare_trained(accelerator, parts, trained_modules)  # DDP with several processes (library/engines.py)
+    optimizer, loader = accelerator.prepare(optimizer, loader)
     if t.full_fp16:
         allow_fp16_gradients(accelerator)
     params = [p for c in adapted for p in c.parameters()]
@@ -252,14 +255,12 @@ def train(cfg: Config, planned=None) -> TrainResult:
         micro_losses = []
         for batch in batches:
             batches_done += 1
-            with accelerator.accumulate(*trained_modules), accelerator.autocast():
-                loss = batch_loss(family, parts, objective, batch, clip_skip, noise_generator,
+            with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
+                loss = batch_loss(family, engine.step_parts, objective, batch, clip_skip, noise_generator,
                                   cached_conditioning, train_te, loss_options,
                                   (accelerator.process_index, accelerator.num_processes))
-                if guard.loss_ok(loss):
+                if guard.loss_ok(loss, accelerator.num_processes):
                     accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    average_gradients(params, accelerator)
                 if accelerator.sync_gradients and guard.step_ok(params, o.max_grad_norm, step, accelerator):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

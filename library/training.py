@@ -170,20 +170,6 @@ def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, h
     return conditioning
 
 
-def average_gradients(params: list, accelerator) -> None:
-    """With several processes: every gradient becomes the mean over processes (what DDP would do; done
-    here because the families call the bare modules, not a DDP wrapper). One process: nothing."""
-    if accelerator.num_processes == 1:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:  # this process skipped its backward (NaN loss): it contributes zeros
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= accelerator.num_processes
-
-
 def check_partial_cache(cfg, family, train_te: bool) -> None:
     """Cached text-encoder outputs with trained text encoders: only a family with an encoder cached apart
     (FLUX.1 / SD3: T5, while the CLIPs train) can; else the config error names the key."""
