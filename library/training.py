@@ -76,11 +76,12 @@ def prepare_data(cfg, say, planned=None):
     Returns (plan, dataset, (width, height), steps_per_epoch, max_steps)."""
     from library.data.plan import plan_training
     from library.data.training_set import TrainingSet
+    from library.engines import launched_processes
 
     check_precision_on_device(cfg)  # fp16 on a device that cannot run it: before any model loads
     plan, max_steps = planned or plan_training(cfg, say)
     dataset = TrainingSet(plan, cfg.train.seed, cfg.dataset.prior_loss_weight)
-    steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps)
+    steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps, launched_processes())
     return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
 
 

@@ -161,3 +161,32 @@ def test_ddp_full_fine_tune_with_accumulation_and_a_stopped_text_encoder(tmp_pat
     assert moved > 1e-4, moved  # the UNet trained
     for r in (reports[0], reports[1], alone):
         assert r["stopped"] > 20 and r["stopped_changed"] == 0, r  # the text encoder stays where step 1 left it
+
+
+def test_ddp_epochs_are_shared_and_a_state_resumes_exactly(tmp_path, tiny_sd1, tiny_data):
+    """Two processes share each epoch's batches (8 images, 2 per batch and process: 2 steps an epoch, so
+    max_train_epochs = 2 is 4 steps, not 8); a state saved at step 2 resumes on two processes to the weights of
+    the uninterrupted run."""
+    more = """
+        [save]
+        save_every_n_steps = 2
+        save_state = true
+    """
+    run = _config(tmp_path, tiny_sd1, tiny_data, "run", 2, more)
+    run.write_text(run.read_text().replace("max_train_steps = 4", "max_train_epochs = 2"))
+    resumed = tmp_path / "resumed.toml"
+    resumed.write_text(run.read_text().replace(f'"{tmp_path / "run"}"', f'"{tmp_path / "resumed"}"')
+                       .replace("save_state = true", f'resume = "{tmp_path / "run" / "last-step00000002-state"}"'))
+    script = tmp_path / "rank_run.py"
+    script.write_text(RANK_RUN)
+    reports = []
+    for path in (run, resumed):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29535", str(script), "network", str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        reports.append(_reports(done))
+    assert len(reports[0][0]["losses"]) == 4 and len(reports[1][0]["losses"]) == 2
+    assert reports[1][0]["losses"] == reports[0][0]["losses"][2:]
+    first, again = load_file(tmp_path / "run" / "rank0.safetensors"), load_file(tmp_path / "resumed" / "rank1.safetensors")
+    assert max((first[k] - again[k]).abs().max().item() for k in first) < 1e-6
