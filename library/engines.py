@@ -124,9 +124,9 @@ def prepare_trained(accelerator, parts, trained: list) -> Prepared:
     and of its buckets (every process loaded the same weights); accelerate's autocast wrapper on forward is
     taken off again (the loop autocasts, and outputs keep the dtype one process gives them). One process:
     the modules come back bare."""
-    from accelerate.utils import DistributedType, extract_model_from_parallel
+    from accelerate.utils import extract_model_from_parallel
 
-    if accelerator.distributed_type == DistributedType.NO:
+    if accelerator.num_processes == 1:  # (torchrun with one process is MULTI_CPU / MULTI_GPU: still nothing)
         return Prepared(list({id(m): m for m in trained}.values()), parts)
     from torch.nn.parallel import DistributedDataParallel
 
