@@ -121,3 +121,30 @@ def test_one_process_trains_the_bare_modules(make_config):
                        noise_scheduler=None)
     prepared = prepare_trained(Accelerator(), parts, [unet, te, unet])
     assert prepared.step_parts is parts and prepared.engine_modules == [unet, te]
+
+
+def test_a_state_of_n_processes_goes_on_at_the_same_global_batch_with_m(make_config):
+    """batches_done counts one process' batches: 3 done by each of 2 processes are 6 of the epoch, which 4
+    processes continue after 4 (1 each; 2 batches seen again), and one process after 6."""
+    from library.checkpoint import Checkpointer, Position
+
+    said = []
+    checkpoints = Checkpointer(make_config(), lambda stem: [], {}, None, None, {}, say=said.append)
+    order = torch.tensor([1, 2, 3])
+    assert checkpoints._reshared(Position(5, 2, 3, order), 2, 2).batches_done == 3 and not said
+    four = checkpoints._reshared(Position(5, 2, 3, order), 2, 4)
+    assert (four.step, four.epoch, four.batches_done, four.epoch_order) == (5, 2, 1, order)
+    assert said[-1] == ("the state was saved by 2 processes, this run has 4: the epoch goes on after 4 of its "
+                        "batches (2 seen again)")
+    assert checkpoints._reshared(Position(5, 2, 3, order), 2, 1).batches_done == 6
+
+
+def test_a_non_finite_loss_still_joins_the_all_reduce_with_several_processes():
+    """With DDP every process must run backward (the others wait on its buckets); the step is skipped on all
+    of them because step_ok decides together. One process: backward is skipped, as before."""
+    from library.guards import NonFiniteGuard
+
+    one, several = NonFiniteGuard(5), NonFiniteGuard(5)
+    assert one.loss_ok(torch.tensor(float("nan"))) is False and one._bad_loss
+    assert several.loss_ok(torch.tensor(float("nan")), processes=2) is True and several._bad_loss
+    assert NonFiniteGuard(5).loss_ok(torch.tensor(1.0), processes=2) is True
