@@ -25,6 +25,9 @@ from library.planner.tracker import CATEGORIES
 
 
 def settings_from_config(cfg, recipe: str) -> StepSettings:
+    """The run's settings for the plan; per GPU for the processes the environment names (WORLD_SIZE, as
+    accelerate launch sets it; `WORLD_SIZE=4 python train_db.py --config x.toml --plan` plans one of 4)."""
+    from library.engines import launched_processes
     from library.training import resolution
 
     m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.dataset
@@ -44,7 +47,8 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
         fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing,
         t5xxl_precision=m.t5xxl_precision, bucket_areas=bucket_areas(d, (width, height)),
-        sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema)
+        sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema,
+        processes=launched_processes(), ddp_gradient_as_bucket_view=t.ddp_gradient_as_bucket_view)
 
 
 def bucket_areas(d, size: tuple[int, int]) -> tuple[float, ...]:
