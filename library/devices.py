@@ -38,6 +38,7 @@ def refuse_unsupported(cfg, recipe: str) -> None:
     (library/engines.py; recipe: "network" or "db"), and xformers for SD3 / FLUX.1, whose joint attention
     runs on PyTorch SDPA."""
     from library.config import ConfigError
+    from library.config_checks import joined
     from library.engines import engine_problems
     from library.families import get_family
 
@@ -49,4 +50,4 @@ def refuse_unsupported(cfg, recipe: str) -> None:
             problems.append(f"'train.xformers': {family}'s joint attention runs on PyTorch SDPA, xformers would be "
                             f"ignored; remove 'train.xformers' (sdpa is the default)")
     if problems:
-        raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))
+        raise ConfigError(joined(cfg.source, problems))

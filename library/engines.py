@@ -90,7 +90,8 @@ def accelerator_settings(cfg) -> dict:
     t = cfg.train
     return {"kwargs_handlers": [
         InitProcessGroupKwargs(timeout=timedelta(minutes=t.ddp_timeout)),
-        DistributedDataParallelKwargs(find_unused_parameters=True, gradient_as_bucket_view=t.ddp_gradient_as_bucket_view,
+        DistributedDataParallelKwargs(find_unused_parameters=True,
+                                      gradient_as_bucket_view=t.ddp_gradient_as_bucket_view,
                                       static_graph=t.ddp_static_graph)]}
 
 

@@ -60,10 +60,11 @@ parts = seen["parts"]
 now = {f"{m}.{n}": p for m, module in {"unet": parts.denoiser, "vae": parts.vae, **parts.text_encoders}.items()
        for n, p in module.named_parameters()}
 now_te = {f"{i}.{n}": p for i, e in enumerate(seen.get("encoders", [])) for n, p in e.named_parameters()}
+changed = sum(not torch.equal(v, now[k]) for k, v in seen["frozen"].items())
+stopped_changed = sum(not torch.equal(v, now_te[k]) for k, v in seen["stopped"].items())
 print("REPORT", json.dumps({"rank": rank, "losses": result.losses, "engine": seen["engine"],
-      "frozen": len(seen["frozen"]), "frozen_changed": sum(not torch.equal(v, now[k]) for k, v in seen["frozen"].items()),
-      "stopped": len(seen["stopped"]),
-      "stopped_changed": sum(not torch.equal(v, now_te[k]) for k, v in seen["stopped"].items())}))
+      "frozen": len(seen["frozen"]), "frozen_changed": changed, "stopped": len(seen["stopped"]),
+      "stopped_changed": stopped_changed}))
 """
 
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
@@ -188,5 +189,23 @@ def test_ddp_epochs_are_shared_and_a_state_resumes_exactly(tmp_path, tiny_sd1, t
         reports.append(_reports(done))
     assert len(reports[0][0]["losses"]) == 4 and len(reports[1][0]["losses"]) == 2
     assert reports[1][0]["losses"] == reports[0][0]["losses"][2:]
-    first, again = load_file(tmp_path / "run" / "rank0.safetensors"), load_file(tmp_path / "resumed" / "rank1.safetensors")
+    first = load_file(tmp_path / "run" / "rank0.safetensors")
+    again = load_file(tmp_path / "resumed" / "rank1.safetensors")
     assert max((first[k] - again[k]).abs().max().item() for k in first) < 1e-6
+
+
+def test_accelerate_launch_with_fsdp2_stops_before_the_data_with_one_line(tmp_path, tiny_sd1, tiny_data):
+    """`accelerate launch --use_fsdp --fsdp_version 2` sets the environment the trainer reads: each process
+    stops with exit code 2 and one config-error line saying what to use instead, before the data check and the
+    model (the launcher's own report follows)."""
+    config = _config(tmp_path, tiny_sd1, tiny_data, "fsdp", 2)
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                          "--num_processes", "2", "--main_process_port", "29537", "train_db.py", "--config",
+                          str(config)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**ENV, "ACCELERATE_USE_CPU": ""})
+    assert run.returncode != 0
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("config error:")]
+    assert len(errors) == 2 and all("accelerate is set up for FSDP2" in e and "plain multi-GPU (DDP)" in e
+                                    for e in errors), errors
+    assert "exitcode: 2" in run.stderr and "data:" not in run.stdout + run.stderr
+    assert not (tmp_path / "fsdp").exists()  # nothing written
