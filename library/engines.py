@@ -12,8 +12,9 @@ trained modules are handed to the engine and where the bare modules are taken ba
     fsdp1/2    `accelerate config` with FSDP (ACCELERATE_USE_FSDP, FSDP_VERSION): refused, see engine_problems.
 
 The families never see an engine: the recipe's step gets `step_parts` (the trained modules behind the
-engine's wrapper, through `Engined`, which reads every attribute off the bare module), everything else
-(saving, sampling, EMA, the planner) keeps the bare parts. With one process nothing is wrapped.
+engine's wrapper, through `Engined`, which reads every attribute off the bare module); everything else
+(saving, sampling, EMA, validation, the planner) keeps the bare parts, which share their parameters with the
+wrapped ones, so nothing is ever unwrapped. With one process nothing is wrapped.
 """
 from __future__ import annotations
 
@@ -126,12 +127,11 @@ def prepare_trained(accelerator, parts, trained: list) -> Prepared:
     taken off again (the loop autocasts, and outputs keep the dtype one process gives them). One process:
     the modules come back bare."""
     from accelerate.utils import extract_model_from_parallel
-
-    if accelerator.num_processes == 1:  # (torchrun with one process is MULTI_CPU / MULTI_GPU: still nothing)
-        return Prepared(list({id(m): m for m in trained}.values()), parts)
     from torch.nn.parallel import DistributedDataParallel
 
     trained = list({id(m): m for m in trained}.values())  # a module two adapter targets share: once
+    if accelerator.num_processes == 1:  # (torchrun with one process is MULTI_CPU / MULTI_GPU: still nothing)
+        return Prepared(trained, parts)
     engine_modules = []
     for module in trained:
         frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
@@ -146,9 +146,3 @@ def prepare_trained(accelerator, parts, trained: list) -> Prepared:
         text_encoders={name: engined.get(id(e), e) for name, e in parts.text_encoders.items()})
     return Prepared(engine_modules, step_parts)
 
-
-def unwrap(module):
-    """The bare module behind an engine's wrapper (or an Engined), for saving, sampling and the planner."""
-    from accelerate.utils import extract_model_from_parallel
-
-    return extract_model_from_parallel(module.bare if isinstance(module, Engined) else module)

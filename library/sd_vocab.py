@@ -185,8 +185,9 @@ VOCAB: dict[str, Key] = {
     "v_pred_like_loss": refused(FLOAT, "not offered: use scale_v_pred_loss_like_noise_pred or min_snr_gamma", 0,
                                 0.0),
     "weighted_captions": refused(FLAG, "(word:1.2) caption weighting is not offered: write plain captions"),
-    "deepspeed": refused(FLAG, "DeepSpeed is not offered: use fused_backward_pass, blocks_to_swap, "
-                               "gradient_checkpointing"),
+    "deepspeed": refused(FLAG, "DeepSpeed is not run yet: several GPUs train with accelerate's DDP "
+                               "(accelerate launch --multi_gpu); for memory use fused_backward_pass (one GPU), "
+                               "blocks_to_swap, gradient_checkpointing"),
     "controlnet_model_name_or_path": refused(STR, "ControlNet training is not offered"),
     "model_type": mapped(STR, "model.family (flux_train_network's flux or chroma)"),
     "save_clip": refused(FLAG, "train_db.py saves the denoiser file only; the text encoders are unchanged"),

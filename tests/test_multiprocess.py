@@ -195,7 +195,7 @@ def test_ddp_epochs_are_shared_and_a_state_resumes_exactly(tmp_path, tiny_sd1, t
 
 
 def test_accelerate_launch_with_fsdp2_stops_before_the_data_with_one_line(tmp_path, tiny_sd1, tiny_data):
-    """`accelerate launch --use_fsdp --fsdp_version 2` sets the environment the trainer reads: each process
+    """`accelerate launch --use_fsdp --fsdp_version 2` sets the environment the trainer reads: a process
     stops with exit code 2 and one config-error line saying what to use instead, before the data check and the
     model (the launcher's own report follows)."""
     config = _config(tmp_path, tiny_sd1, tiny_data, "fsdp", 2)
@@ -205,7 +205,8 @@ def test_accelerate_launch_with_fsdp2_stops_before_the_data_with_one_line(tmp_pa
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**ENV, "ACCELERATE_USE_CPU": ""})
     assert run.returncode != 0
     errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("config error:")]
-    assert len(errors) == 2 and all("accelerate is set up for FSDP2" in e and "plain multi-GPU (DDP)" in e
-                                    for e in errors), errors
+    # one line per process that got to say it (the launcher stops the other once the first exits)
+    assert 1 <= len(errors) <= 2 and all("accelerate is set up for FSDP2" in e and "plain multi-GPU (DDP)" in e
+                                         for e in errors), errors
     assert "exitcode: 2" in run.stderr and "data:" not in run.stdout + run.stderr
     assert not (tmp_path / "fsdp").exists()  # nothing written
