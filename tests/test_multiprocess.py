@@ -210,3 +210,24 @@ def test_accelerate_launch_with_fsdp2_stops_before_the_data_with_one_line(tmp_pa
                                          for e in errors), errors
     assert "exitcode: 2" in run.stderr and "data:" not in run.stdout + run.stderr
     assert not (tmp_path / "fsdp").exists()  # nothing written
+
+
+def test_ddp_sdxl_lora_with_a_text_encoder_layer_no_step_uses(tmp_path, tiny_sdxl, tiny_data):
+    """SDXL conditions on the first text encoder's penultimate layer, so the adapters of its last layer get no
+    gradient on any process: DDP is told to look for unused parameters (else it stops at the second step,
+    waiting for their gradients), leaves them without one, and they stay at their initial zeros, as they do in
+    one process; the rest trains as one process on the global batch."""
+    two = _config(tmp_path, tiny_sdxl, tiny_data, "two", 2)
+    one = _config(tmp_path, tiny_sdxl, tiny_data, "one", 4)
+    for path in (two, one):
+        path.write_text(path.read_text().replace("max_train_steps = 4", "max_train_steps = 2"))
+    reports, alone, (rank0, rank1, single) = _two_and_one(tmp_path, "network", two, one, 29539)
+    assert reports[0]["engine"] == ["DistributedDataParallel"] * 3  # unet, te1, te2
+    te1_layers = {int(k.split("_layers_")[1].split("_")[0]) for k in rank0 if k.startswith("lora_te1_")}
+    last = f"lora_te1_text_model_encoder_layers_{max(te1_layers)}_"
+    unused = [k for k in rank0 if k.startswith(last) and k.endswith("lora_up.weight")]
+    assert unused and all(not rank0[k].any() and not rank1[k].any() and not single[k].any() for k in unused)
+    used = [k for k in rank0 if k.startswith("lora_te1_") and not k.startswith(last) and k.endswith("lora_up.weight")]
+    assert max(rank0[k].abs().max().item() for k in used) > 1e-4  # the other layers trained
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert max((rank0[k] - single[k]).abs().max().item() for k in rank0) < 1e-5
