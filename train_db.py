@@ -49,12 +49,12 @@ def train(cfg: Config, planned=None) -> TrainResult:
                              start, start_trackers, train_whole, whole_model_groups)
     from library.sampling import settings_from_config
     from library.sd_flat import text_encoder_of_family
-    from library.training import average_gradients, batch_loss, make_loader, prepare_data
+    from library.training import batch_loss, make_loader, prepare_data
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
     found = check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     te_note = text_encoder_of_family(cfg, found and found.name)  # sd-scripts input: its script's text encoders
-    run = start(cfg)  # seed, refusals, the accelerator, the output folder claimed
+    run = start(cfg, "db")  # seed, refusals, the accelerator, the output folder claimed
     accelerator, say = run.accelerator, run.say
 
     # ---- data: every image and caption is checked before any model loads ----------------------
@@ -118,7 +118,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
                                 o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
-    optimizer, loader = prepare(accelerator, optimizer, loader, fused, t.full_fp16)
+    engine, optimizer, loader = prepare(accelerator, parts, trained, optimizer, loader, fused, t.full_fp16)
     result = TrainResult(parts=parts, optimizer=optimizer, ema=ema)
     start_trackers(accelerator, cfg)
 
@@ -161,14 +161,12 @@ def train(cfg: Config, planned=None) -> TrainResult:
         micro_losses = []
         for batch in batches:
             batches_done += 1
-            with accelerator.accumulate(*trained), accelerator.autocast():
-                loss = batch_loss(family, parts, objective, batch, m.clip_skip, noise_generator,
+            with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
+                loss = batch_loss(family, engine.step_parts, objective, batch, m.clip_skip, noise_generator,
                                   cached_conditioning, train_te, loss_options,
                                   (accelerator.process_index, accelerator.num_processes))
-                if guard.loss_ok(loss):
+                if guard.loss_ok(loss, accelerator.num_processes):
                     accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
-                if accelerator.sync_gradients and not fused:
-                    average_gradients([p for g in groups for p in g["params"]], accelerator)
                 if accelerator.sync_gradients and guard.step_ok(
                         [p for g in groups for p in g["params"]], 0 if fused else o.max_grad_norm, step,
                         accelerator, optimizer.pop_nonfinite() if fused else False):

@@ -52,7 +52,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.run import (OptimizerSettings, Switches, adapter_groups, add_adapters, apply_switches,
                              cache_and_place, make_optimizer, prepare, start, start_trackers)
     from library.sampling import settings_from_config
-    from library.training import (average_gradients, batch_loss, check_partial_cache, held_out_set, make_loader,
+    from library.training import (batch_loss, check_partial_cache, held_out_set, make_loader,
                                   prepare_data, validation_images, validation_seed)
     from networks import files, max_norm
     from networks.ema import AdapterEMA
@@ -61,7 +61,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     t, out_dir = cfg.train, Path(cfg.train.output_dir)
     check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
-    run = start(cfg)  # seed, refusals, the accelerator, the output folder claimed
+    run = start(cfg, "network")  # seed, refusals, the accelerator, the output folder claimed
     accelerator, say = run.accelerator, run.say
 
     # ---- data: every image and caption is checked before any model loads ----------------------
@@ -117,7 +117,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
                                 o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
-    optimizer, loader = prepare(accelerator, optimizer, loader, chosen.fused, t.full_fp16)
+    engine, optimizer, loader = prepare(accelerator, parts, trained_modules, optimizer, loader, chosen.fused,
+                                        t.full_fp16)  # DDP with several processes (library/engines.py)
 
     result = TrainResult(parts=parts, adapted=adapted, optimizer=optimizer)
     if cfg.logging.report_denoising_loss:
@@ -198,14 +199,12 @@ def train(cfg: Config, planned=None) -> TrainResult:
         micro_losses = []
         for batch in batches:
             batches_done += 1
-            with accelerator.accumulate(*trained_modules), accelerator.autocast():
-                loss = batch_loss(family, parts, objective, batch, clip_skip, noise_generator,
+            with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
+                loss = batch_loss(family, engine.step_parts, objective, batch, clip_skip, noise_generator,
                                   cached_conditioning, train_te, loss_options,
                                   (accelerator.process_index, accelerator.num_processes))
-                if guard.loss_ok(loss):
+                if guard.loss_ok(loss, accelerator.num_processes):
                     accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    average_gradients(params, accelerator)
                 if accelerator.sync_gradients and guard.step_ok(params, o.max_grad_norm, step, accelerator):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from library.config import ConfigError
 from library.config_checks import glob_escape
+from library.engines import launched_processes
 from library.saved_state import (RESUME_MAY_CHANGE, STATE_VERSION, read_state_info, check_resumable, find_state,  # noqa: F401
                                  recover_folder)
 
@@ -101,7 +102,8 @@ def save_training_state(folder: Path, position: Position, params: dict[str, torc
                    "extra": extra or {}}
         torch.save(objects, tmp / "state.pt")
         info = {"version": STATE_VERSION, "step": position.step, "epoch": position.epoch,
-                "batches_done": position.batches_done, "config": config, "run_id": run_id, "data": data}
+                "batches_done": position.batches_done, "processes": launched_processes(), "config": config,
+                "run_id": run_id, "data": data}
         (tmp / "state.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
     return save_folder(folder, write)
 
@@ -275,13 +277,26 @@ class Checkpointer:
 
     def resume(self) -> tuple[Position, dict]:
         folder = find_state(self.cfg.save.resume, self.out_dir, self.say)
-        check_resumable(folder, self.cfg.to_toml_dict())
+        info = check_resumable(folder, self.cfg.to_toml_dict())
         position, extra = load_training_state(folder, **self.state)
+        position = self._reshared(position, info.get("processes", 1), launched_processes())
         if (self.cfg.data_fingerprint or {}).get("changed"):  # resume_with_changed_data: a new epoch from here
             position = Position(position.step, position.epoch + 1, 0, None)
         self.say(f"resumed from {folder}: step {position.step}, epoch {position.epoch}, "
                  f"{position.batches_done} batches into it")
         return position, extra
+
+
+    def _reshared(self, position: Position, saved: int, now: int) -> Position:
+        """A state saved by `saved` processes, resumed by `now`: batches_done counts one process' batches, and
+        each process takes every processes-th batch of the epoch, so the epoch goes on at the same global batch
+        (rounded down to a multiple of `now`: at most now - 1 batches are seen again)."""
+        if saved == now:
+            return position
+        done = position.batches_done * saved
+        self.say(f"the state was saved by {saved} processes, this run has {now}: the epoch goes on after "
+                 f"{done // now * now} of its batches" + (f" ({done % now} seen again)" if done % now else ""))
+        return Position(position.step, position.epoch, done // now, position.epoch_order)
 
 
 def resumed_seed(cfg) -> int | None:

@@ -243,6 +243,14 @@ class TrainSection:
         "(fewer activations on the GPU; slower by the copies)")
     cache_text_encoder_outputs_to_disk: bool = opt(
         False, "cache text-encoder outputs as files in cache_dir, reused while still valid")
+    ddp_timeout: int = opt(
+        180, "several processes: minutes a process waits for the others (rank 0 caching latents or making class "
+        "images) before the process group gives up; sd-scripts' key, here with a default past PyTorch's 10 minutes")
+    ddp_gradient_as_bucket_view: bool = opt(
+        False, "several processes: gradients are views into DDP's all-reduce buckets (saves one gradient copy)")
+    ddp_static_graph: bool = opt(
+        False, "several processes: tell DDP the same parameters are used in every step (lets it skip the search for "
+        "unused ones after the first step)")
 
 
 @dataclass

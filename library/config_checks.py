@@ -220,7 +220,9 @@ def check_recipe(cfg: Config, recipe: str) -> None:
     from library.sd_flat import network_only_keys  # sd-scripts' reading of them
 
     network_only_keys(cfg, recipe)
-    problems = []
+    from library.engines import engine_problems
+
+    problems = engine_problems(cfg, recipe)  # what the engine `accelerate launch` set up cannot run
     caching = cfg.train.cache_text_encoder_outputs or cfg.train.cache_text_encoder_outputs_to_disk
     if recipe == "network" and caching and not cfg.network.network_train_unet_only and cfg.model.family in ("sd1",
                                                                                                           "sdxl"):

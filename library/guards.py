@@ -25,10 +25,13 @@ class NonFiniteGuard:
         self.skipped = 0
         self._bad_loss = False
 
-    def loss_ok(self, loss: torch.Tensor) -> bool:
+    def loss_ok(self, loss: torch.Tensor, processes: int = 1) -> bool:
+        """Whether to run backward on `loss`: when it is finite; with several processes, always (each must
+        join DDP's gradient all-reduce, or the others wait for it forever; the step is then skipped on every
+        process, step_ok deciding together). A non-finite loss is remembered for step_ok."""
         ok = bool(torch.isfinite(loss.detach()).all())
         self._bad_loss |= not ok
-        return ok
+        return ok or processes > 1
 
     def step_ok(self, params, max_grad_norm: float, step: int, accelerator, known_bad: bool = False) -> bool:
         """At an optimizer step: unscale and clip the gradients to max_grad_norm (if > 0), and say whether

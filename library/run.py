@@ -6,7 +6,6 @@ visible training loop; the plumbing around it lives here once.
 """
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,27 +13,23 @@ from typing import Callable
 
 from library.families import get_family
 
-ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
-
-
-def refuse_unsupported(cfg) -> None:
+def refuse_unsupported(cfg, recipe: str) -> None:
     """What the config accepts but a run would fail on or silently ignore after loading, refused before
-    anything loads, with what to do instead: DeepSpeed / FSDP from `accelerate config` (the trainer runs one
-    model copy per GPU and averages gradients itself; multi-GPU engines are a separate issue), and xformers
-    for SD3 / FLUX.1, whose joint attention runs on PyTorch SDPA."""
+    anything loads, with what to do instead: what the engine `accelerate launch` set up cannot combine with
+    (library/engines.py; recipe: "network" or "db"), and xformers for families whose attention runs on
+    PyTorch SDPA whatever is set (SD3 / FLUX's joint attention)."""
     from library.config import ConfigError
+    from library.config_checks import joined
+    from library.engines import engine_problems
 
-    problems = [f"accelerate is set up for {engine} ({env}=true), which this trainer does not use: run "
-                f"`accelerate config` again without {engine} (plain multi-GPU, or one GPU); for memory use "
-                f"blocks_to_swap, fp8_base or gradient_checkpointing"
-                for env, engine in ENGINES.items() if os.environ.get(env, "").lower() in ("1", "true", "yes")]
+    problems = engine_problems(cfg, recipe)
     m = cfg.model
     family = get_family(m.family, m.pretrained_model_name_or_path) if cfg.train.xformers else None
     if family is not None and not family.xformers_attention:
         problems.append(f"'train.xformers': {family.name}'s joint attention runs on PyTorch SDPA, xformers would "
                         f"be ignored; remove 'train.xformers' (sdpa is the default)")
     if problems:
-        raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))
+        raise ConfigError(joined(cfg.source, problems))
 
 
 # ---- starting: the checks, the accelerator, the output folder --------------------------------------
@@ -47,7 +42,7 @@ class Started:
     lock: object = None  # the output folder's lock, held while the run lives (library/outputs.py)
 
 
-def start(cfg) -> Started:
+def start(cfg, recipe: str) -> Started:
     """Everything before the data and the model: the seed drawn (or the resumed run's), the configs no run
     could train refused, TF32, the accelerator with the run's precision and trackers, the seed set, the output
     folder claimed and the resolved config written (main process)."""
@@ -57,18 +52,20 @@ def start(cfg) -> Started:
     from library.checkpoint import resumed_seed
     from library.config_files import write_resolved
     from library.devices import enable_tf32
+    from library.engines import accelerator_settings
     from library.outputs import claim_output_dir
     from library.progress import Progress
 
     t, out_dir = cfg.train, Path(cfg.train.output_dir)
     if t.seed is None:
         t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
-    refuse_unsupported(cfg)  # before anything starts or loads
+    refuse_unsupported(cfg, recipe)  # before anything starts or loads
     enable_tf32()
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps,
                               log_with=cfg.logging.log_with,
-                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
+                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"),
+                              **accelerator_settings(cfg))  # ddp_timeout, DDP's settings
     set_seed(t.seed)
     started = Started(accelerator, Progress(0, enabled=accelerator.is_main_process).write)
     if accelerator.is_main_process:
@@ -299,17 +296,19 @@ def make_optimizer(o: OptimizerSettings, groups: list[dict], swapper=None, proce
     return optimizer, optimizer.optimizers
 
 
-def prepare(accelerator, optimizer, loader, fused: bool, full_fp16: bool):
-    """What goes through accelerator.prepare: the loader, and the optimizer unless it is fused into backward
-    (it steps there, unprepared). The trained modules stay bare (library.training.average_gradients averages
-    their gradients across processes). full_fp16: the grad scaler unscales fp16 gradients. Returns
-    (optimizer, loader)."""
+def prepare(accelerator, parts, trained: list, optimizer, loader, fused: bool, full_fp16: bool):
+    """What goes through accelerator.prepare: the trained modules (DDP with several processes, through
+    library/engines.py; the parts stay bare for saving and sampling), the loader, and the optimizer unless it is
+    fused into backward (it steps there, unprepared). full_fp16: the grad scaler unscales fp16 gradients.
+    Returns (engine, optimizer, loader): the loop runs engine.step_parts under accumulate(*engine.engine_modules)."""
+    from library.engines import prepare_trained
     from library.memory import allow_fp16_gradients
 
+    engine = prepare_trained(accelerator, parts, trained)
     if fused:
         loader = accelerator.prepare(loader)
     else:
         optimizer, loader = accelerator.prepare(optimizer, loader)
     if full_fp16:
         allow_fp16_gradients(accelerator)
-    return optimizer, loader
+    return engine, optimizer, loader

@@ -13,7 +13,8 @@ from library.config import ConfigError
 STATE_VERSION = 1
 # keys that may differ between the run that saved a state and the run resuming it
 RESUME_MAY_CHANGE = {"train.max_train_steps", "train.max_train_epochs", "train.output_dir", "train.output_name",
-                     "train.nan_skip_limit", "dataset.max_data_loader_n_workers", "save", "sample", "logging"}
+                     "train.nan_skip_limit", "train.ddp_timeout",
+                     "train.ddp_gradient_as_bucket_view", "train.ddp_static_graph", "dataset.max_data_loader_n_workers", "save", "sample", "logging"}
 
 
 def recover_folder(path: Path) -> None:

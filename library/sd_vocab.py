@@ -127,9 +127,6 @@ VOCAB: dict[str, Key] = {
     "persistent_data_loader_workers": noop(FLAG, "worker lifetime only; batches are the same"),
     "lowram": noop(FLAG, "how sd-scripts loads weights into RAM; loading here is streamed from safetensors"),
     "highvram": noop(FLAG, "a caching speed switch in sd-scripts; caches here are built once either way"),
-    "ddp_timeout": noop(INT, "multi-GPU: accelerate's DDP settings are used"),
-    "ddp_gradient_as_bucket_view": noop(FLAG, "multi-GPU: accelerate's DDP settings are used"),
-    "ddp_static_graph": noop(FLAG, "multi-GPU: accelerate's DDP settings are used"),
     "log_tracker_name": noop(STR, "tracker project name: the run is named log_prefix + output_name"),
     "wandb_run_name": noop(STR, "the run is named log_prefix + output_name"),
     "log_tracker_config": noop(STR, "tracker settings file: trackers use their own defaults"),
@@ -188,8 +185,9 @@ VOCAB: dict[str, Key] = {
     "v_pred_like_loss": refused(FLOAT, "not offered: use scale_v_pred_loss_like_noise_pred or min_snr_gamma", 0,
                                 0.0),
     "weighted_captions": refused(FLAG, "(word:1.2) caption weighting is not offered: write plain captions"),
-    "deepspeed": refused(FLAG, "DeepSpeed is not offered: use fused_backward_pass, blocks_to_swap, "
-                               "gradient_checkpointing"),
+    "deepspeed": refused(FLAG, "DeepSpeed is not run yet: several GPUs train with accelerate's DDP "
+                               "(accelerate launch --multi_gpu); for memory use fused_backward_pass (one GPU), "
+                               "blocks_to_swap, gradient_checkpointing"),
     "controlnet_model_name_or_path": refused(STR, "ControlNet training is not offered"),
     "model_type": mapped(STR, "model.family (flux_train_network's flux or chroma)"),
     "save_clip": refused(FLAG, "train_db.py saves the denoiser file only; the text encoders are unchanged"),

@@ -85,11 +85,12 @@ def prepare_data(cfg, say, planned=None):
     Returns (plan, dataset, (width, height), steps_per_epoch, max_steps)."""
     from library.data.plan import plan_training
     from library.data.training_set import TrainingSet
+    from library.engines import launched_processes
 
     check_precision_on_device(cfg)  # fp16 on a device that cannot run it: before any model loads
     plan, max_steps = planned or plan_training(cfg, say)
     dataset = TrainingSet(plan, cfg.train.seed, cfg.dataset.prior_loss_weight)
-    steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps)
+    steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps, launched_processes())
     return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
 
 
@@ -144,18 +145,6 @@ def make_loader(cfg, plan, dataset):
     return loader, sampler, order
 
 
-def average_gradients(params: list, accelerator) -> None:
-    """With several processes: every gradient becomes the mean over processes (what DDP would do; done
-    here because the families call the bare modules, not a DDP wrapper). One process: nothing."""
-    if accelerator.num_processes == 1:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:  # this process skipped its backward (NaN loss): it contributes zeros
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= accelerator.num_processes
 
 
 def check_partial_cache(cfg, family, train_te: bool) -> None:

@@ -1,5 +1,7 @@
-"""Multi-GPU is a configuration of accelerate: two processes on the CPU (gloo) end with identical adapter
-weights on both ranks, equal to one process trained on the same global batch."""
+"""Multi-GPU is a configuration of accelerate: two processes on the CPU (gloo) train through DDP (the trained
+modules go through accelerator.prepare) and end with identical weights on both ranks, equal to one process
+trained on the same global batch; no parameter without a gradient moves on any rank."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -12,24 +14,64 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-# Each rank trains, then writes its own copy of the adapter (the trainer itself writes from rank 0 only).
+# Each rank trains, then writes its own copy of the trained weights (the trainer itself writes from rank 0 only)
+# and a report: the engine's wrapper types, how many frozen tensors changed, and how many text-encoder tensors
+# changed after stop_text_encoder_training froze them.
 RANK_RUN = """
-import sys, torch
+import json, sys, torch
 from accelerate import PartialState
+from safetensors.torch import save_file
+from library import engines
 from library.config_files import load_config
 from networks import files
-import train_network
-cfg = load_config(sys.argv[1])
-result = train_network.train(cfg)
+import train_db, train_network
+
+recipe, cfg = sys.argv[1], load_config(sys.argv[2])
+seen = {"engine": [], "frozen": {}, "stopped": {}}
+prepare = engines.prepare_trained
+
+def recording_prepare(accelerator, parts, trained):
+    prepared = prepare(accelerator, parts, trained)
+    seen["engine"] = [type(m).__name__ for m in prepared.engine_modules]
+    modules = {"unet": parts.denoiser, "vae": parts.vae, **parts.text_encoders}
+    seen["frozen"] = {f"{m}.{n}": p.detach().clone() for m, module in modules.items()
+                      for n, p in module.named_parameters() if not p.requires_grad}
+    seen["parts"] = parts
+    return prepared
+engines.prepare_trained = recording_prepare
+
+stop = train_db._stop_training
+def recording_stop(text_encoders, say, step):
+    seen["stopped"] = {f"{i}.{n}": p.detach().clone() for i, e in enumerate(text_encoders)
+                       for n, p in e.named_parameters()}
+    seen["encoders"] = text_encoders
+    return stop(text_encoders, say, step)
+train_db._stop_training = recording_stop
+
+result = (train_network if recipe == "network" else train_db).train(cfg)
 rank = PartialState().process_index
-tensors, _ = files.adapter_tensors(result.adapted, "kohya", torch.float32)
-from safetensors.torch import save_file
-save_file(tensors, f"{cfg.train.output_dir}/rank{rank}.safetensors")
-print("LOSSES", rank, result.losses)
+if recipe == "network":
+    tensors, _ = files.adapter_tensors(result.adapted, "kohya", torch.float32)
+else:
+    tensors = {f"unet.{k}": v for k, v in result.parts.denoiser.state_dict().items()}
+    tensors.update({f"te.{k}": v for k, v in result.parts.text_encoders["te"].state_dict().items()})
+save_file({k: v.float().contiguous() for k, v in tensors.items()}, f"{cfg.train.output_dir}/rank{rank}.safetensors")
+parts = seen["parts"]
+now = {f"{m}.{n}": p for m, module in {"unet": parts.denoiser, "vae": parts.vae, **parts.text_encoders}.items()
+       for n, p in module.named_parameters()}
+now_te = {f"{i}.{n}": p for i, e in enumerate(seen.get("encoders", [])) for n, p in e.named_parameters()}
+changed = sum(not torch.equal(v, now[k]) for k, v in seen["frozen"].items())
+stopped_changed = sum(not torch.equal(v, now_te[k]) for k, v in seen["stopped"].items())
+print("REPORT", json.dumps({"rank": rank, "losses": result.losses, "engine": seen["engine"],
+      "frozen": len(seen["frozen"]), "frozen_changed": changed, "stopped": len(seen["stopped"]),
+      "stopped_changed": stopped_changed}))
 """
 
+ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+       "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets: DDP over gloo
 
-def _config(tmp_path, tiny_sd1, tiny_data, name, batch):
+
+def _config(tmp_path, tiny_sd1, tiny_data, name, batch, more=""):
     path = tmp_path / f"{name}.toml"
     path.write_text(textwrap.dedent(f"""
         [model]
@@ -49,29 +91,143 @@ def _config(tmp_path, tiny_sd1, tiny_data, name, batch):
         output_dir = "{tmp_path / name}"
         max_train_steps = 4
         seed = 7
-    """))
+    """) + textwrap.dedent(more))
     return path
 
 
-def test_two_processes_on_cpu_equal_one_process_with_the_same_global_batch(tmp_path, tiny_sd1, tiny_data):
-    two = _config(tmp_path, tiny_sd1, tiny_data, "two", 2)
-    one = _config(tmp_path, tiny_sd1, tiny_data, "one", 4)
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-           "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets: DDP over gloo
+def _reports(run) -> dict[int, dict]:
+    reports = [json.loads(line[len("REPORT "):]) for line in run.stdout.splitlines() if line.startswith("REPORT ")]
+    return {r["rank"]: r for r in reports}
+
+
+def _two_and_one(tmp_path, recipe: str, two, one, port: int):
+    """Trains `two` on 2 processes (torchrun, gloo) and `one` on one; returns the reports and saved weights."""
     script = tmp_path / "rank_run.py"
     script.write_text(RANK_RUN)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29531", str(script), str(two)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+                          "--master_port", str(port), str(script), recipe, str(two)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(script), str(one)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, env=env)
+    single = subprocess.run([sys.executable, str(script), recipe, str(one)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=ENV)
     assert single.returncode == 0, single.stderr[-3000:]
-    rank0, rank1 = load_file(tmp_path / "two" / "rank0.safetensors"), load_file(tmp_path / "two" / "rank1.safetensors")
-    alone = load_file(tmp_path / "one" / "rank0.safetensors")
+    out_two, out_one = tmp_path / two.stem, tmp_path / one.stem
+    weights = [load_file(out_two / "rank0.safetensors"), load_file(out_two / "rank1.safetensors"),
+               load_file(out_one / "rank0.safetensors")]
+    return _reports(run), _reports(single)[0], weights
+
+
+def test_two_processes_on_cpu_equal_one_process_with_the_same_global_batch(tmp_path, tiny_sd1, tiny_data):
+    """DDP LoRA: both ranks hold the weights one process reaches on the global batch (within 1e-5: only the
+    summation order differs); the frozen base is untouched on every rank; the trainer wrote one file."""
+    two = _config(tmp_path, tiny_sd1, tiny_data, "two", 2)
+    one = _config(tmp_path, tiny_sd1, tiny_data, "one", 4)
+    reports, alone, (rank0, rank1, single) = _two_and_one(tmp_path, "network", two, one, 29531)
+    assert reports[0]["engine"] == reports[1]["engine"] == ["DistributedDataParallel"] * 2  # unet, te
+    assert alone["engine"] == ["UNet2DConditionModel", "CLIPTextModel"]  # one process: the bare modules
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # averaged gradients kept the ranks in step
     assert max(rank0[k].abs().max().item() for k in rank0 if k.endswith("lora_up.weight")) > 1e-3  # it trained
-    worst = max((rank0[k] - alone[k]).abs().max().item() for k in rank0)
+    worst = max((rank0[k] - single[k]).abs().max().item() for k in rank0)
     assert worst < 1e-5, worst  # same examples, noise and timesteps; only the summation order differs
+    for r in (reports[0], reports[1]):
+        assert r["frozen"] > 200 and r["frozen_changed"] == 0, r
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".safetensors") == [
         "last.safetensors", "rank0.safetensors", "rank1.safetensors"]  # the trainer wrote once
+
+
+def test_ddp_full_fine_tune_with_accumulation_and_a_stopped_text_encoder(tmp_path, tiny_sd1, tiny_data):
+    """DDP full fine-tune of the UNet and the text encoder, gradient accumulation 2 (no_sync on the first
+    micro-batch), the text encoder frozen after step 1: both ranks end with one process's weights on the global
+    batch, and the frozen text encoder does not move afterwards on any rank (SGD with Nesterov momentum would
+    keep moving it if a zero gradient were averaged in, as the hand-made all-reduce did)."""
+    more = """
+        [dreambooth]
+        train_text_encoder = true
+        stop_text_encoder_training = 1
+    """
+    two = _config(tmp_path, tiny_sd1, tiny_data, "two", 1, more)
+    one = _config(tmp_path, tiny_sd1, tiny_data, "one", 2, more)
+    for path in (two, one):
+        path.write_text(path.read_text().replace("max_train_steps = 4", "max_train_steps = 3\n"
+                                                 "gradient_accumulation_steps = 2")
+                        .replace("learning_rate = 0.05", "learning_rate = 0.02"))
+    reports, alone, (rank0, rank1, single) = _two_and_one(tmp_path, "db", two, one, 29533)
+    assert reports[0]["engine"] == ["DistributedDataParallel"] * 2 and alone["engine"] == [
+        "UNet2DConditionModel", "CLIPTextModel"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    worst = max((rank0[k] - single[k]).abs().max().item() for k in rank0)
+    assert worst < 1e-5, worst
+    moved = max((rank0[k] - load_file(str(tiny_sd1[0] / "unet" / "diffusion_pytorch_model.safetensors"))[k[5:]])
+                .abs().max().item() for k in rank0 if k.startswith("unet.") and k.endswith(".weight"))
+    assert moved > 1e-4, moved  # the UNet trained
+    for r in (reports[0], reports[1], alone):
+        assert r["stopped"] > 20 and r["stopped_changed"] == 0, r  # the text encoder stays where step 1 left it
+
+
+def test_ddp_epochs_are_shared_and_a_state_resumes_exactly(tmp_path, tiny_sd1, tiny_data):
+    """Two processes share each epoch's batches (8 images, 2 per batch and process: 2 steps an epoch, so
+    max_train_epochs = 2 is 4 steps, not 8); a state saved at step 2 resumes on two processes to the weights of
+    the uninterrupted run."""
+    more = """
+        [save]
+        save_every_n_steps = 2
+        save_state = true
+    """
+    run = _config(tmp_path, tiny_sd1, tiny_data, "run", 2, more)
+    run.write_text(run.read_text().replace("max_train_steps = 4", "max_train_epochs = 2"))
+    resumed = tmp_path / "resumed.toml"
+    resumed.write_text(run.read_text().replace(f'"{tmp_path / "run"}"', f'"{tmp_path / "resumed"}"')
+                       .replace("save_state = true", f'resume = "{tmp_path / "run" / "last-step00000002-state"}"'))
+    script = tmp_path / "rank_run.py"
+    script.write_text(RANK_RUN)
+    reports = []
+    for path in (run, resumed):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29535", str(script), "network", str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        reports.append(_reports(done))
+    assert len(reports[0][0]["losses"]) == 4 and len(reports[1][0]["losses"]) == 2
+    assert reports[1][0]["losses"] == reports[0][0]["losses"][2:]
+    first = load_file(tmp_path / "run" / "rank0.safetensors")
+    again = load_file(tmp_path / "resumed" / "rank1.safetensors")
+    assert max((first[k] - again[k]).abs().max().item() for k in first) < 1e-6
+
+
+def test_accelerate_launch_with_fsdp2_stops_before_the_data_with_one_line(tmp_path, tiny_sd1, tiny_data):
+    """`accelerate launch --use_fsdp --fsdp_version 2` sets the environment the trainer reads: a process
+    stops with exit code 2 and one config-error line saying what to use instead, before the data check and the
+    model (the launcher's own report follows)."""
+    config = _config(tmp_path, tiny_sd1, tiny_data, "fsdp", 2)
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                          "--num_processes", "2", "--main_process_port", "29537", "train_db.py", "--config",
+                          str(config)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**ENV, "ACCELERATE_USE_CPU": ""})
+    assert run.returncode != 0
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("config error:")]
+    # one line per process that got to say it (the launcher stops the other once the first exits)
+    assert 1 <= len(errors) <= 2 and all("accelerate is set up for FSDP2" in e and "plain multi-GPU (DDP)" in e
+                                         for e in errors), errors
+    assert "exitcode: 2" in run.stderr and "data:" not in run.stdout + run.stderr
+    assert not (tmp_path / "fsdp").exists()  # nothing written
+
+
+def test_ddp_sdxl_lora_with_a_text_encoder_layer_no_step_uses(tmp_path, tiny_sdxl, tiny_data):
+    """SDXL conditions on the first text encoder's penultimate layer, so the adapters of its last layer get no
+    gradient on any process: DDP is told to look for unused parameters (else it stops at the second step,
+    waiting for their gradients), leaves them without one, and they stay at their initial zeros, as they do in
+    one process; the rest trains as one process on the global batch."""
+    two = _config(tmp_path, tiny_sdxl, tiny_data, "two", 2)
+    one = _config(tmp_path, tiny_sdxl, tiny_data, "one", 4)
+    for path in (two, one):
+        path.write_text(path.read_text().replace("max_train_steps = 4", "max_train_steps = 2"))
+    reports, alone, (rank0, rank1, single) = _two_and_one(tmp_path, "network", two, one, 29539)
+    assert reports[0]["engine"] == ["DistributedDataParallel"] * 3  # unet, te1, te2
+    te1_layers = {int(k.split("_layers_")[1].split("_")[0]) for k in rank0 if k.startswith("lora_te1_")}
+    last = f"lora_te1_text_model_encoder_layers_{max(te1_layers)}_"
+    unused = [k for k in rank0 if k.startswith(last) and k.endswith("lora_up.weight")]
+    assert unused and all(not rank0[k].any() and not rank1[k].any() and not single[k].any() for k in unused)
+    used = [k for k in rank0 if k.startswith("lora_te1_") and not k.startswith(last) and k.endswith("lora_up.weight")]
+    assert max(rank0[k].abs().max().item() for k in used) > 1e-4  # the other layers trained
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert max((rank0[k] - single[k]).abs().max().item() for k in rank0) < 1e-5

@@ -124,3 +124,17 @@ def test_sampling_brings_the_parts_over_while_the_training_state_stays(tiny, tin
     assert p.phases["sample"].allocated >= size(parts.denoiser, parts.vae) + p.card.cublas_workspace
     assert p.phases["sample"].reserved >= p.phases["step"].reserved
     assert "vae (latents cached)" in p.host
+
+
+def test_ddp_buckets_add_one_copy_of_the_gradients_per_gpu(tiny):
+    """Under DDP each GPU holds its all-reduce buckets (a flat copy of every trained gradient) for the whole
+    run: the step's peak grows by exactly the trained gradients' bytes; with ddp_gradient_as_bucket_view the
+    gradients are views into the buckets and the plan is the one-GPU plan."""
+    s = dataclasses.replace(tiny, recipe="db", optimizer_type="Adafactor")
+    one = _plan(s)
+    two = _plan(dataclasses.replace(s, processes=2))
+    viewed = _plan(dataclasses.replace(s, processes=2, ddp_gradient_as_bucket_view=True))
+    assert two.peak - one.peak == 4 * one.trainable  # fp32 gradients
+    assert two.breakdown["gradients"] - one.breakdown["gradients"] == 4 * one.trainable
+    assert viewed.peak == one.peak
+    assert any("DDP over 2 processes" in n for n in two.notes) and not any("DDP" in n for n in viewed.notes)

@@ -63,10 +63,12 @@ class DataPlan:
         sizes = self.batch_sizes
         return sum(math.ceil(n / sizes[k]) for k, n in Counter(self.entry_keys).items())
 
-    def steps_per_epoch(self, accumulation: int) -> int:
-        return math.ceil(self.batches_per_epoch() / accumulation)
+    def steps_per_epoch(self, accumulation: int, processes: int = 1) -> int:
+        """Optimizer steps in an epoch: each of the `processes` takes every processes-th batch (accelerate's
+        sharding, the last ones padded from the start to an equal count), `accumulation` of them per step."""
+        return math.ceil(math.ceil(self.batches_per_epoch() / processes) / accumulation)
 
-    def summary(self, accumulation: int) -> list[str]:
+    def summary(self, accumulation: int, processes: int = 1) -> list[str]:
         """The table printed before training: subsets, buckets, and the steps-per-epoch arithmetic."""
         per_subset = Counter(id(self.images[i].subset) for i in self.entries)
         lines = ["data:"]
@@ -79,8 +81,9 @@ class DataPlan:
         lines += self.conversion_notes()
         lines += bucket_table(self.entry_keys, Counter(r.bucket_key for r in self.images), self.batch_sizes)
         batches = self.batches_per_epoch()
-        lines.append(f"  {len(self.entries)} examples per epoch in {batches} batches; gradient accumulation "
-                     f"{accumulation} -> {self.steps_per_epoch(accumulation)} steps per epoch")
+        shared = f", {math.ceil(batches / processes)} for each of {processes} processes" if processes > 1 else ""
+        lines.append(f"  {len(self.entries)} examples per epoch in {batches} batches{shared}; gradient accumulation "
+                     f"{accumulation} -> {self.steps_per_epoch(accumulation, processes)} steps per epoch")
         return lines
 
 
@@ -228,11 +231,14 @@ def plan_training(cfg: Config, say) -> tuple[DataPlan, int]:
     long as the run (known once epochs are counted), and a resumed run's data against what its state trained
     on (refused if it changed, unless save.resume_with_changed_data: then the run continues at the saved step
     with a new epoch). Imports no torch: errors here arrive within a second of starting."""
+    from library.engines import launched_processes
+
     t = cfg.train
     plan = plan_data(cfg, say)  # layout, check (stop or skip), captions, buckets, epoch entries
-    steps_per_epoch = plan.steps_per_epoch(t.gradient_accumulation_steps)
+    processes = launched_processes()  # several processes share each epoch's batches
+    steps_per_epoch = plan.steps_per_epoch(t.gradient_accumulation_steps, processes)
     max_steps = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    for line in plan.summary(t.gradient_accumulation_steps):
+    for line in plan.summary(t.gradient_accumulation_steps, processes):
         say(line)
     say(f"  {max_steps} steps (~{math.ceil(max_steps / steps_per_epoch)} epochs)")
     if cfg.save.save_n_epoch_ratio:  # sd-scripts: save_every_n_epochs = floor(epochs / ratio), at least 1

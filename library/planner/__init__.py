@@ -25,9 +25,12 @@ from library.planner.tracker import CATEGORIES
 
 def settings_from_config(cfg, recipe: str) -> StepSettings:
     """The plan's settings: the run's own switches and optimizer settings as library/run.py reads them from the
-    config (xformers planned as SDPA), and what the step is made of."""
+    config (xformers planned as SDPA), and what the step is made of; per GPU for the processes the environment
+    names (WORLD_SIZE, as accelerate launch sets it; `WORLD_SIZE=4 python train_db.py --config x.toml --plan`
+    plans one of 4)."""
     import dataclasses
 
+    from library.engines import launched_processes
     from library.run import OptimizerSettings, Switches
     from library.training import resolution
 
@@ -44,7 +47,8 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         train_text_encoder=(cfg.dreambooth.train_text_encoder if recipe == "db" else not n.network_train_unet_only),
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
         v_parameterization=m.v_parameterization, network=n, bucket_areas=bucket_areas(d, (width, height)),
-        sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema)
+        sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema,
+        processes=launched_processes(), ddp_gradient_as_bucket_view=t.ddp_gradient_as_bucket_view)
 
 
 def bucket_areas(d, size: tuple[int, int]) -> tuple[float, ...]:

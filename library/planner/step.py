@@ -42,6 +42,8 @@ class StepSettings(Switches, OptimizerSettings):
     ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
+    processes: int = 1  # several processes under DDP (library/engines.py): each holds its gradient buckets
+    ddp_gradient_as_bucket_view: bool = False
 
     def switches(self) -> Switches:
         """The run's memory switches as planned: on fake tensors int8 T5 is 1-byte fp8 storage (bitsandbytes
@@ -186,6 +188,7 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     fused = s.optimizer_settings().fused
 
     warm_up_state(trained, optimizers, swapper, tracker)
+    buckets = ddp_buckets(s, trained, tracker, notes)  # noqa: F841  (alive through the steps, as in a run)
 
     # ---- the training steps ------------------------------------------------------------------
     generator = torch.Generator().manual_seed(0)
@@ -303,6 +306,23 @@ def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker) -> None:
             tracker.tag([t for t in state.values() if isinstance(t, torch.Tensor)], "optimizer state")
             if swapped:
                 _back_to_host(swapper, p, state)
+
+
+def ddp_buckets(s: StepSettings, trained, tracker: MemoryTracker, notes: list[str]) -> list:
+    """Several processes: each GPU holds DDP's all-reduce buckets, a flat copy of every trained gradient (per
+    dtype), from the first backward to the end of the run, beside the gradients themselves; with
+    ddp_gradient_as_bucket_view the gradients are views into the buckets, so nothing more. Returns them."""
+    if s.processes < 2 or s.ddp_gradient_as_bucket_view:
+        return []
+    sizes: dict[tuple, int] = {}
+    for p in trained:
+        sizes[(p.device, p.dtype)] = sizes.get((p.device, p.dtype), 0) + p.numel()
+    buckets = [torch.empty(n, dtype=dtype, device=device) for (device, dtype), n in sizes.items()]
+    tracker.tag(buckets, "gradients")
+    total = sum(b.numel() * b.element_size() for b in buckets)
+    notes.append(f"DDP over {s.processes} processes: {total / 2**30:.2f} GiB of gradient buckets per GPU beside the "
+                 f"gradients (ddp_gradient_as_bucket_view = true makes the gradients views into them)")
+    return buckets
 
 
 def _back_to_host(swapper, p, state: dict) -> None:

@@ -1,0 +1,148 @@
+"""Past one GPU on accelerate's engines: which engine a run was launched under (read from the environment
+`accelerate launch` and torchrun set), what each engine cannot combine with (refused before any model loads,
+with what to use instead), the Accelerator's process-group and DDP settings, and the one place where the
+trained modules are handed to the engine and where the bare modules are taken back.
+
+    single     one process.
+    ddp        N processes (`accelerate launch --multi_gpu`, `--cpu` with N processes, torchrun), each holding
+               the whole model; DistributedDataParallel all-reduces the gradients in buckets while backward
+               runs, and not at all on the micro-batches of gradient accumulation before the last (no_sync,
+               through accelerator.accumulate).
+    deepspeed  `accelerate config` with DeepSpeed (ACCELERATE_USE_DEEPSPEED): refused, see engine_problems.
+    fsdp1/2    `accelerate config` with FSDP (ACCELERATE_USE_FSDP, FSDP_VERSION): refused, see engine_problems.
+
+The families never see an engine: the recipe's step gets `step_parts` (the trained modules behind the
+engine's wrapper, through `Engined`, which reads every attribute off the bare module); everything else
+(saving, sampling, EMA, validation, the planner) keeps the bare parts, which share their parameters with the
+wrapped ones, so nothing is ever unwrapped. With one process nothing is wrapped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+TRUE = ("1", "true", "yes")
+ENGINE_NAMES = {"single": "one process", "ddp": "DDP", "deepspeed": "DeepSpeed", "fsdp1": "FSDP (version 1)",
+                "fsdp2": "FSDP2"}
+
+
+def launched_engine(environ=None) -> str:
+    """The engine `accelerate launch` (or torchrun) set up for this process, from the environment alone
+    (nothing is initialised): "single", "ddp", "deepspeed", "fsdp1" or "fsdp2"."""
+    env = os.environ if environ is None else environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE:
+        return "deepspeed"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in TRUE:
+        return "fsdp2" if env.get("FSDP_VERSION", "1") == "2" else "fsdp1"  # accelerate's default is 1
+    return "ddp" if launched_processes(env) > 1 else "single"
+
+
+def launched_processes(environ=None) -> int:
+    """WORLD_SIZE, as accelerate launch / torchrun set it (1 when launched plainly)."""
+    env = os.environ if environ is None else environ
+    return int(env.get("WORLD_SIZE", "1") or 1)
+
+
+def engine_problems(cfg, recipe: str, environ=None) -> list[str]:
+    """What this run's engine cannot combine with this config, each with what to use instead ([] if none).
+    recipe: "network" (adapters) or "db" (full fine-tune). Runs before any model loads."""
+    engine = launched_engine(environ)
+    o, t = cfg.optimizer, cfg.train
+    fused = o.fused_backward_pass or bool(o.fused_optimizer_groups)
+    if engine == "ddp":
+        problems = []
+        if fused:
+            problems.append("'optimizer.fused_backward_pass' / 'fused_optimizer_groups' step each weight inside "
+                            f"backward, before DDP has averaged its gradient over the {launched_processes(environ)} "
+                            "processes: turn it off (an 8-bit or factored optimizer, AdamW8bit / Adafactor, saves "
+                            "most of its memory), or train on one GPU")
+        if recipe == "db" and t.blocks_to_swap:
+            problems.append("'train.blocks_to_swap' in train_db.py needs the fused backward pass, which DDP cannot "
+                            "run: set it to 0 (gradient_checkpointing and an 8-bit optimizer instead), or train on "
+                            "one GPU")
+        return problems
+    if engine == "deepspeed":
+        if recipe == "network":
+            return ["accelerate is set up for DeepSpeed, which does not help adapter training: ZeRO shards the "
+                    "optimizer state and gradients, and an adapter's are a few MB per GPU; run `accelerate "
+                    "config` again with plain multi-GPU (DDP), and save memory on the frozen base with fp8_base, "
+                    "blocks_to_swap or gradient_checkpointing"]
+        return ["accelerate is set up for DeepSpeed, which this trainer does not run yet for full fine-tuning: run "
+                "`accelerate config` again with plain multi-GPU (DDP), with gradient_checkpointing and an 8-bit or "
+                "factored optimizer (AdamW8bit, Adafactor); on one GPU, fused_backward_pass and blocks_to_swap"]
+    if engine.startswith("fsdp"):
+        first = ("accelerate is set up for FSDP version 1, which accelerate deprecates and this trainer does not run"
+                 if engine == "fsdp1" else "accelerate is set up for FSDP2, which this trainer does not run yet")
+        return [f"{first}: run `accelerate config` again with plain multi-GPU (DDP), with gradient_checkpointing "
+                f"and an 8-bit or factored optimizer (AdamW8bit, Adafactor); on one GPU, fused_backward_pass and "
+                f"blocks_to_swap"]
+    return []
+
+
+def accelerator_settings(cfg) -> dict:
+    """The Accelerator's kwargs_handlers for the process group and DDP: ddp_timeout (minutes; rank 0 may cache
+    latents or make class images for longer than the default watchdog of 10 minutes while the others wait),
+    ddp_gradient_as_bucket_view, ddp_static_graph; unused parameters found in each backward (a text encoder's
+    last layer under clip_skip, adapter module dropout) so they are neither waited for nor moved."""
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    t = cfg.train
+    return {"kwargs_handlers": [
+        InitProcessGroupKwargs(timeout=timedelta(minutes=t.ddp_timeout)),
+        DistributedDataParallelKwargs(find_unused_parameters=True,
+                                      gradient_as_bucket_view=t.ddp_gradient_as_bucket_view,
+                                      static_graph=t.ddp_static_graph)]}
+
+
+class Engined:
+    """A trained module as the step calls it: called, it runs the engine's wrapper (DDP's forward, which
+    sets up the bucketed all-reduce of its backward); any attribute (`config`, `device`, `dtype`, blocks) is
+    the bare module's, so a family cannot tell the difference."""
+
+    def __init__(self, engine_module, bare):
+        self.engine_module, self.bare = engine_module, bare
+
+    def __call__(self, *args, **kwargs):
+        return self.engine_module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.bare, name)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """The trained modules after accelerator.prepare: `engine_modules` (for accelerator.accumulate, in the
+    order given) and `step_parts` (the parts the step calls: trained modules behind the engine; the bare
+    `parts` stay what everything else uses)."""
+    engine_modules: list
+    step_parts: object
+
+
+def prepare_trained(accelerator, parts, trained: list) -> Prepared:
+    """Hands the trained modules of `parts` (the denoiser and/or text encoders, each with a parameter that
+    trains) to accelerate's engine. Frozen parameters and buffers are left out of DDP's start-up broadcast
+    and of its buckets (every process loaded the same weights); accelerate's autocast wrapper on forward is
+    taken off again (the loop autocasts, and outputs keep the dtype one process gives them). One process:
+    the modules come back bare."""
+    from accelerate.utils import extract_model_from_parallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    trained = list({id(m): m for m in trained}.values())  # a module two adapter targets share: once
+    if accelerator.num_processes == 1:  # (torchrun with one process is MULTI_CPU / MULTI_GPU: still nothing)
+        return Prepared(trained, parts)
+    engine_modules = []
+    for module in trained:
+        frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+        frozen += [name for name, _ in module.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+        wrapped = accelerator.prepare_model(module, device_placement=False)  # placement is the run's business
+        extract_model_from_parallel(wrapped, keep_fp32_wrapper=False)  # the bare forward again
+        engine_modules.append(wrapped)
+    engined = {id(bare): Engined(wrapped, bare) for bare, wrapped in zip(trained, engine_modules)}
+    step_parts = dataclasses.replace(
+        parts, denoiser=engined.get(id(parts.denoiser), parts.denoiser),
+        text_encoders={name: engined.get(id(e), e) for name, e in parts.text_encoders.items()})
+    return Prepared(engine_modules, step_parts)
+

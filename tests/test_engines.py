@@ -1,0 +1,150 @@
+"""accelerate's engines (library/engines.py): which engine the launch environment names, what each refuses
+before any model loads (the README's engine matrix), the process-group and DDP settings, and the wrapper the
+step calls. The multi-process runs themselves are tests/test_multiprocess.py."""
+from datetime import timedelta
+
+import pytest
+import torch
+
+from library.engines import (Engined, accelerator_settings, engine_problems, launched_engine, launched_processes,
+                             prepare_trained)
+
+# what `accelerate launch` puts in each process' environment (accelerate 1.15, utils/launch.py)
+DDP = {"WORLD_SIZE": "4", "ACCELERATE_USE_CPU": "false"}
+DEEPSPEED = {"WORLD_SIZE": "4", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+FSDP1 = {"WORLD_SIZE": "4", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
+FSDP2 = {"WORLD_SIZE": "4", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+@pytest.mark.parametrize("env, engine", [({}, "single"), ({"WORLD_SIZE": "1"}, "single"), (DDP, "ddp"),
+                                         (DEEPSPEED, "deepspeed"), (FSDP1, "fsdp1"), (FSDP2, "fsdp2"),
+                                         ({"ACCELERATE_USE_FSDP": "True", "WORLD_SIZE": "2"}, "fsdp1")])
+def test_the_engine_is_read_as_accelerate_launch_sets_it(env, engine):
+    assert launched_engine(env) == engine
+    assert launched_processes(env) == int(env.get("WORLD_SIZE", 1))
+
+
+def _problems(make_config, env, recipe="db", **sections):
+    return engine_problems(make_config(**sections), recipe, env)
+
+
+def test_one_process_and_ddp_accept_what_they_can_run(make_config):
+    fused = {"optimizer": {"fused_backward_pass": True, "optimizer_type": "Adafactor"}}
+    assert _problems(make_config, {}, **fused, train={"blocks_to_swap": 2, "gradient_checkpointing": True}) == []
+    assert _problems(make_config, DDP) == [] and _problems(make_config, DDP, "network") == []
+    # an adapter with block swap: the adapter's weights stay on the device, DDP's buckets with them
+    assert _problems(make_config, DDP, "network", train={"blocks_to_swap": 2, "gradient_checkpointing": True}) == []
+
+
+def test_ddp_refuses_the_fused_backward_pass_and_train_db_block_swap(make_config):
+    fused = _problems(make_config, DDP, optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"})
+    assert len(fused) == 1 and "before DDP has averaged its gradient over the 4 processes" in fused[0]
+    assert "AdamW8bit / Adafactor" in fused[0]
+    groups = _problems(make_config, DDP, optimizer={"fused_optimizer_groups": 4})
+    assert len(groups) == 1 and "fused_optimizer_groups" in groups[0]
+    swap = _problems(make_config, DDP, optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"},
+                     train={"blocks_to_swap": 2, "gradient_checkpointing": True})
+    assert len(swap) == 2 and "'train.blocks_to_swap' in train_db.py" in swap[1]
+
+
+@pytest.mark.parametrize("env, recipe, says", [
+    (DEEPSPEED, "network", "does not help adapter training"),
+    (DEEPSPEED, "db", "does not run yet for full fine-tuning"),
+    (FSDP1, "db", "FSDP version 1"), (FSDP1, "network", "FSDP version 1"),
+    (FSDP2, "db", "FSDP2, which this trainer does not run yet"), (FSDP2, "network", "FSDP2")])
+def test_sharded_engines_are_refused_with_what_to_use_instead(make_config, env, recipe, says):
+    problems = _problems(make_config, env, recipe)
+    assert len(problems) == 1 and says in problems[0]
+    assert "`accelerate config` again with plain multi-GPU (DDP)" in problems[0]
+
+
+def test_the_refusal_comes_before_anything_loads(make_config, monkeypatch):
+    """The recipe stops at refuse_unsupported, before the Accelerator (which would fail itself on a DeepSpeed
+    environment without deepspeed installed) and before the model loads."""
+    import library.model_files
+    from library.config import ConfigError
+    from train_db import train
+
+    for key, value in DEEPSPEED.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(library.model_files, "load_model", lambda cfg: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match="DeepSpeed, which this trainer does not run yet"):
+        train(make_config())
+
+
+def test_ddp_timeout_and_ddp_keys_reach_accelerate(make_config, tmp_path):
+    """sd-scripts' ddp_timeout (minutes) becomes the process group's timeout; our default outlasts PyTorch's
+    10-minute watchdog, which would kill the waiting ranks while rank 0 caches latents or makes class images."""
+    group, ddp = accelerator_settings(make_config())["kwargs_handlers"]
+    assert group.to_kwargs() == {"timeout": timedelta(minutes=180)}
+    assert ddp.to_kwargs() == {"find_unused_parameters": True}
+    group, ddp = accelerator_settings(make_config(train={"ddp_timeout": 30, "ddp_gradient_as_bucket_view": True,
+                                                         "ddp_static_graph": True}))["kwargs_handlers"]
+    assert group.to_kwargs() == {"timeout": timedelta(minutes=30)}
+    assert ddp.to_kwargs() == {"find_unused_parameters": True, "gradient_as_bucket_view": True, "static_graph": True}
+
+
+def test_sd_scripts_ddp_flags_are_read(tiny_sd1, tiny_data, tmp_path):
+    from library.config_files import load_config
+    from library.sd_args import parse
+
+    args = parse([f"--pretrained_model_name_or_path={tiny_sd1[0]}", "--train_data_dir", str(tiny_data),
+                  "--output_dir", str(tmp_path / "out"), "--ddp_timeout", "45", "--ddp_gradient_as_bucket_view",
+                  "--ddp_static_graph"], "test")
+    t = load_config(None, args.overrides, flags=args.flags).train
+    assert (t.ddp_timeout, t.ddp_gradient_as_bucket_view, t.ddp_static_graph) == (45, True, True)
+
+
+def test_engined_calls_the_wrapper_and_reads_the_bare_module():
+    bare = torch.nn.Linear(2, 3)
+    bare.config = {"kind": "linear"}
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append((args, kwargs))
+        return bare(*args, **kwargs)
+
+    engined = Engined(wrapper, bare)
+    out = engined(torch.ones(1, 2))
+    assert len(calls) == 1 and torch.equal(out, bare(torch.ones(1, 2)))
+    assert engined.config == {"kind": "linear"} and engined.weight is bare.weight and engined.out_features == 3
+
+
+def test_one_process_trains_the_bare_modules(make_config):
+    """With one process nothing is wrapped: the step's parts are the run's parts, each trained module once."""
+    from accelerate import Accelerator
+
+    from library.families.base import Components
+
+    unet, te = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    parts = Components(denoiser=unet, vae=torch.nn.Identity(), text_encoders={"te": te}, tokenizers={},
+                       noise_scheduler=None)
+    prepared = prepare_trained(Accelerator(), parts, [unet, te, unet])
+    assert prepared.step_parts is parts and prepared.engine_modules == [unet, te]
+
+
+def test_a_state_of_n_processes_goes_on_at_the_same_global_batch_with_m(make_config):
+    """batches_done counts one process' batches: 3 done by each of 2 processes are 6 of the epoch, which 4
+    processes continue after 4 (1 each; 2 batches seen again), and one process after 6."""
+    from library.checkpoint import Checkpointer, Position
+
+    said = []
+    checkpoints = Checkpointer(make_config(), lambda stem: [], {}, None, None, {}, say=said.append)
+    order = torch.tensor([1, 2, 3])
+    assert checkpoints._reshared(Position(5, 2, 3, order), 2, 2).batches_done == 3 and not said
+    four = checkpoints._reshared(Position(5, 2, 3, order), 2, 4)
+    assert (four.step, four.epoch, four.batches_done, four.epoch_order) == (5, 2, 1, order)
+    assert said[-1] == ("the state was saved by 2 processes, this run has 4: the epoch goes on after 4 of its "
+                        "batches (2 seen again)")
+    assert checkpoints._reshared(Position(5, 2, 3, order), 2, 1).batches_done == 6
+
+
+def test_a_non_finite_loss_still_joins_the_all_reduce_with_several_processes():
+    """With DDP every process must run backward (the others wait on its buckets); the step is skipped on all
+    of them because step_ok decides together. One process: backward is skipped, as before."""
+    from library.guards import NonFiniteGuard
+
+    one, several = NonFiniteGuard(5), NonFiniteGuard(5)
+    assert one.loss_ok(torch.tensor(float("nan"))) is False and one._bad_loss
+    assert several.loss_ok(torch.tensor(float("nan")), processes=2) is True and several._bad_loss
+    assert NonFiniteGuard(5).loss_ok(torch.tensor(1.0), processes=2) is True
