@@ -47,6 +47,7 @@ def map_flat(flat: dict, source: str) -> Mapped:
         if key in flat and flat[key] is not None:
             convert(out, flat[key], flat)
     _full_fine_tune_text_encoder(out, flat)
+    _adafactor_defaults(out)
     if unknown:
         out.problems += [f"unknown key '{k}'{did_you_mean(k)}" for k in unknown]
     if out.problems:
@@ -67,6 +68,27 @@ def _full_fine_tune_text_encoder(out: Mapped, flat: dict) -> None:
              if flat.get(k)]
     if hints:
         out.put("train_text_encoder", False)
+
+
+def _adafactor_defaults(out: Mapped) -> None:
+    """sd-scripts' Adafactor: relative_step is true unless optimizer_args say otherwise, scale_parameter is
+    transformers' default (true); values read as Python literals, so the kohya_ss GUI's "relative_step=False,"
+    is the tuple (False,), a true value. With relative_step, Adafactor picks its own step size and sd-scripts
+    drops learning_rate, unet_lr, text_encoder_lr and lr_scheduler (library/optim.py does the same)."""
+    from library.config import optimizer_kwargs
+
+    if str(out.get("optimizer_type", "")).lower() != "adafactor":
+        return
+    args = list(out.get("optimizer_args") or [])
+    given = optimizer_kwargs(args) if all("=" in a for a in args) else {}
+    defaults = [f"{k}=True" for k in ("relative_step", "scale_parameter") if k not in given]
+    if defaults:
+        out.put("optimizer_args", args + defaults)
+        out.notes.append(f"Adafactor: {', '.join(defaults)} added to optimizer_args (sd-scripts' defaults)")
+    if given.get("relative_step", True) or given.get("warmup_init"):
+        out.notes.append("Adafactor with relative_step: it picks its own step size (min(1e-2, 1/sqrt(step)), "
+                         "times the weights' RMS with scale_parameter); learning_rate, unet_lr, text_encoder_lr "
+                         "and lr_scheduler are not used, as in sd-scripts")
 
 
 def text_encoder_of_family(cfg, family: str | None) -> str | None:

@@ -531,3 +531,19 @@ def test_empty_strings_and_false_mean_unset_as_in_sd_scripts(paths):
                            source="gui.toml")
     assert (cfg.sample.sample_prompts, cfg.save.resume, cfg.model.vae, cfg.network.network_weights) == (None,) * 4
     assert any("sample_prompts, resume, vae, network_weights, log_prefix" in note for note in cfg.notes)
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({"optimizer_type": "Adafactor"}, ["relative_step=True", "scale_parameter=True"]),  # sd-scripts' defaults
+    ({"optimizer_type": "adafactor", "optimizer_args": ["relative_step=False"]},
+     ["relative_step=False", "scale_parameter=True"]),
+    ({"optimizer_type": "Adafactor", "optimizer_args": ["scale_parameter=False", "relative_step=False",
+                                                        "warmup_init=False"]},
+     ["scale_parameter=False", "relative_step=False", "warmup_init=False"]),
+    ({"optimizer_type": "AdamW", "optimizer_args": ["weight_decay=0.1"]}, ["weight_decay=0.1"]),
+])
+def test_adafactor_arguments_as_sd_scripts_defaults_them(paths, keys, expected):
+    cfg = config_from_dict(_flat(paths, **keys), source="x.toml")
+    assert cfg.optimizer.optimizer_args == expected
+    relative = any("relative_step" in n for n in cfg.notes if "not used" in n)
+    assert relative == (keys.get("optimizer_args") is None)

@@ -23,9 +23,6 @@ REFUSED = re.compile(r"^'(\w+)' = .* is refused( \(network_args\))?: ")
 # What stops corpus files today: refused key -> number of corpus files (training TOMLs and command lines) it
 # stops. A key implemented later leaves this table (and the files it stopped then load).
 EXPECTED_REFUSALS: dict[str, int] = {
-    # kohya_ss GUI's Adafactor "relative_step=False," (trailing comma): sd-scripts reads (False,), a true value, so
-    # it trains with relative_step = True, which picks its own learning rate; refused with relative_step=False
-    "optimizer_args": 4,
     "preset": 4,  # LyCORIS preset attn-mlp
     "algo": 1,  # LyCORIS algo=full (native fine-tuning)
     "train_norm": 1,  # LyCORIS train_norm=True
