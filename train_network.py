@@ -113,7 +113,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     wanted = {"denoiser": not n.network_train_text_encoder_only}
     adapted = []
     for target in family.adapter_targets(parts):
-        if wanted.get(target.component, not n.network_train_unet_only):
+        if wanted.get(target.component, not n.network_train_unet_only) and settings.adapts(target.component):
             module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
             adapted.append(inject(module, target, settings))
     if n.network_weights:

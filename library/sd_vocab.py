@@ -67,7 +67,6 @@ NETWORK_ARGS: dict[str, tuple[tuple | None, str]] = {
     "train_double_block_indices": (("all",), "FLUX: training a subset of the double blocks is not offered"),
     "train_single_block_indices": (("all",), "FLUX: training a subset of the single blocks is not offered"),
     "train_blocks": (("all",), "FLUX: training only the single or the double blocks is not offered"),
-    "preset": (("full",), "LyCORIS presets other than full (every layer) are not offered: leave preset unset"),
     "train_norm": (("false",), "training the norm layers is not offered"),
     "verbose": (None, "prints the adapted layers; no effect on training"),
 }

@@ -23,7 +23,6 @@ REFUSED = re.compile(r"^'(\w+)' = .* is refused( \(network_args\))?: ")
 # What stops corpus files today: refused key -> number of corpus files (training TOMLs and command lines) it
 # stops. A key implemented later leaves this table (and the files it stopped then load).
 EXPECTED_REFUSALS: dict[str, int] = {
-    "preset": 4,  # LyCORIS preset attn-mlp
     "algo": 1,  # LyCORIS algo=full (native fine-tuning)
     "train_norm": 1,  # LyCORIS train_norm=True
     "lr_decay_steps": 1,  # warmup_stable_decay / cosine_with_min_lr decay

@@ -189,7 +189,7 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         settings = NetworkSettings.from_network_section(s.network)
         wanted = {"denoiser": s.train_unet}
         for target in family.adapter_targets(parts):
-            if wanted.get(target.component, s.train_text_encoder):
+            if wanted.get(target.component, s.train_text_encoder) and settings.adapts(target.component):
                 module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
                 adapted.append(inject(module, target, settings))
         trained = [p for c in adapted for p in c.parameters()]
