@@ -64,9 +64,6 @@ REFUSED_MODULES = {
 # network_args keys of sd-scripts' and LyCORIS' modules that this trainer does not take: (values with no
 # effect, lower-case; None: any value), and the reason a different value is refused
 NETWORK_ARGS: dict[str, tuple[tuple | None, str]] = {
-    "train_double_block_indices": (("all",), "FLUX: training a subset of the double blocks is not offered"),
-    "train_single_block_indices": (("all",), "FLUX: training a subset of the single blocks is not offered"),
-    "train_blocks": (("all",), "FLUX: training only the single or the double blocks is not offered"),
     "train_norm": (("false",), "training the norm layers is not offered"),
     "verbose": (None, "prints the adapted layers; no effect on training"),
 }

@@ -73,9 +73,22 @@ def find_layers(root: nn.Module, target: AdapterTarget, s: NetworkSettings) -> d
                 rank_alpha = _conv_rank(s, _block(target, path))
             else:
                 continue
-            if rank_alpha[0] > 0 and lr_weight(s, _block(target, path)) != 0:
+            if rank_alpha[0] > 0 and lr_weight(s, _block(target, path)) != 0 and _chosen_block(target, path, s):
                 layers[path] = rank_alpha
     return layers
+
+
+def _chosen_block(target: AdapterTarget, path: str, s: NetworkSettings) -> bool:
+    """sd-scripts' lora_flux selection by the layer's kohya name: train_blocks (double / single blocks only)
+    and the chosen indices of each kind; layers outside such blocks are never dropped by it."""
+    import re
+
+    name = target.kohya_layout(path)[0] if target.kohya_layout and target.kohya_layout(path) else path
+    m = re.match(r"(double|single)_blocks\.(\d+)\.", name)
+    if m is None:
+        return s.train_blocks == "all"
+    chosen = s.double_blocks if m.group(1) == "double" else s.single_blocks
+    return s.train_blocks in ("all", m.group(1)) and (chosen is None or int(m.group(2)) in chosen)
 
 
 def _attention_paths(root: nn.Module) -> list[str]:
