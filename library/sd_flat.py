@@ -11,7 +11,7 @@ from typing import Any
 
 from library.config import ConfigError, did_you_mean, key_to_section, schema_default
 from library.sd_vocab import (DIFFERENT_DEFAULTS, LYCORIS_ALGOS_REFUSED, NETWORK_ARGS, REFUSED_MODULES, SD_MODULES,
-                              VOCAB)
+                              UPLOAD_KEYS, VOCAB)
 
 
 @dataclass
@@ -39,6 +39,8 @@ def map_flat(flat: dict, source: str) -> Mapped:
             out.at_default.append(key)  # sample_prompts = "", resume = false: sd-scripts reads them as unset
         elif key in owner:
             out.put(key, _plain_value(key, value))
+        elif key in UPLOAD_KEYS and not flat.get("huggingface_repo_id"):
+            out.at_default.append(key)  # nothing is uploaded without a repository: no effect in sd-scripts either
         elif key in VOCAB:
             _apply_vocab(out, key, value)
         else:

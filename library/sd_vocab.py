@@ -65,6 +65,8 @@ REFUSED_MODULES = {
 # effect, lower-case; None: any value), and the reason a different value is refused
 NETWORK_ARGS: dict[str, tuple[tuple | None, str]] = {
     "train_norm": (("false",), "training the norm layers is not offered"),
+    "train_t5xxl": (("false",), "lora_flux's LoRA on T5-XXL is not offered (T5 is never trained here): drop it to "
+                                "train the FLUX transformer and CLIP-L"),
     "verbose": (None, "prints the adapted layers; no effect on training"),
 }
 LYCORIS_ALGOS_REFUSED = {"full": "LyCORIS' native fine-tuning: use train_db.py",
@@ -88,6 +90,11 @@ DATASET_KEYS: dict[str, tuple[tuple, str]] = {
     "network_multiplier": ((None, 1, 1.0), "per-dataset adapter multipliers are not offered"),
     "custom_attributes": ((None, {}), "custom subset attributes are not offered"),
 }
+
+# read by sd-scripts only to upload to huggingface_repo_id: with that unset or empty (the kohya_ss GUI writes
+# huggingface_repo_id = "" beside repo_type = "model" and the like), nothing is uploaded and they change nothing
+UPLOAD_KEYS = ("huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
+               "save_state_to_huggingface", "async_upload")
 
 # sd-scripts' defaults that differ from ours where relying on them changes results: told at start
 DIFFERENT_DEFAULTS = {
@@ -155,6 +162,8 @@ VOCAB: dict[str, Key] = {
     "zero3_save_16bit_model": noop(FLAG, "read only with deepspeed (refused)"),
     "fp16_master_weights_and_gradients": noop(FLAG, "read only with deepspeed (refused)"),
     "t5xxl_device": noop(STR, "T5 visits the training device while captions are encoded"),
+    "num_cpu_threads_per_process": noop(INT, "accelerate launch's option, read by no sd-scripts script (a config "
+                                             "file's value is ignored there too); give it to accelerate launch"),
     # ---- refused unless at sd-scripts' default ----------------------------------------------------
     "huggingface_repo_id": refused(STR, "uploading to the Hub is not offered: upload the saved file yourself"),
     "huggingface_repo_type": refused(STR, "uploading to the Hub is not offered"),
