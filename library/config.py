@@ -133,6 +133,9 @@ class DatasetSection:
         path="file")
     reg_data_dir: Optional[str] = opt(None, "regularization images, in subfolders 'N_name' as train_data_dir",
                                       path="dir")
+    in_json: Optional[str] = opt(
+        None, "fine-tune metadata (.json / .jsonl: caption and tags per image key) captioning train_data_dir's "
+              "images, as sd-scripts' fine_tune datasets (num_repeats repeats them)", path="file")
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
     resolution: Union[int, list[int]] = opt(512, "training size: an int, or [width, height]")
     num_repeats: int = opt(1, "repeats of images placed directly in train_data_dir")

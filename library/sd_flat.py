@@ -307,6 +307,14 @@ def _network_args(out: Mapped, value, flat) -> None:
     out.put("network_args", kept)
 
 
+def _dataset_repeats(out: Mapped, value, flat) -> None:
+    """sd-scripts reads dataset_repeats for in_json (fine-tune) datasets only."""
+    if flat.get("in_json"):
+        out.put("num_repeats", value)
+    else:
+        out.notes.append("'dataset_repeats' accepted, no effect: sd-scripts reads it with in_json only")
+
+
 def _dim_from_weights(out: Mapped, value, flat) -> None:
     """sd-scripts' dim_from_weights: the ranks and alphas of the network_weights file (kohya LoRA / LoCon)."""
     if value is not True:
@@ -392,6 +400,7 @@ CONVERTERS = {
     "save_model_as": _refused_values("save_model_as"),
     "log_with": _refused_values("log_with"),
     "dim_from_weights": _dim_from_weights,
+    "dataset_repeats": _dataset_repeats,
     "network_args": _network_args,
     "max_token_length": _max_token_length,
     "caption_extention": _rename("caption_extension"),

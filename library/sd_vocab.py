@@ -75,8 +75,6 @@ LYCORIS_ALGOS_REFUSED = {"full": "LyCORIS' native fine-tuning: use train_db.py",
 
 # sd-scripts dataset-TOML keys the dataset TOML reader does not take: (values with no effect, reason otherwise)
 DATASET_KEYS: dict[str, tuple[tuple, str]] = {
-    "metadata_file": ((None, ""), "fine-tune metadata (.json) captions are not offered: use caption files beside "
-                                  "the images (caption_extension)"),
     "conditioning_data_dir": ((None, ""), "masked loss from mask images is not offered: use alpha_mask"),
     "cache_info": ((None, False, True), "disk caches are checked by their content and settings"),
     "secondary_separator": ((None, ""), "not offered: use caption_separator and keep_tokens_separator"),
@@ -121,7 +119,8 @@ VOCAB: dict[str, Key] = {
                                         "not offer"),
     "lr_decay_steps": refused(NUM, "warmup_stable_decay is not offered: use lr_scheduler = \"linear\" or "
                                    "\"cosine\"", 0),
-    "dataset_repeats": noop(INT, "read only with in_json (fine-tune metadata datasets, refused)"),
+    "dataset_repeats": mapped(INT, "num_repeats of an in_json (fine-tune metadata) dataset; no effect without "
+                                   "in_json, as in sd-scripts"),
     "batch_size": noop(INT, "sd-scripts reads batch_size only in a dataset TOML and ignores it in a training TOML "
                             "(train_batch_size applies): set train_batch_size to change the batch"),
     # ---- accepted: no effect on training ---------------------------------------------------------
@@ -188,8 +187,6 @@ VOCAB: dict[str, Key] = {
     "token_warmup_min": refused(INT, "caption token warmup is not offered", 1),
     "token_warmup_step": refused(FLOAT, "caption token warmup is not offered", 0, 0.0),
     "dataset_class": refused(STR, "custom dataset classes are not offered: use a dataset TOML"),
-    "in_json": refused(STR, "fine-tune metadata (.json) captions are not offered: use caption files beside "
-                            "the images (caption_extension)"),
     "v_pred_like_loss": refused(FLOAT, "not offered: use scale_v_pred_loss_like_noise_pred or min_snr_gamma", 0,
                                 0.0),
     "weighted_captions": refused(FLAG, "(word:1.2) caption weighting is not offered: write plain captions"),

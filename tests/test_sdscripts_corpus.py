@@ -26,14 +26,12 @@ EXPECTED_REFUSALS: dict[str, int] = {
     "algo": 1,  # LyCORIS algo=full (native fine-tuning)
     "train_norm": 1,  # LyCORIS train_norm=True
     "train_t5xxl": 3,  # lora_flux network_args train_t5xxl=True (G.O.D's FLUX configs): T5 is never trained here
-    "in_json": 1,  # fine-tune metadata captions (kohya-trainer's SDXL LoRA notebook)
     "lr_decay_steps": 1,  # warmup_stable_decay / cosine_with_min_lr decay
     "blocks_to_swap": 2,  # sd3_train / flux_train with block swap but no fused backward pass
 }
 # sd-scripts itself rejects these command lines: the error must name the problem
-# dataset TOMLs stopped today, and by which keys: fine-tune metadata captions and mask / conditioning images
-EXPECTED_DATASET_REFUSALS = {"kohya_ss_test_dataset_finetune": ["metadata_file"], "lyq_dataset": ["metadata_file"],
-                             "headshots_dataset": ["conditioning_data_dir"],
+# dataset TOMLs stopped today, and by which keys: mask / conditioning images
+EXPECTED_DATASET_REFUSALS = {"headshots_dataset": ["conditioning_data_dir"],
                              "kohya_ss_test_dataset_masked_loss": ["conditioning_data_dir"]}
 EXPECTED_ERRORS = {"sd_scripts_doc_sdxl": "unknown option(s) --text_encoder_lr1 (did you mean 'network.text_encoder_lr'?)"}
 
@@ -56,8 +54,9 @@ def places(tmp_path_factory) -> dict[str, str]:
     """Every @PLACEHOLDER@ of the corpus: files and folders that exist (no model is loaded here)."""
     root = tmp_path_factory.mktemp("corpus")
     for name in ("model.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl.safetensors",
-                 "ae.safetensors", "weights.safetensors", "meta.json"):
+                 "ae.safetensors", "weights.safetensors"):
         (root / name).write_bytes(b"")
+    (root / "meta.json").write_text('{"img_001": {"caption": "a photo", "tags": "dog"}}')  # fine-tune metadata
     for name in ("data", "reg", "vae", "cond", "resume"):
         (root / name).mkdir()
     (root / "resume" / "state.json").write_text("{}")

@@ -33,9 +33,10 @@ DATASET_KEYS = ("resolution", "batch_size", *BUCKET_KEYS)
 CAPTION_KEYS = tuple(f.name for f in dataclasses.fields(CaptionRecipe))
 AUGMENT_KEYS = tuple(f.name for f in dataclasses.fields(AugmentSettings))
 SUBSET_KEYS = ("image_dir", "num_repeats", "caption_extension", "class_tokens", "is_reg", "control_directory",
-               *CAPTION_KEYS, *AUGMENT_KEYS)
+               "metadata_file", *CAPTION_KEYS, *AUGMENT_KEYS)
 # keys a dataset TOML has that the training config does not (their types; their defaults are "not set")
-TOML_ONLY = {"image_dir": str, "class_tokens": Optional[str], "is_reg": bool, "batch_size": int}
+TOML_ONLY = {"image_dir": str, "class_tokens": Optional[str], "is_reg": bool, "batch_size": int,
+             "metadata_file": Optional[str]}
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class SubsetSpec:
     augment: AugmentSettings
     where: str  # "datasets[0].subsets[1]" or the folder, for messages
     control_dir: Path | None = None  # edit pairs: the control image of each image, same stem
+    # fine-tune metadata (library/data/metadata.py): ((image, caption), ...) instead of image_dir's files and
+    # caption files
+    metadata: tuple[tuple[Path, str], ...] | None = None
 
 
 @dataclass
@@ -87,6 +91,13 @@ def layout_from_folders(d: DatasetSection, source: str) -> DataLayout:
             raise ConfigError(f"{source}: 'dataset.{key}': no such folder: {getattr(d, key)}")
     values = {k: getattr(d, k) for k in _schema_keys()}
     notes: list[str] = []
+    if d.in_json:  # sd-scripts' fine-tune dataset: train_data_dir's images, captioned by the metadata file
+        subset = _subset(Path(d.train_data_dir), d.num_repeats, None, False, values, "dataset.in_json")
+        subset = dataclasses.replace(subset, metadata=_metadata(d.in_json, Path(d.train_data_dir), subset, source,
+                                                                "dataset.in_json"))
+        return DataLayout([DatasetSpec(_bucket_settings(values, source, "dataset"), d.train_batch_size, [subset])],
+                          notes + (["reg_data_dir ignored: in_json is set (sd-scripts' fine-tune datasets have "
+                                    "no regularization images)"] if d.reg_data_dir else []), source)
     subsets = folder_subsets(Path(d.train_data_dir), d.num_repeats, False, values, notes)
     if d.reg_data_dir:
         subsets += folder_subsets(Path(d.reg_data_dir), 1, True, values, notes)
@@ -160,13 +171,27 @@ def _toml_subset(dataset_values: dict, raw: dict, source: str, where: str) -> Su
     raw = _without_sd_scripts_keys(raw, source, where)
     _check_keys(raw, set(SUBSET_KEYS), source, where)
     values = _typed(dataset_values | raw, source, where)
-    if "image_dir" not in raw:
+    metadata_file = values.get("metadata_file")
+    if "image_dir" not in raw and not metadata_file:
         raise ConfigError(f"{source}: '{where}.image_dir' is required")
-    folder = Path(values["image_dir"])
-    if not folder.is_dir():
+    folder = Path(values["image_dir"]) if "image_dir" in raw else None
+    if folder is not None and not folder.is_dir():
         raise ConfigError(f"{source}: '{where}.image_dir': no such folder: {folder}")
-    return _subset(folder, values["num_repeats"], values.get("class_tokens"), values.get("is_reg", False),
-                   values, where)
+    subset = _subset(folder or Path(metadata_file).parent, values["num_repeats"], values.get("class_tokens"),
+                     values.get("is_reg", False), values, where)
+    if not metadata_file:
+        return subset
+    return dataclasses.replace(subset, metadata=_metadata(metadata_file, folder, subset, source,
+                                                          f"{where}.metadata_file"))
+
+
+def _metadata(path: str, image_dir: Path | None, subset: SubsetSpec, source: str, key: str):
+    from library.data.metadata import MetadataError, read_metadata
+
+    try:
+        return read_metadata(Path(path), image_dir, subset.captions.caption_separator)
+    except MetadataError as e:
+        raise ConfigError(f"{source}: '{key}': {e}") from None
 
 
 def _without_sd_scripts_keys(table, source: str, where: str):
