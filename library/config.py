@@ -162,6 +162,10 @@ class DatasetSection:
     color_aug: bool = opt(False, "shift the hue at random (not with cached latents)")
     random_crop: bool = opt(False, "crop at a random place instead of the center (not with cached latents)")
     alpha_mask: bool = opt(False, "the alpha channel weights the loss (transparent pixels do not train)")
+    masked_loss: bool = opt(False, "mask images weight the loss: the red channel (0-255 -> 0-1) of the image with "
+                                   "each image's stem in conditioning_data_dir (sd-scripts' masked_loss)")
+    conditioning_data_dir: Optional[str] = opt(None, "masked_loss: the folder of mask images (same stems and sizes "
+                                                     "as the training images)", path="dir")
     cache_latents_to_disk: bool = opt(False, "cache latents as files in cache_dir, reused while still valid")
     vae_batch_size: int = opt(1, "images per VAE call when caching latents")
     cache_dir: Optional[str] = opt(None, "folder of the disk caches (default: output_dir/cache)")

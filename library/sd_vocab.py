@@ -75,7 +75,6 @@ LYCORIS_ALGOS_REFUSED = {"full": "LyCORIS' native fine-tuning: use train_db.py",
 
 # sd-scripts dataset-TOML keys the dataset TOML reader does not take: (values with no effect, reason otherwise)
 DATASET_KEYS: dict[str, tuple[tuple, str]] = {
-    "conditioning_data_dir": ((None, ""), "masked loss from mask images is not offered: use alpha_mask"),
     "cache_info": ((None, False, True), "disk caches are checked by their content and settings"),
     "secondary_separator": ((None, ""), "not offered: use caption_separator and keep_tokens_separator"),
     "enable_wildcard": ((None, False), "wildcard captions ({a|b}) are not offered"),
@@ -175,9 +174,6 @@ VOCAB: dict[str, Key] = {
     "async_upload": refused(FLAG, "uploading to the Hub is not offered"),
     "torch_compile": refused(FLAG, "torch.compile is not offered: leave it off"),
     "output_config": refused(FLAG, "the resolved config is written as <output_name>-config.toml at every start"),
-    "conditioning_data_dir": refused(STR, "masked loss from mask images is not offered: use alpha_mask "
-                                          "(the image's alpha channel weights the loss)"),
-    "masked_loss": refused(FLAG, "masked loss from mask images is not offered: use alpha_mask"),
     "secondary_separator": refused(STR, "not offered: use caption_separator and keep_tokens_separator"),
     "enable_wildcard": refused(FLAG, "wildcard captions ({a|b}) are not offered"),
     "face_crop_aug_range": refused(STR, "face-crop augmentation is not offered: use random_crop"),

@@ -109,11 +109,11 @@ def test_bad_command_lines_are_config_errors(argv, message):
 
 def test_cli_exits_2_with_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "train_network.py"), "--network_dim", "4",
-                          "--masked_loss", "--output_dir", str(tmp_path)],
+                          "--enable_wildcard", "--output_dir", str(tmp_path)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("config error: command line:")
-    assert "'masked_loss' = True is refused: masked loss from mask images is not offered" in run.stderr
+    assert "'enable_wildcard' = True is refused: wildcard captions ({a|b}) are not offered" in run.stderr
 
 
 def test_help_lists_every_option_with_its_help():
@@ -152,11 +152,11 @@ def test_noop_gui_and_default_keys_are_noted(paths):
 
 def test_refusals_name_every_key_with_reason(paths):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(_flat(paths, masked_loss=True, weighted_captions=True, network_module="networks.oft",
+        config_from_dict(_flat(paths, enable_wildcard=True, weighted_captions=True, network_module="networks.oft",
                                use_8bit_adam=True, optimizer_type="Lion"), source="x.toml")
     text = str(e.value)
     assert text.startswith("x.toml: 4 problem(s):")
-    assert "'masked_loss' = True is refused: masked loss from mask images is not offered: use alpha_mask" in text
+    assert "'enable_wildcard' = True is refused: wildcard captions ({a|b}) are not offered" in text
     assert "'weighted_captions' = True is refused" in text and "'network_module' = 'networks.oft'" in text
     assert "both use_8bit_adam and optimizer_type are set" in text
 

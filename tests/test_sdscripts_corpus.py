@@ -30,9 +30,8 @@ EXPECTED_REFUSALS: dict[str, int] = {
     "blocks_to_swap": 2,  # sd3_train / flux_train with block swap but no fused backward pass
 }
 # sd-scripts itself rejects these command lines: the error must name the problem
-# dataset TOMLs stopped today, and by which keys: mask / conditioning images
-EXPECTED_DATASET_REFUSALS = {"headshots_dataset": ["conditioning_data_dir"],
-                             "kohya_ss_test_dataset_masked_loss": ["conditioning_data_dir"]}
+# dataset TOMLs stopped today, and by which keys: none
+EXPECTED_DATASET_REFUSALS: dict[str, list[str]] = {}
 EXPECTED_ERRORS = {"sd_scripts_doc_sdxl": "unknown option(s) --text_encoder_lr1 (did you mean 'network.text_encoder_lr'?)"}
 
 

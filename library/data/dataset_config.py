@@ -33,10 +33,10 @@ DATASET_KEYS = ("resolution", "batch_size", *BUCKET_KEYS)
 CAPTION_KEYS = tuple(f.name for f in dataclasses.fields(CaptionRecipe))
 AUGMENT_KEYS = tuple(f.name for f in dataclasses.fields(AugmentSettings))
 SUBSET_KEYS = ("image_dir", "num_repeats", "caption_extension", "class_tokens", "is_reg", "control_directory",
-               "metadata_file", *CAPTION_KEYS, *AUGMENT_KEYS)
+               "metadata_file", "conditioning_data_dir", *CAPTION_KEYS, *AUGMENT_KEYS)
 # keys a dataset TOML has that the training config does not (their types; their defaults are "not set")
 TOML_ONLY = {"image_dir": str, "class_tokens": Optional[str], "is_reg": bool, "batch_size": int,
-             "metadata_file": Optional[str]}
+             "metadata_file": Optional[str], "conditioning_data_dir": Optional[str]}
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class SubsetSpec:
     # fine-tune metadata (library/data/metadata.py): ((image, caption), ...) instead of image_dir's files and
     # caption files
     metadata: tuple[tuple[Path, str], ...] | None = None
+    mask_dir: Path | None = None  # masked_loss: the mask image of each image, same stem (library/data/masks.py)
 
 
 @dataclass
@@ -99,8 +100,8 @@ def layout_from_folders(d: DatasetSection, source: str) -> DataLayout:
                           notes + (["reg_data_dir ignored: in_json is set (sd-scripts' fine-tune datasets have "
                                     "no regularization images)"] if d.reg_data_dir else []), source)
     subsets = folder_subsets(Path(d.train_data_dir), d.num_repeats, False, values, notes)
-    if d.reg_data_dir:
-        subsets += folder_subsets(Path(d.reg_data_dir), 1, True, values, notes)
+    if d.reg_data_dir:  # masks (conditioning_data_dir) are train_data_dir's
+        subsets += folder_subsets(Path(d.reg_data_dir), 1, True, values | {"conditioning_data_dir": None}, notes)
     dataset = DatasetSpec(_bucket_settings(values, source, "dataset"), d.train_batch_size, subsets)
     return DataLayout([dataset], notes, source)
 
@@ -127,7 +128,8 @@ def _subset(folder: Path, repeats: int, class_tokens, is_reg: bool, values: dict
     return SubsetSpec(folder, repeats, values["caption_extension"], class_tokens, is_reg,
                       CaptionRecipe(**{k: values[k] for k in CAPTION_KEYS}),
                       AugmentSettings(**{k: values[k] for k in AUGMENT_KEYS}), where or str(folder),
-                      Path(values["control_directory"]) if values.get("control_directory") else None)
+                      Path(values["control_directory"]) if values.get("control_directory") else None,
+                      mask_dir=Path(values["conditioning_data_dir"]) if values.get("conditioning_data_dir") else None)
 
 
 # ---- the dataset TOML -------------------------------------------------------------------------
@@ -235,8 +237,8 @@ def _typed(values: dict, source: str, where: str) -> dict:
 
 
 def _schema_keys() -> list[str]:
-    wanted = {"resolution", "num_repeats", "caption_extension", "control_directory", *BUCKET_KEYS, *CAPTION_KEYS,
-              *AUGMENT_KEYS}
+    wanted = {"resolution", "num_repeats", "caption_extension", "control_directory", "conditioning_data_dir",
+              *BUCKET_KEYS, *CAPTION_KEYS, *AUGMENT_KEYS}
     return [f.name for f in dataclasses.fields(DatasetSection) if f.name in wanted]
 
 
@@ -312,6 +314,11 @@ def _subset_problems(s: SubsetSpec, cfg: Config) -> list[str]:
         problems.append(f"'{where}.keep_tokens' and 'caption_dropout_every_n_epochs' cannot be negative")
     if not c.caption_separator:
         problems.append(f"'{where}.caption_separator' cannot be empty")
+    if s.mask_dir is not None and not cfg.dataset.masked_loss:
+        problems.append(f"'conditioning_data_dir' (in {where}) holds masks for masked_loss: set 'dataset.masked_loss' "
+                        f"= true (sd-scripts stops on it without masked_loss too)")
+    if s.mask_dir is not None and not s.mask_dir.is_dir():
+        problems.append(f"'{where}.conditioning_data_dir': no such folder: {s.mask_dir}")
     if cfg.dataset.cache_latents or cfg.dataset.cache_latents_to_disk:
         for key in ("color_aug", "random_crop"):
             if getattr(s.augment, key):

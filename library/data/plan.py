@@ -19,6 +19,7 @@ from library.data import DatasetError
 from library.data.control import find_control, missing_control
 from library.data.buckets import bucket_sizes, bucket_table, choose_bucket, upscale_factor
 from library.data.captions import read_caption
+from library.data.masks import mask_problem
 from library.data.check import MAX_UPSCALE, Finding, empty_folder, find_duplicates, inspect_all
 from library.data.dataset_config import DataLayout, SubsetSpec, read_layout
 from library.data.images import CONVERSIONS, ImageHeader, conversion, list_images
@@ -198,6 +199,8 @@ def _record(path: Path, header: ImageHeader, d: int, subset: SubsetSpec, layout:
     if subset.control_dir is not None and find_control(subset.control_dir, path) is None:
         findings.append(Finding(path, missing_control(subset.control_dir, path)))
     size = (header.width, header.height)
+    if subset.mask_dir is not None and mask_problem(subset.mask_dir, path, size):
+        findings.append(Finding(path, mask_problem(subset.mask_dir, path, size)))
     bucket = choose_bucket(size, layout.datasets[d].buckets, sizes)
     if min(bucket) < 8 or min(size) < 8:
         findings.append(Finding(path, f"too small: {size[0]}x{size[1]} fits no bucket"))

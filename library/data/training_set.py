@@ -28,6 +28,7 @@ from library.data.augment import crop_offset_draw, draws_flip, example_rng, hue_
 from library.data.captions import render_caption
 from library.data.control import control_pixels
 from library.data.images import Crop, load_pixels, plan_crop
+from library.data.masks import load_mask
 from library.data.plan import DataPlan, ImageRecord
 
 SIZE_FIELDS = ("original_size", "crop_top_left", "target_size")
@@ -74,6 +75,8 @@ class TrainingSet(torch.utils.data.Dataset):
             pixels, mask = load_pixels(record.path, record.orientation, crop, flip,
                                        record.subset.augment.alpha_mask, color)
             example["pixels"] = pixels
+            if record.subset.mask_dir is not None:  # masked_loss: the mask image weights the loss
+                mask = load_mask(record, crop, flip)
             if mask is not None:
                 example["mask"] = mask
         if record.subset.control_dir is not None and "control_latents" not in example:
