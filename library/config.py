@@ -69,6 +69,9 @@ class ModelSection:
     max_token_length: Optional[int] = opt(
         None, "SD1 / SD2 / SDXL: tokens per caption: 75 (one CLIP window, the default), 150 or 225 (longer captions "
         "encoded in 75-token windows and joined, as sd-scripts does)", choices=(75, 150, 225))
+    weighted_captions: bool = opt(
+        False, "SD1 / SD2 / SDXL: \"(word:1.2)\", \"(word)\" (x1.1) and \"[word]\" (/1.1) in captions weight those "
+        "tokens' text-encoder states, as sd-scripts does")
     t5xxl_max_token_length: Optional[int] = opt(
         None, "T5 tokens per caption (default: 512 for FLUX.1-dev, 256 for schnell, 256 for SD3)")
     apply_t5_attn_mask: bool = opt(False, "mask T5 padding tokens in the encoder and in the denoiser's attention")

@@ -112,6 +112,10 @@ def check_combinations(cfg: Config) -> None:
     for arg in n.network_args:
         if "=" not in arg:
             problems.append(f"argument {arg!r} must be written key=value")
+    m = cfg.model
+    if m.weighted_captions and (m.family in ("flux", "sd3", "chroma") or m.t5xxl or m.ae or m.clip_g):
+        problems.append("'model.weighted_captions' weights CLIP tokens of SD1 / SD2 / SDXL captions; sd-scripts' "
+                        "FLUX.1 / SD3 scripts do not take it either: turn it off")
     problems += _number_problems(cfg)
     for key in ("optimizer_args", "lr_scheduler_args"):
         args = getattr(cfg.optimizer, key)

@@ -185,7 +185,6 @@ VOCAB: dict[str, Key] = {
     "dataset_class": refused(STR, "custom dataset classes are not offered: use a dataset TOML"),
     "v_pred_like_loss": refused(FLOAT, "not offered: use scale_v_pred_loss_like_noise_pred or min_snr_gamma", 0,
                                 0.0),
-    "weighted_captions": refused(FLAG, "(word:1.2) caption weighting is not offered: write plain captions"),
     "deepspeed": refused(FLAG, "DeepSpeed is not offered: use fused_backward_pass, blocks_to_swap, "
                                "gradient_checkpointing"),
     "controlnet_model_name_or_path": refused(STR, "ControlNet training is not offered"),

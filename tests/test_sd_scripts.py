@@ -152,12 +152,12 @@ def test_noop_gui_and_default_keys_are_noted(paths):
 
 def test_refusals_name_every_key_with_reason(paths):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(_flat(paths, enable_wildcard=True, weighted_captions=True, network_module="networks.oft",
+        config_from_dict(_flat(paths, enable_wildcard=True, face_crop_aug_range="2.0,3.0", network_module="networks.oft",
                                use_8bit_adam=True, optimizer_type="Lion"), source="x.toml")
     text = str(e.value)
     assert text.startswith("x.toml: 4 problem(s):")
     assert "'enable_wildcard' = True is refused: wildcard captions ({a|b}) are not offered" in text
-    assert "'weighted_captions' = True is refused" in text and "'network_module' = 'networks.oft'" in text
+    assert "'face_crop_aug_range' = '2.0,3.0' is refused" in text and "'network_module' = 'networks.oft'" in text
     assert "both use_8bit_adam and optimizer_type are set" in text
 
 
@@ -547,3 +547,76 @@ def test_adafactor_arguments_as_sd_scripts_defaults_them(paths, keys, expected):
     assert cfg.optimizer.optimizer_args == expected
     relative = any("relative_step" in n for n in cfg.notes if "not used" in n)
     assert relative == (keys.get("optimizer_args") is None)
+
+
+def test_weighted_caption_grammar():
+    """A1111 / sd-scripts prompt attention, the published examples: (x) x1.1, [x] /1.1, (x:w) xw, nesting
+    multiplies, unbalanced brackets apply to the rest, escapes are literal."""
+    from library.prompt_weights import parse_weighted
+
+    assert parse_weighted("normal text") == [("normal text", 1.0)]
+    assert parse_weighted("an (important) word") == [("an ", 1.0), ("important", 1.1), (" word", 1.0)]
+    assert parse_weighted("(unbalanced") == [("unbalanced", 1.1)]
+    assert parse_weighted(r"\(literal\]") == [("(literal]", 1.0)]
+    assert parse_weighted("(unnecessary)(parens)") == [("unnecessaryparens", 1.1)]
+    got = parse_weighted("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")
+    expected = [("a ", 1.0), ("house", 1.3 * 1.1 * 1.1), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+                (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected], rel=1e-12)
+    assert parse_weighted("x:2) y") == [("x:2) y", 1.0)]  # no open bracket: plain text
+
+
+@pytest.mark.parametrize("max_token_length", [None, 150])
+def test_weighted_captions_scale_each_tokens_state_sd1(tiny_sd1, max_token_length):
+    """SD1 with weighted_captions: the states are the plain caption's ("a red cat dog") with each token's state
+    times its weight: red x1.5, dog /1.1, the rest (BOS, EOS, padding) x1; a caption without brackets encodes as
+    without the option; in 75-token windows too."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from library.families import ModelSource, get_family
+
+    family = get_family("auto", str(tiny_sd1[0]))
+    parts = family.load(ModelSource(path=str(tiny_sd1[0])))
+    tok = parts.tokenizers["te"]
+    sizes = [len(tok(w).input_ids) - 2 for w in ("a ", "red", " cat ", "dog")]
+    weights = [1.0] + [1.0] * sizes[0] + [1.5] * sizes[1] + [1.0] * sizes[2] + [1 / 1.1] * sizes[3]
+    with torch.no_grad():
+        parts.source = SimpleNamespace(max_token_length=max_token_length, weighted_captions=False)
+        plain = family.encode_prompts(parts, ["a red cat dog", "a cat"], 1)["encoder_hidden_states"]
+        parts.source.weighted_captions = True
+        weighted = family.encode_prompts(parts, ["a (red:1.5) cat [dog]", "a cat"], 1)["encoder_hidden_states"]
+    scale = torch.ones(plain.shape[1])
+    scale[: len(weights)] = torch.tensor(weights)
+    torch.testing.assert_close(weighted[0], plain[0] * scale[:, None], rtol=1e-5, atol=1e-6)
+    assert torch.equal(weighted[1], plain[1])  # no brackets: the same ids, weights 1
+    assert not torch.allclose(weighted[0], plain[0])
+
+
+def test_weighted_captions_sdxl_weigh_both_encoders_not_the_pooled_output(tiny_sdxl):
+    from types import SimpleNamespace
+
+    import torch
+
+    from library.families import ModelSource, get_family
+
+    family = get_family("auto", str(tiny_sdxl[0]))
+    parts = family.load(ModelSource(path=str(tiny_sdxl[0])))
+    n = len(parts.tokenizers["te1"]("cat").input_ids) - 2
+    with torch.no_grad():
+        parts.source = SimpleNamespace(max_token_length=None, weighted_captions=False)
+        plain = family.encode_prompts(parts, ["cat"], 1)
+        parts.source.weighted_captions = True
+        weighted = family.encode_prompts(parts, ["(cat:2)"], 1)
+    scale = torch.ones(plain["encoder_hidden_states"].shape[1])
+    scale[1: 1 + n] = 2.0
+    torch.testing.assert_close(weighted["encoder_hidden_states"], plain["encoder_hidden_states"] * scale[None, :, None])
+    torch.testing.assert_close(weighted["text_embeds"], plain["text_embeds"])
+
+
+def test_weighted_captions_are_refused_for_flow_models(paths):
+    with pytest.raises(ConfigError, match="weighted_captions.*FLUX.1 / SD3"):
+        config_from_dict(_flat(paths, weighted_captions=True, t5xxl=str(paths[0]), ae=str(paths[0])),
+                         source="x.toml")
