@@ -161,6 +161,9 @@ class DatasetSection:
     caption_dropout_rate: float = opt(0.0, "probability of training an example with an empty caption")
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each movable tag")
     caption_dropout_every_n_epochs: int = opt(0, "train every N-th epoch with empty captions (0: never)")
+    token_warmup_min: int = opt(1, "token warmup: movable tags a caption keeps at step 0 (sd-scripts' token_warmup_min)")
+    token_warmup_step: float = opt(0.0, "token warmup: the step (a fraction below 1: of max_train_steps) by which "
+                                        "captions grow from token_warmup_min tags to all of them (0: off)")
     flip_aug: bool = opt(False, "flip images horizontally at random (half the examples)")
     color_aug: bool = opt(False, "shift the hue at random (not with cached latents)")
     random_crop: bool = opt(False, "crop at a random place instead of the center (not with cached latents)")

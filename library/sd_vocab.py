@@ -78,8 +78,6 @@ DATASET_KEYS: dict[str, tuple[tuple, str]] = {
     "cache_info": ((None, False, True), "disk caches are checked by their content and settings"),
     "secondary_separator": ((None, ""), "not offered: use caption_separator and keep_tokens_separator"),
     "enable_wildcard": ((None, False), "wildcard captions ({a|b}) are not offered"),
-    "token_warmup_min": ((None, 1), "caption token warmup is not offered"),
-    "token_warmup_step": ((None, 0, 0.0), "caption token warmup is not offered"),
     "face_crop_aug_range": ((None, ""), "face-crop augmentation is not offered: use random_crop"),
     "validation_split": ((None, 0, 0.0), "per dataset: set validation_split in the training config (every subset)"),
     "validation_seed": ((None,), "per dataset: set validation_seed in the training config"),
@@ -180,8 +178,6 @@ VOCAB: dict[str, Key] = {
     "debug_dataset": refused(FLAG, "use the dataset check that runs at every start (bad_data)"),
     "resize_interpolation": refused(STR, "images are resized with the trainer's fixed interpolation (area / "
                                          "lanczos); leave it unset"),
-    "token_warmup_min": refused(INT, "caption token warmup is not offered", 1),
-    "token_warmup_step": refused(FLOAT, "caption token warmup is not offered", 0, 0.0),
     "dataset_class": refused(STR, "custom dataset classes are not offered: use a dataset TOML"),
     "v_pred_like_loss": refused(FLOAT, "not offered: use scale_v_pred_loss_like_noise_pred or min_snr_gamma", 0,
                                 0.0),

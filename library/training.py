@@ -2,6 +2,8 @@
 for cache_latents. Each recipe keeps its own loop; what a step computes lives here, once."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from library.objectives import LossOptions, denoising_loss, draw_noise
@@ -81,6 +83,9 @@ def prepare_data(cfg, say, planned=None):
     plan, max_steps = planned or plan_training(cfg, say)
     dataset = TrainingSet(plan, cfg.train.seed, cfg.dataset.prior_loss_weight)
     steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps)
+    if dataset.warms_up:  # token warmup: which optimizer step each batch belongs to (one process per batch)
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        dataset.step_clock = (plan.steps_per_epoch(1), cfg.train.gradient_accumulation_steps * processes, max_steps)
     return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
 
 
@@ -129,7 +134,7 @@ def make_loader(cfg, plan, dataset):
     from library.data.training_set import collate
 
     order = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = BucketBatchSampler(dataset.bucket_keys, plan.batch_sizes, order)
+    sampler = BucketBatchSampler(dataset.bucket_keys, plan.batch_sizes, order, with_position=dataset.warms_up)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=order,
                                          num_workers=cfg.dataset.max_data_loader_n_workers)
     return loader, sampler, order

@@ -150,3 +150,29 @@ def test_metadata_naming_a_missing_image_or_unreadable_stops_with_the_file(tmp_p
     meta.write_text("{not json")
     with pytest.raises(ConfigError, match="in_json.*not valid metadata JSON"):
         plan_data(config(tmp_path, train_data_dir=str(folder), in_json=str(meta)), say=lambda _: None)
+
+
+def test_token_warmup_as_sd_scripts_cuts_captions():
+    """floor(step * (movable - token_warmup_min) / token_warmup_step) + token_warmup_min movable tags before
+    token_warmup_step (a fraction: of max_train_steps), kept tags always, every tag after."""
+    r = recipe(keep_tokens=1, token_warmup_min=1, token_warmup_step=10)
+    text = "sks, a, b, c, d, e"
+    got = [render_caption(text, r, random.Random(0), 1, step, 100) for step in (0, 5, 9, 10, 50)]
+    assert got == ["sks, a", "sks, a, b, c", "sks, a, b, c, d", text, text]  # 1, 3 (=5*4/10+1), 4, all, all
+    half = recipe(keep_tokens=1, token_warmup_min=1, token_warmup_step=0.5)  # of max_train_steps 20: 10 steps
+    assert render_caption(text, half, random.Random(0), 1, 5, 20) == "sks, a, b, c"
+    assert not half.is_fixed and render_caption(text, recipe(), random.Random(0), 1, 0, 20) == text
+
+
+def test_token_warmup_follows_the_optimizer_step_through_the_loader(tmp_path):
+    from library.training import make_loader, prepare_data
+
+    caption(image(tmp_path / "d" / "x.png"), "sks, a, b, c, d, e")
+    cfg = config(tmp_path, train_data_dir=str(tmp_path / "d"), num_repeats=6, keep_tokens=1, token_warmup_min=1,
+                 token_warmup_step=4)
+    cfg.train.max_train_steps, cfg.train.seed = 6, 1
+    plan, dataset, _, _, _ = prepare_data(cfg, lambda _: None)
+    loader, _, _ = make_loader(cfg, plan, dataset)
+    captions = [batch["caption"][0] for batch in loader]
+    assert captions == ["sks, a", "sks, a, b", "sks, a, b, c", "sks, a, b, c, d", "sks, a, b, c, d, e",
+                        "sks, a, b, c, d, e"]
