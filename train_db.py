@@ -66,7 +66,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
     from library.sd_flat import text_encoder_of_family
-    from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
+    from library.training import (average_gradients, batch_loss, cache_outputs, initial_position, make_loader,
+                                  prepare_data)
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
     found = check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
@@ -187,7 +188,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                          scheduler, {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
-    position = Position()
+    position = initial_position(cfg, sampler, order, steps_per_epoch)  # skip_until_initial_step
     if cfg.save.resume:
         position, extra = checkpoints.resume()
         if ema is not None:
@@ -206,7 +207,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     train_te = bool(text_encoders)
-    step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
+    step, epoch, skip = position.step, position.epoch - (1 if position.epoch else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
     end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
     if end:

@@ -71,7 +71,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
     from library.training import (average_gradients, batch_loss, cache_outputs, check_partial_cache, held_out_set,
-                                  make_loader, prepare_data, validation_images, validation_seed)
+                                  initial_position, make_loader, prepare_data, validation_images, validation_seed)
     from networks import blockwise, files, max_norm
     from networks.ema import AdapterEMA
     from networks.settings import NetworkSettings
@@ -202,7 +202,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                          {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"adapter_ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
-    position = Position()
+    position = initial_position(cfg, sampler, order, steps_per_epoch)  # skip_until_initial_step
     if cfg.save.resume:
         position, extra = checkpoints.resume()
         if ema is not None:
@@ -232,7 +232,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     started_at = time.time()
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
-    step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
+    step, epoch, skip = position.step, position.epoch - (1 if position.epoch else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
     end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
     if end:

@@ -216,6 +216,12 @@ class TrainSection:
     max_train_epochs: Optional[int] = opt(None, "if set, overrides max_train_steps")
     seed: Optional[int] = opt(None, "random seed (a random one is drawn and recorded if unset)")
     gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
+    initial_step: Optional[int] = opt(None, "with skip_until_initial_step: start at this optimizer step, on the data a "
+                                            "full run has there (sd-scripts' initial_step)")
+    initial_epoch: Optional[int] = opt(None, "with skip_until_initial_step: start at the first step of this epoch "
+                                             "(1: the first; initial_step wins)")
+    skip_until_initial_step: bool = opt(False, "skip the batches before initial_step / initial_epoch (the schedule "
+                                               "starts from its beginning, as in sd-scripts without resume)")
     nan_skip_limit: int = opt(5, "skip steps with NaN/inf loss or gradients; stop after this many in a row")
     validation_split: float = opt(
         0.0, "train_network.py: hold out this fraction of each training subset's images (drawn with "

@@ -127,6 +127,25 @@ def check_precision_on_device(cfg) -> None:
                           f"mixed_precision = \"bf16\" or \"no\" on the CPU")
 
 
+def initial_position(cfg, sampler, order, steps_per_epoch: int):
+    """sd-scripts' skip_until_initial_step: the run starts after initial_step optimizer steps (or at initial_epoch's
+    first step) on the data a full run has there: the skipped epochs' batch orders are drawn as the loader would
+    draw them (no image is read) and the batches of the epoch in progress are skipped. Position() otherwise."""
+    from library.checkpoint import Position
+
+    t = cfg.train
+    first = t.initial_step if t.initial_step is not None else (t.initial_epoch - 1) * steps_per_epoch \
+        if t.initial_epoch else 0
+    if not (t.skip_until_initial_step and first) or cfg.save.resume:
+        return Position()
+    epochs, rest = divmod(first * t.gradient_accumulation_steps, len(sampler))
+    for _ in range(epochs):
+        torch.empty((), dtype=torch.int64).random_(generator=order)  # the DataLoader's base seed of an epoch
+        for _ in sampler:  # the epoch's batch order
+            pass
+    return Position(first, epochs + 1, rest, order.get_state())
+
+
 def make_loader(cfg, plan, dataset):
     """Batches of one bucket each in a seeded order. Returns (loader, sampler, order generator): the
     generator's state at an epoch's start and the sampler's epoch are what a resumed run restores."""

@@ -620,3 +620,34 @@ def test_weighted_captions_are_refused_for_flow_models(paths):
     with pytest.raises(ConfigError, match="weighted_captions.*FLUX.1 / SD3"):
         config_from_dict(_flat(paths, weighted_captions=True, t5xxl=str(paths[0]), ae=str(paths[0])),
                          source="x.toml")
+
+
+def test_skip_until_initial_step_trains_on_the_data_a_full_run_has_there(make_config, tmp_path, monkeypatch):
+    """sd-scripts' initial_step with skip_until_initial_step: the run starts after 3 optimizer steps on the
+    batches the full run trains at steps 4 and 5 (across an epoch boundary), and trains max_train_steps - 3."""
+    import library.training
+    from train_network import train
+
+    seen = []
+    original = library.training.batch_loss
+
+    def spy(family, parts, objective, batch, *args, **kwargs):
+        seen.append((tuple(batch["image"]), tuple(batch["caption"])))
+        return original(family, parts, objective, batch, *args, **kwargs)
+
+    monkeypatch.setattr(library.training, "batch_loss", spy)
+    full = train(make_config(train={"max_train_steps": 5, "output_dir": str(tmp_path / "a")}))
+    full_batches, seen[:] = list(seen), []
+    skipped = train(make_config(train={"max_train_steps": 5, "output_dir": str(tmp_path / "b"), "initial_step": 3,
+                                       "skip_until_initial_step": True}))
+    assert len(full.losses) == 5 and len(skipped.losses) == 2
+    assert seen == full_batches[3:] and len(set(full_batches)) > 1
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"initial_step": 3}, "only renumber epochs"),
+    ({"initial_epoch": 2, "skip_until_initial_step": True, "resume": "state"}, "saved state's step"),
+])
+def test_initial_step_without_skipping_or_with_resume_is_refused(paths, keys, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_flat(paths, **keys), source="x.toml", check_paths=False)
