@@ -177,7 +177,8 @@ def test_each_dataset_toml_loads(path, places, tmp_path):
     assert sorted(details if kind == "refused" else []) == EXPECTED_DATASET_REFUSALS.get(path.stem, [])
 
 
-RUN_SAMPLE = ["offlive_setting", "thr3a_config", "sd_scripts_doc_sd1", "archgen_training"]  # SD1: fp16, cached latents, 8-bit; 225 tokens
+# SD1: fp16, cached latents, 8-bit; 225 tokens; LyCORIS preset attn-mlp with 150 tokens and multires noise
+RUN_SAMPLE = ["offlive_setting", "thr3a_config", "sd_scripts_doc_sd1", "archgen_training", "easylora_lycoris"]
 
 
 @pytest.mark.parametrize("name", RUN_SAMPLE)
@@ -197,6 +198,7 @@ def test_a_sample_trains_two_steps(name, places, tiny_sd1, tiny_data, tmp_path):
     cfg = load()
     cfg.train.xformers, cfg.sample.sample_prompts = False, None
     cfg.train.max_train_epochs, cfg.train.max_train_steps, cfg.dataset.resolution = None, 2, 64
+    cfg.dataset.min_bucket_reso = min(cfg.dataset.min_bucket_reso, 64)  # buckets around 64 px too
     cfg.optimizer.lr_warmup_steps = 0  # a warmup in steps outlasts 2 steps
     result = train(cfg)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
