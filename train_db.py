@@ -130,7 +130,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                          scheduler, {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
-    position, extra = resume_position(cfg, checkpoints, order, sampler)
+    position, extra = resume_position(cfg, checkpoints, order, sampler, steps_per_epoch)
     if ema is not None and cfg.save.resume:
         ema.load_state_dict(extra["ema"])
     guard = NonFiniteGuard(t.nan_skip_limit, say)
@@ -140,7 +140,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     books = Bookkeeping(accelerator, checkpoints, progress, sampling, sample, max_steps)
     train_te = bool(text_encoders)
-    step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
+    step, epoch, skip = position.step, position.epoch - (1 if position.epoch else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
     end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
     if end:

@@ -74,6 +74,9 @@ class ModelSection:
     max_token_length: Optional[int] = opt(
         None, "SD1 / SD2 / SDXL: tokens per caption: 75 (one CLIP window, the default), 150 or 225 (longer captions "
         "encoded in 75-token windows and joined, as sd-scripts does)", choices=(75, 150, 225))
+    weighted_captions: bool = opt(
+        False, "SD1 / SD2 / SDXL: \"(word:1.2)\", \"(word)\" (x1.1) and \"[word]\" (/1.1) in captions weight those "
+        "tokens' text-encoder states, as sd-scripts does")
     t5xxl_max_token_length: Optional[int] = opt(
         None, "T5 tokens per caption (default: 512 for FLUX.1-dev, 256 for schnell, 256 for SD3)")
     apply_t5_attn_mask: bool = opt(False, "mask T5 padding tokens in the encoder and in the denoiser's attention")
@@ -140,6 +143,9 @@ class DatasetSection:
         path="file")
     reg_data_dir: Optional[str] = opt(None, "regularization images, in subfolders 'N_name' as train_data_dir",
                                       path="dir")
+    in_json: Optional[str] = opt(
+        None, "fine-tune metadata (.json / .jsonl: caption and tags per image key) captioning train_data_dir's "
+              "images, as sd-scripts' fine_tune datasets (num_repeats repeats them)", path="file")
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
     resolution: Union[int, list[int]] = opt(512, "training size: an int, or [width, height]")
     num_repeats: int = opt(1, "repeats of images placed directly in train_data_dir")
@@ -162,10 +168,17 @@ class DatasetSection:
     caption_dropout_rate: float = opt(0.0, "probability of training an example with an empty caption")
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each movable tag")
     caption_dropout_every_n_epochs: int = opt(0, "train every N-th epoch with empty captions (0: never)")
+    token_warmup_min: int = opt(1, "token warmup: movable tags a caption keeps at step 0 (sd-scripts' token_warmup_min)")
+    token_warmup_step: float = opt(0.0, "token warmup: the step (a fraction below 1: of max_train_steps) by which "
+                                        "captions grow from token_warmup_min tags to all of them (0: off)")
     flip_aug: bool = opt(False, "flip images horizontally at random (half the examples)")
     color_aug: bool = opt(False, "shift the hue at random (not with cached latents)")
     random_crop: bool = opt(False, "crop at a random place instead of the center (not with cached latents)")
     alpha_mask: bool = opt(False, "the alpha channel weights the loss (transparent pixels do not train)")
+    masked_loss: bool = opt(False, "mask images weight the loss: the red channel (0-255 -> 0-1) of the image with "
+                                   "each image's stem in conditioning_data_dir (sd-scripts' masked_loss)")
+    conditioning_data_dir: Optional[str] = opt(None, "masked_loss: the folder of mask images (same stems and sizes "
+                                                     "as the training images)", path="dir")
     cache_latents_to_disk: bool = opt(False, "cache latents as files in cache_dir, reused while still valid")
     vae_batch_size: int = opt(1, "images per VAE call when caching latents")
     cache_dir: Optional[str] = opt(None, "folder of the disk caches (default: output_dir/cache)")
@@ -210,6 +223,12 @@ class TrainSection:
     max_train_epochs: Optional[int] = opt(None, "if set, overrides max_train_steps")
     seed: Optional[int] = opt(None, "random seed (a random one is drawn and recorded if unset)")
     gradient_accumulation_steps: int = opt(1, "batches per optimizer step")
+    initial_step: Optional[int] = opt(None, "with skip_until_initial_step: start at this optimizer step, on the data a "
+                                            "full run has there (sd-scripts' initial_step)")
+    initial_epoch: Optional[int] = opt(None, "with skip_until_initial_step: start at the first step of this epoch "
+                                             "(1: the first; initial_step wins)")
+    skip_until_initial_step: bool = opt(False, "skip the batches before initial_step / initial_epoch (the schedule "
+                                               "starts from its beginning, as in sd-scripts without resume)")
     nan_skip_limit: int = opt(5, "skip steps with NaN/inf loss or gradients; stop after this many in a row")
     validation_split: float = opt(
         0.0, "train_network.py: hold out this fraction of each training subset's images (drawn with "

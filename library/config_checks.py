@@ -112,6 +112,17 @@ def check_combinations(cfg: Config) -> None:
     for arg in n.network_args:
         if "=" not in arg:
             problems.append(f"argument {arg!r} must be written key=value")
+    if (t.initial_step or (t.initial_epoch or 1) > 1) and not t.skip_until_initial_step:
+        problems.append("'train.initial_step' / 'initial_epoch' without skip_until_initial_step only renumber epochs "
+                        "in sd-scripts (training starts at the first batch either way): set "
+                        "'train.skip_until_initial_step' = true to start there, or drop them")
+    if (t.initial_step or (t.initial_epoch or 1) > 1) and cfg.save.resume:
+        problems.append("'train.initial_step' / 'initial_epoch' with 'save.resume': the saved state's step is "
+                        "where a resumed run goes on here; drop one")
+    m = cfg.model
+    if m.weighted_captions and (m.family in ("flux", "sd3", "chroma") or m.t5xxl or m.ae or m.clip_g):
+        problems.append("'model.weighted_captions' weights CLIP tokens of SD1 / SD2 / SDXL captions; sd-scripts' "
+                        "FLUX.1 / SD3 scripts do not take it either: turn it off")
     problems += _number_problems(cfg)
     for key in ("optimizer_args", "lr_scheduler_args"):
         args = getattr(cfg.optimizer, key)

@@ -13,6 +13,11 @@ import torch
 WINDOW = 75  # tokens of text per CLIP window (77 with BOS and EOS)
 
 
+def weighted(parts) -> bool:
+    """Whether captions are weighted ("(word:1.2)", sd-scripts' weighted_captions)."""
+    return bool(getattr(parts.source, "weighted_captions", False)) if parts.source is not None else False
+
+
 def windows(parts) -> int:
     """How many 75-token windows a caption gets: max_token_length // 75 (1 when unset)."""
     length = getattr(parts.source, "max_token_length", None) if parts.source is not None else None
@@ -23,7 +28,34 @@ def window_ids(tokenizer, captions: list[str], n: int) -> torch.Tensor:
     """(batch * n, 77) token ids: each caption's n windows, in order."""
     ids = tokenizer(captions, padding="max_length", max_length=n * WINDOW + 2, truncation=True,
                     return_tensors="pt").input_ids
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return _split(ids, n, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def caption_ids(tokenizer, captions: list[str], n: int, weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(batch * n, 77) ids of the captions in n windows (n = 1: one 77-token sequence), and with `weighted`
+    (weighted_captions, library/prompt_weights.py) each token's weight, else None."""
+    if not weighted:
+        if n > 1:
+            return window_ids(tokenizer, captions, n), None
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids, None
+    from library.prompt_weights import weighted_batch
+
+    ids, weights = weighted_batch(tokenizer, captions, n * WINDOW + 2)
+    if n == 1:
+        return ids, weights
+    chunks = torch.stack([torch.cat([weights[:, :1], weights[:, 1 + i * WINDOW: 1 + (i + 1) * WINDOW],
+                                     weights[:, -1:]], dim=1) for i in range(n)], dim=1)
+    return _split(ids, n, tokenizer.eos_token_id, tokenizer.pad_token_id), chunks.reshape(-1, WINDOW + 2)
+
+
+def weigh(states: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(batch * n, 77, d) states times each token's weight (weighted_captions); unchanged without weights."""
+    return states if weights is None else states * weights.to(states.device, states.dtype).unsqueeze(-1)
+
+
+def _split(ids: torch.Tensor, n: int, eos: int, pad: int) -> torch.Tensor:
+    """(batch, n * 75 + 2) ids -> (batch * n, 77): BOS, 75 tokens, the last token; EOS fixed up where pad != eos."""
     chunks = []
     for i in range(n):
         chunk = torch.cat([ids[:, :1], ids[:, 1 + i * WINDOW: 1 + (i + 1) * WINDOW], ids[:, -1:]], dim=1)

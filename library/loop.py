@@ -10,12 +10,15 @@ from typing import Callable
 from library.checkpoint import Position
 
 
-def resume_position(cfg, checkpoints, order, sampler) -> tuple[Position, dict]:
-    """The position a run starts from and the extra state its checkpoint saved ({} and the start without
-    save.resume). A resumed run replays the interrupted epoch's order as that epoch (captions and augmentations
-    depend on it); when the data changed (no order saved), a new epoch starts."""
+def resume_position(cfg, checkpoints, order, sampler, steps_per_epoch: int) -> tuple[Position, dict]:
+    """The position a run starts from and the extra state its checkpoint saved ({} without save.resume: the
+    start, or sd-scripts' skip_until_initial_step position). A resumed run replays the interrupted epoch's order
+    as that epoch (captions and augmentations depend on it); when the data changed (no order saved), a new epoch
+    starts."""
+    from library.training import initial_position
+
     if not cfg.save.resume:
-        return Position(), {}
+        return initial_position(cfg, sampler, order, steps_per_epoch), {}
     position, extra = checkpoints.resume()
     if position.epoch_order is not None:
         order.set_state(position.epoch_order)

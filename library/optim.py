@@ -11,21 +11,53 @@ from library.config import ConfigError, optimizer_kwargs
 def build_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str]) -> torch.optim.Optimizer:
     """`name` is case-insensitive, or a dotted class path (`torch.optim.RAdam`, `mypkg.MyOpt`).
 
-    Adafactor is used as sd-scripts' users run it for fine-tuning: with the given learning rate and
-    our schedule (relative_step, scale_parameter and warmup_init off unless optimizer_args say so)."""
+    Adafactor runs with the given learning rate and our schedule unless optimizer_args ask for relative_step
+    (or warmup_init, which sd-scripts reads as relative_step too): then, as in sd-scripts, Adafactor picks its
+    own step size, every group's rate is dropped and build_scheduler returns RelativeStepSchedule."""
     kwargs = optimizer_kwargs(args)
     cls = optimizer_class(name)
     if name.lower() == "sgdnesterov":
         kwargs = {"momentum": 0.9, "nesterov": True, **kwargs}
     if name.lower() == "adafactor":
         kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **kwargs}
+        if kwargs["warmup_init"] and not kwargs["relative_step"]:
+            kwargs["relative_step"] = True  # sd-scripts: warmup_init needs relative_step, so it sets it
         if kwargs["relative_step"]:
-            comma = (f" (relative_step={kwargs['relative_step'][0]}, with a trailing comma is the tuple "
-                     f"{kwargs['relative_step']!r}, which is true: sd-scripts trains with relative_step then)"
-                     if isinstance(kwargs["relative_step"], tuple) else "")
-            raise ConfigError(f"Adafactor with relative_step=True picks its own learning rate{comma}; this trainer "
-                              "drives it with learning_rate and lr_scheduler: write relative_step=False")
+            groups = [{k: v for k, v in g.items() if k != "lr"} for g in param_groups]
+            return cls(groups, lr=None, **kwargs)
     return cls(param_groups, lr=lr, **kwargs)
+
+
+def relative_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer is an Adafactor that picks its own step size (relative_step)."""
+    return any(bool(g.get("relative_step")) for g in optimizer.param_groups)
+
+
+class RelativeStepSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The schedule of a relative-step Adafactor (transformers' AdafactorSchedule, as sd-scripts uses it): it
+    changes nothing, Adafactor computes each step's size; get_last_lr() reports that size (the first group's,
+    min(1e-2, 1/sqrt(step)), times the weights' RMS with scale_parameter), `initial_lr` before the first step.
+    Works on a FusedBackward of Adafactors too."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float):
+        self.initial_lr = initial_lr
+        for group in optimizer.param_groups:
+            group["initial_lr"] = initial_lr
+        super().__init__(optimizer, lambda _: 1.0)
+
+    def get_lr(self) -> list[float]:
+        from transformers.optimization import Adafactor
+
+        lrs = []
+        for group in self.optimizer.param_groups:
+            state = self._state(group["params"][0])
+            lrs.append(float(Adafactor._get_lr(group, state)) if state.get("step") else self.initial_lr)
+        return lrs
+
+    def _state(self, param) -> dict:
+        if isinstance(self.optimizer, FusedBackward):
+            return self.optimizer.state_of(param)
+        return self.optimizer.state.get(param, {})
 
 
 def optimizer_args_problem(name: str, lr: float, args: list[str]) -> str | None:
@@ -70,13 +102,16 @@ def optimizer_class(name: str) -> type:
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int | float, total_steps: int,
                     num_cycles: int = 1, power: float = 1.0, scheduler_type: str | None = None,
-                    scheduler_args: list[str] = ()):
-    """diffusers' schedules; `warmup` below 1 is a fraction of the total steps. `scheduler_args` (Python
+                    scheduler_args: list[str] = (), initial_lr: float = 0.0):
+    """A relative-step Adafactor gets RelativeStepSchedule (initial_lr: what it reports before the first step;
+    sd-scripts ignores lr_scheduler then too). Otherwise diffusers' schedules; `warmup` below 1 is a fraction of the total steps. `scheduler_args` (Python
     literals) go to the schedule function, as sd-scripts passes lr_scheduler_args; `scheduler_type` names a
     scheduler class (torch.optim.lr_scheduler's, or a dotted path) made with (optimizer, **args) instead."""
     from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType, get_scheduler
 
     kwargs = optimizer_kwargs(list(scheduler_args), "lr_scheduler_args")
+    if relative_step(optimizer):
+        return RelativeStepSchedule(optimizer, initial_lr)
     if scheduler_type:
         return _scheduler_class(scheduler_type)(optimizer, **kwargs)
     warmup_steps = int(warmup * total_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)

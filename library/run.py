@@ -99,7 +99,8 @@ def add_adapters(family, parts, settings, train_denoiser: bool, train_text_encod
     freeze(parts)
     adapted = []
     for target in family.adapter_targets(parts):
-        if train_denoiser if target.component == "denoiser" else train_text_encoders:
+        wanted = train_denoiser if target.component == "denoiser" else train_text_encoders
+        if wanted and settings.adapts(target.component):  # adapts: a LyCORIS preset may leave a component out
             module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
             adapted.append(inject(module, target, settings))
     return adapted

@@ -11,7 +11,7 @@ from typing import Any
 
 from library.config import ConfigError, did_you_mean, key_to_section, schema_default
 from library.sd_vocab import (DIFFERENT_DEFAULTS, LYCORIS_ALGOS_REFUSED, NETWORK_ARGS, REFUSED_MODULES, SD_MODULES,
-                              VOCAB)
+                              UPLOAD_KEYS, VOCAB)
 
 
 @dataclass
@@ -39,6 +39,8 @@ def map_flat(flat: dict, source: str) -> Mapped:
             out.at_default.append(key)  # sample_prompts = "", resume = false: sd-scripts reads them as unset
         elif key in owner:
             out.put(key, _plain_value(key, value))
+        elif key in UPLOAD_KEYS and not flat.get("huggingface_repo_id"):
+            out.at_default.append(key)  # nothing is uploaded without a repository: no effect in sd-scripts either
         elif key in VOCAB:
             _apply_vocab(out, key, value)
         else:
@@ -47,6 +49,7 @@ def map_flat(flat: dict, source: str) -> Mapped:
         if key in flat and flat[key] is not None:
             convert(out, flat[key], flat)
     _full_fine_tune_text_encoder(out, flat)
+    _adafactor_defaults(out)
     if unknown:
         out.problems += [f"unknown key '{k}'{did_you_mean(k)}" for k in unknown]
     if out.problems:
@@ -67,6 +70,27 @@ def _full_fine_tune_text_encoder(out: Mapped, flat: dict) -> None:
              if flat.get(k)]
     if hints:
         out.put("train_text_encoder", False)
+
+
+def _adafactor_defaults(out: Mapped) -> None:
+    """sd-scripts' Adafactor: relative_step is true unless optimizer_args say otherwise, scale_parameter is
+    transformers' default (true); values read as Python literals, so the kohya_ss GUI's "relative_step=False,"
+    is the tuple (False,), a true value. With relative_step, Adafactor picks its own step size and sd-scripts
+    drops learning_rate, unet_lr, text_encoder_lr and lr_scheduler (library/optim.py does the same)."""
+    from library.config import optimizer_kwargs
+
+    if str(out.get("optimizer_type", "")).lower() != "adafactor":
+        return
+    args = list(out.get("optimizer_args") or [])
+    given = optimizer_kwargs(args) if all("=" in a for a in args) else {}
+    defaults = [f"{k}=True" for k in ("relative_step", "scale_parameter") if k not in given]
+    if defaults:
+        out.put("optimizer_args", args + defaults)
+        out.notes.append(f"Adafactor: {', '.join(defaults)} added to optimizer_args (sd-scripts' defaults)")
+    if given.get("relative_step", True) or given.get("warmup_init"):
+        out.notes.append("Adafactor with relative_step: it picks its own step size (min(1e-2, 1/sqrt(step)), "
+                         "times the weights' RMS with scale_parameter); learning_rate, unet_lr, text_encoder_lr "
+                         "and lr_scheduler are not used, as in sd-scripts")
 
 
 def text_encoder_of_family(cfg, family: str | None) -> str | None:
@@ -283,6 +307,14 @@ def _network_args(out: Mapped, value, flat) -> None:
     out.put("network_args", kept)
 
 
+def _dataset_repeats(out: Mapped, value, flat) -> None:
+    """sd-scripts reads dataset_repeats for in_json (fine-tune) datasets only."""
+    if flat.get("in_json"):
+        out.put("num_repeats", value)
+    else:
+        out.notes.append("'dataset_repeats' accepted, no effect: sd-scripts reads it with in_json only")
+
+
 def _dim_from_weights(out: Mapped, value, flat) -> None:
     """sd-scripts' dim_from_weights: the ranks and alphas of the network_weights file (kohya LoRA / LoCon)."""
     if value is not True:
@@ -368,6 +400,7 @@ CONVERTERS = {
     "save_model_as": _refused_values("save_model_as"),
     "log_with": _refused_values("log_with"),
     "dim_from_weights": _dim_from_weights,
+    "dataset_repeats": _dataset_repeats,
     "network_args": _network_args,
     "max_token_length": _max_token_length,
     "caption_extention": _rename("caption_extension"),

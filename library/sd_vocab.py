@@ -64,11 +64,9 @@ REFUSED_MODULES = {
 # network_args keys of sd-scripts' and LyCORIS' modules that this trainer does not take: (values with no
 # effect, lower-case; None: any value), and the reason a different value is refused
 NETWORK_ARGS: dict[str, tuple[tuple | None, str]] = {
-    "train_double_block_indices": (("all",), "FLUX: training a subset of the double blocks is not offered"),
-    "train_single_block_indices": (("all",), "FLUX: training a subset of the single blocks is not offered"),
-    "train_blocks": (("all",), "FLUX: training only the single or the double blocks is not offered"),
-    "preset": (("full",), "LyCORIS presets other than full (every layer) are not offered: leave preset unset"),
     "train_norm": (("false",), "training the norm layers is not offered"),
+    "train_t5xxl": (("false",), "lora_flux's LoRA on T5-XXL is not offered (T5 is never trained here): drop it to "
+                                "train the FLUX transformer and CLIP-L"),
     "verbose": (None, "prints the adapted layers; no effect on training"),
 }
 LYCORIS_ALGOS_REFUSED = {"full": "LyCORIS' native fine-tuning: use train_db.py",
@@ -77,14 +75,9 @@ LYCORIS_ALGOS_REFUSED = {"full": "LyCORIS' native fine-tuning: use train_db.py",
 
 # sd-scripts dataset-TOML keys the dataset TOML reader does not take: (values with no effect, reason otherwise)
 DATASET_KEYS: dict[str, tuple[tuple, str]] = {
-    "metadata_file": ((None, ""), "fine-tune metadata (.json) captions are not offered: use caption files beside "
-                                  "the images (caption_extension)"),
-    "conditioning_data_dir": ((None, ""), "masked loss from mask images is not offered: use alpha_mask"),
     "cache_info": ((None, False, True), "disk caches are checked by their content and settings"),
     "secondary_separator": ((None, ""), "not offered: use caption_separator and keep_tokens_separator"),
     "enable_wildcard": ((None, False), "wildcard captions ({a|b}) are not offered"),
-    "token_warmup_min": ((None, 1), "caption token warmup is not offered"),
-    "token_warmup_step": ((None, 0, 0.0), "caption token warmup is not offered"),
     "face_crop_aug_range": ((None, ""), "face-crop augmentation is not offered: use random_crop"),
     "validation_split": ((None, 0, 0.0), "per dataset: set validation_split in the training config (every subset)"),
     "validation_seed": ((None,), "per dataset: set validation_seed in the training config"),
@@ -92,6 +85,11 @@ DATASET_KEYS: dict[str, tuple[tuple, str]] = {
     "network_multiplier": ((None, 1, 1.0), "per-dataset adapter multipliers are not offered"),
     "custom_attributes": ((None, {}), "custom subset attributes are not offered"),
 }
+
+# read by sd-scripts only to upload to huggingface_repo_id: with that unset or empty (the kohya_ss GUI writes
+# huggingface_repo_id = "" beside repo_type = "model" and the like), nothing is uploaded and they change nothing
+UPLOAD_KEYS = ("huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
+               "save_state_to_huggingface", "async_upload")
 
 # sd-scripts' defaults that differ from ours where relying on them changes results: told at start
 DIFFERENT_DEFAULTS = {
@@ -118,7 +116,8 @@ VOCAB: dict[str, Key] = {
                                         "not offer"),
     "lr_decay_steps": refused(NUM, "warmup_stable_decay is not offered: use lr_scheduler = \"linear\" or "
                                    "\"cosine\"", 0),
-    "dataset_repeats": noop(INT, "read only with in_json (fine-tune metadata datasets, refused)"),
+    "dataset_repeats": mapped(INT, "num_repeats of an in_json (fine-tune metadata) dataset; no effect without "
+                                   "in_json, as in sd-scripts"),
     "batch_size": noop(INT, "sd-scripts reads batch_size only in a dataset TOML and ignores it in a training TOML "
                             "(train_batch_size applies): set train_batch_size to change the batch"),
     # ---- accepted: no effect on training ---------------------------------------------------------
@@ -156,6 +155,8 @@ VOCAB: dict[str, Key] = {
     "zero3_save_16bit_model": noop(FLAG, "read only with deepspeed (refused)"),
     "fp16_master_weights_and_gradients": noop(FLAG, "read only with deepspeed (refused)"),
     "t5xxl_device": noop(STR, "T5 visits the training device while captions are encoded"),
+    "num_cpu_threads_per_process": noop(INT, "accelerate launch's option, read by no sd-scripts script (a config "
+                                             "file's value is ignored there too); give it to accelerate launch"),
     # ---- refused unless at sd-scripts' default ----------------------------------------------------
     "huggingface_repo_id": refused(STR, "uploading to the Hub is not offered: upload the saved file yourself"),
     "huggingface_repo_type": refused(STR, "uploading to the Hub is not offered"),
@@ -168,23 +169,15 @@ VOCAB: dict[str, Key] = {
     "async_upload": refused(FLAG, "uploading to the Hub is not offered"),
     "torch_compile": refused(FLAG, "torch.compile is not offered: leave it off"),
     "output_config": refused(FLAG, "the resolved config is written as <output_name>-config.toml at every start"),
-    "conditioning_data_dir": refused(STR, "masked loss from mask images is not offered: use alpha_mask "
-                                          "(the image's alpha channel weights the loss)"),
-    "masked_loss": refused(FLAG, "masked loss from mask images is not offered: use alpha_mask"),
     "secondary_separator": refused(STR, "not offered: use caption_separator and keep_tokens_separator"),
     "enable_wildcard": refused(FLAG, "wildcard captions ({a|b}) are not offered"),
     "face_crop_aug_range": refused(STR, "face-crop augmentation is not offered: use random_crop"),
     "debug_dataset": refused(FLAG, "use the dataset check that runs at every start (bad_data)"),
     "resize_interpolation": refused(STR, "images are resized with the trainer's fixed interpolation (area / "
                                          "lanczos); leave it unset"),
-    "token_warmup_min": refused(INT, "caption token warmup is not offered", 1),
-    "token_warmup_step": refused(FLOAT, "caption token warmup is not offered", 0, 0.0),
     "dataset_class": refused(STR, "custom dataset classes are not offered: use a dataset TOML"),
-    "in_json": refused(STR, "fine-tune metadata (.json) captions are not offered: use caption files beside "
-                            "the images (caption_extension)"),
     "v_pred_like_loss": refused(FLOAT, "not offered: use scale_v_pred_loss_like_noise_pred or min_snr_gamma", 0,
                                 0.0),
-    "weighted_captions": refused(FLAG, "(word:1.2) caption weighting is not offered: write plain captions"),
     "deepspeed": refused(FLAG, "DeepSpeed is not run yet: several GPUs train with accelerate's DDP "
                                "(accelerate launch --multi_gpu); for memory use fused_backward_pass (one GPU), "
                                "blocks_to_swap, gradient_checkpointing"),
@@ -206,9 +199,6 @@ VOCAB: dict[str, Key] = {
                                      "network_weights file; refused when its layers have different ranks"),
     "base_weights": refused(LIST, "merging other LoRAs into the base is not offered: merge them first"),
     "base_weights_multiplier": refused(FLOATS, "merging other LoRAs into the base is not offered"),
-    "skip_until_initial_step": refused(FLAG, "use resume with a saved state (continues at its step)"),
-    "initial_epoch": refused(INT, "use resume with a saved state (continues at its step and epoch)"),
-    "initial_step": refused(INT, "use resume with a saved state (continues at its step and epoch)"),
     "split_mode": refused(FLAG, "FLUX split mode is not offered: use blocks_to_swap"),
     "no_token_padding": refused(FLAG, "captions are always padded to the encoder length"),
     "diffusers_xformers": refused(FLAG, "use xformers = true"),

@@ -2,6 +2,7 @@
 for cache_latents. Each recipe keeps its own loop; what a step computes lives here, once."""
 from __future__ import annotations
 
+
 import torch
 
 from library.objectives import LossOptions, denoising_loss, draw_noise
@@ -91,6 +92,9 @@ def prepare_data(cfg, say, planned=None):
     plan, max_steps = planned or plan_training(cfg, say)
     dataset = TrainingSet(plan, cfg.train.seed, cfg.dataset.prior_loss_weight)
     steps_per_epoch = plan.steps_per_epoch(cfg.train.gradient_accumulation_steps, launched_processes())
+    if dataset.warms_up:  # token warmup: which optimizer step each batch belongs to (one process per batch)
+        processes = launched_processes()
+        dataset.step_clock = (plan.steps_per_epoch(1), cfg.train.gradient_accumulation_steps * processes, max_steps)
     return plan, dataset, plan.layout.datasets[0].buckets.resolution, steps_per_epoch, max_steps
 
 
@@ -132,6 +136,25 @@ def check_precision_on_device(cfg) -> None:
                           f"mixed_precision = \"bf16\" or \"no\" on the CPU")
 
 
+def initial_position(cfg, sampler, order, steps_per_epoch: int):
+    """sd-scripts' skip_until_initial_step: the run starts after initial_step optimizer steps (or at initial_epoch's
+    first step) on the data a full run has there: the skipped epochs' batch orders are drawn as the loader would
+    draw them (no image is read) and the batches of the epoch in progress are skipped. Position() otherwise."""
+    from library.checkpoint import Position
+
+    t = cfg.train
+    first = t.initial_step if t.initial_step is not None else (t.initial_epoch - 1) * steps_per_epoch \
+        if t.initial_epoch else 0
+    if not (t.skip_until_initial_step and first) or cfg.save.resume:
+        return Position()
+    epochs, rest = divmod(first * t.gradient_accumulation_steps, len(sampler))
+    for _ in range(epochs):
+        torch.empty((), dtype=torch.int64).random_(generator=order)  # the DataLoader's base seed of an epoch
+        for _ in sampler:  # the epoch's batch order
+            pass
+    return Position(first, epochs + 1, rest, order.get_state())
+
+
 def make_loader(cfg, plan, dataset):
     """Batches of one bucket each in a seeded order. Returns (loader, sampler, order generator): the
     generator's state at an epoch's start and the sampler's epoch are what a resumed run restores."""
@@ -139,7 +162,7 @@ def make_loader(cfg, plan, dataset):
     from library.data.training_set import collate
 
     order = torch.Generator().manual_seed(cfg.train.seed)
-    sampler = BucketBatchSampler(dataset.bucket_keys, plan.batch_sizes, order)
+    sampler = BucketBatchSampler(dataset.bucket_keys, plan.batch_sizes, order, with_position=dataset.warms_up)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=order,
                                          num_workers=cfg.dataset.max_data_loader_n_workers)
     return loader, sampler, order

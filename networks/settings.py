@@ -16,13 +16,26 @@ ROTATIONS = ("oft", "boft")  # output rotations (networks/oft.py), not additive
 MODULES = ("networks.lora", "lycoris.kohya")
 NUM_BLOCKS, NUM_UPDOWN = 25, 12  # kohya's SD1/SD2 U-Net blocks: IN00-IN11, MID, OUT00-OUT11
 LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+# LyCORIS' presets (lycoris.kohya `preset=`): (text encoders adapted, which denoiser layers, 3x3 convs adapted).
+# Denoiser layers: "default" (the family's linear and, with convs, conv parents), "transformer" (linear parents
+# only), "attention" (layers inside attention modules), "convblock" (conv parents only); text encoders:
+# "default" (attention and MLP), "attention", or None. LyCORIS' convs default to network_dim's rank.
+PRESETS: dict[str, tuple[str | None, str, bool]] = {
+    "full": ("default", "default", True),
+    "unet-only": (None, "default", True),
+    "attn-mlp": ("default", "transformer", False),
+    "attn-only": ("attention", "attention", False),
+    "unet-transformer-only": (None, "transformer", False),
+    "unet-convblock-only": (None, "convblock", True),
+}
 
 # network_args key -> [network] key, where the names differ
 ARG_NAMES = {"dropout": "network_dropout", "dora_wd": "dora_wd"}
 ARG_KEYS = ("algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout", "factor",
             "decompose_both", "use_tucker", "dora_wd", "wd_on_output", "constraint", "use_ema", "ema_decay", "block_dims", "block_alphas", "conv_block_dims",
             "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio",
-            "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+            "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "preset", "train_blocks",
+            "train_double_block_indices", "train_single_block_indices")
 
 
 class SettingsError(ValueError):
@@ -55,6 +68,12 @@ class NetworkSettings:
     constraint: float = 0.0  # OFT / BOFT: the norm limit of Q, as UIs read the file's alpha (0: none)
     use_ema: bool = False  # train_network.py: also save an EMA of the adapter weights (networks/ema.py)
     ema_decay: float = 0.999
+    preset: str = "full"  # LyCORIS' layer preset (PRESETS); networks.lora ignores it, as sd-scripts' does
+    # sd-scripts' lora_flux: which kinds of block ("all", "double", "single") and which block indices of each
+    # kind (None: all) get adapters; read from the layers' kohya names (double_blocks.N. / single_blocks.N.)
+    train_blocks: str = "all"
+    double_blocks: frozenset[int] | None = None
+    single_blocks: frozenset[int] | None = None
 
     @classmethod
     def from_network_section(cls, net) -> "NetworkSettings":
@@ -64,6 +83,10 @@ class NetworkSettings:
     @property
     def is_lora(self) -> bool:
         return self.algo in LORA_FAMILY
+
+    def adapts(self, component: str) -> bool:
+        """Whether the preset puts adapters into this component ("denoiser" or a text encoder's name)."""
+        return component == "denoiser" or PRESETS[self.preset][0] is not None
 
     def as_args(self) -> dict[str, str]:
         """ss_network_args of the file metadata: strings, as sd-scripts / LyCORIS write them."""
@@ -83,6 +106,14 @@ class NetworkSettings:
             args["constraint"] = f"{self.constraint:g}"
         if self.use_tucker:
             args["use_tucker"] = "True"
+        if self.preset != "full":
+            args["preset"] = self.preset
+        if self.train_blocks != "all":
+            args["train_blocks"] = self.train_blocks
+        for kind in ("double", "single"):
+            chosen = getattr(self, f"{kind}_blocks")
+            if chosen is not None:
+                args[f"train_{kind}_block_indices"] = ",".join(map(str, sorted(chosen))) or "none"
         for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
                      "up_lr_weight"):
             if getattr(self, name) is not None:
@@ -154,9 +185,50 @@ def settings_from(o: dict) -> NetworkSettings:
         loraplus_unet_lr_ratio=_float(o, "loraplus_unet_lr_ratio", None),
         loraplus_text_encoder_lr_ratio=_float(o, "loraplus_text_encoder_lr_ratio", None),
         constraint=_float(o, "constraint", 0.0), use_ema=_flag(o.get("use_ema")),
-        ema_decay=_float(o, "ema_decay", 0.999))
+        ema_decay=_float(o, "ema_decay", 0.999), preset=_preset(o), train_blocks=_train_blocks(o),
+        double_blocks=block_selection(o, "train_double_block_indices"),
+        single_blocks=block_selection(o, "train_single_block_indices"))
     check(s)
     return s
+
+
+def _preset(o: dict) -> str:
+    """LyCORIS' preset name; sd-scripts' networks.lora does not read it (full: every default layer)."""
+    name = str(o.get("preset") or "full").strip().lower()
+    if name not in PRESETS:
+        raise SettingsError(f"'preset' = {name!r} is not one of: {', '.join(PRESETS)} (preset files are not "
+                            f"offered: name the layers with a preset)")
+    return name if o["module"] == "lycoris.kohya" else "full"
+
+
+def _train_blocks(o: dict) -> str:
+    name = str(o.get("train_blocks") or "all").strip().lower()
+    if name not in ("all", "double", "single"):
+        raise SettingsError(f"'train_blocks' = {name!r} is not one of: all, double, single")
+    return name
+
+
+def block_selection(o: dict, key: str) -> frozenset[int] | None:
+    """sd-scripts' block selection: "all" (None), "none" or "" (no block), or indices and inclusive ranges,
+    "0,1,8-12"."""
+    text = o.get(key)
+    if text is None:
+        return None
+    text = str(text).strip().lower()
+    if text == "all":
+        return None
+    chosen: set[int] = set()
+    try:
+        for part in ([] if text in ("none", "") else text.split(",")):
+            start, _, end = part.partition("-")
+            first, last = int(start), int(end or start)
+            if not 0 <= first <= last:
+                raise ValueError
+            chosen.update(range(first, last + 1))
+    except ValueError:
+        raise SettingsError(f"'{key}' = {o.get(key)!r}: write all, none, or indices and ranges such as "
+                            f"0,1,8-12") from None
+    return frozenset(chosen)
 
 
 def check(s: NetworkSettings) -> None:

@@ -8,7 +8,7 @@ family's kohya block index of each U-Net layer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -17,7 +17,7 @@ from torch import nn
 from library.families.base import AdapterTarget
 from networks import algorithms, dropout, oft
 from networks.algorithms import ADAPTER
-from networks.settings import NUM_UPDOWN, NetworkSettings
+from networks.settings import NUM_UPDOWN, PRESETS, NetworkSettings
 
 
 @dataclass
@@ -44,27 +44,57 @@ class AdaptedComponent:
 
 
 def find_layers(root: nn.Module, target: AdapterTarget, s: NetworkSettings) -> dict[str, tuple[int, float]]:
-    """Module paths of the layers to adapt -> (rank, alpha), sd-scripts' selection rule."""
+    """Module paths of the layers to adapt -> (rank, alpha), sd-scripts' selection rule narrowed by LyCORIS'
+    preset (networks/settings.py PRESETS)."""
     blockwise = (s.block_dims, s.conv_block_dims, s.down_lr_weight, s.mid_lr_weight, s.up_lr_weight)
     if target.component == "denoiser" and not target.block_index and any(v is not None for v in blockwise):
         raise ValueError("block_dims / conv_block_dims / *_lr_weight: this model family has no kohya block index")
+    text_layers, denoiser_layers, convs = PRESETS[s.preset]
+    kind = denoiser_layers if target.component == "denoiser" else text_layers
+    if kind is None:
+        return {}
+    if kind == "convblock" and not (s.conv_dim or s.conv_block_dims):
+        s = replace(s, conv_dim=s.dim, conv_alpha=s.alpha)  # LyCORIS: convs at network_dim unless conv_dim
+    with_conv = bool(s.conv_dim or s.conv_block_dims) and convs
+    parents = {"transformer": set(target.linear_parents), "convblock": set(target.conv_parents)}.get(
+        kind, set(target.linear_parents) | (set(target.conv_parents) if with_conv else set()))
+    attention = _attention_paths(root) if kind == "attention" else None
     layers: dict[str, tuple[int, float]] = {}
-    with_conv = bool(s.conv_dim or s.conv_block_dims)
-    parents = set(target.linear_parents) | (set(target.conv_parents) if with_conv else set())
     for name, module in root.named_modules():
         if type(module).__name__ not in parents:
             continue
         for child_name, child in module.named_modules():
             path = f"{name}.{child_name}" if name else child_name
+            if attention is not None and not any(path.startswith(a + ".") for a in attention):
+                continue
             if isinstance(child, nn.Linear) or _is_conv(child, kernel=(1, 1)):
                 rank_alpha = _linear_rank(s, _block(target, path))
             elif _is_conv(child) and type(module).__name__ in target.conv_parents and with_conv:
                 rank_alpha = _conv_rank(s, _block(target, path))
             else:
                 continue
-            if rank_alpha[0] > 0 and lr_weight(s, _block(target, path)) != 0:
+            if rank_alpha[0] > 0 and lr_weight(s, _block(target, path)) != 0 and _chosen_block(target, path, s):
                 layers[path] = rank_alpha
     return layers
+
+
+def _chosen_block(target: AdapterTarget, path: str, s: NetworkSettings) -> bool:
+    """sd-scripts' lora_flux selection by the layer's kohya name: train_blocks (double / single blocks only)
+    and the chosen indices of each kind; layers outside such blocks are never dropped by it."""
+    import re
+
+    name = target.kohya_layout(path)[0] if target.kohya_layout and target.kohya_layout(path) else path
+    m = re.match(r"(double|single)_blocks\.(\d+)\.", name)
+    if m is None:
+        return s.train_blocks == "all"
+    chosen = s.double_blocks if m.group(1) == "double" else s.single_blocks
+    return s.train_blocks in ("all", m.group(1)) and (chosen is None or int(m.group(2)) in chosen)
+
+
+def _attention_paths(root: nn.Module) -> list[str]:
+    """Paths of the attention modules (class names ending in Attention: diffusers' Attention, CLIPAttention,
+    ...), for LyCORIS' attn-only preset."""
+    return [name for name, module in root.named_modules() if name and type(module).__name__.endswith("Attention")]
 
 
 def _block(target: AdapterTarget, path: str) -> int | None:

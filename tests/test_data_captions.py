@@ -93,3 +93,86 @@ def test_caption_extension_and_seeded_examples_through_the_dataset(tmp_path):
     assert captions == [again[k]["caption"] for k in keys]
     assert captions == ["sks, red collar, sunny, dog, grass", "sks, red collar, sunny, grass, dog",
                         "sks, red collar, sunny, grass, dog"]
+
+
+def _metadata_images(tmp_path):
+    """Three images with caption files that fine-tune metadata overrides, and the metadata: a stem key, a
+    relative path, an absolute path."""
+    import json
+
+    folder = tmp_path / "d"
+    for name in ("a.png", "b.png", "c.jpg"):
+        caption(image(folder / name), "from the caption file")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"a": {"caption": "a red dog", "tags": "dog, red"}, "b.png": {"tags": "cat"},
+                                str(folder / "c.jpg"): {"caption": "a bird", "tags": ""}}))
+    return folder, meta
+
+
+def test_fine_tune_metadata_file_captions_a_dataset_toml(tmp_path):
+    """sd-scripts' metadata_file: the caption, caption_separator and the tags of each image key (stem, relative or
+    absolute), never the caption files; num_repeats as for any subset."""
+    folder, meta = _metadata_images(tmp_path)
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{folder}"\n'
+                    f'metadata_file = "{meta}"\nnum_repeats = 3\ncaption_separator = ", "\n')
+    plan = plan_data(config(tmp_path, dataset_config=str(toml)), say=lambda _: None)
+    assert {r.path.name: r.caption for r in plan.images} == {"a.png": "a red dog, dog, red", "b.png": "cat",
+                                                              "c.jpg": "a bird"}
+    assert len(plan.entries) == 9
+
+
+def test_in_json_with_train_data_dir_as_sd_scripts_fine_tune(tmp_path):
+    """A flat sd-scripts config: train_data_dir + in_json, dataset_repeats its repeats; the default separator is
+    sd-scripts' "," with no space."""
+    from library.config import config_from_dict
+
+    folder, meta = _metadata_images(tmp_path)
+    flat = {"pretrained_model_name_or_path": "tiny/model", "output_dir": str(tmp_path / "out"), "resolution": 64,
+            "train_data_dir": str(folder), "in_json": str(meta), "dataset_repeats": 2}
+    plan = plan_data(config_from_dict(flat, source="x.toml", check_paths=False), say=lambda _: None)
+    assert {r.path.name: r.caption for r in plan.images} == {"a.png": "a red dog,dog, red", "b.png": "cat",
+                                                              "c.jpg": "a bird"}
+    assert len(plan.entries) == 6
+
+
+def test_metadata_naming_a_missing_image_or_unreadable_stops_with_the_file(tmp_path):
+    import json
+
+    from library.config import ConfigError
+    from library.data.plan import DatasetError
+
+    folder, meta = _metadata_images(tmp_path)
+    meta.write_text(json.dumps({"a": {"caption": "x"}, "gone": {"caption": "y"}}))
+    with pytest.raises(DatasetError, match="gone.*no such image"):
+        plan_data(config(tmp_path, train_data_dir=str(folder), in_json=str(meta), bad_data="stop"),
+                  say=lambda _: None)
+    meta.write_text("{not json")
+    with pytest.raises(ConfigError, match="in_json.*not valid metadata JSON"):
+        plan_data(config(tmp_path, train_data_dir=str(folder), in_json=str(meta)), say=lambda _: None)
+
+
+def test_token_warmup_as_sd_scripts_cuts_captions():
+    """floor(step * (movable - token_warmup_min) / token_warmup_step) + token_warmup_min movable tags before
+    token_warmup_step (a fraction: of max_train_steps), kept tags always, every tag after."""
+    r = recipe(keep_tokens=1, token_warmup_min=1, token_warmup_step=10)
+    text = "sks, a, b, c, d, e"
+    got = [render_caption(text, r, random.Random(0), 1, step, 100) for step in (0, 5, 9, 10, 50)]
+    assert got == ["sks, a", "sks, a, b, c", "sks, a, b, c, d", text, text]  # 1, 3 (=5*4/10+1), 4, all, all
+    half = recipe(keep_tokens=1, token_warmup_min=1, token_warmup_step=0.5)  # of max_train_steps 20: 10 steps
+    assert render_caption(text, half, random.Random(0), 1, 5, 20) == "sks, a, b, c"
+    assert not half.is_fixed and render_caption(text, recipe(), random.Random(0), 1, 0, 20) == text
+
+
+def test_token_warmup_follows_the_optimizer_step_through_the_loader(tmp_path):
+    from library.training import make_loader, prepare_data
+
+    caption(image(tmp_path / "d" / "x.png"), "sks, a, b, c, d, e")
+    cfg = config(tmp_path, train_data_dir=str(tmp_path / "d"), num_repeats=6, keep_tokens=1, token_warmup_min=1,
+                 token_warmup_step=4)
+    cfg.train.max_train_steps, cfg.train.seed = 6, 1
+    plan, dataset, _, _, _ = prepare_data(cfg, lambda _: None)
+    loader, _, _ = make_loader(cfg, plan, dataset)
+    captions = [batch["caption"][0] for batch in loader]
+    assert captions == ["sks, a", "sks, a, b", "sks, a, b, c", "sks, a, b, c, d", "sks, a, b, c, d, e",
+                        "sks, a, b, c, d, e"]

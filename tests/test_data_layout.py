@@ -99,8 +99,8 @@ def test_steps_per_epoch_arithmetic_is_printed(tmp_path):
     ('[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir = "{d}/nope"\n',
      "'datasets[0].subsets[0].image_dir': no such folder"),
     ('[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 1\n', "'datasets[0].subsets[0].image_dir' is required"),
-    ('[general]\nmetadata_file = "m.json"\n', "'metadata_file' = 'm.json' is refused: fine-tune metadata (.json) "
-                                              "captions are not offered"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\nmetadata_file = "{d}/m.json"\n',
+     "'datasets[0].subsets[0].metadata_file': "),  # fine-tune metadata that is not there: cannot read
     ('[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 100\n[[datasets.subsets]]\nimage_dir = "{d}"\n',
      "must be multiples of bucket_reso_steps (64)"),
     ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\ncaption_dropout_rate = 1.5\n',

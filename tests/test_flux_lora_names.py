@@ -260,3 +260,46 @@ def test_a_group_not_all_adapted_is_written_per_part(tiny_flux):  # noqa: F811
     assert {"lora_transformer_transformer_blocks_0_attn_to_q", "lora_transformer_transformer_blocks_0_attn_to_k",
             "lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_double_blocks_1_img_attn_qkv"} <= names
     assert "lora_unet_double_blocks_0_img_attn_qkv" not in names
+
+
+@pytest.mark.parametrize("args, double, single, written", [
+    ({}, "all", "all", {}),
+    ({"train_blocks": "single"}, set(), "all", {"train_blocks": "single"}),
+    ({"train_blocks": "double"}, "all", set(), {"train_blocks": "double"}),
+    ({"train_double_block_indices": "0", "train_single_block_indices": "none"}, {0}, set(),
+     {"train_double_block_indices": "0", "train_single_block_indices": "none"}),
+    ({"train_double_block_indices": "all", "train_single_block_indices": "1-1"}, "all", {1},
+     {"train_single_block_indices": "1"}),
+    ({"train_blocks": "double", "train_double_block_indices": "0-0,1"}, {0, 1}, set(),
+     {"train_blocks": "double", "train_double_block_indices": "0,1"}),
+])
+def test_flux_block_selection_as_lora_flux(tiny_flux, args, double, single, written):  # noqa: F811
+    """sd-scripts' lora_flux network_args: train_blocks (all, double, single) and the indices of each kind
+    ("all", "none", "0-0,1"): adapters only in the chosen blocks (found by their kohya names double_blocks.N /
+    single_blocks.N), whole blocks, and ss_network_args saying so."""
+    from networks.targets import find_layers
+
+    flux_parts = _load(tiny_flux)
+    target = FluxFamily().adapter_targets(flux_parts)[0]
+    layers = find_layers(flux_parts.denoiser, target, _settings(**args))
+    everything = find_layers(flux_parts.denoiser, target, _settings())
+    blocks = {kind: {int(p.split(".")[1]) for p in layers if p.startswith(prefix)}
+              for kind, prefix in (("double", "transformer_blocks."), ("single", "single_transformer_blocks."))}
+    totals = {"double": len(flux_parts.denoiser.transformer_blocks),
+              "single": len(flux_parts.denoiser.single_transformer_blocks)}
+    assert totals == {"double": 2, "single": 2}
+    expected = {"double": double, "single": single}
+    assert blocks == {k: set(range(totals[k])) if v == "all" else v for k, v in expected.items()}
+    kept = {p for p in everything if not p.startswith(("transformer_blocks.", "single_transformer_blocks."))
+            or int(p.split(".")[1]) in blocks["double" if p.startswith("transformer_") else "single"]}
+    assert set(layers) == kept  # whole blocks, every layer of a chosen block
+    assert {k: v for k, v in _settings(**args).as_args().items() if "block" in k} == written
+
+
+def test_flux_block_selection_errors():
+    from networks.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="train_blocks"):
+        _settings(train_blocks="middle")
+    with pytest.raises(SettingsError, match="'train_double_block_indices' = '3-1'"):
+        _settings(train_double_block_indices="3-1")

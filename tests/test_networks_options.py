@@ -160,3 +160,51 @@ def test_scale_weight_norms_reports_keys_scaled(make_config):
 
     result = train(make_config(network={"scale_weight_norms": 1e-4}, train={"max_train_steps": 2}))
     assert len(result.keys_scaled) == 2 and result.keys_scaled[-1] > 0
+
+
+def _expected_layers(module, pattern: str, conv3: bool) -> set[str]:
+    """Linear and 1x1 conv layers (and 3x3 convs with conv3) whose path matches `pattern`, found by name."""
+    import re
+
+    return {p for p, m in module.named_modules() if re.search(pattern, p) and (
+        isinstance(m, torch.nn.Linear) or isinstance(m, torch.nn.Conv2d) and (conv3 or m.kernel_size == (1, 1)))}
+
+
+@pytest.mark.parametrize("preset", ["full", "attn-mlp", "attn-only", "unet-transformer-only",
+                                    "unet-convblock-only", "unet-only"])
+def test_lycoris_presets_pick_their_layers(parts, preset):
+    """LyCORIS' presets (lycoris/config.py): attn-mlp and unet-transformer-only adapt the transformer blocks and
+    no 3x3 conv even with conv_dim; attn-only the attention projections only (U-Net attn1/attn2, CLIP self_attn);
+    unet-convblock-only the ResNet / down / up-sampling blocks with their 3x3 convs at network_dim; the unet-*
+    presets leave the text encoder alone."""
+    from networks.targets import find_layers
+
+    s = NetworkSettings.from_network_section(_cfg({"network_module": "lycoris.kohya", "network_dim": 8,
+                                                   "network_args": [f"preset={preset}", "conv_dim=4"]}).network)
+    unet_target, te_target = SD1Family().adapter_targets(parts)
+    unet, te = parts.denoiser, parts.text_encoders[te_target.component]
+    transformer = r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks)"
+    convblock = r"(resnets|downsamplers|upsamplers)\.\d+\."
+    expected_unet = {"full": _expected_layers(unet, transformer, False) | _expected_layers(unet, convblock, True),
+                     "unet-only": _expected_layers(unet, transformer, False) | _expected_layers(unet, convblock, True),
+                     "attn-mlp": _expected_layers(unet, transformer, False),
+                     "unet-transformer-only": _expected_layers(unet, transformer, False),
+                     "attn-only": _expected_layers(unet, r"\.attn[12]\.", False),
+                     "unet-convblock-only": _expected_layers(unet, convblock, True)}[preset]
+    expected_te = {"attn-only": _expected_layers(te, r"self_attn\.", False),
+                   "full": _expected_layers(te, r"(self_attn|mlp)\.", False),
+                   "attn-mlp": _expected_layers(te, r"(self_attn|mlp)\.", False)}.get(preset, set())
+    unet_layers = find_layers(unet, unet_target, s)
+    assert set(unet_layers) == expected_unet and len(expected_unet) > 10
+    assert set(find_layers(te, te_target, s)) == expected_te
+    assert s.adapts(te_target.component) == bool(expected_te)
+    conv_ranks = {r for p, (r, a) in unet_layers.items() if ".conv1" in p or ".conv2" in p}
+    assert conv_ranks == {"full": {4}, "unet-only": {4}, "unet-convblock-only": {4}}.get(preset, set())
+    assert s.as_args().get("preset") == (None if preset == "full" else preset)
+
+
+def test_preset_is_read_by_lycoris_only_and_checked():
+    s = NetworkSettings.from_network_section(_cfg({"network_args": ["preset=attn-only"]}).network)
+    assert s.preset == "full"  # sd-scripts' networks.lora does not read preset
+    with pytest.raises(ConfigError, match="'preset' = 'my.toml' is not one of"):
+        _cfg({"network_module": "lycoris.kohya", "network_args": ["preset=my.toml"]})

@@ -77,3 +77,33 @@ def test_optimizers_by_name_and_dotted_path():
     assert type(build_optimizer("Prodigy", [{"params": p}], 1.0, [])).__name__ == "Prodigy"
     with pytest.raises(ConfigError, match="no such optimizer"):
         build_optimizer("torch.optim.Nope", [{"params": p}], 0.1, [])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adafactor_relative_step_picks_its_own_step_size(fused):
+    """sd-scripts' Adafactor with relative_step (here the kohya_ss GUI's trailing-comma form, the true tuple
+    (False,)): the rate is min(1e-2, 1/sqrt(step)) x RMS(weights) (scale_parameter), not learning_rate nor a
+    group's lr; the first update of each entry is that rate times the gradient's sign."""
+    from library.optim import RelativeStepSchedule
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5]))
+    args = ["relative_step=False,", "scale_parameter=False,", "warmup_init=False"]
+    groups = [{"params": [weight], "lr": 5e-3}]
+    optimizer = (FusedBackward("Adafactor", groups, 1e-3, args) if fused
+                 else build_optimizer("Adafactor", groups, 1e-3, args))
+    scheduler = build_scheduler("cosine", optimizer, 0, 10, initial_lr=1e-3)
+    assert isinstance(scheduler, RelativeStepSchedule) and scheduler.get_last_lr() == [1e-3]
+    (weight * torch.tensor([1.0, -1.0, 2.0, -3.0])).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    rate = 1e-2 * (14.25 / 4) ** 0.5  # 1e-2 x RMS of the weights before the step: 0.0188746
+    assert weight.detach().tolist() == pytest.approx([1 - rate, -2 + rate, 3 - rate, 0.5 + rate], abs=1e-6)
+    assert scheduler.get_last_lr() == [pytest.approx(rate, rel=1e-6)]  # the step's own rate, as a number
+
+
+def test_adafactor_without_relative_step_uses_the_learning_rate():
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5]))
+    optimizer = build_optimizer("Adafactor", [{"params": [weight]}], 1e-3, ["relative_step=False"])
+    (weight * torch.tensor([1.0, -1.0, 2.0, -3.0])).sum().backward()
+    optimizer.step()
+    assert weight.detach().tolist() == pytest.approx([1 - 1e-3, -2 + 1e-3, 3 - 1e-3, 0.5 + 1e-3], abs=1e-6)

@@ -110,11 +110,11 @@ def test_bad_command_lines_are_config_errors(argv, message):
 
 def test_cli_exits_2_with_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "train_network.py"), "--network_dim", "4",
-                          "--masked_loss", "--output_dir", str(tmp_path)],
+                          "--enable_wildcard", "--output_dir", str(tmp_path)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("config error: command line:")
-    assert "'masked_loss' = True is refused: masked loss from mask images is not offered" in run.stderr
+    assert "'enable_wildcard' = True is refused: wildcard captions ({a|b}) are not offered" in run.stderr
 
 
 def test_help_lists_every_option_with_its_help():
@@ -153,12 +153,12 @@ def test_noop_gui_and_default_keys_are_noted(paths):
 
 def test_refusals_name_every_key_with_reason(paths):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(_flat(paths, masked_loss=True, weighted_captions=True, network_module="networks.oft",
+        config_from_dict(_flat(paths, enable_wildcard=True, face_crop_aug_range="2.0,3.0", network_module="networks.oft",
                                use_8bit_adam=True, optimizer_type="Lion"), source="x.toml")
     text = str(e.value)
     assert text.startswith("x.toml: 4 problem(s):")
-    assert "'masked_loss' = True is refused: masked loss from mask images is not offered: use alpha_mask" in text
-    assert "'weighted_captions' = True is refused" in text and "'network_module' = 'networks.oft'" in text
+    assert "'enable_wildcard' = True is refused: wildcard captions ({a|b}) are not offered" in text
+    assert "'face_crop_aug_range' = '2.0,3.0' is refused" in text and "'network_module' = 'networks.oft'" in text
     assert "both use_8bit_adam and optimizer_type are set" in text
 
 
@@ -532,3 +532,123 @@ def test_empty_strings_and_false_mean_unset_as_in_sd_scripts(paths):
                            source="gui.toml")
     assert (cfg.sample.sample_prompts, cfg.save.resume, cfg.model.vae, cfg.network.network_weights) == (None,) * 4
     assert any("sample_prompts, resume, vae, network_weights, log_prefix" in note for note in cfg.notes)
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({"optimizer_type": "Adafactor"}, ["relative_step=True", "scale_parameter=True"]),  # sd-scripts' defaults
+    ({"optimizer_type": "adafactor", "optimizer_args": ["relative_step=False"]},
+     ["relative_step=False", "scale_parameter=True"]),
+    ({"optimizer_type": "Adafactor", "optimizer_args": ["scale_parameter=False", "relative_step=False",
+                                                        "warmup_init=False"]},
+     ["scale_parameter=False", "relative_step=False", "warmup_init=False"]),
+    ({"optimizer_type": "AdamW", "optimizer_args": ["weight_decay=0.1"]}, ["weight_decay=0.1"]),
+])
+def test_adafactor_arguments_as_sd_scripts_defaults_them(paths, keys, expected):
+    cfg = config_from_dict(_flat(paths, **keys), source="x.toml")
+    assert cfg.optimizer.optimizer_args == expected
+    relative = any("relative_step" in n for n in cfg.notes if "not used" in n)
+    assert relative == (keys.get("optimizer_args") is None)
+
+
+def test_weighted_caption_grammar():
+    """A1111 / sd-scripts prompt attention, the published examples: (x) x1.1, [x] /1.1, (x:w) xw, nesting
+    multiplies, unbalanced brackets apply to the rest, escapes are literal."""
+    from library.prompt_weights import parse_weighted
+
+    assert parse_weighted("normal text") == [("normal text", 1.0)]
+    assert parse_weighted("an (important) word") == [("an ", 1.0), ("important", 1.1), (" word", 1.0)]
+    assert parse_weighted("(unbalanced") == [("unbalanced", 1.1)]
+    assert parse_weighted(r"\(literal\]") == [("(literal]", 1.0)]
+    assert parse_weighted("(unnecessary)(parens)") == [("unnecessaryparens", 1.1)]
+    got = parse_weighted("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")
+    expected = [("a ", 1.0), ("house", 1.3 * 1.1 * 1.1), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+                (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected], rel=1e-12)
+    assert parse_weighted("x:2) y") == [("x:2) y", 1.0)]  # no open bracket: plain text
+
+
+@pytest.mark.parametrize("max_token_length", [None, 150])
+def test_weighted_captions_scale_each_tokens_state_sd1(tiny_sd1, max_token_length):
+    """SD1 with weighted_captions: the states are the plain caption's ("a red cat dog") with each token's state
+    times its weight: red x1.5, dog /1.1, the rest (BOS, EOS, padding) x1; a caption without brackets encodes as
+    without the option; in 75-token windows too."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from library.families import ModelSource, get_family
+
+    family = get_family("auto", str(tiny_sd1[0]))
+    parts = family.load(ModelSource(path=str(tiny_sd1[0])))
+    tok = parts.tokenizers["te"]
+    sizes = [len(tok(w).input_ids) - 2 for w in ("a ", "red", " cat ", "dog")]
+    weights = [1.0] + [1.0] * sizes[0] + [1.5] * sizes[1] + [1.0] * sizes[2] + [1 / 1.1] * sizes[3]
+    with torch.no_grad():
+        parts.source = SimpleNamespace(max_token_length=max_token_length, weighted_captions=False)
+        plain = family.encode_prompts(parts, ["a red cat dog", "a cat"], 1)["encoder_hidden_states"]
+        parts.source.weighted_captions = True
+        weighted = family.encode_prompts(parts, ["a (red:1.5) cat [dog]", "a cat"], 1)["encoder_hidden_states"]
+    scale = torch.ones(plain.shape[1])
+    scale[: len(weights)] = torch.tensor(weights)
+    torch.testing.assert_close(weighted[0], plain[0] * scale[:, None], rtol=1e-5, atol=1e-6)
+    assert torch.equal(weighted[1], plain[1])  # no brackets: the same ids, weights 1
+    assert not torch.allclose(weighted[0], plain[0])
+
+
+def test_weighted_captions_sdxl_weigh_both_encoders_not_the_pooled_output(tiny_sdxl):
+    from types import SimpleNamespace
+
+    import torch
+
+    from library.families import ModelSource, get_family
+
+    family = get_family("auto", str(tiny_sdxl[0]))
+    parts = family.load(ModelSource(path=str(tiny_sdxl[0])))
+    n = len(parts.tokenizers["te1"]("cat").input_ids) - 2
+    with torch.no_grad():
+        parts.source = SimpleNamespace(max_token_length=None, weighted_captions=False)
+        plain = family.encode_prompts(parts, ["cat"], 1)
+        parts.source.weighted_captions = True
+        weighted = family.encode_prompts(parts, ["(cat:2)"], 1)
+    scale = torch.ones(plain["encoder_hidden_states"].shape[1])
+    scale[1: 1 + n] = 2.0
+    torch.testing.assert_close(weighted["encoder_hidden_states"], plain["encoder_hidden_states"] * scale[None, :, None])
+    torch.testing.assert_close(weighted["text_embeds"], plain["text_embeds"])
+
+
+def test_weighted_captions_are_refused_for_flow_models(paths):
+    with pytest.raises(ConfigError, match="weighted_captions.*FLUX.1 / SD3"):
+        config_from_dict(_flat(paths, weighted_captions=True, t5xxl=str(paths[0]), ae=str(paths[0])),
+                         source="x.toml")
+
+
+def test_skip_until_initial_step_trains_on_the_data_a_full_run_has_there(make_config, tmp_path, monkeypatch):
+    """sd-scripts' initial_step with skip_until_initial_step: the run starts after 3 optimizer steps on the
+    batches the full run trains at steps 4 and 5 (across an epoch boundary), and trains max_train_steps - 3."""
+    import library.training
+    from train_network import train
+
+    seen = []
+    original = library.training.batch_loss
+
+    def spy(family, parts, objective, batch, *args, **kwargs):
+        seen.append((tuple(batch["image"]), tuple(batch["caption"])))
+        return original(family, parts, objective, batch, *args, **kwargs)
+
+    monkeypatch.setattr(library.training, "batch_loss", spy)
+    full = train(make_config(train={"max_train_steps": 5, "output_dir": str(tmp_path / "a")}))
+    full_batches, seen[:] = list(seen), []
+    skipped = train(make_config(train={"max_train_steps": 5, "output_dir": str(tmp_path / "b"), "initial_step": 3,
+                                       "skip_until_initial_step": True}))
+    assert len(full.losses) == 5 and len(skipped.losses) == 2
+    assert seen == full_batches[3:] and len(set(full_batches)) > 1
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"initial_step": 3}, "only renumber epochs"),
+    ({"initial_epoch": 2, "skip_until_initial_step": True, "resume": "state"}, "saved state's step"),
+])
+def test_initial_step_without_skipping_or_with_resume_is_refused(paths, keys, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_flat(paths, **keys), source="x.toml", check_paths=False)

@@ -24,20 +24,15 @@ REFUSED = re.compile(r"^'(\w+)' = .* is refused( \(network_args\))?: ")
 # What stops corpus files today: refused key -> number of corpus files (training TOMLs and command lines) it
 # stops. A key implemented later leaves this table (and the files it stopped then load).
 EXPECTED_REFUSALS: dict[str, int] = {
-    # kohya_ss GUI's Adafactor "relative_step=False," (trailing comma): sd-scripts reads (False,), a true value, so
-    # it trains with relative_step = True, which picks its own learning rate; refused with relative_step=False
-    "optimizer_args": 4,
-    "preset": 4,  # LyCORIS preset attn-mlp
     "algo": 1,  # LyCORIS algo=full (native fine-tuning)
     "train_norm": 1,  # LyCORIS train_norm=True
+    "train_t5xxl": 3,  # lora_flux network_args train_t5xxl=True (G.O.D's FLUX configs): T5 is never trained here
     "lr_decay_steps": 1,  # warmup_stable_decay / cosine_with_min_lr decay
     "blocks_to_swap": 2,  # sd3_train / flux_train with block swap but no fused backward pass
 }
 # sd-scripts itself rejects these command lines: the error must name the problem
-# dataset TOMLs stopped today, and by which keys: fine-tune metadata captions and mask / conditioning images
-EXPECTED_DATASET_REFUSALS = {"kohya_ss_test_dataset_finetune": ["metadata_file"], "lyq_dataset": ["metadata_file"],
-                             "headshots_dataset": ["conditioning_data_dir"],
-                             "kohya_ss_test_dataset_masked_loss": ["conditioning_data_dir"]}
+# dataset TOMLs stopped today, and by which keys: none
+EXPECTED_DATASET_REFUSALS: dict[str, list[str]] = {}
 EXPECTED_ERRORS = {"sd_scripts_doc_sdxl": "unknown option(s) --text_encoder_lr1 (did you mean 'network.text_encoder_lr'?)"}
 
 
@@ -59,8 +54,9 @@ def places(tmp_path_factory) -> dict[str, str]:
     """Every @PLACEHOLDER@ of the corpus: files and folders that exist (no model is loaded here)."""
     root = tmp_path_factory.mktemp("corpus")
     for name in ("model.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl.safetensors",
-                 "ae.safetensors", "weights.safetensors", "meta.json"):
+                 "ae.safetensors", "weights.safetensors"):
         (root / name).write_bytes(b"")
+    (root / "meta.json").write_text('{"img_001": {"caption": "a photo", "tags": "dog"}}')  # fine-tune metadata
     for name in ("data", "reg", "vae", "cond", "resume"):
         (root / name).mkdir()
     (root / "resume" / "state.json").write_text("{}")
@@ -140,7 +136,7 @@ def load_command(path: Path, places: dict):
 
 
 def test_the_corpus_is_what_the_issue_asks_for():
-    assert len(TRAINING) >= 20 and len(DATASETS) >= 15 and len(COMMANDS) >= 8
+    assert len(TRAINING) >= 40 and len(DATASETS) >= 15 and len(COMMANDS) >= 8
     for path in [*TRAINING, *DATASETS, *COMMANDS]:
         assert info(path)["source"].startswith("https://github.com/"), path
         assert not re.search(r"(/content/|C:\\\\|/app/|/home/)", path.read_text()), path  # paths replaced
@@ -182,7 +178,8 @@ def test_each_dataset_toml_loads(path, places, tmp_path):
     assert sorted(details if kind == "refused" else []) == EXPECTED_DATASET_REFUSALS.get(path.stem, [])
 
 
-RUN_SAMPLE = ["offlive_setting", "thr3a_config", "sd_scripts_doc_sd1", "archgen_training"]  # SD1: fp16, cached latents, 8-bit; 225 tokens
+# SD1: fp16, cached latents, 8-bit; 225 tokens; LyCORIS preset attn-mlp with 150 tokens and multires noise
+RUN_SAMPLE = ["offlive_setting", "thr3a_config", "sd_scripts_doc_sd1", "archgen_training", "easylora_lycoris"]
 
 
 @pytest.mark.parametrize("name", RUN_SAMPLE)
@@ -202,6 +199,7 @@ def test_a_sample_trains_two_steps(name, places, tiny_sd1, tiny_data, tmp_path):
     cfg = load()
     cfg.train.xformers, cfg.sample.sample_prompts = False, None
     cfg.train.max_train_epochs, cfg.train.max_train_steps, cfg.dataset.resolution = None, 2, 64
+    cfg.dataset.min_bucket_reso = min(cfg.dataset.min_bucket_reso, 64)  # buckets around 64 px too
     cfg.optimizer.lr_warmup_steps = 0  # a warmup in steps outlasts 2 steps
     result = train(cfg)
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
@@ -226,6 +224,18 @@ SD_SCRIPTS_VALUES = {
                            "train.mixed_precision": "fp16", "train.gradient_checkpointing": True, "train.sdpa": True},
     "sd_scripts_doc_sdxl_train": {"optimizer.learning_rate": 1e-5, "dreambooth.learning_rate_te": 5e-6,
                                   "dreambooth.learning_rate_te2": 2e-6, "dreambooth.train_text_encoder": True},
+    "gradients_phoenix_sdxl": {"network.network_dim": 64, "network.network_alpha": 32.0, "network.unet_lr": 3e-4,
+                               "network.text_encoder_lr": 1e-5, "network.network_dropout": 0.05,
+                               "network.scale_weight_norms": 5.0, "loss.loss_type": "l1", "loss.min_snr_gamma": 5.0,
+                               "optimizer.max_grad_norm": 0.5, "optimizer.optimizer_args": ["weight_decay=0.01"],
+                               "optimizer.lr_scheduler": "cosine", "train.max_train_epochs": 120,
+                               "dataset.resolution": [1024, 1024], "dataset.train_batch_size": 8},
+    # Adafactor with relative_step=False given (no sd-scripts default added): the learning rate drives it
+    "motimalu_sdxl_full_fp32_vpred": {"optimizer.optimizer_args": ["scale_parameter=False", "relative_step=False",
+                                                                   "warmup_init=False"],
+                                      "optimizer.learning_rate": 6e-6, "dreambooth.train_text_encoder": True,
+                                      "train.mixed_precision": "no", "dataset.train_batch_size": 4,
+                                      "model.v_parameterization": True, "loss.noise_offset": 0.0357},
     "sd_scripts_doc_sd3": {"network.network_dim": 16, "network.network_alpha": 1.0, "train.blocks_to_swap": 32,
                            "loss.weighting_scheme": "uniform", "train.mixed_precision": "fp16",
                            "train.max_train_epochs": 10, "optimizer.optimizer_type": "AdamW8bit"},

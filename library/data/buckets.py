@@ -83,9 +83,11 @@ class BucketBatchSampler:
     single bucket this is exactly shuffle=True batching. Yields lists of (entry, epoch), epoch from 1.
     """
 
-    def __init__(self, keys: list[tuple], batch_sizes: dict, generator: torch.Generator, shuffle: bool = True):
+    def __init__(self, keys: list[tuple], batch_sizes: dict, generator: torch.Generator, shuffle: bool = True,
+                 with_position: bool = False):
         self.keys, self.batch_sizes, self.generator, self.shuffle = keys, batch_sizes, generator, shuffle
         self.epoch = 0
+        self.with_position = with_position  # (entry, epoch, batch index in the epoch): token warmup needs the step
 
     def __iter__(self):
         import torch  # here, not above: bucketing is part of the dataset check, which runs before torch loads
@@ -96,13 +98,15 @@ class BucketBatchSampler:
         else:
             order = range(len(self.keys))
         open_batches: dict = {}
+        batches = []
         for entry in order:
             key = self.keys[entry]
             batch = open_batches.setdefault(key, [])
             batch.append((entry, self.epoch))
             if len(batch) == self.batch_sizes[key]:
-                yield open_batches.pop(key)
-        yield from open_batches.values()
+                batches.append(open_batches.pop(key))
+        for index, batch in enumerate([*batches, *open_batches.values()]):
+            yield [(*k, index) for k in batch] if self.with_position else batch
 
     def __len__(self) -> int:
         counts = Counter(self.keys)

@@ -25,6 +25,7 @@ import torch
 
 from library.data.control import control_path, control_pixels
 from library.data.images import load_pixels, plan_crop
+from library.data.masks import find_mask, load_mask
 from library.data.plan import ImageRecord
 from library.data.report import CountingBar
 from library.memory import host_copy
@@ -107,6 +108,8 @@ def latent_dependencies(family_name: str, vae_id: str, dtype, record: ImageRecor
     crop = plan_crop(record.size, record.bucket)
     a = record.subset.augment
     control = {"control": file_identity(control_path(record))} if record.subset.control_dir is not None else {}
+    if record.subset.mask_dir is not None:
+        control["mask_image"] = file_identity(find_mask(record.subset.mask_dir, record.path))
     return {"kind": "latents", "format": CACHE_FORMAT, "family": family_name, "vae": vae_id, "dtype": str(dtype),
             "image": file_identity(record.path), "resized": list(crop.resized), "crop": [crop.top, crop.left],
             "bucket": list(record.bucket), "flip_variant": a.flip_aug, "alpha_mask": a.alpha_mask, **control}
@@ -166,6 +169,8 @@ def _encode_chunk(family, parts, records: list[ImageRecord], generator) -> list[
     controls = _encode_controls(family, parts, records, generator, flipped)
     out = []
     for k, (record, (_, mask)) in enumerate(zip(records, loaded)):
+        if record.subset.mask_dir is not None:  # masked_loss: the mask image, not the alpha channel
+            mask = load_mask(record, plan_crop(record.size, record.bucket), False)
         tensors = {"latents": latents[k]}
         if record.subset.augment.flip_aug:
             tensors["latents_flipped"] = latents_flipped[k]

@@ -11,6 +11,7 @@ Every random choice comes from the `rng` passed in, so a seed gives the same cap
 from __future__ import annotations
 
 import codecs
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ class CaptionRecipe:
     caption_dropout_rate: float
     caption_tag_dropout_rate: float
     caption_dropout_every_n_epochs: int
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
 
     @property
     def is_fixed(self) -> bool:
         """True if a caption always renders the same (so text-encoder outputs can be cached)."""
         return not (self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate
-                    or self.caption_dropout_every_n_epochs)
+                    or self.caption_dropout_every_n_epochs or self.token_warmup_step)
 
 
 def read_caption(image: Path, extension: str, class_tokens: str | None) -> tuple[str | None, str | None]:
@@ -81,24 +84,38 @@ def _bomless_utf16(data: bytes) -> str | None:
     return None
 
 
-def render_caption(text: str, recipe: CaptionRecipe, rng: random.Random, epoch: int) -> str:
-    """The caption one training example sees in `epoch` (1-based, as the training loop counts)."""
+def render_caption(text: str, recipe: CaptionRecipe, rng: random.Random, epoch: int,
+                   step: int | None = None, max_steps: int = 0) -> str:
+    """The caption one training example sees in `epoch` (1-based, as the training loop counts); `step` (the
+    optimizer steps done before its batch) and `max_steps` for token warmup."""
     every = recipe.caption_dropout_every_n_epochs
     if every and epoch % every == 0:
         return ""
     if recipe.caption_dropout_rate and rng.random() < recipe.caption_dropout_rate:
         return ""
-    body = _transform_tags(text, recipe, rng)
+    until = warmup_until(recipe, max_steps)
+    body = _transform_tags(text, recipe, rng, step if step is not None and step < until else None, until)
     affixes = [_clean_affix(recipe.caption_prefix, recipe), body, _clean_affix(recipe.caption_suffix, recipe)]
     return _joiner(recipe).join(part for part in affixes if part)
 
 
-def _transform_tags(text: str, recipe: CaptionRecipe, rng: random.Random) -> str:
+def warmup_until(recipe: CaptionRecipe, max_steps: int) -> int:
+    """sd-scripts' token warmup lasts token_warmup_step steps (a fraction below 1: of max_steps); 0: none."""
+    until = recipe.token_warmup_step
+    return math.floor(until * max_steps) if until < 1 else int(until)
+
+
+def _transform_tags(text: str, recipe: CaptionRecipe, rng: random.Random, step: int | None = None,
+                    until: int = 0) -> str:
+    """Tag dropout and shuffling of the movable tags; during token warmup (`step` below `until`) only the first
+    floor(step * (movable - token_warmup_min) / until) + token_warmup_min of them, as sd-scripts cuts them."""
     sep = recipe.keep_tokens_separator
-    moving = recipe.shuffle_caption or recipe.caption_tag_dropout_rate
+    moving = recipe.shuffle_caption or recipe.caption_tag_dropout_rate or step is not None
     if not moving and not (sep and sep in text):
         return text  # nothing to do: the caption is used exactly as written
     head, middle, tail = split_kept_tags(text, recipe)
+    if step is not None:
+        middle = middle[:math.floor(step * ((len(middle) - recipe.token_warmup_min) / until)) + recipe.token_warmup_min]
     if recipe.caption_tag_dropout_rate:
         middle = [tag for tag in middle if rng.random() >= recipe.caption_tag_dropout_rate]
     if recipe.shuffle_caption:

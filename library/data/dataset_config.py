@@ -33,9 +33,10 @@ DATASET_KEYS = ("resolution", "batch_size", *BUCKET_KEYS)
 CAPTION_KEYS = tuple(f.name for f in dataclasses.fields(CaptionRecipe))
 AUGMENT_KEYS = tuple(f.name for f in dataclasses.fields(AugmentSettings))
 SUBSET_KEYS = ("image_dir", "num_repeats", "caption_extension", "class_tokens", "is_reg", "control_directory",
-               *CAPTION_KEYS, *AUGMENT_KEYS)
+               "metadata_file", "conditioning_data_dir", *CAPTION_KEYS, *AUGMENT_KEYS)
 # keys a dataset TOML has that the training config does not (their types; their defaults are "not set")
-TOML_ONLY = {"image_dir": str, "class_tokens": Optional[str], "is_reg": bool, "batch_size": int}
+TOML_ONLY = {"image_dir": str, "class_tokens": Optional[str], "is_reg": bool, "batch_size": int,
+             "metadata_file": Optional[str], "conditioning_data_dir": Optional[str]}
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class SubsetSpec:
     augment: AugmentSettings
     where: str  # "datasets[0].subsets[1]" or the folder, for messages
     control_dir: Path | None = None  # edit pairs: the control image of each image, same stem
+    # fine-tune metadata (library/data/metadata.py): ((image, caption), ...) instead of image_dir's files and
+    # caption files
+    metadata: tuple[tuple[Path, str], ...] | None = None
+    mask_dir: Path | None = None  # masked_loss: the mask image of each image, same stem (library/data/masks.py)
 
 
 @dataclass
@@ -87,9 +92,16 @@ def layout_from_folders(d: DatasetSection, source: str) -> DataLayout:
             raise ConfigError(f"{source}: 'dataset.{key}': no such folder: {getattr(d, key)}")
     values = {k: getattr(d, k) for k in _schema_keys()}
     notes: list[str] = []
+    if d.in_json:  # sd-scripts' fine-tune dataset: train_data_dir's images, captioned by the metadata file
+        subset = _subset(Path(d.train_data_dir), d.num_repeats, None, False, values, "dataset.in_json")
+        subset = dataclasses.replace(subset, metadata=_metadata(d.in_json, Path(d.train_data_dir), subset, source,
+                                                                "dataset.in_json"))
+        return DataLayout([DatasetSpec(_bucket_settings(values, source, "dataset"), d.train_batch_size, [subset])],
+                          notes + (["reg_data_dir ignored: in_json is set (sd-scripts' fine-tune datasets have "
+                                    "no regularization images)"] if d.reg_data_dir else []), source)
     subsets = folder_subsets(Path(d.train_data_dir), d.num_repeats, False, values, notes)
-    if d.reg_data_dir:
-        subsets += folder_subsets(Path(d.reg_data_dir), 1, True, values, notes)
+    if d.reg_data_dir:  # masks (conditioning_data_dir) are train_data_dir's
+        subsets += folder_subsets(Path(d.reg_data_dir), 1, True, values | {"conditioning_data_dir": None}, notes)
     dataset = DatasetSpec(_bucket_settings(values, source, "dataset"), d.train_batch_size, subsets)
     return DataLayout([dataset], notes, source)
 
@@ -116,7 +128,8 @@ def _subset(folder: Path, repeats: int, class_tokens, is_reg: bool, values: dict
     return SubsetSpec(folder, repeats, values["caption_extension"], class_tokens, is_reg,
                       CaptionRecipe(**{k: values[k] for k in CAPTION_KEYS}),
                       AugmentSettings(**{k: values[k] for k in AUGMENT_KEYS}), where or str(folder),
-                      Path(values["control_directory"]) if values.get("control_directory") else None)
+                      Path(values["control_directory"]) if values.get("control_directory") else None,
+                      mask_dir=Path(values["conditioning_data_dir"]) if values.get("conditioning_data_dir") else None)
 
 
 # ---- the dataset TOML -------------------------------------------------------------------------
@@ -160,13 +173,27 @@ def _toml_subset(dataset_values: dict, raw: dict, source: str, where: str) -> Su
     raw = _without_sd_scripts_keys(raw, source, where)
     _check_keys(raw, set(SUBSET_KEYS), source, where)
     values = _typed(dataset_values | raw, source, where)
-    if "image_dir" not in raw:
+    metadata_file = values.get("metadata_file")
+    if "image_dir" not in raw and not metadata_file:
         raise ConfigError(f"{source}: '{where}.image_dir' is required")
-    folder = Path(values["image_dir"])
-    if not folder.is_dir():
+    folder = Path(values["image_dir"]) if "image_dir" in raw else None
+    if folder is not None and not folder.is_dir():
         raise ConfigError(f"{source}: '{where}.image_dir': no such folder: {folder}")
-    return _subset(folder, values["num_repeats"], values.get("class_tokens"), values.get("is_reg", False),
-                   values, where)
+    subset = _subset(folder or Path(metadata_file).parent, values["num_repeats"], values.get("class_tokens"),
+                     values.get("is_reg", False), values, where)
+    if not metadata_file:
+        return subset
+    return dataclasses.replace(subset, metadata=_metadata(metadata_file, folder, subset, source,
+                                                          f"{where}.metadata_file"))
+
+
+def _metadata(path: str, image_dir: Path | None, subset: SubsetSpec, source: str, key: str):
+    from library.data.metadata import MetadataError, read_metadata
+
+    try:
+        return read_metadata(Path(path), image_dir, subset.captions.caption_separator)
+    except MetadataError as e:
+        raise ConfigError(f"{source}: '{key}': {e}") from None
 
 
 def _without_sd_scripts_keys(table, source: str, where: str):
@@ -210,8 +237,8 @@ def _typed(values: dict, source: str, where: str) -> dict:
 
 
 def _schema_keys() -> list[str]:
-    wanted = {"resolution", "num_repeats", "caption_extension", "control_directory", *BUCKET_KEYS, *CAPTION_KEYS,
-              *AUGMENT_KEYS}
+    wanted = {"resolution", "num_repeats", "caption_extension", "control_directory", "conditioning_data_dir",
+              *BUCKET_KEYS, *CAPTION_KEYS, *AUGMENT_KEYS}
     return [f.name for f in dataclasses.fields(DatasetSection) if f.name in wanted]
 
 
@@ -287,6 +314,11 @@ def _subset_problems(s: SubsetSpec, cfg: Config) -> list[str]:
         problems.append(f"'{where}.keep_tokens' and 'caption_dropout_every_n_epochs' cannot be negative")
     if not c.caption_separator:
         problems.append(f"'{where}.caption_separator' cannot be empty")
+    if s.mask_dir is not None and not cfg.dataset.masked_loss:
+        problems.append(f"'conditioning_data_dir' (in {where}) holds masks for masked_loss: set 'dataset.masked_loss' "
+                        f"= true (sd-scripts stops on it without masked_loss too)")
+    if s.mask_dir is not None and not s.mask_dir.is_dir():
+        problems.append(f"'{where}.conditioning_data_dir': no such folder: {s.mask_dir}")
     if cfg.dataset.cache_latents or cfg.dataset.cache_latents_to_disk:
         for key in ("color_aug", "random_crop"):
             if getattr(s.augment, key):

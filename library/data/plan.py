@@ -19,6 +19,7 @@ from library.data import DatasetError
 from library.data.control import find_control, missing_control
 from library.data.buckets import bucket_sizes, bucket_table, choose_bucket, upscale_factor
 from library.data.captions import read_caption
+from library.data.masks import mask_problem
 from library.data.check import MAX_UPSCALE, Finding, empty_folder, find_duplicates, inspect_all
 from library.data.dataset_config import DataLayout, SubsetSpec, read_layout
 from library.data.images import CONVERSIONS, ImageHeader, conversion, list_images
@@ -164,7 +165,10 @@ def _scan(layout: DataLayout, decode: bool) -> tuple[list[ImageRecord], list[Fin
     findings = []
     for d, dataset in enumerate(layout.datasets):
         for subset in dataset.subsets:
-            paths = list_images(subset.image_dir)
+            paths = [image for image, _ in subset.metadata] if subset.metadata else list_images(subset.image_dir)
+            missing = [p for p in paths if not p.is_file()]
+            findings += [Finding(p, "named in the metadata file, no such image") for p in missing]
+            paths = [p for p in paths if p not in missing]
             if not paths:
                 findings.append(empty_folder(subset.image_dir))
             work += [(d, subset, p) for p in paths]
@@ -173,10 +177,12 @@ def _scan(layout: DataLayout, decode: bool) -> tuple[list[ImageRecord], list[Fin
     bar.close()
     records = []
     sizes = [bucket_sizes(d.buckets) for d in layout.datasets]
+    subsets = {id(s): s for _, s, _ in work}.values()
+    metadata = {(id(s), p): c for s in subsets if s.metadata for p, c in s.metadata}
     for (d, subset, path), (header, image_findings) in zip(work, inspected):
         findings += image_findings
         if header is not None:
-            record, more = _record(path, header, d, subset, layout, sizes[d])
+            record, more = _record(path, header, d, subset, layout, sizes[d], metadata.get((id(subset), path)))
             findings += more
             records.append(record)
     duplicates = find_duplicates([r.path for r in records])
@@ -185,14 +191,19 @@ def _scan(layout: DataLayout, decode: bool) -> tuple[list[ImageRecord], list[Fin
 
 
 def _record(path: Path, header: ImageHeader, d: int, subset: SubsetSpec, layout: DataLayout,
-            sizes: list) -> tuple[ImageRecord, list[Finding]]:
+            sizes: list, metadata_caption: str | None = None) -> tuple[ImageRecord, list[Finding]]:
     findings = []
-    caption, problem = read_caption(path, subset.caption_extension, subset.class_tokens)
+    if metadata_caption is not None:
+        caption, problem = metadata_caption, None  # sd-scripts: an empty caption is allowed there
+    else:
+        caption, problem = read_caption(path, subset.caption_extension, subset.class_tokens)
     if problem:
         findings.append(Finding(path, problem))
     if subset.control_dir is not None and find_control(subset.control_dir, path) is None:
         findings.append(Finding(path, missing_control(subset.control_dir, path)))
     size = (header.width, header.height)
+    if subset.mask_dir is not None and mask_problem(subset.mask_dir, path, size):
+        findings.append(Finding(path, mask_problem(subset.mask_dir, path, size)))
     bucket = choose_bucket(size, layout.datasets[d].buckets, sizes)
     if min(bucket) < 8 or min(size) < 8:
         findings.append(Finding(path, f"too small: {size[0]}x{size[1]} fits no bucket"))

@@ -28,6 +28,7 @@ from library.data.augment import crop_offset_draw, draws_flip, example_rng, hue_
 from library.data.captions import render_caption
 from library.data.control import control_pixels
 from library.data.images import Crop, load_pixels, plan_crop
+from library.data.masks import load_mask
 from library.data.plan import DataPlan, ImageRecord
 
 SIZE_FIELDS = ("original_size", "crop_top_left", "target_size")
@@ -40,6 +41,9 @@ class TrainingSet(torch.utils.data.Dataset):
         self.entries: list[int] = plan.entries
         self.latents: dict[int, dict[str, torch.Tensor]] | None = None  # image -> cached tensors, in memory
         self.latent_files: dict[int, Path] | None = None  # ... or image -> cache file
+        # token warmup (library/data/captions.py): (batches per epoch, batches per optimizer step, max steps), set by
+        # library.training.prepare_data when a subset warms up; the sampler then adds each batch's index to its keys
+        self.step_clock: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -56,13 +60,26 @@ class TrainingSet(torch.utils.data.Dataset):
     def fixed_caption(self, record: ImageRecord) -> str:
         return render_caption(record.caption, record.subset.captions, random.Random(0), 1)
 
+    @property
+    def warms_up(self) -> bool:
+        """Whether any caption warms up (token_warmup_step), so keys must carry their batch's position."""
+        return any(r.subset.captions.token_warmup_step for r in self.items)
+
+    def _step(self, epoch: int, batch: int | None) -> tuple[int | None, int]:
+        """(optimizer steps done before this batch, max steps) for token warmup; (None, 0) without it."""
+        if batch is None or self.step_clock is None:
+            return None, 0
+        per_epoch, per_step, max_steps = self.step_clock
+        return ((epoch - 1) * per_epoch + batch) // per_step, max_steps
+
     def __getitem__(self, key) -> dict:
-        entry, epoch = key if isinstance(key, tuple) else (key, 1)
+        entry, epoch, batch = (*key, None)[:3] if isinstance(key, tuple) else (key, 1, None)
         index = self.entries[entry]
         record = self.items[index]
         draw = lambda purpose: example_rng(self.seed, epoch, entry, purpose)  # noqa: E731
         flip = draws_flip(record.subset.augment, draw("flip"))
-        example = {"caption": render_caption(record.caption, record.subset.captions, draw("caption"), epoch),
+        example = {"caption": render_caption(record.caption, record.subset.captions, draw("caption"), epoch,
+                                             *self._step(epoch, batch)),
                    "image": str(record.path),
                    "sample_weight": self.prior_loss_weight if record.subset.is_reg else 1.0}
         if self.latents is not None or self.latent_files is not None:
@@ -74,6 +91,8 @@ class TrainingSet(torch.utils.data.Dataset):
             pixels, mask = load_pixels(record.path, record.orientation, crop, flip,
                                        record.subset.augment.alpha_mask, color)
             example["pixels"] = pixels
+            if record.subset.mask_dir is not None:  # masked_loss: the mask image weights the loss
+                mask = load_mask(record, crop, flip)
             if mask is not None:
                 example["mask"] = mask
         if record.subset.control_dir is not None and "control_latents" not in example:

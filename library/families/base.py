@@ -32,6 +32,7 @@ class ModelSource:
     ae: str | None = None
     text_encoder: str | None = None  # FLUX.2 / Qwen-Image / Z-Image: the text encoder's own file
     max_token_length: int | None = None  # SD1 / SDXL: 150 / 225 encode captions in 75-token windows
+    weighted_captions: bool = False  # SD1 / SDXL: "(word:1.2)" weights each token's text state
     t5xxl_max_token_length: int | None = None  # None: the family's default
     apply_t5_attn_mask: bool = False
     t5xxl_precision: str = "auto"  # library.quantization: how a frozen T5 is stored while encoding

@@ -120,17 +120,15 @@ class SD1Family(ModelFamily):
     def encode_prompts(self, parts: Components, captions: list[str], clip_skip: int) -> dict[str, torch.Tensor]:
         tokenizer, encoder = parts.tokenizers["te"], parts.text_encoders["te"]
         n = long_prompts.windows(parts)  # max_token_length 150 / 225: captions in 75-token windows
-        if n > 1:
-            ids = long_prompts.window_ids(tokenizer, captions, n).to(encoder.device)
-        else:
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+        ids, weights = long_prompts.caption_ids(tokenizer, captions, n, long_prompts.weighted(parts))
+        ids = ids.to(encoder.device)
         if clip_skip == 1:
             hidden = encoder(ids).last_hidden_state
         else:
             out = encoder(ids, output_hidden_states=True)
             final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
             hidden = final_norm(out.hidden_states[-clip_skip])
+        hidden = long_prompts.weigh(hidden, weights)  # weighted_captions: each token's state times its weight
         return {"encoder_hidden_states": long_prompts.join_windows(hidden, n) if n > 1 else hidden}
 
 

@@ -158,13 +158,9 @@ class SDXLFamily(ModelFamily):
         n = long_prompts.windows(parts)  # max_token_length 150 / 225: captions in 75-token windows
         for name in ("te1", "te2"):
             tokenizer, encoder = parts.tokenizers[name], parts.text_encoders[name]
-            if n > 1:
-                ids = long_prompts.window_ids(tokenizer, captions, n).to(encoder.device)
-            else:
-                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(encoder.device)
-            out = encoder(ids, output_hidden_states=True)
-            states = out.hidden_states[-(clip_skip + 1)]
+            ids, weights = long_prompts.caption_ids(tokenizer, captions, n, long_prompts.weighted(parts))
+            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            states = long_prompts.weigh(out.hidden_states[-(clip_skip + 1)], weights)  # pooled output unweighted
             hidden.append(long_prompts.join_windows(states, n) if n > 1 else states)
         pooled = long_prompts.first_window(out.text_embeds, n) if n > 1 else out.text_embeds
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
