@@ -3,6 +3,8 @@ diffusers' converter, loading (folder, and the BFL transformer file with separat
 text recipe and the transformer's inputs against diffusers' Flux2KleinPipeline, golden losses of adapter and full
 fine-tune runs, an edit run whose loss follows its control images, the same losses with cached text outputs and
 with block swap, the adapter in diffusers with every key consumed."""
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -364,3 +366,23 @@ def test_flux2_file_faults_exit_2_naming_the_key(model, said, tiny_flux2, tiny_d
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
     assert said in lines[0] and str(tiny_flux2["transformer"]) in lines[0]
+
+
+def test_planner_plans_flux2_with_its_text_encoder_in_fp8(tiny_flux2):
+    """The planner builds FLUX.2 from its configs (the tiny folder's), encodes with the chat-rendering tokenizer
+    stand-in, samples (the VAE decodes its own 32-channel latents), and t5xxl_precision = "fp8" halves the
+    Qwen3 encoder's Linear weights while it encodes (bf16 -> fp8 for every Linear but lm_head)."""
+    from library.config import NetworkSection
+    from library.planner.plan import plan
+    from library.planner.step import StepSettings
+
+    base = StepSettings(recipe="network", family="flux2", arch=str(tiny_flux2["folder"]), width=64, height=64,
+                        batch_size=2, mixed_precision="bf16", cache_latents=True, cache_text_encoder_outputs=True,
+                        train_text_encoder=False, sample=True, network=NetworkSection(network_dim=4, network_alpha=2.0))
+    bf16, fp8 = (plan(dataclasses.replace(base, t5xxl_precision=p), fake=False) for p in ("auto", "fp8"))
+    assert {"text", "step", "sample"} <= set(bf16.phases) and bf16.trainable == 13_568
+    encoder = Flux2Family().load(ModelSource(str(tiny_flux2["folder"]))).text_encoders["te"]
+    linear = sum(m.weight.numel() for n, m in encoder.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    # 2 bytes -> 1 byte for each Linear weight, less the bf16 copies the layer-by-layer casts hold at the peak
+    assert bf16.phases["text"].allocated - fp8.phases["text"].allocated >= linear // 2
