@@ -226,6 +226,23 @@ def test_golden_losses_lora(flux2_config):
         f"lora_unet_single_blocks_{i}_{layer}" for i in (0, 1) for layer in ("linear1", "linear2")}
 
 
+def test_lora_keys_are_the_ones_comfyui_maps(flux2_config, tiny_flux2):
+    """ComfyUI maps lora_unet_<name> onto diffusion_model.<name>.weight for every weight of its FLUX.2 model (BFL
+    names, `model_lora_keys_unet`): every layer of our file names such a weight, and up @ down has its shape."""
+    result = train_network(flux2_config(train={"max_train_steps": 1}))
+    from library.flux2_layout import transformer_to_file
+
+    base = Flux2Family().load(ModelSource(str(tiny_flux2["folder"]))).denoiser.state_dict()
+    bfl = {k.removesuffix(".weight"): v.shape for k, v in transformer_to_file(base).items() if k.endswith(".weight")}
+    comfy = {"lora_unet_" + name.replace(".", "_"): shape for name, shape in bfl.items()}
+    tensors = load_file(result.adapter_path)
+    layers = {k.split(".", 1)[0] for k in tensors}
+    assert layers <= set(comfy) and len(layers) == 20
+    for layer in layers:
+        up, down = tensors[f"{layer}.lora_up.weight"], tensors[f"{layer}.lora_down.weight"]
+        assert (up @ down).shape == comfy[layer], layer
+
+
 def test_cached_text_outputs_give_the_same_losses(flux2_config):
     plain = train_network(flux2_config(train={"max_train_steps": 2}))
     cached = train_network(flux2_config(train={"max_train_steps": 2, "cache_text_encoder_outputs": True},
