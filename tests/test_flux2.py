@@ -403,3 +403,19 @@ def test_planner_plans_flux2_with_its_text_encoder_in_fp8(tiny_flux2):
                  if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
     # 2 bytes -> 1 byte for each Linear weight, less the bf16 copies the layer-by-layer casts hold at the peak
     assert bf16.phases["text"].allocated - fp8.phases["text"].allocated >= linear // 2
+
+
+def test_a_diffusers_folder_save_reloads_the_same_model(tiny_flux2, tmp_path):
+    """save_model_as = "diffusers" (train_db.py writes family.pipeline(parts)): a single-file-loaded klein saved as
+    a folder loads back with the same transformer, VAE and text conditioning, as a Flux2KleinPipeline."""
+    family = Flux2Family()
+    parts = family.load(_single_file_source(tiny_flux2))
+    family.pipeline(parts).save_pretrained(str(tmp_path / "saved"))
+    assert get_family("auto", str(tmp_path / "saved")).name == "flux2"
+    back = family.load(ModelSource(str(tmp_path / "saved")))
+    for x, y in ((parts.denoiser, back.denoiser), (parts.vae, back.vae)):
+        sa, sb = x.state_dict(), y.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        assert torch.equal(family.encode_prompts(parts, ["a red dog"], 1)["prompt_embeds"],
+                           family.encode_prompts(back, ["a red dog"], 1)["prompt_embeds"])
