@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
-from library.families.transformer_parts import assign_weights
+from library.families.transformer_parts import assign_weights, reference_image
 from library.flux2_layout import MARKER, file_to_transformer, is_flux2_key, kohya_layout, transformer_to_file
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -207,8 +207,6 @@ class Flux2Family:
         guidance with guidance_scale and the negative prompt (not for the step-distilled klein); dev: the
         distilled guidance input `guidance` (--g, default model.guidance_scale). With a control image (--ci),
         the image at the sample's size is the reference."""
-        from library.families.flux import _reference_image
-
         pipe = self.pipeline(parts)
         pipe.set_progress_bar_config(disable=True)
         embeds = {"prompt_embeds": self.encode_prompts(parts, [prompt], clip_skip)["prompt_embeds"]}
@@ -217,7 +215,7 @@ class Flux2Family:
         else:
             scale = guidance_scale
             embeds["negative_prompt_embeds"] = self.encode_prompts(parts, [negative_prompt], clip_skip)["prompt_embeds"]
-        reference = {} if control_image is None else {"image": _reference_image(control_image, width, height)}
+        reference = {} if control_image is None else {"image": reference_image(control_image, width, height)}
         return pipe(**embeds, **reference, width=width, height=height, num_inference_steps=steps,
                     guidance_scale=scale, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
