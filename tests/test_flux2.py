@@ -419,3 +419,24 @@ def test_a_diffusers_folder_save_reloads_the_same_model(tiny_flux2, tmp_path):
     with torch.no_grad():
         assert torch.equal(family.encode_prompts(parts, ["a red dog"], 1)["prompt_embeds"],
                            family.encode_prompts(back, ["a red dog"], 1)["prompt_embeds"])
+
+
+def test_merge_command_writes_a_flux2_file_with_the_adapter_in_it(flux2_config, tiny_flux2, tmp_path):
+    """python -m networks.merge on the FLUX.2 single files (--text_encoder, --ae): the merged BFL file reloads to the
+    transformer networks.merge makes in memory, which differs from the base."""
+    from networks import merge
+
+    result = train_network(flux2_config(train={"max_train_steps": 2}))
+    out = tmp_path / "merged.safetensors"
+    assert merge.main(["--model", str(tiny_flux2["transformer"]), "--text_encoder", str(tiny_flux2["text_encoder"]),
+                       "--ae", str(tiny_flux2["ae"]), "--arch", str(tiny_flux2["folder"]), "--tokenizer",
+                       str(tiny_flux2["folder"]), "--network", str(result.adapter_path), "--out", str(out)]) == 0
+    family = Flux2Family()
+    expected = family.load(ModelSource(str(tiny_flux2["folder"])))
+    base = {k: v.clone() for k, v in expected.denoiser.state_dict().items()}
+    merge.merge_lora({"denoiser": expected.denoiser}, family.adapter_targets(expected), str(result.adapter_path))
+    merged = family.load(_single_file_source({**tiny_flux2, "transformer": out})).denoiser.state_dict()
+    want = expected.denoiser.state_dict()
+    assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
+    assert not torch.equal(merged["transformer_blocks.0.attn.to_q.weight"],
+                           base["transformer_blocks.0.attn.to_q.weight"])
