@@ -440,3 +440,19 @@ def test_merge_command_writes_a_flux2_file_with_the_adapter_in_it(flux2_config, 
     assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
     assert not torch.equal(merged["transformer_blocks.0.attn.to_q.weight"],
                            base["transformer_blocks.0.attn.to_q.weight"])
+
+
+def test_fp8_scaled_files_load_dequantized():
+    """ComfyUI's fp8 files: float8 weights (times their scale_weight in "fp8_scaled" files) read into bf16; the
+    scale_input keys and the scaled_fp8 marker are not weights."""
+    from library.families.flux2 import dequantized
+
+    weight = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    state = {"a.weight": weight.to(torch.float8_e4m3fn), "a.scale_weight": torch.tensor(3.0),
+             "a.scale_input": torch.tensor(1.0), "scaled_fp8": torch.zeros(0),
+             "b.weight": weight.to(torch.float8_e4m3fn), "c.bias": torch.ones(2)}
+    out = dequantized(state)
+    assert set(out) == {"a.weight", "b.weight", "c.bias"} and out["a.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["a.weight"], (weight * 3).to(torch.bfloat16))
+    assert torch.equal(out["b.weight"].float(), weight)
+    assert out["c.bias"] is state["c.bias"]

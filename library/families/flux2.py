@@ -279,10 +279,10 @@ def _arch_of(denoiser) -> str:
 
 def dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint with float8 weights (ComfyUI's fp8 files; "fp8_scaled" ones with a scale_weight per weight)
-    in bfloat16, the scales applied; scale_input keys dropped. Other tensors as they are."""
+    in bfloat16, the scales applied; scale_input keys and the scaled_fp8 marker dropped. Other tensors as they are."""
     out = {}
     for key, value in state.items():
-        if key.endswith(("scale_weight", "scale_input")):
+        if key.endswith(("scale_weight", "scale_input", "scaled_fp8")):  # scaled_fp8: ComfyUI's marker tensor
             continue
         if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale = state.get(key.removesuffix("weight") + "scale_weight")
