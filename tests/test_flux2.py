@@ -456,3 +456,13 @@ def test_fp8_scaled_files_load_dequantized():
     assert torch.equal(out["a.weight"], (weight * 3).to(torch.bfloat16))
     assert torch.equal(out["b.weight"].float(), weight)
     assert out["c.bias"] is state["c.bias"]
+
+
+@pytest.mark.parametrize("arch, offered", [("flux2-klein-4b", True), ("flux2-klein-9b", True), ("flux2-dev", True),
+                                           ("sdxl", False)])
+def test_budget_search_offers_the_text_encoder_in_fp8(arch, offered):
+    """--vram_budget's "t5xxl_precision = fp8" step applies to FLUX.2's Qwen3 / Mistral encoder too."""
+    from library.planner.budget import _has_t5
+    from library.planner.step import StepSettings
+
+    assert _has_t5(StepSettings(recipe="network", family="flux2", arch=arch, width=64, height=64)) == offered
