@@ -164,7 +164,7 @@ def _arguments(argv):
     p.add_argument("--out", required=True, help="merged single file (.safetensors, original layout)")
     p.add_argument("--tokenizer", help="tokenizer folder, for single files (as model.tokenizer)")
     p.add_argument("--arch", help="shipped architecture name or folder, for single files (as model.arch)")
-    for name in ("vae", "clip_l", "clip_g", "t5xxl", "ae"):
+    for name in ("vae", "clip_l", "clip_g", "t5xxl", "ae", "text_encoder"):
         p.add_argument(f"--{name}", help=f"separate {name} file beside a single-file model (as model.{name})")
     p.add_argument("--precision", choices=("float", "fp16", "bf16"), default="float")
     a = p.parse_args(argv)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge error: {missing[0]}: no such adapter file", file=sys.stderr)
         return 2
     source = ModelSource(a.model, tokenizer=a.tokenizer, arch=a.arch, vae=a.vae, clip_l=a.clip_l,
-                         clip_g=a.clip_g, t5xxl=a.t5xxl, ae=a.ae)
+                         clip_g=a.clip_g, t5xxl=a.t5xxl, ae=a.ae, text_encoder=a.text_encoder)
     try:
         family = get_family("auto", a.model)
         parts = family.load(source)

@@ -4,6 +4,7 @@ import pytest
 
 import fake_device
 from test_flux import GOLDEN_FLUX, GOLDEN_FLUX_DB, flux_config, tiny_flux  # noqa: F401
+from test_flux2 import GOLDEN_FLUX2, GOLDEN_FLUX2_DB, flux2_config, tiny_flux2  # noqa: F401
 from test_sd3 import GOLDEN_SD3, sd3_config, tiny_sd3  # noqa: F401
 from test_sdxl import GOLDEN_SDXL, GOLDEN_SDXL_DB, sdxl_config  # noqa: F401
 from test_train_sd1 import GOLDEN
@@ -79,3 +80,13 @@ def test_golden_losses_flux_lora_and_full_fine_tune(flux_config, gpu):
                                              "learning_rate": 1e-4, "max_grad_norm": 0.0},
                                   dreambooth={"train_text_encoder": False}, train={"output_name": "db"}))
     assert _close(result.losses, GOLDEN_FLUX_DB) and _on_device(result)
+
+
+def test_golden_losses_flux2_lora_and_full_fine_tune(flux2_config, gpu):
+    """FLUX.2 klein on the test device: its golden losses, and the text encoder's stacked hidden states, the
+    patchified latents and the 4-axis position ids made where the transformer runs."""
+    assert _close(train_network(flux2_config()).losses, GOLDEN_FLUX2)
+    result = train_db(flux2_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
+                                              "learning_rate": 1e-4, "max_grad_norm": 0.0},
+                                   dreambooth={"train_text_encoder": False}, train={"output_name": "db"}))
+    assert _close(result.losses, GOLDEN_FLUX2_DB) and _on_device(result)

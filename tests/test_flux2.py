@@ -3,6 +3,8 @@ diffusers' converter, loading (folder, and the BFL transformer file with separat
 text recipe and the transformer's inputs against diffusers' Flux2KleinPipeline, golden losses of adapter and full
 fine-tune runs, an edit run whose loss follows its control images, the same losses with cached text outputs and
 with block swap, the adapter in diffusers with every key consumed."""
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -224,6 +226,23 @@ def test_golden_losses_lora(flux2_config):
         f"lora_unet_single_blocks_{i}_{layer}" for i in (0, 1) for layer in ("linear1", "linear2")}
 
 
+def test_lora_keys_are_the_ones_comfyui_maps(flux2_config, tiny_flux2):
+    """ComfyUI maps lora_unet_<name> onto diffusion_model.<name>.weight for every weight of its FLUX.2 model (BFL
+    names, `model_lora_keys_unet`): every layer of our file names such a weight, and up @ down has its shape."""
+    result = train_network(flux2_config(train={"max_train_steps": 1}))
+    from library.flux2_layout import transformer_to_file
+
+    base = Flux2Family().load(ModelSource(str(tiny_flux2["folder"]))).denoiser.state_dict()
+    bfl = {k.removesuffix(".weight"): v.shape for k, v in transformer_to_file(base).items() if k.endswith(".weight")}
+    comfy = {"lora_unet_" + name.replace(".", "_"): shape for name, shape in bfl.items()}
+    tensors = load_file(result.adapter_path)
+    layers = {k.split(".", 1)[0] for k in tensors}
+    assert layers <= set(comfy) and len(layers) == 20
+    for layer in layers:
+        up, down = tensors[f"{layer}.lora_up.weight"], tensors[f"{layer}.lora_down.weight"]
+        assert (up @ down).shape == comfy[layer], layer
+
+
 def test_cached_text_outputs_give_the_same_losses(flux2_config):
     plain = train_network(flux2_config(train={"max_train_steps": 2}))
     cached = train_network(flux2_config(train={"max_train_steps": 2, "cache_text_encoder_outputs": True},
@@ -364,3 +383,86 @@ def test_flux2_file_faults_exit_2_naming_the_key(model, said, tiny_flux2, tiny_d
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
     assert said in lines[0] and str(tiny_flux2["transformer"]) in lines[0]
+
+
+def test_planner_plans_flux2_with_its_text_encoder_in_fp8(tiny_flux2):
+    """The planner builds FLUX.2 from its configs (the tiny folder's), encodes with the chat-rendering tokenizer
+    stand-in, samples (the VAE decodes its own 32-channel latents), and t5xxl_precision = "fp8" halves the
+    Qwen3 encoder's Linear weights while it encodes (bf16 -> fp8 for every Linear but lm_head)."""
+    from library.config import NetworkSection
+    from library.planner.plan import plan
+    from library.planner.step import StepSettings
+
+    base = StepSettings(recipe="network", family="flux2", arch=str(tiny_flux2["folder"]), width=64, height=64,
+                        batch_size=2, mixed_precision="bf16", cache_latents=True, cache_text_encoder_outputs=True,
+                        train_text_encoder=False, sample=True, network=NetworkSection(network_dim=4, network_alpha=2.0))
+    bf16, fp8 = (plan(dataclasses.replace(base, t5xxl_precision=p), fake=False) for p in ("auto", "fp8"))
+    assert {"text", "step", "sample"} <= set(bf16.phases) and bf16.trainable == 13_568
+    encoder = Flux2Family().load(ModelSource(str(tiny_flux2["folder"]))).text_encoders["te"]
+    linear = sum(m.weight.numel() for n, m in encoder.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    # 2 bytes -> 1 byte for each Linear weight, less the bf16 copies the layer-by-layer casts hold at the peak
+    assert bf16.phases["text"].allocated - fp8.phases["text"].allocated >= linear // 2
+
+
+def test_a_diffusers_folder_save_reloads_the_same_model(tiny_flux2, tmp_path):
+    """save_model_as = "diffusers" (train_db.py writes family.pipeline(parts)): a single-file-loaded klein saved as
+    a folder loads back with the same transformer, VAE and text conditioning, as a Flux2KleinPipeline."""
+    family = Flux2Family()
+    parts = family.load(_single_file_source(tiny_flux2))
+    family.pipeline(parts).save_pretrained(str(tmp_path / "saved"))
+    assert get_family("auto", str(tmp_path / "saved")).name == "flux2"
+    back = family.load(ModelSource(str(tmp_path / "saved")))
+    for x, y in ((parts.denoiser, back.denoiser), (parts.vae, back.vae)):
+        sa, sb = x.state_dict(), y.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        assert torch.equal(family.encode_prompts(parts, ["a red dog"], 1)["prompt_embeds"],
+                           family.encode_prompts(back, ["a red dog"], 1)["prompt_embeds"])
+
+
+def test_merge_command_writes_a_flux2_file_with_the_adapter_in_it(flux2_config, tiny_flux2, tmp_path):
+    """python -m networks.merge on the FLUX.2 single files (--text_encoder, --ae): the merged BFL file reloads to the
+    transformer networks.merge makes in memory, which differs from the base."""
+    from networks import merge
+
+    result = train_network(flux2_config(train={"max_train_steps": 2}))
+    out = tmp_path / "merged.safetensors"
+    assert merge.main(["--model", str(tiny_flux2["transformer"]), "--text_encoder", str(tiny_flux2["text_encoder"]),
+                       "--ae", str(tiny_flux2["ae"]), "--arch", str(tiny_flux2["folder"]), "--tokenizer",
+                       str(tiny_flux2["folder"]), "--network", str(result.adapter_path), "--out", str(out)]) == 0
+    family = Flux2Family()
+    expected = family.load(ModelSource(str(tiny_flux2["folder"])))
+    base = {k: v.clone() for k, v in expected.denoiser.state_dict().items()}
+    merge.merge_lora({"denoiser": expected.denoiser}, family.adapter_targets(expected), str(result.adapter_path))
+    merged = family.load(_single_file_source({**tiny_flux2, "transformer": out})).denoiser.state_dict()
+    want = expected.denoiser.state_dict()
+    assert merged.keys() == want.keys() and all(torch.equal(merged[k], want[k]) for k in want)
+    assert not torch.equal(merged["transformer_blocks.0.attn.to_q.weight"],
+                           base["transformer_blocks.0.attn.to_q.weight"])
+
+
+def test_fp8_scaled_files_load_dequantized():
+    """ComfyUI's fp8 files: float8 weights (times their scale_weight in "fp8_scaled" files) read into bf16; the
+    scale_input keys and the scaled_fp8 marker are not weights."""
+    from library.families.flux2 import dequantized
+
+    weight = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    state = {"a.weight": weight.to(torch.float8_e4m3fn), "a.scale_weight": torch.tensor(3.0),
+             "a.scale_input": torch.tensor(1.0), "scaled_fp8": torch.zeros(0),
+             "b.weight": weight.to(torch.float8_e4m3fn), "c.bias": torch.ones(2)}
+    out = dequantized(state)
+    assert set(out) == {"a.weight", "b.weight", "c.bias"} and out["a.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["a.weight"], (weight * 3).to(torch.bfloat16))
+    assert torch.equal(out["b.weight"].float(), weight)
+    assert out["c.bias"] is state["c.bias"]
+
+
+@pytest.mark.parametrize("arch, offered", [("flux2-klein-4b", True), ("flux2-klein-9b", True), ("flux2-dev", True),
+                                           ("sdxl", False)])
+def test_budget_search_offers_the_text_encoder_in_fp8(arch, offered):
+    """--vram_budget's "t5xxl_precision = fp8" step applies to FLUX.2's Qwen3 / Mistral encoder too."""
+    from library.planner.budget import _has_t5
+    from library.planner.step import StepSettings
+
+    assert _has_t5(StepSettings(recipe="network", family="flux2", arch=arch, width=64, height=64)) == offered

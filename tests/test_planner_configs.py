@@ -30,6 +30,12 @@ def _model(name: str, **keys):
     ("/models/sd_xl_base_1.0.safetensors", "sdxl", "sdxl"),
     ("/models/v2-1_768-ema-pruned.safetensors", "sd1", "sd2"),
     ("runwayml/stable-diffusion-v1-5", "sd1", "sd15"),
+    ("/models/flux-2-klein-base-4b.safetensors", "flux2", "flux2-klein-4b"),
+    ("black-forest-labs/FLUX.2-klein-9B", "flux2", "flux2-klein-9b"),
+    ("/models/flux-2-klein-base-9b.safetensors", "flux2", "flux2-klein-9b"),
+    ("/models/flux2_dev_fp8mixed.safetensors", "flux2", "flux2-dev"),
+    ("black-forest-labs/FLUX.2-dev", "flux2", "flux2-dev"),
+    ("/models/Chroma1-HD.safetensors", "chroma", "chroma"),
 ])
 def test_known_names_pick_the_architecture_without_the_file(name, family, arch):
     assert resolve(_model(name)) == (family, arch)

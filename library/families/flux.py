@@ -23,8 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
                                    register)
 from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5,  # noqa: F401
-                                                latent_image_ids, load_ae, pack_latents, t5_keys, t5_max_length,
-                                                unpack_latents)
+                                                latent_image_ids, load_ae, pack_latents, reference_image, t5_keys,
+                                                t5_max_length, unpack_latents)
 from library.chroma_layout import APPROXIMATOR, is_chroma_key
 from library.flux2_layout import MARKER as FLUX2_MARKER, is_flux2_key
 from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
@@ -232,7 +232,7 @@ class FluxFamily(ModelFamily):
         if guidance is None:
             guidance = parts.source.guidance_scale if parts.source else 3.5
         generator = torch.Generator("cpu").manual_seed(seed)
-        reference = {} if control_image is None else {"image": _reference_image(control_image, width, height),
+        reference = {} if control_image is None else {"image": reference_image(control_image, width, height),
                                                       "_auto_resize": False}
         return pipe(prompt=prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
                     generator=generator, max_sequence_length=self.t5_max_length(parts), **reference).images[0]
@@ -261,14 +261,6 @@ def with_reference(tokens: torch.Tensor, ids: torch.Tensor, reference: torch.Ten
     reference_ids = latent_image_ids(rh, rw, ids.device)
     reference_ids[:, 0] = 1
     return torch.cat([tokens, pack_latents(reference)], dim=1), torch.cat([ids, reference_ids], dim=0)
-
-
-def _reference_image(path: str, width: int, height: int):
-    """The control image of a sample, upright and RGB, resized to the sample's size."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB").resize((width, height), Image.LANCZOS)
 
 
 def _arch_name(denoiser) -> str:

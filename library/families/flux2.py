@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
-from library.families.transformer_parts import assign_weights
+from library.families.transformer_parts import assign_weights, reference_image
 from library.flux2_layout import MARKER, file_to_transformer, is_flux2_key, kohya_layout, transformer_to_file
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -209,8 +209,6 @@ class Flux2Family(ModelFamily):
         guidance with guidance_scale and the negative prompt (not for the step-distilled klein); dev: the
         distilled guidance input `guidance` (--g, default model.guidance_scale). With a control image (--ci),
         the image at the sample's size is the reference."""
-        from library.families.flux import _reference_image
-
         pipe = self.pipeline(parts)
         pipe.set_progress_bar_config(disable=True)
         embeds = {"prompt_embeds": self.encode_prompts(parts, [prompt], clip_skip)["prompt_embeds"]}
@@ -219,7 +217,7 @@ class Flux2Family(ModelFamily):
         else:
             scale = guidance_scale
             embeds["negative_prompt_embeds"] = self.encode_prompts(parts, [negative_prompt], clip_skip)["prompt_embeds"]
-        reference = {} if control_image is None else {"image": _reference_image(control_image, width, height)}
+        reference = {} if control_image is None else {"image": reference_image(control_image, width, height)}
         return pipe(**embeds, **reference, width=width, height=height, num_inference_steps=steps,
                     guidance_scale=scale, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
@@ -283,10 +281,10 @@ def _arch_of(denoiser) -> str:
 
 def dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint with float8 weights (ComfyUI's fp8 files; "fp8_scaled" ones with a scale_weight per weight)
-    in bfloat16, the scales applied; scale_input keys dropped. Other tensors as they are."""
+    in bfloat16, the scales applied; scale_input keys and the scaled_fp8 marker dropped. Other tensors as they are."""
     out = {}
     for key, value in state.items():
-        if key.endswith(("scale_weight", "scale_input")):
+        if key.endswith(("scale_weight", "scale_input", "scaled_fp8")):  # scaled_fp8: ComfyUI's marker tensor
             continue
         if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             scale = state.get(key.removesuffix("weight") + "scale_weight")

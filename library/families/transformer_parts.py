@@ -110,3 +110,11 @@ def load_ae(path: str, arch) -> "AutoencoderKL":
         return AutoencoderKL.from_pretrained(path)
     return AutoencoderKL.from_single_file(read_checkpoint(path), config=str(arch), subfolder="vae",
                                           local_files_only=True)
+
+
+def reference_image(path: str, width: int, height: int):
+    """The control image of a sample (--ci, edit models), upright and RGB, resized to the sample's size."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB").resize((width, height), Image.LANCZOS)

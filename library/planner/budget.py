@@ -68,12 +68,16 @@ def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, 
 
 
 def _has_t5(s: StepSettings) -> bool:
+    """The architecture has a text encoder t5xxl_precision applies to (T5, or FLUX.2's language model)."""
     import json
 
     from library.loading import arch_dir
 
+    from library.quantization import LANGUAGE_MODELS  # FLUX.2's text encoders: t5xxl_precision stores them too
+
     configs = [p / "config.json" for p in arch_dir(s.arch).iterdir() if (p / "config.json").is_file()]
-    return any("T5EncoderModel" in json.loads(c.read_text()).get("architectures", []) for c in configs)
+    stored_smaller = ("T5EncoderModel", *LANGUAGE_MODELS)
+    return any(a in stored_smaller for c in configs for a in json.loads(c.read_text()).get("architectures", []))
 
 
 def _swap_counts(s: StepSettings, stride: int = 8) -> dict[int, int]:
