@@ -403,6 +403,16 @@ def test_edit_run_golden_losses_and_the_control_image_matters(qwen_config, tiny_
     assert again == pytest.approx(first, rel=1e-6)
 
 
+def test_cached_control_latents_give_the_same_edit_losses(qwen_config, tiny_data, tmp_path):
+    """Kontext's latent cache holds the control latents too (encoded with the VAE's mode: the same numbers)."""
+    control = _controls(tiny_data, tmp_path / "control", 1)
+    cfg = qwen_config(dataset={"control_directory": str(control)}, train={"max_train_steps": 2})
+    cfg.dataset.cache_latents_to_disk, cfg.dataset.cache_dir = True, str(tmp_path / "cache")
+    cached = train_network(cfg)
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) == 8
+    assert cached.losses == pytest.approx(GOLDEN_QWEN_EDIT[:2], rel=1e-5)
+
+
 @pytest.mark.parametrize("model, said", [
     ({}, "a Qwen-Image transformer file holds the transformer only; set model.text_encoder, model.vae to the "
          "separate files"),
