@@ -28,7 +28,7 @@ from library.loading import CheckpointError, SafetensorsHeader, pickle_problem, 
 
 MODEL_KEY = "model.pretrained_model_name_or_path"
 FILE_KEYS = (MODEL_KEY, "model.vae", "model.clip_l", "model.clip_g", "model.t5xxl", "model.ae",
-             "network.network_weights")
+             "model.text_encoder", "network.network_weights")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 FOLDER_MARKERS = ("model_index.json", "unet", "transformer")
 

@@ -413,6 +413,27 @@ def test_cached_control_latents_give_the_same_edit_losses(qwen_config, tiny_data
     assert cached.losses == pytest.approx(GOLDEN_QWEN_EDIT[:2], rel=1e-5)
 
 
+def test_a_damaged_text_encoder_file_is_named_before_loading(tiny_qwen, tiny_data, tmp_path, capsys):
+    import json
+
+    import train_network
+
+    damaged = tmp_path / "qwen_2.5_vl_7b.safetensors"
+    damaged.write_bytes(tiny_qwen["text_encoder"].read_bytes()[:5000])
+    values = {"pretrained_model_name_or_path": str(tiny_qwen["transformer"]), "text_encoder": str(damaged),
+              "vae": str(tiny_qwen["vae"])}
+    config = tmp_path / "qwen.toml"
+    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
+                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_network.main(["--config", str(config)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: {config}: 'model.text_encoder': ") and "truncated" in lines[0]
+
+
 @pytest.mark.parametrize("model, said", [
     ({}, "a Qwen-Image transformer file holds the transformer only; set model.text_encoder, model.vae to the "
          "separate files"),
