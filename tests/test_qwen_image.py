@@ -134,6 +134,18 @@ def test_edit_2511_files_carry_comfyui_marker(tmp_path):
     reloaded = family.load(_single_file_source({**files, "transformer": tmp_path / "2511.safetensors"}))
     assert reloaded.denoiser.config.zero_cond_t and is_edit(reloaded)
     assert_same_weights(parts, reloaded)
+    # the reference tokens are modulated at timestep zero: the same weights without zero_cond_t predict otherwise
+    g = torch.Generator().manual_seed(0)
+    latents, reference = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    plain_2509 = type(parts.denoiser).from_config({**parts.denoiser.config, "zero_cond_t": False})
+    plain_2509.load_state_dict(parts.denoiser.state_dict())
+    with torch.no_grad():
+        text = family.encode_prompts(parts, ["a red dog"], 1)
+        conditioning = {**text, "control_latents": reference}
+        ours = family.predict(parts, latents, torch.tensor([500.0]), conditioning)
+        other = family.predict(Components(**{**vars(parts), "denoiser": plain_2509}), latents, torch.tensor([500.0]),
+                               conditioning)
+    assert not torch.allclose(ours, other, atol=1e-4)
 
 
 def test_text_conditioning_is_qwen_image_pipeline(tiny_qwen):
