@@ -98,7 +98,7 @@ class QwenImageFamily:
             denoiser=QwenImageTransformer2DModel.from_pretrained(str(path), subfolder="transformer"), vae=vae,
             text_encoders={"te": text}, tokenizers={"te": _tokenizer(source.tokenizer or str(path))},
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler"),
-            extra={"edit": PIPELINES.get(read_json(path / "model_index.json").get("_class_name"), False)})
+            extra={"edit": _edit_pipeline(path)})
 
     def _load_single_file(self, source: ModelSource) -> Components:
         problem = self.single_file_problem({}, source)
@@ -109,21 +109,18 @@ class QwenImageFamily:
         arch = arch_dir(source.arch or ("qwen-image-edit-2511" if marked else "qwen-image"))
         denoiser = _empty_transformer(arch)
         assign_weights(denoiser, state, source.path)
-        index = arch / "model_index.json"
-        edit = index.is_file() and PIPELINES.get(read_json(index).get("_class_name"), False)
         return Components(denoiser=denoiser, vae=_load_vae(source.vae, arch),
                           text_encoders={"te": _load_text_model(source.text_encoder, arch)},
                           tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZER)},
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
                                                                                           subfolder="scheduler"),
-                          extra={"arch": str(arch), "edit": edit})
+                          extra={"arch": str(arch), "edit": _edit_pipeline(arch)})
 
     def planning_parts(self, arch: Path) -> Components:
         """The architecture's parts with random weights on the current (the planner's fake) device: the language
         model only (as load() reads it), captions planned at the most tokens the transformer gets."""
         from transformers import AutoConfig, Qwen2_5_VLTextModel
 
-        index = arch / "model_index.json"
         return Components(
             denoiser=QwenImageTransformer2DModel.from_config(QwenImageTransformer2DModel.load_config(
                 str(arch / "transformer"))),
@@ -132,7 +129,7 @@ class QwenImageFamily:
                 AutoConfig.from_pretrained(str(arch / "text_encoder")).text_config)},
             tokenizers={"te": _PlanningTokenizer()}, source=ModelSource(str(arch)),
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch), subfolder="scheduler"),
-            extra={"arch": str(arch), "edit": index.is_file() and PIPELINES.get(read_json(index).get("_class_name"))})
+            extra={"arch": str(arch), "edit": _edit_pipeline(arch)})
 
     # ---- what adapters train --------------------------------------------------------------
 
@@ -291,6 +288,12 @@ def _reference_pixels(path: str, width: int, height: int) -> torch.Tensor:
 def is_edit(parts: Components) -> bool:
     """An Edit model (its pipeline or shipped architecture says so; Edit-2511's transformer always is)."""
     return bool(parts.extra.get("edit")) or bool(parts.denoiser.config.zero_cond_t)
+
+
+def _edit_pipeline(folder: Path) -> bool:
+    """The folder's (or shipped architecture's) model_index.json names an Edit pipeline."""
+    index = folder / "model_index.json"
+    return index.is_file() and PIPELINES.get(read_json(index).get("_class_name"), False)
 
 
 def prefix_length(tokenizer, template: str) -> int:
