@@ -489,7 +489,8 @@ def test_known_names_plan_qwen_image(name, arch):
 
 def test_plan_of_the_tiny_architecture_sees_fp8_and_block_swap(tiny_qwen):
     """The planner runs the Qwen-Image step (the language model only, the planning tokenizer's 512 caption
-    tokens): fp8_base halves the frozen transformer's Linear weights; blocks_to_swap is planned."""
+    tokens, sampling with the 3D VAE's decode): fp8_base halves the frozen transformer's Linear weights;
+    blocks_to_swap is planned."""
     import dataclasses
 
     from library.config import NetworkSection
@@ -498,11 +499,11 @@ def test_plan_of_the_tiny_architecture_sees_fp8_and_block_swap(tiny_qwen):
 
     base = StepSettings(recipe="network", family="qwen_image", arch=str(tiny_qwen["folder"]), width=64, height=64,
                         mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
-                        cache_text_encoder_outputs=True, train_text_encoder=False,
+                        cache_text_encoder_outputs=True, train_text_encoder=False, sample=True,
                         network=NetworkSection(network_dim=4, network_alpha=4))
     plain, fp8, swapped = (plan(dataclasses.replace(base, **k)) for k in ({}, {"fp8_base": True},
                                                                          {"blocks_to_swap": 1}))
-    assert plain.breakdown["adapter weights"] > 0 and plain.text_peak > 0
+    assert plain.breakdown["adapter weights"] > 0 and plain.text_peak > 0 and "sample" in plain.phases
     assert fp8.breakdown["weights"] < 0.75 * plain.breakdown["weights"]
     # two blocks: the one running and the one prefetched are both on the card at the peak; the swap is planned
     assert swapped.breakdown["weights"] == plain.breakdown["weights"]

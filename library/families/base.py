@@ -143,6 +143,8 @@ class ModelFamily(Protocol):
 
     # Optional: families whose denoiser is a stack of transformer blocks (SD3, FLUX) also define
     #   swappable_blocks(parts) -> list[nn.Module]: the blocks in the order they run (blocks_to_swap).
+    # Families whose latents are not decoded by parts.vae.decode(latents) alone (Qwen-Image's 3D VAE,
+    # normalized latents) define decode_latents(parts, latents) -> images in [-1, 1] (B, 3, H, W).
 
 
 _REGISTRY: dict[str, ModelFamily] = {}

@@ -186,6 +186,13 @@ class QwenImageFamily:
         mean, std = _latent_stats(vae, latents)
         return (latents - mean) / std
 
+    def decode_latents(self, parts: Components, latents: torch.Tensor) -> torch.Tensor:
+        """encode_images' latents (B, 16, h, w) -> images in [-1, 1] (B, 3, H, W): denormalized, one frame of the
+        3D VAE, as the Qwen-Image pipelines decode."""
+        vae = parts.vae
+        mean, std = _latent_stats(vae, latents)
+        return vae.decode((latents * std + mean).to(vae.device, vae.dtype).unsqueeze(2)).sample[:, :, 0]
+
     def objective(self, parts: Components) -> FlowMatchObjective:
         """The velocity (noise - x_0) predicted as is (raw, as musubi-tuner trains Qwen-Image), timesteps drawn
         with Qwen-Image's resolution-dependent shift; the [loss] keys override both."""
@@ -232,9 +239,7 @@ class QwenImageFamily:
                 if negative is not None:
                     negative["control_latents"] = text["control_latents"]
             latents = _denoise(self, parts, latents, steps, text, negative, guidance_scale)
-            vae = parts.vae
-            mean, std = _latent_stats(vae, latents)
-            pixels = vae.decode((latents * std + mean).to(vae.device, vae.dtype).unsqueeze(2)).sample[:, :, 0]
+            pixels = self.decode_latents(parts, latents)
         return VaeImageProcessor(vae_scale_factor=16).postprocess(pixels.float().cpu(), output_type="pil")[0]
 
     def pipeline(self, parts: Components, scheduler=None):

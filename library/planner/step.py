@@ -340,7 +340,11 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
         del prediction
         if vae_away:
             tracker.arrive(_storages(parts.vae), "weights")
-        parts.vae.decode(noisy[:1].to(next(parts.vae.parameters()).dtype))
+        decode_input = noisy[:1].to(next(parts.vae.parameters()).dtype)
+        if hasattr(family, "decode_latents"):  # a VAE that takes more than a decode of the latents (Qwen-Image)
+            family.decode_latents(parts, decode_input)
+        else:
+            parts.vae.decode(decode_input)
         if vae_away:
             tracker.release(_storages(parts.vae))
 
