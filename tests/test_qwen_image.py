@@ -366,6 +366,18 @@ def test_samples_are_qwen_image_pipeline(tiny_qwen, tmp_path):
     assert not np.array_equal(first, sample(control=str(reference)))
 
 
+def test_samples_during_an_edit_run(qwen_config, tiny_data, tmp_path):
+    """Sampling between steps of an Edit run, with a reference image (--ci) and true CFG (--l)."""
+    control = _controls(tiny_data, tmp_path / "control", 1)
+    reference = sorted(control.iterdir())[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a red circle --n blurry --w 64 --h 64 --s 2 --l 4 --d 3 --ci {reference}\n")
+    result = train_network(qwen_config(dataset={"control_directory": str(control)}, train={"max_train_steps": 2},
+                                       sample={"sample_prompts": str(prompts), "sample_every_n_steps": 1}))
+    assert len(result.samples) == 2 and all(Image.open(p).size == (64, 64) for p in result.samples)  # steps 1, 2
+    assert result.losses == pytest.approx(GOLDEN_QWEN_EDIT[:2], rel=1e-5)  # sampling leaves training as it is
+
+
 # ---- Edit pairs --------------------------------------------------------------------------------
 
 
