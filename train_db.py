@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from library import cli
-from library.config import Config, write_resolved
-from library.model_files import check_files
-from library.outputs import claim_output_dir
+from library.config import Config
 
 
 @dataclass
@@ -32,58 +29,33 @@ class TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.quiet_libraries()
-    args = cli.parse_args(argv, __doc__)
-    cfg = cli.load_or_exit(args, recipe="db")
-    if args.plan or args.vram_budget:  # the memory planner instead of training
-        from library import planner
-
-        return planner.run(cfg, "db", args.vram_budget)
-    with cli.exit_on_user_error():
-        check_files(cfg)  # the model and adapter files can be read (headers only): the first second of the run
-        planned = cli.plan_data(cfg)  # every image and caption checked, before torch loads
-        train(cfg, planned)
-    return 0
+    return cli.recipe_main(argv, __doc__, "db", train)
 
 
 def train(cfg: Config, planned=None) -> TrainResult:
     """The run; `planned` is the data plan main() made before the heavy imports below (made here if None)."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
-    from library.block_swap import make_swapper, move
-    from library.checkpoint import Checkpointer, Position, resumed_seed
-    from library.devices import enable_tf32, refuse_unsupported
+    from library.checkpoint import Checkpointer, Position
     from library.model_files import check_model_files, load_model
-    from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
-    from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints,
-                                peak_memory_text, set_attention, weight_dtype)
+    from library.guards import NonFiniteGuard, StopSignal
+    from library.loop import Bookkeeping, resume_position, sample_renderer
+    from library.memory import peak_memory_text
     from library.objectives import configure
-    from library.optim import FusedBackward, build_optimizer, build_scheduler
+    from library.optim import build_scheduler
     from library.prior import ensure_class_images
     from library.progress import Progress
-    from library.quantization import store_t5
-    from library.sampling import due, log_images, render_samples, settings_from_config
+    from library.run import (OptimizerSettings, Switches, apply_switches, cache_and_place, make_optimizer, prepare,
+                             start, start_trackers, train_whole, whole_model_groups)
+    from library.sampling import settings_from_config
     from library.sd_flat import text_encoder_of_family
-    from library.training import average_gradients, batch_loss, cache_outputs, make_loader, prepare_data
+    from library.training import average_gradients, batch_loss, make_loader, prepare_data
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
     found = check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
     te_note = text_encoder_of_family(cfg, found and found.name)  # sd-scripts input: its script's text encoders
-    if t.seed is None:
-        t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
-    refuse_unsupported(cfg)  # before anything starts or loads
-    enable_tf32()
-    accelerator = Accelerator(mixed_precision=t.mixed_precision,
-                              gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              log_with=cfg.logging.log_with,
-                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
-    set_seed(t.seed)
-    say = Progress(0, enabled=accelerator.is_main_process).write
-    if accelerator.is_main_process:
-        lock = claim_output_dir(cfg)  # noqa: F841  (held until train() returns: no second run writes here)
-        write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
+    run = start(cfg)  # seed, refusals, the accelerator, the output folder claimed
+    accelerator, say = run.accelerator, run.say
 
     # ---- data: every image and caption is checked before any model loads ----------------------
     plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say, planned)
@@ -97,7 +69,6 @@ def train(cfg: Config, planned=None) -> TrainResult:
         say(te_note)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
-    modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
@@ -111,73 +82,45 @@ def train(cfg: Config, planned=None) -> TrainResult:
         plan, dataset, _, steps_per_epoch, max_steps = prepare_data(cfg, say)
 
     # ---- what trains ----------------------------------------------------------------------------
-    for module in modules:
-        module.requires_grad_(False)
-    parts.denoiser.requires_grad_(True)
-    text_encoders = list(parts.text_encoders.values()) if db.train_text_encoder else []
-    for encoder in text_encoders:
-        encoder.requires_grad_(True)
+    text_encoders = train_whole(parts, db.train_text_encoder)
+    trained = [parts.denoiser, *text_encoders]
 
     # ---- memory switches ------------------------------------------------------------------------
-    dtype = weight_dtype(t.mixed_precision)
-    cast_frozen_parts(parts, dtype, t.no_half_vae)  # frozen weights in half precision; trained ones fp32 ...
-    store_t5(parts, m.t5xxl_precision, dtype)  # fp8 / int8 T5 for encoding (model.t5xxl_precision)
-    if t.full_fp16 or t.full_bf16:  # ... unless everything trains in half precision
-        for module in [parts.denoiser, *text_encoders]:
-            module.to(dtype)
-    attention = set_attention(parts.denoiser, t.xformers, t.sdpa)
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(parts.denoiser, text_encoders)
-    if t.cpu_offload_checkpointing:
-        offload_checkpoints(parts.denoiser)
-    # N blocks' weights (and, once it exists, their optimizer state) live on the CPU between uses; the fused
-    # backward pass steps each weight while its block is on the device (library/block_swap.py)
-    swapper = make_swapper(family, parts, t.blocks_to_swap, accelerator.device, trained=True)
+    # frozen weights in half precision, trained ones fp32 unless full_fp16 / full_bf16; with block swap N blocks'
+    # weights (and their optimizer state) live on the CPU between uses, and the fused backward pass steps each
+    # weight while its block is on the device (library/block_swap.py)
+    trained_params = [p for module in trained for p in module.parameters()]
+    placed = apply_switches(family, parts, Switches.from_config(cfg), trained_params, text_encoders,
+                            accelerator.device, whole=True)
+    swapper = placed.swapper
     say(f"full fine-tune: {_count(parts.denoiser):,} denoiser parameters"
         f"{f' + {sum(_count(e) for e in text_encoders):,} text-encoder' if text_encoders else ''}; "
-        f"weights {dtype}, autocast {t.mixed_precision}; attention {attention}"
+        f"weights {placed.dtype}, autocast {t.mixed_precision}; attention {placed.attention}"
         + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
            if swapper else ""))
 
     # ---- caches ---------------------------------------------------------------------------------
     with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
-        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not text_encoders, accelerator.device,
-                                            say)
-    move(parts.denoiser, accelerator.device)  # now: the VAE pass of caching did not share the device with it
-
+        cached_conditioning = cache_and_place(cfg, family, parts, dataset, not text_encoders, accelerator.device,
+                                              say)
 
     # ---- optimizer ------------------------------------------------------------------------------
-    o = cfg.optimizer
-    groups = [{"params": list(parts.denoiser.parameters()), "lr": o.learning_rate}]
-    for index, encoder in enumerate(text_encoders):
-        te_lr = db.learning_rate_te2 if index == 1 and db.learning_rate_te2 is not None else db.learning_rate_te
-        groups.append({"params": list(encoder.parameters()), "lr": te_lr or o.learning_rate})
-    fused = o.fused_backward_pass or bool(o.fused_optimizer_groups)
+    o, chosen = cfg.optimizer, OptimizerSettings.from_config(cfg)
+    groups = whole_model_groups(parts.denoiser, text_encoders, o.learning_rate, db.learning_rate_te,
+                                db.learning_rate_te2)
+    optimizer, _ = make_optimizer(chosen, groups, swapper, accelerator.num_processes)
+    fused = chosen.fused
     if fused:
-        if accelerator.num_processes > 1:
-            raise SystemExit("fused backward pass steps inside backward, before gradients are averaged across "
-                             "processes: train on one GPU, or turn it off")
-        optimizer = FusedBackward(o.optimizer_type, groups, o.learning_rate, o.optimizer_args,
-                                  chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm)
-        if swapper:
-            swapper.optimizer_state = optimizer.state_of  # a swapped weight's state travels with it
         say(f"fused backward pass: {len(optimizer.optimizers)} optimizer steps inside backward"
             + (f"; max_grad_norm {o.max_grad_norm:g} applied per {'parameter' if o.fused_backward_pass else 'group'}"
                if o.max_grad_norm > 0 else ""))
-    else:
-        optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
                                 o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
-    trained = [parts.denoiser, *text_encoders]
-    if fused:  # modules stay bare (see average_gradients); a fused optimizer steps in backward, unprepared
-        loader = accelerator.prepare(loader)
-    else:
-        optimizer, loader = accelerator.prepare(optimizer, loader)
+    optimizer, loader = prepare(accelerator, optimizer, loader, fused, t.full_fp16)
     result = TrainResult(parts=parts, optimizer=optimizer, ema=ema)
-    if cfg.logging.log_with:
-        accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name)
+    start_trackers(accelerator, cfg)
 
     # ---- resume, and the training loop -----------------------------------------------------------
     noise_generator = torch.Generator().manual_seed(t.seed)
@@ -187,24 +130,15 @@ def train(cfg: Config, planned=None) -> TrainResult:
                          scheduler, {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
-    position = Position()
-    if cfg.save.resume:
-        position, extra = checkpoints.resume()
-        if ema is not None:
-            ema.load_state_dict(extra["ema"])
-        if position.epoch_order is not None:  # None: the data changed, a new epoch starts
-            order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
-        sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
+    position, extra = resume_position(cfg, checkpoints, order, sampler)
+    if ema is not None and cfg.save.resume:
+        ema.load_state_dict(extra["ema"])
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
-    def sample(step: int) -> None:
-        if sampling and accelerator.is_main_process:
-            paths = render_samples(family, parts, sampling, out_dir / "samples", f"{t.output_name}_step{step:08d}",
-                                   accelerator.device)
-            log_images(accelerator, paths, step)
-            result.samples += paths
-
+    sample = sample_renderer(family, parts, sampling, accelerator, out_dir / "samples", t.output_name,
+                             result.samples)
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
+    books = Bookkeeping(accelerator, checkpoints, progress, sampling, sample, max_steps)
     train_te = bool(text_encoders)
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
@@ -215,9 +149,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
             return result
     if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
         train_te = _stop_training(text_encoders, say, step)
-    if sampling and sampling.at_first and step == 0:
-        sample(0)
-    stop = StopSignal(say).__enter__()
+    books.at_start(step)
+    stop = books.stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
         epoch_order = order.get_state()
@@ -252,21 +185,11 @@ def train(cfg: Config, planned=None) -> TrainResult:
                 train_te = _stop_training(text_encoders, say, step)
             result.losses.append(sum(micro_losses) / len(micro_losses))
             micro_losses = []
-            lr = scheduler.get_last_lr()[0]
-            progress.update(step, result.losses[-1], lr)
-            accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
-            here = Position(step, epoch, batches_done, epoch_order)
-            checkpoints.after_step(here, max_steps)
-            if due(sampling, step) and step < max_steps:
-                sample(step)
-            if stop.requested:
-                checkpoints.save_stopped(here)
-                raise SystemExit(EXIT_STOPPED)
+            books.after_step(Position(step, epoch, batches_done, epoch_order), result.losses[-1],
+                             scheduler.get_last_lr()[0])
             if step >= max_steps:
                 break
-        checkpoints.after_epoch(Position(step, epoch, batches_done, epoch_order), max_steps)
-        if due(sampling, step, epoch_end=epoch) and step < max_steps:
-            sample(step)
+        books.after_epoch(Position(step, epoch, batches_done, epoch_order))
     stop.__exit__()
     elapsed = progress.close()
     if fused:

@@ -8,16 +8,13 @@ The whole run reads top to bottom: config -> data -> model -> adapters -> memory
 """
 from __future__ import annotations
 
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from library import cli
-from library.config import Config, write_resolved
-from library.model_files import check_files
-from library.outputs import claim_output_dir
+from library.config import Config
 
 
 @dataclass
@@ -36,62 +33,36 @@ class TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.quiet_libraries()
-    args = cli.parse_args(argv, __doc__)
-    cfg = cli.load_or_exit(args, recipe="network")
-    if args.plan or args.vram_budget:  # the memory planner instead of training
-        from library import planner
-
-        return planner.run(cfg, "network", args.vram_budget)
-    with cli.exit_on_user_error():
-        check_files(cfg)  # the model and adapter files can be read (headers only): the first second of the run
-        planned = cli.plan_data(cfg)  # every image and caption checked, before torch loads
-        train(cfg, planned)
-    return 0
+    return cli.recipe_main(argv, __doc__, "network", train)
 
 
 def train(cfg: Config, planned=None) -> TrainResult:
     """The run; `planned` is the data plan main() made before the heavy imports below (made here if None)."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
-    from library.block_swap import make_swapper, move
-    from library.checkpoint import Checkpointer, Position, resumed_seed
-    from library.devices import enable_tf32, refuse_unsupported
+    from library.checkpoint import Checkpointer, Position
     from library.evaluation import fixed_denoising_loss, validation_loss
     from library.model_files import check_model_files, load_model, loading_errors
-    from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
-    from library.memory import (allow_fp16_gradients, cast_frozen_parts, cast_trainable,
-                                enable_gradient_checkpointing, offload_checkpoints, peak_memory_text, set_attention,
-                                store_fp8_base, weight_dtype)
+    from library.guards import NonFiniteGuard, StopSignal
+    from library.loop import Bookkeeping, resume_position, sample_renderer
+    from library.memory import peak_memory_text
     from library.objectives import configure
-    from library.optim import build_optimizer, build_scheduler
+    from library.optim import build_scheduler
     from library.progress import Progress
-    from library.quantization import store_t5
-    from library.sampling import due, log_images, render_samples, settings_from_config
-    from library.training import (average_gradients, batch_loss, cache_outputs, check_partial_cache, held_out_set,
-                                  make_loader, prepare_data, validation_images, validation_seed)
-    from networks import blockwise, files, max_norm
+    from library.run import (OptimizerSettings, Switches, adapter_groups, add_adapters, apply_switches,
+                             cache_and_place, make_optimizer, prepare, start, start_trackers)
+    from library.sampling import settings_from_config
+    from library.training import (average_gradients, batch_loss, check_partial_cache, held_out_set, make_loader,
+                                  prepare_data, validation_images, validation_seed)
+    from networks import files, max_norm
     from networks.ema import AdapterEMA
     from networks.settings import NetworkSettings
-    from networks.targets import inject, set_adapters_enabled, trainable_parameter_count
+    from networks.targets import set_adapters_enabled, trainable_parameter_count
 
     t, out_dir = cfg.train, Path(cfg.train.output_dir)
     check_model_files(cfg)  # the model and adapter files, from their headers: before anything is written
-    if t.seed is None:
-        t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
-    refuse_unsupported(cfg)  # before anything starts or loads
-    enable_tf32()
-    accelerator = Accelerator(mixed_precision=t.mixed_precision,
-                              gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              log_with=cfg.logging.log_with,
-                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
-    set_seed(t.seed)
-    say = Progress(0, enabled=accelerator.is_main_process).write
-    if accelerator.is_main_process:
-        lock = claim_output_dir(cfg)  # noqa: F841  (held until train() returns: no second run writes here)
-        write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
+    run = start(cfg)  # seed, refusals, the accelerator, the output folder claimed
+    accelerator, say = run.accelerator, run.say
 
     # ---- data: every image and caption is checked before any model loads ----------------------
     plan, dataset, (width, height), steps_per_epoch, max_steps = prepare_data(cfg, say, planned)
@@ -103,19 +74,12 @@ def train(cfg: Config, planned=None) -> TrainResult:
     m = cfg.model
     family, parts = load_model(cfg)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
-    modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
-    for module in modules:
-        module.requires_grad_(False)
 
     # ---- adapters -------------------------------------------------------------------------------
     n = cfg.network
     settings = NetworkSettings.from_network_section(n)
-    wanted = {"denoiser": not n.network_train_text_encoder_only}
-    adapted = []
-    for target in family.adapter_targets(parts):
-        if wanted.get(target.component, not n.network_train_unet_only):
-            module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
-            adapted.append(inject(module, target, settings))
+    adapted = add_adapters(family, parts, settings, not n.network_train_text_encoder_only,
+                           not n.network_train_unet_only)
     if n.network_weights:
         with loading_errors(cfg):
             loaded = files.load_into(adapted, n.network_weights, family.file_metadata(parts))
@@ -127,20 +91,12 @@ def train(cfg: Config, planned=None) -> TrainResult:
         f"{f', conv_dim {settings.conv_dim}, conv_alpha {settings.conv_alpha:g}' if settings.conv_dim else ''})")
 
     # ---- memory switches ------------------------------------------------------------------------
-    dtype = weight_dtype(t.mixed_precision)
-    cast_frozen_parts(parts, dtype, t.no_half_vae)
-    store_t5(parts, m.t5xxl_precision, dtype)  # fp8 / int8 T5 for encoding (model.t5xxl_precision)
-    if t.full_fp16 or t.full_bf16:
-        cast_trainable([p for c in adapted for p in c.parameters()], dtype)
-    attention = set_attention(parts.denoiser, t.xformers, t.sdpa)
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(parts.denoiser, [c.module for c in adapted if c.module is not parts.denoiser])
-    if t.fp8_base:  # frozen denoiser weights in float8, computed in `dtype`; the adapters are left as they are
-        store_fp8_base(parts.denoiser, dtype)
-    if t.cpu_offload_checkpointing:
-        offload_checkpoints(parts.denoiser)
-    swapper = make_swapper(family, parts, t.blocks_to_swap, accelerator.device)  # frozen weights of N blocks
-    say(f"precision: weights {dtype}, autocast {t.mixed_precision}; attention {attention}; "
+    params = [p for c in adapted for p in c.parameters()]
+    placed = apply_switches(family, parts, Switches.from_config(cfg), params,
+                            [c.module for c in adapted if c.module is not parts.denoiser], accelerator.device,
+                            whole=False)
+    swapper = placed.swapper
+    say(f"precision: weights {placed.dtype}, autocast {t.mixed_precision}; attention {placed.attention}; "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
         + ("; fp8 base weights" if t.fp8_base else "") + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing
                                                          else "")
@@ -150,23 +106,18 @@ def train(cfg: Config, planned=None) -> TrainResult:
     # ---- caches ---------------------------------------------------------------------------------
     clip_skip = m.clip_skip
     with accelerator.main_process_first():  # disk caches: written once, by the main process; read by the rest
-        cached_conditioning = cache_outputs(cfg, family, parts, dataset, not train_te, accelerator.device, say,
-                                            held_out)
-    move(parts.denoiser, accelerator.device)  # now: the VAE pass of caching did not share the device with it
+        cached_conditioning = cache_and_place(cfg, family, parts, dataset, not train_te, accelerator.device, say,
+                                              held_out)
 
     # ---- optimizer ------------------------------------------------------------------------------
-    o = cfg.optimizer
-    groups = blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, o.learning_rate)
-    optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
+    o, chosen = cfg.optimizer, OptimizerSettings.from_config(cfg)
+    optimizer, _ = make_optimizer(chosen, adapter_groups(adapted, settings, n, o.learning_rate))
     scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
                                 o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
                                 o.lr_scheduler_args)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
-    optimizer, loader = accelerator.prepare(optimizer, loader)  # modules stay bare: see average_gradients
-    if t.full_fp16:
-        allow_fp16_gradients(accelerator)
-    params = [p for c in adapted for p in c.parameters()]
+    optimizer, loader = prepare(accelerator, optimizer, loader, chosen.fused, t.full_fp16)
 
     result = TrainResult(parts=parts, adapted=adapted, optimizer=optimizer)
     if cfg.logging.report_denoising_loss:
@@ -174,10 +125,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         result.base_loss = fixed_denoising_loss(family, parts, objective, dataset, clip_skip, t.seed,
                                                 cached=cached_conditioning)
         set_adapters_enabled(adapted, True)
-    if cfg.logging.log_with:
-        hparams = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
-                   for section, values in cfg.to_toml_dict().items() for key, value in values.items()}
-        accelerator.init_trackers((cfg.logging.log_prefix or "") + t.output_name, config=hparams)
+    start_trackers(accelerator, cfg)
 
     # ---- resume, and the training loop -----------------------------------------------------------
     if settings.use_ema or cfg.dreambooth.use_ema:  # network_args "use_ema=True", or the use_ema key
@@ -202,14 +150,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
                          {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"adapter_ema": ema.state_dict()} if ema is not None else {},
                          is_main=accelerator.is_main_process, say=say)
-    position = Position()
-    if cfg.save.resume:
-        position, extra = checkpoints.resume()
-        if ema is not None:
-            ema.load_state_dict(extra["adapter_ema"])
-        if position.epoch_order is not None:  # None: the data changed, a new epoch starts
-            order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
-        sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
+    position, extra = resume_position(cfg, checkpoints, order, sampler)
+    if ema is not None and cfg.save.resume:
+        ema.load_state_dict(extra["adapter_ema"])
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
     def validate(step: int) -> None:
@@ -223,15 +166,19 @@ def train(cfg: Config, planned=None) -> TrainResult:
         accelerator.log({"loss/validation": value}, step=step)
         say(f"validation loss at step {step}: {value:.5f}")
 
-    def sample(step: int) -> None:
-        if sampling and accelerator.is_main_process:
-            paths = render_samples(family, parts, sampling, out_dir / "samples", f"{t.output_name}_step{step:08d}",
-                                   accelerator.device)
-            log_images(accelerator, paths, step)
-            result.samples += paths
+    def validate_every_n_steps(step: int) -> None:
+        if held_out and t.validate_every_n_steps and step % t.validate_every_n_steps == 0:
+            validate(step)
 
+    def validate_every_n_epochs(step: int) -> None:
+        if held_out and epoch % (t.validate_every_n_epochs or 1) == 0:
+            validate(step)
+
+    sample = sample_renderer(family, parts, sampling, accelerator, out_dir / "samples", t.output_name,
+                             result.samples)
     started_at = time.time()
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
+    books = Bookkeeping(accelerator, checkpoints, progress, sampling, sample, max_steps)
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
     end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
@@ -239,9 +186,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
         epoch = position.epoch
         if end == "finished":
             return result
-    if sampling and sampling.at_first and step == 0:
-        sample(0)
-    stop = StopSignal(say).__enter__()
+    books.at_start(step)
+    stop = books.stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
         epoch_order = order.get_state()
@@ -277,25 +223,11 @@ def train(cfg: Config, planned=None) -> TrainResult:
                                 step=step)
             result.losses.append(sum(micro_losses) / len(micro_losses))
             micro_losses = []
-            lr = scheduler.get_last_lr()[0]
-            progress.update(step, result.losses[-1], lr)
-            accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
-            here = Position(step, epoch, batches_done, epoch_order)
-            checkpoints.after_step(here, max_steps)
-            if due(sampling, step) and step < max_steps:
-                sample(step)
-            if held_out and t.validate_every_n_steps and step % t.validate_every_n_steps == 0:
-                validate(step)
-            if stop.requested:
-                checkpoints.save_stopped(here)
-                raise SystemExit(EXIT_STOPPED)
+            books.after_step(Position(step, epoch, batches_done, epoch_order), result.losses[-1],
+                             scheduler.get_last_lr()[0], also=validate_every_n_steps)
             if step >= max_steps:
                 break
-        checkpoints.after_epoch(Position(step, epoch, batches_done, epoch_order), max_steps)
-        if held_out and epoch % (t.validate_every_n_epochs or 1) == 0:
-            validate(step)
-        if due(sampling, step, epoch_end=epoch) and step < max_steps:
-            sample(step)
+        books.after_epoch(Position(step, epoch, batches_done, epoch_order), also=validate_every_n_epochs)
     stop.__exit__()
     elapsed = progress.close()
 

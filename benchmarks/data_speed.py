@@ -79,7 +79,7 @@ def index_and_bucket(folder: Path) -> dict:
 
 
 def dataset_check(folder: Path) -> dict:
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
     from library.data.plan import plan_data
 
     cfg = config_from_dict({"model": {"pretrained_model_name_or_path": "-"}, "train": {"output_dir": "-"},
@@ -96,7 +96,7 @@ def cached_latents(folder: Path, count: int = 2000) -> dict:
     """Latents of SD1 at 512 px (4x64x64) on disk, read through the training DataLoader."""
     import torch
 
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
     from library.data.buckets import BucketBatchSampler
     from library.data.cache import LatentCacheSettings, cache_latents
     from library.data.plan import plan_data

@@ -62,9 +62,10 @@ TINY_SWITCHES = {  # (label, recipe, sections)
 
 
 class PhasePeaks:
-    """Peak allocated / reserved CUDA memory per phase of a run, measured by wrapping the recipe's phase
-    functions (caching: cache_outputs; sampling: render_samples; saving: Checkpointer.save); what is left is
-    training. Times are wall-clock seconds per phase."""
+    """Peak allocated / reserved CUDA memory per phase of a run, measured by wrapping the library functions of
+    its phases, which the recipes import when they run (caching: library.run.cache_and_place; sampling:
+    library.sampling.render_samples; saving: Checkpointer.save); what is left is training. Times are
+    wall-clock seconds per phase."""
 
     def __init__(self):
         self.peaks = {p: (0, 0) for p in PHASES}
@@ -90,12 +91,12 @@ class PhasePeaks:
         return wrapped
 
     @contextmanager
-    def watching(self, recipe_module):
-        from library import checkpoint
+    def watching(self):
+        from library import checkpoint, run, sampling
 
-        saved = (recipe_module.cache_outputs, recipe_module.render_samples, checkpoint.Checkpointer.save)
-        recipe_module.cache_outputs = self.wrap("caching", saved[0])
-        recipe_module.render_samples = self.wrap("sampling", saved[1])
+        saved = (run.cache_and_place, sampling.render_samples, checkpoint.Checkpointer.save)
+        run.cache_and_place = self.wrap("caching", saved[0])
+        sampling.render_samples = self.wrap("sampling", saved[1])
         checkpoint.Checkpointer.save = self.wrap("saving", saved[2])
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -104,7 +105,7 @@ class PhasePeaks:
             yield self
         finally:
             self._close("training", self._training_started)
-            recipe_module.cache_outputs, recipe_module.render_samples, checkpoint.Checkpointer.save = saved
+            run.cache_and_place, sampling.render_samples, checkpoint.Checkpointer.save = saved
 
 
 def run_once(cfg, recipe: str, planned: int | None = None) -> dict:
@@ -113,7 +114,7 @@ def run_once(cfg, recipe: str, planned: int | None = None) -> dict:
 
     module = train_network if recipe == "network" else train_db
     peaks = PhasePeaks()
-    with peaks.watching(module):
+    with peaks.watching():
         result = module.train(cfg)
     steps = len(result.losses)
     return {"peaks": peaks.peaks, "seconds": peaks.seconds, "steps": steps,
@@ -132,7 +133,7 @@ def planned_peak(cfg, recipe: str) -> int | None:
 
 def config(folder: Path, data: Path, out: Path, recipe: str, sections: dict, resolution: int = 64,
            steps: int = 4, prompts: Path | None = None):
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
 
     raw = {"model": {"pretrained_model_name_or_path": str(folder)},
            "dataset": {"train_data_dir": str(data), "resolution": resolution, "train_batch_size": 1},

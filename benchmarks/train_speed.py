@@ -33,7 +33,7 @@ def run_one(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import train_network
-    from library.config import load_config
+    from library.config_files import load_config
 
     cfg = load_config(config, [*overrides, f"train.max_train_steps={steps + warmup}", "save.overwrite=true",
                                "logging.report_denoising_loss=false", "train.output_dir=\"benchmarks/_out\""])

@@ -2,7 +2,7 @@
 (pinned when the device is CUDA) and come to the device just in time for their forward, and for the
 forward that backward re-runs under gradient checkpointing; they go back to the host after use.
 
-Which blocks (swapped_blocks): N as sd-scripts counts them (FLUX.1: N // 2 double- and (N - N // 2) * 2
+Which blocks (family.blocks_to_swap): N as sd-scripts counts them (FLUX.1: N // 2 double- and (N - N // 2) * 2
 single-stream blocks, families/flux.py; SD3: N joint blocks), each kind evenly spread, so that the copy of the
 next swapped block (a prefetch, on a side CUDA stream) overlaps with the compute of the blocks in between. On the CPU
 the copies are plain, synchronous, but still separate storages, so tests exercise the same mechanism.
@@ -204,21 +204,11 @@ def make_swapper(family, parts, count: int | None, device, trained: bool = False
     """The swapper for train.blocks_to_swap (None when 0 / unset)."""
     if not count:
         return None
-    if not hasattr(family, "swappable_blocks"):
+    if not family.swappable_blocks(parts):
         from library.config import ConfigError
 
         raise ConfigError(f"train.blocks_to_swap: the {family.name} family has no swappable blocks (SD3 / FLUX.1)")
-    blocks = swapped_blocks(family, parts, count)
+    blocks = family.blocks_to_swap(parts, count)
     swapper = BlockSwapper(blocks, len(blocks), device, trained, optimizer_state)
     parts.denoiser._block_swapper = swapper  # for move()
     return swapper
-
-
-def swapped_blocks(family, parts, count: int) -> list[nn.Module]:
-    """The blocks train.blocks_to_swap = count keeps on the host, in execution order: the family's own count
-    (FLUX.1: sd-scripts' meaning, families/flux.py) or `count` of its swappable blocks (SD3: joint blocks, as in
-    sd-scripts), evenly spread; all of them when count exceeds them."""
-    if hasattr(family, "blocks_to_swap"):
-        return family.blocks_to_swap(parts, count)
-    blocks = family.swappable_blocks(parts)
-    return [blocks[k] for k in spread(len(blocks), min(count, len(blocks)))]

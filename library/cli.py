@@ -10,7 +10,8 @@ import os
 import sys
 import warnings
 
-from library.config import Config, ConfigError, load_config
+from library.config import Config, ConfigError
+from library.config_files import load_config
 from library.config_checks import check_recipe
 
 EXIT_CONFIG_ERROR = 2
@@ -68,6 +69,25 @@ def exit_on_user_error():
             raise
         print(f"training stopped: {e}", file=sys.stderr)  # the loss diverged: the settings or data, not a bug
         raise SystemExit(EXIT_DATASET_ERROR) from None
+
+
+def recipe_main(argv: list[str] | None, description: str, recipe: str, train) -> int:
+    """A recipe's main(): the command line, the config (exit 2 on a problem), then either the memory planner
+    (--plan / --vram_budget) or the files' headers and the data plan checked before torch loads and
+    train(cfg, planned); a user's mistake anywhere is one line and exit 2 (config) or 3 (data)."""
+    quiet_libraries()
+    args = parse_args(argv, description)
+    cfg = load_or_exit(args, recipe=recipe)
+    with exit_on_user_error():
+        if args.plan or args.vram_budget:  # the memory planner instead of training
+            from library import planner
+
+            return planner.run(cfg, recipe, args.vram_budget)
+        from library.model_files import check_files
+
+        check_files(cfg)  # the model and adapter files can be read (headers only): the first second of the run
+        train(cfg, plan_data(cfg))  # every image and caption checked, before torch loads
+    return 0
 
 
 def plan_data(cfg: Config):

@@ -1,4 +1,6 @@
-"""The typed schema of a training TOML, strict loading, `--set` overrides and sd-scripts import.
+"""The typed schema of a training TOML, its strict checks of names and types, and `--set` overrides (reading
+files, sd-scripts input and the checks of combinations: library/config_files.py). Imports nothing of ours
+but sd-scripts' vocabulary (for "did you mean").
 
 A config file has sections ([model], [network], [dataset], [optimizer], [train], [save], [sample],
 [logging]); every key keeps the name sd-scripts uses for the same thing. Defaults live here and
@@ -14,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import toml
 
 
 class ConfigError(Exception):
@@ -51,7 +51,7 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "qwen_image"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image", "zimage"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -65,10 +65,12 @@ class ModelSection:
     clip_g: Optional[str] = opt(None, "SD3 single files: the CLIP-G text encoder file (.safetensors)", path="exists")
     t5xxl: Optional[str] = opt(None, "FLUX.1 / SD3 single files: the T5-XXL text encoder file (.safetensors)",
                                path="exists")
-    ae: Optional[str] = opt(None, "FLUX.1 single files: the autoencoder file (ae.safetensors)", path="exists")
+    ae: Optional[str] = opt(None, "FLUX.1 / Chroma / FLUX.2 / Z-Image single files: the autoencoder file "
+                            "(ae.safetensors)", path="exists")
     text_encoder: Optional[str] = opt(
-        None, "Qwen-Image single files: the Qwen2.5-VL text-encoder file (ComfyUI's qwen_2.5_vl_7b.safetensors)",
-        path="exists")
+        None, "FLUX.2 / Qwen-Image / Z-Image single files: the text encoder file (FLUX.2: Qwen3 for klein, "
+        "Mistral-Small-3 for dev; Qwen-Image: Qwen2.5-VL, ComfyUI's qwen_2.5_vl_7b.safetensors; Z-Image: Qwen3-4B, "
+        "ComfyUI's qwen_3_4b.safetensors) or a transformers folder", path="exists")
     max_token_length: Optional[int] = opt(
         None, "SD1 / SD2 / SDXL: tokens per caption: 75 (one CLIP window, the default), 150 or 225 (longer captions "
         "encoded in 75-token windows and joined, as sd-scripts does)", choices=(75, 150, 225))
@@ -76,10 +78,12 @@ class ModelSection:
         None, "T5 tokens per caption (default: 512 for FLUX.1-dev, 256 for schnell, 256 for SD3)")
     apply_t5_attn_mask: bool = opt(False, "mask T5 padding tokens in the encoder and in the denoiser's attention")
     t5xxl_precision: str = opt(
-        "auto", "T5-XXL weight storage while encoding captions: auto (the weights' dtype; 9.5 GB in bf16), "
+        "auto", "T5-XXL weight storage while encoding captions (FLUX.2: its Qwen3 / Mistral text encoder's): auto "
+        "(the weights' dtype; T5 9.5 GB in bf16), "
         "fp8 (float8, computed in the autocast dtype) or int8 (bitsandbytes LLM.int8): ~4.8 GB",
         choices=("auto", "fp8", "int8"))
-    guidance_scale: float = opt(3.5, "FLUX.1-dev: the distilled-guidance value the model is given in training")
+    guidance_scale: float = opt(3.5, "FLUX.1-dev / FLUX.2-dev: the distilled-guidance value the model is given in "
+                                     "training")
 
 
 @dataclass
@@ -166,8 +170,8 @@ class DatasetSection:
     vae_batch_size: int = opt(1, "images per VAE call when caching latents")
     cache_dir: Optional[str] = opt(None, "folder of the disk caches (default: output_dir/cache)")
     control_directory: Optional[str] = opt(
-        None, "edit pairs (FLUX.1 Kontext): folder of control (reference) images, one per training image with the "
-        "same file stem, each resized to its image's bucket (a dataset TOML sets it per subset)", path="dir")
+        None, "edit pairs (FLUX.1 Kontext, FLUX.2): folder of control (reference) images, one per training image with "
+        "the same file stem, each resized to its image's bucket (a dataset TOML sets it per subset)", path="dir")
     bad_data: str = opt("stop", "what the dataset check does with bad images and captions: stop with the "
                         "list, or skip them with a warning", choices=("stop", "skip"))
     check_decode: bool = opt(True, "the dataset check decodes every image fully (false: headers and file ends)")
@@ -415,25 +419,8 @@ def key_to_section() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Loading (reading files and checking combinations: library/config_files.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths: bool = True,
-                flags: dict | None = None) -> Config:
-    """Read a TOML file (ours or sd-scripts' flat one), put sd-scripts command-line `flags` on top (they win,
-    as in sd-scripts), apply `--set` overrides, validate. Without a file the flags are the whole config."""
-    raw, source = {}, "command line"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = tomllib.loads(read_text_file(path))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        source = str(path) + (" + command line" if flags else "")
-    return config_from_dict(raw, source=source, overrides=overrides, check_paths=check_paths, flags=flags)
 
 
 def read_text_file(path: Path) -> str:
@@ -447,50 +434,6 @@ def read_text_file(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}, in "
                           f"{data[max(0, e.start - 20):e.start]!r}...); save the file as UTF-8") from None
-
-
-def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] = (),
-                     check_paths: bool = True, flags: dict | None = None) -> Config:
-    sections, notes, given = _sections_of(raw, source, flags or {})
-    for item in overrides:
-        _apply_override(sections, item, source)
-    cfg = Config(**{name: _build_section(name, sections.get(name, {}), source) for name in SECTIONS},
-                 source=source, notes=notes, sd_scripts_keys=given)
-    from library.config_checks import check_combinations, check_paths as check_files  # they read this schema
-
-    if check_paths:
-        check_files(cfg)
-    check_combinations(cfg)
-    return cfg
-
-
-def _sections_of(raw: dict, source: str, flags: dict) -> tuple[dict[str, dict], list[str], frozenset | None]:
-    """Our sectioned layout, or a flat sd-scripts file mapped onto it; command-line flags on top. Also the
-    flat keys of sd-scripts input (Config.sd_scripts_keys; with a sectioned file, its command-line flags)."""
-    from library.sd_flat import default_notes, map_flat  # it maps onto this schema
-
-    tables = {k for k, v in raw.items() if isinstance(v, dict)}
-    if raw and tables == set(raw) and tables <= set(SECTIONS):
-        sections = {k: dict(v) for k, v in raw.items()}
-        if not flags:
-            return sections, [], None
-        mapped = map_flat(flags, source)
-        for name, values in mapped.sections.items():
-            sections.setdefault(name, {}).update(values)
-        return sections, mapped.notes, _set_keys(flags)
-    flat: dict[str, Any] = {}
-    for k, v in raw.items():
-        if isinstance(v, dict):
-            flat.update(v)  # sd-scripts ignores section names
-        else:
-            flat[k] = v
-    flat.update(flags)  # the command line wins, as in sd-scripts
-    mapped = map_flat(flat, source)
-    return mapped.sections, mapped.notes + default_notes(flat), _set_keys(flat)
-
-
-def _set_keys(flat: dict) -> frozenset:
-    return frozenset(k for k, v in flat.items() if v not in (False, None, "", [], 0))
 
 
 def did_you_mean(key: str) -> str:
@@ -632,25 +575,6 @@ def optimizer_kwargs(args: list[str], key: str = "optimizer_args") -> dict[str, 
             raise ConfigError(f"'optimizer.{key}': {arg!r}: the value must be a Python literal "
                               f"(a number, True/False, a quoted string, a tuple such as 0.9,0.99)") from None
     return out
-
-
-def write_resolved(cfg: Config, path: Path) -> None:
-    """The config as it was run (defaults filled in, seed drawn), in our sectioned layout. With a dataset TOML,
-    [dataset] records what its datasets use (resolution, batch size, buckets, shared subset keys)."""
-    values = cfg.to_toml_dict()
-    comments = [f"# resolved from {cfg.source}", f"# run_id = {cfg.run_id}"]
-    if cfg.dataset.dataset_config:
-        from library.data.dataset_config import layout_from_toml, used_values  # it reads this schema
-
-        used, differ = used_values(layout_from_toml(Path(cfg.dataset.dataset_config), cfg.dataset))
-        values["dataset"].update(used)
-        comments += [f"# [dataset] from {cfg.dataset.dataset_config}" + (": the first dataset / subset where they "
-                                                                        "differ" if differ else "")]
-        comments += [f"#   {line}" for line in differ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(comments) + "\n" + toml.dumps(values), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def options_markdown() -> str:

@@ -40,9 +40,10 @@ def set_attention(denoiser: nn.Module, xformers: bool, sdpa: bool) -> str:
     """xformers when asked (checked installed by the config), else PyTorch SDPA, else plain attention."""
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-    if not any(isinstance(m, Attention) for m in denoiser.modules()) or any(
-            _joint(m.processor) for m in denoiser.modules() if isinstance(m, Attention)):
-        return "sdpa (the model's own attention processors)"  # FLUX / SD3 / Qwen-Image (joint): already SDPA
+    processors = [m.processor for m in denoiser.modules() if isinstance(m, Attention)]
+    if not processors or any(_joint(p) or type(p).__module__ != AttnProcessor.__module__ for p in processors):
+        # FLUX / SD3 / Qwen-Image (joint attention), Z-Image (its model's own single-stream processor): already SDPA
+        return "sdpa (the model's own attention processors)"
     if xformers:
         denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"

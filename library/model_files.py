@@ -27,8 +27,8 @@ from library.config_checks import HUB_ID
 from library.loading import CheckpointError, SafetensorsHeader, pickle_problem, read_safetensors_header
 
 MODEL_KEY = "model.pretrained_model_name_or_path"
-FILE_KEYS = (MODEL_KEY, "model.vae", "model.clip_l", "model.clip_g", "model.t5xxl", "model.ae",
-             "model.text_encoder", "network.network_weights")
+FILE_KEYS = (MODEL_KEY, "model.vae", "model.clip_l", "model.clip_g", "model.t5xxl", "model.ae", "model.text_encoder",
+             "network.network_weights")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 FOLDER_MARKERS = ("model_index.json", "unet", "transformer")
 
@@ -68,6 +68,8 @@ def check_model_files(cfg: Config):
     headers = check_files(cfg)
     model = cfg.model.pretrained_model_name_or_path
     family = None if _is_hub_id(model) else _check_family(cfg, headers.get(MODEL_KEY))  # a hub id: once loaded
+    if family is not None:
+        _check_control_images(cfg, family)
     if headers.get("network.network_weights"):
         _check_network_weights(cfg, headers["network.network_weights"], family)
     return family
@@ -137,7 +139,7 @@ def _check_model_folder(cfg: Config, folder: str) -> None:
 def _check_family(cfg: Config, header: SafetensorsHeader | None):
     """The family that will load the model, after checking the model is one of its; None where only loading
     can tell (a pickle with family = "auto")."""
-    from library.families.base import get_family
+    from library.families import get_family
 
     path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
     if header is not None:
@@ -149,7 +151,7 @@ def _check_family(cfg: Config, header: SafetensorsHeader | None):
 
 def _check_folder_family(cfg: Config, path: str):
     """A diffusers folder: the families' claims() read its model_index.json and subfolders."""
-    from library.families.base import get_family, registered
+    from library.families import get_family, registered
 
     wanted = cfg.model.family
     claimed = [f.name for f in registered() if f.claims(path)]
@@ -170,7 +172,7 @@ def _check_folder_family(cfg: Config, path: str):
 def _check_file_family(cfg: Config, header: SafetensorsHeader):
     """A single file: the family its tensor names say, and whether that family can load it as the config
     names its parts (the family's single_file_problem: shapes, separate files)."""
-    from library.families.base import ModelSource, get_family, registered
+    from library.families import ModelSource, get_family, registered
 
     path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
     found = [f for f in registered() if f.recognises(header.tensors)]
@@ -187,6 +189,20 @@ def _check_file_family(cfg: Config, header: SafetensorsHeader):
     if problem:
         raise fail(cfg, MODEL_KEY, f"{path}: {problem}")
     return family
+
+
+def _check_control_images(cfg: Config, family) -> None:
+    """Control (reference) images only for a family that reads them (edit models); else one error naming the key."""
+    from library.data.dataset_config import read_layout
+
+    if family.takes_control_images:
+        return
+    where = [s.where for d in read_layout(cfg).datasets for s in d.subsets if s.control_dir is not None]
+    if where:
+        key = "dataset.control_directory" if cfg.dataset.control_directory else "dataset.dataset_config"
+        raise ConfigError(f"{cfg.source}: '{key}': control (reference) images train edit models (FLUX.1 Kontext, "
+                          f"FLUX.2, Qwen-Image-Edit); a {family.name} model takes none ({', '.join(where)}): "
+                          "remove control_directory")
 
 
 def _check_network_weights(cfg: Config, header: SafetensorsHeader, family) -> None:

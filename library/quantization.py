@@ -27,13 +27,24 @@ def is_t5(module: nn.Module) -> bool:
     return isinstance(module, T5EncoderModel)
 
 
+# the language models FLUX.2 encodes captions with (Qwen3 for klein, Mistral-Small-3 for dev): 8 to 24 billion
+# parameters, stored smaller the same way while they encode
+LANGUAGE_MODELS = ("Qwen3ForCausalLM", "Qwen3Model", "MistralModel", "Mistral3ForConditionalGeneration")
+
+
+def is_stored_smaller(module: nn.Module) -> bool:
+    """A text encoder model.t5xxl_precision applies to: T5, or one of the LANGUAGE_MODELS."""
+    return is_t5(module) or type(module).__name__ in LANGUAGE_MODELS
+
+
 def store_t5(parts, precision: str, compute_dtype: torch.dtype) -> list[str]:
-    """Apply `precision` to the frozen T5 encoders among parts.text_encoders; returns their names."""
+    """Apply `precision` to the frozen T5 encoders (and FLUX.2's language models) among parts.text_encoders;
+    returns their names."""
     from library.config import ConfigError
 
     if precision == "auto":
         return []
-    names = [name for name, encoder in parts.text_encoders.items() if is_t5(encoder)]
+    names = [name for name, encoder in parts.text_encoders.items() if is_stored_smaller(encoder)]
     if not names:
         raise ConfigError(f"model.t5xxl_precision = {precision!r}: this model has no T5 text encoder")
     for name in names:
@@ -54,8 +65,8 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype) -> None:
     from library.memory import store_fp8 as store
 
     compute = compute_dtype if compute_dtype != torch.float8_e4m3fn else torch.bfloat16
-    store(module, compute, skip=lambda _, layer: isinstance(layer, nn.Embedding),
-          what="t5xxl_precision fp8")
+    store(module, compute, skip=lambda name, layer: isinstance(layer, nn.Embedding) or name.endswith("lm_head"),
+          what="t5xxl_precision fp8")  # a language model's lm_head may share the embedding's weight: not read anyway
     for name, layer in module.named_modules():  # T5's MLP casts its input to wo's storage dtype: undo that
         if name.endswith("DenseReluDense.wo"):
             layer.register_forward_pre_hook(lambda _, args: (args[0].to(compute), *args[1:]))

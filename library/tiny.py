@@ -7,10 +7,13 @@ real checkpoint goes through.
     python -m library.tiny sd1 quickstart/tiny-sd1      # folder + quickstart/tiny-sd1.safetensors
     python -m library.tiny sdxl out/tiny-sdxl           # folder + out/tiny-sdxl.safetensors (SAI layout)
     python -m library.tiny sd3 out/tiny-sd3             # folder + SAI single files + separate clip_l/clip_g/t5xxl
-    python -m library.tiny flux-dev out/tiny-flux       # folder + BFL transformer + clip_l / t5xxl / ae files
+    python -m library.tiny flux-dev out/tiny-flux       # folder + BFL transformer + clip_l / t5xxl / ae files (= flux)
     python -m library.tiny flux-schnell out/tiny-schnell   # the same without the guidance input
     python -m library.tiny chroma out/tiny-chroma          # folder + Chroma transformer + t5xxl / ae files
+    python -m library.tiny flux2 out/tiny-flux2            # FLUX.2 klein: folder + BFL transformer + text_encoder / ae
+    python -m library.tiny flux2-dev out/tiny-flux2-dev    # FLUX.2 dev (Mistral3 text encoder, guidance input)
     python -m library.tiny qwen_image out/tiny-qwen        # folder + ComfyUI's transformer / text_encoder / vae files
+    python -m library.tiny zimage out/tiny-zimage          # folder + Z-Image transformer + text_encoder / ae files
     python -m library.tiny data quickstart/data         # 8 images with .txt captions
 """
 from __future__ import annotations
@@ -301,6 +304,199 @@ def save_tiny_chroma(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     return files
 
 
+QWEN_CHAT_TEMPLATE = (  # Qwen3's chat format, as Flux2KleinPipeline renders a prompt (enable_thinking=False)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+MISTRAL_CHAT_TEMPLATE = (  # Mistral-Small-3's chat format, as Flux2Pipeline renders a prompt (system, user turns)
+    "{{ bos_token }}{% for m in messages %}{% if m['content'] is string %}{% set text = m['content'] %}{% else %}"
+    "{% set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% endif %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}"
+    "[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def _byte_bpe():
+    """A byte-level BPE `tokenizers` model over the byte alphabet, without merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(_byte_alphabet())}, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def tiny_qwen_tokenizer():
+    """A real Qwen2TokenizerFast (Qwen3's tokenizer class) over the byte alphabet with no merges, Qwen's special
+    tokens (<|endoftext|> pads, <|im_start|> / <|im_end|> frame the chat turns) and a chat template of Qwen3's
+    format; built with `tokenizers`, no download."""
+    from transformers import Qwen2TokenizerFast
+
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=_byte_bpe(), unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen3_tokenizer(merges_words=("the", "dog", "photo", "red", "blue")):
+    """A real Qwen2 tokenizer (byte-level BPE, as Qwen3's) over the byte alphabet and a few merges, with Qwen's
+    special tokens (<|endoftext|> pads, <|im_start|> / <|im_end|> frame chat turns) and a chat template that
+    renders one user turn as Qwen3's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    merges = []
+    for word in merges_words:
+        piece = word[0]
+        for ch in word[1:]:
+            merges.append((piece, ch))
+            piece += ch
+            vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, bos_token=None, unk_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   model_max_length=512)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_mistral_tokenizer():
+    """A byte-level tokenizer with Mistral-Small-3's special tokens ([SYSTEM_PROMPT], [INST], ... and [IMG], the
+    image token of the vision tower) and a chat template of its format."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_bpe(), bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]",
+                                                                "[/INST]", "[IMG]"]})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_flux2_text_encoder(tokenizer, width: int, dev: bool):
+    """klein: a Qwen3ForCausalLM of 28 layers (its hidden states 9, 18, 27 are read); dev: a
+    Mistral3ForConditionalGeneration (Mistral language model of 31 layers: 10, 20, 30 are read; a one-layer Pixtral
+    vision tower)."""
+    from transformers import (MistralConfig, Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig,
+                              Qwen3Config, Qwen3ForCausalLM)
+
+    shape = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=32, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    if not dev:
+        return Qwen3ForCausalLM(Qwen3Config(num_hidden_layers=28, tie_word_embeddings=True, **shape))
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=8, image_size=28, patch_size=14)
+    return Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=MistralConfig(num_hidden_layers=31, **shape), vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2))
+
+
+def build_tiny_flux2(seed: int = 0, dev: bool = False):
+    """The parts of a tiny FLUX.2-architecture pipeline: a Flux2Transformer2DModel with 2 double and 2 single
+    blocks (128 input channels: the 32-channel latents patchified 2x2; four RoPE axes; the guidance input for dev,
+    none for klein), the 4-level 32-channel AutoencoderKLFlux2 with its latent batch-norm statistics (seeded, not the
+    identity), and the text encoder with its tokenizer (klein: Qwen3; dev: Mistral-Small-3-style Mistral3): the
+    transformer's text width is 3x the encoder's, three hidden states stacked."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    tokenizer = tiny_mistral_tokenizer() if dev else tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    width = 16
+    transformer = Flux2Transformer2DModel(
+        in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * width, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=dev)
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=32,
+                             norm_num_groups=32, sample_size=64)
+    vae.bn.running_mean.copy_(torch.randn(128) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(128) + 0.5)
+    text_encoder = _tiny_flux2_text_encoder(tokenizer, width, dev)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_flux2(folder: str | Path, seed: int = 0, dev: bool = False) -> dict[str, Path]:
+    """Write `folder` (diffusers layout: Flux2KleinPipeline, or Flux2Pipeline for dev) and the files users have:
+    `folder`.safetensors (the BFL transformer, library.flux2_layout), `folder`-text_encoder.safetensors (the
+    language model alone, as ComfyUI's text_encoders/ files: no lm_head, no vision tower) and `folder`-ae.safetensors
+    (the VAE in the original layout, with its bn. statistics)."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+    from safetensors.torch import save_file
+
+    from library.flux2_layout import transformer_to_file
+    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
+
+    folder = Path(folder)
+    parts = build_tiny_flux2(seed, dev)
+    (Flux2Pipeline if dev else Flux2KleinPipeline)(**parts).save_pretrained(str(folder))
+    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
+    vae_state = parts["vae"].state_dict()
+    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm({k: v for k, v in vae_state.items()
+                                                         if not k.startswith("bn.")}).items()}
+    ae.update({k: v for k, v in vae_state.items() if k.startswith("bn.")})
+    text = {k: v for k, v in parts["text_encoder"].state_dict().items()
+            if not k.startswith(("lm_head.", "model.vision_tower.", "model.multi_modal_projector."))}
+    for name, state in (("transformer", transformer_to_file(parts["transformer"].state_dict())),
+                        ("text_encoder", text), ("ae", ae)):
+        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        files[name] = path
+    return files
+
+
+def build_tiny_zimage(seed: int = 0):
+    """The parts of a tiny Z-Image-architecture pipeline: a ZImageTransformer2DModel with 2 main layers and one
+    noise / one context refiner (2x2 patches of 16-channel latents, RoPE axes summing to the head dim), FLUX.1's
+    tiny 16-channel VAE (Z-Image uses FLUX.1's autoencoder), a 3-layer Qwen3 text encoder (grouped-query attention,
+    q/k norms) whose width is the transformer's caption width, and its tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    flux = build_tiny_flux(seed, guidance=False)
+    tokenizer = tiny_qwen3_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_width = 32
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=text_width, axes_dims=[8, 12, 12], axes_lens=[1024, 64, 64])
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return dict(transformer=transformer, vae=flux["vae"], text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=scheduler)
+
+
+def save_tiny_zimage(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write `folder` (diffusers layout) and ComfyUI's split files: `folder`.safetensors (the transformer in the
+    original layout, library.zimage_layout), `folder`-text_encoder.safetensors (Qwen3 as ComfyUI's
+    qwen_3_4b.safetensors: transformers' causal-LM names, `model.` prefix) and `folder`-ae.safetensors."""
+    from diffusers import ZImagePipeline
+    from safetensors.torch import save_file
+
+    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
+    from library.zimage_layout import transformer_to_original
+
+    folder = Path(folder)
+    parts = build_tiny_zimage(seed)
+    ZImagePipeline(**parts).save_pretrained(str(folder))
+    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
+    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm(parts["vae"].state_dict()).items()}
+    qwen = {"model." + k: v for k, v in parts["text_encoder"].state_dict().items()}
+    for name, state in (("transformer", transformer_to_original(parts["transformer"].state_dict())),
+                        ("text_encoder", qwen), ("ae", ae)):
+        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        files[name] = path
+    return files
+
+
 def build_tiny_sd3(seed: int = 0):
     """The parts of a tiny SD3-architecture pipeline: an SD3Transformer2DModel with 2 joint blocks (the first with
     SD3.5-medium's second image attention, q/k RMS norm as SD3.5, the last one's context stream pre-only), the
@@ -381,8 +577,8 @@ QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_
                        "<|image_pad|>", "<|video_pad|>")
 
 
-def tiny_qwen_tokenizer(words=("the", "photo", "of", "a", "dog", "red", "blue", "green", "yellow", "circle",
-                               "square", "image", "Describe", "system", "user", "assistant")):
+def tiny_qwen25vl_tokenizer(words=("the", "photo", "of", "a", "dog", "red", "blue", "green", "yellow", "circle",
+                            "square", "image", "Describe", "system", "user", "assistant")):
     """A real Qwen2TokenizerFast (byte-level BPE with Qwen2's pre-tokenizer) over a tiny vocabulary: the byte
     alphabet, merges of a few words (with and without their leading space), and Qwen2.5-VL's chat and vision
     special tokens (padding with <|endoftext|>, as Qwen2.5-VL's tokenizer)."""
@@ -437,7 +633,7 @@ def build_tiny_qwen_image(seed: int = 0, edit_2511: bool = False):
 
     from library.loading import read_json
 
-    tokenizer = tiny_qwen_tokenizer()
+    tokenizer = tiny_qwen25vl_tokenizer()
     torch.manual_seed(seed)
     text_encoder = tiny_qwen_vl(tokenizer)
     transformer = QwenImageTransformer2DModel(
@@ -494,10 +690,14 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
     return folder
 
 
+# what `python -m library.tiny` builds: every family by its name (sd2 and the FLUX.1 variants too), and the data
+WHAT = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-dev", "flux-schnell", "chroma", "flux2", "flux2-dev", "qwen_image",
+        "zimage", "data")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "chroma",
-                                         "qwen_image", "data"))
+    parser.add_argument("what", choices=WHAT)
     parser.add_argument("out")
     args = parser.parse_args(argv)
     if args.what in ("sd1", "sd2"):
@@ -508,10 +708,14 @@ def main(argv=None) -> None:
         written = tuple(save_tiny_sd3(args.out).values())
     elif args.what == "chroma":
         written = tuple(save_tiny_chroma(args.out).values())
+    elif args.what.startswith("flux2"):
+        written = tuple(save_tiny_flux2(args.out, dev=args.what == "flux2-dev").values())
     elif args.what == "qwen_image":
         written = tuple(save_tiny_qwen_image(args.out).values())
+    elif args.what == "zimage":
+        written = tuple(save_tiny_zimage(args.out).values())
     elif args.what.startswith("flux"):
-        written = tuple(save_tiny_flux(args.out, guidance=args.what == "flux-dev").values())
+        written = tuple(save_tiny_flux(args.out, guidance=args.what != "flux-schnell").values())
     else:
         written = (make_dataset(args.out),)
     print("wrote " + ", ".join(str(p) for p in written))

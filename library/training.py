@@ -76,7 +76,7 @@ def _latent_means(latents: torch.Tensor, shape: tuple, mine: slice) -> torch.Ten
     return means
 
 
-# ---- what both recipes do around the step: data, caches, loader --------------------------------
+# ---- what both recipes do around the step: data, loader --------------------------------
 
 
 def prepare_data(cfg, say, planned=None):
@@ -142,41 +142,6 @@ def make_loader(cfg, plan, dataset):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=order,
                                          num_workers=cfg.dataset.max_data_loader_n_workers)
     return loader, sampler, order
-
-
-def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
-    """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
-    `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the
-    device one at a time while captions are encoded (library/offload.py), the others come to stay. The
-    denoiser is not on the device yet. With trained text encoders, only the family's cached_apart encoder
-    (FLUX.1 / SD3: T5) is cached, as sd-scripts does. Returns the cached conditioning or None."""
-    from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
-    from library.offload import OneAtATime
-
-    d, t = cfg.dataset, cfg.train
-    latents_cached = d.cache_latents or d.cache_latents_to_disk
-    parts.vae.to(device)
-    if latents_cached:
-        for images in [dataset] + ([held_out] if held_out else []):  # held_out: the validation images
-            cache_latents(family, parts, images, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
-                                                                     d.vae_batch_size, t.seed), say)
-        parts.vae.to("cpu")  # sampling brings it back when it needs it
-    conditioning, cached = None, []
-    if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
-        apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
-        cached = [apart] if apart else list(parts.text_encoders)
-        with OneAtATime([parts.text_encoders[name] for name in cached], device):
-            captions = sorted({*dataset.captions, *(held_out.captions if held_out else [])})
-            conditioning = cache_text_outputs(family, parts, captions, cfg.model.clip_skip, cache_folder(cfg)
-                                              if t.cache_text_encoder_outputs_to_disk else None, say, device,
-                                              apart=apart)
-    for name, encoder in parts.text_encoders.items():
-        if name not in cached:
-            encoder.to(device)
-    kept = (["vae"] if latents_cached else []) + cached
-    if kept:
-        say(f"kept on the CPU while training (outputs cached): {', '.join(kept)}")
-    return conditioning
 
 
 def average_gradients(params: list, accelerator) -> None:

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = files.SAVE_DTYPES[a.precision]
     metadata = {"merged_from": json.dumps([a.model, *a.network]), "merge_ratios": json.dumps(ratios)}
     _write(Path(a.out), family.single_file_state_dict(parts), dtype, metadata)
-    separate = family.separate_files(parts) if hasattr(family, "separate_files") else {}
+    separate = family.separate_files(parts)
     for component, (name, state) in separate.items():
         if component in touched:  # the single file leaves this encoder out: its merged weights beside it
             _write(Path(a.out).with_name(f"{Path(a.out).stem}_{name}.safetensors"), state, dtype, metadata)

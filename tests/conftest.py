@@ -52,7 +52,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_config(tiny_sd1, tiny_data, tmp_path):
     """A validated Config for a short seeded run on the tiny model; `sections` override the defaults."""
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
 
     def make(**sections):
         raw = {

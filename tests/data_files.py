@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from library.config import config_from_dict
+from library.config_files import config_from_dict
 
 _TINT = itertools.count(1)  # every generated image differs (no accidental duplicates)
 

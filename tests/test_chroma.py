@@ -159,7 +159,7 @@ def test_golden_losses_lora(chroma_config):
 
 
 def test_sd_scripts_model_type_selects_chroma(tmp_path, tiny_chroma, tiny_data):
-    from library.config import load_config
+    from library.config_files import load_config
 
     path = tmp_path / "flat.toml"
     path.write_text(f'pretrained_model_name_or_path = "{tiny_chroma["folder"].as_posix()}"\nmodel_type = "chroma"\n'

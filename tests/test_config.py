@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 
-from library.config import ConfigError, config_from_dict, load_config
+from library.config import ConfigError
+from library.config_files import config_from_dict, load_config
 
 from conftest import ROOT
 

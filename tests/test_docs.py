@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from library.config import load_config, options_markdown
+from library.config import options_markdown
+from library.config_files import load_config
 
 from conftest import ROOT
 

@@ -142,7 +142,7 @@ def test_flow_keys_refused_for_ddpm_families():
 
 
 def test_flow_keys_in_config_files(tmp_path):
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
 
     cfg = config_from_dict({"model": {"pretrained_model_name_or_path": "x/y", "t5xxl_max_token_length": 256},
                             "dataset": {"train_data_dir": str(tmp_path)}, "train": {"output_dir": str(tmp_path)},

@@ -157,3 +157,26 @@ def test_samples_take_a_reference_image(tiny_kontext, tmp_path):
 
     with pytest.raises(PromptFileError, match="prompts.txt:2: control image .*missing.png not found"):
         parse_line(f"a dog --ci {tmp_path / 'missing.png'}", "prompts.txt:2")
+
+
+def test_control_images_on_a_family_without_edit_training_are_one_config_error(tiny_sd1, tiny_data, tmp_path, capsys):
+    """SD1 cannot read reference images: control_directory is refused before any model loads (exit 2, one line)."""
+    import json
+
+    import train_network
+
+    control = _controls(tiny_data, tmp_path / "control", 1)
+    config = tmp_path / "sd1.toml"
+    config.write_text(f"[model]\npretrained_model_name_or_path = {json.dumps(str(tiny_sd1[0]))}\n"
+                      f"[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
+                      f"control_directory = {json.dumps(str(control))}\n"
+                      f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_network.main(["--config", str(config)])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: {config}: 'dataset.control_directory': control (reference) images "
+                               f"train edit models (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit); a sd1 model takes none")
+    assert "Loading" not in captured.err + captured.out and not (tmp_path / "out" / "lora.safetensors").exists()

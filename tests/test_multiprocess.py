@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 RANK_RUN = """
 import sys, torch
 from accelerate import PartialState
-from library.config import load_config
+from library.config_files import load_config
 from networks import files
 import train_network
 cfg = load_config(sys.argv[1])

@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from library.config import ConfigError, config_from_dict
+from library.config import ConfigError
+from library.config_files import config_from_dict
 from library.families.base import ModelSource
 from library.families.sd1 import SD1Family
 from networks import blockwise, files, max_norm

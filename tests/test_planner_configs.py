@@ -70,7 +70,9 @@ def test_plan_needs_no_files_and_no_xformers(tmp_path, capsys):
 def test_plan_of_an_unknown_missing_model_exits_2(tmp_path, capsys):
     path = _flat_config(tmp_path, pretrained_model_name_or_path=str(tmp_path / "missing" / "my_model.safetensors"),
                         clip_l=str(tmp_path / "missing" / "clip_l.safetensors"))
-    assert train_network.main(["--config", str(path), "--plan"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # as every user error of a recipe's main() (cli.recipe_main)
+        train_network.main(["--config", str(path), "--plan"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "model.arch" in err and "flux-dev" in err and "sd15" in err
 
@@ -81,7 +83,6 @@ def test_flux_blocks_to_swap_counts_as_sd_scripts(count):
     (count - count // 2) * 2 single blocks; here more than the model has swaps all of them."""
     from diffusers import FluxTransformer2DModel
 
-    from library.block_swap import swapped_blocks
     from library.families import get_family
     from library.loading import arch_dir
 
@@ -89,7 +90,7 @@ def test_flux_blocks_to_swap_counts_as_sd_scripts(count):
         denoiser = FluxTransformer2DModel.from_config(
             FluxTransformer2DModel.load_config(str(arch_dir("flux-dev")), subfolder="transformer"))
     parts = types.SimpleNamespace(denoiser=denoiser)
-    chosen = swapped_blocks(get_family("flux", ""), parts, count)
+    chosen = get_family("flux", "").blocks_to_swap(parts, count)
     doubles = [b for b in chosen if b in set(denoiser.transformer_blocks)]
     singles = [b for b in chosen if b in set(denoiser.single_transformer_blocks)]
     assert len(doubles) == min(count // 2, 19)

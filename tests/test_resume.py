@@ -167,7 +167,7 @@ def test_kill_9_during_a_save_leaves_only_good_files_and_resumes(tmp_path, tiny_
     import time
 
     from library.checkpoint import check_resumable
-    from library.config import load_config
+    from library.config_files import load_config
 
     config, out = _db_toml(tmp_path, tiny_sd1, tiny_data, 8, save_every_n_steps=1)
     proc = _launch(SLOW_SAVE, "--config", config)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from library.config import ConfigError, config_from_dict, key_to_section, load_config, optimizer_kwargs
+from library.config import ConfigError, key_to_section, optimizer_kwargs
+from library.config_files import config_from_dict, load_config
 from library.sd_args import parse
 from library.sd_vocab import VOCAB
 
@@ -238,7 +239,7 @@ def test_file_metadata_as_sd_scripts_writes_it(paths):
 def test_resolved_config_records_what_the_dataset_toml_sets(tmp_path, paths):
     import tomllib
 
-    from library.config import write_resolved
+    from library.config_files import write_resolved
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -307,7 +308,7 @@ def test_long_captions_in_75_token_windows(tiny_sd1):
 def test_long_captions_train_sdxl_two_steps(tiny_sdxl, tiny_data, tmp_path):
     import math
 
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
     from train_network import train
 
     cfg = config_from_dict({"model": {"pretrained_model_name_or_path": str(tiny_sdxl[0]), "max_token_length": 225},

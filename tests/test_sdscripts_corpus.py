@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from library.config import ConfigError, load_config
+from library.config import ConfigError
+from library.config_files import load_config
 from library.config_checks import check_recipe
 from library.sd_args import parse
 

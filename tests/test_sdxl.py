@@ -178,7 +178,7 @@ def test_golden_losses_full_fine_tune_fused_adafactor(sdxl_config, tiny_sdxl):
 def test_sd_scripts_config_trains_the_text_encoders_as_sdxl_train(tiny_sdxl, tiny_data, tmp_path, capsys, asked):
     """A flat sd-scripts config (no key telling its script) on an SDXL model: sdxl_train trains the text
     encoders only with train_text_encoder = true; the resolved config records what the run did."""
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
 
     flat = {"pretrained_model_name_or_path": str(tiny_sdxl[0]), "train_data_dir": str(tiny_data),
             "output_dir": str(tmp_path / "out"), "output_name": "db", "resolution": 64, "train_batch_size": 2,

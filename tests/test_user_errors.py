@@ -104,7 +104,7 @@ def test_config_values_are_one_line_before_loading(fault, recipe, tiny_sd1, tiny
 
 
 def test_config_file_with_a_bom_or_in_utf16_reads(tiny_sd1, tiny_data, tmp_path):
-    from library.config import load_config
+    from library.config_files import load_config
 
     text = toml.dumps(_config(tiny_sd1, tiny_data, tmp_path, train={"output_name": "café"}))
     for encoding, data in [("bom", b"\xef\xbb\xbf" + text.encode()), ("utf16", text.encode("utf-16"))]:

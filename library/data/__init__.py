@@ -9,6 +9,7 @@
     plan.py            the data plan of a run: layout + check + buckets + epoch entries
     training_set.py    the torch Dataset and collate
     cache.py           latent and text-encoder caches, in memory or on disk (python -m library.data.cache)
+    __main__.py        the commands: python -m library.data check|cache --config x.toml
 """
 
 

@@ -255,36 +255,7 @@ def cache_folder(cfg) -> Path:
     return Path(cfg.dataset.cache_dir or Path(cfg.train.output_dir) / "cache")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from library import cli
-    from library.data import DatasetError
-    from library.data.plan import plan_data
-    from library.data.training_set import TrainingSet
-    from library.families import ModelSource, get_family
-    from library.memory import cast_frozen_parts, weight_dtype
-    from library.quantization import store_t5
-    from library.training import cache_outputs
+if __name__ == "__main__":  # the command lives in library/data/__main__.py (it sets the model up as a run does)
+    from library.data.__main__ import cache_command
 
-    cli.quiet_libraries()
-    cfg = cli.load_or_exit(cli.parse_args(argv, __doc__), recipe="network")
-    try:
-        dataset = TrainingSet(plan_data(cfg), cfg.train.seed or 0, cfg.dataset.prior_loss_weight)
-    except DatasetError as e:
-        print(f"dataset error: {e}", file=sys.stderr)
-        return 3
-    m, t = cfg.model, cfg.train
-    family = get_family(m.family, m.pretrained_model_name_or_path)
-    parts = family.load(ModelSource.from_section(m))  # as the recipes load it: the caches then match theirs
-    dtype = weight_dtype(t.mixed_precision)
-    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
-        module.requires_grad_(False)
-    cast_frozen_parts(parts, dtype, t.no_half_vae)
-    store_t5(parts, m.t5xxl_precision, dtype)
-    cfg.dataset.cache_latents_to_disk = True
-    t.cache_text_encoder_outputs_to_disk = t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk
-    cache_outputs(cfg, family, parts, dataset, True, "cuda" if torch.cuda.is_available() else "cpu", print)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cache_command())

@@ -15,7 +15,6 @@ summary counts each kind. An EXIF-rotated image is a note, not a problem: it is 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -31,7 +30,6 @@ from PIL import Image
 from library.data.images import CONVERTIBLE_MODES, IMAGE_EXTENSIONS, ImageHeader, read_header
 
 MAX_UPSCALE = 2.0
-EXIT_DATASET_ERROR = 3
 PNG_END = b"IEND\xaeB`\x82"
 
 
@@ -151,50 +149,7 @@ def find_duplicates(paths: list[Path]) -> dict[Path, Path]:
     return duplicates
 
 
-def main(argv: list[str] | None = None) -> int:
-    from library.config import ConfigError
-    from library.data import DatasetError
-    from library.data.plan import plan_data
+if __name__ == "__main__":  # the command lives in library/data/__main__.py (it reads the data plan, which reads this)
+    from library.data.__main__ import check_command
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", "--config_file", dest="config", required=True,
-                        help="training TOML, or a sd-scripts dataset TOML")
-    parser.add_argument("--dataset_config", help="sd-scripts dataset TOML (with a training --config)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--headers-only", action="store_true", help="read headers and file ends, do not decode")
-    args = parser.parse_args(argv)
-    try:
-        cfg = _config_for_check(args)
-        plan = plan_data(cfg, say=print)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DatasetError as e:
-        print(f"dataset error: {e}", file=sys.stderr)
-        return EXIT_DATASET_ERROR
-    for line in plan.summary(cfg.train.gradient_accumulation_steps):
-        print(line)
-    return 0
-
-
-def _config_for_check(args):
-    """The config to check: a training config (model paths not needed), or a bare dataset TOML."""
-    import tomllib
-
-    from library.config import config_from_dict, load_config
-
-    overrides = list(args.overrides)
-    if args.headers_only:
-        overrides.append("dataset.check_decode=false")
-    if args.dataset_config:
-        overrides.append(f"dataset.dataset_config='{args.dataset_config}'")
-    raw = tomllib.loads(Path(args.config).read_text(encoding="utf-8")) if Path(args.config).is_file() else {}
-    if "datasets" in raw:  # a sd-scripts dataset TOML on its own
-        placeholder = {"model": {"pretrained_model_name_or_path": "-"}, "train": {"output_dir": "-"},
-                       "dataset": {"dataset_config": args.config}}
-        return config_from_dict(placeholder, source=args.config, overrides=overrides, check_paths=False)
-    return load_config(args.config, overrides, check_paths=False)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(check_command())

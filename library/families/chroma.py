@@ -21,7 +21,8 @@ from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDis
 from transformers import T5Config, T5EncoderModel
 
 from library.chroma_layout import APPROXIMATOR, file_to_transformer, is_chroma_key, transformer_to_file
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
+                                   register)
 from library.families.transformer_parts import (assign_weights, encode_latents, latent_image_ids, load_ae,
                                                 pack_latents, t5_keys, t5_max_length, unpack_latents)
 from library.flux_layout import kohya_layout
@@ -34,8 +35,10 @@ BLOCK_PARENTS = ("ChromaTransformerBlock", "ChromaSingleTransformerBlock")
 SEPARATE_FILES = ("t5xxl", "ae")
 
 
-class ChromaFamily:
+class ChromaFamily(ModelFamily):
     name = "chroma"
+    xformers_attention = False  # joint attention runs on PyTorch SDPA
+    text_encoder_folders = {"text_encoder": "te3"}  # diffusers subfolder -> our name
     cached_apart = None  # T5 alone, never trained: its outputs are cached whole or not at all
     adapter_base_versions = ("chroma",)
     folder_parts = ("transformer", "vae", "text_encoder", "scheduler")
@@ -128,9 +131,6 @@ class ChromaFamily:
         positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
         return {"prompt_embeds": hidden, "t5_attention_mask": positions <= mask.sum(dim=1, keepdim=True)}
 
-    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
-                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:

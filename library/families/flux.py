@@ -20,11 +20,13 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
+                                   register)
 from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5,  # noqa: F401
                                                 latent_image_ids, load_ae, pack_latents, t5_keys, t5_max_length,
                                                 unpack_latents)
 from library.chroma_layout import APPROXIMATOR, is_chroma_key
+from library.flux2_layout import MARKER as FLUX2_MARKER, is_flux2_key
 from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -36,9 +38,13 @@ TEXT_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 BLOCK_PARENTS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
-class FluxFamily:
+class FluxFamily(ModelFamily):
     name = "flux"
+    xformers_attention = False  # joint attention runs on PyTorch SDPA
+    distilled_guidance = True  # guidance is an input of the transformer: no classifier-free guidance batch
+    text_encoder_folders = {"text_encoder": "te1", "text_encoder_2": "te3"}  # diffusers subfolder -> our name
     adapter_base_versions = ("flux1",)
+    takes_control_images = True  # FLUX.1 Kontext edit pairs (control_directory)
     folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
@@ -51,13 +57,14 @@ class FluxFamily:
     def claims(self, path: str) -> bool:
         if is_single_file(path):
             return ((has_key_prefix(path, "double_blocks.") or has_key_prefix(path, BFL_PREFIX + "double_blocks."))
-                    and not any(has_key_prefix(path, p + APPROXIMATOR) for p in ("", BFL_PREFIX)))
+                    and not any(has_key_prefix(path, p + marker) for p in ("", BFL_PREFIX)
+                                for marker in (APPROXIMATOR, FLUX2_MARKER)))
         index = Path(path) / "model_index.json"
         return index.is_file() and read_json(index).get("_class_name") in (PIPELINE_CLASS, "FluxKontextPipeline")
 
     def recognises(self, tensors) -> bool:
         return (any(k.startswith(("double_blocks.", BFL_PREFIX + "double_blocks.")) for k in tensors)
-                and not any(is_chroma_key(k) for k in tensors))  # Chroma's blocks have the same names
+                and not any(is_chroma_key(k) or is_flux2_key(k) for k in tensors))  # Chroma's, FLUX.2's: same names
 
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
         missing = [k for k in ("clip_l", "t5xxl", "ae") if not getattr(source, k)]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
 from library.families.transformer_parts import assign_weights, pack_latents, unpack_latents
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -53,8 +53,10 @@ TOKENIZER_MAX_LENGTH = 1024  # the pipelines' tokenizer limit (after the dropped
 MAX_SEQUENCE_LENGTH = 512  # the text tokens the transformer gets (QwenImagePipeline's default)
 
 
-class QwenImageFamily:
+class QwenImageFamily(ModelFamily):
     name = "qwen_image"
+    xformers_attention = False  # joint attention runs on PyTorch SDPA
+    takes_control_images = True  # Qwen-Image-Edit pairs (control_directory): reference tokens
     cached_apart = None  # one text encoder, never trained: its outputs are cached whole or not at all
     adapter_base_versions = ("qwen_image", "qwen_image_edit")
     folder_parts = ("transformer", "vae", "text_encoder", "scheduler")

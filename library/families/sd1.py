@@ -14,7 +14,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from library import long_prompts
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
+                                   register)
 from library.loading import (CheckpointError, arch_dir, arch_problem, has_key_prefix, load_clip_tokenizer,
                              read_checkpoint, read_json, shipped_archs)
 from library.objectives import DiffusionObjective
@@ -25,9 +26,9 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 DEFAULT_TOKENIZERS = {"clip": "openai/clip-vit-large-patch14", "open_clip": "stabilityai/stable-diffusion-2-1"}
 
 
-class SD1Family:
+class SD1Family(ModelFamily):
     name = "sd1"
-    cached_apart = None  # no encoder's outputs are cached apart: all or none
+    text_encoder_folders = {"text_encoder": "te"}  # diffusers subfolder -> our name
     adapter_base_versions = ("sd_v1", "sd_v2")
     folder_parts = ("unet", "vae", "text_encoder", "scheduler")  # the subfolders _load_folder reads
 
@@ -132,9 +133,6 @@ class SD1Family:
             hidden = final_norm(out.hidden_states[-clip_skip])
         return {"encoder_hidden_states": long_prompts.join_windows(hidden, n) if n > 1 else hidden}
 
-    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
-                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        return conditioning  # text only: SD1/SD2 have no size conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:

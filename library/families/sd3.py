@@ -37,7 +37,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
+                                   register)
 from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5, t5_keys,
                                                 t5_max_length)
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
@@ -73,8 +74,10 @@ class Sd3FlowMatchObjective(FlowMatchObjective):
         return latents if self.model_prediction_type == "sigma_scaled" else noise - latents
 
 
-class Sd3Family:
+class Sd3Family(ModelFamily):
     name = "sd3"
+    xformers_attention = False  # joint attention runs on PyTorch SDPA
+    text_encoder_folders = {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}
     adapter_base_versions = ("sd3",)
     folder_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                     "scheduler")  # the subfolders _load_folder reads
@@ -229,9 +232,6 @@ class Sd3Family:
         """T5's share of encode_prompts: its last hidden state, padding zeroed with the mask."""
         return {"t5_hidden": encode_t5(parts, captions, self.t5_max_length(parts))[0]}
 
-    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
-                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:

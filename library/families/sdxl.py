@@ -26,7 +26,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from library import long_prompts
-from library.families.base import AdapterTarget, Components, ModelSource, is_single_file, register
+from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
+                                   register)
 from library.loading import (CheckpointError, arch_dir, arch_problem, has_key_prefix, load_clip_tokenizer,
                              read_checkpoint, read_json, shipped_archs)
 from library.objectives import DiffusionObjective
@@ -42,9 +43,9 @@ FP16_VAE_WARNING = (
     "Set train.no_half_vae = true (keeps the VAE in fp32), or use an fp16-fixed VAE (model.vae)")
 
 
-class SDXLFamily:
+class SDXLFamily(ModelFamily):
     name = "sdxl"
-    cached_apart = None  # no encoder's outputs are cached apart: all or none
+    text_encoder_folders = {"text_encoder": "te1", "text_encoder_2": "te2"}  # diffusers subfolder -> our name
     adapter_base_versions = ("sdxl_base_v1-0", "sdxl_base_v0-9")
     folder_parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads
 

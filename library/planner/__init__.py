@@ -14,7 +14,6 @@ switches; this module turns a config into settings and prints.
 """
 from __future__ import annotations
 
-import sys
 
 from library.planner.architecture import resolve
 from library.planner.budget import search_budget
@@ -25,25 +24,26 @@ from library.planner.tracker import CATEGORIES
 
 
 def settings_from_config(cfg, recipe: str) -> StepSettings:
+    """The plan's settings: the run's own switches and optimizer settings as library/run.py reads them from the
+    config (xformers planned as SDPA), and what the step is made of."""
+    import dataclasses
+
+    from library.run import OptimizerSettings, Switches
     from library.training import resolution
 
-    m, t, o, d = cfg.model, cfg.train, cfg.optimizer, cfg.dataset
+    m, t, d = cfg.model, cfg.train, cfg.dataset
     family, arch = resolve(m)
     width, height = resolution(d.resolution)
     n = cfg.network
+    switches = dataclasses.replace(Switches.from_config(cfg), xformers=False, sdpa=t.sdpa or t.xformers)
     return StepSettings(
+        **dataclasses.asdict(switches), **dataclasses.asdict(OptimizerSettings.from_config(cfg)),
         recipe=recipe, family=family, arch=arch, width=width, height=height, batch_size=d.train_batch_size,
-        mixed_precision=t.mixed_precision, full_fp16=t.full_fp16, full_bf16=t.full_bf16, no_half_vae=t.no_half_vae,
-        gradient_checkpointing=t.gradient_checkpointing, sdpa=t.sdpa or t.xformers,
         cache_latents=d.cache_latents or d.cache_latents_to_disk,
         cache_text_encoder_outputs=t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk,
-        optimizer_type=o.optimizer_type, optimizer_args=list(o.optimizer_args), max_grad_norm=o.max_grad_norm,
-        fused_backward_pass=o.fused_backward_pass, fused_optimizer_groups=o.fused_optimizer_groups,
         train_text_encoder=(cfg.dreambooth.train_text_encoder if recipe == "db" else not n.network_train_unet_only),
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
-        v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
-        fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing,
-        t5xxl_precision=m.t5xxl_precision, bucket_areas=bucket_areas(d, (width, height)),
+        v_parameterization=m.v_parameterization, network=n, bucket_areas=bucket_areas(d, (width, height)),
         sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema)
 
 
@@ -122,17 +122,16 @@ def switch_text(s: StepSettings) -> str:
 
 
 def run(cfg, recipe: str, budget_gb: float | None = None) -> int:
-    """--plan / --vram_budget from a recipe's main(): print, and return the exit code. With a CUDA card present
-    the plan is for that card, and without a budget the card's memory is the budget when the plan does not fit."""
-    from library.cli import EXIT_CONFIG_ERROR
+    """--plan / --vram_budget from a recipe's main() (library/cli.py recipe_main, which turns a ConfigError into
+    exit 2): print, and return the exit code. With a CUDA card present the plan is for that card, and without a
+    budget the card's memory is the budget when the plan does not fit."""
     from library.config import ConfigError
     from library.planner.card import present_card
 
     try:
         s = settings_from_config(cfg, recipe)
     except ConfigError as e:
-        print(f"config error: {cfg.source}: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        raise ConfigError(f"{cfg.source}: {e}") from None
     card = present_card()
     if budget_gb is None:
         p = plan(s, card=card)

@@ -10,16 +10,23 @@ from library.config import ConfigError
 
 # shipped architecture -> family
 ARCH_FAMILY = {"sd15": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sd3-medium": "sd3", "sd3.5-medium": "sd3",
-               "sd3.5-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux", "qwen-image": "qwen_image",
-               "qwen-image-edit": "qwen_image", "qwen-image-edit-2511": "qwen_image"}
+               "sd3.5-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux", "chroma": "chroma",
+               "flux2-klein-4b": "flux2", "flux2-klein-9b": "flux2", "flux2-dev": "flux2", "qwen-image": "qwen_image",
+               "qwen-image-edit": "qwen_image", "qwen-image-edit-2511": "qwen_image", "zimage": "zimage"}
 # the architecture a family plans when nothing says more
-FAMILY_ARCH = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "flux": "flux-dev", "qwen_image": "qwen-image"}
+FAMILY_ARCH = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "flux": "flux-dev", "chroma": "chroma",
+               "flux2": "flux2-klein-4b", "qwen_image": "qwen-image", "zimage": "zimage"}
 # known model names (hub ids, release file names), first match wins: pattern -> shipped architecture
 KNOWN_NAMES = [
     (r"qwen[-_ ]?image[-_ ]?edit[-_ ]?2511", "qwen-image-edit-2511"),
     (r"qwen[-_ ]?image[-_ ]?edit", "qwen-image-edit"),
     (r"qwen[-_ ]?image", "qwen-image"),
+    (r"z[-_ ]?image", "zimage"),
     (r"schnell", "flux-schnell"),
+    (r"chroma", "chroma"),
+    (r"klein[-_ ]?(base[-_ ]?)?9b", "flux2-klein-9b"),
+    (r"klein", "flux2-klein-4b"),
+    (r"flux[-_. ]?2", "flux2-dev"),
     (r"flux", "flux-dev"),
     (r"(sd|stable-diffusion-)3\.5[-_ ]?large", "sd3.5-large"),
     (r"(sd|stable-diffusion-)3\.5[-_ ]?medium", "sd3.5-medium"),
@@ -82,6 +89,6 @@ def _known_name(name: str) -> str | None:
 def _unknown(name: str) -> str:
     return (f"cannot tell which model {name!r} is (the file is not here to look at, and the name is not a known "
             f"one): set 'model.arch' to one of {', '.join(ARCH_FAMILY)} (or 'model.family' to one of "
-            f"{', '.join(FAMILY_ARCH)}). Known names: Qwen-Image (Edit, Edit-2511), FLUX.1 dev / schnell, SD3 / "
-            f"SD3.5 medium / large, SDXL "
-            f"(sd_xl, Pony, Illustrious, Animagine), SD2 (v2-1, 768-v), SD1.5 (v1-5)")
+            f"{', '.join(FAMILY_ARCH)}). Known names: Qwen-Image (Edit, Edit-2511), Z-Image, FLUX.2 klein 4B / 9B / "
+            f"dev, Chroma, FLUX.1 dev / schnell, SD3 / SD3.5 medium / large, SDXL (sd_xl, Pony, Illustrious, "
+            f"Animagine), SD2 (v2-1, 768-v), SD1.5 (v1-5)")

@@ -81,19 +81,17 @@ def _swap_counts(s: StepSettings, stride: int = 8) -> dict[int, int]:
     parameters they keep on the host; empty for families without block swap."""
     import torch
 
-    from library.block_swap import swapped_blocks
     from library.families import get_family
     from library.loading import arch_dir
-    from library.planner.step import build_parts
 
     family = get_family(s.family, "")
-    if not hasattr(family, "swappable_blocks"):
-        return {}
     with torch.device("meta"):
-        parts = build_parts(family, s.family, arch_dir(s.arch))
+        parts = family.planning_parts(arch_dir(s.arch))
     total = len(family.swappable_blocks(parts))
-    every = next(c for c in range(1, 2 * total + 1) if len(swapped_blocks(family, parts, c)) == total)
-    return {c: sum(p.numel() for b in swapped_blocks(family, parts, c) for p in b.parameters())
+    if not total:
+        return {}
+    every = next(c for c in range(1, 2 * total + 1) if len(family.blocks_to_swap(parts, c)) == total)
+    return {c: sum(p.numel() for b in family.blocks_to_swap(parts, c) for p in b.parameters())
             for c in (*range(stride, every, stride), every)}
 
 

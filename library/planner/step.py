@@ -10,58 +10,48 @@ are used, so a switch that does not save what it should shows in the plan.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from library.planner.tracker import FakeDevice, MemoryTracker
+from library.run import OptimizerSettings, Switches
 
 STEPS = 1  # measured steps, after warm_up_state (a plan's time is its number of operators)
-# the text-encoder names each family's Components use, by diffusers subfolder (families may instead
-# provide `planning_parts(arch_dir) -> Components` themselves; SD3 / FLUX should)
-TEXT_ENCODER_NAMES = {"sd1": {"text_encoder": "te"}, "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
-                      "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}, "chroma": {"text_encoder": "te3"},
-                      "sd3": {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}}
-DENOISER_FOLDERS = ("unet", "transformer")
 
 
-@dataclass
-class StepSettings:
-    """What of a config the memory depends on (the planner's search changes these)."""
+@dataclass(kw_only=True)
+class StepSettings(Switches, OptimizerSettings):
+    """What of a config the memory depends on (the planner's search changes these): the run's memory switches
+    and optimizer settings (library/run.py), and what the planned step is made of."""
     recipe: str  # "network" or "db"
     family: str
     arch: str  # a shipped architecture name or a folder of configs
     width: int
     height: int
     batch_size: int = 1
-    mixed_precision: str = "no"
-    full_fp16: bool = False
-    full_bf16: bool = False
-    no_half_vae: bool = False
-    gradient_checkpointing: bool = False
-    sdpa: bool = True
     cache_latents: bool = False
     cache_text_encoder_outputs: bool = False
-    optimizer_type: str = "AdamW"
-    optimizer_args: list = field(default_factory=list)
-    max_grad_norm: float = 1.0
-    fused_backward_pass: bool = False
-    fused_optimizer_groups: int | None = None
     train_text_encoder: bool = True  # db: dreambooth.train_text_encoder; network: not network_train_unet_only
     train_unet: bool = True  # network: not network_train_text_encoder_only
     clip_skip: int = 1
     v_parameterization: bool = False
-    fp8_base: bool = False
-    blocks_to_swap: int = 0
-    cpu_offload_checkpointing: bool = False
-    t5xxl_precision: str = "auto"  # model.t5xxl_precision (library.quantization)
     sample: bool = False  # sample.sample_prompts: sampling during training
     ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
-    learning_rate: float = 1e-4
+
+    def switches(self) -> Switches:
+        """The run's memory switches as planned: on fake tensors int8 T5 is 1-byte fp8 storage (bitsandbytes
+        kernels do not run there), and xformers SDPA."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(Switches)}
+        return Switches(**{**own, "xformers": False,
+                           "t5xxl_precision": "fp8" if self.t5xxl_precision == "int8" else self.t5xxl_precision})
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerSettings)})
 
 
 @dataclass
@@ -72,53 +62,6 @@ class StepMeasure:
     trainable: int = 0
     frozen: int = 0
     host: dict = field(default_factory=dict)  # what -> bytes of host memory the run holds
-
-
-class _PlanTokenizer:
-    """Stands in for a tokenizer (none ships with the architectures): ids of the full padded length."""
-
-    def __init__(self, max_length: int):
-        self.model_max_length = max_length
-
-    def __call__(self, captions, max_length=None, **_):
-        ids = torch.zeros((len(captions), max_length or self.model_max_length), dtype=torch.long)
-        return type("Tokens", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})()
-
-
-def build_parts(family, family_name: str, arch: Path):
-    """Components of the architecture in `arch` (diffusers layout of configs), with random-init weights
-    on the current (fake) device: what family.load() returns, minus the weights."""
-    from library.families.base import Components, ModelSource
-
-    if hasattr(family, "planning_parts"):
-        return family.planning_parts(arch)
-    import diffusers
-    import transformers
-
-    modules, tokenizers, scheduler = {}, {}, None
-    for sub in sorted(p for p in arch.iterdir() if p.is_dir()):
-        config_path = next((sub / n for n in ("config.json", "scheduler_config.json") if (sub / n).is_file()), None)
-        if config_path is None:  # tokenizer folders
-            continue
-        config = json.loads(config_path.read_text())
-        if "scheduler" in sub.name:
-            scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(str(arch), subfolder=sub.name)
-        elif "_class_name" in config:
-            cls = getattr(diffusers, config["_class_name"])
-            modules[sub.name] = cls.from_config(cls.load_config(str(arch), subfolder=sub.name))
-        else:
-            cls = getattr(transformers, config["architectures"][0])
-            tconfig = transformers.AutoConfig.from_pretrained(str(sub))
-            modules[sub.name] = cls(tconfig)
-    names = TEXT_ENCODER_NAMES.get(family_name, {})
-    text = {names.get(k, k): m for k, m in modules.items() if k.startswith("text_encoder")}
-    for name, sub in ((names.get(k, k), k) for k in modules if k.startswith("text_encoder")):
-        length = getattr(modules[sub].config, "max_position_embeddings", 512)
-        tokenizers[name] = _PlanTokenizer(length)
-    denoiser = next(modules[k] for k in DENOISER_FOLDERS if k in modules)
-    return Components(denoiser=denoiser, vae=modules["vae"], text_encoders=text, tokenizers=tokenizers,
-                      noise_scheduler=scheduler, source=ModelSource(str(arch)),
-                      extra={"arch": str(arch), "v2": "sd2" in arch.name})
 
 
 def _storages(module: torch.nn.Module):
@@ -135,7 +78,7 @@ def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = No
     arch = arch_path or arch_dir(s.arch)
     notes: list[str] = []
     with FakeDevice(fake=fake), MemoryTracker(fake_scalars=fake) as tracker:
-        parts = build_parts(family, s.family, arch)
+        parts = family.planning_parts(arch)
         parts.source.v_parameterization = s.v_parameterization
         with _offload_observed(tracker):
             measure = _run(s, family, parts, tracker, notes)
@@ -168,57 +111,31 @@ class _offload_observed:
 
 
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
-    from library.block_swap import make_swapper
-    from library.memory import (cast_frozen_parts, cast_trainable, enable_gradient_checkpointing, offload_checkpoints,
-                                set_attention, store_fp8_base, weight_dtype)
-    from library.offload import OneAtATime
-    from library.quantization import store_t5
     from library.objectives import LossOptions
+    from library.offload import OneAtATime
+    from library.run import add_adapters, apply_switches, train_whole
     from library.training import batch_loss
 
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
-    for module in modules:
-        module.requires_grad_(False)
 
-    # ---- what trains ------------------------------------------------------------------------
+    # ---- what trains, and the memory switches: library/run.py, as the recipes call it --------------
     adapted, text_encoders = [], []
     if s.recipe == "network":
         from networks.settings import NetworkSettings
-        from networks.targets import inject
 
-        settings = NetworkSettings.from_network_section(s.network)
-        wanted = {"denoiser": s.train_unet}
-        for target in family.adapter_targets(parts):
-            if wanted.get(target.component, s.train_text_encoder):
-                module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
-                adapted.append(inject(module, target, settings))
+        adapted = add_adapters(family, parts, NetworkSettings.from_network_section(s.network), s.train_unet,
+                               s.train_text_encoder)
         trained = [p for c in adapted for p in c.parameters()]
+        checkpointed = [c.module for c in adapted if c.module is not parts.denoiser]
     else:
-        parts.denoiser.requires_grad_(True)
-        text_encoders = list(parts.text_encoders.values()) if s.train_text_encoder else []
-        for encoder in text_encoders:
-            encoder.requires_grad_(True)
+        text_encoders = train_whole(parts, s.train_text_encoder)
         trained = [p for m in [parts.denoiser, *text_encoders] for p in m.parameters()]
+        checkpointed = text_encoders
     train_te = any(c.target.component != "denoiser" for c in adapted) or bool(text_encoders)
-
-    # ---- memory switches --------------------------------------------------------------------
-    dtype = weight_dtype(s.mixed_precision)
-    cast_frozen_parts(parts, dtype, s.no_half_vae)
-    if s.full_fp16 or s.full_bf16:
-        cast_trainable(trained, dtype)  # train_db: module.to(dtype) on the trained modules: the same casts
-    set_attention(parts.denoiser, False, s.sdpa)
-    if s.gradient_checkpointing:
-        enable_gradient_checkpointing(parts.denoiser, [c.module for c in adapted if c.module is not parts.denoiser]
-                                      if s.recipe == "network" else text_encoders)
     if s.t5xxl_precision == "int8":  # bitsandbytes kernels do not run on fake tensors
         notes.append("t5xxl_precision int8 planned as 1-byte weights (fp8 storage; LLM.int8's fp32 row scales "
                      "add 4 bytes per output row)")
-    store_t5(parts, "fp8" if s.t5xxl_precision == "int8" else s.t5xxl_precision, dtype)
-    if s.fp8_base:
-        store_fp8_base(parts.denoiser, dtype)
-    if s.cpu_offload_checkpointing:
-        offload_checkpoints(parts.denoiser)
-    swapper = make_swapper(family, parts, s.blocks_to_swap, "cpu", trained=s.recipe == "db")
+    swapper = apply_switches(family, parts, s.switches(), trained, checkpointed, "cpu", s.recipe == "db").swapper
     if swapper:
         notes.append(f"blocks_to_swap {s.blocks_to_swap}: {swapper.bytes_swapped() / 2**30:.2f} GiB of weights in "
                      f"CPU memory, copied to the device and back every step ({_swap_seconds(swapper):.1f} s/step "
@@ -265,10 +182,8 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     # ---- optimizer ----------------------------------------------------------------------------
     for p in trained:  # registered before the optimizer's own hooks: sees each gradient before a fused step
         p.register_post_accumulate_grad_hook(lambda p: tracker.tag([p.grad], "gradients"))
-    optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, trained, notes)
-    fused = s.fused_backward_pass or bool(s.fused_optimizer_groups)
-    if swapper and fused:
-        swapper.optimizer_state = optimizer.state_of
+    optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, swapper, notes)
+    fused = s.optimizer_settings().fused
 
     warm_up_state(trained, optimizers, swapper, tracker)
 
@@ -325,7 +240,8 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
     with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
         for module in encoders:
             tracker.arrive(_storages(module), "weights")
-        conditioning = family.encode_prompts(parts, ["a photo"] * (1 if s.family == "flux" else 2), s.clip_skip)
+        prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
+        conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
         for module in encoders:
             tracker.release(_storages(module))
         if vae_away:
@@ -341,10 +257,7 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
         if vae_away:
             tracker.arrive(_storages(parts.vae), "weights")
         decode_input = noisy[:1].to(next(parts.vae.parameters()).dtype)
-        if hasattr(family, "decode_latents"):  # a VAE that takes more than a decode of the latents (Qwen-Image)
-            family.decode_latents(parts, decode_input)
-        else:
-            parts.vae.decode(decode_input)
+        family.decode_latents(parts, decode_input)
         if vae_away:
             tracker.release(_storages(parts.vae))
 
@@ -412,39 +325,28 @@ def _swap_seconds(swapper, bandwidth: float = 25e9) -> float:
     return (2 * swapper.bytes_swapped() + trained) / bandwidth
 
 
-def _optimizer(s: StepSettings, adapted, parts, text_encoders, trained, notes):
-    from library.optim import FusedBackward, build_optimizer
+def _optimizer(s: StepSettings, adapted, parts, text_encoders, swapper, notes):
+    """The recipes' optimizer (library/run.py make_optimizer), with bitsandbytes' 8-bit state laid out as it
+    allocates it where its kernels cannot run on fake tensors."""
+    from library.run import adapter_groups, make_optimizer, whole_model_groups
 
     if s.recipe == "network":
-        from networks import blockwise
         from networks.settings import NetworkSettings
 
-        settings = NetworkSettings.from_network_section(s.network)
-        n = s.network
-        groups = blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, s.learning_rate)
+        groups = adapter_groups(adapted, NetworkSettings.from_network_section(s.network), s.network,
+                                s.learning_rate)
     else:
-        groups = [{"params": list(parts.denoiser.parameters()), "lr": s.learning_rate}]
-        for encoder in text_encoders:
-            groups.append({"params": list(encoder.parameters()), "lr": s.learning_rate})
+        groups = whole_model_groups(parts.denoiser, text_encoders, s.learning_rate)
     name = s.optimizer_type
-    eight_bit = name.lower() in EIGHT_BIT
     build = None
-    if eight_bit:
+    if name.lower() in EIGHT_BIT:
         notes.append(f"{name}: bitsandbytes kernels do not run on fake tensors; its state is allocated from "
                      f"bitsandbytes' documented layout (uint8 moments + one fp32 absmax per 256 values for "
                      f"tensors of 4096+ values, fp32 moments below that)")
 
         def build(_name, groups, _lr, _args):  # the layout of bitsandbytes' state, also per fused chunk
             return Bnb8bitLayout(groups, moments=EIGHT_BIT[name.lower()])
-    if s.fused_backward_pass or s.fused_optimizer_groups:
-        optimizer = FusedBackward(name, groups, s.learning_rate, s.optimizer_args, chunks=s.fused_optimizer_groups,
-                                  max_grad_norm=s.max_grad_norm, build=build)
-        return optimizer, optimizer.optimizers
-    if build:
-        optimizer = build(name, groups, s.learning_rate, s.optimizer_args)
-        return optimizer, [optimizer]
-    optimizer = build_optimizer(name, groups, s.learning_rate, s.optimizer_args)
-    return optimizer, [optimizer]
+    return make_optimizer(s.optimizer_settings(), groups, swapper, build=build)
 
 
 EIGHT_BIT = {"adamw8bit": 2, "pagedadamw8bit": 2, "lion8bit": 1, "pagedlion8bit": 1}

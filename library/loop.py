@@ -1,0 +1,79 @@
+"""What both recipes' training loops do around their steps, once: where a run starts (a resumed state's
+position, the interrupted epoch's order replayed), and after each optimizer step and each epoch the progress
+line, the logged values, checkpoints, samples and the stop signal (Ctrl+C / SIGTERM: save, exit 5). The loops
+themselves stay in the recipes, visible."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from library.checkpoint import Position
+
+
+def resume_position(cfg, checkpoints, order, sampler) -> tuple[Position, dict]:
+    """The position a run starts from and the extra state its checkpoint saved ({} and the start without
+    save.resume). A resumed run replays the interrupted epoch's order as that epoch (captions and augmentations
+    depend on it); when the data changed (no order saved), a new epoch starts."""
+    if not cfg.save.resume:
+        return Position(), {}
+    position, extra = checkpoints.resume()
+    if position.epoch_order is not None:
+        order.set_state(position.epoch_order)
+    sampler.epoch = position.epoch - 1
+    return position, extra
+
+
+@dataclass
+class Bookkeeping:
+    """After a step or an epoch: progress, logs, checkpoints, samples (with `also` in between, e.g. the
+    validation loss), and the stop signal. `sample(step)` renders the prompts (main process)."""
+    accelerator: object
+    checkpoints: object  # library.checkpoint.Checkpointer
+    progress: object  # library.progress.Progress
+    sampling: object  # library.sampling settings, or None
+    sample: Callable[[int], None]
+    max_steps: int
+    stop: object = None  # library.guards.StopSignal, entered while the loop runs
+
+    def at_start(self, step: int) -> None:
+        if self.sampling and self.sampling.at_first and step == 0:
+            self.sample(0)
+
+    def after_step(self, here: Position, loss: float, lr: float, also: Callable[[int], None] | None = None):
+        from library.guards import EXIT_STOPPED
+        from library.sampling import due
+
+        self.progress.update(here.step, loss, lr)
+        self.accelerator.log({"loss": loss, "lr": lr}, step=here.step)
+        self.checkpoints.after_step(here, self.max_steps)
+        if due(self.sampling, here.step) and here.step < self.max_steps:
+            self.sample(here.step)
+        if also is not None:
+            also(here.step)
+        if self.stop.requested:
+            self.checkpoints.save_stopped(here)
+            raise SystemExit(EXIT_STOPPED)
+
+    def after_epoch(self, here: Position, also: Callable[[int], None] | None = None) -> None:
+        from library.sampling import due
+
+        self.checkpoints.after_epoch(here, self.max_steps)
+        if also is not None:
+            also(here.step)
+        if due(self.sampling, here.step, epoch_end=here.epoch) and here.step < self.max_steps:
+            self.sample(here.step)
+
+
+def sample_renderer(family, parts, sampling, accelerator, folder, output_name: str, into: list):
+    """sample(step): the prompts rendered on the main process into `folder`, logged to the trackers, the
+    paths appended to `into`; nothing without sample prompts."""
+    from library.sampling import log_images, render_samples
+
+    def sample(step: int) -> None:
+        if sampling and accelerator.is_main_process:
+            paths = render_samples(family, parts, sampling, folder, f"{output_name}_step{step:08d}",
+                                   accelerator.device)
+            log_images(accelerator, paths, step)
+            into.extend(paths)
+
+    return sample

@@ -1,0 +1,315 @@
+"""The one setup of a run, called by both recipes (train_network.py, train_db.py) and by the memory planner
+(library/planner/step.py), so that what the planner measures is what a run does, by construction: the checks
+before anything starts, the accelerator and its precision, the family's parts frozen, cast and placed, the
+memory switches, the caches, the optimizer and what goes through accelerator.prepare. Each recipe keeps its own
+visible training loop; the plumbing around it lives here once.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from library.families import get_family
+
+ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
+
+
+def refuse_unsupported(cfg) -> None:
+    """What the config accepts but a run would fail on or silently ignore after loading, refused before
+    anything loads, with what to do instead: DeepSpeed / FSDP from `accelerate config` (the trainer runs one
+    model copy per GPU and averages gradients itself; multi-GPU engines are a separate issue), and xformers
+    for SD3 / FLUX.1, whose joint attention runs on PyTorch SDPA."""
+    from library.config import ConfigError
+
+    problems = [f"accelerate is set up for {engine} ({env}=true), which this trainer does not use: run "
+                f"`accelerate config` again without {engine} (plain multi-GPU, or one GPU); for memory use "
+                f"blocks_to_swap, fp8_base or gradient_checkpointing"
+                for env, engine in ENGINES.items() if os.environ.get(env, "").lower() in ("1", "true", "yes")]
+    m = cfg.model
+    family = get_family(m.family, m.pretrained_model_name_or_path) if cfg.train.xformers else None
+    if family is not None and not family.xformers_attention:
+        problems.append(f"'train.xformers': {family.name}'s joint attention runs on PyTorch SDPA, xformers would "
+                        f"be ignored; remove 'train.xformers' (sdpa is the default)")
+    if problems:
+        raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))
+
+
+# ---- starting: the checks, the accelerator, the output folder --------------------------------------
+
+
+@dataclass
+class Started:
+    accelerator: object  # accelerate.Accelerator
+    say: Callable[[str], None]  # the main process' progress line
+    lock: object = None  # the output folder's lock, held while the run lives (library/outputs.py)
+
+
+def start(cfg) -> Started:
+    """Everything before the data and the model: the seed drawn (or the resumed run's), the configs no run
+    could train refused, TF32, the accelerator with the run's precision and trackers, the seed set, the output
+    folder claimed and the resolved config written (main process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from library.checkpoint import resumed_seed
+    from library.config_files import write_resolved
+    from library.devices import enable_tf32
+    from library.outputs import claim_output_dir
+    from library.progress import Progress
+
+    t, out_dir = cfg.train, Path(cfg.train.output_dir)
+    if t.seed is None:
+        t.seed = resumed_seed(cfg) or random.randint(0, 2**31 - 1)  # recorded in the resolved config
+    refuse_unsupported(cfg)  # before anything starts or loads
+    enable_tf32()
+    accelerator = Accelerator(mixed_precision=t.mixed_precision,
+                              gradient_accumulation_steps=t.gradient_accumulation_steps,
+                              log_with=cfg.logging.log_with,
+                              project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
+    set_seed(t.seed)
+    started = Started(accelerator, Progress(0, enabled=accelerator.is_main_process).write)
+    if accelerator.is_main_process:
+        started.lock = claim_output_dir(cfg)  # no second run writes here while this one lives
+        write_resolved(cfg, out_dir / f"{t.output_name}-config.toml")
+    return started
+
+
+def start_trackers(accelerator, cfg) -> None:
+    """logging.log_with: the trackers, with the resolved config as their hyperparameters."""
+    if not cfg.logging.log_with:
+        return
+    hparams = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+               for section, values in cfg.to_toml_dict().items() for key, value in values.items()}
+    accelerator.init_trackers((cfg.logging.log_prefix or "") + cfg.train.output_name, config=hparams)
+
+
+# ---- what trains ----------------------------------------------------------------------------------
+
+
+def freeze(parts) -> None:
+    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
+        module.requires_grad_(False)
+
+
+def add_adapters(family, parts, settings, train_denoiser: bool, train_text_encoders: bool) -> list:
+    """The adapters of `settings` (networks.settings.NetworkSettings) in the components that train, in the
+    family's target order (the order their initial weights are drawn in). Returns the adapted components."""
+    from networks.targets import inject
+
+    freeze(parts)
+    adapted = []
+    for target in family.adapter_targets(parts):
+        if train_denoiser if target.component == "denoiser" else train_text_encoders:
+            module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]
+            adapted.append(inject(module, target, settings))
+    return adapted
+
+
+def train_whole(parts, train_text_encoders: bool) -> list:
+    """Full fine-tune: the denoiser trains, and the text encoders when asked. Returns the trained text encoders."""
+    freeze(parts)
+    parts.denoiser.requires_grad_(True)
+    text_encoders = list(parts.text_encoders.values()) if train_text_encoders else []
+    for encoder in text_encoders:
+        encoder.requires_grad_(True)
+    return text_encoders
+
+
+# ---- memory switches ------------------------------------------------------------------------------
+
+
+@dataclass
+class Switches:
+    """The precision and placement switches of a run (the planner's search changes them)."""
+    mixed_precision: str = "no"
+    full_fp16: bool = False
+    full_bf16: bool = False
+    no_half_vae: bool = False
+    t5xxl_precision: str = "auto"
+    xformers: bool = False
+    sdpa: bool = True
+    gradient_checkpointing: bool = False
+    fp8_base: bool = False
+    cpu_offload_checkpointing: bool = False
+    blocks_to_swap: int | None = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Switches":
+        t = cfg.train
+        return cls(t.mixed_precision, t.full_fp16, t.full_bf16, t.no_half_vae, cfg.model.t5xxl_precision,
+                   t.xformers, t.sdpa, t.gradient_checkpointing, t.fp8_base, t.cpu_offload_checkpointing,
+                   t.blocks_to_swap)
+
+
+@dataclass
+class Placed:
+    dtype: object  # torch.dtype of the frozen weights
+    attention: str  # the attention backend, as said
+    swapper: object = None  # library.block_swap.BlockSwapper, or None
+
+
+def cast_frozen(parts, sw: Switches):
+    """Frozen weights in the run's half precision (the VAE too, unless no_half_vae), T5 stored as
+    model.t5xxl_precision asks (fp8 / int8 for encoding). What caching alone (python -m library.data cache)
+    does too, so that its caches match a run's. Returns the weight dtype."""
+    from library.memory import cast_frozen_parts, weight_dtype
+    from library.quantization import store_t5
+
+    dtype = weight_dtype(sw.mixed_precision)
+    cast_frozen_parts(parts, dtype, sw.no_half_vae)
+    store_t5(parts, sw.t5xxl_precision, dtype)
+    return dtype
+
+
+def apply_switches(family, parts, sw: Switches, trained: list, checkpointed_encoders: list, device,
+                   whole: bool) -> Placed:
+    """Frozen weights in half precision (the VAE too, unless no_half_vae), T5 stored as asked, the trained
+    weights too with full_fp16 / full_bf16, the attention backend, gradient checkpointing (denoiser and the
+    trained text encoders), fp8 frozen denoiser weights, checkpoints offloaded, and block swap (of trained
+    weights when `whole`: a full fine-tune)."""
+    from library.block_swap import make_swapper
+    from library.memory import (cast_trainable, enable_gradient_checkpointing, offload_checkpoints, set_attention,
+                                store_fp8_base)
+
+    dtype = cast_frozen(parts, sw)
+    if sw.full_fp16 or sw.full_bf16:
+        cast_trainable(trained, dtype)
+    attention = set_attention(parts.denoiser, sw.xformers, sw.sdpa)
+    if sw.gradient_checkpointing:
+        enable_gradient_checkpointing(parts.denoiser, checkpointed_encoders)
+    if sw.fp8_base:  # frozen denoiser weights in float8, computed in `dtype`; adapters are left as they are
+        store_fp8_base(parts.denoiser, dtype)
+    if sw.cpu_offload_checkpointing:
+        offload_checkpoints(parts.denoiser)
+    swapper = make_swapper(family, parts, sw.blocks_to_swap, device, trained=whole)  # N blocks' frozen weights
+    return Placed(dtype, attention, swapper)
+
+
+# ---- caches and placement -------------------------------------------------------------------------
+
+
+def cache_and_place(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
+    """The VAE and text encoders placed for training, the caches built on the way (cache_outputs), then the
+    denoiser on the device (its swapped blocks stay on the host): the VAE pass of caching did not share the
+    device with it. Returns the cached conditioning or None."""
+    from library.block_swap import move
+
+    conditioning = cache_outputs(cfg, family, parts, dataset, text_frozen, device, say, held_out)
+    move(parts.denoiser, device)
+    return conditioning
+
+
+def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
+    """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
+    `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the
+    device one at a time while captions are encoded (library/offload.py), the others come to stay. The
+    denoiser is not on the device yet. With trained text encoders, only the family's cached_apart encoder
+    (FLUX.1 / SD3: T5) is cached, as sd-scripts does. Returns the cached conditioning or None."""
+    from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
+    from library.offload import OneAtATime
+
+    d, t = cfg.dataset, cfg.train
+    latents_cached = d.cache_latents or d.cache_latents_to_disk
+    parts.vae.to(device)
+    if latents_cached:
+        for images in [dataset] + ([held_out] if held_out else []):  # held_out: the validation images
+            cache_latents(family, parts, images, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
+                                                                     d.vae_batch_size, t.seed), say)
+        parts.vae.to("cpu")  # sampling brings it back when it needs it
+    conditioning, cached = None, []
+    if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
+        apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
+        cached = [apart] if apart else list(parts.text_encoders)
+        with OneAtATime([parts.text_encoders[name] for name in cached], device):
+            captions = sorted({*dataset.captions, *(held_out.captions if held_out else [])})
+            conditioning = cache_text_outputs(family, parts, captions, cfg.model.clip_skip, cache_folder(cfg)
+                                              if t.cache_text_encoder_outputs_to_disk else None, say, device,
+                                              apart=apart)
+    for name, encoder in parts.text_encoders.items():
+        if name not in cached:
+            encoder.to(device)
+    kept = (["vae"] if latents_cached else []) + cached
+    if kept:
+        say(f"kept on the CPU while training (outputs cached): {', '.join(kept)}")
+    return conditioning
+
+
+# ---- optimizer, and what accelerate prepares --------------------------------------------------------
+
+
+@dataclass
+class OptimizerSettings:
+    """The [optimizer] keys the optimizer is built from (the planner's search changes them)."""
+    optimizer_type: str = "AdamW"
+    learning_rate: float = 1e-4
+    optimizer_args: list = field(default_factory=list)
+    max_grad_norm: float = 1.0
+    fused_backward_pass: bool = False
+    fused_optimizer_groups: int | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_backward_pass or bool(self.fused_optimizer_groups)
+
+    @classmethod
+    def from_config(cls, cfg) -> "OptimizerSettings":
+        o = cfg.optimizer
+        return cls(o.optimizer_type, o.learning_rate, list(o.optimizer_args), o.max_grad_norm,
+                   o.fused_backward_pass, o.fused_optimizer_groups)
+
+
+def adapter_groups(adapted, settings, network_section, learning_rate: float) -> list[dict]:
+    """Param groups of the adapters: block-wise and per-component learning rates (networks/blockwise.py)."""
+    from networks import blockwise
+
+    n = network_section
+    return blockwise.param_groups(adapted, settings, n.unet_lr, n.text_encoder_lr, learning_rate)
+
+
+def whole_model_groups(denoiser, text_encoders: list, learning_rate: float, te_rate: float | None = None,
+                       te2_rate: float | None = None) -> list[dict]:
+    """Param groups of a full fine-tune: the denoiser, then each trained text encoder at its own rate."""
+    groups = [{"params": list(denoiser.parameters()), "lr": learning_rate}]
+    for index, encoder in enumerate(text_encoders):
+        rate = te2_rate if index == 1 and te2_rate is not None else te_rate
+        groups.append({"params": list(encoder.parameters()), "lr": rate or learning_rate})
+    return groups
+
+
+def make_optimizer(o: OptimizerSettings, groups: list[dict], swapper=None, processes: int = 1, build=None):
+    """The optimizer of `groups`, plain or fused into the backward pass (then a swapped weight's state travels
+    with its block). Returns (optimizer, the torch optimizers holding the state). `build` stands in for the
+    optimizer class where its kernels cannot run (the planner's 8-bit layout)."""
+    from library.config import ConfigError
+    from library.optim import FusedBackward, build_optimizer
+
+    if not o.fused:
+        optimizer = (build or build_optimizer)(o.optimizer_type, groups, o.learning_rate, o.optimizer_args)
+        return optimizer, [optimizer]
+    if processes > 1:
+        raise ConfigError("'optimizer.fused_backward_pass' steps inside backward, before gradients are averaged "
+                          "across processes: train on one GPU, or turn it off")
+    optimizer = FusedBackward(o.optimizer_type, groups, o.learning_rate, o.optimizer_args,
+                              chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm, build=build)
+    if swapper:
+        swapper.optimizer_state = optimizer.state_of  # a swapped weight's state travels with it
+    return optimizer, optimizer.optimizers
+
+
+def prepare(accelerator, optimizer, loader, fused: bool, full_fp16: bool):
+    """What goes through accelerator.prepare: the loader, and the optimizer unless it is fused into backward
+    (it steps there, unprepared). The trained modules stay bare (library.training.average_gradients averages
+    their gradients across processes). full_fp16: the grad scaler unscales fp16 gradients. Returns
+    (optimizer, loader)."""
+    from library.memory import allow_fp16_gradients
+
+    if fused:
+        loader = accelerator.prepare(loader)
+    else:
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    if full_fp16:
+        allow_fp16_gradients(accelerator)
+    return optimizer, loader
