@@ -134,6 +134,18 @@ def test_edit_2511_files_carry_comfyui_marker(tmp_path):
     reloaded = family.load(_single_file_source({**files, "transformer": tmp_path / "2511.safetensors"}))
     assert reloaded.denoiser.config.zero_cond_t and is_edit(reloaded)
     assert_same_weights(parts, reloaded)
+    # the reference tokens are modulated at timestep zero: the same weights without zero_cond_t predict otherwise
+    g = torch.Generator().manual_seed(0)
+    latents, reference = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    plain_2509 = type(parts.denoiser).from_config({**parts.denoiser.config, "zero_cond_t": False})
+    plain_2509.load_state_dict(parts.denoiser.state_dict())
+    with torch.no_grad():
+        text = family.encode_prompts(parts, ["a red dog"], 1)
+        conditioning = {**text, "control_latents": reference}
+        ours = family.predict(parts, latents, torch.tensor([500.0]), conditioning)
+        other = family.predict(Components(**{**vars(parts), "denoiser": plain_2509}), latents, torch.tensor([500.0]),
+                               conditioning)
+    assert not torch.allclose(ours, other, atol=1e-4)
 
 
 def test_text_conditioning_is_qwen_image_pipeline(tiny_qwen):
@@ -354,6 +366,18 @@ def test_samples_are_qwen_image_pipeline(tiny_qwen, tmp_path):
     assert not np.array_equal(first, sample(control=str(reference)))
 
 
+def test_samples_during_an_edit_run(qwen_config, tiny_data, tmp_path):
+    """Sampling between steps of an Edit run, with a reference image (--ci) and true CFG (--l)."""
+    control = _controls(tiny_data, tmp_path / "control", 1)
+    reference = sorted(control.iterdir())[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a red circle --n blurry --w 64 --h 64 --s 2 --l 4 --d 3 --ci {reference}\n")
+    result = train_network(qwen_config(dataset={"control_directory": str(control)}, train={"max_train_steps": 2},
+                                       sample={"sample_prompts": str(prompts), "sample_every_n_steps": 1}))
+    assert len(result.samples) == 2 and all(Image.open(p).size == (64, 64) for p in result.samples)  # steps 1, 2
+    assert result.losses == pytest.approx(GOLDEN_QWEN_EDIT[:2], rel=1e-5)  # sampling leaves training as it is
+
+
 # ---- Edit pairs --------------------------------------------------------------------------------
 
 
@@ -403,6 +427,37 @@ def test_edit_run_golden_losses_and_the_control_image_matters(qwen_config, tiny_
     assert again == pytest.approx(first, rel=1e-6)
 
 
+def test_cached_control_latents_give_the_same_edit_losses(qwen_config, tiny_data, tmp_path):
+    """Kontext's latent cache holds the control latents too (encoded with the VAE's mode: the same numbers)."""
+    control = _controls(tiny_data, tmp_path / "control", 1)
+    cfg = qwen_config(dataset={"control_directory": str(control)}, train={"max_train_steps": 2})
+    cfg.dataset.cache_latents_to_disk, cfg.dataset.cache_dir = True, str(tmp_path / "cache")
+    cached = train_network(cfg)
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) == 8
+    assert cached.losses == pytest.approx(GOLDEN_QWEN_EDIT[:2], rel=1e-5)
+
+
+def test_a_damaged_text_encoder_file_is_named_before_loading(tiny_qwen, tiny_data, tmp_path, capsys):
+    import json
+
+    import train_network
+
+    damaged = tmp_path / "qwen_2.5_vl_7b.safetensors"
+    damaged.write_bytes(tiny_qwen["text_encoder"].read_bytes()[:5000])
+    values = {"pretrained_model_name_or_path": str(tiny_qwen["transformer"]), "text_encoder": str(damaged),
+              "vae": str(tiny_qwen["vae"])}
+    config = tmp_path / "qwen.toml"
+    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
+                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train_network.main(["--config", str(config)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: {config}: 'model.text_encoder': ") and "truncated" in lines[0]
+
+
 @pytest.mark.parametrize("model, said", [
     ({}, "a Qwen-Image transformer file holds the transformer only; set model.text_encoder, model.vae to the "
          "separate files"),
@@ -446,7 +501,8 @@ def test_known_names_plan_qwen_image(name, arch):
 
 def test_plan_of_the_tiny_architecture_sees_fp8_and_block_swap(tiny_qwen):
     """The planner runs the Qwen-Image step (the language model only, the planning tokenizer's 512 caption
-    tokens): fp8_base halves the frozen transformer's Linear weights; blocks_to_swap is planned."""
+    tokens, sampling with the 3D VAE's decode): fp8_base halves the frozen transformer's Linear weights;
+    blocks_to_swap is planned."""
     import dataclasses
 
     from library.config import NetworkSection
@@ -455,11 +511,11 @@ def test_plan_of_the_tiny_architecture_sees_fp8_and_block_swap(tiny_qwen):
 
     base = StepSettings(recipe="network", family="qwen_image", arch=str(tiny_qwen["folder"]), width=64, height=64,
                         mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
-                        cache_text_encoder_outputs=True, train_text_encoder=False,
+                        cache_text_encoder_outputs=True, train_text_encoder=False, sample=True,
                         network=NetworkSection(network_dim=4, network_alpha=4))
     plain, fp8, swapped = (plan(dataclasses.replace(base, **k)) for k in ({}, {"fp8_base": True},
                                                                          {"blocks_to_swap": 1}))
-    assert plain.breakdown["adapter weights"] > 0 and plain.text_peak > 0
+    assert plain.breakdown["adapter weights"] > 0 and plain.text_peak > 0 and "sample" in plain.phases
     assert fp8.breakdown["weights"] < 0.75 * plain.breakdown["weights"]
     # two blocks: the one running and the one prefetched are both on the card at the peak; the swap is planned
     assert swapped.breakdown["weights"] == plain.breakdown["weights"]

@@ -211,6 +211,11 @@ class ModelFamily:
         blocks = self.swappable_blocks(parts)
         return [blocks[k] for k in spread(len(blocks), min(count, len(blocks)))]
 
+    def decode_latents(self, parts: Components, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) the VAE decodes from `latents` as they are given (what the planner's sampling
+        phase runs); families whose VAE needs more than that (Qwen-Image: a 3D VAE, normalized latents) say how."""
+        return parts.vae.decode(latents).sample
+
 
 REGISTRY: dict[str, ModelFamily] = {}
 

@@ -175,6 +175,16 @@ class Flux2Family(ModelFamily):
         mean, std = _latent_statistics(vae, patches)
         return (patches - mean) / std
 
+    def decode_latents(self, parts: Components, latents: torch.Tensor) -> torch.Tensor:
+        """encode_images' latents (B, 128, h, w) -> images in [-1, 1]: denormalised, unpatchified to the VAE's
+        32 channels at twice the size, decoded (the Flux2 pipelines' _unpatchify_latents, then the VAE)."""
+        vae = parts.vae
+        mean, std = _latent_statistics(vae, latents)
+        patches = latents * std + mean
+        b, c, h, w = patches.shape
+        unpacked = patches.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+        return vae.decode(unpacked.to(vae.device, vae.dtype)).sample
+
     def objective(self, parts: Components) -> "Flux2FlowMatchObjective":
         return Flux2FlowMatchObjective(num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps)
 

@@ -100,7 +100,7 @@ class QwenImageFamily(ModelFamily):
             denoiser=QwenImageTransformer2DModel.from_pretrained(str(path), subfolder="transformer"), vae=vae,
             text_encoders={"te": text}, tokenizers={"te": _tokenizer(source.tokenizer or str(path))},
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler"),
-            extra={"edit": PIPELINES.get(read_json(path / "model_index.json").get("_class_name"), False)})
+            extra={"edit": _edit_pipeline(path)})
 
     def _load_single_file(self, source: ModelSource) -> Components:
         problem = self.single_file_problem({}, source)
@@ -111,21 +111,18 @@ class QwenImageFamily(ModelFamily):
         arch = arch_dir(source.arch or ("qwen-image-edit-2511" if marked else "qwen-image"))
         denoiser = _empty_transformer(arch)
         assign_weights(denoiser, state, source.path)
-        index = arch / "model_index.json"
-        edit = index.is_file() and PIPELINES.get(read_json(index).get("_class_name"), False)
         return Components(denoiser=denoiser, vae=_load_vae(source.vae, arch),
                           text_encoders={"te": _load_text_model(source.text_encoder, arch)},
                           tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZER)},
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
                                                                                           subfolder="scheduler"),
-                          extra={"arch": str(arch), "edit": edit})
+                          extra={"arch": str(arch), "edit": _edit_pipeline(arch)})
 
     def planning_parts(self, arch: Path) -> Components:
         """The architecture's parts with random weights on the current (the planner's fake) device: the language
         model only (as load() reads it), captions planned at the most tokens the transformer gets."""
         from transformers import AutoConfig, Qwen2_5_VLTextModel
 
-        index = arch / "model_index.json"
         return Components(
             denoiser=QwenImageTransformer2DModel.from_config(QwenImageTransformer2DModel.load_config(
                 str(arch / "transformer"))),
@@ -134,7 +131,7 @@ class QwenImageFamily(ModelFamily):
                 AutoConfig.from_pretrained(str(arch / "text_encoder")).text_config)},
             tokenizers={"te": _PlanningTokenizer()}, source=ModelSource(str(arch)),
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch), subfolder="scheduler"),
-            extra={"arch": str(arch), "edit": index.is_file() and PIPELINES.get(read_json(index).get("_class_name"))})
+            extra={"arch": str(arch), "edit": _edit_pipeline(arch)})
 
     # ---- what adapters train --------------------------------------------------------------
 
@@ -191,6 +188,13 @@ class QwenImageFamily(ModelFamily):
         mean, std = _latent_stats(vae, latents)
         return (latents - mean) / std
 
+    def decode_latents(self, parts: Components, latents: torch.Tensor) -> torch.Tensor:
+        """encode_images' latents (B, 16, h, w) -> images in [-1, 1] (B, 3, H, W): denormalized, one frame of the
+        3D VAE, as the Qwen-Image pipelines decode."""
+        vae = parts.vae
+        mean, std = _latent_stats(vae, latents)
+        return vae.decode((latents * std + mean).to(vae.device, vae.dtype).unsqueeze(2)).sample[:, :, 0]
+
     def objective(self, parts: Components) -> FlowMatchObjective:
         """The velocity (noise - x_0) predicted as is (raw, as musubi-tuner trains Qwen-Image), timesteps drawn
         with Qwen-Image's resolution-dependent shift; the [loss] keys override both."""
@@ -237,9 +241,7 @@ class QwenImageFamily(ModelFamily):
                 if negative is not None:
                     negative["control_latents"] = text["control_latents"]
             latents = _denoise(self, parts, latents, steps, text, negative, guidance_scale)
-            vae = parts.vae
-            mean, std = _latent_stats(vae, latents)
-            pixels = vae.decode((latents * std + mean).to(vae.device, vae.dtype).unsqueeze(2)).sample[:, :, 0]
+            pixels = self.decode_latents(parts, latents)
         return VaeImageProcessor(vae_scale_factor=16).postprocess(pixels.float().cpu(), output_type="pil")[0]
 
     def pipeline(self, parts: Components, scheduler=None):
@@ -293,6 +295,12 @@ def _reference_pixels(path: str, width: int, height: int) -> torch.Tensor:
 def is_edit(parts: Components) -> bool:
     """An Edit model (its pipeline or shipped architecture says so; Edit-2511's transformer always is)."""
     return bool(parts.extra.get("edit")) or bool(parts.denoiser.config.zero_cond_t)
+
+
+def _edit_pipeline(folder: Path) -> bool:
+    """The folder's (or shipped architecture's) model_index.json names an Edit pipeline."""
+    index = folder / "model_index.json"
+    return index.is_file() and PIPELINES.get(read_json(index).get("_class_name"), False)
 
 
 def prefix_length(tokenizer, template: str) -> int:

@@ -259,9 +259,8 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
         del prediction
         if vae_away:
             tracker.arrive(_storages(parts.vae), "weights")
-        scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's own latents (FLUX.2 trains patchified)
-        parts.vae.decode(torch.zeros(1, parts.vae.config.latent_channels, s.height // scale, s.width // scale,
-                                     dtype=next(parts.vae.parameters()).dtype))
+        decode_input = noisy[:1].to(next(parts.vae.parameters()).dtype)
+        family.decode_latents(parts, decode_input)
         if vae_away:
             tracker.release(_storages(parts.vae))
 
