@@ -96,8 +96,6 @@ def test_split_files_and_folder_give_identical_weights(tiny_zimage):
 
 
 def test_other_families_files_stay_theirs(tiny_sd1, tiny_zimage):
-    from library.tiny import save_tiny_flux  # noqa: F401  (FLUX.1 files: the flux tests check they stay flux)
-
     assert not ZImageFamily().claims(str(tiny_sd1[0])) and not ZImageFamily().claims(str(tiny_sd1[1]))
     assert get_family("auto", str(tiny_sd1[1])).name == "sd1"
 
@@ -334,3 +332,32 @@ def test_kohya_file_applied_as_comfyui_applies_it_gives_the_trained_outputs(zima
         base = family.predict(untrained, latents, torch.tensor([400.0]),
                               family.encode_prompts(untrained, ["a photo of a red circle"], 1))
     assert not torch.allclose(outs[0], base, atol=1e-5)  # the adapter changed the outputs
+
+
+
+def test_prediction_on_the_test_device_reads_no_caption_lengths_from_it(tiny_zimage, gpu):
+    """On a device distinct from the host: encode_prompts keeps the caption mask on the host, so predict() reads no
+    device value for the caption lengths; a mask on the device (cached text outputs) gives the same prediction
+    with reads. Forward only: the test device aborts in the backward of a complex multiply, which diffusers'
+    Z-Image RoPE uses (a limit of tests/fake_device.cpp), so Z-Image training is not run on it."""
+    import fake_device
+
+    family = ZImageFamily()
+    parts = family.load(ModelSource(str(tiny_zimage["folder"])))
+    parts.denoiser.to(gpu), parts.text_encoders["te"].to(gpu)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)).to(gpu)
+    timesteps = torch.tensor([750.0, 250.0]).to(gpu)
+    with torch.no_grad():
+        text = family.encode_prompts(parts, ["a photo of a red circle", "blue"], 1)
+        assert fake_device.on_device(text["prompt_embeds"]) and text["text_mask"].device.type == "cpu"
+        def syncs():
+            return fake_device.value_reads() + fake_device.copies_to_host()
+
+        before = syncs()
+        out = family.predict(parts, latents, timesteps, text)
+        host_mask_reads = syncs() - before
+        before = syncs()
+        again = family.predict(parts, latents, timesteps, {**text, "text_mask": text["text_mask"].to(gpu)})
+        device_mask_reads = syncs() - before
+    assert fake_device.on_device(out) and torch.equal(out.cpu(), again.cpu())
+    assert host_mask_reads == 0 and device_mask_reads == 1
