@@ -477,7 +477,8 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "chroma", "zimage", "data"))
+    parser.add_argument("what", choices=("sd1", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "chroma", "zimage",
+                                         "data"))
     parser.add_argument("out")
     args = parser.parse_args(argv)
     if args.what in ("sd1", "sd2"):

@@ -51,7 +51,8 @@ def test_shipped_zimage_configs_build_the_real_architecture():
 
     arch = arch_dir("zimage")
     with torch.device("meta"):
-        transformer = ZImageTransformer2DModel.from_config(ZImageTransformer2DModel.load_config(str(arch / "transformer")))
+        transformer = ZImageTransformer2DModel.from_config(
+            ZImageTransformer2DModel.load_config(str(arch / "transformer")))
         qwen = Qwen3Model(Qwen3Config.from_pretrained(str(arch / "text_encoder")))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(transformer) == 6_154_908_736  # "6B" (6.15B)

@@ -95,8 +95,8 @@ class ZImageFamily:
         _rebuild_rotary(qwen)
         assign_weights(denoiser, original_to_transformer(read_checkpoint(source.path)), source.path)
         assign_weights(qwen, qwen3_keys(read_checkpoint(source.text_encoder)), source.text_encoder)
-        return Components(denoiser=denoiser, vae=load_ae(_separate_file(source, "ae"), arch),
-                          text_encoders={"te": qwen}, tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZER)},
+        return Components(denoiser=denoiser, vae=load_ae(_separate_file(source, "ae"), arch), text_encoders={"te": qwen},
+                          tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZER)},
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
                                                                                           subfolder="scheduler"),
                           extra={"arch": str(arch)})
