@@ -362,3 +362,19 @@ def test_prediction_on_the_test_device_reads_no_caption_lengths_from_it(tiny_zim
         device_mask_reads = syncs() - before
     assert fake_device.on_device(out) and torch.equal(out.cpu(), again.cpu())
     assert host_mask_reads == 0 and device_mask_reads == 1
+
+
+def test_samples_during_training_leave_the_losses_as_they_are(zimage_config, tmp_path):
+    """Samples every 2 steps (one without CFG, as Z-Image-Turbo samples, one with a negative prompt) with the text
+    outputs cached: Qwen3 comes back to encode the prompts; the losses stay the golden ones."""
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --d 9 --s 2 --l 0\na blue square --w 32 --h 48 --s 2 --n blurry --l 4\n")
+    result = train_network(zimage_config(sample={"sample_prompts": str(prompts), "sample_every_n_steps": 2},
+                                         train={"cache_text_encoder_outputs": True}))
+    assert _close(result.losses, GOLDEN_ZIMAGE), result.losses
+    assert [p.name for p in result.samples] == [
+        "lora_step00000002_00_9.png", "lora_step00000002_01_1235.png", "lora_step00000002_grid.png",
+        "lora_step00000004_00_9.png", "lora_step00000004_01_1235.png", "lora_step00000004_grid.png"]
+    assert Image.open(result.samples[1]).size == (32, 48)
