@@ -5,7 +5,7 @@ weights; the caching-allocator model and a 0.5 GiB CUDA context).
     python benchmarks/plan_workloads.py            # prints a markdown table (README: Speed and memory)
 
 Goals (GiB on the card: reserved + CUDA context, at the worst phase): SD1.5 DreamBooth 4, SD1.5 LoRA 3,
-SDXL LoRA 6, SDXL full 10, SD3-medium LoRA 8, FLUX.1-dev LoRA 8, FLUX.1-dev full 16; a row says whether the
+SDXL LoRA 6, SDXL full 10, SD3-medium LoRA 8, FLUX.1-dev LoRA 8, FLUX.1-dev full 16, Z-Image LoRA 12; a row says whether the
 card total is within the goal less --vram_budget's margin.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GOALS = {"SD1.5 full DreamBooth 512px": 4, "SD1.5 LoRA 512px": 3, "SDXL LoRA 1024px": 6,
          "SDXL full fine-tune 1024px": 10, "SD3-medium LoRA 1024px": 8, "FLUX.1-dev LoRA 1024px": 8,
-         "FLUX.1-dev full fine-tune 1024px": 16}
+         "FLUX.1-dev full fine-tune 1024px": 16, "Z-Image LoRA 1024px": 12}
 LORA = dict(recipe="network", mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="AdamW8bit")
 FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkpointing=True, cache_latents=True,
@@ -33,7 +33,8 @@ WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
              ("FLUX.1-dev LoRA 1024px", "flux", "flux-dev", 1024,
               {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 38}),
              # sd-scripts' 24 GB recipe: fused backward pass + Adafactor + full_bf16 + blocks_to_swap
-             ("FLUX.1-dev full fine-tune 1024px", "flux", "flux-dev", 1024, {**FULL, **T5_FP8, "blocks_to_swap": 28})]
+             ("FLUX.1-dev full fine-tune 1024px", "flux", "flux-dev", 1024, {**FULL, **T5_FP8, "blocks_to_swap": 28}),
+             ("Z-Image LoRA 1024px", "zimage", "zimage", 1024, {**LORA, "fp8_base": True})]
 GIB = 2**30
 
 
