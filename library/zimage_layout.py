@@ -1,5 +1,6 @@
-"""The Z-Image transformer's original layout (Tongyi-MAI's checkpoints, ComfyUI's `diffusion_models/z_image_*.safetensors`,
-with or without `model.diffusion_model.`) and diffusers' ZImageTransformer2DModel layout, both ways.
+"""The Z-Image transformer's original layout (Tongyi-MAI's checkpoints, ComfyUI's
+`diffusion_models/z_image_*.safetensors`, with or without `model.diffusion_model.`) and diffusers'
+ZImageTransformer2DModel layout, both ways.
 
 The original fuses each attention's q, k, v into one `attention.qkv` (rows q, then k, then v) and names the output
 projection `attention.out`, the q / k norms `q_norm` / `k_norm`, the patch embedder `x_embedder` and the last layer
