@@ -172,8 +172,11 @@ def _check_file_family(cfg: Config, header: SafetensorsHeader):
     names its parts (the family's single_file_problem: shapes, separate files)."""
     from library.families.base import ModelSource, get_family, registered
 
+    from library.fp8_scaled import header_view
+
     path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
-    found = [f for f in registered() if f.recognises(header.tensors)]
+    tensors = header_view(header.tensors)  # ComfyUI's fp8-scaled files: the weights they load as
+    found = [f for f in registered() if f.recognises(tensors)]
     if not found:
         raise fail(cfg, MODEL_KEY, f"{path} is not a checkpoint of any family this trainer knows (sd1, sdxl, sd3, "
                                    f"flux: no U-Net or transformer keys they use; a VAE, text encoder or adapter "
@@ -183,7 +186,7 @@ def _check_file_family(cfg: Config, header: SafetensorsHeader):
         raise fail(cfg, MODEL_KEY, f"{path} is a checkpoint of family \"{found[0].name}\" (from its tensor names), "
                                    f"but 'model.family' = \"{wanted}\": set model.family = \"{found[0].name}\" "
                                    f"(or \"auto\")")
-    problem = family.single_file_problem(header.tensors, ModelSource.from_section(cfg.model))
+    problem = family.single_file_problem(tensors, ModelSource.from_section(cfg.model))
     if problem:
         raise fail(cfg, MODEL_KEY, f"{path}: {problem}")
     return family
