@@ -68,7 +68,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.objectives import configure
     from library.optim import build_optimizer, build_scheduler
     from library.progress import Progress
-    from library.quantization import store_t5
+    from library.quantization import quantize_base, store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
     from library.training import (average_gradients, batch_loss, cache_outputs, check_partial_cache, held_out_set,
                                   make_loader, prepare_data, validation_images, validation_seed)
@@ -106,6 +106,11 @@ def train(cfg: Config, planned=None) -> TrainResult:
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     for module in modules:
         module.requires_grad_(False)
+    quantized = quantize_base(parts, m.base_model_precision, weight_dtype(t.mixed_precision),
+                              keep_t5=m.t5xxl_precision != "auto")  # before the adapters: peft's QLoRA layers
+    if quantized:
+        say(f"base_model_precision {m.base_model_precision}: "
+            + ", ".join(f"{name} {count} Linear layers" for name, count in quantized.items()))
 
     # ---- adapters -------------------------------------------------------------------------------
     n = cfg.network

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.data.training_set import TrainingSet
     from library.families import ModelSource, get_family
     from library.memory import cast_frozen_parts, weight_dtype
-    from library.quantization import store_t5
+    from library.quantization import quantize_base, store_t5
     from library.training import cache_outputs
 
     cli.quiet_libraries()
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = weight_dtype(t.mixed_precision)
     for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
         module.requires_grad_(False)
+    quantize_base(parts, m.base_model_precision, dtype, keep_t5=m.t5xxl_precision != "auto")
     cast_frozen_parts(parts, dtype, t.no_half_vae)
     store_t5(parts, m.t5xxl_precision, dtype)
     cfg.dataset.cache_latents_to_disk = True
