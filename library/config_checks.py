@@ -158,13 +158,17 @@ def _base_precision_problems(cfg: Config) -> list[str]:
                         f"quantized state; use one or the other (nf4 alone stores the base in about a quarter)")
     algo = cfg.network.algo or next((a.split("=", 1)[1].strip().lower() for a in cfg.network.network_args
                                      if a.replace(" ", "").lower().startswith("algo=")), None)
-    if algo in QUANTIZED_BASE_REFUSED or cfg.network.dora_wd:
-        problems.append(f"{key} with algo = \"{algo or 'dora'}\": that adapter reads the base layer's weight, which "
-                        f"is quantized here; use lora or locon (QLoRA)")
+    algo = "dora" if cfg.network.dora_wd else algo
+    if algo in QUANTIZED_BASE_REFUSED[m.base_model_precision]:
+        problems.append(f"{key} with algo = \"{algo}\": that adapter reads the base layer's weight, which is "
+                        f"quantized here; use lora or locon (QLoRA)"
+                        + (" (or loha / lokr with int8)" if m.base_model_precision == "nf4" else ""))
     return problems
 
 
-QUANTIZED_BASE_REFUSED = ("dora", "oft", "boft", "loha", "lokr")  # adapters that read the base weight itself
+# adapters that read the base layer's weight values (DoRA's column norms, OFT's rotated weight) or shape (peft's
+# LoHa / LoKr: nf4 packs two weights a byte, int8 keeps the shape) themselves
+QUANTIZED_BASE_REFUSED = {"int8": ("dora", "oft", "boft"), "nf4": ("dora", "oft", "boft", "loha", "lokr")}
 
 
 def _number_problems(cfg: Config) -> list[str]:

@@ -81,3 +81,40 @@ def test_flux_qlora_losses(flux_config, precision):  # noqa: F811
     quantized = {name: len(_bnb_layers(m, precision)) for name, m in
                  [("denoiser", result.parts.denoiser), *result.parts.text_encoders.items()]}
     assert all(quantized.values()) and set(quantized) == {"denoiser", "te1", "te3"}  # CLIP-L and T5 too
+
+
+def test_peer_spellings_and_what_a_quantized_base_refuses(make_config):
+    spelled = {"NF4-bnb": "nf4", "int8-quanto": "int8", "int8-torchao": "int8", "no_change": "no_change"}
+    for given, read in spelled.items():
+        assert make_config(model={"base_model_precision": given}).model.base_model_precision == read
+    with pytest.raises(ConfigError, match="'model.base_model_precision' = 'int4-quanto' is not one of"):
+        make_config(model={"base_model_precision": "int4-quanto"})
+    nf4 = {"base_model_precision": "nf4"}
+    with pytest.raises(ConfigError, match="base_model_precision.*and 'train.fp8_base'.*choose one"):
+        make_config(model=nf4, train={"fp8_base": True, "mixed_precision": "bf16"})
+    with pytest.raises(ConfigError, match="base_model_precision.*'train.blocks_to_swap'"):
+        make_config(model=nf4, train={"blocks_to_swap": 2, "gradient_checkpointing": True})
+    lokr = {"network_module": "lycoris.kohya", "network_args": ["algo=lokr"]}
+    with pytest.raises(ConfigError, match='algo = "lokr".*use lora or locon'):
+        make_config(model=nf4, network=lokr)
+    make_config(model={"base_model_precision": "int8"}, network=lokr)  # int8 keeps the weight's shape: LoKr runs
+    with pytest.raises(ConfigError, match='algo = "dora"'):
+        make_config(model={"base_model_precision": "int8"}, network={"dora_wd": True})
+
+
+def test_full_fine_tune_with_a_quantized_base_is_refused_in_one_line(tiny_sd1, tiny_data, tmp_path, capsys):
+    import toml
+
+    import train_db
+
+    config = {"model": {"pretrained_model_name_or_path": str(tiny_sd1[0]), "base_model_precision": "nf4"},
+              "dataset": {"train_data_dir": str(tiny_data), "resolution": 64},
+              "train": {"output_dir": str(tmp_path / "out"), "max_train_steps": 2}}
+    path = tmp_path / "db.toml"
+    path.write_text(toml.dumps(config))
+    with pytest.raises(SystemExit) as stopped:
+        train_db.main(["--config", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "'model.base_model_precision' = \"nf4\"" in err and "train_db.py" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written or loaded
