@@ -118,3 +118,97 @@ def test_full_fine_tune_with_a_quantized_base_is_refused_in_one_line(tiny_sd1, t
     assert stopped.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "'model.base_model_precision' = \"nf4\"" in err and "train_db.py" in err
     assert not (tmp_path / "out").exists()  # refused before anything was written or loaded
+
+
+def _quantized_tensors(module, precision):
+    """Every tensor bitsandbytes keeps for the quantized layers of `module`: the weights and their quant state
+    (int8: CB / SCB on the weight and the matmul state; nf4: the block absmax, its own absmax and the code
+    tables)."""
+    for layer in _bnb_layers(module, precision):
+        if precision == "int8":
+            candidates = [layer.weight, layer.weight.CB, layer.weight.SCB, layer.state.CB, layer.state.SCB]
+        else:
+            state = layer.weight.quant_state
+            candidates = [layer.weight, state.absmax, state.code, state.offset, state.state2.absmax,
+                          state.state2.code]
+        yield from (t for t in candidates if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_quantized_state_goes_where_the_run_puts_it(flux_config, gpu, precision):  # noqa: F811
+    """On the test device: the denoiser's quantized weights and every piece of their quant state train on the
+    device; the text encoders', cached, go back to the host (bitsandbytes keeps quant state outside parameters
+    and buffers, which module.to() alone does not move: issue 15's defect 7)."""
+    import fake_device
+
+    result = _lora(flux_config(model={"base_model_precision": precision}, network={"network_train_unet_only": True},
+                               train={"cache_text_encoder_outputs": True, "max_train_steps": 2}))
+    assert len(result.losses) == 2 and all(0 < x < 2 for x in result.losses)
+    on_device = list(_quantized_tensors(result.parts.denoiser, precision))
+    assert len(on_device) > 100 and all(fake_device.on_device(t) for t in on_device)
+    for name, encoder in result.parts.text_encoders.items():
+        tensors = list(_quantized_tensors(encoder, precision))
+        assert tensors and not any(fake_device.on_device(t) for t in tensors), name
+    quantized = sum(t.numel() * t.element_size() for t in on_device)
+    assert fake_device.resident_bytes() >= quantized
+
+
+@pytest.mark.parametrize("shape", [(96, 200), (64, 64), (5, 3)])
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_the_planners_stand_in_holds_bitsandbytes_bytes(shape, precision):
+    """The planner's quantized layer (bitsandbytes cannot run on fake tensors) has the storages bitsandbytes
+    makes for the same Linear, to the byte."""
+    from library.planner.quantized import planned_linear, quantized_bytes
+    from library.quantization import bnb_linear
+
+    child = torch.nn.Linear(shape[1], shape[0])
+    real = bnb_linear(torch.nn.Linear(shape[1], shape[0]), precision, torch.float32)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _quantized_tensors(real, precision)}
+    planned = planned_linear(child, precision, torch.float32)
+    held = sum(t.numel() * t.element_size() for name, t in [*planned.named_parameters(), *planned.named_buffers()]
+               if name != "bias")
+    assert sum(storages.values()) == quantized_bytes(*shape, precision) == held
+
+
+@pytest.fixture(scope="module")
+def wide_flux(tiny_flux, tmp_path_factory):  # noqa: F811
+    """The tiny FLUX.1 with its transformer widened to 256 (its Linear weights dominate), planned for a LoRA."""
+    import json
+    import shutil
+
+    from library.config import NetworkSection
+    from library.planner.step import StepSettings
+
+    folder = tmp_path_factory.mktemp("arch") / "wide-flux"
+    shutil.copytree(tiny_flux["folder"], folder)
+    config_path = folder / "transformer" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_attention_heads": 16}))
+    return StepSettings(recipe="network", family="flux", arch=str(folder), width=64, height=64, batch_size=1,
+                        mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
+                        cache_text_encoder_outputs=True, train_text_encoder=False,
+                        network=NetworkSection(network_dim=4, network_alpha=2.0))
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_the_planner_counts_a_quantized_base(wide_flux, precision):
+    """Planned weights on the device (the denoiser; text encoders and VAE cached away) go down by exactly what
+    bitsandbytes saves on each Linear: 2 bytes a weight in bf16 -> its quantized bytes."""
+    import dataclasses
+
+    from diffusers import FluxTransformer2DModel
+
+    from library.planner import plan, switch_text
+    from library.planner.quantized import quantized_bytes
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(wide_flux.arch,
+                                                                                      subfolder="transformer"))
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    saved = sum(2 * m.weight.numel() - quantized_bytes(m.out_features, m.in_features, precision) for m in linears)
+    base = plan(wide_flux)
+    quantized_settings = dataclasses.replace(wide_flux, base_model_precision=precision)
+    quantized = plan(quantized_settings)
+    assert base.breakdown["weights"] - quantized.breakdown["weights"] == pytest.approx(saved, rel=1e-3)
+    assert quantized.breakdown["adapter weights"] == base.breakdown["adapter weights"] > 0
+    assert f"base_model_precision={precision}" in switch_text(quantized_settings)
+    assert any("base_model_precision" in note for note in quantized.notes)

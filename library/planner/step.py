@@ -57,6 +57,7 @@ class StepSettings:
     blocks_to_swap: int = 0
     cpu_offload_checkpointing: bool = False
     t5xxl_precision: str = "auto"  # model.t5xxl_precision (library.quantization)
+    base_model_precision: str = "no_change"  # model.base_model_precision (library.quantization.quantize_base)
     sample: bool = False  # sample.sample_prompts: sampling during training
     ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
@@ -172,13 +173,18 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     from library.memory import (cast_frozen_parts, cast_trainable, enable_gradient_checkpointing, offload_checkpoints,
                                 set_attention, store_fp8_base, weight_dtype)
     from library.offload import OneAtATime
-    from library.quantization import store_t5
+    from library.planner.quantized import planned_linear
+    from library.quantization import quantize_base, store_t5
     from library.objectives import LossOptions
     from library.training import batch_loss
 
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     for module in modules:
         module.requires_grad_(False)
+    if s.recipe == "network" and quantize_base(parts, s.base_model_precision, weight_dtype(s.mixed_precision),
+                                               keep_t5=s.t5xxl_precision != "auto", make_layer=planned_linear):
+        notes.append(f"base_model_precision {s.base_model_precision}: bitsandbytes' storage of every frozen Linear "
+                     f"(library/planner/quantized.py: its kernels do not run on fake tensors)")
 
     # ---- what trains ------------------------------------------------------------------------
     adapted, text_encoders = [], []
