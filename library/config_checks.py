@@ -156,14 +156,20 @@ def _base_precision_problems(cfg: Config) -> list[str]:
     if t.blocks_to_swap:
         problems.append(f"{key} with 'train.blocks_to_swap': block swap copies plain weights, not bitsandbytes' "
                         f"quantized state; use one or the other (nf4 alone stores the base in about a quarter)")
-    algo = cfg.network.algo or next((a.split("=", 1)[1].strip().lower() for a in cfg.network.network_args
-                                     if a.replace(" ", "").lower().startswith("algo=")), None)
-    algo = "dora" if cfg.network.dora_wd else algo
+    algo = _adapter_algo(cfg.network)
     if algo in QUANTIZED_BASE_REFUSED[m.base_model_precision]:
         problems.append(f"{key} with algo = \"{algo}\": that adapter reads the base layer's weight, which is "
                         f"quantized here; use lora or locon (QLoRA)"
                         + (" (or loha / lokr with int8)" if m.base_model_precision == "nf4" else ""))
     return problems
+
+
+def _adapter_algo(n) -> str | None:
+    """The adapter algorithm [network] asks for (algo, or algo= / dora_wd= in network_args), lower-case."""
+    args = {a.split("=", 1)[0].strip().lower(): a.split("=", 1)[1].strip().lower() for a in n.network_args if "=" in a}
+    if n.dora_wd or args.get("dora_wd") in ("true", "1"):
+        return "dora"
+    return (n.algo or args.get("algo") or "").lower() or None
 
 
 # adapters that read the base layer's weight values (DoRA's column norms, OFT's rotated weight) or shape (peft's

@@ -111,8 +111,9 @@ def test_sd1_checkpoint_from_an_fp8_scaled_file(tiny_sd1, tmp_path):
     assert set(read) == set(source)  # scales and the marker gone
     _check_within_fp8_rounding(read, source, scaled, scales, lambda k: k)
     family = get_family("auto", str(tmp_path / "sd1_fp8_scaled.safetensors"))
-    plain = family.load(ModelSource(str(tmp_path / "sd1_bf16.safetensors"), tokenizer=str(tiny_sd1[0]), arch=str(tiny_sd1[0])))
-    loaded = family.load(ModelSource(str(tmp_path / "sd1_fp8_scaled.safetensors"), tokenizer=str(tiny_sd1[0]), arch=str(tiny_sd1[0])))
+    where = {"tokenizer": str(tiny_sd1[0]), "arch": str(tiny_sd1[0])}
+    plain = family.load(ModelSource(str(tmp_path / "sd1_bf16.safetensors"), **where))
+    loaded = family.load(ModelSource(str(tmp_path / "sd1_fp8_scaled.safetensors"), **where))
     a, b = plain.denoiser.state_dict(), loaded.denoiser.state_dict()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert len(differ) == sum(1 for k in scales if k.endswith(".weight"))  # the scaled Linear weights, no others

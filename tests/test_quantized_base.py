@@ -163,7 +163,8 @@ def test_the_planners_stand_in_holds_bitsandbytes_bytes(shape, precision):
 
     child = torch.nn.Linear(shape[1], shape[0])
     real = bnb_linear(torch.nn.Linear(shape[1], shape[0]), precision, torch.float32)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _quantized_tensors(real, precision)}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in _quantized_tensors(real, precision)}
     planned = planned_linear(child, precision, torch.float32)
     held = sum(t.numel() * t.element_size() for name, t in [*planned.named_parameters(), *planned.named_buffers()]
                if name != "bias")
