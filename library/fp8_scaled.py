@@ -114,20 +114,38 @@ def _float_dtype(state) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.bfloat16
 
 
+def header_problem(metadata: dict[str, str]) -> str | None:
+    """Why a file whose header has this metadata cannot be read here (layers of another ComfyUI quantized format,
+    named in its _quantization_metadata), from the header alone; None if none."""
+    try:
+        _unread_formats(_metadata_formats(metadata))
+    except ScaledFp8Error as e:
+        return str(e)
+    return None
+
+
+def _metadata_formats(metadata: dict[str, str]) -> dict[str, str]:
+    if METADATA_KEY not in metadata:
+        return {}
+    try:
+        layers = json.loads(metadata[METADATA_KEY]).get("layers", {})
+    except (ValueError, AttributeError):
+        raise ScaledFp8Error(f"its {METADATA_KEY} metadata is not the JSON ComfyUI writes") from None
+    return {k: (v.get("format") if isinstance(v, dict) else v) for k, v in layers.items()}
+
+
 def _check_formats(state, metadata: dict[str, str]) -> None:
-    formats = {}
-    if METADATA_KEY in metadata:
-        try:
-            layers = json.loads(metadata[METADATA_KEY]).get("layers", {})
-        except (ValueError, AttributeError):
-            raise ScaledFp8Error(f"its {METADATA_KEY} metadata is not the JSON ComfyUI writes") from None
-        formats.update({k: (v.get("format") if isinstance(v, dict) else v) for k, v in layers.items()})
+    formats = _metadata_formats(metadata)
     for name, tensor in state.items():
         if name.endswith(".comfy_quant"):
             try:
                 formats[name[:-len(".comfy_quant")]] = json.loads(bytes(tensor.tolist()).decode()).get("format")
             except (ValueError, AttributeError):
                 raise ScaledFp8Error(f"{name} is not the JSON ComfyUI writes") from None
+    _unread_formats(formats)
+
+
+def _unread_formats(formats: dict[str, str]) -> None:
     other = sorted({(str(f), layer) for layer, f in formats.items() if f not in FORMATS})
     if other:
         raise ScaledFp8Error(f"layers quantized as {other[0][0]!r} (e.g. {other[0][1]}); only ComfyUI's "

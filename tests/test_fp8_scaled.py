@@ -152,6 +152,22 @@ def test_other_comfy_formats_are_named(comfy_flux, tmp_path):
     assert str(tmp_path / "int8.safetensors") in str(e.value)
 
 
+def test_the_header_check_names_other_formats_before_loading(flux_config, tiny_flux, comfy_flux, tmp_path):  # noqa: F811
+    from library.config import ConfigError
+    from library.model_files import check_files
+
+    files, _ = comfy_flux
+    state = load_file(str(files["transformer"]["fp8_scaled"]))
+    layer = next(k[:-len(".scale_weight")] for k in state if k.endswith(".scale_weight"))
+    path = tmp_path / "nvfp4.safetensors"
+    save_file(state, str(path), metadata={"_quantization_metadata": json.dumps(
+        {"format_version": "1.0", "layers": {layer: {"format": "nvfp4"}}})})
+    cfg = flux_config(model={"pretrained_model_name_or_path": str(path), "t5xxl": str(tiny_flux["t5xxl"]),
+                             "clip_l": str(tiny_flux["clip_l"]), "ae": str(tiny_flux["ae"])})
+    with pytest.raises(ConfigError, match=r"'model.pretrained_model_name_or_path'.*nvfp4.safetensors.*'nvfp4'"):
+        check_files(cfg)
+
+
 def read_checkpoint_of(state: dict, path):
     save_file(state, str(path))
     return read_checkpoint(path)
