@@ -152,7 +152,7 @@ def test_other_comfy_formats_are_named(comfy_flux, tmp_path):
     assert str(tmp_path / "int8.safetensors") in str(e.value)
 
 
-def test_the_header_check_names_other_formats_before_loading(flux_config, tiny_flux, comfy_flux, tmp_path):  # noqa: F811
+def test_header_check_names_other_formats(flux_config, tiny_flux, comfy_flux, tmp_path):  # noqa: F811
     from library.config import ConfigError
     from library.model_files import check_files
 
