@@ -43,7 +43,8 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
         v_parameterization=m.v_parameterization, network=n, learning_rate=o.learning_rate,
         fp8_base=t.fp8_base, blocks_to_swap=t.blocks_to_swap, cpu_offload_checkpointing=t.cpu_offload_checkpointing,
-        t5xxl_precision=m.t5xxl_precision, base_model_precision=m.base_model_precision, bucket_areas=bucket_areas(d, (width, height)),
+        t5xxl_precision=m.t5xxl_precision, base_model_precision=m.base_model_precision,
+        bucket_areas=bucket_areas(d, (width, height)),
         sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema)
 
 
