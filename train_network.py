@@ -50,7 +50,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.optim import build_scheduler
     from library.progress import Progress
     from library.run import (OptimizerSettings, Switches, adapter_groups, add_adapters, apply_switches,
-                             cache_and_place, make_optimizer, prepare, start, start_trackers)
+                             cache_and_place, make_optimizer, prepare, quantize_frozen, start,
+                             start_trackers)
     from library.sampling import settings_from_config
     from library.training import (batch_loss, check_partial_cache, held_out_set, make_loader,
                                   prepare_data, validation_images, validation_seed)
@@ -74,6 +75,10 @@ def train(cfg: Config, planned=None) -> TrainResult:
     m = cfg.model
     family, parts = load_model(cfg)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
+    quantized = quantize_frozen(parts, Switches.from_config(cfg))  # before the adapters: peft's QLoRA layers
+    if quantized:
+        say(f"base_model_precision {m.base_model_precision}: "
+            + ", ".join(f"{name} {count} Linear layers" for name, count in quantized.items()))
 
     # ---- adapters -------------------------------------------------------------------------------
     n = cfg.network

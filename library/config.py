@@ -40,6 +40,10 @@ def opt(default, help: str, choices: tuple | None = None, path: str | None = Non
 
 
 REQUIRED = dataclasses.MISSING
+# model.base_model_precision: what users type (ours, and the peers' spellings that mean the same storage:
+# SimpleTuner's base_model_precision values) -> the storage library/quantization.py makes
+BASE_MODEL_PRECISIONS = {"no_change": "no_change", "int8": "int8", "nf4": "nf4", "nf4-bnb": "nf4",
+                         "int8-quanto": "int8", "int8-torchao": "int8"}
 
 # ---------------------------------------------------------------------------------------------
 # The schema. Section dataclasses, then the whole config.
@@ -85,6 +89,12 @@ class ModelSection:
         "(the weights' dtype; T5 9.5 GB in bf16), "
         "fp8 (float8, computed in the autocast dtype) or int8 (bitsandbytes LLM.int8): ~4.8 GB",
         choices=("auto", "fp8", "int8"))
+    base_model_precision: str = opt(
+        "no_change", "train_network.py (QLoRA): store the frozen denoiser's and text encoders' Linear weights "
+        "quantized through bitsandbytes, adapters in full precision on top: int8 (LLM.int8, ~1 byte per weight) or "
+        "nf4 (4-bit NormalFloat, ~0.52 byte per weight); convolutions, norms and embeddings keep their precision. "
+        "SimpleTuner's spellings nf4-bnb, int8-quanto, int8-torchao are read as these; for fp8 see train.fp8_base",
+        choices=tuple(BASE_MODEL_PRECISIONS))
     guidance_scale: float = opt(3.5, "FLUX.1-dev / FLUX.2-dev: the distilled-guidance value the model is given in "
                                      "training")
 

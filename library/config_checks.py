@@ -72,7 +72,7 @@ def _check_path(key: str, value: str, kind: str, source: str) -> None:
 
 def check_combinations(cfg: Config) -> None:
     t, n, src = cfg.train, cfg.network, cfg.source
-    problems = []
+    problems = _base_precision_problems(cfg)
     if t.full_fp16 and t.mixed_precision != "fp16":
         problems.append("'train.full_fp16' needs 'train.mixed_precision' = \"fp16\"")
     if t.full_bf16 and t.mixed_precision != "bf16":
@@ -151,6 +151,41 @@ def check_combinations(cfg: Config) -> None:
     problems += check_network_section(n, cfg.save.save_format)
     if problems:
         raise ConfigError(joined(src, problems))
+
+
+def _base_precision_problems(cfg: Config) -> list[str]:
+    """model.base_model_precision: a peer's spelling read as ours (recorded so), and what it cannot go with."""
+    from library.config import BASE_MODEL_PRECISIONS
+
+    m, t = cfg.model, cfg.train
+    m.base_model_precision = BASE_MODEL_PRECISIONS[m.base_model_precision.lower()]
+    if m.base_model_precision == "no_change":
+        return []
+    key, problems = f"'model.base_model_precision' = \"{m.base_model_precision}\"", []
+    if t.fp8_base:
+        problems.append(f"{key} and 'train.fp8_base' both set how the frozen denoiser is stored: choose one")
+    if t.blocks_to_swap:
+        problems.append(f"{key} with 'train.blocks_to_swap': block swap copies plain weights, not bitsandbytes' "
+                        f"quantized state; use one or the other (nf4 alone stores the base in about a quarter)")
+    algo = _adapter_algo(cfg.network)
+    if algo in QUANTIZED_BASE_REFUSED[m.base_model_precision]:
+        problems.append(f"{key} with algo = \"{algo}\": that adapter reads the base layer's weight, which is "
+                        f"quantized here; use lora or locon (QLoRA)"
+                        + (" (or loha / lokr with int8)" if m.base_model_precision == "nf4" else ""))
+    return problems
+
+
+def _adapter_algo(n) -> str | None:
+    """The adapter algorithm [network] asks for (algo, or algo= / dora_wd= in network_args), lower-case."""
+    args = {a.split("=", 1)[0].strip().lower(): a.split("=", 1)[1].strip().lower() for a in n.network_args if "=" in a}
+    if n.dora_wd or args.get("dora_wd") in ("true", "1"):
+        return "dora"
+    return (n.algo or args.get("algo") or "").lower() or None
+
+
+# adapters that read the base layer's weight values (DoRA's column norms, OFT's rotated weight) or shape (peft's
+# LoHa / LoKr: nf4 packs two weights a byte, int8 keeps the shape) themselves
+QUANTIZED_BASE_REFUSED = {"int8": ("dora", "oft", "boft"), "nf4": ("dora", "oft", "boft", "loha", "lokr")}
 
 
 def _number_problems(cfg: Config) -> list[str]:
@@ -252,6 +287,10 @@ def check_recipe(cfg: Config, recipe: str) -> None:
     if recipe == "db" and cfg.train.validation_split:
         problems.append("'train.validation_split' is read by train_network.py; train_db.py has no validation loss "
                         "yet: leave it 0")
+    if recipe == "db" and cfg.model.base_model_precision != "no_change":
+        problems.append(f"'model.base_model_precision' = \"{cfg.model.base_model_precision}\" stores the frozen base "
+                        f"quantized, for adapters (train_network.py); train_db.py trains the base's own weights, "
+                        f"which cannot take updates in int8 / nf4: leave it \"no_change\"")
     if recipe == "db" and cfg.train.fp8_base:
         problems.append("'train.fp8_base' stores frozen weights in float8; train_db.py trains the denoiser's weights, "
                         "which must stay bf16/fp32 to take updates: use full_bf16 (with fused_backward_pass) and "

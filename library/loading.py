@@ -98,8 +98,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        read_safetensors_header(path)  # a damaged file is named, not a Rust error
-        return load_file(str(path))
+        header = read_safetensors_header(path)  # a damaged file is named, not a Rust error
+        return _dequantized(load_file(str(path)), header.metadata, path)
     problem = pickle_problem(path)
     if problem:
         raise CheckpointError(problem)
@@ -118,7 +118,17 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return _dequantized({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}, path)
+
+
+def _dequantized(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8-scaled weights as the weights they stand for (library.fp8_scaled); other files as read."""
+    from library.fp8_scaled import ScaledFp8Error, dequantize
+
+    try:
+        return dequantize(state, metadata)
+    except ScaledFp8Error as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _unsafe_global(lines: list[str]) -> str:

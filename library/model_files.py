@@ -6,7 +6,8 @@ Checked before loading, from headers and first bytes only (a few kB per file):
   - a folder that holds no model (no model_index.json, unet/ or transformer/), or lacks a part its family
     loads (the family's folder_parts);
   - a .safetensors file that is empty, truncated or has a damaged header (every file key, and every
-    .safetensors file in a folder a key names);
+    .safetensors file in a folder a key names), or whose header names a ComfyUI quantized format other than
+    scaled fp8 (library/fp8_scaled.py);
   - a .ckpt / .pt that is neither a zip-format torch checkpoint nor a pickle, or a truncated zip;
   - a model file of another family than model.family, or that its family cannot load as named (the families'
     recognises / single_file_problem, reading the header's names and shapes);
@@ -24,6 +25,7 @@ from urllib.parse import urlparse
 
 from library.config import Config, ConfigError
 from library.config_checks import HUB_ID
+from library.fp8_scaled import header_problem
 from library.loading import CheckpointError, SafetensorsHeader, pickle_problem, read_safetensors_header
 
 MODEL_KEY = "model.pretrained_model_name_or_path"
@@ -87,7 +89,11 @@ def _check_file(cfg: Config, key: str, value: str) -> SafetensorsHeader | None:
         return None
     try:
         if path.suffix.lower() == ".safetensors":
-            return read_safetensors_header(path)
+            header = read_safetensors_header(path)
+            problem = header_problem(header.metadata)  # ComfyUI's quantized formats other than scaled fp8
+            if problem:
+                raise CheckpointError(f"{path}: {problem}")
+            return header
         if path.suffix.lower() in PICKLE_SUFFIXES:
             problem = pickle_problem(path)
             if problem:
@@ -174,8 +180,11 @@ def _check_file_family(cfg: Config, header: SafetensorsHeader):
     names its parts (the family's single_file_problem: shapes, separate files)."""
     from library.families import ModelSource, get_family, registered
 
+    from library.fp8_scaled import header_view
+
     path, wanted = cfg.model.pretrained_model_name_or_path, cfg.model.family
-    found = [f for f in registered() if f.recognises(header.tensors)]
+    tensors = header_view(header.tensors)  # ComfyUI's fp8-scaled files: the weights they load as
+    found = [f for f in registered() if f.recognises(tensors)]
     if not found:
         raise fail(cfg, MODEL_KEY, f"{path} is not a checkpoint of any family this trainer knows (sd1, sdxl, sd3, "
                                    f"flux: no U-Net or transformer keys they use; a VAE, text encoder or adapter "
@@ -185,7 +194,7 @@ def _check_file_family(cfg: Config, header: SafetensorsHeader):
         raise fail(cfg, MODEL_KEY, f"{path} is a checkpoint of family \"{found[0].name}\" (from its tensor names), "
                                    f"but 'model.family' = \"{wanted}\": set model.family = \"{found[0].name}\" "
                                    f"(or \"auto\")")
-    problem = family.single_file_problem(header.tensors, ModelSource.from_section(cfg.model))
+    problem = family.single_file_problem(tensors, ModelSource.from_section(cfg.model))
     if problem:
         raise fail(cfg, MODEL_KEY, f"{path}: {problem}")
     return family

@@ -1,17 +1,25 @@
-"""Smaller storage for the T5-XXL text encoder while it encodes captions (model.t5xxl_precision).
+"""Quantized storage of frozen weights, through bitsandbytes: the whole frozen base (model.base_model_precision)
+and the T5-XXL text encoder while it encodes captions (model.t5xxl_precision).
 
-T5-XXL's 4.76 billion parameters take 9.5 GB in bf16: on a 12-16 GB card the encoding phase, not training,
-is what runs out of memory. Two ways to halve it, both applied to a frozen encoder before it moves to the device:
+base_model_precision = int8 / nf4 (QLoRA): every nn.Linear of the frozen denoiser and text encoders becomes a
+bitsandbytes layer before the adapters go in (quantize_base), quantized at once on the host, so host memory
+shrinks too. peft builds its LoRA layers on bitsandbytes layers (adapters in full precision on top). int8 is
+LLM.int8 (1 byte per weight + an fp32 scale per output row, outlier input features in 16-bit); nf4 is QLoRA's
+4-bit NormalFloat with double-quantized block scales (~0.52 byte per weight). Generic over nn.Linear: every
+family gets it, and convolutions (the SD U-Nets' ResNets), norms and embeddings keep their precision. The
+planner counts the same bytes (library/planner/quantized.py: bitsandbytes does not run on fake tensors).
+
+t5xxl_precision: T5-XXL's 4.76 billion parameters take 9.5 GB in bf16: on a 12-16 GB card the encoding phase,
+not training, is what runs out of memory. Two ways to halve it, both applied to a frozen encoder before it moves
+to the device:
 
 - fp8: every Linear weight stored as float8_e4m3fn and cast to the compute dtype layer by layer in forward
   (library.memory.store_fp8, what fp8_base does for the denoiser). Embeddings, layer norms and the relative
   attention bias stay as they are.
-- int8: every Linear becomes a bitsandbytes LLM.int8 layer (int8 weights, one fp32 scale per output row,
-  outlier features above 6.0 in 16-bit), as transformers' BitsAndBytesConfig(load_in_8bit=True) does for a
-  folder; done here so that single t5xxl files get it too. The weights are quantized when they move to the
-  device.
+- int8: every Linear becomes a bitsandbytes LLM.int8 layer (int8_linear), as transformers'
+  BitsAndBytesConfig(load_in_8bit=True) does for a folder; done here so that single t5xxl files get it too.
 
-The encoder's outputs change slightly (fp8: ~2 significant digits per weight); caches record the precision.
+The outputs change slightly (fp8: ~2 significant digits per weight); caches record the precisions.
 """
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ import functools
 
 import torch
 from torch import nn
+
+BASE_PRECISIONS = ("int8", "nf4")  # model.base_model_precision's quantized storages (config.py spells them)
 
 
 def is_t5(module: nn.Module) -> bool:
@@ -74,20 +84,73 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype) -> None:
 
 def store_int8(module: nn.Module, threshold: float = 6.0) -> None:
     """Every nn.Linear of `module` -> bitsandbytes Linear8bitLt (int8_layer()) holding the same weights."""
-    import bitsandbytes as bnb
+    replace_linears(module, lambda layer: int8_linear(layer, threshold))
 
-    layer_class = int8_layer()
+
+def replace_linears(module: nn.Module, make) -> int:
+    """Every plain nn.Linear of `module` replaced by make(linear) in place; returns how many."""
+    count = 0
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            layer = layer_class(child.in_features, child.out_features, bias=child.bias is not None,
-                                has_fp16_weights=False, threshold=threshold, device="meta")
-            layer.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
-                                             has_fp16_weights=False)
-            if child.bias is not None:
-                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, child_name, layer)
+            if type(child) is nn.Linear:
+                setattr(parent, child_name, make(child))
+                count += 1
+    return count
+
+
+def int8_linear(child: nn.Linear, threshold: float = 6.0) -> nn.Module:
+    """A bitsandbytes LLM.int8 layer (int8_layer()) holding `child`'s weights, quantized now where they are
+    (int8 weights, one fp32 scale per output row)."""
+    import bitsandbytes as bnb
+
+    layer = int8_layer()(child.in_features, child.out_features, bias=child.bias is not None,
+                         has_fp16_weights=False, threshold=threshold, device="meta")
+    layer.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16), requires_grad=False,
+                                     has_fp16_weights=False)
+    if child.bias is not None:
+        layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+    return layer.to(child.weight.device)  # Int8Params quantize when they move
+
+
+def nf4_linear(child: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes Linear4bit holding `child`'s weights as NF4, quantized now where they are (QLoRA's storage:
+    4-bit codes, one absmax per 64 weights, itself quantized to 8 bits per 256 blocks), computing in
+    `compute_dtype`. bitsandbytes' CPU path repacks the weights in place during a no-grad forward on the host
+    (avx512-bf16 machines), in a layout that .to() does not undo: that repacking is off."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True, device="meta")
+    layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, module=layer)
+    if child.bias is not None:
+        layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False
+    return layer.to(child.weight.device)  # Params4bit quantize when they move
+
+
+def bnb_linear(child: nn.Linear, precision: str, compute_dtype: torch.dtype) -> nn.Module:
+    """The bitsandbytes layer of base_model_precision `precision` holding `child`'s weights."""
+    return int8_linear(child) if precision == "int8" else nf4_linear(child, compute_dtype)
+
+
+def quantize_base(parts, precision: str, compute_dtype: torch.dtype, keep_t5: bool = False,
+                  make_layer=bnb_linear) -> dict[str, int]:
+    """base_model_precision: every nn.Linear of the frozen denoiser and text encoders (T5 too, unless `keep_t5`:
+    model.t5xxl_precision stores it) replaced by `make_layer(linear, precision, compute_dtype)`, by default a
+    bitsandbytes layer quantized at once on the host (int8: LLM.int8, 1 byte per weight + an fp32 scale per
+    row; nf4: ~0.52 byte per weight). Convolutions, norms and embeddings keep their precision. Call it before the
+    adapters go in: peft then builds its QLoRA layers (adapters in full precision over the quantized layer) on
+    them. Returns the number of layers quantized per part ("denoiser", text-encoder names); {} for no_change."""
+    if precision not in BASE_PRECISIONS:
+        return {}
+    chosen = {"denoiser": parts.denoiser, **{name: encoder for name, encoder in parts.text_encoders.items()
+                                            if not (keep_t5 and is_t5(encoder))}}
+    for name, module in chosen.items():
+        if any(p.requires_grad for p in module.parameters()):
+            raise ValueError(f"base_model_precision {precision}: {name} trains; only frozen weights are quantized")
+    return {name: replace_linears(module, lambda layer: make_layer(layer, precision, compute_dtype))
+            for name, module in chosen.items()}
 
 
 @functools.cache

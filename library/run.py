@@ -133,13 +133,14 @@ class Switches:
     fp8_base: bool = False
     cpu_offload_checkpointing: bool = False
     blocks_to_swap: int | None = 0
+    base_model_precision: str = "no_change"  # int8 / nf4: the frozen Linears through bitsandbytes (QLoRA)
 
     @classmethod
     def from_config(cls, cfg) -> "Switches":
         t = cfg.train
         return cls(t.mixed_precision, t.full_fp16, t.full_bf16, t.no_half_vae, cfg.model.t5xxl_precision,
                    t.xformers, t.sdpa, t.gradient_checkpointing, t.fp8_base, t.cpu_offload_checkpointing,
-                   t.blocks_to_swap)
+                   t.blocks_to_swap, cfg.model.base_model_precision)
 
 
 @dataclass
@@ -147,6 +148,20 @@ class Placed:
     dtype: object  # torch.dtype of the frozen weights
     attention: str  # the attention backend, as said
     swapper: object = None  # library.block_swap.BlockSwapper, or None
+
+
+def quantize_frozen(parts, sw: Switches, make_layer=None) -> dict[str, int]:
+    """model.base_model_precision (QLoRA): every frozen Linear of the denoiser and text encoders stored int8 /
+    nf4 through bitsandbytes (the planner passes its stand-in layer), before the adapters go in so that peft
+    builds its LoRA layers on the quantized ones; T5 is left to t5xxl_precision when that is set. Returns
+    {part: quantized Linear layers}, {} without it."""
+    from library.memory import weight_dtype
+    from library.quantization import quantize_base
+
+    freeze(parts)
+    more = {"make_layer": make_layer} if make_layer else {}
+    return quantize_base(parts, sw.base_model_precision, weight_dtype(sw.mixed_precision),
+                         keep_t5=sw.t5xxl_precision != "auto", **more)
 
 
 def cast_frozen(parts, sw: Switches):

@@ -62,7 +62,7 @@ def cache_command(argv: list[str] | None = None) -> int:
     from library.data.plan import plan_data
     from library.data.training_set import TrainingSet
     from library.model_files import load_model
-    from library.run import Switches, cache_outputs, cast_frozen, freeze
+    from library.run import Switches, cache_outputs, cast_frozen, quantize_frozen
 
     cli.quiet_libraries()
     cfg = cli.load_or_exit(cli.parse_args(argv, cache_doc), recipe="network")
@@ -72,8 +72,9 @@ def cache_command(argv: list[str] | None = None) -> int:
     with cli.exit_on_user_error():
         dataset = TrainingSet(plan_data(cfg), t.seed or 0, cfg.dataset.prior_loss_weight)
         family, parts = load_model(cfg)  # as the recipes load and cast it: the caches then match theirs
-        freeze(parts)
-        cast_frozen(parts, Switches.from_config(cfg))
+        switches = Switches.from_config(cfg)
+        quantize_frozen(parts, switches)  # freezes every part; base_model_precision as a run stores it
+        cast_frozen(parts, switches)
         cache_outputs(cfg, family, parts, dataset, True, "cuda" if torch.cuda.is_available() else "cpu", print)
     return 0
 

@@ -115,6 +115,8 @@ def switch_text(s: StepSettings) -> str:
         on.append(f"blocks_to_swap={s.blocks_to_swap}")
     if s.t5xxl_precision != "auto":
         on.append(f"t5xxl_precision={s.t5xxl_precision}")
+    if s.base_model_precision != "no_change":
+        on.append(f"base_model_precision={s.base_model_precision}")
     if s.fused_optimizer_groups:
         on.append(f"fused_optimizer_groups={s.fused_optimizer_groups}")
     on.append(f"optimizer {s.optimizer_type}")

@@ -115,10 +115,14 @@ class _offload_observed:
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
     from library.objectives import LossOptions
     from library.offload import OneAtATime
-    from library.run import add_adapters, apply_switches, train_whole
+    from library.planner.quantized import planned_linear
+    from library.run import add_adapters, apply_switches, quantize_frozen, train_whole
     from library.training import batch_loss
 
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
+    if s.recipe == "network" and quantize_frozen(parts, s.switches(), make_layer=planned_linear):
+        notes.append(f"base_model_precision {s.base_model_precision}: bitsandbytes' storage of every frozen Linear "
+                     f"(library/planner/quantized.py: its kernels do not run on fake tensors)")
 
     # ---- what trains, and the memory switches: library/run.py, as the recipes call it --------------
     adapted, text_encoders = [], []
