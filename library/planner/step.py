@@ -2,10 +2,11 @@
 (no weights), the recipe's adapters, memory switches, optimizer and batch_loss: the optimizer state as the
 first step leaves it (warm_up_state), then one measured step (forward, backward, optimizer step).
 
-The order of calls is the recipes' (train_network.py / train_db.py): what trains -> adapters -> casts ->
-attention -> gradient checkpointing -> pre-encoding (VAE, text encoders) -> offload -> optimizer ->
-batch_loss, backward, clipping, optimizer step, zero_grad. Only the library functions the recipes call
-are used, so a switch that does not save what it should shows in the plan.
+What trains, the memory switches and the optimizer are built by library/run.py's functions, the ones both
+recipes call (add_adapters / train_whole, apply_switches, make_optimizer), in the recipes' order: what trains
+-> switches -> pre-encoding (VAE, text encoders) -> optimizer -> batch_loss, backward, clipping, optimizer
+step, zero_grad. A switch that does not save what it should shows in the plan. The placement while caching
+is followed here with the tracker (run.cache_outputs moves modules; the fake device counts storages).
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
             tracker.tag([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
     frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
 
-    # ---- pre-encoding, placed as library.training.cache_outputs places it: the VAE alone (leaving once the
+    # ---- pre-encoding, placed as library.run.cache_outputs places it: the VAE alone (leaving once the
     # latents are cached); cached text encoders one at a time (library.offload), others to stay; no denoiser yet
     denoiser_storages = list(_storages(parts.denoiser))
     tracker.release(denoiser_storages)
