@@ -159,7 +159,7 @@ def _rng_state() -> dict:
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state(torch.cuda.current_device())] if torch.cuda.is_available() else [],
             "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
             "python": json.dumps(random.getstate())}
 
@@ -170,12 +170,21 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _set_device_rng_state(state["cuda"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
     version, internal, gauss_next = json.loads(state["python"])
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def _set_device_rng_state(saved: list) -> None:
+    """This process' own GPU RNG, from the state the saving process wrote of its GPU (states written before:
+    one per GPU of that machine; this process takes its own index's, or the first). Every process sets only its
+    own device, so a machine with fewer visible GPUs than the one that saved resumes (no IndexError)."""
+    if not saved or not torch.cuda.is_available():
+        return
+    index = torch.cuda.current_device()
+    torch.cuda.set_rng_state(saved[index] if index < len(saved) else saved[0], index)
 
 
 def remove_old(out_dir: Path, pattern: str, keep: int, say=print) -> list[Path]:

@@ -289,3 +289,43 @@ def test_class_images_in_the_runs_precision_one_module_at_a_time(make_config, tm
     events = [e for k, e in enumerate(events) if k == 0 or e != events[k - 1]]  # one per change
     assert all(resident == (() if name == "denoiser" else (name,)) for name, resident in events), events
     assert all(autocast for _, _, autocast in seen)  # the run's precision (bf16 autocast)
+
+
+class _FakeCudaRng:
+    """torch.cuda's RNG functions on a machine with `count` visible GPUs (this process on `current`): as CUDA's
+    own, setting the state of a device index that is not visible raises IndexError."""
+
+    def __init__(self, monkeypatch, count: int, current: int = 0):
+        self.count, self.current, self.set = count, current, {}
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.get(i) for i in range(count)])
+        for module in (torch.cuda, torch.cuda.random):  # set_rng_state_all calls the module's own
+            monkeypatch.setattr(module, "set_rng_state", self.put)
+
+    @staticmethod
+    def get(device=0) -> torch.Tensor:
+        return torch.full((4,), 10 + (device if isinstance(device, int) else 0), dtype=torch.uint8)
+
+    def put(self, state, device=0) -> None:
+        if device >= self.count:
+            raise IndexError(f"device {device} of {self.count}")
+        self.set[device] = int(state[0])
+
+
+@pytest.mark.parametrize("saved_gpus, gpus, rank", [(2, 1, 0), (4, 2, 1), (1, 2, 1)])
+def test_resume_on_a_machine_with_fewer_gpus(monkeypatch, saved_gpus, gpus, rank):
+    """Defect 12: the state held every GPU's RNG of the machine that saved it and a resume set them all: on a
+    machine with fewer visible GPUs, IndexError. Each process now restores its own device's RNG only."""
+    from library import checkpoint
+
+    _FakeCudaRng(monkeypatch, saved_gpus, current=0)
+    saved = checkpoint._rng_state()
+    old_format = {**saved, "cuda": torch.cuda.get_rng_state_all()}  # what states written before hold
+    for state in (saved, old_format):
+        machine = _FakeCudaRng(monkeypatch, gpus, current=rank)
+        checkpoint._set_rng_state(state)
+        expected = 10 + (rank if len(state["cuda"]) > rank else 0)
+        assert machine.set == {rank: expected if state is old_format else 10}
