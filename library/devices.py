@@ -40,8 +40,8 @@ def enable_tf32() -> None:
 def refuse_unsupported(cfg) -> None:
     """What the config accepts but a run would fail on or silently ignore after loading, refused before
     anything loads, with what to do instead: DeepSpeed / FSDP from `accelerate config` (the trainer runs one
-    model copy per GPU and averages gradients itself; multi-GPU engines are a separate issue), and xformers
-    for SD3 / FLUX.1, whose joint attention runs on PyTorch SDPA."""
+    model copy per GPU and averages gradients itself; multi-GPU engines are a separate issue), xformers
+    for SD3 / FLUX.1, whose joint attention runs on PyTorch SDPA, and bf16 on a GPU without it."""
     from library.config import ConfigError
     from library.families import get_family
 
@@ -55,5 +55,19 @@ def refuse_unsupported(cfg) -> None:
         if family in ("sd3", "flux"):
             problems.append(f"'train.xformers': {family}'s joint attention runs on PyTorch SDPA, xformers would be "
                             f"ignored; remove 'train.xformers' (sdpa is the default)")
+    problems += _without_bf16(cfg)
     if problems:
         raise ConfigError(f"{cfg.source}:\n  " + "\n  ".join(problems))
+
+
+def _without_bf16(cfg) -> list[str]:
+    """bf16 asked for on a CUDA GPU without native bf16 (before Ampere: T4, V100, RTX 20xx), where it is
+    emulated at a fraction of the speed or fails in a kernel: what to ask for instead."""
+    t = cfg.train
+    if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
+        return []
+    card = torch.cuda.get_device_name(torch.cuda.current_device())
+    return [f"'train.{key}': this GPU ({card}) has no bf16; use {instead}" for key, wanted, instead in (
+        ("mixed_precision", t.mixed_precision == "bf16",
+         'mixed_precision = "fp16" (with no_half_vae = true for the SDXL VAE) or "no"'),
+        ("full_bf16", t.full_bf16, 'full_fp16 = true with mixed_precision = "fp16", or neither')) if wanted]

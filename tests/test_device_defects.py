@@ -329,3 +329,24 @@ def test_resume_on_a_machine_with_fewer_gpus(monkeypatch, saved_gpus, gpus, rank
         checkpoint._set_rng_state(state)
         expected = 10 + (rank if len(state["cuda"]) > rank else 0)
         assert machine.set == {rank: expected if state is old_format else 10}
+
+
+@pytest.mark.parametrize("train, key", [({"mixed_precision": "bf16"}, "mixed_precision"),
+                                        ({"mixed_precision": "bf16", "full_bf16": True}, "full_bf16")])
+def test_bf16_on_a_gpu_without_bf16_is_refused_up_front(make_config, monkeypatch, train, key):
+    """Defect 16: bf16 on a GPU without it (T4, V100) was accepted and failed or crawled (emulated) after
+    loading; it is refused before anything loads, naming the key and what to use instead."""
+    from library.config import ConfigError
+    from library.devices import refuse_unsupported
+
+    cfg = make_config(train=train)
+    supported = {"bf16": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported["bf16"])
+    refuse_unsupported(cfg)  # an Ampere card: nothing to say
+    supported["bf16"] = False
+    with pytest.raises(ConfigError, match=rf"'train.{key}': this GPU \(Tesla T4\) has no bf16; use .*fp16"):
+        _lora(cfg)
+    refuse_unsupported(make_config(train={"mixed_precision": "fp16"}))  # fp16 is what such a card runs
