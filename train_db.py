@@ -52,6 +52,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from library import phases
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
     from library.devices import enable_tf32, refuse_unsupported
@@ -80,6 +81,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                               log_with=cfg.logging.log_with,
                               project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
     set_seed(t.seed)
+    phases.start(accelerator.device)  # the peak memory of each phase, for the report at the end
     say = Progress(0, enabled=accelerator.is_main_process).write
     if accelerator.is_main_process:
         lock = claim_output_dir(cfg)  # noqa: F841  (held until train() returns: no second run writes here)
@@ -217,6 +219,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         train_te = _stop_training(text_encoders, say, step)
     if sampling and sampling.at_first and step == 0:
         sample(0)
+    phases.enter("training")
     stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
@@ -280,6 +283,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     for module in trained:
         module.eval()
     sample(step)
+    accelerator.log(phases.for_trackers(), step=step)  # the peak memory report, into the run's log too
     accelerator.end_training()
     say(f"done: {step} steps in {elapsed:.1f}s, "
         + (f"final loss {result.losses[-1]:.4f}, " if result.losses else "") + f"{peak_memory_text()}; "

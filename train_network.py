@@ -56,6 +56,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from library import phases
     from library.block_swap import make_swapper, move
     from library.checkpoint import Checkpointer, Position, resumed_seed
     from library.devices import enable_tf32, refuse_unsupported
@@ -88,6 +89,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                               log_with=cfg.logging.log_with,
                               project_dir=cfg.logging.logging_dir or str(out_dir / "logs"))
     set_seed(t.seed)
+    phases.start(accelerator.device)  # the peak memory of each phase, for the report at the end
     say = Progress(0, enabled=accelerator.is_main_process).write
     if accelerator.is_main_process:
         lock = claim_output_dir(cfg)  # noqa: F841  (held until train() returns: no second run writes here)
@@ -241,6 +243,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
             return result
     if sampling and sampling.at_first and step == 0:
         sample(0)
+    phases.enter("training")
     stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
@@ -312,6 +315,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         say(f"denoising loss at fixed timesteps and noise: base {result.base_loss:.5f} -> "
             f"trained {result.trained_loss:.5f}")
     sample(step)
+    accelerator.log(phases.for_trackers(), step=step)  # the peak memory report, into the run's log too
     accelerator.end_training()
     if n.scale_weight_norms:
         say(f"scale_weight_norms {n.scale_weight_norms:g}: {sum(result.keys_scaled)} layer scalings in {step} steps "

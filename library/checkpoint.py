@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from library.config import ConfigError
 from library.config_checks import glob_escape
+from library.phases import during
 from library.saved_state import (RESUME_MAY_CHANGE, STATE_VERSION, read_state_info, check_resumable, find_state,  # noqa: F401
                                  recover_folder)
 
@@ -212,6 +213,7 @@ class Checkpointer:
         self.extra = extra or (lambda: {})  # callable: recipe-specific state (EMA weights, ...)
         self.saved: list[Path] = []
 
+    @during("saving")
     def save(self, stem: str, position: Position, keep: int | None = None, pattern: str | None = None) -> None:
         """Weights as `stem` (+ `stem-state` with save_state); then keep only the newest `keep` matching."""
         if not self.is_main:
@@ -263,6 +265,7 @@ class Checkpointer:
     def _step_stem(self, step: int) -> str:
         return f"{self.name}-step{step:08d}"
 
+    @during("saving")
     def save_state(self, stem: str, position: Position) -> Path:
         folder = save_training_state(self.out_dir / f"{stem}-state", position, config=self.cfg.to_toml_dict(),
                                      extra=self.extra(), run_id=self.cfg.run_id, data=self.cfg.data_fingerprint,

@@ -187,9 +187,13 @@ def allow_fp16_gradients(accelerator) -> None:
 
 
 def peak_memory_text() -> str:
-    """Peak device memory of this process, for the end-of-run summary."""
+    """Peak device memory of this process, per phase of the run (library/phases.py), for the end-of-run summary;
+    the process' peak host memory on the CPU."""
     import resource
 
-    if torch.cuda.is_available():
-        return f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated"
+    from library.phases import report
+
+    per_phase = report()
+    if per_phase:
+        return per_phase
     return f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (CPU)"

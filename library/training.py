@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from library.phases import during
 from library.objectives import LossOptions, denoising_loss, draw_noise
 from library.data.training_set import latent_mask
 
@@ -135,6 +136,7 @@ def make_loader(cfg, plan, dataset):
     return loader, sampler, order
 
 
+@during("caching")
 def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
     """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
     `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the

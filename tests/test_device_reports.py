@@ -1,0 +1,74 @@
+"""What GPU users of every peer expect (issue 15, "Also"): a GPU out-of-memory error that names the phase and
+what to try, and the peak device memory of each phase, shown on the test accelerator (tests/fake_device.py)."""
+import re
+
+import pytest
+import torch
+
+import fake_device
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity)"
+
+
+def _raise_oom(*args, **kwargs):  # noqa: ARG001
+    raise torch.OutOfMemoryError(OOM)
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle --d 3 --s 2\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("phase, module, name", [
+    ("caching", "library.data.cache", "cache_latents"),
+    ("training", "library.training", "batch_loss"),
+    ("sampling", "library.sampling", "_vae_tiling"),
+    ("saving", "networks.files", "save"),
+])
+def test_out_of_memory_names_the_phase(make_config, tmp_path, monkeypatch, capsys, phase, module, name):
+    """A CUDA out-of-memory error is one line naming the phase it happened in and pointing to --plan /
+    --vram_budget and expandable_segments; exit code 2 (the settings do not fit the GPU), no traceback."""
+    import importlib
+
+    from library import cli
+    from train_network import train
+
+    monkeypatch.setattr(importlib.import_module(module), name, _raise_oom)
+    cfg = make_config(dataset={"cache_latents": True},
+                      sample={"sample_prompts": _prompts(tmp_path), "sample_at_first": True})
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped, cli.exit_on_user_error():
+        train(cfg)
+    assert stopped.value.code == cli.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err.strip().splitlines()  # (the loaders' progress bars above it)
+    assert "Traceback" not in "".join(err) and err[-1:] == [f"out of GPU memory while {phase}: {OOM}. see what each switch saves with --plan (or "
+                   f"--vram_budget GB for the switches that fit), and set "
+                   f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True against fragmentation"]
+
+
+def _bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def test_peak_memory_per_phase(make_config, tmp_path, capsys, gpu):
+    """The end of a run reports each phase's peak device memory (allocated / reserved), read from the device's
+    counters and reset between phases: caching held the VAE and not the denoiser, training held the denoiser."""
+    from library import phases
+    from train_network import train
+
+    result = train(make_config(dataset={"cache_latents": True},
+                               sample={"sample_prompts": _prompts(tmp_path), "sample_at_first": True}))
+    peaks = phases.peaks()
+    assert list(peaks) == ["loading", "caching", "sampling", "training", "saving"]
+    parts = result.parts
+    vae, denoiser = _bytes(parts.vae), _bytes(parts.denoiser)
+    assert vae <= peaks["caching"].allocated < vae + denoiser  # the denoiser came after caching (not before)
+    assert denoiser <= peaks["training"].allocated
+    assert peaks["training"].allocated > peaks["saving"].allocated >= denoiser  # no activations while saving
+    assert all(p.reserved == p.allocated for p in peaks.values())  # the test device has no caching allocator
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("done:"))
+    numbers = r"[\d.]+ / [\d.]+ GiB"
+    assert re.search(rf"peak GPU memory \(allocated / reserved\): loading {numbers}, caching {numbers}, sampling "
+                     rf"{numbers}, training {numbers}, saving {numbers}", line), line
+    assert phases.for_trackers()["memory/training/allocated_gib"] == peaks["training"].allocated / 2**30
