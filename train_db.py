@@ -63,7 +63,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.objectives import configure
     from library.optim import FusedBackward, build_optimizer, build_scheduler
     from library.prior import ensure_class_images
-    from library.progress import Progress
+    from library.progress import Progress, StepLog
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
     from library.sd_flat import text_encoder_of_family
@@ -197,16 +197,19 @@ def train(cfg: Config, planned=None) -> TrainResult:
         if position.epoch_order is not None:  # None: the data changed, a new epoch starts
             order.set_state(position.epoch_order)  # replay the interrupted epoch's order ...
         sampler.epoch = position.epoch - 1  # ... as that epoch (captions and augmentations depend on it)
-    guard = NonFiniteGuard(t.nan_skip_limit, say)
+    guard = NonFiniteGuard(t.nan_skip_limit, say, before_backward=fused)  # fused: steps in backward
 
     def sample(step: int) -> None:
         if sampling and accelerator.is_main_process:
+            log.flush()  # the trackers see the steps in order
             paths = render_samples(family, parts, sampling, out_dir / "samples", f"{t.output_name}_step{step:08d}",
                                    accelerator.device)
             log_images(accelerator, paths, step)
             result.samples += paths
 
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
+    log = StepLog(progress, accelerator)  # each step's loss stays on the device until the logging cadence
+    result.losses = log.series("loss")
     train_te = bool(text_encoders)
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
@@ -228,7 +231,6 @@ def train(cfg: Config, planned=None) -> TrainResult:
         skip = 0
         for module in trained:
             module.train()
-        micro_losses = []
         for batch in batches:
             batches_done += 1
             with accelerator.accumulate(*trained), accelerator.autocast():
@@ -244,7 +246,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                         accelerator, optimizer.pop_nonfinite() if fused else False):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.item())
+            log.add(loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -253,11 +255,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                 ema.update_parameters(parts.denoiser)
             if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
                 train_te = _stop_training(text_encoders, say, step)
-            result.losses.append(sum(micro_losses) / len(micro_losses))
-            micro_losses = []
-            lr = scheduler.get_last_lr()[0]
-            progress.update(step, result.losses[-1], lr)
-            accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
+            log.step(step, scheduler.get_last_lr()[0])
             here = Position(step, epoch, batches_done, epoch_order)
             checkpoints.after_step(here, max_steps)
             if due(sampling, step) and step < max_steps:
@@ -271,6 +269,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         if due(sampling, step, epoch_end=epoch) and step < max_steps:
             sample(step)
     stop.__exit__()
+    log.flush()
     elapsed = progress.close()
     if fused:
         optimizer.remove_hooks()

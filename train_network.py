@@ -68,7 +68,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                                 store_fp8_base, weight_dtype)
     from library.objectives import configure
     from library.optim import build_optimizer, build_scheduler
-    from library.progress import Progress
+    from library.progress import Progress, StepLog
     from library.quantization import store_t5
     from library.sampling import due, log_images, render_samples, settings_from_config
     from library.training import (average_gradients, batch_loss, cache_outputs, check_partial_cache, held_out_set,
@@ -215,6 +215,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
     def validate(step: int) -> None:
+        log.flush()  # the trackers see the steps in order
         for module in trained_modules:
             module.eval()  # no adapter dropout
         value = validation_loss(family, parts, objective, held_out, clip_skip, validation_seed(cfg), loss_options,
@@ -227,6 +228,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     def sample(step: int) -> None:
         if sampling and accelerator.is_main_process:
+            log.flush()  # the trackers see the steps in order
             paths = render_samples(family, parts, sampling, out_dir / "samples", f"{t.output_name}_step{step:08d}",
                                    accelerator.device)
             log_images(accelerator, paths, step)
@@ -234,6 +236,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     started_at = time.time()
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
+    log = StepLog(progress, accelerator)  # each step's loss stays on the device until the logging cadence
+    result.losses, result.keys_scaled = log.series("loss"), log.series("keys_scaled")
     step, epoch, skip = position.step, position.epoch - (1 if cfg.save.resume else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
     end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
@@ -252,7 +256,6 @@ def train(cfg: Config, planned=None) -> TrainResult:
         skip = 0
         for module in trained_modules:
             module.train()
-        micro_losses = []
         for batch in batches:
             batches_done += 1
             with accelerator.accumulate(*trained_modules), accelerator.autocast():
@@ -266,23 +269,18 @@ def train(cfg: Config, planned=None) -> TrainResult:
                 if accelerator.sync_gradients and guard.step_ok(params, o.max_grad_norm, step, accelerator):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.item())
+            log.add(loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
             if ema is not None:
                 ema.update()
+            norms = {}
             if n.scale_weight_norms:
-                scaled, mean_norm, top_norm = max_norm.apply(adapted, n.scale_weight_norms)
-                result.keys_scaled.append(scaled)
-                accelerator.log({"keys_scaled": scaled, "average_key_norm": mean_norm, "max_key_norm": top_norm},
-                                step=step)
-            result.losses.append(sum(micro_losses) / len(micro_losses))
-            micro_losses = []
-            lr = scheduler.get_last_lr()[0]
-            progress.update(step, result.losses[-1], lr)
-            accelerator.log({"loss": result.losses[-1], "lr": lr}, step=step)
+                norms = dict(zip(("keys_scaled", "average_key_norm", "max_key_norm"),
+                                 max_norm.apply(adapted, n.scale_weight_norms)))
+            log.step(step, scheduler.get_last_lr()[0], **norms)
             here = Position(step, epoch, batches_done, epoch_order)
             checkpoints.after_step(here, max_steps)
             if due(sampling, step) and step < max_steps:
@@ -300,6 +298,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         if due(sampling, step, epoch_end=epoch) and step < max_steps:
             sample(step)
     stop.__exit__()
+    log.flush()
     elapsed = progress.close()
 
     # ---- files ----------------------------------------------------------------------------------
@@ -318,8 +317,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     accelerator.log(phases.for_trackers(), step=step)  # the peak memory report, into the run's log too
     accelerator.end_training()
     if n.scale_weight_norms:
-        say(f"scale_weight_norms {n.scale_weight_norms:g}: {sum(result.keys_scaled)} layer scalings in {step} steps "
-            f"({result.keys_scaled[-1] if result.keys_scaled else 0} in the last)")
+        say(f"scale_weight_norms {n.scale_weight_norms:g}: {sum(result.keys_scaled):.0f} layer scalings in {step} "
+            f"steps ({result.keys_scaled[-1] if result.keys_scaled else 0:.0f} in the last)")
     say(f"done: {step} steps in {elapsed:.1f}s, "
         + (f"final loss {result.losses[-1]:.4f}, " if result.losses else "") + f"{peak_memory_text()}; "
         f"adapter {result.adapter_path}" + (f"; samples in {out_dir / 'samples'}" if result.samples else ""))

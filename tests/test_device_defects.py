@@ -94,12 +94,13 @@ def test_nan_loss_under_fp16_loss_scaling(bad_steps):
 
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**8)  # as on CUDA
+    torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.01))
     guard, said = NonFiniteGuard(3, say=lambda text: None), []
     for step in range(4):
         before = model.weight.detach().clone()
-        loss = model(torch.ones(2, 4)).pow(2).mean() * (float("nan") if step in bad_steps else 1.0)
+        loss = (model(torch.ones(2, 4)) - 3).pow(2).mean() * (float("nan") if step in bad_steps else 1.0)  # never 0
         if guard.loss_ok(loss):
             accelerator.backward(loss)
         if guard.step_ok(list(model.parameters()), 1.0, step, accelerator):
@@ -350,3 +351,39 @@ def test_bf16_on_a_gpu_without_bf16_is_refused_up_front(make_config, monkeypatch
     with pytest.raises(ConfigError, match=rf"'train.{key}': this GPU \(Tesla T4\) has no bf16; use .*fp16"):
         _lora(cfg)
     refuse_unsupported(make_config(train={"mixed_precision": "fp16"}))  # fp16 is what such a card runs
+
+
+def _syncs_per_step(monkeypatch, run):
+    """(value reads, copies to host) of the device between one step's batch_loss and the next's, per step."""
+    import library.training
+
+    real, marks = library.training.batch_loss, []
+
+    def counted(*args, **kwargs):
+        marks.append((fake_device.value_reads(), fake_device.copies_to_host()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(library.training, "batch_loss", counted)  # train() imports it when it starts
+    result = run()
+    return result, [(r - r0, c - c0) for (r0, c0), (r, c) in zip(marks, marks[1:])]
+
+
+def test_host_syncs_only_at_the_logging_cadence(make_config, monkeypatch, gpu):
+    """Defect 15: every step read the loss before backward (loss_ok), the gradient norm (float(norm)) and the
+    loss again (.item()), and scale_weight_norms read two values per adapted layer: each a sync. Now a step
+    reads one value (the NaN guard's: losses and gradient norm finite, together), and the losses and norms are
+    copied to the host in one copy every log_every_n_steps."""
+    result, per_step = _syncs_per_step(monkeypatch, lambda: _lora(make_config(
+        train={"max_train_steps": 8}, logging={"log_every_n_steps": 4}, network={"scale_weight_norms": 1.0})))
+    assert per_step == [(1, 0), (1, 0), (1, 0), (1, 1), (1, 0), (1, 0), (1, 0)], per_step  # after step 4: a read
+    assert len(result.losses) == len(result.keys_scaled) == 8 and all(x == x for x in result.losses)
+
+
+def test_fused_backward_pass_reads_nothing_per_parameter(make_config, monkeypatch, gpu):
+    """Defect 14: the fused backward pass read each parameter's gradient check (bool(isfinite(...))): a sync
+    per parameter, hundreds a step. Now two reads a step: the loss before backward, and the step's check."""
+    result, per_step = _syncs_per_step(monkeypatch, lambda: _db(make_config(
+        optimizer=FUSED, train={"max_train_steps": 3}, logging={"log_every_n_steps": 4},
+        dreambooth={"train_text_encoder": False})))
+    assert per_step == [(2, 0), (2, 0)], per_step
+    assert len(result.losses) == 3 and all(x == x for x in result.losses)
