@@ -98,7 +98,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     if te_note:
         say(te_note)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
-    ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
+    ema = _make_ema(parts.denoiser, db, accelerator.device) if db.use_ema else None  # made before .to(device)
     modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
@@ -251,7 +251,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                 continue
             scheduler.step()
             step += 1
-            if ema is not None:
+            if ema is not None and step % db.ema_update_every == 0:
                 ema.update_parameters(parts.denoiser)
             if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
                 train_te = _stop_training(text_encoders, say, step)
@@ -303,11 +303,14 @@ def _stop_training(text_encoders, say, step: int) -> bool:
     return False
 
 
-def _make_ema(denoiser: torch.nn.Module, decay: float):
-    """torch's AveragedModel, stored on the CPU: the device holds no second copy of the weights."""
+def _make_ema(denoiser: torch.nn.Module, db, device):
+    """torch's AveragedModel, updated every db.ema_update_every steps with decay ** that: on the CPU (the
+    device holds no second copy of the weights; each update copies them over), or with ema_on_device on the
+    device (no copies; one more copy of the weights there)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    return AveragedModel(denoiser, device="cpu", multi_avg_fn=get_ema_multi_avg_fn(decay))
+    return AveragedModel(denoiser, device=device if db.ema_on_device else "cpu",
+                         multi_avg_fn=get_ema_multi_avg_fn(db.ema_decay ** db.ema_update_every))
 
 
 def _save_model(out_dir: Path, name: str, family, parts, cfg: Config, ema) -> list[Path]:

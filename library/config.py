@@ -354,6 +354,12 @@ class DreamboothSection:
     use_ema: bool = opt(False, "keep an exponential moving average of the trained weights, saved beside them as "
                         "name-ema: train_db.py the model's (on the CPU), train_network.py the adapter's")
     ema_decay: float = opt(0.9999, "EMA decay per step")
+    ema_update_every: int = opt(
+        1, "train_db.py: update the EMA every N steps (with decay ** N, the same averaging time): on the CPU each "
+        "update copies every trained weight from the GPU (SDXL's U-Net: 10 GB, about 1 s), so N divides that cost")
+    ema_on_device: bool = opt(
+        False, "train_db.py: keep the EMA on the GPU: no copies, but one more fp32 copy of the trained weights "
+        "there (SDXL's U-Net: +10 GB)")
 
 
 SECTIONS: dict[str, type] = {

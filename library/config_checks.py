@@ -106,7 +106,8 @@ def check_combinations(cfg: Config) -> None:
     for key, value in [("network.network_dim", n.network_dim), ("dataset.train_batch_size",
                        cfg.dataset.train_batch_size), ("train.max_train_steps", t.max_train_steps),
                        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                       ("train.clip_skip", cfg.model.clip_skip)]:
+                       ("train.clip_skip", cfg.model.clip_skip),
+                       ("dreambooth.ema_update_every", cfg.dreambooth.ema_update_every)]:
         if value < 1:
             problems.append(f"'{key}' must be at least 1, got {value}")
     for arg in n.network_args:

@@ -387,3 +387,23 @@ def test_fused_backward_pass_reads_nothing_per_parameter(make_config, monkeypatc
         dreambooth={"train_text_encoder": False})))
     assert per_step == [(2, 0), (2, 0)], per_step
     assert len(result.losses) == 3 and all(x == x for x in result.losses)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_ema_copies_batched_or_kept_on_the_device(make_config, monkeypatch, gpu, on_device):
+    """Defect 13: the EMA copied every trained weight from the device to the host, synchronously, at every
+    step. ema_update_every = N updates it every N steps (decay ** N); ema_on_device keeps it on the device,
+    where an update copies nothing to the host."""
+    import torch.optim.swa_utils as swa
+
+    real, decays = swa.get_ema_multi_avg_fn, []
+    monkeypatch.setattr(swa, "get_ema_multi_avg_fn", lambda decay: decays.append(decay) or real(decay))
+    result, per_step = _syncs_per_step(monkeypatch, lambda: _db(make_config(
+        train={"max_train_steps": 4}, logging={"log_every_n_steps": 8}, dreambooth={
+            "train_text_encoder": False, "use_ema": True, "ema_decay": 0.9, "ema_update_every": 2,
+            "ema_on_device": on_device})))
+    weights = len(list(result.parts.denoiser.parameters()))
+    assert [copies for _, copies in per_step] == [0, 0 if on_device else weights, 0]  # step 2's update only
+    assert int(result.ema.n_averaged) == 2
+    assert all(fake_device.on_device(p) == on_device for p in result.ema.module.parameters())
+    assert decays == [pytest.approx(0.9 ** 2)]  # the same averaging time as 0.9 at every step
