@@ -58,8 +58,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.devices import enable_tf32, refuse_unsupported
     from library.model_files import check_model_files, load_model
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
-    from library.memory import (cast_frozen_parts, enable_gradient_checkpointing, offload_checkpoints,
-                                peak_memory_text, set_attention, weight_dtype)
+    from library.memory import (cast_frozen_parts, compile_blocks, enable_gradient_checkpointing,
+                                offload_checkpoints, peak_memory_text, set_attention, weight_dtype)
     from library.objectives import configure
     from library.optim import FusedBackward, build_optimizer, build_scheduler
     from library.prior import ensure_class_images
@@ -135,9 +135,11 @@ def train(cfg: Config, planned=None) -> TrainResult:
     # N blocks' weights (and, once it exists, their optimizer state) live on the CPU between uses; the fused
     # backward pass steps each weight while its block is on the device (library/block_swap.py)
     swapper = make_swapper(family, parts, t.blocks_to_swap, accelerator.device, trained=True)
+    compiled = compile_blocks(parts.denoiser, t.torch_compile, t.dynamo_backend)  # after every hook is in place
     say(f"full fine-tune: {_count(parts.denoiser):,} denoiser parameters"
         f"{f' + {sum(_count(e) for e in text_encoders):,} text-encoder' if text_encoders else ''}; "
         f"weights {dtype}, autocast {t.mixed_precision}; attention {attention}"
+        + (f"; {compiled} blocks compiled ({t.dynamo_backend})" if compiled else "")
         + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
            if swapper else ""))
 

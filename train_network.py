@@ -63,7 +63,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.evaluation import fixed_denoising_loss, validation_loss
     from library.model_files import check_model_files, load_model, loading_errors
     from library.guards import EXIT_STOPPED, NonFiniteGuard, StopSignal
-    from library.memory import (allow_fp16_gradients, cast_frozen_parts, cast_trainable,
+    from library.memory import (allow_fp16_gradients, cast_frozen_parts, cast_trainable, compile_blocks,
                                 enable_gradient_checkpointing, offload_checkpoints, peak_memory_text, set_attention,
                                 store_fp8_base, weight_dtype)
     from library.objectives import configure
@@ -142,9 +142,10 @@ def train(cfg: Config, planned=None) -> TrainResult:
     if t.cpu_offload_checkpointing:
         offload_checkpoints(parts.denoiser)
     swapper = make_swapper(family, parts, t.blocks_to_swap, accelerator.device)  # frozen weights of N blocks
+    compiled = compile_blocks(parts.denoiser, t.torch_compile, t.dynamo_backend)  # after every hook is in place
     say(f"precision: weights {dtype}, autocast {t.mixed_precision}; attention {attention}; "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
-        + ("; fp8 base weights" if t.fp8_base else "") + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing
+        + ("; fp8 base weights" if t.fp8_base else "") + (f"; {compiled} blocks compiled" if compiled else "") + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing
                                                          else "")
         + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
            if swapper else ""))

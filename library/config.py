@@ -236,6 +236,12 @@ class TrainSection:
         "(fewer activations on the GPU; slower by the copies)")
     cache_text_encoder_outputs_to_disk: bool = opt(
         False, "cache text-encoder outputs as files in cache_dir, reused while still valid")
+    torch_compile: bool = opt(
+        False, "compile the denoiser's repeated blocks with torch.compile (regional compilation: each kind of "
+        "block once); faster steps after a compile of a few minutes at the first steps")
+    dynamo_backend: str = opt("inductor", "torch.compile backend with torch_compile (sd-scripts' key): inductor; "
+                              "eager / aot_eager to debug; no: do not compile",
+                              choices=("inductor", "eager", "aot_eager", "cudagraphs", "no"))
 
 
 @dataclass

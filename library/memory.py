@@ -50,6 +50,20 @@ def set_attention(denoiser: nn.Module, xformers: bool, sdpa: bool) -> str:
     return "sdpa" if sdpa else "math"
 
 
+def compile_blocks(denoiser: nn.Module, wanted: bool, backend: str) -> int:
+    """torch_compile: each repeated block of the denoiser compiled in place (nn.Module.compile: its weights, names
+    and hooks stay as they are), the blocks diffusers declares as repeated (`_repeated_blocks`), else the members
+    of the denoiser's block lists. Returns how many blocks were compiled (0 when off)."""
+    if not wanted or backend == "no":
+        return 0
+    kinds = getattr(denoiser, "_repeated_blocks", None) or ()
+    blocks = ([m for m in denoiser.modules() if type(m).__name__ in kinds] if kinds else
+              [m for child in denoiser.children() if isinstance(child, nn.ModuleList) for m in child])
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
 def enable_gradient_checkpointing(denoiser: nn.Module, text_encoders: list[nn.Module]) -> None:
     denoiser.enable_gradient_checkpointing()
     for encoder in text_encoders:

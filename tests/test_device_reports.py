@@ -72,3 +72,20 @@ def test_peak_memory_per_phase(make_config, tmp_path, capsys, gpu):
     assert re.search(rf"peak GPU memory \(allocated / reserved\): loading {numbers}, caching {numbers}, sampling "
                      rf"{numbers}, training {numbers}, saving {numbers}", line), line
     assert phases.for_trackers()["memory/training/allocated_gib"] == peaks["training"].allocated / 2**30
+
+
+def test_torch_compile_trains_as_uncompiled(make_config):
+    """torch_compile / dynamo_backend (sd-scripts' keys): the denoiser's repeated blocks are compiled in place
+    (diffusers' _repeated_blocks: SD1's transformer blocks) and train to the golden losses of the uncompiled
+    run, within the 1e-5 relative of tests/test_train_sd1.py: aot_eager traces forward and backward
+    (AOTAutograd) and runs the traced graphs with the CPU's own kernels, so only the order of float operations
+    may differ (inductor, the default, generates kernels: a GPU check, benchmarks/gpu_check.py)."""
+    backend = "aot_eager"
+    from train_network import train
+
+    golden = [1.021639, 1.195059, 1.198248, 1.110815]  # tests/test_train_sd1.py GOLDEN (seed 7)
+    result = train(make_config(train={"torch_compile": True, "dynamo_backend": backend}))
+    compiled = [m for m in result.parts.denoiser.modules() if m._compiled_call_impl is not None]
+    blocks = [m for m in result.parts.denoiser.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert compiled == blocks and len(blocks) == 7
+    assert result.losses == pytest.approx(golden, rel=1e-5)
