@@ -145,7 +145,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     compiled = compile_blocks(parts.denoiser, t.torch_compile, t.dynamo_backend)  # after every hook is in place
     say(f"precision: weights {dtype}, autocast {t.mixed_precision}; attention {attention}; "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
-        + ("; fp8 base weights" if t.fp8_base else "") + (f"; {compiled} blocks compiled" if compiled else "") + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing
+        + ("; fp8 base weights" if t.fp8_base else "") + (f"; {compiled} blocks compiled" if compiled else "")
+        + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing
                                                          else "")
         + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
            if swapper else ""))

@@ -42,12 +42,24 @@ def set_attention(denoiser: nn.Module, xformers: bool, sdpa: bool) -> str:
 
     if not any(isinstance(m, Attention) for m in denoiser.modules()) or any(
             "Joint" in type(m.processor).__name__ for m in denoiser.modules() if isinstance(m, Attention)):
-        return "sdpa (the model's own attention processors)"  # FLUX / SD3 (joint attention): already SDPA
+        return f"sdpa{sdpa_kernels()} (the model's own attention processors)"  # FLUX / SD3: SDPA already
     if xformers:
         denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"
     denoiser.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
-    return "sdpa" if sdpa else "math"
+    return f"sdpa{sdpa_kernels()}" if sdpa else "math"
+
+
+def sdpa_kernels() -> str:
+    """Which kernels PyTorch's SDPA may pick from on this machine (it picks per call, by dtype, shape and GPU:
+    flash attention needs fp16 / bf16), for the run's report."""
+    if not torch.cuda.is_available():
+        return " (CPU kernels)"
+    b = torch.backends.cuda
+    kernels = (("flash", b.flash_sdp_enabled()), ("memory-efficient", b.mem_efficient_sdp_enabled()),
+               ("cuDNN", b.cudnn_sdp_enabled()), ("math", b.math_sdp_enabled()))
+    enabled = [name for name, on in kernels if on]
+    return f" (CUDA kernels: {', '.join(enabled)}; flash needs fp16 / bf16)"
 
 
 def compile_blocks(denoiser: nn.Module, wanted: bool, backend: str) -> int:

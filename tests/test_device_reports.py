@@ -42,7 +42,8 @@ def test_out_of_memory_names_the_phase(make_config, tmp_path, monkeypatch, capsy
         train(cfg)
     assert stopped.value.code == cli.EXIT_CONFIG_ERROR
     err = capsys.readouterr().err.strip().splitlines()  # (the loaders' progress bars above it)
-    assert "Traceback" not in "".join(err) and err[-1:] == [f"out of GPU memory while {phase}: {OOM}. see what each switch saves with --plan (or "
+    assert "Traceback" not in "".join(err)
+    assert err[-1:] == [f"out of GPU memory while {phase}: {OOM}. see what each switch saves with --plan (or "
                    f"--vram_budget GB for the switches that fit), and set "
                    f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True against fragmentation"]
 
@@ -89,3 +90,35 @@ def test_torch_compile_trains_as_uncompiled(make_config):
     blocks = [m for m in result.parts.denoiser.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert compiled == blocks and len(blocks) == 7
     assert result.losses == pytest.approx(golden, rel=1e-5)
+
+
+def test_xformers_that_does_not_import_is_refused(make_config, tmp_path, monkeypatch):
+    """A real xformers check: installed but not importable (built for another PyTorch: the usual case after a
+    torch upgrade) is refused with one line naming the key and the import error, before any model loads."""
+    from library.config import ConfigError, config_from_dict
+
+    package = tmp_path / "site" / "xformers"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "ops.py").write_text("raise ImportError('xFormers was built for PyTorch 2.5.1+cu121')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in ("xformers", "xformers.ops"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    raw = make_config().to_toml_dict()
+    raw["train"]["xformers"] = True
+    with pytest.raises(ConfigError, match=r"'train.xformers' = true but xformers does not import \(xFormers was "
+                                          r"built for PyTorch 2.5.1\+cu121\): install the build made for this"):
+        config_from_dict(raw, source="test.toml", check_paths=True)
+
+
+def test_attention_backend_is_reported(make_config, monkeypatch, capsys):
+    """The run says once which attention it uses and, for SDPA on CUDA, which kernels PyTorch may pick."""
+    from library.memory import sdpa_kernels
+    from train_network import train
+
+    train(make_config(train={"max_train_steps": 1}))
+    said = [x for x in capsys.readouterr().out.splitlines() if "attention sdpa" in x]
+    assert len(said) == 1 and "attention sdpa (CPU kernels)" in said[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)
+    assert sdpa_kernels() == " (CUDA kernels: flash, memory-efficient, math; flash needs fp16 / bf16)"
