@@ -140,7 +140,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         f"{f' + {sum(_count(e) for e in text_encoders):,} text-encoder' if text_encoders else ''}; "
         f"weights {dtype}, autocast {t.mixed_precision}; attention {attention}"
         + (f"; {compiled} blocks compiled ({t.dynamo_backend})" if compiled else "")
-        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
+        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.host_ram() / 2**30:.2f} GiB of CPU RAM)"
            if swapper else ""))
 
     # ---- caches ---------------------------------------------------------------------------------

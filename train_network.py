@@ -148,7 +148,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         + ("; fp8 base weights" if t.fp8_base else "") + (f"; {compiled} blocks compiled" if compiled else "")
         + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing
                                                          else "")
-        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
+        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.host_ram() / 2**30:.2f} GiB of CPU RAM)"
            if swapper else ""))
 
     # ---- caches ---------------------------------------------------------------------------------

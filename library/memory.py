@@ -160,6 +160,54 @@ def host_copy(tensor: torch.Tensor, out: torch.Tensor | None = None, pin: bool |
     return out
 
 
+class HostSlabs:
+    """Host memory for many tensors in few large buffers, pinned when `pin` (CUDA): PyTorch's pinned-memory
+    allocator rounds every allocation up to a power of two (a 75 MB tensor takes 128 MB: ~1.5x over a FLUX
+    block's weights), so the tensors are views into slabs whose size is a power of two already. A tensor larger
+    than a slab gets its own allocation (rounded so); host_bytes() is what the allocator really holds."""
+
+    ALIGN = 512  # bytes: every view starts aligned for any dtype and for DMA
+    SLAB = 2**28  # 256 MiB
+
+    def __init__(self, pin: bool, expected_bytes: int = 0):
+        self.pin = pin and torch.cuda.is_available()
+        self.slab = min(self.SLAB, _power_of_two(expected_bytes)) if expected_bytes else self.SLAB  # small models
+        self.buffers: list[torch.Tensor] = []  # uint8 slabs and single allocations
+        self.free: list[list] = []  # [slab, bytes used] of the slabs
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor of `shape` and `dtype`, a view into a slab."""
+        size = torch.Size(shape).numel() * dtype.itemsize
+        need = -(-max(size, 1) // self.ALIGN) * self.ALIGN
+        if need > self.slab:
+            buffer = self._allocate(_power_of_two(need))
+            return buffer[:size].view(dtype).view(shape)
+        place = next((entry for entry in self.free if entry[1] + need <= self.slab), None)
+        if place is None:
+            place = [self._allocate(self.slab), 0]
+            self.free.append(place)
+        start, place[1] = place[1], place[1] + need
+        return place[0][start:start + size].view(dtype).view(shape)
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = self.take(tensor.shape, tensor.dtype)
+        out.copy_(tensor)
+        tell(out, "host")
+        return out
+
+    def host_bytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+    def _allocate(self, size: int) -> torch.Tensor:
+        buffer = torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
+        self.buffers.append(buffer)
+        return buffer
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
 def device_copy(tensor: torch.Tensor, device: torch.device, category: str = "weights",
                 non_blocking: bool = False) -> torch.Tensor:
     """A copy of a host tensor on `device` (a separate storage even when `device` is the CPU)."""

@@ -407,3 +407,27 @@ def test_ema_copies_batched_or_kept_on_the_device(make_config, monkeypatch, gpu,
     assert int(result.ema.n_averaged) == 2
     assert all(fake_device.on_device(p) == on_device for p in result.ema.module.parameters())
     assert decays == [pytest.approx(0.9 ** 2)]  # the same averaging time as 0.9 at every step
+
+
+def test_swapped_weights_live_in_few_host_slabs(flux_config, monkeypatch, gpu):  # noqa: F811
+    """Defect 14: each swapped weight had a pinned host allocation of its own, which PyTorch's pinned allocator
+    rounds up to a power of two (~1.56x the weights for FLUX); now they are views into slabs whose size is a
+    power of two already, and the run reports the host RAM they hold."""
+    from library.memory import HostSlabs
+
+    monkeypatch.setattr(HostSlabs, "SLAB", 2**20)
+    slabs = HostSlabs(pin=True)  # pinned on CUDA; plain host memory here, the same arithmetic
+    tensors = [torch.randn(76800) for _ in range(5)]  # 300 KiB each: a power of two each would be 512 KiB
+    copies = [slabs.copy(t) for t in tensors]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
+    assert slabs.host_bytes() == 2 * 2**20 < 5 * 2**19  # three to a slab: 2 MiB, not 2.5 MiB
+    assert len({c.untyped_storage().data_ptr() for c in copies}) == 2
+    assert slabs.take((3, 2**19), torch.float16).shape == (3, 2**19) and slabs.host_bytes() == 2 * 2**20 + 2**22
+
+    result = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
+                             dreambooth={"train_text_encoder": False}))
+    swapper = result.parts.denoiser._block_swapper
+    storages = {t.untyped_storage().data_ptr() for t in [*swapper.host.values(), *swapper.state_host.values()]}
+    assert len(storages) <= len(swapper.slabs.buffers) <= 4 and swapper.host_ram() == swapper.slabs.host_bytes()
+    assert swapper.host_ram() < 2 * (swapper.bytes_swapped() + sum(
+        t.numel() * t.element_size() for t in swapper.state_host.values()))
