@@ -229,9 +229,7 @@ def offload_checkpoints(denoiser: nn.Module) -> None:
     what is saved is each checkpointed block's inputs (and the few layers outside blocks): those leave the
     device, sd-scripts' cpu_offload_checkpointing. (torch.autograd.graph.save_on_cpu does the same but keeps
     CPU tensors as they are; these hooks always copy, and tell the planner.)"""
-    hooks = torch.autograd.graph.saved_tensors_hooks(
-        lambda t: (t.device, host_copy(t)), lambda packed: device_copy(packed[1], packed[0], "activations",
-                                                                       non_blocking=packed[0].type == "cuda"))
+    hooks = torch.autograd.graph.saved_tensors_hooks(_to_host_aside, _back_from_host)
 
     def enter(module, args):  # noqa: ARG001
         if torch.is_grad_enabled():
@@ -245,6 +243,36 @@ def offload_checkpoints(denoiser: nn.Module) -> None:
 
     denoiser.register_forward_pre_hook(enter)
     denoiser.register_forward_hook(leave, always_call=True)
+
+
+_COPY_STREAMS: dict = {}  # CUDA device -> the side stream the saved tensors leave on
+
+
+def _to_host_aside(tensor: torch.Tensor) -> tuple:
+    """A saved tensor's trip to the host: on CUDA, copied on a side stream into pinned memory without the host
+    waiting (the compute stream goes on; the device tensor is kept until the copy is done); elsewhere a plain
+    copy. Returns (device, host copy, the copy's CUDA event or None)."""
+    if tensor.device.type != "cuda":
+        return tensor.device, host_copy(tensor), None
+    stream = _COPY_STREAMS.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is computed
+    with torch.cuda.stream(stream):
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        out.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+    tell(out, "host")
+    return tensor.device, out, done
+
+
+def _back_from_host(packed: tuple) -> torch.Tensor:
+    """The saved tensor back on its device for backward: the compute stream waits for its copy to the host, then
+    copies it back, without the host waiting either."""
+    device, host, done = packed
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
+    return device_copy(host, device, "activations", non_blocking=done is not None)
 
 
 def allow_fp16_gradients(accelerator) -> None:

@@ -431,3 +431,15 @@ def test_swapped_weights_live_in_few_host_slabs(flux_config, monkeypatch, gpu): 
     assert len(storages) <= len(swapper.slabs.buffers) <= 4 and swapper.host_ram() == swapper.slabs.host_bytes()
     assert swapper.host_ram() < 2 * (swapper.bytes_swapped() + sum(
         t.numel() * t.element_size() for t in swapper.state_host.values()))
+
+
+def test_loader_pins_batches_for_a_gpu(make_config, monkeypatch):
+    """Defect 15: the DataLoader did not pin its batches, so every batch's copy to a GPU went through pageable
+    memory (a staging copy, synchronous). With CUDA it pins them; the CPU-only machine does not."""
+    from library.training import make_loader, prepare_data
+
+    cfg = make_config()
+    plan, dataset, *_ = prepare_data(cfg, lambda *a: None)
+    assert make_loader(cfg, plan, dataset)[0].pin_memory is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert make_loader(cfg, plan, dataset)[0].pin_memory is True
