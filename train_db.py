@@ -36,6 +36,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     """The run; `planned` is the data plan main() made before the heavy imports below (made here if None)."""
     import torch
 
+    from library import phases
     from library.checkpoint import Checkpointer, Position
     from library.model_files import check_model_files, load_model
     from library.guards import NonFiniteGuard, StopSignal
@@ -44,7 +45,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.objectives import configure
     from library.optim import build_scheduler
     from library.prior import ensure_class_images
-    from library.progress import Progress
+    from library.progress import Progress, StepLog
     from library.run import (OptimizerSettings, Switches, apply_switches, cache_and_place, make_optimizer, prepare,
                              start, start_trackers, train_whole, whole_model_groups)
     from library.sampling import settings_from_config
@@ -68,7 +69,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     if te_note:
         say(te_note)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
-    ema = _make_ema(parts.denoiser, db.ema_decay) if db.use_ema else None  # a CPU copy, made before .to(device)
+    ema = _make_ema(parts.denoiser, db, accelerator.device) if db.use_ema else None  # a CPU copy, made before .to(device)
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
@@ -96,7 +97,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     say(f"full fine-tune: {_count(parts.denoiser):,} denoiser parameters"
         f"{f' + {sum(_count(e) for e in text_encoders):,} text-encoder' if text_encoders else ''}; "
         f"weights {placed.dtype}, autocast {t.mixed_precision}; attention {placed.attention}"
-        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
+        + (f"; {placed.compiled} blocks compiled ({t.dynamo_backend})" if placed.compiled else "")
+        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.host_ram() / 2**30:.2f} GiB of CPU RAM)"
            if swapper else ""))
 
     # ---- caches ---------------------------------------------------------------------------------
@@ -133,12 +135,14 @@ def train(cfg: Config, planned=None) -> TrainResult:
     position, extra = resume_position(cfg, checkpoints, order, sampler, steps_per_epoch)
     if ema is not None and cfg.save.resume:
         ema.load_state_dict(extra["ema"])
-    guard = NonFiniteGuard(t.nan_skip_limit, say)
+    guard = NonFiniteGuard(t.nan_skip_limit, say, before_backward=fused)  # fused: steps in backward
 
     sample = sample_renderer(family, parts, sampling, accelerator, out_dir / "samples", t.output_name,
                              result.samples)
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
-    books = Bookkeeping(accelerator, checkpoints, progress, sampling, sample, max_steps)
+    log = StepLog(progress, accelerator)  # each step's loss stays on the device until the logging cadence
+    result.losses = log.series("loss")
+    books = Bookkeeping(accelerator, checkpoints, log, sampling, sample, max_steps)
     train_te = bool(text_encoders)
     step, epoch, skip = position.step, position.epoch - (1 if position.epoch else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
@@ -150,6 +154,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
         train_te = _stop_training(text_encoders, say, step)
     books.at_start(step)
+    phases.enter("training")
     stop = books.stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
@@ -158,7 +163,6 @@ def train(cfg: Config, planned=None) -> TrainResult:
         skip = 0
         for module in trained:
             module.train()
-        micro_losses = []
         for batch in batches:
             batches_done += 1
             with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
@@ -172,23 +176,21 @@ def train(cfg: Config, planned=None) -> TrainResult:
                         accelerator, optimizer.pop_nonfinite() if fused else False):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.item())
+            log.add(loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
-            if ema is not None:
+            if ema is not None and step % db.ema_update_every == 0:
                 ema.update_parameters(parts.denoiser)
             if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
                 train_te = _stop_training(text_encoders, say, step)
-            result.losses.append(sum(micro_losses) / len(micro_losses))
-            micro_losses = []
-            books.after_step(Position(step, epoch, batches_done, epoch_order), result.losses[-1],
-                             scheduler.get_last_lr()[0])
+            books.after_step(Position(step, epoch, batches_done, epoch_order), scheduler.get_last_lr()[0])
             if step >= max_steps:
                 break
         books.after_epoch(Position(step, epoch, batches_done, epoch_order))
     stop.__exit__()
+    log.flush()
     elapsed = progress.close()
     if fused:
         optimizer.remove_hooks()
@@ -201,6 +203,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     for module in trained:
         module.eval()
     sample(step)
+    accelerator.log(phases.for_trackers(), step=step)  # the peak memory report, into the run's log too
     accelerator.end_training()
     say(f"done: {step} steps in {elapsed:.1f}s, "
         + (f"final loss {result.losses[-1]:.4f}, " if result.losses else "") + f"{peak_memory_text()}; "
@@ -221,11 +224,14 @@ def _stop_training(text_encoders, say, step: int) -> bool:
     return False
 
 
-def _make_ema(denoiser: torch.nn.Module, decay: float):
-    """torch's AveragedModel, stored on the CPU: the device holds no second copy of the weights."""
+def _make_ema(denoiser: torch.nn.Module, db, device):
+    """torch's AveragedModel, updated every db.ema_update_every steps with decay ** that: on the CPU (the
+    device holds no second copy of the weights; each update copies them over), or with ema_on_device on the
+    device (no copies; one more copy of the weights there)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    return AveragedModel(denoiser, device="cpu", multi_avg_fn=get_ema_multi_avg_fn(decay))
+    return AveragedModel(denoiser, device=device if db.ema_on_device else "cpu",
+                         multi_avg_fn=get_ema_multi_avg_fn(db.ema_decay ** db.ema_update_every))
 
 
 def _save_model(out_dir: Path, name: str, family, parts, cfg: Config, ema) -> list[Path]:

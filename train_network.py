@@ -40,6 +40,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     """The run; `planned` is the data plan main() made before the heavy imports below (made here if None)."""
     import torch
 
+    from library import phases
     from library.checkpoint import Checkpointer, Position
     from library.evaluation import fixed_denoising_loss, validation_loss
     from library.model_files import check_model_files, load_model, loading_errors
@@ -48,7 +49,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.memory import peak_memory_text
     from library.objectives import configure
     from library.optim import build_scheduler
-    from library.progress import Progress
+    from library.progress import Progress, StepLog
     from library.run import (OptimizerSettings, Switches, adapter_groups, add_adapters, apply_switches,
                              cache_and_place, make_optimizer, prepare, quantize_frozen, start,
                              start_trackers)
@@ -103,9 +104,10 @@ def train(cfg: Config, planned=None) -> TrainResult:
     swapper = placed.swapper
     say(f"precision: weights {placed.dtype}, autocast {t.mixed_precision}; attention {placed.attention}; "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
-        + ("; fp8 base weights" if t.fp8_base else "") + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing
-                                                         else "")
-        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.bytes_swapped() / 2**30:.2f} GiB on the CPU)"
+        + ("; fp8 base weights" if t.fp8_base else "") + (f"; {placed.compiled} blocks compiled" if placed.compiled
+                                                          else "")
+        + ("; checkpoints on the CPU" if t.cpu_offload_checkpointing else "")
+        + (f"; {len(swapper.swapped)} blocks swapped ({swapper.host_ram() / 2**30:.2f} GiB of CPU RAM)"
            if swapper else ""))
 
     # ---- caches ---------------------------------------------------------------------------------
@@ -162,6 +164,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     guard = NonFiniteGuard(t.nan_skip_limit, say)
 
     def validate(step: int) -> None:
+        log.flush()  # the trackers see the steps in order
         for module in trained_modules:
             module.eval()  # no adapter dropout
         value = validation_loss(family, parts, objective, held_out, clip_skip, validation_seed(cfg), loss_options,
@@ -184,7 +187,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
                              result.samples)
     started_at = time.time()
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
-    books = Bookkeeping(accelerator, checkpoints, progress, sampling, sample, max_steps)
+    log = StepLog(progress, accelerator)  # each step's loss stays on the device until the logging cadence
+    result.losses, result.keys_scaled = log.series("loss"), log.series("keys_scaled")
+    books = Bookkeeping(accelerator, checkpoints, log, sampling, sample, max_steps)
     step, epoch, skip = position.step, position.epoch - (1 if position.epoch else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
     end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
@@ -193,6 +198,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         if end == "finished":
             return result
     books.at_start(step)
+    phases.enter("training")
     stop = books.stop = StopSignal(say).__enter__()
     while step < max_steps:
         epoch += 1
@@ -201,7 +207,6 @@ def train(cfg: Config, planned=None) -> TrainResult:
         skip = 0
         for module in trained_modules:
             module.train()
-        micro_losses = []
         for batch in batches:
             batches_done += 1
             with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
@@ -213,26 +218,24 @@ def train(cfg: Config, planned=None) -> TrainResult:
                 if accelerator.sync_gradients and guard.step_ok(params, o.max_grad_norm, step, accelerator):
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.item())
+            log.add(loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
             if ema is not None:
                 ema.update()
-            if n.scale_weight_norms:
-                scaled, mean_norm, top_norm = max_norm.apply(adapted, n.scale_weight_norms)
-                result.keys_scaled.append(scaled)
-                accelerator.log({"keys_scaled": scaled, "average_key_norm": mean_norm, "max_key_norm": top_norm},
-                                step=step)
-            result.losses.append(sum(micro_losses) / len(micro_losses))
-            micro_losses = []
-            books.after_step(Position(step, epoch, batches_done, epoch_order), result.losses[-1],
-                             scheduler.get_last_lr()[0], also=validate_every_n_steps)
+            norms = {}
+            if n.scale_weight_norms:  # device scalars, read at the logging cadence
+                norms = dict(zip(("keys_scaled", "average_key_norm", "max_key_norm"),
+                                 max_norm.apply(adapted, n.scale_weight_norms)))
+            books.after_step(Position(step, epoch, batches_done, epoch_order), scheduler.get_last_lr()[0],
+                             also=validate_every_n_steps, **norms)
             if step >= max_steps:
                 break
         books.after_epoch(Position(step, epoch, batches_done, epoch_order), also=validate_every_n_epochs)
     stop.__exit__()
+    log.flush()
     elapsed = progress.close()
 
     # ---- files ----------------------------------------------------------------------------------
@@ -248,10 +251,11 @@ def train(cfg: Config, planned=None) -> TrainResult:
         say(f"denoising loss at fixed timesteps and noise: base {result.base_loss:.5f} -> "
             f"trained {result.trained_loss:.5f}")
     sample(step)
+    accelerator.log(phases.for_trackers(), step=step)  # the peak memory report, into the run's log too
     accelerator.end_training()
     if n.scale_weight_norms:
-        say(f"scale_weight_norms {n.scale_weight_norms:g}: {sum(result.keys_scaled)} layer scalings in {step} steps "
-            f"({result.keys_scaled[-1] if result.keys_scaled else 0} in the last)")
+        say(f"scale_weight_norms {n.scale_weight_norms:g}: {sum(result.keys_scaled):.0f} layer scalings in {step} "
+            f"steps ({result.keys_scaled[-1] if result.keys_scaled else 0:.0f} in the last)")
     say(f"done: {step} steps in {elapsed:.1f}s, "
         + (f"final loss {result.losses[-1]:.4f}, " if result.losses else "") + f"{peak_memory_text()}; "
         f"adapter {result.adapter_path}" + (f"; samples in {out_dir / 'samples'}" if result.samples else ""))

@@ -54,7 +54,7 @@ def run_rank(mode: str, steps: int, warmup: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import train_network
     from library import engines, guards, progress
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
 
     counts = {"grad": 0, "other": 0}
     in_hook = False

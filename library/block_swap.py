@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from library.devices import on, same_device
-from library.memory import device_copy, host_copy
+from library.memory import HostSlabs, device_copy, host_copy
 
 
 def spread(total: int, count: int) -> list[int]:
@@ -64,11 +64,14 @@ class BlockSwapper:
         self._handles = []
         self._ids = set()
         for k in self.swapped:
-            weights = [p for p in blocks[k].parameters() if trained or not p.requires_grad]
-            self.weights[k] = weights
-            self._ids.update(id(p) for p in weights)
-            for p in weights:
-                self.host[p] = host_copy(p.data, pin=self.device.type == "cuda")  # the model is still on the CPU
+            self.weights[k] = [p for p in blocks[k].parameters() if trained or not p.requires_grad]
+        # the host copies (and the optimizer state's) in pinned slabs: no power-of-two rounding per tensor
+        self.slabs = HostSlabs(self.device.type == "cuda", sum(p.numel() * p.element_size()
+                                                               for k in self.swapped for p in self.weights[k]))
+        for k in self.swapped:
+            self._ids.update(id(p) for p in self.weights[k])
+            for p in self.weights[k]:
+                self.host[p] = self.slabs.copy(p.data)  # the model is still on the CPU
                 p.data = self.host[p]
             self._handles.append(blocks[k].register_forward_pre_hook(self._before(k)))
             self._handles.append(blocks[k].register_forward_hook(self._after(k), always_call=True))
@@ -151,8 +154,8 @@ class BlockSwapper:
                 for key, value in list(state.items()):
                     if isinstance(value, torch.Tensor) and on(value, self.device) and value.dim() > 0:
                         buffer = self.state_host.get((id(p), key))
-                        if buffer is not None and (buffer.shape != value.shape or buffer.dtype != value.dtype):
-                            buffer = None
+                        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                            buffer = self.slabs.take(value.shape, value.dtype)
                         state[key] = self.state_host[(id(p), key)] = host_copy(value, out=buffer)
 
     # ---- for the recipes ------------------------------------------------------------------------
@@ -176,6 +179,10 @@ class BlockSwapper:
 
     def bytes_swapped(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.host.values())
+
+    def host_ram(self) -> int:
+        """Host memory the swapped weights (and their optimizer state, once it exists) hold, as allocated."""
+        return self.slabs.host_bytes()
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from library.config import ConfigError
 from library.config_checks import glob_escape
 from library.engines import launched_processes
+from library.phases import during
 from library.saved_state import (RESUME_MAY_CHANGE, STATE_VERSION, read_state_info, check_resumable, find_state,  # noqa: F401
                                  recover_folder)
 
@@ -161,7 +162,7 @@ def _rng_state() -> dict:
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state(torch.cuda.current_device())] if torch.cuda.is_available() else [],
             "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
             "python": json.dumps(random.getstate())}
 
@@ -172,12 +173,21 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    _set_device_rng_state(state["cuda"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
     version, internal, gauss_next = json.loads(state["python"])
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def _set_device_rng_state(saved: list) -> None:
+    """This process' own GPU RNG, from the state the saving process wrote of its GPU (states written before:
+    one per GPU of that machine; this process takes its own index's, or the first). Every process sets only its
+    own device, so a machine with fewer visible GPUs than the one that saved resumes (no IndexError)."""
+    if not saved or not torch.cuda.is_available():
+        return
+    index = torch.cuda.current_device()
+    torch.cuda.set_rng_state(saved[index] if index < len(saved) else saved[0], index)
 
 
 def remove_old(out_dir: Path, pattern: str, keep: int, say=print) -> list[Path]:
@@ -205,6 +215,7 @@ class Checkpointer:
         self.extra = extra or (lambda: {})  # callable: recipe-specific state (EMA weights, ...)
         self.saved: list[Path] = []
 
+    @during("saving")
     def save(self, stem: str, position: Position, keep: int | None = None, pattern: str | None = None) -> None:
         """Weights as `stem` (+ `stem-state` with save_state); then keep only the newest `keep` matching."""
         if not self.is_main:
@@ -256,6 +267,7 @@ class Checkpointer:
     def _step_stem(self, step: int) -> str:
         return f"{self.name}-step{step:08d}"
 
+    @during("saving")
     def save_state(self, stem: str, position: Position) -> Path:
         folder = save_training_state(self.out_dir / f"{stem}-state", position, config=self.cfg.to_toml_dict(),
                                      extra=self.extra(), run_id=self.cfg.run_id, data=self.cfg.data_fingerprint,

@@ -50,8 +50,9 @@ def load_or_exit(args: argparse.Namespace, recipe: str) -> Config:
 @contextlib.contextmanager
 def exit_on_user_error():
     """Problems found after loading the config (the dataset TOML, the dataset check, a resume state, a save
-    that cannot be written, a diverged loss) print one message and exit: 2 for a configuration error, 3 for
-    problems in the data or a loss that stays NaN/inf."""
+    that cannot be written, a diverged loss, a GPU out of memory) print one message and exit: 2 for a
+    configuration error or settings that do not fit the GPU, 3 for problems in the data or a loss that stays
+    NaN/inf."""
     from library.data import DatasetError
 
     try:
@@ -65,10 +66,21 @@ def exit_on_user_error():
     except RuntimeError as e:
         from library.guards import NonFiniteLoss  # here: guards imports torch, which a config error never needs
 
-        if not isinstance(e, NonFiniteLoss):
-            raise
-        print(f"training stopped: {e}", file=sys.stderr)  # the loss diverged: the settings or data, not a bug
-        raise SystemExit(EXIT_DATASET_ERROR) from None
+        if isinstance(e, NonFiniteLoss):
+            print(f"training stopped: {e}", file=sys.stderr)  # the loss diverged: the settings or data, not a bug
+            raise SystemExit(EXIT_DATASET_ERROR) from None
+        if isinstance(e, sys.modules["torch"].OutOfMemoryError):
+            print(out_of_memory_line(e), file=sys.stderr)  # the settings do not fit this GPU: a config matter
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+        raise
+
+
+def out_of_memory_line(error: BaseException) -> str:
+    """One line for a GPU out-of-memory error: in which phase, what torch said, and what to try."""
+    from library.phases import OOM_HINT, failed_in
+
+    said = str(error).strip().splitlines()[0] if str(error).strip() else "CUDA out of memory"
+    return f"out of GPU memory while {failed_in(error)}: {said[:200]}. {OOM_HINT}"
 
 
 def recipe_main(argv: list[str] | None, description: str, recipe: str, train) -> int:

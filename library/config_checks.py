@@ -14,6 +14,22 @@ from library.config import SECTIONS, Config, ConfigError, _did_you_mean, optimiz
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _xformers_problem() -> str | None:
+    """Why xformers cannot run here: not installed, or its import fails (a build for another PyTorch or CUDA,
+    the usual case after upgrading torch), found by importing xformers.ops as the attention processor will."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        return "xformers is not installed (pip install xformers)"
+    try:
+        importlib.import_module("xformers.ops")
+    except Exception as e:  # noqa: BLE001  (whatever its import raises, the run could not use it)
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"xformers does not import ({said[:160]}): install the build made for this PyTorch"
+    return None
+
+
 def check_paths(cfg: Config) -> None:
     """What the config names on this machine: its files and folders, xformers when asked for."""
     for name in SECTIONS:
@@ -23,10 +39,10 @@ def check_paths(cfg: Config) -> None:
             if kind and value is not None:
                 _check_path(f"{name}.{f.name}", value, kind, cfg.source)
     if cfg.train.xformers:  # what is installed here is checked with the files (a plan needs neither)
-        import importlib.util
-        if importlib.util.find_spec("xformers") is None:
-            raise ConfigError(f"{cfg.source}: 'train.xformers' = true but xformers is not installed "
-                              f"(pip install xformers, or use the default sdpa)")
+        problem = _xformers_problem()
+        if problem:
+            raise ConfigError(f"{cfg.source}: 'train.xformers' = true but {problem}; or remove it (the default, "
+                              f"PyTorch SDPA, is as fast on current GPUs)")
     model = cfg.model.pretrained_model_name_or_path
     if not os.path.exists(model) and not HUB_ID.match(model):
         raise ConfigError(f"{cfg.source}: 'model.pretrained_model_name_or_path': no such file or folder: {model}")
@@ -106,7 +122,8 @@ def check_combinations(cfg: Config) -> None:
     for key, value in [("network.network_dim", n.network_dim), ("dataset.train_batch_size",
                        cfg.dataset.train_batch_size), ("train.max_train_steps", t.max_train_steps),
                        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                       ("train.clip_skip", cfg.model.clip_skip)]:
+                       ("train.clip_skip", cfg.model.clip_skip),
+                       ("dreambooth.ema_update_every", cfg.dreambooth.ema_update_every)]:
         if value < 1:
             problems.append(f"'{key}' must be at least 1, got {value}")
     for arg in n.network_args:

@@ -30,3 +30,16 @@ def enable_tf32() -> None:
     mantissa inputs, fp32 accumulation), as the peers' trainers run. The CPU's kernels are left alone."""
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def without_bf16(cfg) -> list[str]:
+    """bf16 asked for on a CUDA GPU without native bf16 (before Ampere: T4, V100, RTX 20xx), where it is
+    emulated at a fraction of the speed or fails in a kernel: what to ask for instead."""
+    t = cfg.train
+    if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
+        return []
+    card = torch.cuda.get_device_name(torch.cuda.current_device())
+    return [f"'train.{key}': this GPU ({card}) has no bf16; use {instead}" for key, wanted, instead in (
+        ("mixed_precision", t.mixed_precision == "bf16",
+         'mixed_precision = "fp16" (with no_half_vae = true for the SDXL VAE) or "no"'),
+        ("full_bf16", t.full_bf16, 'full_fp16 = true with mixed_precision = "fp16", or neither')) if wanted]

@@ -28,11 +28,13 @@ def resume_position(cfg, checkpoints, order, sampler, steps_per_epoch: int) -> t
 
 @dataclass
 class Bookkeeping:
-    """After a step or an epoch: progress, logs, checkpoints, samples (with `also` in between, e.g. the
-    validation loss), and the stop signal. `sample(step)` renders the prompts (main process)."""
+    """After a step or an epoch: logs (library.progress.StepLog: the step's values stay on the device until the
+    logging cadence), checkpoints, samples (with `also` in between, e.g. the validation loss), and the stop
+    signal. `sample(step)` renders the prompts (main process); the log is read before it, so the trackers see
+    the steps in order."""
     accelerator: object
     checkpoints: object  # library.checkpoint.Checkpointer
-    progress: object  # library.progress.Progress
+    log: object  # library.progress.StepLog
     sampling: object  # library.sampling settings, or None
     sample: Callable[[int], None]
     max_steps: int
@@ -42,18 +44,20 @@ class Bookkeeping:
         if self.sampling and self.sampling.at_first and step == 0:
             self.sample(0)
 
-    def after_step(self, here: Position, loss: float, lr: float, also: Callable[[int], None] | None = None):
+    def after_step(self, here: Position, lr: float, also: Callable[[int], None] | None = None, **values):
+        """Step here.step is done (its micro-batch losses added to the log); `values`: more device scalars."""
         from library.guards import EXIT_STOPPED
         from library.sampling import due
 
-        self.progress.update(here.step, loss, lr)
-        self.accelerator.log({"loss": loss, "lr": lr}, step=here.step)
+        self.log.step(here.step, lr, **values)
         self.checkpoints.after_step(here, self.max_steps)
         if due(self.sampling, here.step) and here.step < self.max_steps:
+            self.log.flush()
             self.sample(here.step)
         if also is not None:
             also(here.step)
         if self.stop.requested:
+            self.log.flush()
             self.checkpoints.save_stopped(here)
             raise SystemExit(EXIT_STOPPED)
 
@@ -64,6 +68,7 @@ class Bookkeeping:
         if also is not None:
             also(here.step)
         if due(self.sampling, here.step, epoch_end=here.epoch) and here.step < self.max_steps:
+            self.log.flush()
             self.sample(here.step)
 
 

@@ -43,12 +43,38 @@ def set_attention(denoiser: nn.Module, xformers: bool, sdpa: bool) -> str:
     processors = [m.processor for m in denoiser.modules() if isinstance(m, Attention)]
     if not processors or any(_joint(p) or type(p).__module__ != AttnProcessor.__module__ for p in processors):
         # FLUX / SD3 / Qwen-Image (joint attention), Z-Image (its model's own single-stream processor): already SDPA
-        return "sdpa (the model's own attention processors)"
+        return f"sdpa{sdpa_kernels()} (the model's own attention processors)"
     if xformers:
         denoiser.enable_xformers_memory_efficient_attention()
         return "xformers"
     denoiser.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
-    return "sdpa" if sdpa else "math"
+    return f"sdpa{sdpa_kernels()}" if sdpa else "math"
+
+
+def sdpa_kernels() -> str:
+    """Which kernels PyTorch's SDPA may pick from on this machine (it picks per call, by dtype, shape and GPU:
+    flash attention needs fp16 / bf16), for the run's report."""
+    if not torch.cuda.is_available():
+        return " (CPU kernels)"
+    b = torch.backends.cuda
+    kernels = (("flash", b.flash_sdp_enabled()), ("memory-efficient", b.mem_efficient_sdp_enabled()),
+               ("cuDNN", b.cudnn_sdp_enabled()), ("math", b.math_sdp_enabled()))
+    enabled = [name for name, on in kernels if on]
+    return f" (CUDA kernels: {', '.join(enabled)}; flash needs fp16 / bf16)"
+
+
+def compile_blocks(denoiser: nn.Module, wanted: bool, backend: str) -> int:
+    """torch_compile: each repeated block of the denoiser compiled in place (nn.Module.compile: its weights, names
+    and hooks stay as they are), the blocks diffusers declares as repeated (`_repeated_blocks`), else the members
+    of the denoiser's block lists. Returns how many blocks were compiled (0 when off)."""
+    if not wanted or backend == "no":
+        return 0
+    kinds = getattr(denoiser, "_repeated_blocks", None) or ()
+    blocks = ([m for m in denoiser.modules() if type(m).__name__ in kinds] if kinds else
+              [m for child in denoiser.children() if isinstance(child, nn.ModuleList) for m in child])
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
 
 
 def _joint(processor) -> bool:
@@ -140,6 +166,54 @@ def host_copy(tensor: torch.Tensor, out: torch.Tensor | None = None, pin: bool |
     return out
 
 
+class HostSlabs:
+    """Host memory for many tensors in few large buffers, pinned when `pin` (CUDA): PyTorch's pinned-memory
+    allocator rounds every allocation up to a power of two (a 75 MB tensor takes 128 MB: ~1.5x over a FLUX
+    block's weights), so the tensors are views into slabs whose size is a power of two already. A tensor larger
+    than a slab gets its own allocation (rounded so); host_bytes() is what the allocator really holds."""
+
+    ALIGN = 512  # bytes: every view starts aligned for any dtype and for DMA
+    SLAB = 2**28  # 256 MiB
+
+    def __init__(self, pin: bool, expected_bytes: int = 0):
+        self.pin = pin and torch.cuda.is_available()
+        self.slab = min(self.SLAB, _power_of_two(expected_bytes)) if expected_bytes else self.SLAB  # small models
+        self.buffers: list[torch.Tensor] = []  # uint8 slabs and single allocations
+        self.free: list[list] = []  # [slab, bytes used] of the slabs
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor of `shape` and `dtype`, a view into a slab."""
+        size = torch.Size(shape).numel() * dtype.itemsize
+        need = -(-max(size, 1) // self.ALIGN) * self.ALIGN
+        if need > self.slab:
+            buffer = self._allocate(_power_of_two(need))
+            return buffer[:size].view(dtype).view(shape)
+        place = next((entry for entry in self.free if entry[1] + need <= self.slab), None)
+        if place is None:
+            place = [self._allocate(self.slab), 0]
+            self.free.append(place)
+        start, place[1] = place[1], place[1] + need
+        return place[0][start:start + size].view(dtype).view(shape)
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = self.take(tensor.shape, tensor.dtype)
+        out.copy_(tensor)
+        tell(out, "host")
+        return out
+
+    def host_bytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+    def _allocate(self, size: int) -> torch.Tensor:
+        buffer = torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
+        self.buffers.append(buffer)
+        return buffer
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
 def device_copy(tensor: torch.Tensor, device: torch.device, category: str = "weights",
                 non_blocking: bool = False) -> torch.Tensor:
     """A copy of a host tensor on `device` (a separate storage even when `device` is the CPU)."""
@@ -161,9 +235,7 @@ def offload_checkpoints(denoiser: nn.Module) -> None:
     what is saved is each checkpointed block's inputs (and the few layers outside blocks): those leave the
     device, sd-scripts' cpu_offload_checkpointing. (torch.autograd.graph.save_on_cpu does the same but keeps
     CPU tensors as they are; these hooks always copy, and tell the planner.)"""
-    hooks = torch.autograd.graph.saved_tensors_hooks(
-        lambda t: (t.device, host_copy(t)), lambda packed: device_copy(packed[1], packed[0], "activations",
-                                                                       non_blocking=packed[0].type == "cuda"))
+    hooks = torch.autograd.graph.saved_tensors_hooks(_to_host_aside, _back_from_host)
 
     def enter(module, args):  # noqa: ARG001
         if torch.is_grad_enabled():
@@ -177,6 +249,36 @@ def offload_checkpoints(denoiser: nn.Module) -> None:
 
     denoiser.register_forward_pre_hook(enter)
     denoiser.register_forward_hook(leave, always_call=True)
+
+
+_COPY_STREAMS: dict = {}  # CUDA device -> the side stream the saved tensors leave on
+
+
+def _to_host_aside(tensor: torch.Tensor) -> tuple:
+    """A saved tensor's trip to the host: on CUDA, copied on a side stream into pinned memory without the host
+    waiting (the compute stream goes on; the device tensor is kept until the copy is done); elsewhere a plain
+    copy. Returns (device, host copy, the copy's CUDA event or None)."""
+    if tensor.device.type != "cuda":
+        return tensor.device, host_copy(tensor), None
+    stream = _COPY_STREAMS.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is computed
+    with torch.cuda.stream(stream):
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        out.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+    tell(out, "host")
+    return tensor.device, out, done
+
+
+def _back_from_host(packed: tuple) -> torch.Tensor:
+    """The saved tensor back on its device for backward: the compute stream waits for its copy to the host, then
+    copies it back, without the host waiting either."""
+    device, host, done = packed
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
+    return device_copy(host, device, "activations", non_blocking=done is not None)
 
 
 def allow_fp16_gradients(accelerator) -> None:
@@ -193,9 +295,13 @@ def allow_fp16_gradients(accelerator) -> None:
 
 
 def peak_memory_text() -> str:
-    """Peak device memory of this process, for the end-of-run summary."""
+    """Peak device memory of this process, per phase of the run (library/phases.py), for the end-of-run summary;
+    the process' peak host memory on the CPU."""
     import resource
 
-    if torch.cuda.is_available():
-        return f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated"
+    from library.phases import report
+
+    per_phase = report()
+    if per_phase:
+        return per_phase
     return f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (CPU)"

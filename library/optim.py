@@ -182,10 +182,12 @@ class FusedBackward(torch.optim.Optimizer):
         piece = self.chunk_params[index]
         for watch in self.gradient_watchers:
             watch(piece)
-        if not all(bool(torch.isfinite(p.grad).all()) for p in piece if p.grad is not None):
-            self.nonfinite += 1
-            self.optimizers[index].zero_grad(set_to_none=True)
-            return
+        grads = [p.grad for p in piece if p.grad is not None]
+        if grads:  # checked on the device, never read here (a read per chunk would be a sync per parameter)
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            self.nonfinite = self.nonfinite + (~finite).int()
+            for grad in grads:  # not finite: this chunk steps with a zero gradient (see pop_nonfinite)
+                grad.masked_fill_(~finite, 0.0)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in piece if p.grad is not None], self.max_grad_norm)
         self.optimizers[index].step()
@@ -207,10 +209,14 @@ class FusedBackward(torch.optim.Optimizer):
             self._owner = {id(p): opt for opt, piece in zip(self.optimizers, self.chunk_params) for p in piece}
         return self._owner[id(param)].state[param]
 
-    def pop_nonfinite(self) -> bool:
-        """Whether any chunk skipped its step for NaN/inf gradients since the last call."""
-        bad, self.nonfinite = self.nonfinite > 0, 0
-        return bad
+    def pop_nonfinite(self) -> torch.Tensor | bool:
+        """Whether any chunk had NaN/inf gradients since the last call: a flag on the device, which the NaN
+        guard reads with the rest of the step's checks (one read per step). Such a chunk was stepped with a
+        zero gradient, since deciding to skip it would have read the device once per chunk: its weights
+        still move by the optimizer's momentum and weight decay for that step. A NaN/inf loss (the usual
+        origin of non-finite gradients) is caught before backward and skips the whole step."""
+        bad, self.nonfinite = self.nonfinite, 0
+        return bad > 0 if isinstance(bad, torch.Tensor) else False
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -9,8 +9,10 @@ import torch
 
 from library.data.images import IMAGE_EXTENSIONS
 from library.offload import visiting
+from library.phases import during
 
 
+@during("class images")
 def ensure_class_images(family, parts, folder: str | Path, prompt: str, count: int, size: tuple[int, int],
                         steps: int, sampler: str, seed: int, clip_skip: int, say=print, device="cpu") -> int:
     """Generate class images until `folder` holds `count`; returns how many were generated. The denoiser

@@ -49,3 +49,50 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         return time.perf_counter() - self.start
+
+
+class StepLog:
+    """The values of each optimizer step (its loss, and whatever else the recipe logs), kept on the device and
+    read by the host at the logging cadence, all the steps since the last read in one copy: a read is a sync
+    (the host waits for the device to finish everything queued), so the step itself has none. Then each step
+    goes to the progress line and to the trackers, and to `series(name)`, the lists the recipes return."""
+
+    def __init__(self, progress: Progress, accelerator):
+        self.progress, self.accelerator = progress, accelerator
+        self.micro: list = []  # this step's micro-batch losses (device tensors)
+        self.pending: list[tuple[int, float, list, dict]] = []  # (step, lr, micro losses, {name: device scalar})
+        self.read: dict[str, list[float]] = {"loss": []}
+
+    def series(self, name: str) -> list[float]:
+        """The values of `name` read so far, one per step (the same list, filled at each read)."""
+        return self.read.setdefault(name, [])
+
+    def add(self, loss) -> None:
+        """A micro-batch's loss (gradient accumulation: the step's loss is their mean)."""
+        self.micro.append(loss.detach())
+
+    def step(self, step: int, lr: float, **values) -> None:
+        """Step `step` is done; `values`: more device scalars to log with it. Read now at the cadence."""
+        self.pending.append((step, lr, self.micro, values))
+        self.micro = []
+        if step % self.progress.every == 0 or step == self.progress.total:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read every pending step's values (one copy to the host) and log them."""
+        import torch
+
+        if not self.pending:
+            return
+        device = self.pending[0][2][0].device
+        flat = torch.stack([torch.as_tensor(v).to(device, torch.float64) for _, _, micro, values in self.pending
+                            for v in [*micro, *values.values()]]).cpu().tolist()
+        read = iter(flat)
+        for step, lr, micro, more in self.pending:
+            losses = [next(read) for _ in micro]
+            values = {"loss": sum(losses) / len(losses), **{name: next(read) for name in more}}
+            for name, value in values.items():
+                self.series(name).append(value)
+            self.progress.update(step, values["loss"], lr)
+            self.accelerator.log({**values, "lr": lr}, step=step)
+        self.pending = []

@@ -12,17 +12,20 @@ from pathlib import Path
 from typing import Callable
 
 from library.families import get_family
+from library import phases
+from library.phases import during
 
 def refuse_unsupported(cfg, recipe: str) -> None:
     """What the config accepts but a run would fail on or silently ignore after loading, refused before
     anything loads, with what to do instead: what the engine `accelerate launch` set up cannot combine with
-    (library/engines.py; recipe: "network" or "db"), and xformers for families whose attention runs on
-    PyTorch SDPA whatever is set (SD3 / FLUX's joint attention)."""
+    (library/engines.py; recipe: "network" or "db"), bf16 on a GPU without it, and xformers for families
+    whose attention runs on PyTorch SDPA whatever is set (SD3 / FLUX's joint attention)."""
     from library.config import ConfigError
     from library.config_checks import joined
+    from library.devices import without_bf16
     from library.engines import engine_problems
 
-    problems = engine_problems(cfg, recipe)
+    problems = engine_problems(cfg, recipe) + without_bf16(cfg)
     m = cfg.model
     family = get_family(m.family, m.pretrained_model_name_or_path) if cfg.train.xformers else None
     if family is not None and not family.xformers_attention:
@@ -67,6 +70,7 @@ def start(cfg, recipe: str) -> Started:
                               project_dir=cfg.logging.logging_dir or str(out_dir / "logs"),
                               **accelerator_settings(cfg))  # ddp_timeout, DDP's settings
     set_seed(t.seed)
+    phases.start(accelerator.device)  # the peak memory of each phase, for the report at the end
     started = Started(accelerator, Progress(0, enabled=accelerator.is_main_process).write)
     if accelerator.is_main_process:
         started.lock = claim_output_dir(cfg)  # no second run writes here while this one lives
@@ -134,13 +138,15 @@ class Switches:
     cpu_offload_checkpointing: bool = False
     blocks_to_swap: int | None = 0
     base_model_precision: str = "no_change"  # int8 / nf4: the frozen Linears through bitsandbytes (QLoRA)
+    torch_compile: bool = False  # the denoiser's repeated blocks through torch.compile
+    dynamo_backend: str = "inductor"
 
     @classmethod
     def from_config(cls, cfg) -> "Switches":
         t = cfg.train
         return cls(t.mixed_precision, t.full_fp16, t.full_bf16, t.no_half_vae, cfg.model.t5xxl_precision,
                    t.xformers, t.sdpa, t.gradient_checkpointing, t.fp8_base, t.cpu_offload_checkpointing,
-                   t.blocks_to_swap, cfg.model.base_model_precision)
+                   t.blocks_to_swap, cfg.model.base_model_precision, t.torch_compile, t.dynamo_backend)
 
 
 @dataclass
@@ -148,6 +154,7 @@ class Placed:
     dtype: object  # torch.dtype of the frozen weights
     attention: str  # the attention backend, as said
     swapper: object = None  # library.block_swap.BlockSwapper, or None
+    compiled: int = 0  # blocks compiled (torch_compile)
 
 
 def quantize_frozen(parts, sw: Switches, make_layer=None) -> dict[str, int]:
@@ -181,11 +188,11 @@ def apply_switches(family, parts, sw: Switches, trained: list, checkpointed_enco
                    whole: bool) -> Placed:
     """Frozen weights in half precision (the VAE too, unless no_half_vae), T5 stored as asked, the trained
     weights too with full_fp16 / full_bf16, the attention backend, gradient checkpointing (denoiser and the
-    trained text encoders), fp8 frozen denoiser weights, checkpoints offloaded, and block swap (of trained
-    weights when `whole`: a full fine-tune)."""
+    trained text encoders), fp8 frozen denoiser weights, checkpoints offloaded, block swap (of trained
+    weights when `whole`: a full fine-tune), and torch_compile's blocks."""
     from library.block_swap import make_swapper
-    from library.memory import (cast_trainable, enable_gradient_checkpointing, offload_checkpoints, set_attention,
-                                store_fp8_base)
+    from library.memory import (cast_trainable, compile_blocks, enable_gradient_checkpointing, offload_checkpoints,
+                                set_attention, store_fp8_base)
 
     dtype = cast_frozen(parts, sw)
     if sw.full_fp16 or sw.full_bf16:
@@ -198,7 +205,8 @@ def apply_switches(family, parts, sw: Switches, trained: list, checkpointed_enco
     if sw.cpu_offload_checkpointing:
         offload_checkpoints(parts.denoiser)
     swapper = make_swapper(family, parts, sw.blocks_to_swap, device, trained=whole)  # N blocks' frozen weights
-    return Placed(dtype, attention, swapper)
+    compiled = compile_blocks(parts.denoiser, sw.torch_compile, sw.dynamo_backend)  # after every hook is in place
+    return Placed(dtype, attention, swapper, compiled)
 
 
 # ---- caches and placement -------------------------------------------------------------------------
@@ -215,6 +223,7 @@ def cache_and_place(cfg, family, parts, dataset, text_frozen: bool, device, say,
     return conditioning
 
 
+@during("caching")
 def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
     """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
     `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from library.phases import during
 from library.prompts import SAMPLERS, SamplePrompt, read_prompt_file  # noqa: F401  (SAMPLERS: the choice list)
 
 
@@ -83,6 +84,7 @@ def due(settings: SampleSettings | None, step: int, epoch_end: int | None = None
     return bool(settings.every_n_steps) and step % settings.every_n_steps == 0
 
 
+@during("sampling")
 def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: str, device=None) -> list[Path]:
     """Render every prompt to out_dir/<tag>_<index>_<seed>.png, plus <tag>_grid.png for several prompts.
     RNG states, train/eval modes and device placement are restored afterwards."""

@@ -145,7 +145,6 @@ VOCAB: dict[str, Key] = {
     "console_log_file": noop(STR, "console logging only"),
     "console_log_simple": noop(FLAG, "console logging only"),
     "mem_eff_save": noop(FLAG, "saving streams tensors already"),
-    "dynamo_backend": noop(STR, "read only with torch_compile (refused)"),
     "zero_stage": noop(INT, "read only with deepspeed (refused)"),
     "offload_optimizer_device": noop(STR, "read only with deepspeed (refused)"),
     "offload_optimizer_nvme_path": noop(STR, "read only with deepspeed (refused)"),
@@ -167,7 +166,6 @@ VOCAB: dict[str, Key] = {
     "resume_from_huggingface": refused(FLAG, "resuming from the Hub is not offered: download the state folder "
                                              "and set resume"),
     "async_upload": refused(FLAG, "uploading to the Hub is not offered"),
-    "torch_compile": refused(FLAG, "torch.compile is not offered: leave it off"),
     "output_config": refused(FLAG, "the resolved config is written as <output_name>-config.toml at every start"),
     "secondary_separator": refused(STR, "not offered: use caption_separator and keep_tokens_separator"),
     "enable_wildcard": refused(FLAG, "wildcard captions ({a|b}) are not offered"),

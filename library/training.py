@@ -39,8 +39,9 @@ def batch_loss(family, parts, objective, batch: dict, clip_skip: int, generator:
     size = latents.shape[0]
     shape = (size * processes, *latents.shape[1:])
     mine = slice(rank * size, (rank + 1) * size)
+    means = _latent_means(latents, shape, mine) if loss_options.adaptive_noise_scale else None  # a copy: a sync
     noise, input_noise = (n[mine].to(latents.device, latents.dtype)
-                          for n in draw_noise(shape, generator, loss_options, _latent_means(latents, shape, mine)))
+                          for n in draw_noise(shape, generator, loss_options, means))
     timesteps = objective.sample_timesteps(shape[0], generator, latent_shape=shape)[mine]
     return denoising_loss(family, parts, objective, latents, conditioning, noise, timesteps,
                           mask=latent_mask(batch, latents), sample_weights=batch.get("loss_weight"),
@@ -164,7 +165,8 @@ def make_loader(cfg, plan, dataset):
     order = torch.Generator().manual_seed(cfg.train.seed)
     sampler = BucketBatchSampler(dataset.bucket_keys, plan.batch_sizes, order, with_position=dataset.warms_up)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=order,
-                                         num_workers=cfg.dataset.max_data_loader_n_workers)
+                                         num_workers=cfg.dataset.max_data_loader_n_workers,
+                                         pin_memory=torch.cuda.is_available())  # batches copy faster to the GPU
     return loader, sampler, order
 
 

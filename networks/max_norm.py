@@ -16,19 +16,21 @@ FACTORS = {"lora": ("lora_A.weight", "lora_B.weight"), "locon": ("lora_A.weight"
 
 
 @torch.no_grad()
-def apply(adapted: list[AdaptedComponent], max_norm: float) -> tuple[int, float, float]:
-    """(keys scaled, mean delta norm, max delta norm) over every adapted layer."""
-    scaled, norms = 0, []
+def apply(adapted: list[AdaptedComponent], max_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys scaled, mean delta norm, max delta norm) over every adapted layer, as tensors on the device: no
+    value is read by the host (a layer under the limit is multiplied by exactly 1), so the step has no sync;
+    the recipe reads them with the loss, at the logging cadence."""
+    norms = []
     for component in adapted:
         for _, layer in component.adapter_layers():
             norm = layer.get_delta_weight(ADAPTER).float().norm()
-            norms.append(float(norm))
-            if norm <= max_norm:
-                continue
-            scaled += 1
-            factor = (max_norm / norm) ** 0.5
+            norms.append(norm)
+            factor = torch.where(norm > max_norm, (max_norm / norm) ** 0.5, torch.ones_like(norm))
             params = algorithms.parameters(layer)
             for names in FACTORS[component.algo]:
                 name = next(n for n in ((names,) if isinstance(names, str) else names) if n in params)
                 params[name].mul_(factor.to(params[name].dtype))
-    return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+    if not norms:
+        return torch.tensor(0), torch.tensor(0.0), torch.tensor(0.0)
+    norms = torch.stack(norms)
+    return (norms > max_norm).sum(), norms.mean(), norms.max()

@@ -114,6 +114,14 @@ class _Backend:
     def max_memory_allocated(device=None) -> int:  # noqa: ARG004
         return peak_bytes()
 
+    @staticmethod
+    def max_memory_reserved(device=None) -> int:  # noqa: ARG004  (no caching allocator: reserved = allocated)
+        return peak_bytes()
+
+    @staticmethod
+    def reset_peak_memory_stats(device=None) -> None:  # noqa: ARG004
+        reset_peak()
+
 
 class _Hooks(torch._C._acc.PrivateUse1Hooks):
     def is_available(self) -> bool:

@@ -125,7 +125,7 @@ def test_fine_tune_metadata_file_captions_a_dataset_toml(tmp_path):
 def test_in_json_with_train_data_dir_as_sd_scripts_fine_tune(tmp_path):
     """A flat sd-scripts config: train_data_dir + in_json, dataset_repeats its repeats; the default separator is
     sd-scripts' "," with no space."""
-    from library.config import config_from_dict
+    from library.config_files import config_from_dict
 
     folder, meta = _metadata_images(tmp_path)
     flat = {"pretrained_model_name_or_path": "tiny/model", "output_dir": str(tmp_path / "out"), "resolution": 64,

@@ -94,12 +94,13 @@ def test_nan_loss_under_fp16_loss_scaling(bad_steps):
 
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0**8)  # as on CUDA
+    torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.01))
     guard, said = NonFiniteGuard(3, say=lambda text: None), []
     for step in range(4):
         before = model.weight.detach().clone()
-        loss = model(torch.ones(2, 4)).pow(2).mean() * (float("nan") if step in bad_steps else 1.0)
+        loss = (model(torch.ones(2, 4)) - 3).pow(2).mean() * (float("nan") if step in bad_steps else 1.0)  # never 0
         if guard.loss_ok(loss):
             accelerator.backward(loss)
         if guard.step_ok(list(model.parameters()), 1.0, step, accelerator):
@@ -290,3 +291,156 @@ def test_class_images_in_the_runs_precision_one_module_at_a_time(make_config, tm
     events = [e for k, e in enumerate(events) if k == 0 or e != events[k - 1]]  # one per change
     assert all(resident == (() if name == "denoiser" else (name,)) for name, resident in events), events
     assert all(autocast for _, _, autocast in seen)  # the run's precision (bf16 autocast)
+
+
+class _FakeCudaRng:
+    """torch.cuda's RNG functions on a machine with `count` visible GPUs (this process on `current`): as CUDA's
+    own, setting the state of a device index that is not visible raises IndexError."""
+
+    def __init__(self, monkeypatch, count: int, current: int = 0):
+        self.count, self.current, self.set = count, current, {}
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.get(i) for i in range(count)])
+        for module in (torch.cuda, torch.cuda.random):  # set_rng_state_all calls the module's own
+            monkeypatch.setattr(module, "set_rng_state", self.put)
+
+    @staticmethod
+    def get(device=0) -> torch.Tensor:
+        return torch.full((4,), 10 + (device if isinstance(device, int) else 0), dtype=torch.uint8)
+
+    def put(self, state, device=0) -> None:
+        if device >= self.count:
+            raise IndexError(f"device {device} of {self.count}")
+        self.set[device] = int(state[0])
+
+
+@pytest.mark.parametrize("saved_gpus, gpus, rank", [(2, 1, 0), (4, 2, 1), (1, 2, 1)])
+def test_resume_on_a_machine_with_fewer_gpus(monkeypatch, saved_gpus, gpus, rank):
+    """Defect 12: the state held every GPU's RNG of the machine that saved it and a resume set them all: on a
+    machine with fewer visible GPUs, IndexError. Each process now restores its own device's RNG only."""
+    from library import checkpoint
+
+    _FakeCudaRng(monkeypatch, saved_gpus, current=0)
+    saved = checkpoint._rng_state()
+    old_format = {**saved, "cuda": torch.cuda.get_rng_state_all()}  # what states written before hold
+    for state in (saved, old_format):
+        machine = _FakeCudaRng(monkeypatch, gpus, current=rank)
+        checkpoint._set_rng_state(state)
+        expected = 10 + (rank if len(state["cuda"]) > rank else 0)
+        assert machine.set == {rank: expected if state is old_format else 10}
+
+
+@pytest.mark.parametrize("train, key", [({"mixed_precision": "bf16"}, "mixed_precision"),
+                                        ({"mixed_precision": "bf16", "full_bf16": True}, "full_bf16")])
+def test_bf16_on_a_gpu_without_bf16_is_refused_up_front(make_config, monkeypatch, train, key):
+    """Defect 16: bf16 on a GPU without it (T4, V100) was accepted and failed or crawled (emulated) after
+    loading; it is refused before anything loads, naming the key and what to use instead."""
+    from library.config import ConfigError
+    from library.run import refuse_unsupported
+
+    cfg = make_config(train=train)
+    supported = {"bf16": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported["bf16"])
+    refuse_unsupported(cfg, "network")  # an Ampere card: nothing to say
+    supported["bf16"] = False
+    with pytest.raises(ConfigError, match=rf"'train.{key}': this GPU \(Tesla T4\) has no bf16; use .*fp16"):
+        _lora(cfg)
+    refuse_unsupported(make_config(train={"mixed_precision": "fp16"}), "network")  # fp16 is what such a card runs
+
+
+def _syncs_per_step(monkeypatch, run):
+    """(value reads, copies to host) of the device between one step's batch_loss and the next's, per step."""
+    import library.training
+
+    real, marks = library.training.batch_loss, []
+
+    def counted(*args, **kwargs):
+        marks.append((fake_device.value_reads(), fake_device.copies_to_host()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(library.training, "batch_loss", counted)  # train() imports it when it starts
+    result = run()
+    return result, [(r - r0, c - c0) for (r0, c0), (r, c) in zip(marks, marks[1:])]
+
+
+def test_host_syncs_only_at_the_logging_cadence(make_config, monkeypatch, gpu):
+    """Defect 15: every step read the loss before backward (loss_ok), the gradient norm (float(norm)) and the
+    loss again (.item()), and scale_weight_norms read two values per adapted layer: each a sync. Now a step
+    reads one value (the NaN guard's: losses and gradient norm finite, together), and the losses and norms are
+    copied to the host in one copy every log_every_n_steps."""
+    result, per_step = _syncs_per_step(monkeypatch, lambda: _lora(make_config(
+        train={"max_train_steps": 8}, logging={"log_every_n_steps": 4}, network={"scale_weight_norms": 1.0})))
+    assert per_step == [(1, 0), (1, 0), (1, 0), (1, 1), (1, 0), (1, 0), (1, 0)], per_step  # after step 4: a read
+    assert len(result.losses) == len(result.keys_scaled) == 8 and all(x == x for x in result.losses)
+
+
+def test_fused_backward_pass_reads_nothing_per_parameter(make_config, monkeypatch, gpu):
+    """Defect 14: the fused backward pass read each parameter's gradient check (bool(isfinite(...))): a sync
+    per parameter, hundreds a step. Now two reads a step: the loss before backward, and the step's check."""
+    result, per_step = _syncs_per_step(monkeypatch, lambda: _db(make_config(
+        optimizer=FUSED, train={"max_train_steps": 3}, logging={"log_every_n_steps": 4},
+        dreambooth={"train_text_encoder": False})))
+    assert per_step == [(2, 0), (2, 0)], per_step
+    assert len(result.losses) == 3 and all(x == x for x in result.losses)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_ema_copies_batched_or_kept_on_the_device(make_config, monkeypatch, gpu, on_device):
+    """Defect 13: the EMA copied every trained weight from the device to the host, synchronously, at every
+    step. ema_update_every = N updates it every N steps (decay ** N); ema_on_device keeps it on the device,
+    where an update copies nothing to the host."""
+    import torch.optim.swa_utils as swa
+
+    real, decays = swa.get_ema_multi_avg_fn, []
+    monkeypatch.setattr(swa, "get_ema_multi_avg_fn", lambda decay: decays.append(decay) or real(decay))
+    result, per_step = _syncs_per_step(monkeypatch, lambda: _db(make_config(
+        train={"max_train_steps": 4}, logging={"log_every_n_steps": 8}, dreambooth={
+            "train_text_encoder": False, "use_ema": True, "ema_decay": 0.9, "ema_update_every": 2,
+            "ema_on_device": on_device})))
+    weights = len(list(result.parts.denoiser.parameters()))
+    assert [copies for _, copies in per_step] == [0, 0 if on_device else weights, 0]  # step 2's update only
+    assert int(result.ema.n_averaged) == 2
+    assert all(fake_device.on_device(p) == on_device for p in result.ema.module.parameters())
+    assert decays == [pytest.approx(0.9 ** 2)]  # the same averaging time as 0.9 at every step
+
+
+def test_swapped_weights_live_in_few_host_slabs(flux_config, monkeypatch, gpu):  # noqa: F811
+    """Defect 14: each swapped weight had a pinned host allocation of its own, which PyTorch's pinned allocator
+    rounds up to a power of two (~1.56x the weights for FLUX); now they are views into slabs whose size is a
+    power of two already, and the run reports the host RAM they hold."""
+    from library.memory import HostSlabs
+
+    monkeypatch.setattr(HostSlabs, "SLAB", 2**20)
+    slabs = HostSlabs(pin=True)  # pinned on CUDA; plain host memory here, the same arithmetic
+    tensors = [torch.randn(76800) for _ in range(5)]  # 300 KiB each: a power of two each would be 512 KiB
+    copies = [slabs.copy(t) for t in tensors]
+    assert all(torch.equal(a, b) for a, b in zip(tensors, copies))
+    assert slabs.host_bytes() == 2 * 2**20 < 5 * 2**19  # three to a slab: 2 MiB, not 2.5 MiB
+    assert len({c.untyped_storage().data_ptr() for c in copies}) == 2
+    assert slabs.take((3, 2**19), torch.float16).shape == (3, 2**19) and slabs.host_bytes() == 2 * 2**20 + 2**22
+
+    result = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
+                             dreambooth={"train_text_encoder": False}))
+    swapper = result.parts.denoiser._block_swapper
+    storages = {t.untyped_storage().data_ptr() for t in [*swapper.host.values(), *swapper.state_host.values()]}
+    assert len(storages) <= len(swapper.slabs.buffers) <= 4 and swapper.host_ram() == swapper.slabs.host_bytes()
+    assert swapper.host_ram() < 2 * (swapper.bytes_swapped() + sum(
+        t.numel() * t.element_size() for t in swapper.state_host.values()))
+
+
+def test_loader_pins_batches_for_a_gpu(make_config, monkeypatch):
+    """Defect 15: the DataLoader did not pin its batches, so every batch's copy to a GPU went through pageable
+    memory (a staging copy, synchronous). With CUDA it pins them; the CPU-only machine does not."""
+    from library.training import make_loader, prepare_data
+
+    cfg = make_config()
+    plan, dataset, *_ = prepare_data(cfg, lambda *a: None)
+    assert make_loader(cfg, plan, dataset)[0].pin_memory is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert make_loader(cfg, plan, dataset)[0].pin_memory is True

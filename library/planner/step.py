@@ -50,7 +50,7 @@ class StepSettings(Switches, OptimizerSettings):
         """The run's memory switches as planned: on fake tensors int8 T5 is 1-byte fp8 storage (bitsandbytes
         kernels do not run there), and xformers SDPA."""
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(Switches)}
-        return Switches(**{**own, "xformers": False,
+        return Switches(**{**own, "xformers": False, "torch_compile": False,
                            "t5xxl_precision": "fp8" if self.t5xxl_precision == "int8" else self.t5xxl_precision})
 
     def optimizer_settings(self) -> OptimizerSettings:
