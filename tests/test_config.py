@@ -130,12 +130,12 @@ def test_flat_sd_scripts_file_maps_supported_keys(tmp_path, minimal):
 
 def test_flat_file_names_every_unsupported_key_at_once(tmp_path, minimal):
     flat = minimal.replace("[model]", "").replace("[dataset]", "").replace("[train]", "")
-    flat += "\nhuggingface_repo_id = \"me/x\"\nwandb_run_name = \"r\"\nnetwork_dimz = 8\nmasked_loss = true\n"
+    flat += "\nhuggingface_repo_id = \"me/x\"\nwandb_run_name = \"r\"\nnetwork_dimz = 8\nv_pred_like_loss = 0.5\n"
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, flat))
     assert "3 problem(s)" in str(e.value) and "wandb_run_name" not in str(e.value)  # a no-op: accepted
     assert "'huggingface_repo_id' = 'me/x' is refused: uploading to the Hub" in str(e.value)
-    assert "'masked_loss' = True is refused" in str(e.value)
+    assert "'v_pred_like_loss' = 0.5 is refused" in str(e.value)
     assert "unknown key 'network_dimz' (did you mean 'network.network_dim'?)" in str(e.value)
 
 
