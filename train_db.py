@@ -43,7 +43,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.loop import Bookkeeping, resume_position, sample_renderer
     from library.memory import peak_memory_text
     from library.objectives import configure
-    from library.optim import build_scheduler
+    from library.optim import schedule_of
     from library.prior import ensure_class_images
     from library.progress import Progress, StepLog
     from library.run import (OptimizerSettings, Switches, apply_switches, cache_and_place, make_optimizer, prepare,
@@ -116,9 +116,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         say(f"fused backward pass: {len(optimizer.optimizers)} optimizer steps inside backward"
             + (f"; max_grad_norm {o.max_grad_norm:g} applied per {'parameter' if o.fused_backward_pass else 'group'}"
                if o.max_grad_norm > 0 else ""))
-    scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
-                                o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
-                                o.lr_scheduler_args)
+    scheduler = schedule_of(o, optimizer, max_steps)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     engine, optimizer, loader = prepare(accelerator, parts, trained, optimizer, loader, fused, t.full_fp16)
     result = TrainResult(parts=parts, optimizer=optimizer, ema=ema)

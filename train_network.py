@@ -48,7 +48,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.loop import Bookkeeping, resume_position, sample_renderer
     from library.memory import peak_memory_text
     from library.objectives import configure
-    from library.optim import build_scheduler
+    from library.optim import schedule_of
     from library.progress import Progress, StepLog
     from library.run import (OptimizerSettings, Switches, adapter_groups, add_adapters, apply_switches,
                              cache_and_place, make_optimizer, prepare, quantize_frozen, start,
@@ -119,9 +119,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     # ---- optimizer ------------------------------------------------------------------------------
     o, chosen = cfg.optimizer, OptimizerSettings.from_config(cfg)
     optimizer, _ = make_optimizer(chosen, adapter_groups(adapted, settings, n, o.learning_rate))
-    scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, max_steps,
-                                o.lr_scheduler_num_cycles, o.lr_scheduler_power, o.lr_scheduler_type,
-                                o.lr_scheduler_args)
+    scheduler = schedule_of(o, optimizer, max_steps)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     trained_modules = [c.module for c in adapted]
     engine, optimizer, loader = prepare(accelerator, parts, trained_modules, optimizer, loader, chosen.fused,

@@ -210,15 +210,25 @@ class OptimizerSection:
     max_grad_norm: float = opt(1.0, "clip gradients to this norm (0 disables)")
     lr_scheduler: str = opt("constant", "learning-rate schedule",
                             choices=("constant", "constant_with_warmup", "linear", "cosine",
-                                     "cosine_with_restarts", "polynomial"))
+                                     "cosine_with_restarts", "polynomial", "cosine_with_min_lr",
+                                     "warmup_stable_decay", "inverse_sqrt", "piecewise_constant"))
     lr_warmup_steps: Union[int, float] = opt(0, "warmup steps, or a fraction (<1) of max_train_steps")
-    lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts")
+    lr_decay_steps: Union[int, float] = opt(0, "warmup_stable_decay: steps of the final decay, or a fraction (<1) "
+                                               "of max_train_steps; the rate is constant in between")
+    lr_scheduler_min_lr_ratio: Optional[float] = opt(
+        None, "cosine_with_min_lr (required) and warmup_stable_decay (unset: 0): the lowest rate, as a fraction of "
+        "the base rate")
+    lr_scheduler_timescale: Optional[int] = opt(None, "inverse_sqrt: the timescale in steps (unset: lr_warmup_steps, "
+                                                      "or 10000 without warmup)")
+    lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts; half-waves of cosine_with_min_lr and "
+                                          "warmup_stable_decay's decay (1: down once), as in sd-scripts")
     lr_scheduler_power: float = opt(1.0, "power of the polynomial schedule")
     lr_scheduler_type: Optional[str] = opt(
         None, "a scheduler class instead of lr_scheduler: a torch.optim.lr_scheduler name (CosineAnnealingLR) or a "
         "dotted class path, made with (optimizer, **lr_scheduler_args); no warmup")
     lr_scheduler_args: list[str] = opt([], 'extra "key=value" arguments of the schedule (Python literals), e.g. '
-                                           '"T_max=1000" for lr_scheduler_type, "num_cycles=0.5" for cosine')
+                                           '"T_max=1000" for lr_scheduler_type, "num_cycles=0.5" for cosine, '
+                                           '"step_rules=\'1:10,0.1\'" for piecewise_constant')
     fused_backward_pass: bool = opt(
         False, "train_db.py: update each parameter in its own gradient hook and free its gradient at once")
     fused_optimizer_groups: Optional[int] = opt(

@@ -232,6 +232,33 @@ def _number_problems(cfg: Config) -> list[str]:
         problems.append(f"'optimizer.lr_warmup_steps' = {warmup!r}: a step count, or a fraction below 1 of the run")
     elif isinstance(warmup, int) and t.max_train_epochs is None and warmup >= t.max_train_steps:
         problems.append(warmup_too_long(warmup, t.max_train_steps))
+    return problems + _schedule_problems(o, t)
+
+
+def _schedule_problems(o, t) -> list[str]:
+    """The values of lr_scheduler's own arguments; each is ignored by the schedules that do not read it, as in
+    sd-scripts."""
+    problems, ratio = [], o.lr_scheduler_min_lr_ratio
+    if ratio is not None and not 0 <= ratio <= 1:
+        problems.append(f"'optimizer.lr_scheduler_min_lr_ratio' is the lowest rate as a fraction of the base rate: "
+                        f"from 0 to 1, got {ratio!r}")
+    if o.lr_scheduler == "cosine_with_min_lr" and ratio is None and not o.lr_scheduler_type:
+        problems.append("'optimizer.lr_scheduler' = \"cosine_with_min_lr\" needs "
+                        "'optimizer.lr_scheduler_min_lr_ratio' (sd-scripts stops too): e.g. 0.1")
+    decay = o.lr_decay_steps
+    if decay < 0 or isinstance(decay, float) and decay >= 1:
+        problems.append(f"'optimizer.lr_decay_steps' = {decay!r}: a step count, or a fraction below 1 of the run")
+    elif o.lr_scheduler == "warmup_stable_decay" and t.max_train_epochs is None:
+        steps = [int(v * t.max_train_steps) if isinstance(v, float) else v for v in (o.lr_warmup_steps, decay)]
+        if sum(steps) > t.max_train_steps:
+            problems.append(f"'optimizer.lr_decay_steps' ({steps[1]}) and 'optimizer.lr_warmup_steps' ({steps[0]}) "
+                            f"are longer than the run ({t.max_train_steps} steps): shorten one")
+    if o.lr_scheduler_timescale is not None and o.lr_scheduler_timescale < 1:
+        problems.append(f"'optimizer.lr_scheduler_timescale' must be at least 1, got {o.lr_scheduler_timescale}")
+    if o.lr_scheduler == "piecewise_constant" and not o.lr_scheduler_type and not any(
+            a.split("=", 1)[0].strip() == "step_rules" for a in o.lr_scheduler_args):
+        problems.append("'optimizer.lr_scheduler' = \"piecewise_constant\" needs its rules in "
+                        "'optimizer.lr_scheduler_args', e.g. [\"step_rules='1:10,0.1'\"] (as in sd-scripts)")
     return problems
 
 

@@ -102,33 +102,63 @@ def optimizer_class(name: str) -> type:
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int | float, total_steps: int,
                     num_cycles: int = 1, power: float = 1.0, scheduler_type: str | None = None,
-                    scheduler_args: list[str] = (), initial_lr: float = 0.0):
+                    scheduler_args: list[str] = (), initial_lr: float = 0.0, min_lr_ratio: float | None = None,
+                    decay: int | float = 0, timescale: int | None = None):
     """A relative-step Adafactor gets RelativeStepSchedule (initial_lr: what it reports before the first step;
-    sd-scripts ignores lr_scheduler then too). Otherwise diffusers' schedules; `warmup` below 1 is a fraction of the total steps. `scheduler_args` (Python
-    literals) go to the schedule function, as sd-scripts passes lr_scheduler_args; `scheduler_type` names a
-    scheduler class (torch.optim.lr_scheduler's, or a dotted path) made with (optimizer, **args) instead."""
-    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType, get_scheduler
-
+    sd-scripts ignores lr_scheduler then too). Otherwise diffusers' and transformers' schedules with sd-scripts'
+    arguments; `warmup` and `decay` below 1 are fractions of the total steps. `scheduler_args` (Python literals)
+    go to the schedule function, as sd-scripts passes lr_scheduler_args; `scheduler_type` names a scheduler
+    class (torch.optim.lr_scheduler's, or a dotted path) made with (optimizer, **args) instead."""
     kwargs = optimizer_kwargs(list(scheduler_args), "lr_scheduler_args")
     if relative_step(optimizer):
         return RelativeStepSchedule(optimizer, initial_lr)
     if scheduler_type:
         return _scheduler_class(scheduler_type)(optimizer, **kwargs)
-    warmup_steps = int(warmup * total_steps) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+    warmup_steps = steps_of(warmup, total_steps)
     if name == "constant" and warmup_steps:
         name = "constant_with_warmup"
-    if not kwargs:
-        return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
-                             num_cycles=num_cycles, power=power)
-    standard = {"num_warmup_steps": warmup_steps, "num_training_steps": total_steps, "num_cycles": num_cycles,
-                "power": power}
-    wanted = {"constant": (), "constant_with_warmup": ("num_warmup_steps",),
-              "linear": ("num_warmup_steps", "num_training_steps"),
-              "cosine": ("num_warmup_steps", "num_training_steps"),
-              "cosine_with_restarts": ("num_warmup_steps", "num_training_steps", "num_cycles"),
-              "polynomial": ("num_warmup_steps", "num_training_steps", "power")}[name]
-    function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
-    return function(optimizer, **{**{k: standard[k] for k in wanted}, **kwargs})
+    function, arguments = _schedule(name, warmup_steps, total_steps, num_cycles, power, min_lr_ratio,
+                                    steps_of(decay, total_steps), timescale)
+    return function(optimizer, **{**arguments, **kwargs})
+
+
+def schedule_of(o, optimizer: torch.optim.Optimizer, total_steps: int):
+    """build_scheduler with the [optimizer] section's settings."""
+    return build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, total_steps, o.lr_scheduler_num_cycles,
+                           o.lr_scheduler_power, o.lr_scheduler_type, o.lr_scheduler_args,
+                           min_lr_ratio=o.lr_scheduler_min_lr_ratio, decay=o.lr_decay_steps,
+                           timescale=o.lr_scheduler_timescale)
+
+
+def steps_of(value: int | float, total_steps: int) -> int:
+    """A step count, or a fraction below 1 of the total (sd-scripts' lr_warmup_steps / lr_decay_steps)."""
+    return int(value * total_steps) if isinstance(value, float) and value < 1 else int(value)
+
+
+def _schedule(name, warmup, total, num_cycles, power, min_lr_ratio, decay, timescale) -> tuple:
+    """The schedule function of `name` and the arguments sd-scripts' get_scheduler_fix gives it: cosine_with_min_lr
+    and warmup_stable_decay take half of lr_scheduler_num_cycles (1: a half cosine down), WSD is stable for the
+    steps that warmup and decay leave; an argument the schedule does not read is ignored, as there."""
+    from diffusers import optimization as d
+    from transformers import optimization as tf
+
+    w = {"num_warmup_steps": warmup}
+    wt = {**w, "num_training_steps": total}
+    table = {"constant": (d.get_constant_schedule, {}),
+             "constant_with_warmup": (d.get_constant_schedule_with_warmup, w),
+             "linear": (d.get_linear_schedule_with_warmup, wt),
+             "cosine": (d.get_cosine_schedule_with_warmup, wt),
+             "cosine_with_restarts": (d.get_cosine_with_hard_restarts_schedule_with_warmup,
+                                      {**wt, "num_cycles": num_cycles}),
+             "polynomial": (d.get_polynomial_decay_schedule_with_warmup, {**wt, "power": power}),
+             "cosine_with_min_lr": (tf.get_cosine_with_min_lr_schedule_with_warmup,
+                                    {**wt, "num_cycles": num_cycles / 2, "min_lr_rate": min_lr_ratio}),
+             "warmup_stable_decay": (tf.get_wsd_schedule,
+                                     {**w, "num_stable_steps": total - warmup - decay, "num_decay_steps": decay,
+                                      "num_cycles": num_cycles / 2, "min_lr_ratio": min_lr_ratio or 0.0}),
+             "inverse_sqrt": (tf.get_inverse_sqrt_schedule, {**w, "timescale": timescale}),
+             "piecewise_constant": (d.get_piecewise_constant_schedule, {})}
+    return table[name]
 
 
 def _scheduler_class(path: str) -> type:

@@ -100,6 +100,9 @@ def _kind(hint) -> str:
 
 
 def _int_or_float(text: str):
+    """sd-scripts' int_or_float: "10" steps, "0.1" or "10%" a fraction."""
+    if text.endswith("%"):
+        return float(text[:-1]) / 100
     try:
         return int(text)
     except ValueError:

@@ -110,12 +110,6 @@ VOCAB: dict[str, Key] = {
                                             "files and states together: the same N only)"),
     "save_last_n_steps_state": mapped(INT, "keep the newest N step states (our save_last_n_steps keeps "
                                            "files and states together: the same N only)"),
-    "lr_scheduler_min_lr_ratio": noop(FLOAT, "sd-scripts applies it only to cosine_with_min_lr and "
-                                             "warmup_stable_decay, which lr_scheduler does not offer"),
-    "lr_scheduler_timescale": noop(INT, "sd-scripts applies it only to inverse_sqrt, which lr_scheduler does "
-                                        "not offer"),
-    "lr_decay_steps": refused(NUM, "warmup_stable_decay is not offered: use lr_scheduler = \"linear\" or "
-                                   "\"cosine\"", 0),
     "dataset_repeats": mapped(INT, "num_repeats of an in_json (fine-tune metadata) dataset; no effect without "
                                    "in_json, as in sd-scripts"),
     "batch_size": noop(INT, "sd-scripts reads batch_size only in a dataset TOML and ignores it in a training TOML "

@@ -1,5 +1,7 @@
 """Optimizers by name, and the fused backward pass: the same update as the plain optimizer, with at
 most one parameter's gradient alive at a time."""
+import math
+
 import pytest
 import torch
 
@@ -107,3 +109,113 @@ def test_adafactor_without_relative_step_uses_the_learning_rate():
     (weight * torch.tensor([1.0, -1.0, 2.0, -3.0])).sum().backward()
     optimizer.step()
     assert weight.detach().tolist() == pytest.approx([1 - 1e-3, -2 + 1e-3, 3 - 1e-3, 0.5 + 1e-3], abs=1e-6)
+
+
+def _lrs(scheduler, steps: int) -> list[float]:
+    """The first group's rate at steps 0 .. steps-1 (before each optimizer step, as training uses it)."""
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def _sgd(lr=1.0):
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def test_cosine_with_min_lr_ends_at_the_ratio():
+    """sd-scripts' cosine_with_min_lr: warmup, then half a cosine (num_cycles 1 -> 0.5) from base to ratio * base."""
+    import math
+
+    lr = _lrs(build_scheduler("cosine_with_min_lr", _sgd(2.0), 10, 110, min_lr_ratio=0.1), 111)
+    assert lr[:11:5] == pytest.approx([0.0, 1.0, 2.0])  # linear warmup over 10 steps
+    half = 2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr[60] == pytest.approx(half) and half == pytest.approx(1.1)
+    assert lr[35] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25))))
+    assert lr[110] == pytest.approx(0.2)  # 0.1 * base at the end, not 0
+    # lr_scheduler_num_cycles = 2 (a published kohya_ss command line): one whole wave, back to base at the end
+    wave = _lrs(build_scheduler("cosine_with_min_lr", _sgd(2.0), 0, 100, num_cycles=2, min_lr_ratio=0.1), 101)
+    assert (wave[50], wave[100]) == pytest.approx((0.2, 2.0))
+
+
+def test_warmup_stable_decay_phases_at_exact_steps():
+    """warmup 10, decay a fraction 0.25 of 100 steps (25, as sd-scripts reads lr_decay_steps < 1), stable 65."""
+    import math
+
+    lr = _lrs(build_scheduler("warmup_stable_decay", _sgd(1.0), 10, 100, min_lr_ratio=0.2, decay=0.25), 101)
+    assert lr[0] == pytest.approx(0.2) and lr[5] == pytest.approx(0.2 + 0.8 * 0.5)  # warmup from the ratio up
+    assert lr[10:75] == pytest.approx([1.0] * 65)  # stable: steps 10 .. 74
+    assert lr[75] == pytest.approx(1.0) and lr[76] < 1.0  # decay starts at 100 - 25
+    assert lr[85] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 10 / 25)))
+    assert lr[99] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 24 / 25)))
+    assert lr[100] == pytest.approx(0.2)
+    plain = _lrs(build_scheduler("warmup_stable_decay", _sgd(1.0), 0, 40, decay=20), 41)  # unset ratio: 0
+    assert plain[:21] == pytest.approx([1.0] * 21) and plain[30] == pytest.approx(0.5) and plain[40] == 0.0
+
+
+def test_inverse_sqrt_and_piecewise_constant():
+    lr = _lrs(build_scheduler("inverse_sqrt", _sgd(1.0), 4, 100, timescale=9), 28)
+    assert lr[2] == pytest.approx(0.5) and lr[4] == pytest.approx(1.0)  # warmup, then 1/sqrt((step+shift)/timescale)
+    assert lr[27] == pytest.approx(1 / math.sqrt((27 - 4 + 9) / 9))  # shift = timescale - warmup = 5
+    rules = ["step_rules='1:5,0.5:10,0.1'"]  # x1 before step 5, x0.5 before step 10, then x0.1
+    lr = _lrs(build_scheduler("piecewise_constant", _sgd(2.0), 0, 20, scheduler_args=rules), 12)
+    assert (lr[4], lr[5], lr[9], lr[10], lr[11]) == pytest.approx((2.0, 1.0, 1.0, 0.2, 0.2))
+
+
+def test_unread_schedule_arguments_are_ignored_as_in_sd_scripts():
+    """lr_decay_steps with cosine_with_min_lr, a ratio with cosine: the schedule does not read them."""
+    with_extra = _lrs(build_scheduler("cosine_with_min_lr", _sgd(), 0, 20, min_lr_ratio=0.5, decay=0.5), 21)
+    assert with_extra == pytest.approx(_lrs(build_scheduler("cosine_with_min_lr", _sgd(), 0, 20, min_lr_ratio=0.5), 21))
+    assert _lrs(build_scheduler("cosine", _sgd(), 0, 20, min_lr_ratio=0.5), 21)[20] == pytest.approx(0.0)
+
+
+def _schedule_config(tmp_path, keys: dict):
+    from library.config_files import config_from_dict
+
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return config_from_dict({"model": {"pretrained_model_name_or_path": str(tmp_path)},
+                             "dataset": {"train_data_dir": str(tmp_path / "data")},
+                             "train": {"output_dir": str(tmp_path / "out")}, "optimizer": keys}, source="c.toml")
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_min_lr_ratio": -0.1},
+     "'optimizer.lr_scheduler_min_lr_ratio' is the lowest rate as a fraction of the base rate: from 0 to 1, got -0.1"),
+    ({"lr_scheduler": "warmup_stable_decay", "lr_scheduler_min_lr_ratio": 1.5}, "from 0 to 1, got 1.5"),
+    ({"lr_scheduler": "cosine_with_min_lr"}, "needs 'optimizer.lr_scheduler_min_lr_ratio'"),
+    ({"lr_scheduler": "warmup_stable_decay", "lr_decay_steps": -5}, "'optimizer.lr_decay_steps' = -5: a step"),
+    ({"lr_scheduler": "warmup_stable_decay", "lr_decay_steps": 1.5}, "'optimizer.lr_decay_steps' = 1.5: a step"),
+    ({"lr_scheduler": "warmup_stable_decay", "lr_warmup_steps": 0.5, "lr_decay_steps": 900},
+     "'optimizer.lr_decay_steps' (900) and 'optimizer.lr_warmup_steps' (800) are longer than the run (1600 steps)"),
+    ({"lr_scheduler": "inverse_sqrt", "lr_scheduler_timescale": 0}, "'optimizer.lr_scheduler_timescale' must be at"),
+    ({"lr_scheduler": "piecewise_constant"}, "needs its rules in 'optimizer.lr_scheduler_args'"),
+])
+def test_bad_schedule_values_are_config_errors(keys, message, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        _schedule_config(tmp_path, keys)
+    assert message in str(e.value)
+
+
+def test_schedule_values_that_fit_load(tmp_path):
+    o = _schedule_config(tmp_path, {"lr_scheduler": "warmup_stable_decay", "lr_decay_steps": 0.2,
+                                    "lr_scheduler_min_lr_ratio": 0.1, "lr_scheduler_timescale": 7}).optimizer
+    assert (o.lr_decay_steps, o.lr_scheduler_min_lr_ratio, o.lr_scheduler_timescale) == (0.2, 0.1, 7)
+
+
+def test_negative_ratio_stops_the_cli_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\npretrained_model_name_or_path = "{tmp_path}"\n[dataset]\ntrain_data_dir = '
+                      f'"{tmp_path / "data"}"\n[train]\noutput_dir = "{tmp_path / "out"}"\n[optimizer]\n'
+                      f'lr_scheduler = "cosine_with_min_lr"\nlr_scheduler_min_lr_ratio = -0.1\n')
+    run = subprocess.run([sys.executable, "train_network.py", "--config_file", str(config)], capture_output=True,
+                         text=True, timeout=120)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("config error:")]
+    assert run.returncode == 2 and len(errors) == 1, run.stderr[-2000:]
+    assert "'optimizer.lr_scheduler_min_lr_ratio'" in errors[0] and "got -0.1" in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -652,3 +652,14 @@ def test_skip_until_initial_step_trains_on_the_data_a_full_run_has_there(make_co
 def test_initial_step_without_skipping_or_with_resume_is_refused(paths, keys, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(_flat(paths, **keys), source="x.toml", check_paths=False)
+
+
+def test_schedule_flags_as_sd_scripts_reads_them(paths):
+    """--lr_decay_steps / --lr_warmup_steps take steps, a fraction or a percentage (sd-scripts' int_or_float)."""
+    model, data, out = paths
+    args = parse([f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
+                  "--lr_scheduler=warmup_stable_decay", "--lr_warmup_steps=20", "--lr_decay_steps", "25%",
+                  "--lr_scheduler_min_lr_ratio=0.05", "--lr_scheduler_timescale", "30"], "test")
+    o = load_config(None, args.overrides, flags=args.flags).optimizer
+    assert (o.lr_scheduler, o.lr_warmup_steps, o.lr_decay_steps, o.lr_scheduler_min_lr_ratio,
+            o.lr_scheduler_timescale) == ("warmup_stable_decay", 20, 0.25, 0.05, 30)

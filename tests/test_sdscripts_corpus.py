@@ -27,7 +27,6 @@ EXPECTED_REFUSALS: dict[str, int] = {
     "algo": 1,  # LyCORIS algo=full (native fine-tuning)
     "train_norm": 1,  # LyCORIS train_norm=True
     "train_t5xxl": 3,  # lora_flux network_args train_t5xxl=True (G.O.D's FLUX configs): T5 is never trained here
-    "lr_decay_steps": 1,  # warmup_stable_decay / cosine_with_min_lr decay
     "blocks_to_swap": 2,  # sd3_train / flux_train with block swap but no fused backward pass
 }
 # sd-scripts itself rejects these command lines: the error must name the problem
@@ -47,6 +46,7 @@ def xformers_installed(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: True if name == "xformers" else real(name, *a))
+    monkeypatch.setattr("library.config_checks._xformers_problem", lambda: None)  # nor would it import
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +248,23 @@ def test_resolved_values_are_those_sd_scripts_uses(name, places, tmp_path):
     cfg = (load_training(path, places, tmp_path) if path.suffix == ".toml" else load_command(path, places))()
     got = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in SD_SCRIPTS_VALUES[name]}
     assert got == SD_SCRIPTS_VALUES[name]
+
+
+def test_cosine_with_min_lr_command_line_gets_sd_scripts_schedule(places):
+    """gui_docker_flux: cosine_with_min_lr, ratio 0.1, num_cycles 2 (one whole wave), warmup 0.1; its
+    lr_decay_steps = 0.5 is kept but not read by this schedule, as in sd-scripts."""
+    import torch
+
+    from library.optim import schedule_of
+
+    cfg = load_command(CORPUS / "command_lines" / "gui_docker_flux.txt", places)()
+    o = cfg.optimizer
+    assert (o.lr_scheduler, o.lr_scheduler_min_lr_ratio, o.lr_scheduler_num_cycles, o.lr_warmup_steps,
+            o.lr_decay_steps) == ("cosine_with_min_lr", 0.1, 2, 0.1, 0.5)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    scheduler, lrs = schedule_of(o, optimizer, 100), []
+    for _ in range(101):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert (lrs[5], lrs[10], lrs[55], lrs[100]) == pytest.approx((0.5e-4, 1e-4, 0.1e-4, 1e-4))
