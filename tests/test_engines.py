@@ -141,10 +141,14 @@ def test_a_state_of_n_processes_goes_on_at_the_same_global_batch_with_m(make_con
 
 def test_a_non_finite_loss_still_joins_the_all_reduce_with_several_processes():
     """With DDP every process must run backward (the others wait on its buckets); the step is skipped on all
-    of them because step_ok decides together. One process: backward is skipped, as before."""
+    of them because the non-finite gradients reach every process. The guard reads the losses once per step
+    (not before backward), so backward always runs; read before backward (the fused backward pass, one process
+    only) a non-finite loss skips it, unless several processes must still join the all-reduce."""
     from library.guards import NonFiniteGuard
 
-    one, several = NonFiniteGuard(5), NonFiniteGuard(5)
-    assert one.loss_ok(torch.tensor(float("nan"))) is False and one._bad_loss
-    assert several.loss_ok(torch.tensor(float("nan")), processes=2) is True and several._bad_loss
+    plain = NonFiniteGuard(5)
+    assert plain.loss_ok(torch.tensor(float("nan"))) is True and not bool(plain._losses_finite)
+    fused_one, fused_several = NonFiniteGuard(5, before_backward=True), NonFiniteGuard(5, before_backward=True)
+    assert fused_one.loss_ok(torch.tensor(float("nan"))) is False and fused_one._bad_loss
+    assert fused_several.loss_ok(torch.tensor(float("nan")), processes=2) is True and fused_several._bad_loss
     assert NonFiniteGuard(5).loss_ok(torch.tensor(1.0), processes=2) is True
