@@ -99,7 +99,7 @@ def gpu():
         yield device
 
 
-# ---- the tiny DiT families (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image) ------------------------
+# ---- the tiny DiT families (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image, SD3) ---------------------
 
 # Cached text outputs and swapped blocks move or reuse tensors, never change them (see test_memory_offload.SAME)
 SAME = {"rel": 1e-6, "abs": 1e-9}
@@ -143,6 +143,7 @@ tiny_flux2_dev = _tiny_model("tiny_flux2_dev", "save_tiny_flux2", "tiny-flux2-de
 tiny_chroma = _tiny_model("tiny_chroma", "save_tiny_chroma", "tiny-chroma")
 tiny_qwen = _tiny_model("tiny_qwen", "save_tiny_qwen_image", "tiny-qwen")
 tiny_zimage = _tiny_model("tiny_zimage", "save_tiny_zimage", "tiny-zimage")
+tiny_sd3 = _tiny_model("tiny_sd3", "save_tiny_sd3", "tiny-sd3")
 
 
 def _family_config(name, tiny, **model):
@@ -166,6 +167,7 @@ flux2_config = _family_config("flux2_config", "tiny_flux2")
 chroma_config = _family_config("chroma_config", "tiny_chroma", t5xxl_max_token_length=16)
 qwen_config = _family_config("qwen_config", "tiny_qwen")
 zimage_config = _family_config("zimage_config", "tiny_zimage")
+sd3_config = _family_config("sd3_config", "tiny_sd3", t5xxl_max_token_length=16)
 
 
 def split_files_source(files, *separate, **extra):

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import fake_device
-from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
 CHECKPOINTED = {"gradient_checkpointing": True}
 FUSED = {"optimizer_type": "AdamW", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
@@ -166,7 +165,7 @@ def test_cached_text_outputs_stay_on_the_host(make_config, tiny_sd1, gpu):
 
 
 @pytest.mark.parametrize("name", ["flux", "sd3"])
-def test_saving_a_transformer_builds_the_fused_tensors_on_the_host(name, tiny_flux, tiny_sd3, gpu):  # noqa: F811
+def test_saving_a_transformer_builds_the_fused_tensors_on_the_host(name, tiny_flux, tiny_sd3, gpu):
     """Defect 11: saving a FLUX / SD3 full fine-tune built the single file's fused qkv tensors on the device
     (a second copy of every attention weight there, at the end of the run)."""
     from library.families import ModelSource, get_family

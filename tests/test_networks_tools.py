@@ -19,7 +19,6 @@ from networks.merge import merge_file
 from networks.settings import settings_from
 from networks.targets import inject
 from tests.test_networks_ui_formulas import _randomise
-from tests.test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
 
 def _where(family_name, request):
