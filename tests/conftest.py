@@ -97,3 +97,186 @@ def gpu():
 
     with fake_device.use() as device:
         yield device
+
+
+# ---- the tiny DiT families (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image, SD3) ---------------------
+
+# Cached text outputs and swapped blocks move or reuse tensors, never change them (see test_memory_offload.SAME)
+SAME = {"rel": 1e-6, "abs": 1e-9}
+# The full fine-tune the families' golden DreamBooth losses are recorded with (sections for a `*_config` fixture)
+FULL_FINE_TUNE = {"optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True, "learning_rate": 1e-4,
+                                "max_grad_norm": 0.0},
+                  "dreambooth": {"train_text_encoder": False}}
+
+
+def close(losses, expected):
+    """Golden losses: the recorded ones to 1e-5 relative."""
+    return losses == pytest.approx(expected, rel=1e-5)
+
+
+def train_network(cfg):
+    from train_network import train
+
+    return train(cfg)
+
+
+def train_db(cfg):
+    from train_db import train
+
+    return train(cfg)
+
+
+def _tiny_model(name, builder, folder, **options):
+    """A session fixture `name`: library.tiny's `builder` writes the tiny model once, into models/`folder`."""
+    @pytest.fixture(scope="session", name=name)
+    def files(tmp_path_factory):
+        import library.tiny
+
+        return getattr(library.tiny, builder)(tmp_path_factory.mktemp("models") / folder, **options)
+
+    return files
+
+
+tiny_flux = _tiny_model("tiny_flux", "save_tiny_flux", "tiny-flux")
+tiny_flux2 = _tiny_model("tiny_flux2", "save_tiny_flux2", "tiny-flux2")
+tiny_flux2_dev = _tiny_model("tiny_flux2_dev", "save_tiny_flux2", "tiny-flux2-dev", dev=True)
+tiny_chroma = _tiny_model("tiny_chroma", "save_tiny_chroma", "tiny-chroma")
+tiny_qwen = _tiny_model("tiny_qwen", "save_tiny_qwen_image", "tiny-qwen")
+tiny_zimage = _tiny_model("tiny_zimage", "save_tiny_zimage", "tiny-zimage")
+tiny_sd3 = _tiny_model("tiny_sd3", "save_tiny_sd3", "tiny-sd3")
+
+
+def _family_config(name, tiny, **model):
+    """A fixture `name`: make_config on the folder of the tiny model `tiny` (a fixture's name), with `model`
+    keys; a test's own model keys override them."""
+    @pytest.fixture(name=name)
+    def config(make_config, request):
+        folder = str(request.getfixturevalue(tiny)["folder"])
+
+        def make(**sections):
+            sections["model"] = {"pretrained_model_name_or_path": folder, **model, **sections.get("model", {})}
+            return make_config(**sections)
+
+        return make
+
+    return config
+
+
+flux_config = _family_config("flux_config", "tiny_flux", t5xxl_max_token_length=16)
+flux2_config = _family_config("flux2_config", "tiny_flux2")
+chroma_config = _family_config("chroma_config", "tiny_chroma", t5xxl_max_token_length=16)
+qwen_config = _family_config("qwen_config", "tiny_qwen")
+zimage_config = _family_config("zimage_config", "tiny_zimage")
+sd3_config = _family_config("sd3_config", "tiny_sd3", t5xxl_max_token_length=16)
+
+
+def split_files_source(files, *separate, **extra):
+    """A ModelSource of a tiny model's transformer file, with its `separate` files (t5xxl, ae, text_encoder, ...)
+    named by their keys, and the folder's architecture and tokenizer; `extra` keys override."""
+    from library.families.base import ModelSource
+
+    return ModelSource(str(files["transformer"]), **{**{key: str(files[key]) for key in separate},
+                                                     "arch": str(files["folder"]), "tokenizer": str(files["folder"]),
+                                                     **extra})
+
+
+def control_images(images, folder, seed, flat=False):
+    """A control image for each training image (same stem), of another size than the target (resized to its
+    bucket when loaded): random colours drawn from `seed`, or with `flat` one colour each."""
+    import torch
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for path in sorted(p for p in images.iterdir() if p.suffix == ".png"):
+        pixels = torch.rand(1 if flat else 80, 1 if flat else 96, 3, generator=g).expand(80, 96, 3)
+        Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(folder / (path.stem + ".png"))
+    return folder
+
+
+def assert_cached_text_outputs_change_nothing(family_config):
+    """Two steps with the text outputs cached give the losses of two steps encoding each batch."""
+    plain = train_network(family_config(train={"max_train_steps": 2}))
+    cached = train_network(family_config(train={"max_train_steps": 2, "cache_text_encoder_outputs": True},
+                                         save={"overwrite": True}))
+    assert cached.losses == pytest.approx(plain.losses, **SAME)
+
+
+def block_swapped_run(family_config, blocks):
+    """Two steps with gradient checkpointing and `blocks` swapped give the losses of the same without block swap;
+    returns the swapped run."""
+    plain = train_network(family_config(train={"max_train_steps": 2, "gradient_checkpointing": True}))
+    swapped = train_network(family_config(train={"max_train_steps": 2, "gradient_checkpointing": True,
+                                                 "blocks_to_swap": blocks}, save={"overwrite": True}))
+    assert swapped.losses == pytest.approx(plain.losses, **SAME)
+    return swapped
+
+
+def peft_adapter_in_pipeline(family_config, pipeline_class, folder):
+    """Two steps saving a peft-layout adapter, loaded into `pipeline_class` from `folder`: (the run, the file's
+    tensors, the pipeline). alpha = dim: diffusers reads no alpha from a peft-layout file (scale 1)."""
+    from safetensors.torch import load_file
+
+    result = train_network(family_config(save={"save_format": "peft"}, train={"max_train_steps": 2},
+                                         network={"network_dim": 4, "network_alpha": 4.0}))
+    pipe = pipeline_class.from_pretrained(str(folder))
+    pipe.load_lora_weights(str(result.adapter_path))
+    return result, load_file(result.adapter_path), pipe
+
+
+def lora_layers(*modules):
+    """How many peft LoRA layers the modules hold."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(m, LoraLayer) for module in modules for m in module.modules())
+
+
+def pipeline_parts(pipe, source, text_encoders, tokenizers):
+    """A diffusers pipeline's models as our Components (text encoders and tokenizers by our names)."""
+    from library.families.base import Components
+
+    return Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
+                      text_encoders=text_encoders, tokenizers=tokenizers, source=source)
+
+
+def predict_caption(family, parts, latents, caption="a photo of a red circle", timestep=400.0):
+    """The family's prediction for one caption at one timestep, without grad."""
+    import torch
+
+    with torch.no_grad():
+        text = family.encode_prompts(parts, [caption], 1)
+        return family.predict(parts, latents, torch.tensor([timestep]), text)
+
+
+def assert_samples_reproducible(sample):
+    """`sample(negative, seed=5)` gives a 64x64 image, the same again from its seed, another with another negative
+    prompt or seed; returns the first."""
+    import numpy as np
+
+    first = sample("blurry")
+    assert first.shape == (64, 64, 3) and np.array_equal(first, sample("blurry"))
+    assert not np.array_equal(first, sample("")) and not np.array_equal(first, sample("blurry", seed=6))
+    return first
+
+
+@pytest.fixture
+def config_error(tiny_data, tmp_path, capsys):
+    """Runs train_network.py on a config file `name` of the `model` keys and the tiny dataset, which must exit 2
+    with one line on stderr: returns (the config's path, the line)."""
+    import json
+
+    import train_network as recipe
+
+    def run(model, name):
+        config = tmp_path / name
+        config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in model.items())
+                          + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
+                          + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            recipe.main(["--config", str(config)])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert exit_.value.code == 2 and len(lines) == 1, lines
+        return config, lines[0]
+
+    return run

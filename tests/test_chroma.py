@@ -7,7 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from library.families import get_family
-from library.families.base import Components, ModelSource
+from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_samples_reproducible,
+                      block_swapped_run, close, lora_layers, peft_adapter_in_pipeline, pipeline_parts,
+                      predict_caption, split_files_source, train_db, train_network)
+from library.families.base import ModelSource
 from library.families.chroma import ChromaFamily
 from library.families.flux import FluxFamily
 from library.loading import CheckpointError, arch_dir
@@ -16,33 +19,10 @@ from model_checks import assert_same_weights
 # seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, T5 16 tokens, sd-scripts defaults
 GOLDEN_CHROMA = [0.516216, 0.935634, 0.815975, 0.527397]
 GOLDEN_CHROMA_DB = [0.505084, 0.910699, 0.786815, 0.530564]
-# Cached text outputs and swapped blocks move or reuse tensors, never change them (see test_memory_offload.SAME)
-SAME = {"rel": 1e-6, "abs": 1e-9}
-
-
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
-
-@pytest.fixture(scope="session")
-def tiny_chroma(tmp_path_factory):
-    from library.tiny import save_tiny_chroma
-
-    return save_tiny_chroma(tmp_path_factory.mktemp("models") / "tiny-chroma")
-
-
-@pytest.fixture
-def chroma_config(make_config, tiny_chroma):
-    def make(**sections):
-        model = {"pretrained_model_name_or_path": str(tiny_chroma["folder"]), "t5xxl_max_token_length": 16}
-        sections["model"] = {**model, **sections.get("model", {})}
-        return make_config(**sections)
-    return make
 
 
 def _single_file_source(files, **extra):
-    return ModelSource(str(files["transformer"]), t5xxl=str(files["t5xxl"]), ae=str(files["ae"]),
-                       arch=str(files["folder"]), tokenizer=str(files["folder"]), **extra)
+    return split_files_source(files, "t5xxl", "ae", **extra)
 
 
 def test_shipped_chroma_config_builds_the_real_architecture():
@@ -137,21 +117,9 @@ def test_masked_text_tokens_do_not_reach_the_image(tiny_chroma):
 # ---- training -----------------------------------------------------------------------------------
 
 
-def train_network(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def train_db(cfg):
-    from train_db import train
-
-    return train(cfg)
-
-
 def test_golden_losses_lora(chroma_config):
     result = train_network(chroma_config())
-    assert _close(result.losses, GOLDEN_CHROMA)
+    assert close(result.losses, GOLDEN_CHROMA)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet"}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
     assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_single_blocks_1_linear1" in names
@@ -169,25 +137,16 @@ def test_sd_scripts_model_type_selects_chroma(tmp_path, tiny_chroma, tiny_data):
 
 
 def test_cached_text_outputs_give_the_same_losses(chroma_config):
-    plain = train_network(chroma_config(train={"max_train_steps": 2}))
-    cached = train_network(chroma_config(train={"max_train_steps": 2, "cache_text_encoder_outputs": True},
-                                         save={"overwrite": True}))
-    assert cached.losses == pytest.approx(plain.losses, **SAME)
+    assert_cached_text_outputs_change_nothing(chroma_config)
 
 
 def test_block_swap_gives_the_same_losses(chroma_config):
-    plain = train_network(chroma_config(train={"max_train_steps": 2, "gradient_checkpointing": True}))
-    swapped = train_network(chroma_config(train={"max_train_steps": 2, "gradient_checkpointing": True,
-                                                 "blocks_to_swap": 4}, save={"overwrite": True}))
-    assert swapped.losses == pytest.approx(plain.losses, **SAME)
-    assert swapped.parts.denoiser._block_swapper.loads == 2 * 8
+    assert block_swapped_run(chroma_config, 4).parts.denoiser._block_swapper.loads == 2 * 8
 
 
 def test_golden_losses_full_fine_tune_and_single_file_reload(chroma_config, tiny_chroma):
-    result = train_db(chroma_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                               "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                    dreambooth={"train_text_encoder": False}))
-    assert _close(result.losses, GOLDEN_CHROMA_DB)
+    result = train_db(chroma_config(**FULL_FINE_TUNE))
+    assert close(result.losses, GOLDEN_CHROMA_DB)
     reloaded = ChromaFamily().load(_single_file_source({**tiny_chroma, "transformer": result.model_path}))
     assert_same_weights(result.parts, reloaded)
 
@@ -195,27 +154,13 @@ def test_golden_losses_full_fine_tune_and_single_file_reload(chroma_config, tiny
 def test_adapter_in_diffusers_every_key_consumed(chroma_config, tiny_chroma):
     """peft-layout file: ChromaPipeline.load_lora_weights consumes every key, with our outputs."""
     from diffusers import ChromaPipeline
-    from peft.tuners.lora import LoraLayer
 
-    # alpha = dim: diffusers reads no alpha from a peft-layout file (scale 1)
-    result = train_network(chroma_config(save={"save_format": "peft"}, train={"max_train_steps": 2},
-                                         network={"network_dim": 4, "network_alpha": 4.0}))
-    tensors = load_file(result.adapter_path)
-    pipe = ChromaPipeline.from_pretrained(str(tiny_chroma["folder"]))
-    pipe.load_lora_weights(str(result.adapter_path))
-    consumed = sum(isinstance(m, LoraLayer) for m in pipe.transformer.modules())
-    assert consumed == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2
+    result, tensors, pipe = peft_adapter_in_pipeline(chroma_config, ChromaPipeline, tiny_chroma["folder"])
+    assert lora_layers(pipe.transformer) == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2
     family = ChromaFamily()
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
-                        text_encoders={"te3": pipe.text_encoder}, tokenizers={"te3": pipe.tokenizer},
-                        source=result.parts.source)
-    outs = []
-    for parts in (result.parts, theirs):
-        with torch.no_grad():
-            text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
-            outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
-    assert torch.allclose(*outs, atol=1e-5)
+    theirs = pipeline_parts(pipe, result.parts.source, {"te3": pipe.text_encoder}, {"te3": pipe.tokenizer})
+    assert torch.allclose(*(predict_caption(family, parts, latents) for parts in (result.parts, theirs)), atol=1e-5)
 
 
 @pytest.mark.parametrize("model, said", [
@@ -223,23 +168,11 @@ def test_adapter_in_diffusers_every_key_consumed(chroma_config, tiny_chroma):
     ({"family": "flux"}, "is a checkpoint of family \"chroma\" (from its tensor names), but 'model.family' = "
                          "\"flux\": set model.family = \"chroma\""),
 ])
-def test_chroma_file_faults_exit_2_naming_the_key(model, said, tiny_chroma, tiny_data, tmp_path, capsys):
-    import json
-
-    import train_network
-
-    values = {"pretrained_model_name_or_path": str(tiny_chroma["transformer"]), **model}
-    config = tmp_path / "chroma.toml"
-    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
-                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        train_network.main(["--config", str(config)])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
-    assert said in lines[0] and str(tiny_chroma["transformer"]) in lines[0]
+def test_chroma_file_faults_exit_2_naming_the_key(model, said, tiny_chroma, config_error):
+    config, line = config_error({"pretrained_model_name_or_path": str(tiny_chroma["transformer"]), **model},
+                                "chroma.toml")
+    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert said in line and str(tiny_chroma["transformer"]) in line
 
 
 def test_samples_use_the_training_mask_and_the_negative_prompt(tiny_chroma):
@@ -253,9 +186,7 @@ def test_samples_use_the_training_mask_and_the_negative_prompt(tiny_chroma):
     def sample(negative, seed=5):
         return np.asarray(family.sample(parts, "a red dog", 64, 64, 2, seed, "euler", 1, negative, 4.0))
 
-    first = sample("blurry")
-    assert first.shape == (64, 64, 3) and np.array_equal(first, sample("blurry"))
-    assert not np.array_equal(first, sample("")) and not np.array_equal(first, sample("blurry", seed=6))
+    assert_samples_reproducible(sample)
     captured = []
     denoiser_forward = parts.denoiser.forward
 

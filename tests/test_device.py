@@ -3,9 +3,9 @@ of every family hold on it, nothing is left on the wrong side, and what stays re
 import pytest
 
 import fake_device
-from test_flux import GOLDEN_FLUX, GOLDEN_FLUX_DB, flux_config, tiny_flux  # noqa: F401
-from test_flux2 import GOLDEN_FLUX2, GOLDEN_FLUX2_DB, flux2_config, tiny_flux2  # noqa: F401
-from test_sd3 import GOLDEN_SD3, sd3_config, tiny_sd3  # noqa: F401
+from test_flux import GOLDEN_FLUX, GOLDEN_FLUX_DB
+from test_flux2 import GOLDEN_FLUX2, GOLDEN_FLUX2_DB
+from test_sd3 import GOLDEN_SD3
 from test_sdxl import GOLDEN_SDXL, GOLDEN_SDXL_DB, sdxl_config  # noqa: F401
 from test_train_sd1 import GOLDEN
 

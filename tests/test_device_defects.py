@@ -4,8 +4,6 @@ import pytest
 import torch
 
 import fake_device
-from test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
-from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
 CHECKPOINTED = {"gradient_checkpointing": True}
 FUSED = {"optimizer_type": "AdamW", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
@@ -34,7 +32,7 @@ def _tensor_state(optimizer, param):
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
 
 
-def test_block_swap_keeps_swapping_after_sampling(flux_config, tmp_path, gpu):  # noqa: F811
+def test_block_swap_keeps_swapping_after_sampling(flux_config, tmp_path, gpu):
     """Defect 1: after a sample, the denoiser went back with module.to(`fakegpu:0`), which is not the swapper's
     `fakegpu`: every swapped block stayed on the device."""
     result = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 2},
@@ -46,7 +44,7 @@ def test_block_swap_keeps_swapping_after_sampling(flux_config, tmp_path, gpu):  
         (n, p.device) for n, p in result.parts.denoiser.named_parameters() if not fake_device.on_device(p)][:5]
 
 
-def test_swapped_weights_optimizer_state_leaves_the_device(flux_config, gpu):  # noqa: F811
+def test_swapped_weights_optimizer_state_leaves_the_device(flux_config, gpu):
     """Defect 2: the swapped weights' optimizer state was compared with `fakegpu:0 == fakegpu` and never left
     the device (+2x the swapped weights with AdamW)."""
     result = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
@@ -57,7 +55,7 @@ def test_swapped_weights_optimizer_state_leaves_the_device(flux_config, gpu):  #
     assert trained and states and not any(fake_device.on_device(v) for v in states)
 
 
-def test_resume_full_fine_tune_with_block_swap(flux_config, tmp_path, gpu):  # noqa: F811
+def test_resume_full_fine_tune_with_block_swap(flux_config, tmp_path, gpu):
     """Defect 3: on resume the swapped weights' optimizer state was loaded on the host and never brought to the
     device: the first step mixed host and device tensors."""
     def run(**sections):
@@ -111,7 +109,7 @@ def test_nan_loss_under_fp16_loss_scaling(bad_steps):
     assert said == [s for s in range(4) if s not in bad_steps] and guard.skipped == len(bad_steps)
 
 
-def test_t5_mask_with_cached_text_outputs(flux_config, gpu):  # noqa: F811
+def test_t5_mask_with_cached_text_outputs(flux_config, gpu):
     """Defect 5: with apply_t5_attn_mask and cached text outputs the padding mask was built on the host while
     T5 ran on the device (brought over for its forward), and the two were multiplied."""
     result = _lora(flux_config(model={"apply_t5_attn_mask": True},
@@ -138,7 +136,7 @@ def _int8_tensors(encoder):
                         if t is not None)
 
 
-def test_int8_t5_leaves_the_device_after_caching(flux_config, gpu):  # noqa: F811
+def test_int8_t5_leaves_the_device_after_caching(flux_config, gpu):
     """Defect 7: bitsandbytes keeps int8 T5's weights in weight.CB / SCB and state.CB / SCB, which a parent's
     .to() never moves: after caching, T5 (~4.4 GiB at full size) stayed on the device for the whole run."""
     result = _lora(flux_config(model={"t5xxl_precision": "int8"}, network={"network_train_unet_only": True},
@@ -167,7 +165,7 @@ def test_cached_text_outputs_stay_on_the_host(make_config, tiny_sd1, gpu):
 
 
 @pytest.mark.parametrize("name", ["flux", "sd3"])
-def test_saving_a_transformer_builds_the_fused_tensors_on_the_host(name, tiny_flux, tiny_sd3, gpu):  # noqa: F811
+def test_saving_a_transformer_builds_the_fused_tensors_on_the_host(name, tiny_flux, tiny_sd3, gpu):
     """Defect 11: saving a FLUX / SD3 full fine-tune built the single file's fused qkv tensors on the device
     (a second copy of every attention weight there, at the end of the run)."""
     from library.families import ModelSource, get_family
@@ -196,7 +194,7 @@ def test_multi_gpu_engines_are_refused_up_front(make_config, monkeypatch, env):
         _lora(make_config())
 
 
-def test_xformers_on_flux_is_refused_up_front(flux_config):  # noqa: F811
+def test_xformers_on_flux_is_refused_up_front(flux_config):
     """Defect 16: xformers on FLUX.1 / SD3 was accepted and silently ignored (joint attention runs on SDPA)."""
     from library.config import ConfigError
 
@@ -220,7 +218,7 @@ def test_runs_use_tf32_on_cuda(make_config, fp32_precision):
     assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
-def test_sampling_brings_the_parts_one_at_a_time(flux_config, tmp_path, gpu):  # noqa: F811
+def test_sampling_brings_the_parts_one_at_a_time(flux_config, tmp_path, gpu):
     """Defect 9: sampling brought the VAE, every text encoder and the denoiser to the device at once, on top of
     the training state. The parts kept on the host (cached latents and text outputs) visit one at a time; the
     denoiser stays where training keeps it."""
@@ -410,7 +408,7 @@ def test_ema_copies_batched_or_kept_on_the_device(make_config, monkeypatch, gpu,
     assert decays == [pytest.approx(0.9 ** 2)]  # the same averaging time as 0.9 at every step
 
 
-def test_swapped_weights_live_in_few_host_slabs(flux_config, monkeypatch, gpu):  # noqa: F811
+def test_swapped_weights_live_in_few_host_slabs(flux_config, monkeypatch, gpu):
     """Defect 14: each swapped weight had a pinned host allocation of its own, which PyTorch's pinned allocator
     rounds up to a power of two (~1.56x the weights for FLUX); now they are views into slabs whose size is a
     power of two already, and the run reports the host RAM they hold."""

@@ -5,6 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import (FULL_FINE_TUNE, close, lora_layers, peft_adapter_in_pipeline, pipeline_parts, predict_caption,
+                      split_files_source, train_db, train_network)
 from library.families import get_family
 from library.families.base import ModelSource
 from library.families.flux import FluxFamily, latent_image_ids, pack_latents, unpack_latents
@@ -16,30 +18,8 @@ GOLDEN_FLUX = [0.491824, 0.851382, 0.774685, 0.529203]
 GOLDEN_FLUX_DB = [0.441010, 0.825962, 0.755955, 0.516878]
 
 
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
-
-@pytest.fixture(scope="session")
-def tiny_flux(tmp_path_factory):
-    from library.tiny import save_tiny_flux
-
-    return save_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
-
-
-@pytest.fixture
-def flux_config(make_config, tiny_flux):
-    def make(**sections):
-        model = {"pretrained_model_name_or_path": str(tiny_flux["folder"]), "t5xxl_max_token_length": 16}
-        sections["model"] = {**model, **sections.get("model", {})}
-        return make_config(**sections)
-    return make
-
-
 def _single_file_source(files, **extra):
-    return ModelSource(str(files["transformer"]), clip_l=str(files["clip_l"]), t5xxl=str(files["t5xxl"]),
-                       ae=str(files["ae"]), arch=str(files["folder"]), tokenizer=str(files["folder"]), **extra)
-
+    return split_files_source(files, "clip_l", "t5xxl", "ae", **extra)
 
 
 def test_shipped_flux_configs_build_the_real_architecture():
@@ -138,21 +118,9 @@ def test_guidance_reaches_the_transformer(tiny_flux):
 # ---- training -----------------------------------------------------------------------------------
 
 
-def train_network(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def train_db(cfg):
-    from train_db import train
-
-    return train(cfg)
-
-
 def test_golden_losses_lora(flux_config):
     result = train_network(flux_config())
-    assert _close(result.losses, GOLDEN_FLUX)
+    assert close(result.losses, GOLDEN_FLUX)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1"}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
     assert "lora_unet_double_blocks_0_img_attn_qkv" in names and "lora_unet_single_blocks_1_linear1" in names
@@ -166,7 +134,7 @@ def test_t5_cached_while_clip_l_trains_gives_the_golden_losses(flux_config, tmp_
     cache = tmp_path / "cache"
     cfg = flux_config(train={"cache_text_encoder_outputs_to_disk": True}, dataset={"cache_dir": str(cache)})
     result = train_network(cfg)
-    assert _close(result.losses, GOLDEN_FLUX)
+    assert close(result.losses, GOLDEN_FLUX)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1"}
     stored = [load_file(f) for f in sorted((cache / "text").glob("*.safetensors"))]
     assert stored and all(set(t) == {"prompt_embeds"} for t in stored)  # T5 only: CLIP-L's pooled output is live
@@ -178,10 +146,8 @@ def test_t5_cached_while_clip_l_trains_gives_the_golden_losses(flux_config, tmp_
 
 
 def test_golden_losses_full_fine_tune_and_single_file_reload(flux_config, tiny_flux):
-    result = train_db(flux_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                             "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                  dreambooth={"train_text_encoder": False}))
-    assert _close(result.losses, GOLDEN_FLUX_DB)
+    result = train_db(flux_config(**FULL_FINE_TUNE))
+    assert close(result.losses, GOLDEN_FLUX_DB)
     reloaded = FluxFamily().load(_single_file_source({**tiny_flux, "transformer": result.model_path}))
     assert_same_weights(result.parts, reloaded)
 
@@ -189,26 +155,12 @@ def test_golden_losses_full_fine_tune_and_single_file_reload(flux_config, tiny_f
 def test_adapter_in_diffusers_every_key_consumed(flux_config, tiny_flux):
     """peft-layout file: FluxPipeline.load_lora_weights consumes every key, with our outputs."""
     from diffusers import FluxPipeline
-    from peft.tuners.lora import LoraLayer
 
-    # alpha = dim: diffusers reads no alpha from a peft-layout file (scale 1), see the closing note
-    result = train_network(flux_config(save={"save_format": "peft"}, train={"max_train_steps": 2},
-                                       network={"network_dim": 4, "network_alpha": 4.0}))
-    tensors = load_file(result.adapter_path)
-    pipe = FluxPipeline.from_pretrained(str(tiny_flux["folder"]))
-    pipe.load_lora_weights(str(result.adapter_path))
-    consumed = sum(isinstance(m, LoraLayer) for mod in (pipe.transformer, pipe.text_encoder) for m in mod.modules())
+    result, tensors, pipe = peft_adapter_in_pipeline(flux_config, FluxPipeline, tiny_flux["folder"])
+    consumed = lora_layers(pipe.transformer, pipe.text_encoder)
     assert consumed == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2
     family = FluxFamily()
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    from library.families.base import Components
-
-    theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
-                        text_encoders={"te1": pipe.text_encoder, "te3": pipe.text_encoder_2},
-                        tokenizers={"te1": pipe.tokenizer, "te3": pipe.tokenizer_2}, source=result.parts.source)
-    outs = []
-    for parts in (result.parts, theirs):
-        with torch.no_grad():
-            text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
-            outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
-    assert torch.allclose(*outs, atol=1e-5)
+    theirs = pipeline_parts(pipe, result.parts.source, {"te1": pipe.text_encoder, "te3": pipe.text_encoder_2},
+                            {"te1": pipe.tokenizer, "te3": pipe.tokenizer_2})
+    assert torch.allclose(*(predict_caption(family, parts, latents) for parts in (result.parts, theirs)), atol=1e-5)

@@ -10,8 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_samples_reproducible,
+                      block_swapped_run, close, control_images, lora_layers, pipeline_parts, predict_caption,
+                      split_files_source, train_db, train_network)
 from library.families import get_family
-from library.families.base import Components, ModelSource
+from library.families.base import ModelSource
 from library.families.flux import FluxFamily
 from library.families.flux2 import Flux2Family
 from library.loading import CheckpointError, arch_dir
@@ -21,52 +24,10 @@ GOLDEN_FLUX2 = [3.542257, 3.090285, 2.467133, 1.963594]
 GOLDEN_FLUX2_DEV = [3.719114, 3.293840, 2.629239, 2.057453]  # dev: Mistral3 text, guidance 3.5 (model.guidance_scale)
 GOLDEN_FLUX2_DB = [3.433707, 3.119931, 2.455278, 1.849790]
 GOLDEN_FLUX2_EDIT = [3.542307, 3.190031, 2.471148, 1.952534]
-# Cached text outputs and swapped blocks move or reuse tensors, never change them (see test_memory_offload.SAME)
-SAME = {"rel": 1e-6, "abs": 1e-9}
-
-
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
-
-@pytest.fixture(scope="session")
-def tiny_flux2(tmp_path_factory):
-    from library.tiny import save_tiny_flux2
-
-    return save_tiny_flux2(tmp_path_factory.mktemp("models") / "tiny-flux2")
-
-
-@pytest.fixture(scope="session")
-def tiny_flux2_dev(tmp_path_factory):
-    from library.tiny import save_tiny_flux2
-
-    return save_tiny_flux2(tmp_path_factory.mktemp("models") / "tiny-flux2-dev", dev=True)
-
-
-@pytest.fixture
-def flux2_config(make_config, tiny_flux2):
-    def make(**sections):
-        model = {"pretrained_model_name_or_path": str(tiny_flux2["folder"])}
-        sections["model"] = {**model, **sections.get("model", {})}
-        return make_config(**sections)
-    return make
 
 
 def _single_file_source(files, **extra):
-    return ModelSource(str(files["transformer"]), text_encoder=str(files["text_encoder"]), ae=str(files["ae"]),
-                       arch=str(files["folder"]), tokenizer=str(files["folder"]), **extra)
-
-
-def train_network(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def train_db(cfg):
-    from train_db import train
-
-    return train(cfg)
+    return split_files_source(files, "text_encoder", "ae", **extra)
 
 
 @pytest.mark.parametrize("arch, billions, text_width", [("flux2-klein-4b", 3.88, 7680), ("flux2-klein-9b", 9.08, 12288),
@@ -212,12 +173,12 @@ def family_text_ids(n):
 
 def test_golden_losses_dev_lora(make_config, tiny_flux2_dev):
     result = train_network(make_config(model={"pretrained_model_name_or_path": str(tiny_flux2_dev["folder"])}))
-    assert _close(result.losses, GOLDEN_FLUX2_DEV)
+    assert close(result.losses, GOLDEN_FLUX2_DEV)
 
 
 def test_golden_losses_lora(flux2_config):
     result = train_network(flux2_config())
-    assert _close(result.losses, GOLDEN_FLUX2)
+    assert close(result.losses, GOLDEN_FLUX2)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet"}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
     assert names == {f"lora_unet_double_blocks_{i}_{layer}" for i in (0, 1)
@@ -244,25 +205,16 @@ def test_lora_keys_are_the_ones_comfyui_maps(flux2_config, tiny_flux2):
 
 
 def test_cached_text_outputs_give_the_same_losses(flux2_config):
-    plain = train_network(flux2_config(train={"max_train_steps": 2}))
-    cached = train_network(flux2_config(train={"max_train_steps": 2, "cache_text_encoder_outputs": True},
-                                        save={"overwrite": True}))
-    assert cached.losses == pytest.approx(plain.losses, **SAME)
+    assert_cached_text_outputs_change_nothing(flux2_config)
 
 
 def test_block_swap_gives_the_same_losses(flux2_config):
-    plain = train_network(flux2_config(train={"max_train_steps": 2, "gradient_checkpointing": True}))
-    swapped = train_network(flux2_config(train={"max_train_steps": 2, "gradient_checkpointing": True,
-                                                "blocks_to_swap": 3}, save={"overwrite": True}))
-    assert swapped.losses == pytest.approx(plain.losses, **SAME)
-    assert swapped.parts.denoiser._block_swapper.loads == 2 * 6
+    assert block_swapped_run(flux2_config, 3).parts.denoiser._block_swapper.loads == 2 * 6
 
 
 def test_golden_losses_full_fine_tune_and_single_file_reload(flux2_config, tiny_flux2):
-    result = train_db(flux2_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                              "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                   dreambooth={"train_text_encoder": False}))
-    assert _close(result.losses, GOLDEN_FLUX2_DB)
+    result = train_db(flux2_config(**FULL_FINE_TUNE))
+    assert close(result.losses, GOLDEN_FLUX2_DB)
     reloaded = Flux2Family().load(_single_file_source({**tiny_flux2, "transformer": result.model_path}))
     trained, back = result.parts.denoiser.state_dict(), reloaded.denoiser.state_dict()
     assert trained.keys() == back.keys() and all(torch.equal(trained[k], back[k]) for k in trained)
@@ -283,23 +235,13 @@ def test_fp8_base_and_fp8_text_encoder_train(flux2_config):
     assert all(abs(a - b) < 0.05 * b for a, b in zip(result.losses, plain.losses)) and result.losses != plain.losses
 
 
-def _controls(images, folder, seed, flat=False):
-    """A control image per training image (same stem), of another size (resized to its bucket when loaded)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for path in sorted(p for p in images.iterdir() if p.suffix == ".png"):
-        pixels = torch.rand(1 if flat else 80, 1 if flat else 96, 3, generator=g).expand(80, 96, 3)
-        Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(folder / (path.stem + ".png"))
-    return folder
-
-
 def test_edit_run_golden_losses_and_the_control_image_matters(flux2_config, tiny_data, tmp_path):
     def run(control):
         return train_network(flux2_config(dataset={"control_directory": str(control)}, save={"overwrite": True}))
 
-    result = run(_controls(tiny_data, tmp_path / "control-a", 1))
-    assert _close(result.losses, GOLDEN_FLUX2_EDIT)
-    other = run(_controls(tiny_data, tmp_path / "control-b", 2, flat=True))
+    result = run(control_images(tiny_data, tmp_path / "control-a", 1))
+    assert close(result.losses, GOLDEN_FLUX2_EDIT)
+    other = run(control_images(tiny_data, tmp_path / "control-b", 2, flat=True))
     # the random tiny transformer mixes 16 reference tokens among 512 text and 16 image tokens weakly: other controls
     # move each loss by 3e-6 to 2e-5, 8 to 60 float32 steps of a loss near 3, where the same pairs repeat to 1e-7
     assert all(abs(a - b) > 2e-6 for a, b in zip(result.losses, other.losses))
@@ -310,7 +252,6 @@ def test_adapter_in_diffusers_every_key_consumed(flux2_config, tiny_flux2):
     """The kohya file: Flux2KleinPipeline.load_lora_weights consumes every key (diffusers' Flux2 kohya converter
     leaves none), one LoRA layer per adapted module, with the outputs of our live adapter and of our merge."""
     from diffusers import Flux2KleinPipeline
-    from peft.tuners.lora import LoraLayer
 
     from networks.merge import merge_lora
 
@@ -323,22 +264,16 @@ def test_adapter_in_diffusers_every_key_consumed(flux2_config, tiny_flux2):
     assert len(converted) == 2 * len(modules) and not [k for k in tensors if "alpha" not in k and "lora_" not in k]
     pipe = Flux2KleinPipeline.from_pretrained(str(tiny_flux2["folder"]))
     pipe.load_lora_weights(str(result.adapter_path))
-    assert sum(isinstance(m, LoraLayer) for m in pipe.transformer.modules()) == len(modules)
+    assert lora_layers(pipe.transformer) == len(modules)
     family = Flux2Family()
-    theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
-                        text_encoders={"te": pipe.text_encoder}, tokenizers={"te": pipe.tokenizer},
-                        source=result.parts.source)
+    theirs = pipeline_parts(pipe, result.parts.source, {"te": pipe.text_encoder}, {"te": pipe.tokenizer})
     merged = family.load(ModelSource(str(tiny_flux2["folder"])))
     assert merge_lora({"denoiser": merged.denoiser}, family.adapter_targets(merged), str(result.adapter_path)) == 20
     latents = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(3))
-    outs = []
-    for parts in (result.parts, theirs, merged):
-        with torch.no_grad():
-            text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
-            outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
+    outs = [predict_caption(family, parts, latents) for parts in (result.parts, theirs, merged)]
     assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[2], outs[1], atol=1e-5)
-    assert not torch.allclose(outs[2], family.predict(family.load(ModelSource(str(tiny_flux2["folder"]))), latents,
-                                                      torch.tensor([400.0]), text), atol=1e-5)  # the adapter matters
+    base = predict_caption(family, family.load(ModelSource(str(tiny_flux2["folder"]))), latents)
+    assert not torch.allclose(outs[2], base, atol=1e-5)  # the adapter matters
 
 
 def test_samples_are_reproducible_and_take_the_negative_prompt_and_a_reference(tiny_flux2, tmp_path):
@@ -354,9 +289,7 @@ def test_samples_are_reproducible_and_take_the_negative_prompt_and_a_reference(t
         return np.asarray(family.sample(parts, "a red dog", 64, 64, 2, seed, "euler", 1, negative, 4.0,
                                         control_image=control))
 
-    first = sample("blurry")
-    assert first.shape == (64, 64, 3) and np.array_equal(first, sample("blurry"))
-    assert not np.array_equal(first, sample("")) and not np.array_equal(first, sample("blurry", seed=6))
+    first = assert_samples_reproducible(sample)
     assert not np.array_equal(first, sample("blurry", control=str(reference)))
 
 
@@ -366,23 +299,11 @@ def test_samples_are_reproducible_and_take_the_negative_prompt_and_a_reference(t
     ({"family": "flux"}, "is a checkpoint of family \"flux2\" (from its tensor names), but 'model.family' = "
                          "\"flux\": set model.family = \"flux2\""),
 ])
-def test_flux2_file_faults_exit_2_naming_the_key(model, said, tiny_flux2, tiny_data, tmp_path, capsys):
-    import json
-
-    import train_network
-
-    values = {"pretrained_model_name_or_path": str(tiny_flux2["transformer"]), **model}
-    config = tmp_path / "flux2.toml"
-    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
-                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        train_network.main(["--config", str(config)])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
-    assert said in lines[0] and str(tiny_flux2["transformer"]) in lines[0]
+def test_flux2_file_faults_exit_2_naming_the_key(model, said, tiny_flux2, config_error):
+    config, line = config_error({"pretrained_model_name_or_path": str(tiny_flux2["transformer"]), **model},
+                                "flux2.toml")
+    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert said in line and str(tiny_flux2["transformer"]) in line
 
 
 def test_planner_plans_flux2_with_its_text_encoder_in_fp8(tiny_flux2):

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import train_network
 from library.families.base import Components, ModelSource
 from library.families.flux import FluxFamily
 from networks import algorithms, files, lycoris_format
 from networks.lycoris_format import LoraFileError
 from networks.settings import settings_from
 from networks.targets import inject
-from tests.test_flux import flux_config, tiny_flux, train_network  # noqa: F401  (fixtures)
 
 DOUBLE = ["img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "img_mod_lin",
           "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2", "txt_mod_lin"]
@@ -48,7 +48,7 @@ def _output(parts, seed=3):
         return family.predict(parts, latents, torch.tensor([400.0]), text)
 
 
-def _load(tiny_flux):  # noqa: F811
+def _load(tiny_flux):
     return FluxFamily().load(ModelSource(str(tiny_flux["folder"]), t5xxl_max_token_length=16))
 
 
@@ -64,7 +64,7 @@ def _assert_same_params(a, b):
         assert torch.equal(pa[key], pb[key]), key
 
 
-def test_trained_file_has_sd_scripts_names_and_reloads(flux_config, tiny_flux):  # noqa: F811
+def test_trained_file_has_sd_scripts_names_and_reloads(flux_config, tiny_flux):
     result = train_network(flux_config(train={"max_train_steps": 2}))
     tensors = load_file(result.adapter_path)
     names = ([f"lora_unet_double_blocks_{i}_{n}" for i in range(2) for n in DOUBLE]
@@ -154,7 +154,7 @@ def _shared_down(tensors, name, rank, generator):
     tensors[f"{name}.alpha"] = torch.tensor(2.0)
 
 
-def test_sd_scripts_shared_down_file_loads_exactly(tiny_flux, tmp_path):  # noqa: F811
+def test_sd_scripts_shared_down_file_loads_exactly(tiny_flux, tmp_path):
     from networks.merge import merge_lora
 
     parts = _load(tiny_flux)
@@ -182,7 +182,7 @@ def test_sd_scripts_shared_down_file_loads_exactly(tiny_flux, tmp_path):  # noqa
     torch.testing.assert_close(_output(merged), _output(fresh), atol=1e-5, rtol=1e-4)
 
 
-def test_merge_of_our_fused_file_equals_the_adapter(tiny_flux, tmp_path):  # noqa: F811
+def test_merge_of_our_fused_file_equals_the_adapter(tiny_flux, tmp_path):
     from networks.merge import merge_lora
 
     parts = _load(tiny_flux)
@@ -195,7 +195,7 @@ def test_merge_of_our_fused_file_equals_the_adapter(tiny_flux, tmp_path):  # noq
     torch.testing.assert_close(_output(merged), _output(parts), atol=1e-5, rtol=1e-4)
 
 
-def test_files_with_module_path_names_still_load(tiny_flux, tmp_path):  # noqa: F811
+def test_files_with_module_path_names_still_load(tiny_flux, tmp_path):
     """Files written before the BFL names: lora_unet_transformer_blocks_0_attn_to_q, ..."""
     adapted = _adapt(_load(tiny_flux), _settings(), seed=4)
     old = {}
@@ -211,7 +211,7 @@ def test_files_with_module_path_names_still_load(tiny_flux, tmp_path):  # noqa: 
     _assert_same_params(fresh, adapted)
 
 
-def test_loha_parts_keep_their_own_names_and_reload(tiny_flux, tmp_path):  # noqa: F811
+def test_loha_parts_keep_their_own_names_and_reload(tiny_flux, tmp_path):
     settings = _settings(algo="loha")
     adapted = _adapt(_load(tiny_flux), settings, seed=6)
     tensors = lycoris_format.state_dict(adapted)
@@ -226,7 +226,7 @@ def test_loha_parts_keep_their_own_names_and_reload(tiny_flux, tmp_path):  # noq
     _assert_same_params(fresh, adapted)
 
 
-def test_a_fused_layer_that_is_no_lora_of_the_parts_is_refused(tiny_flux, tmp_path):  # noqa: F811
+def test_a_fused_layer_that_is_no_lora_of_the_parts_is_refused(tiny_flux, tmp_path):
     adapted = _adapt(_load(tiny_flux), _settings(), seed=7)
     tensors = lycoris_format.state_dict(adapted)
     tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"][0, 11] = 1.0  # off the block diagonal
@@ -250,7 +250,7 @@ def test_kohya_layout_of_the_flux_transformer():
     assert kohya_layout("x_embedder") == ("img_in", 0, 1) and kohya_layout("pos_embed") is None
 
 
-def test_a_group_not_all_adapted_is_written_per_part(tiny_flux):  # noqa: F811
+def test_a_group_not_all_adapted_is_written_per_part(tiny_flux):
     from networks.targets import AdaptedComponent
 
     unet = _adapt(_load(tiny_flux), _settings(), seed=8)[0]
@@ -273,7 +273,7 @@ def test_a_group_not_all_adapted_is_written_per_part(tiny_flux):  # noqa: F811
     ({"train_blocks": "double", "train_double_block_indices": "0-0,1"}, {0, 1}, set(),
      {"train_blocks": "double", "train_double_block_indices": "0,1"}),
 ])
-def test_flux_block_selection_as_lora_flux(tiny_flux, args, double, single, written):  # noqa: F811
+def test_flux_block_selection_as_lora_flux(tiny_flux, args, double, single, written):
     """sd-scripts' lora_flux network_args: train_blocks (all, double, single) and the indices of each kind
     ("all", "none", "0-0,1"): adapters only in the chosen blocks (found by their kohya names double_blocks.N /
     single_blocks.N), whole blocks, and ss_network_args saying so."""

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
 
 from library.families import ModelSource, get_family
 from library.loading import CheckpointError, read_checkpoint, read_safetensors_header
@@ -43,7 +42,7 @@ def _linear_weight(name: str, value: torch.Tensor) -> bool:
 
 
 @pytest.fixture(scope="module")
-def comfy_flux(tiny_flux, tmp_path_factory):  # noqa: F811
+def comfy_flux(tiny_flux, tmp_path_factory):
     """bf16 copies of the tiny FLUX.1's transformer and T5 files, and the same as fp8_scaled files."""
     folder = tmp_path_factory.mktemp("comfy")
     files, scales = {}, {}
@@ -57,7 +56,7 @@ def comfy_flux(tiny_flux, tmp_path_factory):  # noqa: F811
     return files, scales
 
 
-def _load_flux(tiny_flux, transformer, t5xxl):  # noqa: F811
+def _load_flux(tiny_flux, transformer, t5xxl):
     source = ModelSource(str(transformer), clip_l=str(tiny_flux["clip_l"]), t5xxl=str(t5xxl),
                          ae=str(tiny_flux["ae"]), arch=str(tiny_flux["folder"]), tokenizer=str(tiny_flux["folder"]))
     return get_family("flux", str(transformer)).load(source)
@@ -80,7 +79,7 @@ def _check_within_fp8_rounding(loaded: dict, source: dict, scaled_file: dict, sc
     return count
 
 
-def test_flux_transformer_and_t5_from_fp8_scaled_files(tiny_flux, comfy_flux):  # noqa: F811
+def test_flux_transformer_and_t5_from_fp8_scaled_files(tiny_flux, comfy_flux):
     files, scales = comfy_flux
     plain = _load_flux(tiny_flux, files["transformer"]["bf16"], files["t5xxl"]["bf16"])
     scaled = _load_flux(tiny_flux, files["transformer"]["fp8_scaled"], files["t5xxl"]["fp8_scaled"])
@@ -121,7 +120,7 @@ def test_sd1_checkpoint_from_an_fp8_scaled_file(tiny_sd1, tmp_path):
         assert ((b[k].float() - a[k].float()).abs() <= _fp8_bound(a[k].float(), max(scales.values()))).all(), k
 
 
-def test_the_header_check_takes_fp8_scaled_files(flux_config, tiny_flux, comfy_flux):  # noqa: F811
+def test_the_header_check_takes_fp8_scaled_files(flux_config, tiny_flux, comfy_flux):
     from library.fp8_scaled import header_view
     from library.model_files import check_model_files
 
@@ -152,7 +151,7 @@ def test_other_comfy_formats_are_named(comfy_flux, tmp_path):
     assert str(tmp_path / "int8.safetensors") in str(e.value)
 
 
-def test_header_check_names_other_formats(flux_config, tiny_flux, comfy_flux, tmp_path):  # noqa: F811
+def test_header_check_names_other_formats(flux_config, tiny_flux, comfy_flux, tmp_path):
     from library.config import ConfigError
     from library.model_files import check_files
 

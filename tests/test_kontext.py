@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import control_images
 from library.families.base import ModelSource
 from library.families.flux import FluxFamily
 
@@ -17,17 +18,6 @@ def tiny_kontext(tmp_path_factory):
     from library.tiny import save_tiny_flux
 
     return save_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-kontext")
-
-
-def _controls(images, folder, seed, flat=False):
-    """A control image for each training image (same stem), of another size than the target (resized to its
-    bucket when loaded): random colours drawn from `seed`, or with `flat` one colour each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for path in sorted(p for p in images.iterdir() if p.suffix == ".png"):
-        pixels = torch.rand(1 if flat else 80, 1 if flat else 96, 3, generator=g).expand(80, 96, 3)
-        Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(folder / (path.stem + ".png"))
-    return folder
 
 
 @pytest.fixture
@@ -67,9 +57,9 @@ def test_reference_tokens_are_flux_kontext_pipeline(tiny_kontext):
 def test_edit_run_golden_losses_and_the_control_image_matters(kontext_config, tiny_data, tmp_path):
     from train_network import train
 
-    result = train(kontext_config(_controls(tiny_data, tmp_path / "control-a", 1)))
+    result = train(kontext_config(control_images(tiny_data, tmp_path / "control-a", 1)))
     assert result.losses == pytest.approx(GOLDEN_KONTEXT, rel=1e-5)
-    other = train(kontext_config(_controls(tiny_data, tmp_path / "control-b", 2, flat=True), save={"overwrite": True}))
+    other = train(kontext_config(control_images(tiny_data, tmp_path / "control-b", 2, flat=True), save={"overwrite": True}))
     # the random tiny transformer mixes the reference tokens in weakly: other controls move each loss by ~2e-4,
     # 300x the run-to-run spread of the same pairs (below 1e-6 relative, checked next)
     assert all(abs(a - b) > 1e-4 for a, b in zip(result.losses, other.losses))
@@ -83,7 +73,7 @@ def test_cached_control_latents_follow_the_control_file(kontext_config, tiny_dat
     one is reused (the same losses)."""
     from train_network import train
 
-    control = _controls(tiny_data, tmp_path / "control", 1)
+    control = control_images(tiny_data, tmp_path / "control", 1)
     cached = {"cache_latents_to_disk": True, "cache_dir": str(tmp_path / "cache")}
 
     def run():
@@ -105,7 +95,7 @@ def test_cached_control_latents_follow_the_control_file(kontext_config, tiny_dat
     assert len(before) == 8 and all(t.shape == (16, 8, 8) for t in before.values())
     again, said = run()
     assert "8 reused" in said and again == pytest.approx(first, rel=1e-6)
-    _controls(tiny_data, control, 2, flat=True)  # new control images under the same names
+    control_images(tiny_data, control, 2, flat=True)  # new control images under the same names
     changed, said = run()
     assert "8 encoded (8 stale: control changed)" in said
     after = stored()
@@ -117,7 +107,7 @@ def test_an_image_without_its_control_image_is_named_before_training(kontext_con
     from library.data import DatasetError
     from library.data.plan import plan_data
 
-    control = _controls(tiny_data, tmp_path / "control", 1)
+    control = control_images(tiny_data, tmp_path / "control", 1)
     gone = sorted(control.iterdir())[0]
     gone.unlink()
     with pytest.raises(DatasetError, match=f"no control image {gone.stem}.\\* in {control} \\(control_directory\\)"):
@@ -165,7 +155,7 @@ def test_control_images_on_a_family_without_edit_training_are_one_config_error(t
 
     import train_network
 
-    control = _controls(tiny_data, tmp_path / "control", 1)
+    control = control_images(tiny_data, tmp_path / "control", 1)
     config = tmp_path / "sd1.toml"
     config.write_text(f"[model]\npretrained_model_name_or_path = {json.dumps(str(tiny_sd1[0]))}\n"
                       f"[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"

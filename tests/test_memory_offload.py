@@ -8,7 +8,6 @@ from torch.utils.checkpoint import checkpoint
 from library import memory
 from library.block_swap import BlockSwapper
 from library.config import ConfigError
-from tests.test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
 
 CHECKPOINTED = {"gradient_checkpointing": True}
 # Swapping blocks and offloading checkpoints move tensors, never change them: a move is a bitwise copy. But the
@@ -43,7 +42,7 @@ def _denoiser_state(parts):
     return {k: v.detach().to("cpu", copy=True) for k, v in parts.denoiser.state_dict().items()}
 
 
-def test_lora_block_swap_gives_identical_losses_and_adapter(flux_config):  # noqa: F811
+def test_lora_block_swap_gives_identical_losses_and_adapter(flux_config):
     plain = _lora(flux_config(train=CHECKPOINTED))
     swapped = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 4}, save=AGAIN))  # all 2 double + 2 single blocks
     assert swapped.losses == pytest.approx(plain.losses, **SAME)
@@ -60,7 +59,7 @@ def test_lora_block_swap_gives_identical_losses_and_adapter(flux_config):  # noq
     assert all(not swapper.swaps(p) for c in swapped.adapted for p in c.parameters())
 
 
-def test_full_fine_tune_block_swap_steps_on_the_device_and_matches(flux_config):  # noqa: F811
+def test_full_fine_tune_block_swap_steps_on_the_device_and_matches(flux_config):
     plain = _db(flux_config(train=CHECKPOINTED, optimizer=FUSED, dreambooth={"train_text_encoder": False}))
     swapped = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
                               dreambooth={"train_text_encoder": False}, save=AGAIN))
@@ -90,7 +89,7 @@ def _moved(result, trained):
     return all(not torch.equal(p.data.float(), initial[names[id(p)]].float()) for p in trained if p.dim() == 2)
 
 
-def test_cpu_offload_checkpointing_gives_identical_losses(flux_config):  # noqa: F811
+def test_cpu_offload_checkpointing_gives_identical_losses(flux_config):
     plain = _lora(flux_config(train=CHECKPOINTED))
     offloaded = []
     memory.OFFLOAD_OBSERVERS.append(lambda t, where: offloaded.append(t.nbytes) if where == "host" else None)
@@ -102,7 +101,7 @@ def test_cpu_offload_checkpointing_gives_identical_losses(flux_config):  # noqa:
     assert len(offloaded) > 4 * 4  # at least every checkpointed block's input, every step
 
 
-def test_fp8_base_stores_the_frozen_base_only(flux_config):  # noqa: F811
+def test_fp8_base_stores_the_frozen_base_only(flux_config):
     bf16 = {"mixed_precision": "bf16", **CHECKPOINTED}
     plain = _lora(flux_config(train=bf16))
     result = _lora(flux_config(train={**bf16, "fp8_base": True}, save=AGAIN))
@@ -178,7 +177,7 @@ def test_config_errors(make_config):
     check_recipe(cfg, "network")
 
 
-def test_block_swap_with_offloaded_checkpoints_and_cached_text_gives_identical_losses(flux_config):  # noqa: F811
+def test_block_swap_with_offloaded_checkpoints_and_cached_text_gives_identical_losses(flux_config):
     """All placement switches at once change nothing but placement; so does caching the text outputs
     (encoded in a batch, the encoders visiting the device one at a time)."""
     frozen = {"network_train_unet_only": True}

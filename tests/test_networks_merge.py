@@ -14,7 +14,6 @@ from library.families.sdxl import SDXLFamily
 from networks import files
 from networks.merge import main
 from networks.settings import settings_from
-from tests.test_flux import tiny_flux  # noqa: F401  (fixture)
 from tests.test_networks_ui_formulas import _adapted, _randomise, comfy_oft
 
 
@@ -44,7 +43,7 @@ def _flux_source(files_, transformer, clip_l):
                        arch=str(files_["folder"]), tokenizer=str(files_["folder"]), t5xxl_max_token_length=16)
 
 
-def test_flux_single_file_two_adapters_with_ratios(tiny_flux, tmp_path):  # noqa: F811
+def test_flux_single_file_two_adapters_with_ratios(tiny_flux, tmp_path):
     family = FluxFamily()
     base = family.load(_flux_source(tiny_flux, tiny_flux["transformer"], tiny_flux["clip_l"]))
     expected = {}
@@ -108,7 +107,7 @@ def test_sdxl_single_file_oft_and_boft_files(tiny_sdxl, tmp_path):
     assert checked == sum(len(c.layers) for c in runs[0][0]) > 50
 
 
-def test_bad_input_exits_2_with_one_line(tiny_flux, tmp_path, capsys):  # noqa: F811
+def test_bad_input_exits_2_with_one_line(tiny_flux, tmp_path, capsys):
     out = str(tmp_path / "x.safetensors")
     adapter = tmp_path / "a.safetensors"
     files.save(adapter, {"lora_unet_x.alpha": torch.tensor(1.0)}, {})

@@ -18,9 +18,7 @@ from networks import convert, extract, files, resize
 from networks.merge import merge_file
 from networks.settings import settings_from
 from networks.targets import inject
-from tests.test_flux import tiny_flux  # noqa: F401  (fixture)
 from tests.test_networks_ui_formulas import _randomise
-from tests.test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
 
 def _where(family_name, request):
@@ -99,7 +97,7 @@ def sd1_parts(tiny_sd1):
 
 
 @pytest.fixture(scope="module")
-def flux_parts(tiny_flux):  # noqa: F811
+def flux_parts(tiny_flux):
     return FluxFamily().load(ModelSource(str(tiny_flux["folder"]), t5xxl_max_token_length=16))
 
 

@@ -23,8 +23,6 @@ from networks import files, lycoris_format
 from networks.merge import merge_file
 from networks.settings import settings_from
 from networks.targets import inject
-from tests.test_flux import tiny_flux  # noqa: F401  (fixture)
-from tests.test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
 EPS = torch.finfo(torch.float32).eps
 FAMILIES = {"sd1": SD1Family, "sdxl": SDXLFamily, "sd3": Sd3Family, "flux": FluxFamily}

@@ -13,12 +13,11 @@ import torch
 from library.block_swap import spread
 from library.config import NetworkSection
 from library.planner import plan, switch_text
-from tests.test_flux import tiny_flux  # noqa: F401  (fixture)
 from library.planner.step import StepSettings
 
 
 @pytest.fixture(scope="module")
-def wide_flux(tiny_flux, tmp_path_factory):  # noqa: F811
+def wide_flux(tiny_flux, tmp_path_factory):
     folder = tmp_path_factory.mktemp("arch") / "wide-flux"
     shutil.copytree(tiny_flux["folder"], folder)
     config_path = folder / "transformer" / "config.json"

@@ -4,7 +4,7 @@ full precision over bitsandbytes layers, the saved adapter reloading to the trai
 placed where the run puts it on the test device, and the refusals."""
 import pytest
 import torch
-from test_flux import GOLDEN_FLUX, flux_config, tiny_flux  # noqa: F401  (fixtures)
+from test_flux import GOLDEN_FLUX
 from test_train_sd1 import GOLDEN
 
 from library.config import ConfigError
@@ -75,7 +75,7 @@ def test_sd1_qlora_losses_layers_reload_and_samples(make_config, tiny_sd1, tmp_p
 
 
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
-def test_flux_qlora_losses(flux_config, precision):  # noqa: F811
+def test_flux_qlora_losses(flux_config, precision):
     result = _lora(flux_config(model={"base_model_precision": precision}))
     _check_losses(result.losses, GOLDEN_FLUX, GOLDEN_FLUX_Q[precision], precision)
     quantized = {name: len(_bnb_layers(m, precision)) for name, m in
@@ -135,7 +135,7 @@ def _quantized_tensors(module, precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
-def test_quantized_state_goes_where_the_run_puts_it(flux_config, gpu, precision):  # noqa: F811
+def test_quantized_state_goes_where_the_run_puts_it(flux_config, gpu, precision):
     """On the test device: the denoiser's quantized weights and every piece of their quant state train on the
     device; the text encoders', cached, go back to the host (bitsandbytes keeps quant state outside parameters
     and buffers, which module.to() alone does not move: issue 15's defect 7)."""
@@ -172,7 +172,7 @@ def test_the_planners_stand_in_holds_bitsandbytes_bytes(shape, precision):
 
 
 @pytest.fixture(scope="module")
-def wide_flux(tiny_flux, tmp_path_factory):  # noqa: F811
+def wide_flux(tiny_flux, tmp_path_factory):
     """The tiny FLUX.1 with its transformer widened to 256 (its Linear weights dominate), planned for a LoRA."""
     import json
     import shutil
@@ -215,7 +215,7 @@ def test_the_planner_counts_a_quantized_base(wide_flux, precision):
     assert any("base_model_precision" in note for note in quantized.notes)
 
 
-def test_flux_qlora_in_bf16_near_the_bf16_base(flux_config):  # noqa: F811
+def test_flux_qlora_in_bf16_near_the_bf16_base(flux_config):
     """Under bf16 autocast with gradient checkpointing (how the large models train): nf4 computes in bf16, int8 in
     fp16; both stay within their tolerance of the bf16 run on the unquantized base (measured when written: int8
     3e-4, nf4 2.4e-2)."""

@@ -8,6 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, block_swapped_run, close,
+                      control_images, lora_layers, pipeline_parts, predict_caption, split_files_source, train_db,
+                      train_network)
 from library.families import get_family
 from library.families.base import Components, ModelSource
 from library.families.qwen_image import EDIT_TEMPLATE, TEMPLATE, QwenImageFamily, is_edit, prefix_length
@@ -18,45 +21,10 @@ from model_checks import assert_same_weights
 GOLDEN_QWEN = [1.457694, 1.516494, 1.460373, 1.454096]
 GOLDEN_QWEN_DB = [1.457694, 1.514447, 1.455348, 1.444663]
 GOLDEN_QWEN_EDIT = [1.458911, 1.515605, 1.461036, 1.453970]
-# Cached text outputs and swapped blocks move or reuse tensors, never change them (see test_memory_offload.SAME)
-SAME = {"rel": 1e-6, "abs": 1e-9}
-
-
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen(tmp_path_factory):
-    from library.tiny import save_tiny_qwen_image
-
-    return save_tiny_qwen_image(tmp_path_factory.mktemp("models") / "tiny-qwen")
-
-
-@pytest.fixture
-def qwen_config(make_config, tiny_qwen):
-    def make(**sections):
-        sections["model"] = {"pretrained_model_name_or_path": str(tiny_qwen["folder"]), **sections.get("model", {})}
-        return make_config(**sections)
-    return make
 
 
 def _single_file_source(files, **extra):
-    return ModelSource(str(files["transformer"]), **{"text_encoder": str(files["text_encoder"]),
-                                                     "vae": str(files["vae"]), "arch": str(files["folder"]),
-                                                     "tokenizer": str(files["folder"]), **extra})
-
-
-def train_network(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def train_db(cfg):
-    from train_db import train
-
-    return train(cfg)
+    return split_files_source(files, "text_encoder", "vae", **extra)
 
 
 def test_shipped_configs_build_the_real_architectures():
@@ -227,7 +195,7 @@ def test_qwen_shift_is_the_pipeline_shift():
 
 def test_golden_losses_lora(qwen_config):
     result = train_network(qwen_config())
-    assert _close(result.losses, GOLDEN_QWEN)
+    assert close(result.losses, GOLDEN_QWEN)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet"}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
     assert {"lora_unet_transformer_blocks_0_attn_to_q", "lora_unet_transformer_blocks_0_attn_add_k_proj",
@@ -247,18 +215,11 @@ def test_adapter_names_are_comfyui_names(qwen_config, tiny_qwen):
 
 
 def test_cached_text_outputs_give_the_same_losses(qwen_config):
-    plain = train_network(qwen_config(train={"max_train_steps": 2}))
-    cached = train_network(qwen_config(train={"max_train_steps": 2, "cache_text_encoder_outputs": True},
-                                       save={"overwrite": True}))
-    assert cached.losses == pytest.approx(plain.losses, **SAME)
+    assert_cached_text_outputs_change_nothing(qwen_config)
 
 
 def test_block_swap_gives_the_same_losses(qwen_config):
-    plain = train_network(qwen_config(train={"max_train_steps": 2, "gradient_checkpointing": True}))
-    swapped = train_network(qwen_config(train={"max_train_steps": 2, "gradient_checkpointing": True,
-                                               "blocks_to_swap": 1}, save={"overwrite": True}))
-    assert swapped.losses == pytest.approx(plain.losses, **SAME)
-    assert swapped.parts.denoiser._block_swapper.loads == 2 * 2
+    assert block_swapped_run(qwen_config, 1).parts.denoiser._block_swapper.loads == 2 * 2
 
 
 def test_fp8_base_with_block_swap(qwen_config):
@@ -276,10 +237,8 @@ def test_fp8_base_with_block_swap(qwen_config):
 
 
 def test_golden_losses_full_fine_tune_and_single_file_reload(qwen_config, tiny_qwen):
-    result = train_db(qwen_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                             "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                  dreambooth={"train_text_encoder": False}))
-    assert _close(result.losses, GOLDEN_QWEN_DB)
+    result = train_db(qwen_config(**FULL_FINE_TUNE))
+    assert close(result.losses, GOLDEN_QWEN_DB)
     assert get_family("auto", str(result.model_path)).name == "qwen_image"
     reloaded = QwenImageFamily().load(_single_file_source({**tiny_qwen, "transformer": result.model_path}))
     assert_same_weights(result.parts, reloaded)
@@ -302,18 +261,11 @@ def test_missing_tokenizer_names_the_key(tiny_qwen, tmp_path):
         QwenImageFamily().load(_single_file_source(tiny_qwen, tokenizer=str(tmp_path / "nowhere")))
 
 
-def _predict_with(family, parts, latents):
-    with torch.no_grad():
-        text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
-        return family.predict(parts, latents, torch.tensor([400.0]), text)
-
-
 @pytest.mark.parametrize("save_format", ["kohya", "peft"])
 def test_adapter_in_diffusers_every_key_consumed(save_format, qwen_config, tiny_qwen):
     """QwenImagePipeline.load_lora_weights reads the kohya file (its Qwen converter, alpha applied) and the peft
     file, adapting every layer we trained, with our outputs."""
     from diffusers import QwenImagePipeline
-    from peft.tuners.lora import LoraLayer
 
     # peft layout: alpha = dim (diffusers reads no alpha from a peft-layout file: scale 1)
     result = train_network(qwen_config(save={"save_format": save_format}, train={"max_train_steps": 2},
@@ -322,17 +274,16 @@ def test_adapter_in_diffusers_every_key_consumed(save_format, qwen_config, tiny_
     tensors = load_file(result.adapter_path)
     pipe = QwenImagePipeline.from_pretrained(str(tiny_qwen["folder"]))
     pipe.load_lora_weights(str(result.adapter_path))
-    consumed = sum(isinstance(m, LoraLayer) for m in pipe.transformer.modules())
+    consumed = lora_layers(pipe.transformer)
     per_layer = 3 if save_format == "kohya" else 2  # lora_down, lora_up (, alpha)
     assert consumed == sum(len(c.layers) for c in result.adapted) == len(tensors) // per_layer
     family = QwenImageFamily()
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
-                        text_encoders={"te": pipe.text_encoder.model.language_model},
-                        tokenizers={"te": pipe.tokenizer}, source=result.parts.source)
+    theirs = pipeline_parts(pipe, result.parts.source, {"te": pipe.text_encoder.model.language_model},
+                            {"te": pipe.tokenizer})
     untrained = family.load(ModelSource(str(tiny_qwen["folder"]))).denoiser
     base = Components(**{**vars(theirs), "denoiser": untrained})
-    ours, with_lora, without = (_predict_with(family, p, latents) for p in (result.parts, theirs, base))
+    ours, with_lora, without = (predict_caption(family, p, latents) for p in (result.parts, theirs, base))
     assert torch.allclose(ours, with_lora, atol=1e-5) and not torch.allclose(ours, without, atol=1e-4)
 
 
@@ -368,7 +319,7 @@ def test_samples_are_qwen_image_pipeline(tiny_qwen, tmp_path):
 
 def test_samples_during_an_edit_run(qwen_config, tiny_data, tmp_path):
     """Sampling between steps of an Edit run, with a reference image (--ci) and true CFG (--l)."""
-    control = _controls(tiny_data, tmp_path / "control", 1)
+    control = control_images(tiny_data, tmp_path / "control", 1)
     reference = sorted(control.iterdir())[0]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"a red circle --n blurry --w 64 --h 64 --s 2 --l 4 --d 3 --ci {reference}\n")
@@ -379,17 +330,6 @@ def test_samples_during_an_edit_run(qwen_config, tiny_data, tmp_path):
 
 
 # ---- Edit pairs --------------------------------------------------------------------------------
-
-
-def _controls(images, folder, seed, flat=False):
-    """A control image for each training image (same stem), of another size than the target (resized to its
-    bucket when loaded): random colours drawn from `seed`, or with `flat` one colour each."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for path in sorted(p for p in images.iterdir() if p.suffix == ".png"):
-        pixels = torch.rand(1 if flat else 80, 1 if flat else 96, 3, generator=g).expand(80, 96, 3)
-        Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(folder / (path.stem + ".png"))
-    return folder
 
 
 def test_reference_tokens_are_qwen_image_edit_plus_pipeline(tiny_qwen):
@@ -417,9 +357,9 @@ def test_edit_run_golden_losses_and_the_control_image_matters(qwen_config, tiny_
     def run(control):
         return train_network(qwen_config(dataset={"control_directory": str(control)}, save={"overwrite": True})).losses
 
-    first = run(_controls(tiny_data, tmp_path / "control-a", 1))
-    assert _close(first, GOLDEN_QWEN_EDIT) and not _close(first, GOLDEN_QWEN)
-    other = run(_controls(tiny_data, tmp_path / "control-b", 2, flat=True))
+    first = run(control_images(tiny_data, tmp_path / "control-a", 1))
+    assert close(first, GOLDEN_QWEN_EDIT) and not close(first, GOLDEN_QWEN)
+    other = run(control_images(tiny_data, tmp_path / "control-b", 2, flat=True))
     again = run(tmp_path / "control-a")
     # the random tiny transformer mixes the reference tokens in weakly: other controls move the losses by 5e-5 on
     # average, 30x the spread of the same pairs run again (below 1e-6 relative, checked next)
@@ -429,7 +369,7 @@ def test_edit_run_golden_losses_and_the_control_image_matters(qwen_config, tiny_
 
 def test_cached_control_latents_give_the_same_edit_losses(qwen_config, tiny_data, tmp_path):
     """Kontext's latent cache holds the control latents too (encoded with the VAE's mode: the same numbers)."""
-    control = _controls(tiny_data, tmp_path / "control", 1)
+    control = control_images(tiny_data, tmp_path / "control", 1)
     cfg = qwen_config(dataset={"control_directory": str(control)}, train={"max_train_steps": 2})
     cfg.dataset.cache_latents_to_disk, cfg.dataset.cache_dir = True, str(tmp_path / "cache")
     cached = train_network(cfg)
@@ -437,25 +377,12 @@ def test_cached_control_latents_give_the_same_edit_losses(qwen_config, tiny_data
     assert cached.losses == pytest.approx(GOLDEN_QWEN_EDIT[:2], rel=1e-5)
 
 
-def test_a_damaged_text_encoder_file_is_named_before_loading(tiny_qwen, tiny_data, tmp_path, capsys):
-    import json
-
-    import train_network
-
+def test_a_damaged_text_encoder_file_is_named_before_loading(tiny_qwen, tmp_path, config_error):
     damaged = tmp_path / "qwen_2.5_vl_7b.safetensors"
     damaged.write_bytes(tiny_qwen["text_encoder"].read_bytes()[:5000])
-    values = {"pretrained_model_name_or_path": str(tiny_qwen["transformer"]), "text_encoder": str(damaged),
-              "vae": str(tiny_qwen["vae"])}
-    config = tmp_path / "qwen.toml"
-    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
-                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        train_network.main(["--config", str(config)])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"config error: {config}: 'model.text_encoder': ") and "truncated" in lines[0]
+    config, line = config_error({"pretrained_model_name_or_path": str(tiny_qwen["transformer"]),
+                                 "text_encoder": str(damaged), "vae": str(tiny_qwen["vae"])}, "qwen.toml")
+    assert line.startswith(f"config error: {config}: 'model.text_encoder': ") and "truncated" in line
 
 
 @pytest.mark.parametrize("model, said", [
@@ -464,23 +391,11 @@ def test_a_damaged_text_encoder_file_is_named_before_loading(tiny_qwen, tiny_dat
     ({"family": "flux"}, "is a checkpoint of family \"qwen_image\" (from its tensor names), but 'model.family' = "
                          "\"flux\": set model.family = \"qwen_image\""),
 ])
-def test_qwen_file_faults_exit_2_naming_the_key(model, said, tiny_qwen, tiny_data, tmp_path, capsys):
-    import json
-
-    import train_network
-
-    values = {"pretrained_model_name_or_path": str(tiny_qwen["transformer"]), **model}
-    config = tmp_path / "qwen.toml"
-    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
-                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        train_network.main(["--config", str(config)])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
-    assert said in lines[0] and str(tiny_qwen["transformer"]) in lines[0]
+def test_qwen_file_faults_exit_2_naming_the_key(model, said, tiny_qwen, config_error):
+    config, line = config_error({"pretrained_model_name_or_path": str(tiny_qwen["transformer"]), **model},
+                                "qwen.toml")
+    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert said in line and str(tiny_qwen["transformer"]) in line
 
 
 # ---- the planner -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import FULL_FINE_TUNE, close, train_db, train_network
 from library.families import get_family
 from library.families.base import Components, ModelSource
 from library.families.sd3 import Sd3Family, Sd3FlowMatchObjective
@@ -18,27 +19,6 @@ from model_checks import assert_same_weights
 # sd-scripts' SD3 defaults (uniform u, training shift 1.0, x_0 preconditioning, no weighting)
 GOLDEN_SD3 = [0.192501, 1.759073, 2.258059, 1.118095]
 GOLDEN_SD3_DB = [0.055859, 1.752957, 2.199689, 1.127642]
-
-
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3(tmp_path_factory):
-    from library.tiny import save_tiny_sd3
-
-    return save_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
-
-
-@pytest.fixture
-def sd3_config(make_config, tiny_sd3):
-    def make(**sections):
-        model = {"pretrained_model_name_or_path": str(tiny_sd3["folder"]), "t5xxl_max_token_length": 16}
-        sections["model"] = {**model, **sections.get("model", {})}
-        return make_config(**sections)
-    return make
-
 
 
 def _prediction(family, parts, captions=("a photo of a red circle",), seed=3):
@@ -232,22 +212,10 @@ def _fresh_with_adapters(cfg, path):
     return parts, adapted, files.load_into(adapted, str(path), family.file_metadata(parts))
 
 
-def train_network(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def train_db(cfg):
-    from train_db import train
-
-    return train(cfg)
-
-
 def test_golden_losses_lora_and_kohya_file(sd3_config):
     cfg = sd3_config()
     result = train_network(cfg)
-    assert _close(result.losses, GOLDEN_SD3)
+    assert close(result.losses, GOLDEN_SD3)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1", "lora_te2"}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
     assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in names
@@ -276,7 +244,7 @@ def test_golden_losses_lora_and_kohya_file(sd3_config):
 
 def test_golden_losses_change_with_the_training_shift(sd3_config):
     result = train_network(sd3_config(loss={"discrete_flow_shift": 3.0}, train={"max_train_steps": 2}))
-    assert not _close(result.losses, GOLDEN_SD3[:2])
+    assert not close(result.losses, GOLDEN_SD3[:2])
 
 
 def test_cached_text_outputs_give_the_same_losses(sd3_config):
@@ -290,15 +258,13 @@ def test_t5_cached_while_both_clips_train_gives_the_golden_losses(sd3_config):
     """cache_text_encoder_outputs with trained CLIP-L / CLIP-G adapters: T5 alone is cached (sd-scripts' partial
     cache), the CLIPs run every step: the golden losses of encoding everything each step."""
     result = train_network(sd3_config(train={"cache_text_encoder_outputs": True}))
-    assert _close(result.losses, GOLDEN_SD3)
+    assert close(result.losses, GOLDEN_SD3)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1", "lora_te2"}
 
 
 def test_golden_losses_full_fine_tune_and_single_file_reload(sd3_config, tiny_sd3):
-    result = train_db(sd3_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                            "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                 dreambooth={"train_text_encoder": False}))
-    assert _close(result.losses, GOLDEN_SD3_DB)
+    result = train_db(sd3_config(**FULL_FINE_TUNE))
+    assert close(result.losses, GOLDEN_SD3_DB)
     saved = load_file(result.model_path)
     assert "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in saved
     assert not any(k.startswith("text_encoders.t5xxl") for k in saved)  # T5 stays in its own file

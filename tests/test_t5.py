@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from test_flux import flux_config, tiny_flux  # noqa: F401  (fixtures)
 
 from library.config import ConfigError
 from library.families.base import ModelSource
@@ -20,7 +19,7 @@ def _parts(tiny_flux, **source):
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
-def test_t5_stored_small_encodes_nearly_the_same(tiny_flux, precision, dtype):  # noqa: F811
+def test_t5_stored_small_encodes_nearly_the_same(tiny_flux, precision, dtype):
     parts = _parts(tiny_flux)
     t5 = parts.text_encoders["te3"]
     before = weight_bytes(t5)
@@ -40,7 +39,7 @@ def test_t5_stored_small_encodes_nearly_the_same(tiny_flux, precision, dtype):  
         parts.text_encoders["te1"])  # CLIP untouched
 
 
-def test_t5_precision_errors(tiny_flux, tiny_sd1):  # noqa: F811
+def test_t5_precision_errors(tiny_flux, tiny_sd1):
     from library.families import get_family
 
     parts = _parts(tiny_flux)
@@ -53,7 +52,7 @@ def test_t5_precision_errors(tiny_flux, tiny_sd1):  # noqa: F811
     assert store_t5(sd1, "auto", torch.float32) == []
 
 
-def test_lora_run_with_fp8_t5(flux_config):  # noqa: F811
+def test_lora_run_with_fp8_t5(flux_config):
     from test_flux import GOLDEN_FLUX
     from train_network import train
 
@@ -62,7 +61,7 @@ def test_lora_run_with_fp8_t5(flux_config):  # noqa: F811
     assert losses == pytest.approx(GOLDEN_FLUX, rel=0.05)  # ... a little
 
 
-def test_padding_is_masked_out_of_the_joint_attention(tiny_flux):  # noqa: F811
+def test_padding_is_masked_out_of_the_joint_attention(tiny_flux):
     """With apply_t5_attn_mask the prediction does not depend on what sits at padded text positions."""
     family = FluxFamily()
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -81,7 +80,7 @@ def test_padding_is_masked_out_of_the_joint_attention(tiny_flux):  # noqa: F811
     assert not torch.allclose(*outs[False], atol=1e-3)
 
 
-def test_text_cache_is_stale_when_t5_settings_change(flux_config, tmp_path):  # noqa: F811
+def test_text_cache_is_stale_when_t5_settings_change(flux_config, tmp_path):
     from train_network import train
 
     cache = {"cache_text_encoder_outputs_to_disk": True}
@@ -96,7 +95,7 @@ def test_text_cache_is_stale_when_t5_settings_change(flux_config, tmp_path):  # 
     assert all(p.stat().st_mtime_ns != stamps[p] for p in files)  # re-encoded: the mask changes T5's output
 
 
-def test_lora_run_with_int8_t5_and_cached_text(flux_config):  # noqa: F811
+def test_lora_run_with_int8_t5_and_cached_text(flux_config):
     from test_flux import GOLDEN_FLUX
     from train_network import train
 

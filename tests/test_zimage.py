@@ -7,8 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_samples_reproducible,
+                      block_swapped_run, close, lora_layers, peft_adapter_in_pipeline, pipeline_parts,
+                      predict_caption, split_files_source, train_db, train_network)
 from library.families import get_family
-from library.families.base import Components, ModelSource
+from library.families.base import ModelSource
 from library.families.zimage import ZImageFamily
 from library.loading import CheckpointError, arch_dir
 from model_checks import assert_same_weights
@@ -16,33 +19,10 @@ from model_checks import assert_same_weights
 # seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, shift 3.0, raw velocity
 GOLDEN_ZIMAGE = [1.458288, 1.596867, 1.462682, 1.524626]
 GOLDEN_ZIMAGE_DB = [0.758990, 1.588003, 1.422201, 1.512625]
-# Cached text outputs and swapped blocks move or reuse tensors, never change them (see test_memory_offload.SAME)
-SAME = {"rel": 1e-6, "abs": 1e-9}
-
-
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
-
-@pytest.fixture(scope="session")
-def tiny_zimage(tmp_path_factory):
-    from library.tiny import save_tiny_zimage
-
-    return save_tiny_zimage(tmp_path_factory.mktemp("models") / "tiny-zimage")
-
-
-@pytest.fixture
-def zimage_config(make_config, tiny_zimage):
-    def make(**sections):
-        model = {"pretrained_model_name_or_path": str(tiny_zimage["folder"])}
-        sections["model"] = {**model, **sections.get("model", {})}
-        return make_config(**sections)
-    return make
 
 
 def _split_files_source(files, **extra):
-    return ModelSource(str(files["transformer"]), text_encoder=str(files["text_encoder"]), ae=str(files["ae"]),
-                       arch=str(files["folder"]), tokenizer=str(files["folder"]), **extra)
+    return split_files_source(files, "text_encoder", "ae", **extra)
 
 
 def test_shipped_zimage_configs_build_the_real_architecture():
@@ -155,23 +135,11 @@ def test_objective_is_the_models_shift(tiny_zimage):
 # ---- training -----------------------------------------------------------------------------------
 
 
-def train_network(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def train_db(cfg):
-    from train_db import train
-
-    return train(cfg)
-
-
 def test_golden_losses_lora_with_comfyui_names(zimage_config, tiny_zimage):
     """The kohya file names layers as the original checkpoint does (q/k/v fused into qkv): each name is a weight
     of the ComfyUI-layout transformer file with dots as underscores, which is how ComfyUI maps lora_unet_ keys."""
     result = train_network(zimage_config())
-    assert _close(result.losses, GOLDEN_ZIMAGE), result.losses
+    assert close(result.losses, GOLDEN_ZIMAGE), result.losses
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet"}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
     original = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_")
@@ -185,25 +153,16 @@ def test_golden_losses_lora_with_comfyui_names(zimage_config, tiny_zimage):
 
 
 def test_cached_text_outputs_give_the_same_losses(zimage_config):
-    plain = train_network(zimage_config(train={"max_train_steps": 2}))
-    cached = train_network(zimage_config(train={"max_train_steps": 2, "cache_text_encoder_outputs": True},
-                                         save={"overwrite": True}))
-    assert cached.losses == pytest.approx(plain.losses, **SAME)
+    assert_cached_text_outputs_change_nothing(zimage_config)
 
 
 def test_block_swap_gives_the_same_losses(zimage_config):
-    plain = train_network(zimage_config(train={"max_train_steps": 2, "gradient_checkpointing": True}))
-    swapped = train_network(zimage_config(train={"max_train_steps": 2, "gradient_checkpointing": True,
-                                                 "blocks_to_swap": 4}, save={"overwrite": True}))
-    assert swapped.losses == pytest.approx(plain.losses, **SAME)
-    assert swapped.parts.denoiser._block_swapper.loads == 2 * 8
+    assert block_swapped_run(zimage_config, 4).parts.denoiser._block_swapper.loads == 2 * 8
 
 
 def test_golden_losses_full_fine_tune_and_single_file_reload(zimage_config, tiny_zimage):
-    result = train_db(zimage_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                               "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                    dreambooth={"train_text_encoder": False}))
-    assert _close(result.losses, GOLDEN_ZIMAGE_DB), result.losses
+    result = train_db(zimage_config(**FULL_FINE_TUNE))
+    assert close(result.losses, GOLDEN_ZIMAGE_DB), result.losses
     reloaded = ZImageFamily().load(_split_files_source({**tiny_zimage, "transformer": result.model_path}))
     assert_same_weights(result.parts, reloaded)
 
@@ -211,27 +170,13 @@ def test_golden_losses_full_fine_tune_and_single_file_reload(zimage_config, tiny
 def test_adapter_in_diffusers_every_key_consumed(zimage_config, tiny_zimage):
     """peft-layout file: ZImagePipeline.load_lora_weights consumes every key, with our outputs."""
     from diffusers import ZImagePipeline
-    from peft.tuners.lora import LoraLayer
 
-    # alpha = dim: diffusers reads no alpha from a peft-layout file (scale 1)
-    result = train_network(zimage_config(save={"save_format": "peft"}, train={"max_train_steps": 2},
-                                         network={"network_dim": 4, "network_alpha": 4.0}))
-    tensors = load_file(result.adapter_path)
-    pipe = ZImagePipeline.from_pretrained(str(tiny_zimage["folder"]))
-    pipe.load_lora_weights(str(result.adapter_path))
-    consumed = sum(isinstance(m, LoraLayer) for m in pipe.transformer.modules())
-    assert consumed == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2
+    result, tensors, pipe = peft_adapter_in_pipeline(zimage_config, ZImagePipeline, tiny_zimage["folder"])
+    assert lora_layers(pipe.transformer) == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2
     family = ZImageFamily()
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    theirs = Components(denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=pipe.scheduler,
-                        text_encoders={"te": pipe.text_encoder}, tokenizers={"te": pipe.tokenizer},
-                        source=result.parts.source)
-    outs = []
-    for parts in (result.parts, theirs):
-        with torch.no_grad():
-            text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
-            outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
-    assert torch.allclose(*outs, atol=1e-5)
+    theirs = pipeline_parts(pipe, result.parts.source, {"te": pipe.text_encoder}, {"te": pipe.tokenizer})
+    assert torch.allclose(*(predict_caption(family, parts, latents) for parts in (result.parts, theirs)), atol=1e-5)
 
 
 def test_samples_are_reproducible_and_follow_the_negative_prompt(tiny_zimage):
@@ -243,9 +188,7 @@ def test_samples_are_reproducible_and_follow_the_negative_prompt(tiny_zimage):
     def sample(negative, seed=5):
         return np.asarray(family.sample(parts, "a red dog", 64, 64, 2, seed, "euler", 1, negative, 4.0))
 
-    first = sample("blurry")
-    assert first.shape == (64, 64, 3) and np.array_equal(first, sample("blurry"))
-    assert not np.array_equal(first, sample("")) and not np.array_equal(first, sample("blurry", seed=6))
+    assert_samples_reproducible(sample)
 
 
 def test_fp8_base_stays_close_to_bf16(zimage_config):
@@ -284,23 +227,11 @@ def test_planner_knows_zimage_and_its_estimate_matches_real_allocations(tiny_zim
     ({"family": "flux"}, "is a checkpoint of family \"zimage\" (from its tensor names), but 'model.family' = "
                          "\"flux\": set model.family = \"zimage\""),
 ])
-def test_zimage_file_faults_exit_2_naming_the_key(model, said, tiny_zimage, tiny_data, tmp_path, capsys):
-    import json
-
-    import train_network
-
-    values = {"pretrained_model_name_or_path": str(tiny_zimage["transformer"]), **model}
-    config = tmp_path / "zimage.toml"
-    config.write_text("[model]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
-                      + f"\n[dataset]\ntrain_data_dir = {json.dumps(str(tiny_data))}\nresolution = 64\n"
-                      + f"[train]\noutput_dir = {json.dumps(str(tmp_path / 'out'))}\n")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        train_network.main(["--config", str(config)])
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert exit_.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
-    assert said in lines[0] and str(tiny_zimage["transformer"]) in lines[0]
+def test_zimage_file_faults_exit_2_naming_the_key(model, said, tiny_zimage, config_error):
+    config, line = config_error({"pretrained_model_name_or_path": str(tiny_zimage["transformer"]), **model},
+                                "zimage.toml")
+    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert said in line and str(tiny_zimage["transformer"]) in line
 
 
 def test_kohya_file_applied_as_comfyui_applies_it_gives_the_trained_outputs(zimage_config, tiny_zimage):
@@ -322,16 +253,9 @@ def test_kohya_file_applied_as_comfyui_applies_it_gives_the_trained_outputs(zima
     patched = family.load(ModelSource(str(tiny_zimage["folder"])))
     patched.denoiser.load_state_dict(original_to_transformer(original))
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    outs = []
-    for parts in (result.parts, patched):
-        with torch.no_grad():
-            text = family.encode_prompts(parts, ["a photo of a red circle"], 1)
-            outs.append(family.predict(parts, latents, torch.tensor([400.0]), text))
+    outs = [predict_caption(family, parts, latents) for parts in (result.parts, patched)]
     assert torch.allclose(*outs, atol=1e-5)
-    untrained = family.load(ModelSource(str(tiny_zimage["folder"])))
-    with torch.no_grad():
-        base = family.predict(untrained, latents, torch.tensor([400.0]),
-                              family.encode_prompts(untrained, ["a photo of a red circle"], 1))
+    base = predict_caption(family, family.load(ModelSource(str(tiny_zimage["folder"]))), latents)
     assert not torch.allclose(outs[0], base, atol=1e-5)  # the adapter changed the outputs
 
 
@@ -373,7 +297,7 @@ def test_samples_during_training_leave_the_losses_as_they_are(zimage_config, tmp
     prompts.write_text("a red circle --d 9 --s 2 --l 0\na blue square --w 32 --h 48 --s 2 --n blurry --l 4\n")
     result = train_network(zimage_config(sample={"sample_prompts": str(prompts), "sample_every_n_steps": 2},
                                          train={"cache_text_encoder_outputs": True}))
-    assert _close(result.losses, GOLDEN_ZIMAGE), result.losses
+    assert close(result.losses, GOLDEN_ZIMAGE), result.losses
     assert [p.name for p in result.samples] == [
         "lora_step00000002_00_9.png", "lora_step00000002_01_1235.png", "lora_step00000002_grid.png",
         "lora_step00000004_00_9.png", "lora_step00000004_01_1235.png", "lora_step00000004_grid.png"]

@@ -174,7 +174,10 @@ class ModelFamily:
                                latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """encode_prompts' (or the cache's) text conditioning plus what the family takes from the batch
         itself (SDXL: each example's original_size / crop_top_left / target_size); `latents` give the
-        trained size where the batch has none. What predict() receives. By default: the text conditioning."""
+        trained size where the batch has none. What predict() receives. By default: the text conditioning, with
+        the batch's control (reference) latents for a family that takes_control_images."""
+        if self.takes_control_images and "control_latents" in batch:
+            return {**conditioning, "control_latents": batch["control_latents"]}
         return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from library.chroma_layout import APPROXIMATOR, file_to_transformer, is_chroma_k
 from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
                                    register)
 from library.families.transformer_parts import (assign_weights, encode_latents, latent_image_ids, load_ae,
-                                                pack_latents, t5_keys, t5_max_length, unpack_latents)
+                                                load_file_or_folder, missing_files_problem, pack_latents, t5_keys,
+                                                t5_max_length, unpack_latents)
 from library.flux_layout import kohya_layout
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -59,16 +60,10 @@ class ChromaFamily(ModelFamily):
         return any(is_chroma_key(k) for k in tensors)
 
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
-        missing = [k for k in SEPARATE_FILES if not getattr(source, k)]
-        if missing:
-            return ("a Chroma transformer file holds the transformer only; set "
-                    + ", ".join(f"model.{k}" for k in missing) + " to the separate files")
-        return None
+        return missing_files_problem(source, SEPARATE_FILES, "a Chroma transformer file")
 
     def load(self, source: ModelSource) -> Components:
-        parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
-        parts.source = source
-        return parts
+        return load_file_or_folder(source, self._load_single_file, self._load_folder, self.single_file_problem)
 
     def _load_folder(self, source: ModelSource) -> Components:
         path = source.path
@@ -81,9 +76,6 @@ class ChromaFamily(ModelFamily):
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"))
 
     def _load_single_file(self, source: ModelSource) -> Components:
-        problem = self.single_file_problem({}, source)
-        if problem:
-            raise CheckpointError(f"{source.path}: {problem}")
         arch = arch_dir(source.arch or "chroma")
         with torch.device("meta"):
             denoiser = ChromaTransformer2DModel.from_config(

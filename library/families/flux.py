@@ -23,8 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
                                    register)
 from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5,  # noqa: F401
-                                                latent_image_ids, load_ae, pack_latents, reference_image, t5_keys,
-                                                t5_max_length, unpack_latents)
+                                                latent_image_ids, load_ae, load_file_or_folder, missing_files_problem,
+                                                pack_latents, reference_image, t5_keys, t5_max_length, unpack_latents)
 from library.chroma_layout import APPROXIMATOR, is_chroma_key
 from library.flux2_layout import MARKER as FLUX2_MARKER, is_flux2_key
 from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
@@ -67,17 +67,12 @@ class FluxFamily(ModelFamily):
                 and not any(is_chroma_key(k) or is_flux2_key(k) for k in tensors))  # Chroma's, FLUX.2's: same names
 
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
-        missing = [k for k in ("clip_l", "t5xxl", "ae") if not getattr(source, k)]
-        if missing:
-            return ("a FLUX.1 transformer file holds the transformer only; set "
-                    + ", ".join(f"model.{k}" for k in missing) + " to the separate files")
-        return None
+        return missing_files_problem(source, ("clip_l", "t5xxl", "ae"), "a FLUX.1 transformer file")
 
     def load(self, source: ModelSource) -> Components:
-        parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
+        parts = load_file_or_folder(source, self._load_single_file, self._load_folder, self.single_file_problem)
         if source.ae and not is_single_file(source.path):
             parts.vae = load_ae(source.ae, arch_dir(source.arch or _arch_name(parts.denoiser)))
-        parts.source = source
         return parts
 
     def _load_folder(self, source: ModelSource) -> Components:
@@ -91,10 +86,6 @@ class FluxFamily(ModelFamily):
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"))
 
     def _load_single_file(self, source: ModelSource) -> Components:
-        missing = [k for k in ("clip_l", "t5xxl", "ae") if not getattr(source, k)]
-        if missing:
-            raise CheckpointError(f"{source.path}: a FLUX.1 transformer file holds the transformer only; set "
-                                  + ", ".join(f"model.{k}" for k in missing) + " to the separate files")
         state = bfl_to_transformer(read_checkpoint(source.path))
         arch = arch_dir(source.arch) if source.arch else arch_dir(
             "flux-dev" if "time_text_embed.guidance_embedder.linear_1.weight" in state else "flux-schnell")
@@ -178,13 +169,6 @@ class FluxFamily(ModelFamily):
         """T5's share of encode_prompts: prompt_embeds (and t5_attention_mask with apply_t5_attn_mask)."""
         hidden, mask = encode_t5(parts, captions, self.t5_max_length(parts))
         return {"prompt_embeds": hidden} if mask is None else {"prompt_embeds": hidden, "t5_attention_mask": mask}
-
-    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
-                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """FLUX.1 Kontext: the batch's control (reference) latents, when the dataset has control images."""
-        if "control_latents" in batch:
-            return {**conditioning, "control_latents": batch["control_latents"]}
-        return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:

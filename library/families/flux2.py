@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
-from library.families.transformer_parts import assign_weights, reference_image
+from library.families.transformer_parts import (assign_weights, load_file_or_folder, missing_files_problem,
+                                                reference_image)
 from library.flux2_layout import MARKER, file_to_transformer, is_flux2_key, kohya_layout, transformer_to_file
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
@@ -68,10 +69,9 @@ class Flux2Family(ModelFamily):
         return any(is_flux2_key(k) for k in tensors)
 
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
-        missing = [k for k in SEPARATE_FILES if not getattr(source, k)]
-        if missing:
-            return ("a FLUX.2 transformer file holds the transformer only; set "
-                    + ", ".join(f"model.{k}" for k in missing) + " to the separate files")
+        problem = missing_files_problem(source, SEPARATE_FILES, "a FLUX.2 transformer file")
+        if problem:
+            return problem
         width = next((t.shape[1] for k, t in tensors.items() if k.removeprefix("model.diffusion_model.")
                       == "txt_in.weight"), None)
         if width is not None and width not in ARCH_BY_TEXT_WIDTH and not source.arch:
@@ -80,9 +80,7 @@ class Flux2Family(ModelFamily):
         return None
 
     def load(self, source: ModelSource) -> Components:
-        parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
-        parts.source = source
-        return parts
+        return load_file_or_folder(source, self._load_single_file, self._load_folder, self.single_file_problem)
 
     def _load_folder(self, source: ModelSource) -> Components:
         import transformers
@@ -104,9 +102,6 @@ class Flux2Family(ModelFamily):
     def _load_single_file(self, source: ModelSource) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
-        problem = self.single_file_problem({}, source)
-        if problem:
-            raise CheckpointError(f"{source.path}: {problem}")
         state = file_to_transformer(dequantized(read_checkpoint(source.path)))
         name = source.arch or ARCH_BY_TEXT_WIDTH.get(state["context_embedder.weight"].shape[1])
         if name is None:
@@ -156,13 +151,6 @@ class Flux2Family(ModelFamily):
                       output_hidden_states=True, use_cache=False)
         stacked = torch.stack([out.hidden_states[k] for k in ((10, 20, 30) if dev else (9, 18, 27))], dim=2)
         return {"prompt_embeds": stacked.reshape(stacked.shape[0], stacked.shape[1], -1)}
-
-    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
-                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Edit pairs: the batch's control (reference) latents."""
-        if "control_latents" in batch:
-            return {**conditioning, "control_latents": batch["control_latents"]}
-        return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:

@@ -29,7 +29,8 @@ import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
-from library.families.transformer_parts import assign_weights, pack_latents, unpack_latents
+from library.families.transformer_parts import (assign_weights, load_file_or_folder, missing_files_problem,
+                                                pack_latents, unpack_latents)
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
 from library.qwen_image_layout import (TRANSFORMER_MARK, TRANSFORMER_PREFIXES, file_to_transformer, file_to_vae,
@@ -79,16 +80,10 @@ class QwenImageFamily(ModelFamily):
         return any(is_transformer_key(k) for k in tensors)
 
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
-        missing = [k for k in SEPARATE_FILES if not getattr(source, k)]
-        if missing:
-            return ("a Qwen-Image transformer file holds the transformer only; set "
-                    + ", ".join(f"model.{k}" for k in missing) + " to the separate files")
-        return None
+        return missing_files_problem(source, SEPARATE_FILES, "a Qwen-Image transformer file")
 
     def load(self, source: ModelSource) -> Components:
-        parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
-        parts.source = source
-        return parts
+        return load_file_or_folder(source, self._load_single_file, self._load_folder, self.single_file_problem)
 
     def _load_folder(self, source: ModelSource) -> Components:
         path = Path(source.path)
@@ -103,9 +98,6 @@ class QwenImageFamily(ModelFamily):
             extra={"edit": _edit_pipeline(path)})
 
     def _load_single_file(self, source: ModelSource) -> Components:
-        problem = self.single_file_problem({}, source)
-        if problem:
-            raise CheckpointError(f"{source.path}: {problem}")
         state = file_to_transformer(read_checkpoint(source.path))
         marked = state.pop(EDIT_2511_MARK, None) is not None
         arch = arch_dir(source.arch or ("qwen-image-edit-2511" if marked else "qwen-image"))
@@ -171,13 +163,6 @@ class QwenImageFamily(ModelFamily):
         keep = slice(drop, drop + MAX_SEQUENCE_LENGTH)  # every caption starts after the same prefix
         mask = mask[:, keep].to(hidden.device, torch.bool)
         return {"prompt_embeds": hidden[:, keep] * mask[..., None].to(hidden.dtype), "prompt_embeds_mask": mask}
-
-    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
-                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Qwen-Image-Edit: the batch's control (reference) latents, when the dataset has control images."""
-        if "control_latents" in batch:
-            return {**conditioning, "control_latents": batch["control_latents"]}
-        return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:

@@ -39,8 +39,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 
 from library.families.base import (AdapterTarget, Components, ModelFamily, ModelSource, is_single_file,
                                    register)
-from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5, t5_keys,
-                                                t5_max_length)
+from library.families.transformer_parts import (assign_weights, clip_keys, encode_latents, encode_t5,
+                                                load_file_or_folder, t5_keys, t5_max_length)
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective, density_sample, flow_shift
 from library.sd3_layout import SAI_PREFIX, kohya_layout, sai_module_name, sai_to_transformer, transformer_to_sai
@@ -108,11 +108,10 @@ class Sd3Family(ModelFamily):
         return None
 
     def load(self, source: ModelSource) -> Components:
-        parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
+        parts = load_file_or_folder(source, self._load_single_file, self._load_folder)
         if source.vae:
             parts.vae = _load_vae(read_checkpoint(source.vae) if is_single_file(source.vae) else source.vae,
                                   arch_dir(source.arch or arch_name(parts.denoiser)))
-        parts.source = source
         return parts
 
     def _load_folder(self, source: ModelSource) -> Components:

@@ -1,11 +1,41 @@
-"""What the transformer families (SD3, FLUX.1, Chroma) share: assigning separate single files (clip_l, clip_g,
+"""What the transformer families (SD3, the FLUX line, Chroma, Qwen-Image, Z-Image) share: loading a transformer file
+(refused while its separate files are unset) or a folder, assigning separate single files (clip_l, clip_g,
 t5xxl) to encoders built on the meta device, T5-XXL encoding with its padding mask, and the shifted, scaled
 16-channel latents of their autoencoders; the FLUX line's 2x2 latent packing and image position ids."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from library.families.base import Components, ModelSource, is_single_file
 from library.loading import CheckpointError
+
+
+def missing_files_problem(source: ModelSource, keys, what: str, file_of=getattr) -> str | None:
+    """single_file_problem of a transformer file (`what`: "a Chroma transformer file") whose separate files,
+    the model keys `keys`, are not all set; `file_of(source, key)` reads one (the key itself by default)."""
+    missing = [k for k in keys if not file_of(source, k)]
+    if not missing:
+        return None
+    return f"{what} holds the transformer only; set " + ", ".join(f"model.{k}" for k in missing) + \
+        " to the separate files"
+
+
+def load_file_or_folder(source: ModelSource, single_file: Callable[[ModelSource], Components],
+                        folder: Callable[[ModelSource], Components],
+                        problem: Callable[[dict, ModelSource], str | None] | None = None) -> Components:
+    """A family's load(): `single_file(source)` for a single transformer file (refused first with the family's
+    `problem` = single_file_problem, when given), else `folder(source)`; the parts remember `source`."""
+    if is_single_file(source.path):
+        found = problem({}, source) if problem else None
+        if found:
+            raise CheckpointError(f"{source.path}: {found}")
+        parts = single_file(source)
+    else:
+        parts = folder(source)
+    parts.source = source
+    return parts
 
 
 def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:

@@ -26,7 +26,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTran
 from transformers import Qwen3Config, Qwen3Model
 
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
-from library.families.transformer_parts import assign_weights, encode_latents, load_ae
+from library.families.transformer_parts import (assign_weights, encode_latents, load_ae, load_file_or_folder,
+                                                missing_files_problem)
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
 from library.zimage_layout import PREFIX, kohya_layout, original_to_transformer, transformer_to_original
@@ -64,16 +65,10 @@ class ZImageFamily(ModelFamily):
         return any(k.removeprefix(PREFIX).startswith("context_refiner.") for k in tensors)
 
     def single_file_problem(self, tensors, source: ModelSource) -> str | None:
-        missing = [k for k in SEPARATE_FILES if not _separate_file(source, k)]
-        if missing:
-            return ("a Z-Image transformer file holds the transformer only; set "
-                    + ", ".join(f"model.{k}" for k in missing) + " to the separate files")
-        return None
+        return missing_files_problem(source, SEPARATE_FILES, "a Z-Image transformer file", _separate_file)
 
     def load(self, source: ModelSource) -> Components:
-        parts = self._load_single_file(source) if is_single_file(source.path) else self._load_folder(source)
-        parts.source = source
-        return parts
+        return load_file_or_folder(source, self._load_single_file, self._load_folder, self.single_file_problem)
 
     def _load_folder(self, source: ModelSource) -> Components:
         path = source.path
@@ -86,9 +81,6 @@ class ZImageFamily(ModelFamily):
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"))
 
     def _load_single_file(self, source: ModelSource) -> Components:
-        problem = self.single_file_problem({}, source)
-        if problem:
-            raise CheckpointError(f"{source.path}: {problem}")
         arch = arch_dir(source.arch or "zimage")
         with torch.device("meta"):
             denoiser = ZImageTransformer2DModel.from_config(
@@ -137,10 +129,6 @@ class ZImageFamily(ModelFamily):
         hidden = qwen(input_ids=tokens.input_ids.to(qwen.device), attention_mask=tokens.attention_mask.to(qwen.device),
                       output_hidden_states=True).hidden_states[HIDDEN_LAYER]
         return {"prompt_embeds": hidden, "text_mask": tokens.attention_mask.bool()}  # the mask stays on the host
-
-    def conditioning_for_batch(self, parts: Components, batch: dict, conditioning: dict[str, torch.Tensor],
-                               latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        return conditioning
 
     def encode_images(self, parts: Components, pixels: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
