@@ -14,7 +14,8 @@ import re
 
 import torch
 
-from library.loading import fuse_parts, rename
+from library.flux_layout import blocks_to_bfl
+from library.loading import rename
 
 BFL_PREFIX = "model.diffusion_model."
 # a key only FLUX.2 files have (FLUX.1 and Chroma share the block names)
@@ -49,29 +50,7 @@ def is_flux2_key(key: str) -> bool:
 
 def transformer_to_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Flux2Transformer2DModel state dict in the BFL single-file layout (no "model.diffusion_model." prefix)."""
-    out: dict[str, torch.Tensor] = {}
-    for ours, (theirs, renames, fused) in BLOCKS.items():
-        for i in sorted({int(m.group(1)) for k in state for m in [re.match(rf"{ours}\.(\d+)\.", k)] if m}):
-            pre = f"{ours}.{i}."
-            tensors, used = fuse_parts(state, pre, fused, f"{theirs}.{i}.")
-            out.update(tensors)
-            for key in [k for k in state if k.startswith(pre) and k not in used]:
-                new = rename(key[len(pre):], renames)
-                if new is None:
-                    raise KeyError(f"no BFL name for {key}")
-                out[f"{theirs}.{i}.{new}"] = state[key]
-    for key, value in state.items():
-        if key.startswith(tuple(f"{b}." for b in BLOCKS)):
-            continue
-        if key.startswith("norm_out.linear."):
-            scale, shift = value.chunk(2, dim=0)
-            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = torch.cat([shift, scale])
-            continue
-        new = rename(key, TOP)
-        if new is None:
-            raise KeyError(f"no BFL name for {key}")
-        out[new] = value
-    return out
+    return blocks_to_bfl(state, BLOCKS, TOP)
 
 
 def file_to_transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,34 +35,38 @@ TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
 DOUBLE_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
                 "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
 SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE, DOUBLE_FUSED),
+          "single_transformer_blocks": ("single_blocks", SINGLE, SINGLE_FUSED)}
 
 
 def transformer_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A FluxTransformer2DModel state dict in the BFL single-file layout (no "model.diffusion_model." prefix)."""
+    return blocks_to_bfl(state, BLOCKS, TOP)
+
+
+def blocks_to_bfl(state: dict[str, torch.Tensor], blocks: dict, top: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A FLUX-line transformer state dict in the BFL layout: `blocks` maps each diffusers block list to (its BFL
+    name, one-to-one renames inside a block, fused layers), `top` renames what is outside the blocks; the
+    final norm's (scale, shift) rows become BFL's (shift, scale). FLUX.1 and FLUX.2 differ only in the tables."""
     out: dict[str, torch.Tensor] = {}
-    fused_parts: set[str] = set()
-    blocks = {("transformer_blocks", "double_blocks"): (DOUBLE, DOUBLE_FUSED),
-              ("single_transformer_blocks", "single_blocks"): (SINGLE, SINGLE_FUSED)}
-    for (ours, theirs), (renames, fused) in blocks.items():
-        indices = sorted({int(m.group(1)) for k in state for m in [re.match(rf"{ours}\.(\d+)\.", k)] if m})
-        for i in indices:
+    for ours, (theirs, renames, fused) in blocks.items():
+        for i in sorted({int(m.group(1)) for k in state for m in [re.match(rf"{ours}\.(\d+)\.", k)] if m}):
             pre = f"{ours}.{i}."
             tensors, used = fuse_parts(state, pre, fused, f"{theirs}.{i}.")
             out.update(tensors)
-            fused_parts |= used
-            for key in [k for k in state if k.startswith(pre) and k not in fused_parts]:
+            for key in [k for k in state if k.startswith(pre) and k not in used]:
                 new = rename(key[len(pre):], renames)
                 if new is None:
                     raise KeyError(f"no BFL name for {key}")
                 out[f"{theirs}.{i}.{new}"] = state[key]
     for key, value in state.items():
-        if key.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+        if key.startswith(tuple(f"{b}." for b in blocks)):
             continue
         if key.startswith("norm_out.linear."):
             scale, shift = value.chunk(2, dim=0)
             out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = torch.cat([shift, scale])
             continue
-        new = rename(key, TOP)
+        new = rename(key, top)
         if new is None:
             raise KeyError(f"no BFL name for {key}")
         out[new] = value
