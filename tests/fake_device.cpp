@@ -80,6 +80,8 @@ at::Tensor host_view(const at::Tensor& t) {
   auto out = at::detail::make_tensor<c10::TensorImpl>(std::move(host), c10::DispatchKeySet(DispatchKey::CPU),
                                                       t.dtype());
   out.unsafeGetTensorImpl()->set_sizes_and_strides(t.sizes(), t.strides(), t.storage_offset());
+  out._set_conj(t.is_conj());  // a lazy conjugate / negative view stays one: the CPU kernels resolve it
+  out._set_neg(t.is_neg());
   return out;
 }
 
@@ -348,6 +350,19 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   }
   m.impl("convolution_overrideable", convolution);
   m.impl("convolution_backward_overrideable", convolution_backward);
+}
+
+// A copy from (or into) a lazy conjugate / negative view (complex backward: grad * other.conj()) reaches
+// _copy_from with its bit set, which copy_from resolves on the host views. The generic fallback of those keys
+// would materialise the view first, with clone -> copy_ -> _copy_from: itself again, forever.
+TORCH_LIBRARY_IMPL(aten, Conjugate, m) {
+  m.impl("_copy_from", torch::CppFunction::makeFallthrough());
+  m.impl("_copy_from_and_resize", torch::CppFunction::makeFallthrough());
+}
+
+TORCH_LIBRARY_IMPL(aten, Negative, m) {
+  m.impl("_copy_from", torch::CppFunction::makeFallthrough());
+  m.impl("_copy_from_and_resize", torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(aten, AutogradPrivateUse1, m) {

@@ -34,6 +34,7 @@ What it cannot catch:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,7 +142,8 @@ def load() -> None:
         return
     from torch.utils.cpp_extension import load as build
 
-    build(name="fake_device_ext", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]  # one cached build per source version
+    build(name=f"fake_device_ext_{digest}", sources=[str(_SOURCE)], is_python_module=False, verbose=False,
           extra_cflags=["-O1"])
     torch.utils.rename_privateuse1_backend(NAME)
     torch.utils.generate_methods_for_privateuse1_backend(for_storage=True)

@@ -90,3 +90,15 @@ def test_golden_losses_flux2_lora_and_full_fine_tune(flux2_config, gpu):
                                               "learning_rate": 1e-4, "max_grad_norm": 0.0},
                                    dreambooth={"train_text_encoder": False}, train={"output_name": "db"}))
     assert _close(result.losses, GOLDEN_FLUX2_DB) and _on_device(result)
+
+
+def test_golden_losses_zimage_lora_and_full_fine_tune(zimage_config, gpu):
+    """Issue 15, section 1: Z-Image's golden losses on the test device. Its RoPE multiplies complex tensors, whose
+    backward multiplies by a lazy conjugate view: the test device looped forever copying it (a crash) until it
+    resolved the view's conjugate / negative bit in its own copy."""
+    from conftest import FULL_FINE_TUNE
+    from test_zimage import GOLDEN_ZIMAGE, GOLDEN_ZIMAGE_DB
+
+    assert _close(train_network(zimage_config()).losses, GOLDEN_ZIMAGE)
+    result = train_db(zimage_config(**FULL_FINE_TUNE, train={"output_name": "db"}))
+    assert _close(result.losses, GOLDEN_ZIMAGE_DB) and _on_device(result)
