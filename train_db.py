@@ -39,7 +39,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library import phases
     from library.checkpoint import Checkpointer, Position
     from library.model_files import check_model_files, load_model
-    from library.guards import NonFiniteGuard, StopSignal
+    from library.guards import NonFiniteGuard
     from library.loop import Bookkeeping, resume_position, sample_renderer
     from library.memory import peak_memory_text
     from library.objectives import configure
@@ -140,7 +140,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     log = StepLog(progress, accelerator)  # each step's loss stays on the device until the logging cadence
     result.losses = log.series("loss")
-    books = Bookkeeping(accelerator, checkpoints, log, sampling, sample, max_steps)
+    books = Bookkeeping(accelerator, checkpoints, log, sampling, sample, max_steps, say)
     train_te = bool(text_encoders)
     step, epoch, skip = position.step, position.epoch - (1 if position.epoch else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
@@ -153,41 +153,40 @@ def train(cfg: Config, planned=None) -> TrainResult:
         train_te = _stop_training(text_encoders, say, step)
     books.at_start(step)
     phases.enter("training")
-    stop = books.stop = StopSignal(say).__enter__()
-    while step < max_steps:
-        epoch += 1
-        epoch_order = order.get_state()
-        batches_done, batches = skip, accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for module in trained:
-            module.train()
-        for batch in batches:
-            batches_done += 1
-            with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
-                loss = batch_loss(family, engine.step_parts, objective, batch, m.clip_skip, noise_generator,
-                                  cached_conditioning, train_te, loss_options,
-                                  (accelerator.process_index, accelerator.num_processes))
-                if guard.loss_ok(loss, accelerator.num_processes):
-                    accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
-                if accelerator.sync_gradients and guard.step_ok(
-                        [p for g in groups for p in g["params"]], 0 if fused else o.max_grad_norm, step,
-                        accelerator, optimizer.pop_nonfinite() if fused else False):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            log.add(loss)
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            if ema is not None and step % db.ema_update_every == 0:
-                ema.update_parameters(parts.denoiser)
-            if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
-                train_te = _stop_training(text_encoders, say, step)
-            books.after_step(Position(step, epoch, batches_done, epoch_order), scheduler.get_last_lr()[0])
-            if step >= max_steps:
-                break
-        books.after_epoch(Position(step, epoch, batches_done, epoch_order))
-    stop.__exit__()
+    with books:  # SIGTERM / SIGINT: save and exit 75; the handlers restored after
+        while step < max_steps:
+            epoch += 1
+            epoch_order = order.get_state()
+            batches_done, batches = skip, accelerator.skip_first_batches(loader, skip) if skip else loader
+            skip = 0
+            for module in trained:
+                module.train()
+            for batch in batches:
+                batches_done += 1
+                with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
+                    loss = batch_loss(family, engine.step_parts, objective, batch, m.clip_skip, noise_generator,
+                                      cached_conditioning, train_te, loss_options,
+                                      (accelerator.process_index, accelerator.num_processes))
+                    if guard.loss_ok(loss, accelerator.num_processes):
+                        accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
+                    if accelerator.sync_gradients and guard.step_ok(
+                            [p for g in groups for p in g["params"]], 0 if fused else o.max_grad_norm, step,
+                            accelerator, optimizer.pop_nonfinite() if fused else False):
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                log.add(loss)
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                if ema is not None and step % db.ema_update_every == 0:
+                    ema.update_parameters(parts.denoiser)
+                if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
+                    train_te = _stop_training(text_encoders, say, step)
+                books.after_step(Position(step, epoch, batches_done, epoch_order), scheduler.get_last_lr()[0])
+                if step >= max_steps:
+                    break
+            books.after_epoch(Position(step, epoch, batches_done, epoch_order))
     log.flush()
     elapsed = progress.close()
     if fused:

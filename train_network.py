@@ -44,7 +44,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library.checkpoint import Checkpointer, Position
     from library.evaluation import fixed_denoising_loss, validation_loss
     from library.model_files import check_model_files, load_model, loading_errors
-    from library.guards import NonFiniteGuard, StopSignal
+    from library.guards import NonFiniteGuard
     from library.loop import Bookkeeping, resume_position, sample_renderer
     from library.memory import peak_memory_text
     from library.objectives import configure
@@ -187,7 +187,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     progress = Progress(max_steps, every=cfg.logging.log_every_n_steps, enabled=accelerator.is_main_process)
     log = StepLog(progress, accelerator)  # each step's loss stays on the device until the logging cadence
     result.losses, result.keys_scaled = log.series("loss"), log.series("keys_scaled")
-    books = Bookkeeping(accelerator, checkpoints, log, sampling, sample, max_steps)
+    books = Bookkeeping(accelerator, checkpoints, log, sampling, sample, max_steps, say)
     step, epoch, skip = position.step, position.epoch - (1 if position.epoch else 0), position.batches_done
     batches_done, epoch_order = skip, position.epoch_order
     end = checkpoints.at_the_end(position, max_steps)  # a state saved at the last step: no step is left
@@ -197,42 +197,41 @@ def train(cfg: Config, planned=None) -> TrainResult:
             return result
     books.at_start(step)
     phases.enter("training")
-    stop = books.stop = StopSignal(say).__enter__()
-    while step < max_steps:
-        epoch += 1
-        epoch_order = order.get_state()
-        batches_done, batches = skip, accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for module in trained_modules:
-            module.train()
-        for batch in batches:
-            batches_done += 1
-            with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
-                loss = batch_loss(family, engine.step_parts, objective, batch, clip_skip, noise_generator,
-                                  cached_conditioning, train_te, loss_options,
-                                  (accelerator.process_index, accelerator.num_processes))
-                if guard.loss_ok(loss, accelerator.num_processes):
-                    accelerator.backward(loss)
-                if accelerator.sync_gradients and guard.step_ok(params, o.max_grad_norm, step, accelerator):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            log.add(loss)
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            step += 1
-            if ema is not None:
-                ema.update()
-            norms = {}
-            if n.scale_weight_norms:  # device scalars, read at the logging cadence
-                norms = dict(zip(("keys_scaled", "average_key_norm", "max_key_norm"),
-                                 max_norm.apply(adapted, n.scale_weight_norms)))
-            books.after_step(Position(step, epoch, batches_done, epoch_order), scheduler.get_last_lr()[0],
-                             also=validate_every_n_steps, **norms)
-            if step >= max_steps:
-                break
-        books.after_epoch(Position(step, epoch, batches_done, epoch_order), also=validate_every_n_epochs)
-    stop.__exit__()
+    with books:  # SIGTERM / SIGINT: save and exit 75; the handlers restored after
+        while step < max_steps:
+            epoch += 1
+            epoch_order = order.get_state()
+            batches_done, batches = skip, accelerator.skip_first_batches(loader, skip) if skip else loader
+            skip = 0
+            for module in trained_modules:
+                module.train()
+            for batch in batches:
+                batches_done += 1
+                with accelerator.accumulate(*engine.engine_modules), accelerator.autocast():
+                    loss = batch_loss(family, engine.step_parts, objective, batch, clip_skip, noise_generator,
+                                      cached_conditioning, train_te, loss_options,
+                                      (accelerator.process_index, accelerator.num_processes))
+                    if guard.loss_ok(loss, accelerator.num_processes):
+                        accelerator.backward(loss)
+                    if accelerator.sync_gradients and guard.step_ok(params, o.max_grad_norm, step, accelerator):
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                log.add(loss)
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                if ema is not None:
+                    ema.update()
+                norms = {}
+                if n.scale_weight_norms:  # device scalars, read at the logging cadence
+                    norms = dict(zip(("keys_scaled", "average_key_norm", "max_key_norm"),
+                                     max_norm.apply(adapted, n.scale_weight_norms)))
+                books.after_step(Position(step, epoch, batches_done, epoch_order), scheduler.get_last_lr()[0],
+                                 also=validate_every_n_steps, **norms)
+                if step >= max_steps:
+                    break
+            books.after_epoch(Position(step, epoch, batches_done, epoch_order), also=validate_every_n_epochs)
     log.flush()
     elapsed = progress.close()
 

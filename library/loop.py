@@ -31,14 +31,28 @@ class Bookkeeping:
     """After a step or an epoch: logs (library.progress.StepLog: the step's values stay on the device until the
     logging cadence), checkpoints, samples (with `also` in between, e.g. the validation loss), and the stop
     signal. `sample(step)` renders the prompts (main process); the log is read before it, so the trackers see
-    the steps in order."""
+    the steps in order.
+
+    The loop runs inside `with books:`, which holds the stop signal (library.guards.StopSignal: SIGTERM / SIGINT
+    ask for a save and exit 75) and gives the process its own handlers back when the loop ends, raises or
+    exits."""
     accelerator: object
     checkpoints: object  # library.checkpoint.Checkpointer
     log: object  # library.progress.StepLog
     sampling: object  # library.sampling settings, or None
     sample: Callable[[int], None]
     max_steps: int
-    stop: object = None  # library.guards.StopSignal, entered while the loop runs
+    say: Callable[[str], None] = print
+    stop: object = None  # library.guards.StopSignal, while the loop runs
+
+    def __enter__(self) -> "Bookkeeping":
+        from library.guards import StopSignal
+
+        self.stop = StopSignal(self.say).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.__exit__(*exc)
 
     def at_start(self, step: int) -> None:
         if self.sampling and self.sampling.at_first and step == 0:
