@@ -39,6 +39,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     from library import phases
     from library.checkpoint import Checkpointer, Position
     from library.model_files import check_model_files, load_model
+    from library.block_swap import settle_all
     from library.guards import NonFiniteGuard
     from library.loop import Bookkeeping, resume_position, sample_renderer
     from library.memory import peak_memory_text
@@ -180,6 +181,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                 scheduler.step()
                 step += 1
                 if ema is not None and step % db.ema_update_every == 0:
+                    settle_all()  # block swap's write-backs done: the host copies current (library/block_swap.py)
                     ema.update_parameters(parts.denoiser)
                 if train_te and db.stop_text_encoder_training and step >= db.stop_text_encoder_training:
                     train_te = _stop_training(text_encoders, say, step)

@@ -23,14 +23,33 @@ for backward, so nothing would leave the device):
   steps after backward would find the weights on the host.
 
 At most two swapped blocks are on the device at a time (the one running and the one prefetched).
+
+The write-back (a trained weight and its optimizer state, device -> host) runs on the same side stream without
+the host waiting for it (non_blocking into the pinned slabs), so that backward goes on computing the earlier
+blocks meanwhile; one event is recorded after each block's copies. Until that event is done the host copies
+are not current: every reader waits for it first. The block's next load is queued after it on the device;
+readers on the host (saving, checkpoints, EMA, the tests) call `settle_all()` (or a swapper's `settle()`), as
+`remove()` does. On the CPU there is no stream and the copies are plain, synchronous.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
 
 from library.devices import on, same_device
-from library.memory import HostSlabs, device_copy, host_copy
+from library.memory import HostSlabs, device_copy, tell
+from library.streams import current_stream, recorded, running_on, side_stream
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every swapper of this process, for settle_all()
+
+
+def settle_all() -> None:
+    """Wait (the host) for every block swapper's write-backs in flight: afterwards the host copies of all
+    swapped weights and their optimizer state are current. Whatever reads them on the host calls this first."""
+    for swapper in list(_LIVE):
+        swapper.settle()
 
 
 def spread(total: int, count: int) -> list[int]:
@@ -56,8 +75,9 @@ class BlockSwapper:
         self.weights: dict[int, list[nn.Parameter]] = {}
         self.host: dict[nn.Parameter, torch.Tensor] = {}  # the host copy of every swapped weight
         self.state_host: dict[tuple[int, str], torch.Tensor] = {}  # (id(param), key) -> host buffer
-        self.loaded: dict[int, torch.cuda.Event | None] = {}  # swapped blocks on the device -> copy done event
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.loaded: dict[int, torch.Event | None] = {}  # swapped blocks on the device -> their load's event
+        self.writing: dict[int, torch.Event] = {}  # blocks written back -> the event after their copies
+        self.stream = side_stream(self.device)  # the copies' (None on the CPU)
         self.loads = 0  # blocks brought to the device so far (tests, logging)
         self.most_resident = 0  # the largest number of swapped blocks on the device at once
         self._settle_queued = False
@@ -75,6 +95,7 @@ class BlockSwapper:
                 p.data = self.host[p]
             self._handles.append(blocks[k].register_forward_pre_hook(self._before(k)))
             self._handles.append(blocks[k].register_forward_hook(self._after(k), always_call=True))
+        _LIVE.add(self)
 
     # ---- the hooks ------------------------------------------------------------------------------
     def _before(self, k: int):
@@ -111,8 +132,11 @@ class BlockSwapper:
             return
         stream = self.stream
         if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream) if stream is not None else _Nothing():
+            stream.wait_stream(current_stream(self.device))
+            written = self.writing.get(k)  # kept for the host's readers: this wait is the device's
+            if written is not None:  # the block's write-back, queued on this stream before: done first
+                stream.wait_event(written)
+        with running_on(stream):
             for p in self.weights[k]:
                 p.data = device_copy(self.host[p], self.device, non_blocking=stream is not None)
                 if with_state and p.requires_grad and self.optimizer_state is not None:
@@ -121,11 +145,7 @@ class BlockSwapper:
                         if isinstance(value, torch.Tensor) and value.dim() > 0 and not on(value, self.device):
                             state[key] = device_copy(value, self.device, "optimizer state",
                                                      non_blocking=stream is not None)
-            event = None
-            if stream is not None:
-                event = torch.cuda.Event()
-                event.record(stream)
-        self.loaded[k] = event
+        self.loaded[k] = recorded(stream) if stream is not None else None
         self.loads += 1
         self.most_resident = max(self.most_resident, len(self.loaded))
 
@@ -134,7 +154,7 @@ class BlockSwapper:
         event = self.loaded[k]
         if event is None:
             return
-        current = torch.cuda.current_stream(self.device)
+        current = current_stream(self.device)
         current.wait_event(event)
         for p in self.weights[k]:
             p.data.record_stream(current)
@@ -142,21 +162,51 @@ class BlockSwapper:
 
     def _offload(self, k: int, stepped: bool = False) -> None:
         """Block k's device copies are dropped; `stepped` (after its backward): trained weights and their
-        optimizer state are copied back first."""
+        optimizer state are written back to the host first."""
         self._use(k)
         del self.loaded[k]
+        trained = [p for p in self.weights[k] if p.requires_grad] if stepped else []
+        if trained:
+            self._write_back(k, trained)
         for p in self.weights[k]:
-            if stepped and p.requires_grad:
-                host_copy(p.data, out=self.host[p])
             p.data = self.host[p]
-            if stepped and p.requires_grad and self.optimizer_state is not None:
+
+    def _write_back(self, k: int, params: list[nn.Parameter]) -> None:
+        """The stepped weights and their optimizer state copied into their host buffers: on the side stream,
+        after the compute stream's work so far (the optimizer steps), without the host waiting; the event
+        recorded after them is what readers wait for (settle)."""
+        stream = self.stream
+        if stream is not None:
+            stream.wait_stream(current_stream(self.device))
+        with running_on(stream):
+            for p in params:
+                self._copy_back(p.data, self.host[p])
+                if self.optimizer_state is None:
+                    continue
                 state = self.optimizer_state(p)
                 for key, value in list(state.items()):
                     if isinstance(value, torch.Tensor) and on(value, self.device) and value.dim() > 0:
                         buffer = self.state_host.get((id(p), key))
                         if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
                             buffer = self.slabs.take(value.shape, value.dtype)
-                        state[key] = self.state_host[(id(p), key)] = host_copy(value, out=buffer)
+                        state[key] = self.state_host[(id(p), key)] = self._copy_back(value, buffer)
+        if stream is not None:
+            self.writing[k] = recorded(stream)
+
+    def _copy_back(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(tensor, non_blocking=self.stream is not None)
+        if self.stream is not None:
+            tensor.record_stream(self.stream)  # its device memory is not reused before the copy is done
+        tell(out, "host")
+        return out
+
+    def settle(self, k: int | None = None) -> None:
+        """Wait (the host) until block k's write-back is done (every block's when None): then the host copies of
+        its weights and optimizer state are current."""
+        for j in [k] if k is not None else list(self.writing):
+            event = self.writing.pop(j, None)
+            if event is not None:
+                event.synchronize()
 
     # ---- for the recipes ------------------------------------------------------------------------
     def place(self, module: nn.Module) -> None:
@@ -185,16 +235,17 @@ class BlockSwapper:
         return self.slabs.host_bytes()
 
     def remove(self) -> None:
+        """The hooks removed, once the write-backs in flight are done (the weights stay where they are)."""
+        self.settle()
         for handle in self._handles:
             handle.remove()
+        _LIVE.discard(self)
 
-
-class _Nothing:
-    def __enter__(self):
+    def __enter__(self) -> "BlockSwapper":
         return self
 
-    def __exit__(self, *exc):
-        return None
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def move(module: nn.Module, device) -> None:

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from library.block_swap import settle_all
 from library.config import ConfigError
 from library.config_checks import glob_escape
 from library.engines import launched_processes
@@ -220,6 +221,7 @@ class Checkpointer:
         """Weights as `stem` (+ `stem-state` with save_state); then keep only the newest `keep` matching."""
         if not self.is_main:
             return
+        settle_all()  # block swap's write-backs in flight: the host copies of the weights current first
         try:
             self.saved += self.save_weights(stem)
             if self.cfg.save.save_state:
@@ -269,6 +271,7 @@ class Checkpointer:
 
     @during("saving")
     def save_state(self, stem: str, position: Position) -> Path:
+        settle_all()  # the swapped weights' and optimizer state's host copies current (library/block_swap.py)
         folder = save_training_state(self.out_dir / f"{stem}-state", position, config=self.cfg.to_toml_dict(),
                                      extra=self.extra(), run_id=self.cfg.run_id, data=self.cfg.data_fingerprint,
                                      **self.state)

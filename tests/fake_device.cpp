@@ -7,7 +7,12 @@
 //   its CPU buffer, re-labelled as device memory and counted). A CPU tensor with dimensions mixed into an
 //   operator with device tensors raises, as CUDA does (0-dim CPU tensors pass, as on CUDA).
 // - Counters for what costs a host-device sync on a GPU: reading a value (item / bool / float) and copies
-//   from the device to the host.
+//   from the device to the host, the blocking ones apart.
+// - Streams and events (a guard of its own): a copy device -> host with non_blocking on a side stream is
+//   deferred, as a GPU would still be running it, until something waits for it: an event recorded after it on
+//   that stream (event.synchronize(), another stream's wait_event), the stream itself, or the next operator on
+//   that stream. A host reader that does not wait reads what the host memory held before. The events waited
+//   on are recorded, for the tests.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/InferSize.h>
@@ -15,11 +20,13 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/alloc_cpu.h>
-#include <c10/core/impl/FakeGuardImpl.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace {
 
@@ -31,6 +38,7 @@ std::atomic<int64_t> peak{0};
 std::atomic<int64_t> reads{0};       // _local_scalar_dense: item(), bool(), float() of a device tensor
 std::atomic<int64_t> to_host{0};     // copies device -> host
 std::atomic<int64_t> to_device{0};   // copies host -> device
+std::atomic<int64_t> to_host_blocking{0};  // copies device -> host without non_blocking (the host waits for each)
 
 void add_bytes(int64_t n) {
   int64_t now = resident.fetch_add(n) + n;
@@ -103,6 +111,121 @@ at::Tensor adopt(const at::Tensor& cpu) {
                        &allocator, true);
   return device_tensor(std::move(storage), cpu);
 }
+
+// ---- streams and events --------------------------------------------------------------------------------
+
+using c10::StreamId;
+
+struct Deferred {  // a copy device -> host on a side stream, not done yet
+  StreamId stream;
+  int64_t order;
+  at::Tensor source;  // the device tensor (kept alive, as the caching allocator keeps a recorded block)
+  at::Tensor target;  // the host tensor
+};
+
+struct Event {
+  StreamId stream = 0;
+  int64_t order = -1;  // the copies on `stream` up to this one come before the event
+};
+
+std::mutex queue_mutex;
+std::vector<Deferred> deferred;
+std::atomic<int64_t> deferred_count{0};
+int64_t issued = 0;                 // copies deferred so far (their order)
+StreamId next_stream = 0;           // side streams handed out so far
+std::vector<int64_t> waited;        // the events waited on (their ids, as torch.Event.event_id reads them)
+std::atomic<int64_t> host_waits{0};  // event.synchronize(), stream.synchronize(), device synchronize
+thread_local StreamId current_stream = 0;
+
+// Runs the deferred copies on `stream` up to `order` (all streams when stream < 0).
+void run_deferred(StreamId stream, int64_t order) {
+  if (!deferred_count.load()) return;
+  std::lock_guard<std::mutex> lock(queue_mutex);
+  std::vector<Deferred> left;
+  for (auto& copy : deferred) {
+    if ((stream < 0 || copy.stream == stream) && copy.order <= order) {
+      copy.target.copy_(host_view(copy.source));
+    } else {
+      left.push_back(std::move(copy));
+    }
+  }
+  deferred.swap(left);
+  deferred_count.store(static_cast<int64_t>(deferred.size()));
+}
+
+void run_all_on(StreamId stream) { run_deferred(stream, INT64_MAX); }
+
+void defer(const at::Tensor& source, const at::Tensor& target) {
+  std::lock_guard<std::mutex> lock(queue_mutex);
+  deferred.push_back({current_stream, issued++, source, target});
+  deferred_count.store(static_cast<int64_t>(deferred.size()));
+}
+
+struct StreamGuard final : c10::impl::DeviceGuardImplInterface {
+  static c10::Device the_device() { return c10::Device(DeviceType::PrivateUse1, 0); }
+  DeviceType type() const override { return DeviceType::PrivateUse1; }
+  c10::Device exchangeDevice(c10::Device) const override { return the_device(); }
+  c10::Device getDevice() const override { return the_device(); }
+  void setDevice(c10::Device) const override {}
+  void uncheckedSetDevice(c10::Device) const noexcept override {}
+  c10::Stream getStream(c10::Device d) const noexcept override {
+    return c10::Stream(c10::Stream::UNSAFE, d, current_stream);
+  }
+  c10::Stream getDefaultStream(c10::Device d) const override { return c10::Stream(c10::Stream::UNSAFE, d, 0); }
+  c10::Stream getNewStream(c10::Device d, int) const override {
+    std::lock_guard<std::mutex> lock(queue_mutex);
+    return c10::Stream(c10::Stream::UNSAFE, d, ++next_stream);
+  }
+  c10::Stream getStreamFromGlobalPool(c10::Device d, bool) const override { return getNewStream(d, 0); }
+  c10::Stream exchangeStream(c10::Stream s) const noexcept override {
+    auto old = current_stream;
+    current_stream = s.id();
+    return c10::Stream(c10::Stream::UNSAFE, s.device(), old);
+  }
+  c10::DeviceIndex deviceCount() const noexcept override { return 1; }
+
+  void record(void** event, const c10::Stream& stream, const c10::DeviceIndex, const c10::EventFlag) const override {
+    if (!*event) *event = new Event();  // never freed: an id stays one event's (tests compare ids)
+    auto* e = static_cast<Event*>(*event);
+    std::lock_guard<std::mutex> lock(queue_mutex);
+    e->stream = stream.id();
+    e->order = issued - 1;
+  }
+  void block(void* event, const c10::Stream&) const override { wait(event); }
+  bool queryEvent(void* event) const override {
+    wait(event);
+    return true;
+  }
+  void destroyEvent(void*, const c10::DeviceIndex) const noexcept override {}
+  void synchronizeEvent(void* event) const override {
+    host_waits.fetch_add(1);
+    wait(event);
+  }
+  bool queryStream(const c10::Stream& stream) const override {
+    run_all_on(stream.id());
+    return true;
+  }
+  void synchronizeStream(const c10::Stream& stream) const override {
+    host_waits.fetch_add(1);
+    run_all_on(stream.id());
+  }
+  void synchronizeDevice(const c10::DeviceIndex) const override {
+    host_waits.fetch_add(1);
+    run_deferred(-1, INT64_MAX);
+  }
+  void recordDataPtrOnStream(const c10::DataPtr&, const c10::Stream&) const override {}
+
+ private:
+  static void wait(void* event) {
+    if (!event) return;  // never recorded: nothing to wait for
+    auto* e = static_cast<Event*>(event);
+    {
+      std::lock_guard<std::mutex> lock(queue_mutex);
+      waited.push_back(reinterpret_cast<int64_t>(event));
+    }
+    run_deferred(e->stream, e->order);
+  }
+};
 
 struct Arg {
   at::Tensor device;  // the device tensor given
@@ -181,6 +304,7 @@ void fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     }
   }
   if (host_tensor && !args.empty()) mixed(op);
+  run_all_on(current_stream);  // a stream runs in order: what was deferred on it is done before this
   if (schema.name() == "aten::_local_scalar_dense") reads.fetch_add(1);
   op.redispatchBoxed(c10::DispatchKeySet(DispatchKey::CPU), stack);
   for (const auto& arg : args) write_back(arg);
@@ -268,8 +392,16 @@ at::Tensor& set_tensor(at::Tensor& self, const at::Tensor& source) {
   return self;
 }
 
-at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool) {
-  if (on_device(self) && !on_device(dst)) to_host.fetch_add(1);
+at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
+  run_all_on(current_stream);
+  if (on_device(self) && !on_device(dst)) {
+    to_host.fetch_add(1);
+    if (!non_blocking) to_host_blocking.fetch_add(1);
+    if (non_blocking && current_stream != 0) {  // runs when waited for (see the streams above)
+      defer(self, dst);
+      return dst;
+    }
+  }
   if (!on_device(self) && on_device(dst)) to_device.fetch_add(1);
   auto src = on_device(self) ? host_view(self) : self;
   auto out = on_device(dst) ? host_view(dst) : dst;
@@ -281,6 +413,9 @@ at::Tensor copy_from_and_resize(const at::Tensor& self, const at::Tensor& dst) {
   grow(dst, self.sizes(), std::nullopt);
   return copy_from(self, dst, false);
 }
+
+// the caching allocator's business on CUDA; here a deferred copy keeps its source alive itself
+void record_stream(at::Tensor&, c10::Stream) {}
 
 // convolutions reach a device that is not CPU / CUDA as the "overrideable" operators
 at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -321,10 +456,18 @@ void reset_peak() { peak.store(resident.load()); }
 int64_t value_reads() { return reads.load(); }
 int64_t copies_to_host() { return to_host.load(); }
 int64_t copies_to_device() { return to_device.load(); }
+int64_t blocking_copies_to_host() { return to_host_blocking.load(); }
+int64_t host_waits_() { return host_waits.load(); }
+int64_t deferred_copies() { return deferred_count.load(); }
+std::vector<int64_t> waited_events() {
+  std::lock_guard<std::mutex> lock(queue_mutex);
+  return waited;
+}
+void synchronize() { run_deferred(-1, INT64_MAX); }
 
 }  // namespace
 
-C10_REGISTER_GUARD_IMPL(PrivateUse1, c10::impl::FakeGuardImpl<DeviceType::PrivateUse1>);
+C10_REGISTER_GUARD_IMPL(PrivateUse1, StreamGuard);
 
 REGISTER_ALLOCATOR(DeviceType::PrivateUse1, &allocator);
 
@@ -342,6 +485,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("set_.source_Tensor", set_tensor);
   m.impl("_copy_from", copy_from);
   m.impl("_copy_from_and_resize", copy_from_and_resize);
+  m.impl("record_stream", record_stream);
   m.impl("_has_compatible_shallow_copy_type", compatible_shallow_copy);  // also in inference mode
   // CPU's own kernels, not the generic (CompositeExplicitAutograd) ones a new backend gets: same results
   for (const char* name : {"native_group_norm", "native_group_norm_backward", "native_layer_norm",
@@ -393,4 +537,9 @@ TORCH_LIBRARY(fakegpu, m) {
   m.def("value_reads", &value_reads);
   m.def("copies_to_host", &copies_to_host);
   m.def("copies_to_device", &copies_to_device);
+  m.def("blocking_copies_to_host", &blocking_copies_to_host);
+  m.def("host_waits", &host_waits_);
+  m.def("deferred_copies", &deferred_copies);
+  m.def("waited_events", &waited_events);
+  m.def("synchronize", &synchronize);
 }

@@ -17,15 +17,23 @@ What it catches:
 - bytes resident on the device at any moment (`resident_bytes()`, `peak_bytes()`): what stays, what leaks,
   what is brought to the device at once;
 - host-device syncs: values read from the device (`value_reads()`: item(), bool(), float(), `if tensor`) and
-  copies device -> host (`copies_to_host()`), so that a test can count them per step.
+  copies device -> host (`copies_to_host()`; `blocking_copies_to_host()`: those without non_blocking, for each
+  of which the host waits), so that a test can count them per step;
+- streams and events, through torch's device-generic API (`torch.Stream(device)`, `torch.Event`,
+  `torch.accelerator.current_stream`): a copy device -> host with non_blocking on a side stream is deferred,
+  as a GPU would still be running it, until something waits for it (an event recorded after it on that stream:
+  `event.synchronize()` or another stream's `wait_event`; the stream; the next operator on that stream), so a
+  host reader that forgets to wait reads stale memory; the events waited on are listed (`waited_events()`,
+  by `torch.Event.event_id`).
 - autocast / GradScaler paths that are keyed by "a device that is not the CPU".
 
 What it cannot catch:
-- anything keyed on the device *name* "cuda": code under `device.type == "cuda"` (CUDA streams and events,
-  pinned host memory, torch.cuda RNG, torch.cuda memory statistics) does not run on it; those paths keep
-  their CPU-machine behaviour and need a CUDA machine (benchmarks/gpu_check.py);
-- asynchrony: every operator completes before it returns, so a missing stream synchronization or a race
-  between a side-stream copy and compute cannot show; neither can the speed of anything;
+- anything keyed on the device *name* "cuda": code under `device.type == "cuda"` (torch.cuda's streams and
+  events, pinned host memory, torch.cuda RNG, torch.cuda memory statistics) does not run on it; those paths
+  keep their CPU-machine behaviour and need a CUDA machine (benchmarks/gpu_check.py);
+- other asynchrony: every operator other than those deferred copies completes before it returns, so a race
+  between streams on the device, or with a copy host -> device, cannot show; neither can the speed of
+  anything;
 - the CUDA caching allocator (reserved vs allocated, fragmentation, rounding): the counts are exact bytes
   of live storages;
 - kernels that exist or differ only on CUDA (fp16/bf16 precision of cuBLAS, flash attention, xformers,
@@ -85,7 +93,7 @@ class _Backend:
 
     @staticmethod
     def synchronize(device=None) -> None:  # noqa: ARG004
-        return None
+        torch.ops.fakegpu.synchronize()
 
     @staticmethod
     def manual_seed(seed: int) -> None:  # noqa: ARG004
@@ -178,6 +186,26 @@ def value_reads() -> int:
 def copies_to_host() -> int:
     """Copies device -> host so far (each a sync on a GPU unless non_blocking into pinned memory)."""
     return torch.ops.fakegpu.copies_to_host()
+
+
+def blocking_copies_to_host() -> int:
+    """Copies device -> host without non_blocking so far: the host waits for each."""
+    return torch.ops.fakegpu.blocking_copies_to_host()
+
+
+def deferred_copies() -> int:
+    """Copies device -> host on a side stream that nothing has waited for yet."""
+    return torch.ops.fakegpu.deferred_copies()
+
+
+def waited_events() -> list[int]:
+    """The events waited on so far (by the host or by a stream), as torch.Event.event_id names them, in order."""
+    return list(torch.ops.fakegpu.waited_events())
+
+
+def host_waits() -> int:
+    """Times the host waited for the device: event.synchronize(), stream.synchronize(), synchronize()."""
+    return torch.ops.fakegpu.host_waits()
 
 
 def on_device(tensor: torch.Tensor) -> bool:
