@@ -393,15 +393,15 @@ at::Tensor& set_tensor(at::Tensor& self, const at::Tensor& source) {
 }
 
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
-  run_all_on(current_stream);
   if (on_device(self) && !on_device(dst)) {
     to_host.fetch_add(1);
     if (!non_blocking) to_host_blocking.fetch_add(1);
-    if (non_blocking && current_stream != 0) {  // runs when waited for (see the streams above)
+    if (non_blocking && current_stream != 0) {  // runs when waited for, after the copies deferred before it
       defer(self, dst);
       return dst;
     }
   }
+  run_all_on(current_stream);  // this copy runs now: what was deferred on its stream ran before it
   if (!on_device(self) && on_device(dst)) to_device.fetch_add(1);
   auto src = on_device(self) ? host_view(self) : self;
   auto out = on_device(dst) ? host_view(dst) : dst;

@@ -442,3 +442,66 @@ def test_loader_pins_batches_for_a_gpu(make_config, monkeypatch):
     assert make_loader(cfg, plan, dataset)[0].pin_memory is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert make_loader(cfg, plan, dataset)[0].pin_memory is True
+
+
+def _blocking_copies_per_step(monkeypatch, run):
+    """Blocking copies device -> host between one step's batch_loss and the next's, per step."""
+    import library.training
+
+    real, marks = library.training.batch_loss, []
+
+    def counted(*args, **kwargs):
+        marks.append(fake_device.blocking_copies_to_host())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(library.training, "batch_loss", counted)
+    result = run()
+    return result, [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _swapped_db_run(flux_config, monkeypatch, stream: bool):
+    """Three steps of a full fine-tune with 3 blocks swapped: (the result, the blocking copies device -> host
+    per step, the events recorded after each block's write-back, by id)."""
+    import library.block_swap
+
+    written = []
+    with monkeypatch.context() as patch:
+        if stream:
+            real_write_back = library.block_swap.BlockSwapper._write_back
+
+            def write_back(self, k, params):
+                real_write_back(self, k, params)
+                written.append(self.writing[k].event_id)
+
+            patch.setattr(library.block_swap.BlockSwapper, "_write_back", write_back)
+        else:
+            patch.setattr(library.block_swap, "side_stream", lambda device: None)
+        result, per_step = _blocking_copies_per_step(patch, lambda: _db(flux_config(
+            train={**CHECKPOINTED, "blocks_to_swap": 3, "max_train_steps": 3, "output_name": f"db-{stream}"},
+            optimizer=FUSED, dreambooth={"train_text_encoder": False}, logging={"log_every_n_steps": 8})))
+    return result, per_step, written
+
+
+def test_block_swap_writes_back_without_the_host_waiting(flux_config, monkeypatch, gpu):
+    """Defect 14: the block-swap write-back (each trained swapped weight and its AdamW moments, device -> host)
+    was a blocking copy per tensor: 3 per weight, every step. Now it runs on the swapper's side stream without
+    the host waiting (0 blocking copies a step), one event recorded after each block's copies; the block's next
+    load waits for it on the device and every host reader (checkpoints, the saved files, remove) through
+    settle_all(). The test device defers those copies until an event after them is waited for, so a reader
+    that did not wait would read stale weights: the losses, the weights and the saved file equal those of the
+    synchronous write-back (no side stream, as on the CPU)."""
+    from safetensors.torch import load_file
+
+    result, per_step, written = _swapped_db_run(flux_config, monkeypatch, stream=True)
+    plain, plain_per_step, _ = _swapped_db_run(flux_config, monkeypatch, stream=False)
+    swapper = result.parts.denoiser._block_swapper
+    trained = {name: p for name, p in result.parts.denoiser.named_parameters() if swapper.swaps(p) and p.requires_grad}
+    assert trained and per_step == [0, 0] and plain_per_step == [3 * len(trained)] * 2, (per_step, plain_per_step)
+    assert len(written) == 3 * len(swapper.swapped) and set(written) <= set(fake_device.waited_events())
+    assert fake_device.deferred_copies() == 0
+    assert all(p.data_ptr() == swapper.host[p].data_ptr() for p in trained.values())  # on the host, written back
+    assert result.losses == plain.losses
+    plain_weights = dict(plain.parts.denoiser.named_parameters())
+    assert all(torch.equal(p, plain_weights[name]) for name, p in trained.items())
+    a, b = load_file(result.model_path), load_file(plain.model_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
