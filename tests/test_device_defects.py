@@ -460,7 +460,7 @@ def _blocking_copies_per_step(monkeypatch, run):
 
 
 def _swapped_db_run(flux_config, monkeypatch, stream: bool):
-    """Three steps of a full fine-tune with 3 blocks swapped: (the result, the blocking copies device -> host
+    """Three steps of a full fine-tune with 3 blocks swapped, with EMA: (the result, the blocking copies device -> host
     per step, the events recorded after each block's write-back, by id)."""
     import library.block_swap
 
@@ -478,7 +478,9 @@ def _swapped_db_run(flux_config, monkeypatch, stream: bool):
             patch.setattr(library.block_swap, "side_stream", lambda device: None)
         result, per_step = _blocking_copies_per_step(patch, lambda: _db(flux_config(
             train={**CHECKPOINTED, "blocks_to_swap": 3, "max_train_steps": 3, "output_name": f"db-{stream}"},
-            optimizer=FUSED, dreambooth={"train_text_encoder": False}, logging={"log_every_n_steps": 8})))
+            optimizer=FUSED, dreambooth={"train_text_encoder": False, "use_ema": True, "ema_decay": 0.5,
+                                         "ema_on_device": True},
+            logging={"log_every_n_steps": 8})))
     return result, per_step, written
 
 
@@ -486,10 +488,10 @@ def test_block_swap_writes_back_without_the_host_waiting(flux_config, monkeypatc
     """Defect 14: the block-swap write-back (each trained swapped weight and its AdamW moments, device -> host)
     was a blocking copy per tensor: 3 per weight, every step. Now it runs on the swapper's side stream without
     the host waiting (0 blocking copies a step), one event recorded after each block's copies; the block's next
-    load waits for it on the device and every host reader (checkpoints, the saved files, remove) through
-    settle_all(). The test device defers those copies until an event after them is waited for, so a reader
-    that did not wait would read stale weights: the losses, the weights and the saved file equal those of the
-    synchronous write-back (no side stream, as on the CPU)."""
+    load waits for it on the device and every host reader (the EMA update, checkpoints, the saved files,
+    remove) through settle_all(). The test device defers those copies until an event after them is waited for,
+    so a reader that did not wait would read stale weights: the losses, the weights, the EMA weights and the
+    saved file equal those of the synchronous write-back (no side stream, as on the CPU)."""
     from safetensors.torch import load_file
 
     result, per_step, written = _swapped_db_run(flux_config, monkeypatch, stream=True)
@@ -503,5 +505,7 @@ def test_block_swap_writes_back_without_the_host_waiting(flux_config, monkeypatc
     assert result.losses == plain.losses
     plain_weights = dict(plain.parts.denoiser.named_parameters())
     assert all(torch.equal(p, plain_weights[name]) for name, p in trained.items())
+    plain_ema = dict(plain.ema.module.named_parameters())
+    assert all(torch.equal(p, plain_ema[name]) for name, p in result.ema.module.named_parameters())
     a, b = load_file(result.model_path), load_file(plain.model_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
