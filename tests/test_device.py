@@ -102,3 +102,25 @@ def test_golden_losses_zimage_lora_and_full_fine_tune(zimage_config, gpu):
     assert _close(train_network(zimage_config()).losses, GOLDEN_ZIMAGE)
     result = train_db(zimage_config(**FULL_FINE_TUNE, train={"output_name": "db"}))
     assert _close(result.losses, GOLDEN_ZIMAGE_DB) and _on_device(result)
+
+
+def test_side_stream_copies_to_the_host_wait_for_an_event(gpu):
+    """The test device's model of an asynchronous copy (tests/fake_device.py): a copy device -> host with
+    non_blocking on a side stream is not done until an event recorded after it is waited for, so a host reader
+    that does not wait reads the old memory; the events waited on are listed."""
+    import torch
+
+    x, host = torch.arange(6.0, device=gpu), torch.zeros(6)
+    stream = torch.Stream(gpu)
+    with stream:
+        host.copy_(x, non_blocking=True)
+    event = torch.Event(gpu)
+    event.record(stream)
+    (x * 2).sum()  # the compute stream goes on meanwhile
+    assert host.tolist() == [0.0] * 6 and fake_device.deferred_copies() == 1  # still "running"
+    before = fake_device.blocking_copies_to_host()
+    event.synchronize()
+    assert host.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and fake_device.deferred_copies() == 0
+    assert fake_device.waited_events()[-1] == event.event_id and fake_device.blocking_copies_to_host() == before
+    x.cpu()  # a plain copy: blocking
+    assert fake_device.blocking_copies_to_host() == before + 1
