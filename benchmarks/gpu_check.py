@@ -1,21 +1,23 @@
 """GPU acceptance check (issue 15, section 4): one command, on a CUDA machine, that runs
 
-1. each family's tiny model (SD1, SDXL, SD3, FLUX.1) through both recipes with every placement switch
-   (cached latents / text outputs, gradient checkpointing, cpu_offload_checkpointing, fp8_base, blocks_to_swap,
-   int8 T5, sampling);
+1. each family's tiny model (SD1, SDXL, SD3, FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image) through both recipes
+   (train_network, train_db) with the placement switches (cached latents / text outputs, gradient
+   checkpointing, cpu_offload_checkpointing, fp8_base, a quantized base, blocks_to_swap, int8 T5, fp16 / bf16,
+   the fused backward pass, sampling);
 2. full-size random-weight models: SD1.5 LoRA at 512px, SDXL LoRA at 1024px with an fp8 base, FLUX.1-dev LoRA
    at 1024px with block swap (and without, where it fits);
 
 and prints, per run and phase (caching, training, sampling, saving): torch.cuda.max_memory_allocated and
 max_memory_reserved, the planner's figure for the training step (full-size runs), steps/s, and the block-swap
-overhead against the same run without swap.
+overhead against the same run without swap. A run that fails is a row naming its error; the others go on.
 
     python benchmarks/gpu_check.py [--tiny-only] [--out results.md]
 
-It refuses to run without CUDA. Full-size models are built from the shipped architecture configs with random
-weights directly on the GPU and written to a temporary folder (FLUX.1-dev: ~34 GB of disk), so no download
-is needed; tokenizers are the tiny ones (the token ids stay in range). Status: written for the first GPU
-machine lent to the project; it has not run on one yet.
+It refuses to run without CUDA (exit 2). Full-size models are built from the shipped architecture configs with
+random weights directly on the GPU and written to a temporary folder (FLUX.1-dev: ~34 GB of disk), so no
+download is needed; tokenizers are the tiny ones (the token ids stay in range). Its parts that need no GPU (the
+arguments, the list of runs and their configs, the table) are tested on the CPU: tests/test_gpu_check.py.
+Status: written for the first GPU machine lent to the project; it has not run on one yet.
 """
 from __future__ import annotations
 
@@ -32,33 +34,73 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GIB = 2**30
 PHASES = ("caching", "training", "sampling", "saving")
+RECIPES = ("network", "db")
 
-TINY_SWITCHES = {  # (label, recipe, sections)
-    "sd1": [("lora", "network", {}),
-            ("lora cached", "network", {"dataset": {"cache_latents": True},
-                                        "network": {"network_train_unet_only": True},
-                                        "train": {"cache_text_encoder_outputs": True}}),
-            ("lora checkpointing fp16", "network", {"train": {"gradient_checkpointing": True,
-                                                              "mixed_precision": "fp16"}}),
-            ("db fused adafactor", "db", {"optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                                        "max_grad_norm": 0.0}})],
-    "sdxl": [("lora bf16 fp8_base", "network", {"train": {"mixed_precision": "bf16", "fp8_base": True}}),
-             ("db fused adafactor", "db", {"optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                                         "max_grad_norm": 0.0}})],
-    "sd3": [("lora cached", "network", {"network": {"network_train_unet_only": True},
-                                        "train": {"cache_text_encoder_outputs": True}}),
-            ("db swap", "db", {"train": {"gradient_checkpointing": True, "blocks_to_swap": 2},
-                               "optimizer": {"optimizer_type": "AdamW", "fused_backward_pass": True,
-                                             "max_grad_norm": 0.0}, "dreambooth": {"train_text_encoder": False}})],
-    "flux": [("lora swap offload", "network", {"train": {"gradient_checkpointing": True, "blocks_to_swap": 2,
-                                                          "cpu_offload_checkpointing": True}}),
-             ("lora int8 t5 cached mask", "network", {"model": {"t5xxl_precision": "int8", "apply_t5_attn_mask": True},
-                                                       "network": {"network_train_unet_only": True},
-                                                       "train": {"cache_text_encoder_outputs": True}}),
-             ("db swap", "db", {"train": {"gradient_checkpointing": True, "blocks_to_swap": 3},
-                                "optimizer": {"optimizer_type": "AdamW", "fused_backward_pass": True,
-                                              "max_grad_norm": 0.0}, "dreambooth": {"train_text_encoder": False}})],
-}
+
+def _merged(*sections: dict) -> dict:
+    """Config sections merged key by key (a later section's keys win)."""
+    out: dict = {}
+    for part in sections:
+        for name, values in part.items():
+            out[name] = {**out.get(name, {}), **values}
+    return out
+
+
+def _swap(blocks: int) -> dict:
+    return {"train": {"gradient_checkpointing": True, "blocks_to_swap": blocks}}
+
+
+FUSED_ADAMW = {"optimizer": {"optimizer_type": "AdamW", "fused_backward_pass": True, "max_grad_norm": 0.0}}
+FUSED_ADAFACTOR = {"optimizer": {"optimizer_type": "Adafactor", "fused_backward_pass": True, "max_grad_norm": 0.0}}
+DENOISER_ONLY = {"dreambooth": {"train_text_encoder": False}}
+CACHED_TEXT = {"network": {"network_train_unet_only": True}, "train": {"cache_text_encoder_outputs": True}}
+BF16 = {"train": {"mixed_precision": "bf16"}}
+
+TINY_RUNS = [  # (family, label, recipe, sections): every family in both recipes
+    ("sd1", "lora", "network", {}),
+    ("sd1", "lora cached", "network", _merged(CACHED_TEXT, {"dataset": {"cache_latents": True}})),
+    ("sd1", "lora checkpointing fp16", "network", {"train": {"gradient_checkpointing": True,
+                                                             "mixed_precision": "fp16"}}),
+    ("sd1", "qlora nf4", "network", {"model": {"base_model_precision": "nf4"}}),
+    ("sd1", "db fused adafactor", "db", FUSED_ADAFACTOR),
+    ("sdxl", "lora bf16 fp8_base", "network", _merged(BF16, {"train": {"fp8_base": True}})),
+    ("sdxl", "db fused adafactor", "db", FUSED_ADAFACTOR),
+    ("sd3", "lora cached", "network", CACHED_TEXT),
+    ("sd3", "db swap", "db", _merged(_swap(2), FUSED_ADAMW, DENOISER_ONLY)),
+    ("flux", "lora swap offload", "network", _merged(_swap(2), {"train": {"cpu_offload_checkpointing": True}})),
+    ("flux", "lora int8 t5 cached mask", "network",
+     _merged(CACHED_TEXT, {"model": {"t5xxl_precision": "int8", "apply_t5_attn_mask": True}})),
+    ("flux", "db swap", "db", _merged(_swap(3), FUSED_ADAMW, DENOISER_ONLY)),
+    ("flux2", "lora swap bf16", "network", _merged(_swap(3), BF16)),
+    ("flux2", "db swap", "db", _merged(_swap(3), FUSED_ADAMW, DENOISER_ONLY)),
+    ("chroma", "lora cached", "network", CACHED_TEXT),
+    ("chroma", "db swap", "db", _merged(_swap(4), FUSED_ADAMW, DENOISER_ONLY)),
+    ("qwen_image", "lora bf16 fp8_base swap", "network", _merged(_swap(1), BF16, {"train": {"fp8_base": True}})),
+    ("qwen_image", "db fused adafactor", "db", _merged(FUSED_ADAFACTOR, DENOISER_ONLY)),
+    ("zimage", "lora cached offload", "network",
+     _merged(CACHED_TEXT, {"train": {"gradient_checkpointing": True, "cpu_offload_checkpointing": True}})),
+    ("zimage", "db swap", "db", _merged(_swap(4), FUSED_ADAMW, DENOISER_ONLY)),
+]
+MODEL_KEYS = {family: {"t5xxl_max_token_length": 16} for family in ("sd3", "flux", "chroma")}  # as the tests
+
+
+def tiny_folders(folder: Path) -> dict[str, Path]:
+    """Each family's tiny model (library/tiny.py), saved under `folder`: family -> its folder."""
+    from library import tiny
+
+    return {"sd1": tiny.save_tiny_sd1(folder / "sd1")[0], "sdxl": tiny.save_tiny_sdxl(folder / "sdxl")[0],
+            "sd3": tiny.save_tiny_sd3(folder / "sd3")["folder"], "flux": tiny.save_tiny_flux(folder / "flux")["folder"],
+            "flux2": tiny.save_tiny_flux2(folder / "flux2")["folder"],
+            "chroma": tiny.save_tiny_chroma(folder / "chroma")["folder"],
+            "qwen_image": tiny.save_tiny_qwen_image(folder / "qwen_image")["folder"],
+            "zimage": tiny.save_tiny_zimage(folder / "zimage")["folder"]}
+
+
+def tiny_config(family: str, folder: Path, data: Path, out: Path, recipe: str, sections: dict,
+                prompts: Path | None = None):
+    """The validated config of one tiny run (model keys the family's tests use, then the run's sections)."""
+    return config(folder, data, out, recipe, _merged({"model": MODEL_KEYS.get(family, {})}, sections),
+                  prompts=prompts)
 
 
 class PhasePeaks:
@@ -109,13 +151,19 @@ class PhasePeaks:
 
 
 def run_once(cfg, recipe: str, planned: int | None = None) -> dict:
+    """One run of `recipe` with its per-phase peaks and speed; a run that fails gives {"error": what} (the
+    check goes on: a failure is a finding)."""
     import train_db
     import train_network
 
     module = train_network if recipe == "network" else train_db
     peaks = PhasePeaks()
-    with peaks.watching():
-        result = module.train(cfg)
+    try:
+        with peaks.watching():
+            result = module.train(cfg)
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (a recipe exits 2 / 3 on what it refuses)
+        torch.cuda.empty_cache()
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]}
     steps = len(result.losses)
     return {"peaks": peaks.peaks, "seconds": peaks.seconds, "steps": steps,
             "steps_per_s": steps / max(peaks.seconds["training"], 1e-9), "planned": planned}
@@ -207,10 +255,19 @@ SWAP = {"train": {"blocks_to_swap": 18}}  # FLUX.1-dev: 18 of 57 blocks
 
 # ---- the report -----------------------------------------------------------------------------------------
 
+HEADER = ("| run | recipe | planned step GiB | caching GiB (alloc / reserved) | training | sampling | saving "
+          "| steps/s | swap overhead |\n|---|---|---|---|---|---|---|---|---|")
+
+
 def row(label: str, recipe: str, r: dict) -> str:
+    """One table row: the run's per-phase peaks (GiB allocated / reserved), steps/s, swap overhead; or its
+    error across the measured columns."""
     def gib(value):
         return f"{value / GIB:.2f}"
 
+    if "error" in r:
+        return "| " + " | ".join([label, recipe, "-", f"FAILED: {r['error']}".replace("|", "/"),
+                                   *["-"] * 5]) + " |"
     cells = [label, recipe, gib(r["planned"]) if r["planned"] else "-"]
     for phase in PHASES:
         allocated, reserved = r["peaks"][phase]
@@ -219,20 +276,22 @@ def row(label: str, recipe: str, r: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| run | recipe | planned step GiB | caching GiB (alloc / reserved) | training | sampling | saving "
-          "| steps/s | swap overhead |\n|---|---|---|---|---|---|---|---|---|")
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny-only", action="store_true", help="skip the full-size models")
     parser.add_argument("--out", help="also write the table to this Markdown file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+NO_CUDA = ("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); the CPU test suite covers the rest "
+           "(tests/test_device*.py run the recipes on a test device distinct from the host)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); the CPU test suite covers the "
-              "rest (tests/test_device*.py run the recipes on a test device distinct from the host)", file=sys.stderr)
+        print(NO_CUDA, file=sys.stderr)
         return 2
-    from library import tiny
     from library.cli import quiet_libraries
 
     quiet_libraries()
@@ -240,41 +299,54 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = tiny.make_dataset(tmp / "data")
-        prompts = tmp / "prompts.txt"
-        prompts.write_text("a red circle --d 1\n")
-        folders = {"sd1": tiny.save_tiny_sd1(tmp / "sd1")[0], "sdxl": tiny.save_tiny_sdxl(tmp / "sdxl")[0],
-                   "sd3": tiny.save_tiny_sd3(tmp / "sd3")["folder"],
-                   "flux": tiny.save_tiny_flux(tmp / "flux")["folder"]}
-        for family, runs in TINY_SWITCHES.items():
-            for label, recipe, sections in runs:
-                cfg = config(folders[family], data, tmp / "out", recipe, sections, prompts=prompts)
-                lines.append(row(f"tiny {family} {label}", recipe, run_once(cfg, recipe)))
-                print(lines[-1], flush=True)
+        lines += tiny_rows(tmp)
         if not args.tiny_only:
-            big_data = tiny.make_dataset(tmp / "data-1024", size=1024)
-            for label, arch, dtype, resolution, sections in FULL:
-                folder = random_model(arch, tmp / arch, dtype)
-                data_for = data if resolution <= 64 else big_data
-                cfg = config(folder, data_for, tmp / "out", "network", sections, resolution, steps=6)
-                r = run_once(cfg, "network", planned_peak(cfg, "network"))
-                if arch == "flux-dev":
-                    swap_sections = {k: {**v, **SWAP.get(k, {})} for k, v in sections.items()}
-                    swap_cfg = config(folder, data_for, tmp / "out", "network", swap_sections, resolution, steps=6)
-                    swapped = run_once(swap_cfg, "network", planned_peak(swap_cfg, "network"))
-                    swapped["swap_overhead"] = f"{r['steps_per_s'] / swapped['steps_per_s']:.2f}x"
-                    lines.append(row(label + " no swap", "network", r))
-                    lines.append(row(label + " blocks_to_swap 18", "network", swapped))
-                else:
-                    lines.append(row(label, "network", r))
-                print(lines[-1], flush=True)
-                cleanup(tmp / arch)
+            lines += full_size_rows(tmp)
     lines.append(f"\n{time.perf_counter() - started:.0f} s in all")
     text = "\n".join(lines)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     return 0
+
+
+def tiny_rows(tmp: Path) -> list[str]:
+    """TINY_RUNS, each a row (printed as it comes)."""
+    from library import tiny
+
+    data = tiny.make_dataset(tmp / "data")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("a red circle --d 1\n")
+    folders = tiny_folders(tmp / "tiny")
+    rows = []
+    for family, label, recipe, sections in TINY_RUNS:
+        cfg = tiny_config(family, folders[family], data, tmp / "out", recipe, sections, prompts)
+        rows.append(row(f"tiny {family} {label}", recipe, run_once(cfg, recipe)))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def full_size_rows(tmp: Path) -> list[str]:
+    """FULL, each a row; FLUX.1-dev without and with block swap, and the overhead."""
+    from library import tiny
+
+    data = tiny.make_dataset(tmp / "data-1024", size=1024)
+    rows = []
+    for label, arch, dtype, resolution, sections in FULL:
+        folder = random_model(arch, tmp / arch, dtype)
+        cfg = config(folder, data, tmp / "out", "network", sections, resolution, steps=6)
+        r = run_once(cfg, "network", planned_peak(cfg, "network"))
+        if arch == "flux-dev":
+            swap_cfg = config(folder, data, tmp / "out", "network", _merged(sections, SWAP), resolution, steps=6)
+            swapped = run_once(swap_cfg, "network", planned_peak(swap_cfg, "network"))
+            if "error" not in r and "error" not in swapped:
+                swapped["swap_overhead"] = f"{r['steps_per_s'] / swapped['steps_per_s']:.2f}x"
+            rows += [row(label + " no swap", "network", r), row(label + " blocks_to_swap 18", "network", swapped)]
+        else:
+            rows.append(row(label, "network", r))
+        print(*rows[-2 if arch == "flux-dev" else -1:], sep="\n", flush=True)
+        cleanup(tmp / arch)
+    return rows
 
 
 def cleanup(folder: Path) -> None:

@@ -1,0 +1,91 @@
+"""benchmarks/gpu_check.py's parts that need no GPU (issue 15, section 4): it refuses without CUDA in one line
+(exit 2), its arguments, its list of runs (every family in both recipes, each config valid, each label saying
+what its switches are), and the table it prints."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def test_refuses_without_cuda_in_one_line(capsys):
+    assert gpu_check.main([]) == 2 and gpu_check.main(["--tiny-only"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [gpu_check.NO_CUDA] * 2 and "CUDA" in gpu_check.NO_CUDA
+    with pytest.raises(SystemExit) as bad:
+        gpu_check.main(["--tiny_only"])
+    assert bad.value.code == 2
+
+
+def test_arguments():
+    args = gpu_check.parse_args([])
+    assert (args.tiny_only, args.out) == (False, None)
+    args = gpu_check.parse_args(["--tiny-only", "--out", "table.md"])
+    assert (args.tiny_only, args.out) == (True, "table.md")
+
+
+SWITCHES = {  # a word of a run's label -> (section, key, value) its config must have
+    "swap": ("train", "gradient_checkpointing", True),
+    "cached": ("train", "cache_text_encoder_outputs", True),
+    "offload": ("train", "cpu_offload_checkpointing", True),
+    "fp8_base": ("train", "fp8_base", True),
+    "bf16": ("train", "mixed_precision", "bf16"),
+    "fp16": ("train", "mixed_precision", "fp16"),
+    "nf4": ("model", "base_model_precision", "nf4"),
+    "int8 t5": ("model", "t5xxl_precision", "int8"),
+    "fused": ("optimizer", "fused_backward_pass", True),
+}
+
+
+def test_every_family_runs_in_both_recipes_with_valid_configs(tmp_path):
+    from library.families import REGISTRY
+
+    runs = gpu_check.TINY_RUNS
+    assert {(family, recipe) for family, _, recipe, _ in runs} == {(f, r) for f in REGISTRY for r in gpu_check.RECIPES}
+    assert len({(family, label) for family, label, _, _ in runs}) == len(runs) == 20
+    folder, data = tmp_path / "model", tmp_path / "data"
+    folder.mkdir(), data.mkdir(), (tmp_path / "p.txt").write_text("a red circle\n")
+    for family, label, recipe, sections in runs:
+        cfg = gpu_check.tiny_config(family, folder, data, tmp_path / "out", recipe, sections, tmp_path / "p.txt")
+        for word, (section, key, value) in SWITCHES.items():
+            if word in label:
+                assert getattr(getattr(cfg, section), key) == value, (family, label, key)
+        assert bool(cfg.train.blocks_to_swap) == ("swap" in label), (family, label)
+        assert (cfg.dreambooth.train_text_encoder is False) == (recipe == "db" and family not in ("sd1", "sdxl"))
+        assert cfg.model.t5xxl_max_token_length == (16 if family in ("sd3", "flux", "chroma") else None)
+        assert cfg.sample.sample_prompts == str(tmp_path / "p.txt")
+
+
+def test_table_rows():
+    ok = {"peaks": {"caching": (2 * 2**30, 3 * 2**30), "training": (2**29, 2**30), "sampling": (0, 0),
+                    "saving": (2**28, 2**28)}, "steps_per_s": 1.234, "planned": 5 * 2**29, "swap_overhead": "1.50x"}
+    assert gpu_check.row("tiny sd1 lora", "network", ok) == (
+        "| tiny sd1 lora | network | 2.50 | 2.00 / 3.00 | 0.50 / 1.00 | - | 0.25 / 0.25 | 1.23 | 1.50x |")
+    failed = gpu_check.row("tiny flux db swap", "db", {"error": "ConfigError: a | b"})
+    assert failed == "| tiny flux db swap | db | - | FAILED: ConfigError: a / b | - | - | - | - | - |"
+    header = gpu_check.HEADER.splitlines()
+    assert len({line.count("|") for line in [*header, failed, gpu_check.row("x", "db", {**ok, "planned": None})]}) == 1
+
+
+def test_a_run_that_fails_is_a_row_and_the_check_goes_on(monkeypatch):
+    import torch
+
+    import train_db
+    import train_network
+
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 2**31)
+
+    def refused(cfg):  # noqa: ARG001
+        raise SystemExit(3)
+
+    monkeypatch.setattr(train_db, "train", refused)
+    monkeypatch.setattr(train_network, "train", lambda cfg: type("Result", (), {"losses": [1.0] * 4})())
+    assert gpu_check.run_once(None, "db") == {"error": "SystemExit: 3"}
+    measured = gpu_check.run_once(None, "network")
+    assert measured["steps"] == 4 and measured["peaks"]["training"] == (2**30, 2**31) and measured["steps_per_s"] > 0
+    assert measured["peaks"]["saving"] == (0, 0)  # no save ran
