@@ -157,6 +157,7 @@ def run_once(cfg, recipe: str, planned: int | None = None) -> dict:
     import train_network
 
     module = train_network if recipe == "network" else train_db
+    fresh_accelerate_state()
     peaks = PhasePeaks()
     try:
         with peaks.watching():
@@ -167,6 +168,15 @@ def run_once(cfg, recipe: str, planned: int | None = None) -> dict:
     steps = len(result.losses)
     return {"peaks": peaks.peaks, "seconds": peaks.seconds, "steps": steps,
             "steps_per_s": steps / max(peaks.seconds["training"], 1e-9), "planned": planned}
+
+
+def fresh_accelerate_state() -> None:
+    """accelerate keeps one process-wide state (the mixed precision of the first run): each run starts clean,
+    as each test does (tests/conftest.py), or a run in another precision than the one before it is refused."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def planned_peak(cfg, recipe: str) -> int | None:

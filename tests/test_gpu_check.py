@@ -70,6 +70,8 @@ def test_table_rows():
 
 
 def test_a_run_that_fails_is_a_row_and_the_check_goes_on(monkeypatch):
+    """A run's failure is its row; and each run starts with accelerate's state fresh (its process-wide mixed
+    precision refused every run after the first in another precision)."""
     import torch
 
     import train_db
@@ -83,9 +85,20 @@ def test_a_run_that_fails_is_a_row_and_the_check_goes_on(monkeypatch):
     def refused(cfg):  # noqa: ARG001
         raise SystemExit(3)
 
+    def trained_in(precision: str):
+        def train(cfg):  # noqa: ARG001
+            from accelerate import Accelerator
+
+            Accelerator(mixed_precision=precision, cpu=True)  # as a recipe's start() does
+            return type("Result", (), {"losses": [1.0] * 4})()
+        return train
+
+    monkeypatch.setattr(train_network, "train", trained_in("bf16"))
     monkeypatch.setattr(train_db, "train", refused)
-    monkeypatch.setattr(train_network, "train", lambda cfg: type("Result", (), {"losses": [1.0] * 4})())
+    assert gpu_check.run_once(None, "network")["steps"] == 4
     assert gpu_check.run_once(None, "db") == {"error": "SystemExit: 3"}
+    monkeypatch.setattr(train_db, "train", trained_in("no"))
+    assert gpu_check.run_once(None, "db")["steps"] == 4  # fp32 after bf16 in the same process
     measured = gpu_check.run_once(None, "network")
     assert measured["steps"] == 4 and measured["peaks"]["training"] == (2**30, 2**31) and measured["steps_per_s"] > 0
     assert measured["peaks"]["saving"] == (0, 0)  # no save ran
