@@ -99,6 +99,16 @@ def outcome(load) -> tuple[str, list[str]]:
     return "ok", cfg.notes
 
 
+def _loader(argv: list[str], recipe: str):
+    """What the launch does before any model: parse the command line, load the config, check it for the recipe."""
+    def load():
+        args = parse(argv, "corpus")
+        cfg = load_config(args.config, args.overrides, flags=args.flags)
+        check_recipe(cfg, recipe)
+        return cfg
+    return load
+
+
 def load_training(path: Path, places: dict, tmp_path: Path):
     """As its users launch it: `--config_file x.toml`, with `--dataset_config` (and the model) on the command line
     where the file leaves them out."""
@@ -113,26 +123,12 @@ def load_training(path: Path, places: dict, tmp_path: Path):
     if "pretrained_model_name_or_path" not in keys:
         argv += ["--pretrained_model_name_or_path", str(places["@MODEL@"])]
     tomllib.loads(target.read_text())  # valid TOML after substitution
-    recipe = info(path).get("recipe", "network")
-
-    def load():
-        args = parse(argv, "corpus")
-        cfg = load_config(args.config, args.overrides, flags=args.flags)
-        check_recipe(cfg, recipe)
-        return cfg
-    return load
+    return _loader(argv, info(path).get("recipe", "network"))
 
 
 def load_command(path: Path, places: dict):
     argv = shlex.split(substitute(path.read_text().splitlines()[-1], places))
-    recipe = info(path).get("recipe", "network")
-
-    def load():
-        args = parse(argv, "corpus")
-        cfg = load_config(args.config, args.overrides, flags=args.flags)
-        check_recipe(cfg, recipe)
-        return cfg
-    return load
+    return _loader(argv, info(path).get("recipe", "network"))
 
 
 def test_the_corpus_is_what_the_issue_asks_for():
