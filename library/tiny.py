@@ -14,6 +14,7 @@ real checkpoint goes through.
     python -m library.tiny flux2-dev out/tiny-flux2-dev    # FLUX.2 dev (Mistral3 text encoder, guidance input)
     python -m library.tiny qwen_image out/tiny-qwen        # folder + ComfyUI's transformer / text_encoder / vae files
     python -m library.tiny zimage out/tiny-zimage          # folder + Z-Image transformer + text_encoder / ae files
+    python -m library.tiny anima out/tiny-anima            # modular-pipeline folder + DiT / text_encoder / vae files
     python -m library.tiny data quickstart/data         # 8 images with .txt captions
 """
 from __future__ import annotations
@@ -692,7 +693,7 @@ def make_dataset(folder: str | Path, size: int = 64, seed: int = 0) -> Path:
 
 # what `python -m library.tiny` builds: every family by its name (sd2 and the FLUX.1 variants too), and the data
 WHAT = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux-dev", "flux-schnell", "chroma", "flux2", "flux2-dev", "qwen_image",
-        "zimage", "data")
+        "zimage", "anima", "data")
 
 
 def main(argv=None) -> None:
@@ -714,6 +715,10 @@ def main(argv=None) -> None:
         written = tuple(save_tiny_qwen_image(args.out).values())
     elif args.what == "zimage":
         written = tuple(save_tiny_zimage(args.out).values())
+    elif args.what == "anima":
+        from library.tiny_anima import save_tiny_anima
+
+        written = tuple(save_tiny_anima(args.out).values())
     elif args.what.startswith("flux"):
         written = tuple(save_tiny_flux(args.out, guidance=args.what != "flux-schnell").values())
     else:

@@ -1,0 +1,180 @@
+"""Anima on the tiny Anima-architecture model: the shipped architecture, the original (ComfyUI / sd-scripts) layout
+against diffusers' Cosmos converter, loading (AnimaModularPipeline's folder, and ComfyUI's split DiT / text_encoder /
+vae files), the Qwen3 + LLM-adapter conditioning against diffusers' Anima text-encoder step and the transformer call,
+samples equal to AnimaModularPipeline's, golden losses of adapter and full fine-tune runs, cached text outputs and
+block swap, fp8 base, the adapter in diffusers and by ComfyUI's rule, an sd-scripts anima_train_network config."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, block_swapped_run, close,
+                      lora_layers, pipeline_parts, predict_caption, split_files_source, train_db, train_network)
+from library.families import get_family
+from library.families.anima import AnimaFamily
+from library.families.base import ModelSource
+from library.loading import CheckpointError, arch_dir
+from model_checks import assert_same_weights
+
+# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, the DiT blocks' attention and MLP, sigmoid sampling, raw velocity
+GOLDEN_ANIMA = []
+GOLDEN_ANIMA_DB = []
+
+
+def _split_files_source(files, **extra):
+    return split_files_source(files, "text_encoder", "vae", **extra)
+
+
+def _load(files):
+    return AnimaFamily().load(ModelSource(str(files["folder"])))
+
+
+def test_shipped_anima_configs_build_the_real_architecture():
+    from transformers import Qwen3Config, Qwen3Model
+
+    from library.families.anima import empty_transformer
+
+    arch = arch_dir("anima")
+    denoiser = empty_transformer(arch)
+    with torch.device("meta"):
+        qwen = Qwen3Model(Qwen3Config.from_pretrained(str(arch / "text_encoder")))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(denoiser) - count(denoiser.text_conditioner) == 1_956_405_248  # Cosmos-Predict2-2B's DiT
+    assert count(denoiser.text_conditioner) == 134_663_680  # the LLM adapter: 6 blocks at 1024
+    assert count(qwen) == 596_049_920  # Qwen3-0.6B without lm_head
+    assert qwen.config.hidden_size == denoiser.text_conditioner.config.source_dim == denoiser.config.text_embed_dim
+
+
+def test_original_layout_is_the_inverse_of_diffusers_converter():
+    """Ours -> original -> diffusers' own Cosmos converter gives back the same keys and shapes (full width, meta
+    device); the adapter keeps its names under llm_adapter."""
+    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
+
+    from library.anima_layout import file_to_parts, transformer_to_file
+    from library.families.anima import empty_transformer, kohya_layout
+
+    state = empty_transformer(arch_dir("anima")).state_dict()
+    original = transformer_to_file(state)
+    assert {"net.blocks.0.self_attn.q_proj.weight", "net.blocks.27.cross_attn.output_proj.weight",
+            "net.blocks.0.mlp.layer1.weight", "net.blocks.0.adaln_modulation_mlp.2.weight",
+            "net.x_embedder.proj.1.weight", "net.final_layer.linear.weight", "net.t_embedder.1.linear_2.weight",
+            "net.t_embedding_norm.weight", "net.llm_adapter.blocks.5.cross_attn.o_proj.weight",
+            "net.llm_adapter.embed.weight", "net.llm_adapter.out_proj.bias"} <= set(original)
+    dit = {k: v for k, v in original.items() if ".llm_adapter." not in k}
+    theirs = convert_cosmos_transformer_checkpoint_to_diffusers(dict(dit))
+    ours, adapter = file_to_parts(original)
+    assert set(theirs) == set(ours) == {k for k in state if not k.startswith("text_conditioner.")}
+    assert all(theirs[k].shape == ours[k].shape == state[k].shape for k in ours)
+    assert {"text_conditioner." + k for k in adapter} == {k for k in state if k.startswith("text_conditioner.")}
+    assert kohya_layout("transformer_blocks.3.attn2.to_out.0") == ("blocks.3.cross_attn.output_proj", 0, 1)
+    assert kohya_layout("transformer_blocks.0.ff.net.0.proj") == ("blocks.0.mlp.layer1", 0, 1)
+
+
+def test_split_files_and_folder_give_identical_weights(tiny_anima):
+    assert get_family("auto", str(tiny_anima["folder"])).name == "anima"
+    assert get_family("auto", str(tiny_anima["transformer"])).name == "anima"
+    a, b = _load(tiny_anima), AnimaFamily().load(_split_files_source(tiny_anima))
+    assert_same_weights(a, b)
+    assert torch.equal(a.denoiser.text_conditioner.rotary_emb.inv_freq,
+                       b.denoiser.text_conditioner.rotary_emb.inv_freq)
+    with pytest.raises(CheckpointError, match="model.text_encoder, model.vae"):
+        AnimaFamily().load(ModelSource(str(tiny_anima["transformer"])))
+
+
+def test_other_families_files_stay_theirs(tiny_sd1, tiny_anima):
+    assert not AnimaFamily().claims(str(tiny_sd1[0])) and not AnimaFamily().claims(str(tiny_sd1[1]))
+    assert get_family("auto", str(tiny_sd1[1])).name == "sd1"
+
+
+def test_text_conditioning_and_prediction_are_the_anima_pipelines(tiny_anima):
+    """Qwen3's last state (padding zeroed) and the T5 ids, as diffusers' AnimaTextEncoderStep encodes them (it pads
+    to the longest caption, sd-scripts and we to 512: equal on the real tokens); predict() is the transformer on the
+    LLM adapter's output, as the pipeline's conditioning and denoising steps call them."""
+    from diffusers.modular_pipelines.anima.encoders import AnimaTextEncoderStep
+
+    family = AnimaFamily()
+    parts = _load(tiny_anima)
+    captions = ["a photo of a red circle", "blue"]
+    with torch.no_grad():
+        ours = family.encode_prompts(parts, captions, 1)
+        theirs = AnimaTextEncoderStep.encode_prompt(family.pipeline(parts), captions, prepare_unconditional_embeds=False,
+                                                    device=torch.device("cpu"), dtype=torch.float32)
+    n, m = theirs["qwen_prompt_embeds"].shape[1], theirs["t5_input_ids"].shape[1]
+    assert ours["qwen_embeds"].shape == ours["t5_ids"].shape + (32,) == (2, 512, 32)
+    assert torch.allclose(ours["qwen_embeds"][:, :n], theirs["qwen_prompt_embeds"], atol=1e-6)
+    assert not ours["qwen_embeds"][:, n:].any() and not ours["qwen_mask"][:, n:].any()
+    assert torch.equal(ours["qwen_mask"][:, :n], theirs["qwen_attention_mask"])
+    assert torch.equal(ours["t5_ids"][:, :m], theirs["t5_input_ids"]) and not ours["t5_mask"][:, m:].any()
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([750.0, 250.0])
+    with torch.no_grad():
+        prediction = family.predict(parts, latents, timesteps, ours)
+        text = parts.denoiser.text_conditioner(theirs["qwen_prompt_embeds"], theirs["t5_input_ids"],
+                                               theirs["t5_attention_mask"], theirs["qwen_attention_mask"])
+        out = parts.denoiser(latents.unsqueeze(2), timesteps / 1000, text, padding_mask=torch.zeros(1, 1, 64, 64),
+                             return_dict=False)[0]
+    assert torch.allclose(prediction, out.squeeze(2), atol=1e-5) and prediction.abs().mean() > 0.1
+
+
+def test_samples_are_the_modular_pipelines(tiny_anima):
+    """AnimaModularPipeline over the same parts (our DiT as its transformer, the adapter as its text_conditioner)
+    draws the same image, pixel for pixel; another negative prompt or seed gives another."""
+    from diffusers import ClassifierFreeGuidance
+
+    family = AnimaFamily()
+    parts = _load(tiny_anima)
+
+    def sample(negative, seed=5):
+        return np.asarray(family.sample(parts, "a red dog", 64, 64, 3, seed, "euler", 1, negative, 4.0))
+
+    pipe = family.pipeline(parts)
+    pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=4.0))
+    theirs = pipe(prompt="a red dog", negative_prompt="blurry", height=64, width=64, num_inference_steps=3,
+                  generator=torch.Generator("cpu").manual_seed(5), output_type="pil").images[0]
+    ours = sample("blurry")
+    assert ours.shape == (64, 64, 3) and np.array_equal(ours, np.asarray(theirs))
+    assert not np.array_equal(ours, sample("")) and not np.array_equal(ours, sample("blurry", seed=6))
+
+
+def test_objective_is_sd_scripts_anima_default(tiny_anima):
+    objective = AnimaFamily().objective(_load(tiny_anima))
+    assert (objective.timestep_sampling, objective.sigmoid_scale, objective.model_prediction_type) == (
+        "sigmoid", 1.0, "raw")
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def test_golden_losses_lora_with_sd_scripts_names(anima_config, tiny_anima):
+    """The kohya file names layers as sd-scripts' lora_anima does (the original module names): each is a weight of
+    the ComfyUI-layout DiT file with dots as underscores, which is how ComfyUI maps lora_unet_ keys."""
+    result = train_network(anima_config())
+    assert close(result.losses, GOLDEN_ANIMA), result.losses
+    names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
+    original = {"lora_unet_" + k.removeprefix("net.").removesuffix(".weight").replace(".", "_")
+                for k in load_file(tiny_anima["transformer"]) if k.endswith(".weight")}
+    assert names <= original
+    expected = {f"lora_unet_blocks_{b}_{a}_{p}" for b in (0, 1) for a in ("self_attn", "cross_attn")
+                for p in ("q_proj", "k_proj", "v_proj", "output_proj")}
+    expected |= {f"lora_unet_blocks_{b}_mlp_layer{i}" for b in (0, 1) for i in (1, 2)}
+    assert names == expected  # 10 per block: attention and MLP, not the adaLN modulation (sd-scripts' default)
+
+
+def test_golden_losses_full_fine_tune_and_single_file_reload(anima_config, tiny_anima):
+    """The DiT and its LLM adapter train; the saved file is the original layout with both, and reloads."""
+    result = train_db(anima_config(**FULL_FINE_TUNE))
+    assert close(result.losses, GOLDEN_ANIMA_DB), result.losses
+    saved = load_file(result.model_path)
+    assert set(saved) == set(load_file(tiny_anima["transformer"]))
+    reloaded = AnimaFamily().load(_split_files_source({**tiny_anima, "transformer": result.model_path}))
+    assert_same_weights(result.parts, reloaded)
+    base = _load(tiny_anima).denoiser.text_conditioner.blocks[0].mlp[0].weight
+    assert not torch.equal(result.parts.denoiser.text_conditioner.blocks[0].mlp[0].weight, base)  # trained
+
+
+def test_cached_text_outputs_give_the_same_losses(anima_config):
+    assert_cached_text_outputs_change_nothing(anima_config)
+
+
+def test_block_swap_gives_the_same_losses(anima_config):
+    assert block_swapped_run(anima_config, 1).parts.denoiser._block_swapper.loads == 2 * 2
