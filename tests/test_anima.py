@@ -178,3 +178,64 @@ def test_cached_text_outputs_give_the_same_losses(anima_config):
 
 def test_block_swap_gives_the_same_losses(anima_config):
     assert block_swapped_run(anima_config, 1).parts.denoiser._block_swapper.loads == 2 * 2
+
+
+def _trained_vs_patched(family, trained_parts, patched_parts):
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    return [predict_caption(family, parts, latents) for parts in (trained_parts, patched_parts)]
+
+
+def test_adapter_in_diffusers_every_key_consumed(anima_config, tiny_anima):
+    """peft-layout file: AnimaModularPipeline.load_lora_weights puts every layer into the transformer, with our
+    outputs."""
+    result = train_network(anima_config(save={"save_format": "peft"}, train={"max_train_steps": 2},
+                                        network={"network_dim": 4, "network_alpha": 4.0}))
+    tensors = load_file(result.adapter_path)
+    family = AnimaFamily()
+    fresh = _load(tiny_anima)
+    pipe = family.pipeline(fresh)
+    pipe.load_lora_weights(str(result.adapter_path))
+    assert lora_layers(pipe.transformer) == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2 == 20
+    theirs = pipeline_parts(pipe, result.parts.source, {"te": pipe.text_encoder},
+                            {"te": pipe.tokenizer, "t5": pipe.t5_tokenizer})
+    ours, patched = _trained_vs_patched(family, result.parts, theirs)
+    assert torch.allclose(ours, patched, atol=1e-5)
+    assert not torch.allclose(ours, predict_caption(family, _load(tiny_anima), torch.randn(
+        1, 16, 8, 8, generator=torch.Generator().manual_seed(3))), atol=1e-5)
+
+
+def test_kohya_file_applied_as_comfyui_applies_it_gives_the_trained_outputs(anima_config, tiny_anima):
+    """ComfyUI's rule for lora_unet_ keys: the name is a weight of the model's own (original-layout) state dict with
+    dots as underscores, and W += alpha / rank * up @ down. Applied so to the ComfyUI-layout file, every key finds
+    its weight and the patched model predicts what the trained adapter does."""
+    from library.anima_layout import file_to_parts
+
+    result = train_network(anima_config(train={"max_train_steps": 2}))
+    tensors = load_file(result.adapter_path)
+    original = load_file(tiny_anima["transformer"])
+    by_name = {"lora_unet_" + k.removeprefix("net.").removesuffix(".weight").replace(".", "_"): k
+               for k in original if k.endswith(".weight")}
+    layers = {k.split(".", 1)[0] for k in tensors}
+    assert layers <= set(by_name) and len(layers) == 20
+    for name in layers:
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        original[by_name[name]] += float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    family = AnimaFamily()
+    patched = _load(tiny_anima)
+    dit, adapter = file_to_parts(original)
+    patched.denoiser.load_state_dict({**dit, **{"text_conditioner." + k: v for k, v in adapter.items()}})
+    ours, theirs = _trained_vs_patched(family, result.parts, patched)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(ours, _trained_vs_patched(family, _load(tiny_anima), patched)[0], atol=1e-5)
+
+
+def test_fp8_base_stays_close_to_bf16(anima_config):
+    """fp8_base stores the frozen DiT's (and adapter's) Linears in float8 and computes in bf16; losses within fp8
+    rounding of the bf16 run (measured: within 1%)."""
+    bf16 = {"max_train_steps": 2, "mixed_precision": "bf16"}
+    plain = train_network(anima_config(train=bf16))
+    fp8 = train_network(anima_config(train={**bf16, "fp8_base": True}, save={"overwrite": True}))
+    stored = [m for m in fp8.parts.denoiser.modules() if isinstance(m, torch.nn.Linear)
+              and m.weight.dtype == torch.float8_e4m3fn]
+    assert len(stored) >= 20
+    assert fp8.losses == pytest.approx(plain.losses, rel=0.01) and fp8.losses != plain.losses
