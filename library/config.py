@@ -97,6 +97,12 @@ class ModelSection:
         choices=tuple(BASE_MODEL_PRECISIONS))
     guidance_scale: float = opt(3.5, "FLUX.1-dev / FLUX.2-dev: the distilled-guidance value the model is given in "
                                      "training")
+    t5_tokenizer: Optional[str] = opt(
+        None, "Anima: the T5 tokenizer folder whose ids the LLM adapter reads (sd-scripts' t5_tokenizer_path); default "
+        "model.tokenizer's t5_tokenizer/, else the local cache", path="exists")
+    llm_adapter: Optional[str] = opt(
+        None, "Anima: a separate LLM adapter file (sd-scripts' llm_adapter_path), used instead of the DiT file's own",
+        path="exists")
 
 
 @dataclass

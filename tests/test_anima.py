@@ -239,3 +239,35 @@ def test_fp8_base_stays_close_to_bf16(anima_config):
               and m.weight.dtype == torch.float8_e4m3fn]
     assert len(stored) >= 20
     assert fp8.losses == pytest.approx(plain.losses, rel=0.01) and fp8.losses != plain.losses
+
+
+def test_sd_scripts_anima_config_runs_unchanged_with_the_golden_losses(tiny_anima, tiny_data, tmp_path):
+    """An anima_train_network.py TOML (sd-scripts' keys: the DiT file, qwen3 as a transformers folder with its
+    tokenizer, vae, t5_tokenizer_path, networks.lora_anima, sigmoid timesteps) trains as our config of the same
+    settings does: the golden losses, the same layer names."""
+    import shutil
+
+    from library.config_files import load_config
+    from library.sd_args import parse
+    from train_network import train
+
+    folder = tiny_anima["folder"]
+    qwen3 = tmp_path / "qwen3"
+    shutil.copytree(folder / "text_encoder", qwen3)
+    shutil.copytree(folder / "tokenizer", qwen3, dirs_exist_ok=True)
+    toml = tmp_path / "anima_lora.toml"
+    toml.write_text("\n".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}".lower()
+                              if isinstance(v, bool) else f"{k} = {v}" for k, v in {
+        "pretrained_model_name_or_path": str(tiny_anima["transformer"]), "qwen3": str(qwen3),
+        "vae": str(folder / "vae"), "t5_tokenizer_path": str(folder / "t5_tokenizer"),
+        "qwen3_max_token_length": 512, "t5_max_token_length": 512,
+        "train_data_dir": str(tiny_data), "caption_extension": ".txt", "resolution": "64",
+        "train_batch_size": 2, "output_dir": str(tmp_path / "out"), "output_name": "lora",
+        "network_module": "networks.lora_anima", "network_dim": 4, "network_alpha": 2.0, "learning_rate": 1e-3,
+        "optimizer_type": "AdamW", "timestep_sampling": "sigmoid", "discrete_flow_shift": 1.0,
+        "max_train_steps": 4, "seed": 7, "vae_chunk_size": 64, "vae_disable_cache": True}.items()) + "\n")
+    args = parse(["--config_file", str(toml)], "anima_train_network.py")
+    result = train(load_config(args.config, args.overrides, flags=args.flags))
+    assert close(result.losses, GOLDEN_ANIMA), result.losses
+    assert {k.split(".", 1)[0] for k in load_file(result.adapter_path)} >= {"lora_unet_blocks_0_self_attn_q_proj",
+                                                                          "lora_unet_blocks_1_mlp_layer2"}

@@ -27,8 +27,8 @@ from diffusers import (AnimaTextConditioner, AutoencoderKLQwenImage, CosmosTrans
                        FlowMatchEulerDiscreteScheduler)
 from transformers import Qwen3Config, Qwen3Model
 
-from library.anima_layout import (ADAPTER_MARK, CONDITIONER, file_to_parts, is_dit_key, original_name,
-                                   transformer_to_file)
+from library.anima_layout import (ADAPTER_MARK, CONDITIONER, adapter_file_keys, file_to_parts, is_dit_key,
+                                   original_name, transformer_to_file)
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
 from library.families.transformer_parts import assign_weights, load_file_or_folder, missing_files_problem
 from library.families.zimage import _rebuild_rotary, qwen3_keys
@@ -36,6 +36,7 @@ from library.loading import CheckpointError, arch_dir, has_key_prefix, read_chec
 
 PIPELINE_CLASS = "AnimaModularPipeline"
 DEFAULT_TOKENIZER = "circlestone-labs/Anima-Base-v1.0-Diffusers"
+T5_TOKENIZER = "google/t5-v1_1-xxl"  # the vocabulary of the adapter's ids (sd-scripts bundles its tokenizer)
 SEPARATE_FILES = ("text_encoder", "vae")
 TEXT_LENGTH = 512  # sd-scripts' qwen3_max_token_length and t5_max_token_length; the adapter's output length
 # the Linears sd-scripts' lora_anima adapts by default: attention and MLP of each block (its default exclusion
@@ -109,25 +110,30 @@ class AnimaFamily(ModelFamily):
         path = str(source.path)
         denoiser = AnimaTransformer.from_pretrained(path, subfolder="transformer")
         denoiser.text_conditioner = AnimaTextConditioner.from_pretrained(path, subfolder="text_conditioner")
+        if source.llm_adapter:
+            assign_weights(denoiser.text_conditioner, adapter_file_keys(read_checkpoint(source.llm_adapter)),
+                           source.llm_adapter)
         vae = load_vae(source.vae, arch_dir("anima")) if source.vae else AutoencoderKLQwenImage.from_pretrained(
             path, subfolder="vae")
         qwen = _load_qwen3(source.text_encoder, arch_dir("anima")) if source.text_encoder else \
             Qwen3Model.from_pretrained(path, subfolder="text_encoder")
         return Components(denoiser=denoiser, vae=vae, text_encoders={"te": qwen},
-                          tokenizers=tokenizers(source.tokenizer or path),
+                          tokenizers=tokenizers(source, path),
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"))
 
     def _load_single_file(self, source: ModelSource) -> Components:
         arch = arch_dir(source.arch or "anima")
         dit, adapter = file_to_parts(read_checkpoint(source.path))
-        if not adapter:
-            raise CheckpointError(f"{source.path}: holds no LLM adapter ({ADAPTER_MARK}); an Anima DiT file has "
-                                  f"one (sd-scripts' separate llm_adapter_path is not read here)")
-        denoiser = empty_transformer(arch)
+        if source.llm_adapter:
+            adapter = adapter_file_keys(read_checkpoint(source.llm_adapter))
+        elif not adapter:
+            raise CheckpointError(f"{source.path}: holds no LLM adapter ({ADAPTER_MARK}); set model.llm_adapter to "
+                                  f"its file (sd-scripts' llm_adapter_path)", key="model.llm_adapter")
+        denoiser = empty_transformer(arch, sizes=None if source.arch else file_sizes(dit, adapter))
         assign_weights(denoiser, {**dit, **{CONDITIONER + k: v for k, v in adapter.items()}}, source.path)
         return Components(denoiser=denoiser, vae=load_vae(source.vae, arch),
                           text_encoders={"te": _load_qwen3(source.text_encoder, arch)},
-                          tokenizers=tokenizers(source.tokenizer or DEFAULT_TOKENIZER),
+                          tokenizers=tokenizers(source),
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
                                                                                           subfolder="scheduler"),
                           extra={"arch": str(arch)})
@@ -271,18 +277,48 @@ def kohya_layout(module_path: str) -> tuple[str, int, int]:
     return original_name(module_path), 0, 1
 
 
-def empty_transformer(arch: Path, meta: bool = True) -> AnimaTransformer:
-    """The architecture's DiT with its LLM adapter, on the meta device (weights assigned later) or, for a plan,
-    on the current device."""
+def empty_transformer(arch: Path, meta: bool = True, sizes: tuple[dict, dict] | None = None) -> AnimaTransformer:
+    """The architecture's DiT with its LLM adapter (their configs updated with `sizes`, file_sizes' two dicts), on
+    the meta device (weights assigned later) or, for a plan, on the current device."""
     import contextlib
 
+    dit_sizes, adapter_sizes = sizes or ({}, {})
     with torch.device("meta") if meta else contextlib.nullcontext():
-        denoiser = AnimaTransformer.from_config(CosmosTransformer3DModel.load_config(str(arch / "transformer")))
+        denoiser = AnimaTransformer.from_config(
+            {**CosmosTransformer3DModel.load_config(str(arch / "transformer")), **dit_sizes})
         denoiser.text_conditioner = AnimaTextConditioner.from_config(
-            AnimaTextConditioner.load_config(str(arch / "text_conditioner")))
+            {**AnimaTextConditioner.load_config(str(arch / "text_conditioner")), **adapter_sizes})
     if meta:
         _rebuild_adapter_rotary(denoiser.text_conditioner)
     return denoiser
+
+
+def file_sizes(dit: dict, adapter: dict) -> tuple[dict, dict]:
+    """The DiT's and the adapter's sizes as their weights (diffusers' names) say, as sd-scripts reads an Anima file's
+    configuration from its state dict (the 2B's 28 blocks of 2048, and other sizes alike)."""
+    hidden, patch_in = dit["patch_embed.proj.weight"].shape
+    blocks = "transformer_blocks.0."
+    dit_sizes = {"in_channels": patch_in // 4 - 1, "out_channels": dit["proj_out.weight"].shape[0] // 4,
+                 "attention_head_dim": dit[blocks + "attn1.norm_q.weight"].shape[0],
+                 "num_layers": _count(dit, r"transformer_blocks\.(\d+)\."),
+                 "adaln_lora_dim": dit[blocks + "norm1.linear_1.weight"].shape[0],
+                 "text_embed_dim": dit[blocks + "attn2.to_k.weight"].shape[1],
+                 "mlp_ratio": dit[blocks + "ff.net.0.proj.weight"].shape[0] / hidden}
+    dit_sizes["num_attention_heads"] = hidden // dit_sizes["attention_head_dim"]
+    vocab, target = adapter["embed.weight"].shape
+    model_dim = adapter["blocks.0.cross_attn.q_proj.weight"].shape[0]
+    adapter_sizes = {"target_vocab_size": vocab, "target_dim": target, "model_dim": model_dim,
+                     "source_dim": adapter["blocks.0.cross_attn.k_proj.weight"].shape[1],
+                     "num_attention_heads": model_dim // adapter["blocks.0.cross_attn.q_norm.weight"].shape[0],
+                     "num_layers": _count(adapter, r"blocks\.(\d+)\."),
+                     "mlp_ratio": adapter["blocks.0.mlp.0.weight"].shape[0] / model_dim}
+    return dit_sizes, adapter_sizes
+
+
+def _count(state: dict, pattern: str) -> int:
+    import re
+
+    return 1 + max(int(m.group(1)) for m in (re.match(pattern, k) for k in state) if m)
 
 
 def _rebuild_adapter_rotary(conditioner: AnimaTextConditioner) -> None:
@@ -334,22 +370,38 @@ class _PlanningTokenizer:
         return type("Tokens", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})()
 
 
-def tokenizers(where: str) -> dict:
-    """Qwen3's tokenizer ("te") and the T5 tokenizer of the adapter's ids ("t5") from `where`'s tokenizer/ and
-    t5_tokenizer/ subfolders (an Anima diffusers folder), local files only."""
-    from transformers import AutoTokenizer
-
-    found = {}
-    for name, subfolder in (("te", "tokenizer"), ("t5", "t5_tokenizer")):
-        try:
-            found[name] = AutoTokenizer.from_pretrained(where, subfolder=subfolder, local_files_only=True)
-        except (OSError, ValueError, TypeError):
-            raise CheckpointError(f"Anima tokenizer {where!r} ({subfolder}/) not found locally; set model.tokenizer "
-                                  f"to an Anima diffusers folder that holds tokenizer/ and t5_tokenizer/ (or run once "
-                                  f"with network access to fill the cache of {DEFAULT_TOKENIZER})",
-                                  key="model.tokenizer") from None
+def tokenizers(source: ModelSource, folder: str | None = None) -> dict:
+    """Qwen3's tokenizer ("te") and the T5 tokenizer of the adapter's ids ("t5"), local files only. Qwen3's from
+    model.tokenizer (its tokenizer/ or itself), the Anima folder, a Qwen3 text-encoder folder (as sd-scripts reads
+    --qwen3), or the cache of circlestone-labs/Anima-Base-v1.0-Diffusers; T5's from model.t5_tokenizer, the
+    t5_tokenizer/ of those folders, or the cache of google/t5-v1_1-xxl (sd-scripts' bundled vocabulary)."""
+    qwen_places = [(source.tokenizer, "tokenizer"), (source.tokenizer, ""), (folder, "tokenizer"),
+                   (_folder(source.text_encoder), ""), (DEFAULT_TOKENIZER, "tokenizer")]
+    t5_places = [(source.t5_tokenizer, ""), (source.tokenizer, "t5_tokenizer"), (folder, "t5_tokenizer"),
+                 (DEFAULT_TOKENIZER, "t5_tokenizer"), (T5_TOKENIZER, "")]
+    found = {"te": _first_tokenizer(qwen_places, "Qwen3", "model.tokenizer"),
+             "t5": _first_tokenizer(t5_places, "T5", "model.t5_tokenizer")}
     found["te"].padding_side = "right"
     return found
+
+
+def _folder(path: str | None) -> str | None:
+    return path if path and Path(path).is_dir() else None
+
+
+def _first_tokenizer(places, what: str, key: str):
+    from transformers import AutoTokenizer
+
+    for where, subfolder in places:
+        if not where:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(where, subfolder=subfolder, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            continue
+    raise CheckpointError(f"Anima's {what} tokenizer not found locally; set {key} to a folder that holds it (an "
+                          f"Anima diffusers folder has tokenizer/ and t5_tokenizer/), or run once with network access "
+                          f"to fill the cache of {DEFAULT_TOKENIZER}", key=key)
 
 
 register(AnimaFamily())
