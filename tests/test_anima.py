@@ -271,3 +271,27 @@ def test_sd_scripts_anima_config_runs_unchanged_with_the_golden_losses(tiny_anim
     assert close(result.losses, GOLDEN_ANIMA), result.losses
     assert {k.split(".", 1)[0] for k in load_file(result.adapter_path)} >= {"lora_unet_blocks_0_self_attn_q_proj",
                                                                           "lora_unet_blocks_1_mlp_layer2"}
+
+
+def test_planner_knows_anima_and_its_estimate_matches_real_allocations(tiny_anima):
+    """The fake-tensor plan against the same step on real CPU tensors: within 20% (measured: 8.21 MB planned,
+    7.10 MB real; the weights, adapter, optimizer state and temporaries agree to the byte, the saved activations
+    are 3.88 MB planned against 2.77 MB real, ~0.55 MB per sample more: the plan errs on the safe side, cause
+    not found yet; the other DiT families agree within 10%)."""
+    import types
+
+    from library.config import NetworkSection
+    from library.planner import plan
+    from library.planner.architecture import resolve
+    from library.planner.step import StepSettings
+
+    named = types.SimpleNamespace(pretrained_model_name_or_path="/models/anima-base-v1.0.safetensors",
+                                  family="auto", arch=None, v2=False)
+    assert resolve(named) == ("anima", "anima")
+    s = StepSettings(recipe="network", family="anima", arch=str(tiny_anima["folder"]), width=64, height=64,
+                     batch_size=2, network=NetworkSection(network_dim=4, network_alpha=2.0))
+    fake, real = plan(s, fake=True), plan(s, fake=False)
+    assert real.peak > 0 and fake.peak >= real.peak
+    assert abs(fake.peak - real.peak) <= 0.20 * real.peak, (fake.peak, real.peak)
+    assert {k: v for k, v in fake.breakdown.items() if k != "activations"} == {
+        k: v for k, v in real.breakdown.items() if k != "activations"}
