@@ -282,16 +282,7 @@ def config_error(tiny_data, tmp_path, capsys):
     return run
 
 
-# ---- Anima (its tiny model lives in library/tiny_anima.py) ----------------------------------------
+# ---- Anima ------------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="session")
-def tiny_anima(tmp_path_factory):
-    """(folder, transformer, text_encoder, vae) of the tiny Anima: AnimaModularPipeline's folder and ComfyUI's
-    split files."""
-    from library.tiny_anima import save_tiny_anima
-
-    return save_tiny_anima(tmp_path_factory.mktemp("models") / "tiny-anima")
-
-
+tiny_anima = _tiny_model("tiny_anima", "save_tiny_anima", "tiny-anima")
 anima_config = _family_config("anima_config", "tiny_anima")
