@@ -295,3 +295,40 @@ def test_planner_knows_anima_and_its_estimate_matches_real_allocations(tiny_anim
     assert abs(fake.peak - real.peak) <= 0.20 * real.peak, (fake.peak, real.peak)
     same = ("weights", "adapter weights", "gradients", "optimizer state")
     assert [fake.breakdown[k] for k in same] == [real.breakdown[k] for k in same]
+
+
+def test_a_separate_llm_adapter_file_is_read_and_a_file_without_one_is_named(tiny_anima, tmp_path):
+    """sd-scripts' llm_adapter_path (model.llm_adapter): a DiT file without the adapter loads with the adapter's
+    own file, to the same weights; without it, the error names the key."""
+    from safetensors.torch import save_file
+
+    state = load_file(tiny_anima["transformer"])
+    dit = {k: v for k, v in state.items() if ".llm_adapter." not in k}
+    save_file(dit, str(tmp_path / "dit.safetensors"))
+    save_file({k.removeprefix("net."): v for k, v in state.items() if ".llm_adapter." in k},
+              str(tmp_path / "llm_adapter.safetensors"))
+    files = {**tiny_anima, "transformer": tmp_path / "dit.safetensors"}
+    separate = AnimaFamily().load(_split_files_source(files, llm_adapter=str(tmp_path / "llm_adapter.safetensors")))
+    assert_same_weights(AnimaFamily().load(_split_files_source(tiny_anima)), separate)
+    with pytest.raises(CheckpointError, match="holds no LLM adapter") as error:
+        AnimaFamily().load(_split_files_source(files))
+    assert error.value.key == "model.llm_adapter"
+
+
+def test_anima_file_without_its_separate_files_exits_2_naming_the_keys(tiny_anima, config_error):
+    config, line = config_error({"pretrained_model_name_or_path": str(tiny_anima["transformer"])}, "anima.toml")
+    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert "an Anima DiT file holds the transformer only; set model.text_encoder, model.vae" in line
+
+
+def test_samples_during_training_leave_the_losses_as_they_are(anima_config, tmp_path):
+    """Samples every 2 steps (one with a negative prompt and CFG, one without) with the text outputs cached: Qwen3
+    comes back to encode the prompts; the losses stay the golden ones."""
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --d 9 --s 2 --l 1\na blue square --w 32 --h 48 --s 2 --n blurry --l 4\n")
+    result = train_network(anima_config(sample={"sample_prompts": str(prompts), "sample_every_n_steps": 2},
+                                        train={"cache_text_encoder_outputs": True}))
+    assert close(result.losses, GOLDEN_ANIMA), result.losses
+    assert len(result.samples) == 6 and Image.open(result.samples[1]).size == (32, 48)
