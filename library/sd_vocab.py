@@ -234,6 +234,14 @@ VOCAB: dict[str, Key] = {
                                            "the pipeline's)", 512),
     "t5_max_token_length": refused(INT, "Anima's LLM adapter reads 512 T5 tokens (sd-scripts' default; its output "
                                         "is 512 long in ComfyUI and diffusers)", 512),
+    "unsloth_offload_checkpointing": mapped(FLAG, "cpu_offload_checkpointing (anima_train_network: the checkpointed "
+                                                  "activations kept in host memory)"),
+    "self_attn_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate"),
+    "cross_attn_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate"),
+    "mlp_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate"),
+    "mod_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate"),
+    "llm_adapter_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate "
+                                     "(the LLM adapter trains with the DiT in train_db.py)"),
     "train_blocks": gui(),
 }
 
