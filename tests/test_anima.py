@@ -97,8 +97,9 @@ def test_text_conditioning_and_prediction_are_the_anima_pipelines(tiny_anima):
     captions = ["a photo of a red circle", "blue"]
     with torch.no_grad():
         ours = family.encode_prompts(parts, captions, 1)
-        theirs = AnimaTextEncoderStep.encode_prompt(family.pipeline(parts), captions, prepare_unconditional_embeds=False,
-                                                    device=torch.device("cpu"), dtype=torch.float32)
+        theirs = AnimaTextEncoderStep.encode_prompt(family.pipeline(parts), captions,
+                                                    prepare_unconditional_embeds=False, device=torch.device("cpu"),
+                                                    dtype=torch.float32)
     n, m = theirs["qwen_prompt_embeds"].shape[1], theirs["t5_input_ids"].shape[1]
     assert ours["qwen_embeds"].shape == ours["t5_ids"].shape + (32,) == (2, 512, 32)
     assert torch.allclose(ours["qwen_embeds"][:, :n], theirs["qwen_prompt_embeds"], atol=1e-6)
@@ -288,6 +289,8 @@ def test_planner_knows_anima_and_its_estimate_matches_real_allocations(tiny_anim
     named = types.SimpleNamespace(pretrained_model_name_or_path="/models/anima-base-v1.0.safetensors",
                                   family="auto", arch=None, v2=False)
     assert resolve(named) == ("anima", "anima")
+    animagine = types.SimpleNamespace(**{**vars(named), "pretrained_model_name_or_path": "animagine-xl-4.0.sft"})
+    assert resolve(animagine) == ("sdxl", "sdxl")
     s = StepSettings(recipe="network", family="anima", arch=str(tiny_anima["folder"]), width=64, height=64,
                      batch_size=2, network=NetworkSection(network_dim=4, network_alpha=2.0))
     fake, real = plan(s, fake=True), plan(s, fake=False)

@@ -23,7 +23,7 @@ KNOWN_NAMES = [
     (r"qwen[-_ ]?image[-_ ]?edit", "qwen-image-edit"),
     (r"qwen[-_ ]?image", "qwen-image"),
     (r"z[-_ ]?image", "zimage"),
-    (r"anima", "anima"),
+    (r"anima(?!gine)", "anima"),  # not SDXL's Animagine
     (r"schnell", "flux-schnell"),
     (r"chroma", "chroma"),
     (r"klein[-_ ]?(base[-_ ]?)?9b", "flux2-klein-9b"),
