@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, block_swapped_run, close,
-                      lora_layers, pipeline_parts, predict_caption, split_files_source, train_db, train_network)
+                      lora_layers, predict_caption, split_files_source, train_db, train_network)
 from library.families import get_family
 from library.families.anima import AnimaFamily
 from library.families.base import ModelSource
@@ -197,9 +197,8 @@ def test_adapter_in_diffusers_every_key_consumed(anima_config, tiny_anima):
     pipe = family.pipeline(fresh)
     pipe.load_lora_weights(str(result.adapter_path))
     assert lora_layers(pipe.transformer) == sum(len(c.layers) for c in result.adapted) == len(tensors) // 2 == 20
-    theirs = pipeline_parts(pipe, result.parts.source, {"te": pipe.text_encoder},
-                            {"te": pipe.tokenizer, "t5": pipe.t5_tokenizer})
-    ours, patched = _trained_vs_patched(family, result.parts, theirs)
+    assert type(pipe.transformer).__name__ == "CosmosTransformer3DModel"  # diffusers' own class
+    ours, patched = _trained_vs_patched(family, result.parts, fresh)  # fresh: the modules the pipeline adapted
     assert torch.allclose(ours, patched, atol=1e-5)
     assert not torch.allclose(ours, predict_caption(family, _load(tiny_anima), torch.randn(
         1, 16, 8, 8, generator=torch.Generator().manual_seed(3))), atol=1e-5)
@@ -335,3 +334,19 @@ def test_samples_during_training_leave_the_losses_as_they_are(anima_config, tmp_
                                         train={"cache_text_encoder_outputs": True}))
     assert close(result.losses, GOLDEN_ANIMA), result.losses
     assert len(result.samples) == 6 and Image.open(result.samples[1]).size == (32, 48)
+
+
+def test_full_fine_tune_saved_as_a_diffusers_folder_loads_in_diffusers_and_here(anima_config):
+    """save_model_as = "diffusers": AnimaModularPipeline's folder, diffusers' own classes (the DiT without the
+    adapter, the adapter as text_conditioner), which diffusers' ModularPipeline and this family load to the trained
+    weights."""
+    from diffusers import ModularPipeline
+
+    result = train_db(anima_config(**FULL_FINE_TUNE, train={"max_train_steps": 2}, save={"save_model_as": "diffusers"}))
+    pipe = ModularPipeline.from_pretrained(str(result.model_path))
+    pipe.load_components()
+    assert (type(pipe.transformer).__name__, type(pipe.text_conditioner).__name__) == (
+        "CosmosTransformer3DModel", "AnimaTextConditioner")
+    assert_same_weights(result.parts, AnimaFamily().load(ModelSource(str(result.model_path))))
+    trained = result.parts.denoiser.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in pipe.transformer.state_dict().items())

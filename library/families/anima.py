@@ -238,12 +238,13 @@ class AnimaFamily(ModelFamily):
         return VaeImageProcessor(vae_scale_factor=8).postprocess(pixels.float().cpu(), output_type="pil")[0]
 
     def pipeline(self, parts: Components, scheduler=None):
-        """diffusers' AnimaModularPipeline over the parts themselves (no copy): the DiT as its transformer, the
-        LLM adapter as its text_conditioner."""
+        """diffusers' AnimaModularPipeline over the parts themselves (no copy): the DiT as its transformer (diffusers'
+        own class, sharing our modules: what a saved folder holds), the LLM adapter as its text_conditioner."""
         from diffusers import AnimaAutoBlocks
 
         pipe = AnimaAutoBlocks().init_pipeline()
-        pipe.update_components(transformer=parts.denoiser, text_conditioner=parts.denoiser.text_conditioner,
+        pipe.update_components(transformer=cosmos_view(parts.denoiser),
+                               text_conditioner=parts.denoiser.text_conditioner,
                                text_encoder=parts.text_encoders["te"], tokenizer=parts.tokenizers["te"],
                                t5_tokenizer=parts.tokenizers["t5"], vae=parts.vae,
                                scheduler=scheduler or parts.noise_scheduler)
@@ -269,6 +270,17 @@ def _denoise(family, parts, latents, steps, text, negative, scale) -> torch.Tens
             pred = uncond + scale * (pred - uncond)
         latents = scheduler.step(pred.float(), t, latents, return_dict=False)[0]
     return latents
+
+
+def cosmos_view(denoiser: AnimaTransformer) -> CosmosTransformer3DModel:
+    """The DiT as diffusers' CosmosTransformer3DModel, holding `denoiser`'s own submodules (no copy; an adapter put
+    into one is in the other), without the LLM adapter."""
+    with torch.device("meta"):
+        view = CosmosTransformer3DModel.from_config(denoiser.config)
+    for name, module in denoiser.named_children():
+        if name != "text_conditioner":
+            setattr(view, name, module)
+    return view
 
 
 def kohya_layout(module_path: str) -> tuple[str, int, int]:
