@@ -55,7 +55,8 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image", "zimage"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image", "zimage",
+                               "anima"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")

@@ -350,3 +350,22 @@ def test_full_fine_tune_saved_as_a_diffusers_folder_loads_in_diffusers_and_here(
     assert_same_weights(result.parts, AnimaFamily().load(ModelSource(str(result.model_path))))
     trained = result.parts.denoiser.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in pipe.transformer.state_dict().items())
+
+
+def test_an_sd_scripts_lora_file_continues_here_unchanged(anima_config, tmp_path):
+    """A LoRA file as sd-scripts' lora_anima writes it (its layer names, lora_down / lora_up / alpha, its metadata:
+    networks.lora_anima, base model anima) loads as network_weights into the same layers: a step at learning rate 0
+    saves the same tensors."""
+    from safetensors.torch import save_file
+
+    first = train_network(anima_config(train={"max_train_steps": 2}))
+    tensors = load_file(first.adapter_path)
+    sd_scripts_file = tmp_path / "sd_scripts_anima_lora.safetensors"
+    save_file(tensors, str(sd_scripts_file), metadata={
+        "ss_network_module": "networks.lora_anima", "ss_base_model_version": "anima", "ss_network_dim": "4",
+        "ss_network_alpha": "2.0", "ss_network_args": "{}"})
+    again = train_network(anima_config(network={"network_weights": str(sd_scripts_file)},
+                                       train={"output_name": "continued", "max_train_steps": 1},
+                                       optimizer={"learning_rate": 0.0}))
+    after = load_file(again.adapter_path)
+    assert after.keys() == tensors.keys() and all(torch.equal(after[k], tensors[k]) for k in tensors)
