@@ -177,6 +177,12 @@ def test_cached_text_outputs_give_the_same_losses(anima_config):
     assert_cached_text_outputs_change_nothing(anima_config)
 
 
+def test_text_outputs_cached_on_disk_keep_the_t5_ids(anima_config):
+    """The disk cache holds Qwen3's states and the integer T5 ids and masks as they are: the golden losses."""
+    result = train_network(anima_config(train={"cache_text_encoder_outputs_to_disk": True}))
+    assert close(result.losses, GOLDEN_ANIMA), result.losses
+
+
 def test_block_swap_gives_the_same_losses(anima_config):
     assert block_swapped_run(anima_config, 1).parts.denoiser._block_swapper.loads == 2 * 2
 
