@@ -375,3 +375,21 @@ def test_an_sd_scripts_lora_file_continues_here_unchanged(anima_config, tmp_path
                                        optimizer={"learning_rate": 0.0}))
     after = load_file(again.adapter_path)
     assert after.keys() == tensors.keys() and all(torch.equal(after[k], tensors[k]) for k in tensors)
+
+
+def test_a_text_encoder_of_another_size_exits_2_naming_its_key(tiny_anima, tiny_data, config_error, tmp_path):
+    """A Qwen3 file of another width than the architecture's (Qwen3-4B given for Anima's 0.6B, say): one line
+    naming model.text_encoder and the first mismatched weight, before any training."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config, Qwen3Model
+
+    other = Qwen3Model(Qwen3Config(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    wrong = tmp_path / "qwen_3_4b.safetensors"
+    save_file({"model." + k: v.contiguous() for k, v in other.state_dict().items()}, str(wrong))
+    folder = str(tiny_anima["folder"])
+    config, line = config_error({"pretrained_model_name_or_path": str(tiny_anima["transformer"]),
+                                 "text_encoder": str(wrong), "vae": str(tiny_anima["vae"]), "arch": folder,
+                                 "tokenizer": folder}, "anima.toml")
+    assert line.startswith(f"config error: {config}: 'model.text_encoder': {wrong}: does not match the architecture")
+    assert "size mismatch for embed_tokens.weight" in line
