@@ -6,7 +6,8 @@ weights; the caching-allocator model and a 0.5 GiB CUDA context).
 
 Goals (GiB on the card: reserved + CUDA context, at the worst phase): SD1.5 DreamBooth 4, SD1.5 LoRA 3,
 SDXL LoRA 6, SDXL full 10, SD3-medium LoRA 8, FLUX.1-dev LoRA 8, FLUX.1-dev full 16, Chroma LoRA 8, FLUX.2 klein
-4B LoRA 8, klein 9B LoRA 12, dev LoRA 24, Qwen-Image LoRA 24 (1024 and 1328 px), Z-Image LoRA 12; a row says whether the
+4B LoRA 8, klein 9B LoRA 12, dev LoRA 24, Qwen-Image LoRA 24 (1024 and 1328 px), Z-Image LoRA 12,
+Anima LoRA 8; a row says whether the
 card total is within the goal less --vram_budget's margin.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ GOALS = {"SD1.5 full DreamBooth 512px": 4, "SD1.5 LoRA 512px": 3, "SDXL LoRA 102
          "SDXL full fine-tune 1024px": 10, "SD3-medium LoRA 1024px": 8, "FLUX.1-dev LoRA 1024px": 8,
          "FLUX.1-dev full fine-tune 1024px": 16, "Chroma LoRA 1024px": 8, "FLUX.2 klein 4B LoRA 1024px": 8,
          "FLUX.2 klein 9B LoRA 1024px": 12, "FLUX.2 dev LoRA 1024px": 24,
-         "Qwen-Image LoRA 1024px": 24, "Qwen-Image LoRA 1328px": 24, "Z-Image LoRA 1024px": 12}
+         "Qwen-Image LoRA 1024px": 24, "Qwen-Image LoRA 1328px": 24, "Z-Image LoRA 1024px": 12,
+         "Anima LoRA 1024px": 8}
 LORA = dict(recipe="network", mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="AdamW8bit")
 FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkpointing=True, cache_latents=True,
@@ -50,7 +52,8 @@ WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
                                                                            "blocks_to_swap": 16}),
              ("Qwen-Image LoRA 1328px", "qwen_image", "qwen-image", 1328, {**LORA, "fp8_base": True,
                                                                            "blocks_to_swap": 16}),
-             ("Z-Image LoRA 1024px", "zimage", "zimage", 1024, {**LORA, "fp8_base": True})]
+             ("Z-Image LoRA 1024px", "zimage", "zimage", 1024, {**LORA, "fp8_base": True}),
+             ("Anima LoRA 1024px", "anima", "anima", 1024, {**LORA, "fp8_base": True})]
 GIB = 2**30
 
 

@@ -55,7 +55,8 @@ class ModelSection:
     pretrained_model_name_or_path: str = opt(
         REQUIRED, "base model: a diffusers folder, a single-file .safetensors/.ckpt, or a hub id")
     family: str = opt("auto", "model family; auto detects it from the files",
-                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image", "zimage"))
+                      choices=("auto", "sd1", "sdxl", "sd3", "flux", "chroma", "flux2", "qwen_image", "zimage",
+                               "anima"))
     v2: bool = opt(False, "SD2.x architecture (OpenCLIP text encoder); detected from single files")
     v_parameterization: bool = opt(False, "the model predicts v (SD2 768-v models) instead of noise")
     clip_skip: int = opt(1, "use the output of the N-th text-encoder layer from the end (2 for anime models)")
@@ -97,6 +98,12 @@ class ModelSection:
         choices=tuple(BASE_MODEL_PRECISIONS))
     guidance_scale: float = opt(3.5, "FLUX.1-dev / FLUX.2-dev: the distilled-guidance value the model is given in "
                                      "training")
+    t5_tokenizer: Optional[str] = opt(
+        None, "Anima: the T5 tokenizer folder whose ids the LLM adapter reads (sd-scripts' t5_tokenizer_path); default "
+        "model.tokenizer's t5_tokenizer/, else the local cache", path="exists")
+    llm_adapter: Optional[str] = opt(
+        None, "Anima: a separate LLM adapter file (sd-scripts' llm_adapter_path), used instead of the DiT file's own",
+        path="exists")
 
 
 @dataclass

@@ -409,6 +409,10 @@ CONVERTERS = {
     "single_blocks_to_swap": _split_block_swap,
     "training_shift": _rename("discrete_flow_shift"),
     "model_type": _rename("family"),  # flux_train_network: flux | chroma
+    "qwen3": _rename("text_encoder"),  # anima_train_network
+    "llm_adapter_path": _rename("llm_adapter"),
+    "t5_tokenizer_path": _rename("t5_tokenizer"),
+    "unsloth_offload_checkpointing": _rename("cpu_offload_checkpointing"),
     "use_8bit_adam": _optimizer_switch("AdamW8bit"),
     "use_lion_optimizer": _optimizer_switch("Lion"),
     "learning_rate_te1": _te1_rate,

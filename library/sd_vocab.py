@@ -53,7 +53,8 @@ CLI_KINDS = {"resolution": STR, "text_encoder_lr": FLOATS, "lr_warmup_steps": NU
              "optimizer_args": LIST}
 
 # sd-scripts values of our schema's keys read differently (library/sd_flat.py converts them)
-SD_MODULES = {"networks.lora_flux": "networks.lora", "networks.lora_sd3": "networks.lora"}
+SD_MODULES = {"networks.lora_flux": "networks.lora", "networks.lora_sd3": "networks.lora",
+              "networks.lora_anima": "networks.lora"}
 REFUSED_MODULES = {
     "networks.oft": "sd-scripts' OFT (dim = number of blocks, alpha = constraint) is not offered: use "
                     "network_module = \"lycoris.kohya\" with network_args = [\"algo=oft\"]",
@@ -68,6 +69,14 @@ NETWORK_ARGS: dict[str, tuple[tuple | None, str]] = {
     "train_t5xxl": (("false",), "lora_flux's LoRA on T5-XXL is not offered (T5 is never trained here): drop it to "
                                 "train the FLUX transformer and CLIP-L"),
     "verbose": (None, "prints the adapted layers; no effect on training"),
+    "train_llm_adapter": (("false",), "lora_anima's LoRA on Anima's LLM adapter is not offered (train_db.py trains "
+                                      "the adapter with the DiT)"),
+    "exclude_patterns": ((), "lora_anima's layer patterns are not offered: adapters go into the DiT blocks' "
+                             "attention and MLP, lora_anima's default"),
+    "include_patterns": ((), "lora_anima's layer patterns are not offered: adapters go into the DiT blocks' "
+                             "attention and MLP, lora_anima's default"),
+    "network_reg_dims": ((), "per-pattern ranks of lora_anima are not offered: use network_dim"),
+    "network_reg_lrs": ((), "per-pattern learning rates of lora_anima are not offered: use unet_lr"),
 }
 LYCORIS_ALGOS_REFUSED = {"full": "LyCORIS' native fine-tuning: use train_db.py",
                          "ia3": "(IA)^3 is not offered: use algo lora, loha or lokr",
@@ -215,10 +224,24 @@ VOCAB: dict[str, Key] = {
     "show_timesteps": gui(),
     "show_timesteps_resolution": gui(),
     "train_inpainting": gui(FLAG),
-    "vae_chunk_size": gui(INT),
-    "llm_adapter_path": gui(),
-    "qwen3": gui(),
-    "t5_tokenizer_path": gui(),
+    "vae_chunk_size": noop(INT, "anima_train_network: the Qwen-Image VAE's memory while caching latents only"),
+    "vae_disable_cache": noop(FLAG, "anima_train_network: the Qwen-Image VAE's memory while caching latents only"),
+    "llm_adapter_path": mapped(STR, "model.llm_adapter (Anima)"),
+    "qwen3": mapped(STR, "model.text_encoder (Anima's Qwen3-0.6B: a file or a transformers folder, whose tokenizer "
+                         "is then read too)"),
+    "t5_tokenizer_path": mapped(STR, "model.t5_tokenizer (Anima)"),
+    "qwen3_max_token_length": refused(INT, "Anima captions are read at 512 Qwen3 tokens (sd-scripts' default, "
+                                           "the pipeline's)", 512),
+    "t5_max_token_length": refused(INT, "Anima's LLM adapter reads 512 T5 tokens (sd-scripts' default; its output "
+                                        "is 512 long in ComfyUI and diffusers)", 512),
+    "unsloth_offload_checkpointing": mapped(FLAG, "cpu_offload_checkpointing (anima_train_network: the checkpointed "
+                                                  "activations kept in host memory)"),
+    "self_attn_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate"),
+    "cross_attn_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate"),
+    "mlp_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate"),
+    "mod_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate"),
+    "llm_adapter_lr": refused(FLOAT, "anima_train's per-component learning rates are not offered: one learning_rate "
+                                     "(the LLM adapter trains with the DiT in train_db.py)"),
     "train_blocks": gui(),
 }
 

@@ -280,3 +280,9 @@ def config_error(tiny_data, tmp_path, capsys):
         return config, lines[0]
 
     return run
+
+
+# ---- Anima ------------------------------------------------------------------------------------------
+
+tiny_anima = _tiny_model("tiny_anima", "save_tiny_anima", "tiny-anima")
+anima_config = _family_config("anima_config", "tiny_anima")

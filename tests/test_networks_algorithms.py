@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from library.families.base import ModelSource
 from library.families.sd1 import SD1Family, kohya_block_index
+from model_checks import comfy_oft, sd1_probe
 from networks import files
 from networks.merge import merge_file
 from networks.settings import NetworkSettings
@@ -53,15 +54,6 @@ def _randomise(adapted, seed=0):
                 p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
 
 
-def _probe(parts):
-    tokenizer, te = parts.tokenizers["te"], parts.text_encoders["te"]
-    ids = tokenizer(["a photo of a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        hidden = te(ids).last_hidden_state
-        return hidden, parts.denoiser(latents, torch.tensor([500]), hidden).sample
-
-
 def _trained(base_parts, case, tmp_path):
     settings, fmt = CASES[case]
     parts = copy.deepcopy(base_parts)
@@ -81,30 +73,6 @@ def _training():
 
 
 # ---- the published formulas, from the file's tensors alone ------------------------------------------
-
-
-def comfy_oft(blocks, alpha, weight):
-    """comfy/weight_adapter/oft.py and boft.py calculate_weight: Q = B - B^T, scaled to norm alpha where longer
-    (alpha > 0), R = (I + Q)(I - Q)^-1; OFT: row block k -> R_k^T W_k; BOFT: per level i, rows permuted in
-    groups of (2, 2^i * b/2), row block k -> R_ik W_k, permutation undone."""
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype)
-    q = blocks - blocks.transpose(-1, -2)
-    if alpha > 0:
-        norm = torch.norm(q) + 1e-8
-        if norm > alpha:
-            q = q * alpha / norm
-    r = (eye + q) @ (eye - q).inverse()
-    _, *shape = weight.shape
-    if blocks.dim() == 3:
-        return torch.einsum("k n m, k n ... -> k m ...", r, weight.view(blocks.shape[0], blocks.shape[1], *shape)
-                            ).reshape(-1, *shape)
-    out, b = weight, blocks.shape[-1]
-    for i in range(blocks.shape[0]):
-        k = 2 ** i * (b // 2)
-        out = out.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
-        out = torch.einsum("b i j, b j ...-> b i ...", r[i], out)
-        out = out.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
-    return out
 
 
 def formula_delta(file: dict, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -189,11 +157,11 @@ def test_file_delta_by_formula_equals_peft_delta(base_parts, case, tmp_path):
 def test_save_load_gives_identical_outputs_and_merge_matches(base_parts, case, tmp_path):
     settings, _ = CASES[case]
     parts, adapted, path = _trained(base_parts, case, tmp_path)
-    live = _probe(parts)
+    live = sd1_probe(parts)
     fresh = copy.deepcopy(base_parts)
     loaded = files.load_into(_adapted(fresh, settings), str(path), {"ss_base_model_version": "sd_v1"})
     assert loaded == sum(len(c.layers) for c in adapted)
-    for a, b in zip(_probe(fresh), live):
+    for a, b in zip(sd1_probe(fresh), live):
         if settings.algo == "lokr" and settings.use_tucker:  # the file's plain w2 refactored (networks/tucker.py)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         else:
@@ -203,7 +171,7 @@ def test_save_load_gives_identical_outputs_and_merge_matches(base_parts, case, t
     merge_file({"denoiser": merged.denoiser, "te": merged.text_encoders["te"]}, family.adapter_targets(merged),
                str(path), 1.0)
     assert not any("lora" in type(m).__name__.lower() for m in merged.denoiser.modules())
-    for a, b, base in zip(_probe(merged), live, _probe(base_parts)):
+    for a, b, base in zip(sd1_probe(merged), live, sd1_probe(base_parts)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert (a - base).abs().max() > 1e-3
 
@@ -236,5 +204,5 @@ def test_peft_layout_text_encoder_keys_are_in_comfyui_key_map(base_parts, tmp_pa
     files.save(old_path, old, files.read(path)[1])
     fresh = copy.deepcopy(base_parts)
     files.load_into(_adapted(fresh, CASES["lora_peft_layout"][0]), str(old_path))
-    for a, b in zip(_probe(fresh), _probe(parts)):
+    for a, b in zip(sd1_probe(fresh), sd1_probe(parts)):
         assert torch.equal(a, b)

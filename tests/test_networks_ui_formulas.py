@@ -19,6 +19,7 @@ from library.families.flux import FluxFamily
 from library.families.sd1 import SD1Family
 from library.families.sd3 import Sd3Family
 from library.families.sdxl import SDXLFamily
+from model_checks import comfy_oft
 from networks import files, lycoris_format
 from networks.merge import merge_file
 from networks.settings import settings_from
@@ -120,30 +121,6 @@ def comfy_patched(t, weight, function):
     if "dora_scale" in t:
         return comfy_weight_decompose(t["dora_scale"], weight, function(diff))
     return weight + function(diff)
-
-
-def comfy_oft(blocks, alpha, weight):
-    """oft.py / boft.py calculate_weight: Q = B - B^T, scaled to norm alpha where longer (alpha > 0),
-    R = (I + Q)(I - Q)^-1; OFT (3-d): row block k -> R_k^T W_k; BOFT (4-d): per level i the rows permuted in
-    groups of (2, 2^i * b/2), row block k -> R_ik W_k, the permutation undone."""
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype)
-    q = blocks - blocks.transpose(-1, -2)
-    if alpha > 0:
-        norm = torch.norm(q) + 1e-8
-        if norm > alpha:
-            q = q * alpha / norm
-    r = (eye + q) @ (eye - q).float().inverse().to(q.dtype)
-    _, *shape = weight.shape
-    if blocks.dim() == 3:
-        return torch.einsum("k n m, k n ... -> k m ...", r, weight.view(blocks.shape[0], blocks.shape[1], *shape)
-                            ).reshape(-1, *shape)
-    out, b = weight, blocks.shape[-1]
-    for i in range(blocks.shape[0]):
-        k = 2 ** i * (b // 2)
-        out = out.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
-        out = torch.einsum("b i j, b j ...-> b i ...", r[i], out)
-        out = out.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
-    return out
 
 
 def swap_halves(x):

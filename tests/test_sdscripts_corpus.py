@@ -54,7 +54,7 @@ def places(tmp_path_factory) -> dict[str, str]:
     """Every @PLACEHOLDER@ of the corpus: files and folders that exist (no model is loaded here)."""
     root = tmp_path_factory.mktemp("corpus")
     for name in ("model.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl.safetensors",
-                 "ae.safetensors", "weights.safetensors"):
+                 "ae.safetensors", "weights.safetensors", "qwen3.safetensors"):
         (root / name).write_bytes(b"")
     (root / "meta.json").write_text('{"img_001": {"caption": "a photo", "tags": "dog"}}')  # fine-tune metadata
     for name in ("data", "reg", "vae", "cond", "resume"):
@@ -67,7 +67,7 @@ def places(tmp_path_factory) -> dict[str, str]:
             "@VAE@": root / "vae", "@DATA@": root / "data", "@REG@": root / "reg", "@DATASET@": root / "dataset.toml",
             "@OUT@": root / "out", "@LOGS@": root / "logs", "@PROMPTS@": root / "prompts.txt",
             "@WEIGHTS@": root / "weights.safetensors", "@META@": root / "meta.json", "@COND@": root / "cond",
-            "@RESUME@": root / "resume"}
+            "@RESUME@": root / "resume", "@QWEN3@": root / "qwen3.safetensors"}
 
 
 def substitute(text: str, places: dict) -> str:
@@ -99,6 +99,16 @@ def outcome(load) -> tuple[str, list[str]]:
     return "ok", cfg.notes
 
 
+def _loader(argv: list[str], recipe: str):
+    """What the launch does before any model: parse the command line, load the config, check it for the recipe."""
+    def load():
+        args = parse(argv, "corpus")
+        cfg = load_config(args.config, args.overrides, flags=args.flags)
+        check_recipe(cfg, recipe)
+        return cfg
+    return load
+
+
 def load_training(path: Path, places: dict, tmp_path: Path):
     """As its users launch it: `--config_file x.toml`, with `--dataset_config` (and the model) on the command line
     where the file leaves them out."""
@@ -113,26 +123,12 @@ def load_training(path: Path, places: dict, tmp_path: Path):
     if "pretrained_model_name_or_path" not in keys:
         argv += ["--pretrained_model_name_or_path", str(places["@MODEL@"])]
     tomllib.loads(target.read_text())  # valid TOML after substitution
-    recipe = info(path).get("recipe", "network")
-
-    def load():
-        args = parse(argv, "corpus")
-        cfg = load_config(args.config, args.overrides, flags=args.flags)
-        check_recipe(cfg, recipe)
-        return cfg
-    return load
+    return _loader(argv, info(path).get("recipe", "network"))
 
 
 def load_command(path: Path, places: dict):
     argv = shlex.split(substitute(path.read_text().splitlines()[-1], places))
-    recipe = info(path).get("recipe", "network")
-
-    def load():
-        args = parse(argv, "corpus")
-        cfg = load_config(args.config, args.overrides, flags=args.flags)
-        check_recipe(cfg, recipe)
-        return cfg
-    return load
+    return _loader(argv, info(path).get("recipe", "network"))
 
 
 def test_the_corpus_is_what_the_issue_asks_for():
@@ -236,6 +232,9 @@ SD_SCRIPTS_VALUES = {
                                       "optimizer.learning_rate": 6e-6, "dreambooth.train_text_encoder": True,
                                       "train.mixed_precision": "no", "dataset.train_batch_size": 4,
                                       "model.v_parameterization": True, "loss.noise_offset": 0.0357},
+    "sd_scripts_doc_anima": {"network.network_module": "networks.lora", "network.network_dim": 8,
+                             "network.network_alpha": 1.0, "loss.timestep_sampling": "sigmoid",
+                             "loss.discrete_flow_shift": 1.0, "train.cache_text_encoder_outputs": True},
     "sd_scripts_doc_sd3": {"network.network_dim": 16, "network.network_alpha": 1.0, "train.blocks_to_swap": 32,
                            "loss.weighting_scheme": "uniform", "train.mixed_precision": "fp16",
                            "train.max_train_epochs": 10, "optimizer.optimizer_type": "AdamW8bit"},

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from library.config import ConfigError
 from library.families.base import ModelSource
 from library.families.sd1 import SD1Family
+from model_checks import sd1_probe
 from networks import files
 from networks.settings import NetworkSettings
 from networks.targets import inject
@@ -74,26 +75,16 @@ def test_saved_file_keys_and_metadata(make_config):
     assert (result.adapter_path.parent / "lora-config.toml").is_file()
 
 
-def _probe(parts):
-    """Text-encoder output and U-Net prediction for a fixed prompt, latent and timestep."""
-    tokenizer, te = parts.tokenizers["te"], parts.text_encoders["te"]
-    ids = tokenizer(["a photo of a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        hidden = te(ids).last_hidden_state
-        return hidden, parts.denoiser(latents, torch.tensor([500]), hidden).sample
-
-
 def test_reloaded_adapter_gives_identical_outputs(make_config, tiny_sd1):
     result = train(make_config(network={"conv_dim": 2, "conv_alpha": 1.0}))
-    trained = _probe(result.parts)
+    trained = sd1_probe(result.parts)
     family = SD1Family()
     parts = family.load(ModelSource(str(tiny_sd1[0])))
     settings = NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
     adapted = [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
                for t in family.adapter_targets(parts)]
     assert files.load_into(adapted, result.adapter_path) == len(result.adapted[0].layers) + len(result.adapted[1].layers)
-    for a, b in zip(_probe(parts), trained):
+    for a, b in zip(sd1_probe(parts), trained):
         assert torch.equal(a, b)
 
 
@@ -113,11 +104,11 @@ def test_diffusers_loads_every_key_with_the_same_outputs_as_our_merge(make_confi
     family = SD1Family()
     merged = family.load(ModelSource(str(tiny_sd1[0])))
     merge_lora({"denoiser": merged.denoiser, "te": merged.text_encoders["te"]}, family.adapter_targets(merged), path)
-    base = _probe(family.load(ModelSource(str(tiny_sd1[0]))))
-    ours = _probe(merged)
-    theirs = _probe(type("P", (), {"tokenizers": {"te": pipe.tokenizer}, "text_encoders": {"te": pipe.text_encoder},
+    base = sd1_probe(family.load(ModelSource(str(tiny_sd1[0]))))
+    ours = sd1_probe(merged)
+    theirs = sd1_probe(type("P", (), {"tokenizers": {"te": pipe.tokenizer}, "text_encoders": {"te": pipe.text_encoder},
                                    "denoiser": pipe.unet})())
-    trained = _probe(result.parts)
+    trained = sd1_probe(result.parts)
     for o, t, p, b in zip(ours, theirs, trained, base):
         assert torch.allclose(o, t, atol=1e-5) and torch.allclose(o, p, atol=1e-5)
         assert (o - b).abs().max() > 1e-3  # the adapter changed something

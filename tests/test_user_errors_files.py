@@ -293,30 +293,21 @@ def _assert_one_line(stderr: str, config: Path, key: str, named, said: str) -> N
     assert "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("fault", NETWORK_FAULTS, ids=lambda f: f.__name__)
-def test_train_network_names_the_file_and_key(fault, user, monkeypatch, capsys, request):
+RECIPE_FAULTS = [("network", fault) for fault in NETWORK_FAULTS] + [("db", fault) for fault in DB_FAULTS]
+
+
+@pytest.mark.parametrize("recipe,fault", RECIPE_FAULTS, ids=lambda x: getattr(x, "__name__", x))
+def test_each_recipe_names_the_file_and_key(recipe, fault, user, monkeypatch, capsys, request):
     key, named, said = _set_up(fault, user, monkeypatch, request)
-    config = user.config("network")
+    config = user.config(recipe)
     before = snapshot(user.root)
     capsys.readouterr()  # what building the fixtures printed
-    code, stderr = _run_main(train_network.main, config, capsys)
+    main = train_network.main if recipe == "network" else train_db.main
+    code, stderr = _run_main(main, config, capsys)
     assert code == 2
     _assert_one_line(stderr, config, key, named, said)
     after = snapshot(user.root)
     assert {p: after.get(p) for p in before} == before  # every file the user had, byte-identical
-
-
-@pytest.mark.parametrize("fault", DB_FAULTS, ids=lambda f: f.__name__)
-def test_train_db_names_the_file_and_key(fault, user, monkeypatch, capsys, request):
-    key, named, said = _set_up(fault, user, monkeypatch, request)
-    config = user.config("db")
-    before = snapshot(user.root)
-    capsys.readouterr()  # what building the fixtures printed
-    code, stderr = _run_main(train_db.main, config, capsys)
-    assert code == 2
-    _assert_one_line(stderr, config, key, named, said)
-    after = snapshot(user.root)
-    assert {p: after.get(p) for p in before} == before
 
 
 @pytest.mark.parametrize("recipe, fault", [("train_network.py", model_truncated),

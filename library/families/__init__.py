@@ -7,6 +7,7 @@ from library.families import flux  # noqa: F401, I001  (BFL single files would l
 from library.families import qwen_image  # noqa: F401, I001
 from library.families import sd3  # noqa: F401, I001  (SAI SD3 files would look like SD1's)
 from library.families import zimage  # noqa: F401, I001  (Z-Image files would look like SD1's)
+from library.families import anima  # noqa: F401, I001  (Anima DiT files would look like SD1's)
 from library.families import sdxl  # noqa: F401, I001
 from library.families import sd1  # noqa: F401
 from library.families.base import REGISTRY, Components, ModelFamily, ModelSource  # noqa: F401

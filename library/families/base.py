@@ -37,6 +37,8 @@ class ModelSource:
     apply_t5_attn_mask: bool = False
     t5xxl_precision: str = "auto"  # library.quantization: how a frozen T5 is stored while encoding
     guidance_scale: float = 3.5  # FLUX.1-dev's guidance input in training
+    t5_tokenizer: str | None = None  # Anima: the T5 tokenizer of the LLM adapter's ids
+    llm_adapter: str | None = None  # Anima: a separate LLM adapter file
 
     @classmethod
     def from_section(cls, model_section) -> "ModelSource":

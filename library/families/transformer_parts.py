@@ -41,7 +41,11 @@ def load_file_or_folder(source: ModelSource, single_file: Callable[[ModelSource]
 def assign_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
     """Load every weight of `module` (built on the meta device) from `state`, by assignment; names `path` in
     the error when the file does not match the architecture."""
-    result = module.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # weights of other shapes: another model's file, or another size of this one
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise CheckpointError(f"{path}: does not match the architecture: {mismatch}") from None
     missing = [k for k in result.missing_keys if k in dict(module.named_parameters())]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{path}: does not match the architecture: missing {missing[:3]}, "

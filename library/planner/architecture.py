@@ -12,16 +12,18 @@ from library.config import ConfigError
 ARCH_FAMILY = {"sd15": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sd3-medium": "sd3", "sd3.5-medium": "sd3",
                "sd3.5-large": "sd3", "flux-dev": "flux", "flux-schnell": "flux", "chroma": "chroma",
                "flux2-klein-4b": "flux2", "flux2-klein-9b": "flux2", "flux2-dev": "flux2", "qwen-image": "qwen_image",
-               "qwen-image-edit": "qwen_image", "qwen-image-edit-2511": "qwen_image", "zimage": "zimage"}
+               "qwen-image-edit": "qwen_image", "qwen-image-edit-2511": "qwen_image", "zimage": "zimage",
+               "anima": "anima"}
 # the architecture a family plans when nothing says more
 FAMILY_ARCH = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3-medium", "flux": "flux-dev", "chroma": "chroma",
-               "flux2": "flux2-klein-4b", "qwen_image": "qwen-image", "zimage": "zimage"}
+               "flux2": "flux2-klein-4b", "qwen_image": "qwen-image", "zimage": "zimage", "anima": "anima"}
 # known model names (hub ids, release file names), first match wins: pattern -> shipped architecture
 KNOWN_NAMES = [
     (r"qwen[-_ ]?image[-_ ]?edit[-_ ]?2511", "qwen-image-edit-2511"),
     (r"qwen[-_ ]?image[-_ ]?edit", "qwen-image-edit"),
     (r"qwen[-_ ]?image", "qwen-image"),
     (r"z[-_ ]?image", "zimage"),
+    (r"anima(?!gine)", "anima"),  # not SDXL's Animagine
     (r"schnell", "flux-schnell"),
     (r"chroma", "chroma"),
     (r"klein[-_ ]?(base[-_ ]?)?9b", "flux2-klein-9b"),
