@@ -1,7 +1,7 @@
 """GPU acceptance check (issue 15, section 4): one command, on a CUDA machine, that runs
 
-1. each family's tiny model (SD1, SDXL, SD3, FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image) through both recipes
-   (train_network, train_db) with the placement switches (cached latents / text outputs, gradient
+1. each family's tiny model (SD1, SDXL, SD3, FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image, Anima) through both
+   recipes (train_network, train_db) with the placement switches (cached latents / text outputs, gradient
    checkpointing, cpu_offload_checkpointing, fp8_base, a quantized base, blocks_to_swap, int8 T5, fp16 / bf16,
    the fused backward pass, sampling);
 2. full-size random-weight models: SD1.5 LoRA at 512px, SDXL LoRA at 1024px with an fp8 base, FLUX.1-dev LoRA
@@ -80,6 +80,8 @@ TINY_RUNS = [  # (family, label, recipe, sections): every family in both recipes
     ("zimage", "lora cached offload", "network",
      _merged(CACHED_TEXT, {"train": {"gradient_checkpointing": True, "cpu_offload_checkpointing": True}})),
     ("zimage", "db swap", "db", _merged(_swap(4), FUSED_ADAMW, DENOISER_ONLY)),
+    ("anima", "lora cached", "network", CACHED_TEXT),
+    ("anima", "db swap", "db", _merged(_swap(1), FUSED_ADAMW, DENOISER_ONLY)),
 ]
 MODEL_KEYS = {family: {"t5xxl_max_token_length": 16} for family in ("sd3", "flux", "chroma")}  # as the tests
 
@@ -93,7 +95,8 @@ def tiny_folders(folder: Path) -> dict[str, Path]:
             "flux2": tiny.save_tiny_flux2(folder / "flux2")["folder"],
             "chroma": tiny.save_tiny_chroma(folder / "chroma")["folder"],
             "qwen_image": tiny.save_tiny_qwen_image(folder / "qwen_image")["folder"],
-            "zimage": tiny.save_tiny_zimage(folder / "zimage")["folder"]}
+            "zimage": tiny.save_tiny_zimage(folder / "zimage")["folder"],
+            "anima": tiny.save_tiny_anima(folder / "anima")["folder"]}
 
 
 def tiny_config(family: str, folder: Path, data: Path, out: Path, recipe: str, sections: dict,

@@ -44,7 +44,7 @@ def test_every_family_runs_in_both_recipes_with_valid_configs(tmp_path):
 
     runs = gpu_check.TINY_RUNS
     assert {(family, recipe) for family, _, recipe, _ in runs} == {(f, r) for f in REGISTRY for r in gpu_check.RECIPES}
-    assert len({(family, label) for family, label, _, _ in runs}) == len(runs) == 20
+    assert len({(family, label) for family, label, _, _ in runs}) == len(runs) == 22
     folder, data = tmp_path / "model", tmp_path / "data"
     folder.mkdir(), data.mkdir(), (tmp_path / "p.txt").write_text("a red circle\n")
     for family, label, recipe, sections in runs:
