@@ -124,3 +124,16 @@ def test_side_stream_copies_to_the_host_wait_for_an_event(gpu):
     assert fake_device.waited_events()[-1] == event.event_id and fake_device.blocking_copies_to_host() == before
     x.cpu()  # a plain copy: blocking
     assert fake_device.blocking_copies_to_host() == before + 1
+
+
+@pytest.mark.parametrize("family", ["chroma", "qwen", "anima"])
+def test_golden_losses_chroma_qwen_anima_lora_and_full_fine_tune(family, request, gpu):
+    """Issue 15, section 1: the golden losses of the families added after the test device, on it."""
+    from conftest import FULL_FINE_TUNE
+
+    module = __import__({"chroma": "test_chroma", "qwen": "test_qwen_image", "anima": "test_anima"}[family])
+    name = {"qwen": "QWEN"}.get(family, family.upper())
+    make = request.getfixturevalue(f"{family}_config")
+    assert _close(train_network(make()).losses, getattr(module, f"GOLDEN_{name}"))
+    result = train_db(make(**FULL_FINE_TUNE, train={"output_name": "db"}))
+    assert _close(result.losses, getattr(module, f"GOLDEN_{name}_DB")) and _on_device(result)
