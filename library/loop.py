@@ -88,13 +88,15 @@ class Bookkeeping:
 
 def sample_renderer(family, parts, sampling, accelerator, folder, output_name: str, into: list):
     """sample(step): the prompts rendered on the main process into `folder`, logged to the trackers, the
-    paths appended to `into`; nothing without sample prompts."""
+    paths appended to `into`; nothing without sample prompts. Rendered in the run's precision (its autocast),
+    as training computes: an fp8 base's layers compute in that dtype, whatever the sampler's latents are."""
     from library.sampling import log_images, render_samples
 
     def sample(step: int) -> None:
         if sampling and accelerator.is_main_process:
-            paths = render_samples(family, parts, sampling, folder, f"{output_name}_step{step:08d}",
-                                   accelerator.device)
+            with accelerator.autocast():
+                paths = render_samples(family, parts, sampling, folder, f"{output_name}_step{step:08d}",
+                                       accelerator.device)
             log_images(accelerator, paths, step)
             into.extend(paths)
 

@@ -222,12 +222,17 @@ def test_block_swap_gives_the_same_losses(qwen_config):
     assert block_swapped_run(qwen_config, 1).parts.denoiser._block_swapper.loads == 2 * 2
 
 
-def test_fp8_base_with_block_swap(qwen_config):
+def test_fp8_base_with_block_swap(qwen_config, tmp_path):
     """fp8_base on Qwen-Image (the 24 GB recipe with blocks swapped): the frozen Linears in float8, the adapters in
-    fp32, losses within 5% of bf16's (float8's 3 mantissa bits on the tiny weights)."""
+    fp32, losses within 5% of bf16's (float8's 3 mantissa bits on the tiny weights); samples between steps are
+    rendered in the run's precision (fp32 sampler latents met the bf16 compute copies before)."""
     bf16 = {"mixed_precision": "bf16", "gradient_checkpointing": True, "max_train_steps": 2}
     plain = train_network(qwen_config(train=bf16))
-    fp8 = train_network(qwen_config(train={**bf16, "fp8_base": True, "blocks_to_swap": 1}, save={"overwrite": True}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --d 3\n")
+    fp8 = train_network(qwen_config(train={**bf16, "fp8_base": True, "blocks_to_swap": 1}, save={"overwrite": True},
+                                    sample={"sample_prompts": str(prompts), "sample_every_n_steps": 1}))
+    assert len(fp8.samples) == 2
     layer = fp8.parts.denoiser.transformer_blocks[0].attn.to_q
     assert layer.base_layer.weight.dtype == torch.float8_e4m3fn and fp8.parts.denoiser.img_in.weight.dtype == \
         torch.float8_e4m3fn
