@@ -5,6 +5,7 @@ themselves stay in the recipes, visible."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from library.checkpoint import Position
@@ -74,14 +75,21 @@ class Bookkeeping:
 
 def sample_renderer(family, parts, sampling, accelerator, folder, output_name: str, into: list):
     """sample(step): the prompts rendered on the main process into `folder`, logged to the trackers, the
-    paths appended to `into`; nothing without sample prompts."""
+    paths appended to `into`; nothing without sample prompts. With sharded weights (FSDP2) every process
+    renders (each block's forward gathers its weights from all of them); the others' images go unsaved."""
+    import tempfile
+
+    from library.engines import is_sharded
     from library.sampling import log_images, render_samples
 
     def sample(step: int) -> None:
+        tag = f"{output_name}_step{step:08d}"
         if sampling and accelerator.is_main_process:
-            paths = render_samples(family, parts, sampling, folder, f"{output_name}_step{step:08d}",
-                                   accelerator.device)
+            paths = render_samples(family, parts, sampling, folder, tag, accelerator.device)
             log_images(accelerator, paths, step)
             into.extend(paths)
+        elif sampling and is_sharded(accelerator):
+            with tempfile.TemporaryDirectory() as elsewhere:
+                render_samples(family, parts, sampling, Path(elsewhere), tag, accelerator.device)
 
     return sample
