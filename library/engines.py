@@ -8,7 +8,8 @@ trained modules are handed to the engine and where the bare modules are taken ba
                the whole model; DistributedDataParallel all-reduces the gradients in buckets while backward
                runs, and not at all on the micro-batches of gradient accumulation before the last (no_sync,
                through accelerator.accumulate).
-    deepspeed  `accelerate config` with DeepSpeed (ACCELERATE_USE_DEEPSPEED): refused, see engine_problems.
+    deepspeed  `accelerate config` with DeepSpeed (ACCELERATE_USE_DEEPSPEED): refused before loading, every
+               problem of the config with ZeRO named first (deepspeed_problems); the run itself is not written.
     fsdp1      `accelerate config` with FSDP version 1: refused (accelerate deprecates it).
     fsdp2      `accelerate launch --use_fsdp --fsdp_version 2` (ACCELERATE_USE_FSDP, FSDP_VERSION=2), full
                fine-tunes of the denoiser: accelerate's fully_shard of each of the family's repeated blocks
@@ -70,14 +71,7 @@ def engine_problems(cfg, recipe: str, environ=None) -> list[str]:
                             "one GPU")
         return problems
     if engine == "deepspeed":
-        if recipe == "network":
-            return ["accelerate is set up for DeepSpeed, which does not help adapter training: ZeRO shards the "
-                    "optimizer state and gradients, and an adapter's are a few MB per GPU; run `accelerate "
-                    "config` again with plain multi-GPU (DDP), and save memory on the frozen base with fp8_base, "
-                    "blocks_to_swap or gradient_checkpointing"]
-        return ["accelerate is set up for DeepSpeed, which this trainer does not run yet for full fine-tuning: run "
-                "`accelerate config` again with plain multi-GPU (DDP), with gradient_checkpointing and an 8-bit or "
-                "factored optimizer (AdamW8bit, Adafactor); on one GPU, fused_backward_pass and blocks_to_swap"]
+        return deepspeed_problems(cfg, recipe, environ)
     if engine == "fsdp1":
         return ["accelerate is set up for FSDP version 1, which accelerate deprecates and this trainer does not run: "
                 "run `accelerate config` again with FSDP version 2 (`accelerate launch --use_fsdp --fsdp_version 2`) "
@@ -85,6 +79,73 @@ def engine_problems(cfg, recipe: str, environ=None) -> list[str]:
     if engine == "fsdp2":
         return fsdp2_problems(cfg, recipe)
     return []
+
+
+EIGHT_BIT = ("8bit", "paged")  # bitsandbytes' optimizers: AdamW8bit, Lion8bit, PagedAdamW, PagedAdamW8bit...
+
+
+def deepspeed_problems(cfg, recipe: str, environ=None) -> list[str]:
+    """What a DeepSpeed launch cannot run, all of it at once: deepspeed not installed, the adapters recipe,
+    what ZeRO cannot shard (the fused backward pass, block swap, 8-bit optimizers, a second trained model), a
+    gradient accumulation / clipping / precision the launch sets otherwise than the config; then the run itself,
+    which is not written yet (DeepSpeed's engine scales, clips and steps inside its own backward and step, and that
+    loop has not run on GPUs): what to use instead, FSDP2."""
+    import importlib.util
+
+    env = os.environ if environ is None else environ
+    if recipe == "network":
+        return ["accelerate is set up for DeepSpeed, which does not help adapter training: ZeRO shards the "
+                "optimizer state and gradients, and an adapter's are a few MB per GPU; run `accelerate "
+                "config` again with plain multi-GPU (DDP), and save memory on the frozen base with fp8_base, "
+                "blocks_to_swap or gradient_checkpointing"]
+    if importlib.util.find_spec("deepspeed") is None:
+        return ["accelerate is set up for DeepSpeed, which is not installed (`pip install deepspeed`, on a machine "
+                "with the CUDA toolkit); or run `accelerate config` again with FSDP2 (`accelerate launch --use_fsdp "
+                "--fsdp_version 2`), which shards a full fine-tune as ZeRO-3 does"]
+    return _zero_limits(cfg, env) + _launch_mismatches(cfg, env) + [
+        "accelerate is set up for DeepSpeed ZeRO, which this trainer does not run yet for full fine-tuning (its "
+        "engine scales, clips and steps inside its own backward and step, a loop not yet run on GPUs): use FSDP2 "
+        "(`accelerate launch --use_fsdp --fsdp_version 2`), which shards weights, gradients and optimizer state "
+        "as ZeRO-3 does (with FSDP_OFFLOAD_PARAMS for ZeRO's CPU offload)"]
+
+
+def _zero_limits(cfg, env) -> list[str]:
+    """What ZeRO cannot shard, with what to use instead."""
+    o, t, db = cfg.optimizer, cfg.train, cfg.dreambooth
+    problems = []
+    if o.fused_backward_pass or o.fused_optimizer_groups or t.blocks_to_swap:
+        problems.append("'optimizer.fused_backward_pass' / 'fused_optimizer_groups' / 'train.blocks_to_swap' step "
+                        "or move weights inside backward, where ZeRO reduces and partitions them: turn them off "
+                        "(ZeRO divides the optimizer state by the number of GPUs; offload_optimizer_device cpu "
+                        "moves it to host RAM)")
+    if any(word in o.optimizer_type.lower() for word in EIGHT_BIT):
+        problems.append(f"'optimizer.optimizer_type' {o.optimizer_type}: ZeRO partitions the optimizer state "
+                        f"over flat fp32 copies of the weights, bitsandbytes' 8-bit state is not one it "
+                        f"partitions: use AdamW (ZeRO divides its state by the number of GPUs) or Adafactor")
+    if db.train_text_encoder:
+        problems.append("'dreambooth.train_text_encoder': accelerate gives DeepSpeed one model, the denoiser; set it "
+                        "to false, or train the text encoders with plain multi-GPU (DDP)")
+    if db.use_ema and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        problems.append("'dreambooth.use_ema' with ZeRO-3: the weights are partitioned, the EMA would gather them "
+                        "at every update; turn it off, or use ZeRO-2")
+    return problems
+
+
+def _launch_mismatches(cfg, env) -> list[str]:
+    """Values `accelerate launch --use_deepspeed` sets when given (ACCELERATE_GRADIENT_ACCUMULATION_STEPS,
+    ACCELERATE_GRADIENT_CLIPPING) that differ from the config's (precision: the Accelerator is given the
+    config's mixed_precision, whatever the launch says)."""
+    t, o = cfg.train, cfg.optimizer
+    ours = {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("train.gradient_accumulation_steps",
+                                                       t.gradient_accumulation_steps, int),
+            "ACCELERATE_GRADIENT_CLIPPING": ("optimizer.max_grad_norm", o.max_grad_norm, float)}
+    problems = []
+    for var, (key, value, kind) in ours.items():
+        launched = env.get(var, "")
+        if launched and launched.lower() not in ("auto", "none") and kind(launched) != value:
+            problems.append(f"'{key}' is {value!r}, the DeepSpeed launch says {launched} ({var}): make them the "
+                            f"same (the config's value is the one the run means)")
+    return problems
 
 
 def fsdp2_problems(cfg, recipe: str) -> list[str]:
