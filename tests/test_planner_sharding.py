@@ -135,8 +135,11 @@ def test_the_planned_run_under_fsdp2_through_the_config(make_config, monkeypatch
     """`ACCELERATE_USE_FSDP=true FSDP_VERSION=2 WORLD_SIZE=2 train_db.py --plan`: the settings carry the
     sharding (and no DDP buckets), and the measured plan of the tiny SD1 full fine-tune (real tensors on the CPU,
     measured once, for one process) drops by what FSDP2 saves on one GPU of 2."""
-    import library.planner.plan as plan_module
+    import importlib
+
     from library.planner import settings_from_config
+
+    plan_module = importlib.import_module("library.planner.plan")  # the module (the package names its function)
 
     for key, value in {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
         monkeypatch.setenv(key, value)
