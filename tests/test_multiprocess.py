@@ -247,8 +247,15 @@ def test_fsdp2_full_fine_tune_equals_one_process_on_the_global_batch(tmp_path, t
     """FSDP2 on 2 CPU processes (gloo): the UNet sharded a unit per block (SD1's block_classes), the gradients
     clipped over the shards (max_grad_norm 0.05 clips: unclipped the weights move 0.035), SGD on the shards;
     the weights file the main process writes from the gathered shards equals one process on the global batch
-    within 1e-5 (measured 6e-8); the frozen VAE and text encoder are written untouched."""
-    two, one = _fsdp2_configs(tmp_path, tiny_sd1, tiny_data)
+    within 1e-5 (measured 6e-8); the frozen VAE and text encoder are written untouched; the final sample,
+    rendered by both processes and written by the main one, is one process' image."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --d 1 --s 2\n")
+    two, one = _fsdp2_configs(tmp_path, tiny_sd1, tiny_data, f'''
+        [sample]
+        sample_prompts = "{prompts}"
+        sample_steps = 2
+    ''')
     run = _fsdp2_run(tmp_path, two, 29541)
     assert "full fine-tune" in run.stdout
     single = subprocess.run([sys.executable, "train_db.py", "--config", str(one)], cwd=ROOT, capture_output=True,
@@ -263,6 +270,14 @@ def test_fsdp2_full_fine_tune_equals_one_process_on_the_global_batch(tmp_path, t
     worst = max((sharded[k] - alone[k]).abs().max().item() for k in sharded)
     assert worst < 1e-5, worst
     assert all(torch.equal(sharded[k], base[k]) for k in sharded if k not in unet)
+    # every process sampled (the sharded forward needs them all), the main process wrote the one image
+    import numpy as np
+    from PIL import Image
+
+    images = [sorted((tmp_path / name / "samples").iterdir()) for name in ("two", "one")]
+    assert [p.name for p in images[0]] == [p.name for p in images[1]] == ["last_step00000003_00_1.png"]
+    pixels = [np.asarray(Image.open(p[0]), dtype=np.int16) for p in images]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1
 
 
 def test_ddp_sdxl_lora_with_a_text_encoder_layer_no_step_uses(tmp_path, tiny_sdxl, tiny_data):
