@@ -74,8 +74,8 @@ def engine_problems(cfg, recipe: str, environ=None) -> list[str]:
         return deepspeed_problems(cfg, recipe, environ)
     if engine == "fsdp1":
         return ["accelerate is set up for FSDP version 1, which accelerate deprecates and this trainer does not run: "
-                "run `accelerate config` again with FSDP version 2 (`accelerate launch --use_fsdp --fsdp_version 2`) "
-                "for a full fine-tune, or plain multi-GPU (DDP)"]
+                "run `accelerate config` again with plain multi-GPU (DDP), or for a full fine-tune with FSDP version "
+                "2 (`accelerate launch --use_fsdp --fsdp_version 2`)"]
     if engine == "fsdp2":
         return fsdp2_problems(cfg, recipe)
     return []
