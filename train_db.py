@@ -38,6 +38,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     from library import phases
     from library.checkpoint import Checkpointer, Position
+    from library.engines import full_weights, is_sharded
     from library.model_files import check_model_files, load_model
     from library.block_swap import settle_all
     from library.guards import NonFiniteGuard
@@ -120,6 +121,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     scheduler = schedule_of(o, optimizer, max_steps)
     loader, sampler, order = make_loader(cfg, plan, dataset)
     engine, optimizer, loader = prepare(accelerator, parts, trained, optimizer, loader, fused, t.full_fp16)
+    if is_sharded(accelerator):  # FSDP2: the optimizer now steps the shards (what is clipped and checked)
+        groups = optimizer.param_groups
     result = TrainResult(parts=parts, optimizer=optimizer, ema=ema)
     start_trackers(accelerator, cfg)
 
@@ -127,10 +130,15 @@ def train(cfg: Config, planned=None) -> TrainResult:
     noise_generator = torch.Generator().manual_seed(t.seed)
     params = {f"{i}.{name}": p for i, module in enumerate([parts.denoiser, *text_encoders])
               for name, p in module.named_parameters()}
-    checkpoints = Checkpointer(cfg, lambda stem: _save_model(out_dir, stem, family, parts, cfg, ema), params, optimizer,
+    def save_weights(stem: str) -> list[Path]:
+        with full_weights(accelerator, parts) as whole:  # FSDP2: gathered on the main process, None elsewhere
+            return _save_model(out_dir, stem, family, whole, cfg, ema) if whole is not None else []
+
+    checkpoints = Checkpointer(cfg, save_weights, params, optimizer,
                          scheduler, {"noise": noise_generator, "order": order}, accelerator.scaler,
                          extra=lambda: {"ema": ema.state_dict()} if ema is not None else {},
-                         is_main=accelerator.is_main_process, say=say)
+                         is_main=accelerator.is_main_process, say=say,
+                         sharded=accelerator if is_sharded(accelerator) else None)
     position, extra = resume_position(cfg, checkpoints, order, sampler, steps_per_epoch)
     if ema is not None and cfg.save.resume:
         ema.load_state_dict(extra["ema"])

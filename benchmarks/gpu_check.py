@@ -293,6 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny-only", action="store_true", help="skip the full-size models")
     parser.add_argument("--out", help="also write the table to this Markdown file")
+    parser.add_argument("--multi-gpu", action="store_true", help="only the multi-GPU check (multi_gpu_check)")
     return parser.parse_args(argv)
 
 
@@ -302,6 +303,8 @@ NO_CUDA = ("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); the
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.multi_gpu:
+        return multi_gpu_check(args.out)
     if not torch.cuda.is_available():
         print(NO_CUDA, file=sys.stderr)
         return 2
@@ -360,6 +363,98 @@ def full_size_rows(tmp: Path) -> list[str]:
         print(*rows[-2 if arch == "flux-dev" else -1:], sep="\n", flush=True)
         cleanup(tmp / arch)
     return rows
+# ---- several GPUs (issue 19) ------------------------------------------------------------------------------
+
+MULTI_GPU_TOML = """
+[model]
+pretrained_model_name_or_path = "{model}"
+[dataset]
+train_data_dir = "{data}"
+resolution = 64
+train_batch_size = {batch}
+cache_latents = true
+[optimizer]
+optimizer_type = "SGDNesterov"
+learning_rate = 0.05
+max_grad_norm = 0.05
+[train]
+output_dir = "{out}"
+max_train_steps = 4
+seed = 7
+mixed_precision = "{precision}"
+[dreambooth]
+train_text_encoder = false
+[save]
+save_every_n_steps = 2
+save_state = true
+"""
+
+
+def multi_gpu_check(out: str | None = None) -> int:
+    """`python benchmarks/gpu_check.py --multi-gpu` on a machine with 2 or more GPUs: the tiny SDXL full
+    fine-tune under FSDP2 on 2 GPUs (`accelerate launch --use_fsdp --fsdp_version 2`, NCCL) against one process on
+    the global batch (the largest weight difference; fp32 and bf16), its step-2 state resumed on 2 GPUs (the
+    difference to the uninterrupted run), and, with deepspeed installed, what a ZeRO-2 launch says (it is refused
+    before loading: exit code 2 and one line)."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from library import tiny
+
+    if torch.cuda.device_count() < 2:
+        print(f"--multi-gpu needs 2 GPUs, this machine has {torch.cuda.device_count()}", file=sys.stderr)
+        return 2
+    lines = [f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()} - torch {torch.__version__}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data, model = tiny.make_dataset(tmp / "data"), tiny.save_tiny_sdxl(tmp / "sdxl")[0]
+
+        def write(name: str, batch: int, precision: str, resume: str = "") -> Path:
+            text = MULTI_GPU_TOML.format(model=model, data=data, batch=batch, out=tmp / name, precision=precision)
+            path = tmp / f"{name}.toml"
+            path.write_text(text.replace("save_state = true", f'resume = "{resume}"') if resume else text)
+            return path
+
+        def launch(config: Path, *engine: str) -> subprocess.CompletedProcess:
+            command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2",
+                       "train_db.py", "--config", str(config)]
+            return subprocess.run(command, capture_output=True, text=True, timeout=1800)
+
+        def largest_difference(a: str, b: str) -> float:
+            x, y = load_file(tmp / a / "last.safetensors"), load_file(tmp / b / "last.safetensors")
+            return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+
+        fsdp2 = ("--use_fsdp", "--fsdp_version", "2")
+        for precision in ("no", "bf16"):
+            started = time.perf_counter()
+            two = launch(write(f"fsdp2-{precision}", 1, precision), *fsdp2)
+            seconds = time.perf_counter() - started
+            one = subprocess.run([sys.executable, "train_db.py", "--config", str(write(f"one-{precision}", 2,
+                                  precision))], capture_output=True, text=True, timeout=1800)
+            if two.returncode or one.returncode:
+                lines.append(f"FSDP2 {precision}: exit {two.returncode} / {one.returncode}: "
+                             f"{(two.stderr or one.stderr)[-2000:]}")
+                continue
+            lines.append(f"FSDP2 on 2 GPUs, mixed_precision {precision}: {seconds:.0f} s; largest weight difference "
+                         f"to one process on the global batch "
+                         f"{largest_difference(f'fsdp2-{precision}', f'one-{precision}'):.2e}")
+        state = tmp / "fsdp2-no" / "last-step00000002-state"
+        resumed = launch(write("resumed", 1, "no", str(state)), *fsdp2)
+        lines.append(f"FSDP2 resume of {state.name}: exit {resumed.returncode}"
+                     + (f", largest difference to the uninterrupted run {largest_difference('resumed', 'fsdp2-no'):.2e}"
+                        if resumed.returncode == 0 else f": {resumed.stderr[-2000:]}"))
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is not None:
+            ds = launch(write("zero2", 1, "bf16"), "--use_deepspeed", "--zero_stage", "2")
+            said = [x for x in (ds.stdout + ds.stderr).splitlines() if x.startswith("config error:")]
+            lines.append(f"DeepSpeed ZeRO-2: exit {ds.returncode}; {said[0] if said else ds.stderr[-1000:]}")
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    return 0
 
 
 def cleanup(folder: Path) -> None:

@@ -18,8 +18,8 @@ from library.config import ConfigError
 from library.config_checks import glob_escape
 from library.engines import launched_processes
 from library.phases import during
-from library.saved_state import (RESUME_MAY_CHANGE, STATE_VERSION, read_state_info, check_resumable, find_state,  # noqa: F401
-                                 recover_folder)
+from library.saved_state import (RESUME_MAY_CHANGE, SHARDED, STATE_VERSION, read_state_info, check_resumable,  # noqa: F401
+                                 find_state, recover_folder)
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,7 +60,7 @@ def _for_file(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def save_folder(path: Path, write) -> Path:
     """`write(tmp_folder)` fills a temporary folder that then replaces `path` (the old one is removed last)."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     recover_folder(path)
     try:
@@ -69,10 +69,36 @@ def save_folder(path: Path, write) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return _into_place(tmp, path)
+
+
+def _into_place(tmp: Path, path: Path) -> Path:
+    """The written `tmp` becomes `path`; a previous `path` is kept as path.old until then (recover_folder)."""
+    old = path.with_name(path.name + ".old")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def save_folder_together(path: Path, accelerator, write) -> Path:
+    """save_folder for a sharded state: every process writes its shards of the model and optimizer into the
+    temporary folder (accelerator.save_state, into SHARDED), the main process `write(tmp)`s the rest, and once
+    all have written the main process renames it into place. Every process calls this."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        recover_folder(path)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / SHARDED))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write(tmp)
+        usual_permissions(tmp)
+        _into_place(tmp, path)
+    accelerator.wait_for_everyone()
     return path
 
 
@@ -92,30 +118,52 @@ class Position:
 
 def save_training_state(folder: Path, position: Position, params: dict[str, torch.nn.Parameter], optimizer,
                         scheduler, generators: dict[str, torch.Generator], config: dict, extra: dict | None = None,
-                        scaler=None, run_id: str = "", data: dict | None = None) -> Path:
+                        scaler=None, run_id: str = "", data: dict | None = None, sharded=None) -> Path:
     """Everything a run needs to go on exactly: trained weights, optimizer, scheduler, grad scaler, every RNG,
-    the data position, the config. Written to a temporary folder and renamed, like every save."""
+    the data position, the config. Written to a temporary folder and renamed, like every save. sharded: the
+    accelerator of an FSDP2 run, whose processes each write their shards of the weights and optimizer state
+    (and their RNGs) through accelerator.save_state (every process calls this then)."""
     def write(tmp: Path) -> None:
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "trained.safetensors"))
-        objects = {"optimizer": _optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
+        tmp.mkdir(parents=True, exist_ok=sharded is not None)
+        if sharded is None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "trained.safetensors"))
+        objects = {"optimizer": None if sharded else _optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                    "rng": _rng_state(), "generators": {k: g.get_state() for k, g in generators.items()},
                    "epoch_order": position.epoch_order, "scaler": scaler.state_dict() if scaler else None,
                    "extra": extra or {}}
         torch.save(objects, tmp / "state.pt")
         info = {"version": STATE_VERSION, "step": position.step, "epoch": position.epoch,
                 "batches_done": position.batches_done, "processes": launched_processes(), "config": config,
-                "run_id": run_id, "data": data}
+                "run_id": run_id, "data": data, **({"sharded": "fsdp2"} if sharded else {})}
         (tmp / "state.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
-    return save_folder(folder, write)
+    return save_folder(folder, write) if sharded is None else save_folder_together(folder, sharded, write)
 
 
 def load_training_state(folder: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler,
-                        generators: dict[str, torch.Generator], scaler=None) -> tuple[Position, dict]:
-    """Restore what save_training_state wrote (after check_resumable); returns the position and extras."""
+                        generators: dict[str, torch.Generator], scaler=None, sharded=None) -> tuple[Position, dict]:
+    """Restore what save_training_state wrote (after check_resumable); returns the position and extras.
+    sharded: the accelerator of an FSDP2 run (every process loads its shards and its RNGs)."""
+    info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if sharded is None:
+        _load_weights(folder, params)
+    objects = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    if sharded is None:
+        _load_optimizer_state(optimizer, objects["optimizer"])
+    scheduler.load_state_dict(objects["scheduler"])
+    for name, generator in generators.items():
+        generator.set_state(objects["generators"][name])
+    _set_rng_state(objects["rng"])
+    if scaler is not None and objects["scaler"]:
+        scaler.load_state_dict(objects["scaler"])
+    if sharded is not None:  # the shards, the optimizer's, and each process' own RNGs (after the main one's)
+        sharded.load_state(str(folder / SHARDED))
+    position = Position(info["step"], info["epoch"], info["batches_done"], objects["epoch_order"])
+    return position, objects["extra"]
+
+
+def _load_weights(folder: Path, params: dict[str, torch.nn.Parameter]) -> None:
     from safetensors.torch import load_file
 
-    info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     weights = load_file(str(folder / "trained.safetensors"))
     if set(weights) != set(params):
         raise ConfigError(f"'save.resume': {folder} holds the trained weights of another model or adapter "
@@ -128,16 +176,6 @@ def load_training_state(folder: Path, params: dict[str, torch.nn.Parameter], opt
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
-    objects = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    _load_optimizer_state(optimizer, objects["optimizer"])
-    scheduler.load_state_dict(objects["scheduler"])
-    for name, generator in generators.items():
-        generator.set_state(objects["generators"][name])
-    _set_rng_state(objects["rng"])
-    if scaler is not None and objects["scaler"]:
-        scaler.load_state_dict(objects["scaler"])
-    position = Position(info["step"], info["epoch"], info["batches_done"], objects["epoch_order"])
-    return position, objects["extra"]
 
 
 def _optimizer_state(optimizer):
@@ -208,8 +246,9 @@ class Checkpointer:
     save_last_n_* says, and resuming. Only the main process writes."""
 
     def __init__(self, cfg, save_weights, params: dict, optimizer, scheduler, generators: dict,
-                 scaler=None, extra=None, is_main: bool = True, say=print):
+                 scaler=None, extra=None, is_main: bool = True, say=print, sharded=None):
         self.cfg, self.save_weights, self.say, self.is_main = cfg, save_weights, say, is_main
+        self.sharded = sharded  # FSDP2's accelerator: every process takes part in each save (see save_training_state)
         self.out_dir, self.name = Path(cfg.train.output_dir), cfg.train.output_name
         self.state = dict(params=params, optimizer=optimizer, scheduler=scheduler, generators=generators,
                           scaler=scaler)
@@ -219,7 +258,7 @@ class Checkpointer:
     @during("saving")
     def save(self, stem: str, position: Position, keep: int | None = None, pattern: str | None = None) -> None:
         """Weights as `stem` (+ `stem-state` with save_state); then keep only the newest `keep` matching."""
-        if not self.is_main:
+        if not self.is_main and self.sharded is None:
             return
         settle_all()  # block swap's write-backs in flight: the host copies of the weights current first
         try:
@@ -228,7 +267,7 @@ class Checkpointer:
                 self.save_state(stem, position)
         except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
             raise ConfigError(self._cannot_write(stem, e)) from None
-        if keep and pattern:  # the weights (a file, or a diffusers folder) and the states, each kept `keep`
+        if keep and pattern and self.is_main:  # the weights (a file, or a diffusers folder) and the states, each kept `keep`
             for suffix in (".safetensors", "", "-state"):
                 remove_old(self.out_dir, pattern + suffix, keep, self.say)
 
@@ -264,7 +303,8 @@ class Checkpointer:
 
     def save_stopped(self, here: Position) -> None:
         """A signal stopped the run: a resumable state of this step."""
-        self.save_state(self._step_stem(here.step), here)
+        if self.is_main or self.sharded is not None:
+            self.save_state(self._step_stem(here.step), here)
 
     def _step_stem(self, step: int) -> str:
         return f"{self.name}-step{step:08d}"
@@ -274,7 +314,7 @@ class Checkpointer:
         settle_all()  # the swapped weights' and optimizer state's host copies current (library/block_swap.py)
         folder = save_training_state(self.out_dir / f"{stem}-state", position, config=self.cfg.to_toml_dict(),
                                      extra=self.extra(), run_id=self.cfg.run_id, data=self.cfg.data_fingerprint,
-                                     **self.state)
+                                     sharded=self.sharded, **self.state)
         self.say(f"saved resumable state {folder}")
         return folder
 
@@ -293,7 +333,7 @@ class Checkpointer:
     def resume(self) -> tuple[Position, dict]:
         folder = find_state(self.cfg.save.resume, self.out_dir, self.say)
         info = check_resumable(folder, self.cfg.to_toml_dict())
-        position, extra = load_training_state(folder, **self.state)
+        position, extra = load_training_state(folder, sharded=self.sharded, **self.state)
         position = self._reshared(position, info.get("processes", 1), launched_processes())
         if (self.cfg.data_fingerprint or {}).get("changed"):  # resume_with_changed_data: a new epoch from here
             position = Position(position.step, position.epoch + 1, 0, None)

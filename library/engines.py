@@ -8,8 +8,16 @@ trained modules are handed to the engine and where the bare modules are taken ba
                the whole model; DistributedDataParallel all-reduces the gradients in buckets while backward
                runs, and not at all on the micro-batches of gradient accumulation before the last (no_sync,
                through accelerator.accumulate).
-    deepspeed  `accelerate config` with DeepSpeed (ACCELERATE_USE_DEEPSPEED): refused, see engine_problems.
-    fsdp1/2    `accelerate config` with FSDP (ACCELERATE_USE_FSDP, FSDP_VERSION): refused, see engine_problems.
+    deepspeed  `accelerate config` with DeepSpeed (ACCELERATE_USE_DEEPSPEED): refused before loading, every
+               problem of the config with ZeRO named first (deepspeed_problems); the run itself is not written.
+    fsdp1      `accelerate config` with FSDP version 1: refused (accelerate deprecates it).
+    fsdp2      `accelerate launch --use_fsdp --fsdp_version 2` (ACCELERATE_USE_FSDP, FSDP_VERSION=2), full
+               fine-tunes of the denoiser: accelerate's fully_shard of each of the family's repeated blocks
+               (ModelFamily.block_classes) and of the rest, the fp32 weights, gradients and optimizer state
+               sharded N ways, one block's weights gathered at a time. The sharded module is the bare one
+               (fully_shard works in place): the weights file is gathered on the main process (full_weights),
+               states are sharded through accelerator.save_state (library/checkpoint.py), and every process
+               samples (each block's forward gathers its weights from all of them).
 
 The families never see an engine: the recipe's step gets `step_parts` (the trained modules behind the
 engine's wrapper, through `Engined`, which reads every attribute off the bare module); everything else
@@ -18,6 +26,7 @@ wrapped ones, so nothing is ever unwrapped. With one process nothing is wrapped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -62,21 +71,114 @@ def engine_problems(cfg, recipe: str, environ=None) -> list[str]:
                             "one GPU")
         return problems
     if engine == "deepspeed":
-        if recipe == "network":
-            return ["accelerate is set up for DeepSpeed, which does not help adapter training: ZeRO shards the "
-                    "optimizer state and gradients, and an adapter's are a few MB per GPU; run `accelerate "
-                    "config` again with plain multi-GPU (DDP), and save memory on the frozen base with fp8_base, "
-                    "blocks_to_swap or gradient_checkpointing"]
-        return ["accelerate is set up for DeepSpeed, which this trainer does not run yet for full fine-tuning: run "
-                "`accelerate config` again with plain multi-GPU (DDP), with gradient_checkpointing and an 8-bit or "
-                "factored optimizer (AdamW8bit, Adafactor); on one GPU, fused_backward_pass and blocks_to_swap"]
-    if engine.startswith("fsdp"):
-        first = ("accelerate is set up for FSDP version 1, which accelerate deprecates and this trainer does not run"
-                 if engine == "fsdp1" else "accelerate is set up for FSDP2, which this trainer does not run yet")
-        return [f"{first}: run `accelerate config` again with plain multi-GPU (DDP), with gradient_checkpointing "
-                f"and an 8-bit or factored optimizer (AdamW8bit, Adafactor); on one GPU, fused_backward_pass and "
-                f"blocks_to_swap"]
+        return deepspeed_problems(cfg, recipe, environ)
+    if engine == "fsdp1":
+        return ["accelerate is set up for FSDP version 1, which accelerate deprecates and this trainer does not run: "
+                "run `accelerate config` again with plain multi-GPU (DDP), or for a full fine-tune with FSDP version "
+                "2 (`accelerate launch --use_fsdp --fsdp_version 2`)"]
+    if engine == "fsdp2":
+        return fsdp2_problems(cfg, recipe)
     return []
+
+
+EIGHT_BIT = ("8bit", "paged")  # bitsandbytes' optimizers: AdamW8bit, Lion8bit, PagedAdamW, PagedAdamW8bit...
+
+
+def deepspeed_problems(cfg, recipe: str, environ=None) -> list[str]:
+    """What a DeepSpeed launch cannot run, all of it at once: deepspeed not installed, the adapters recipe,
+    what ZeRO cannot shard (the fused backward pass, block swap, 8-bit optimizers, a second trained model), a
+    gradient accumulation / clipping / precision the launch sets otherwise than the config; then the run itself,
+    which is not written yet (DeepSpeed's engine scales, clips and steps inside its own backward and step, and that
+    loop has not run on GPUs): what to use instead, FSDP2."""
+    import importlib.util
+
+    env = os.environ if environ is None else environ
+    if recipe == "network":
+        return ["accelerate is set up for DeepSpeed, which does not help adapter training: ZeRO shards the "
+                "optimizer state and gradients, and an adapter's are a few MB per GPU; run `accelerate "
+                "config` again with plain multi-GPU (DDP), and save memory on the frozen base with fp8_base, "
+                "blocks_to_swap or gradient_checkpointing"]
+    if importlib.util.find_spec("deepspeed") is None:
+        return ["accelerate is set up for DeepSpeed, which is not installed (`pip install deepspeed`, on a machine "
+                "with the CUDA toolkit); or run `accelerate config` again with FSDP2 (`accelerate launch --use_fsdp "
+                "--fsdp_version 2`), which shards a full fine-tune as ZeRO-3 does"]
+    return _zero_limits(cfg, env) + _launch_mismatches(cfg, env) + [
+        "accelerate is set up for DeepSpeed ZeRO, which this trainer does not run yet for full fine-tuning (its "
+        "engine scales, clips and steps inside its own backward and step, a loop not yet run on GPUs): use FSDP2 "
+        "(`accelerate launch --use_fsdp --fsdp_version 2`), which shards weights, gradients and optimizer state "
+        "as ZeRO-3 does (with FSDP_OFFLOAD_PARAMS for ZeRO's CPU offload)"]
+
+
+def _zero_limits(cfg, env) -> list[str]:
+    """What ZeRO cannot shard, with what to use instead."""
+    o, t, db = cfg.optimizer, cfg.train, cfg.dreambooth
+    problems = []
+    if o.fused_backward_pass or o.fused_optimizer_groups or t.blocks_to_swap:
+        problems.append("'optimizer.fused_backward_pass' / 'fused_optimizer_groups' / 'train.blocks_to_swap' step "
+                        "or move weights inside backward, where ZeRO reduces and partitions them: turn them off "
+                        "(ZeRO divides the optimizer state by the number of GPUs; offload_optimizer_device cpu "
+                        "moves it to host RAM)")
+    if any(word in o.optimizer_type.lower() for word in EIGHT_BIT):
+        problems.append(f"'optimizer.optimizer_type' {o.optimizer_type}: ZeRO partitions the optimizer state "
+                        f"over flat fp32 copies of the weights, bitsandbytes' 8-bit state is not one it "
+                        f"partitions: use AdamW (ZeRO divides its state by the number of GPUs) or Adafactor")
+    if db.train_text_encoder:
+        problems.append("'dreambooth.train_text_encoder': accelerate gives DeepSpeed one model, the denoiser; set it "
+                        "to false, or train the text encoders with plain multi-GPU (DDP)")
+    if db.use_ema and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        problems.append("'dreambooth.use_ema' with ZeRO-3: the weights are partitioned, the EMA would gather them "
+                        "at every update; turn it off, or use ZeRO-2")
+    return problems
+
+
+def _launch_mismatches(cfg, env) -> list[str]:
+    """Values `accelerate launch --use_deepspeed` sets when given (ACCELERATE_GRADIENT_ACCUMULATION_STEPS,
+    ACCELERATE_GRADIENT_CLIPPING) that differ from the config's (precision: the Accelerator is given the
+    config's mixed_precision, whatever the launch says)."""
+    t, o = cfg.train, cfg.optimizer
+    ours = {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("train.gradient_accumulation_steps",
+                                                       t.gradient_accumulation_steps, int),
+            "ACCELERATE_GRADIENT_CLIPPING": ("optimizer.max_grad_norm", o.max_grad_norm, float)}
+    problems = []
+    for var, (key, value, kind) in ours.items():
+        launched = env.get(var, "")
+        if launched and launched.lower() not in ("auto", "none") and kind(launched) != value:
+            problems.append(f"'{key}' is {value!r}, the DeepSpeed launch says {launched} ({var}): make them the "
+                            f"same (the config's value is the one the run means)")
+    return problems
+
+
+def fsdp2_problems(cfg, recipe: str) -> list[str]:
+    """What FSDP2 cannot run, each with what to use instead. FSDP2 shards the one model accelerate prepares
+    with the optimizer (the denoiser), keeps its weights in fp32 and steps each shard after backward."""
+    if recipe == "network":
+        return ["accelerate is set up for FSDP2, which does not help adapter training: it shards the trained "
+                "weights, their gradients and optimizer state, and an adapter's are a few MB per GPU; run "
+                "`accelerate config` again with plain multi-GPU (DDP), and save memory on the frozen base with "
+                "fp8_base, blocks_to_swap or gradient_checkpointing"]
+    o, t, db = cfg.optimizer, cfg.train, cfg.dreambooth
+    problems = []
+    if o.fused_backward_pass or o.fused_optimizer_groups:
+        problems.append("'optimizer.fused_backward_pass' / 'fused_optimizer_groups' step each weight inside "
+                        "backward, before FSDP2 has reduced its gradient shard: turn it off (FSDP2 already divides "
+                        "the optimizer state by the number of GPUs)")
+    if t.blocks_to_swap:
+        problems.append("'train.blocks_to_swap' moves whole blocks to the CPU, FSDP2 holds a shard of each: set it "
+                        "to 0 (FSDP2 divides the weights by the number of GPUs; gradient_checkpointing for the "
+                        "activations)")
+    if db.train_text_encoder:
+        problems.append("'dreambooth.train_text_encoder': accelerate's FSDP2 shards one model with its optimizer, "
+                        "the denoiser; set it to false (the text encoders stay frozen), or train them with plain multi-GPU (DDP)")
+    if db.use_ema:
+        problems.append("'dreambooth.use_ema': the EMA would need every weight gathered from all GPUs at each "
+                        "update, a whole copy per GPU; turn it off, or train with plain multi-GPU (DDP)")
+    if t.full_fp16 or t.full_bf16:
+        problems.append("'train.full_fp16' / 'full_bf16': FSDP2 keeps the trained weights sharded in fp32 and "
+                        "computes in 'train.mixed_precision' (its MixedPrecisionPolicy); remove them")
+    if t.torch_compile:
+        problems.append("'train.torch_compile' compiles the blocks before FSDP2 shards them, so none would be "
+                        "sharded as its own unit: turn it off with FSDP2")
+    return problems
 
 
 def accelerator_settings(cfg) -> dict:
@@ -89,11 +191,31 @@ def accelerator_settings(cfg) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     t = cfg.train
-    return {"kwargs_handlers": [
+    settings = {"kwargs_handlers": [
         InitProcessGroupKwargs(timeout=timedelta(minutes=t.ddp_timeout)),
         DistributedDataParallelKwargs(find_unused_parameters=True,
                                       gradient_as_bucket_view=t.ddp_gradient_as_bucket_view,
                                       static_graph=t.ddp_static_graph)]}
+    if launched_engine() == "fsdp2":
+        settings["fsdp_plugin"] = fsdp2_plugin(cfg)
+    return settings
+
+
+def fsdp2_plugin(cfg, environ=None):
+    """accelerate's FSDP2 plugin: what `accelerate launch` set (offload, resharding, ...) from the
+    environment, and unless the launch named its own wrapping (--fsdp_auto_wrap_policy), a unit per block of the
+    family's block classes. States are always saved sharded (the weights file is gathered apart)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from library.families import get_family
+
+    env = os.environ if environ is None else environ
+    named = {}
+    if not env.get("FSDP_AUTO_WRAP_POLICY"):
+        family = get_family(cfg.model.family, cfg.model.pretrained_model_name_or_path)
+        named = {"auto_wrap_policy": "transformer_based_wrap",
+                 "transformer_cls_names_to_wrap": list(family.block_classes)}
+    return FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT", **named)
 
 
 class Engined:
@@ -146,3 +268,59 @@ def prepare_trained(accelerator, parts, trained: list) -> Prepared:
         text_encoders={name: engined.get(id(e), e) for name, e in parts.text_encoders.items()})
     return Prepared(engine_modules, step_parts)
 
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the trained weights are sharded over the processes (FSDP2): saving gathers them with every
+    process taking part, states are saved by every process, and every process samples."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def prepare_sharded(accelerator, parts, trained: list, optimizer, loader):
+    """FSDP2: the denoiser, its optimizer and the loader through one accelerator.prepare (accelerate shards
+    the model in place, a unit per block of its fsdp_plugin's classes, then points the optimizer at the
+    shards). The step calls the parts as they are. Returns (Prepared, optimizer, loader)."""
+    if [id(m) for m in trained] != [id(parts.denoiser)]:
+        raise ValueError("FSDP2 trains the denoiser alone")  # fsdp2_problems refused the rest before loading
+    denoiser, optimizer, loader = accelerator.prepare(parts.denoiser, optimizer, loader)
+    return Prepared([denoiser], parts), optimizer, loader
+
+
+@contextlib.contextmanager
+def full_weights(accelerator, parts):
+    """The parts as saving reads them. Sharded (FSDP2): every process takes part in gathering the denoiser's
+    weights to the main process' CPU (gathered_state), where they fill an unsharded copy of the denoiser (built
+    without memory of its own, on the meta device); the other processes get None. Otherwise the parts."""
+    if not is_sharded(accelerator):
+        yield parts
+        return
+    state = gathered_state(accelerator, parts.denoiser)
+    yield None if state is None else dataclasses.replace(parts, denoiser=unsharded_copy(parts.denoiser, state))
+
+
+def gathered_state(accelerator, module) -> dict | None:
+    """The full state dict of a sharded module on the main process' CPU (None on the others): each tensor
+    all-gathered in turn (one tensor's full size on the device at a time), copied to the host on the main
+    process. Not accelerator.get_state_dict: its cpu_offload is no copy for CPU processes, so the tensors it
+    returns there point at gathered storage FSDP has already freed ("invalid python storage")."""
+    from torch.distributed.tensor import DTensor
+
+    main = accelerator.is_main_process
+    state = {}
+    for name, tensor in module.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every process: a collective
+        if main:
+            state[name] = full.detach().to("cpu", copy=True)
+    return state if main else None
+
+
+def unsharded_copy(module, state: dict):
+    """A module of `module`'s class before fully_shard (a diffusers model: from its config) holding `state`."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        copy = cls.from_config(module.config)
+    copy.load_state_dict(state, assign=True)
+    return copy.train(module.training)

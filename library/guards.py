@@ -99,6 +99,8 @@ class NonFiniteGuard:
             norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads])
         else:
             return None
+        if hasattr(norm, "full_tensor"):  # FSDP2's shards: the norm is a DTensor, the same on every process
+            norm = norm.full_tensor()
         return None if accelerator.scaler is not None else torch.isfinite(norm)
 
 

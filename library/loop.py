@@ -5,6 +5,7 @@ themselves stay in the recipes, visible."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from library.checkpoint import Position
@@ -89,15 +90,23 @@ class Bookkeeping:
 def sample_renderer(family, parts, sampling, accelerator, folder, output_name: str, into: list):
     """sample(step): the prompts rendered on the main process into `folder`, logged to the trackers, the
     paths appended to `into`; nothing without sample prompts. Rendered in the run's precision (its autocast),
-    as training computes: an fp8 base's layers compute in that dtype, whatever the sampler's latents are."""
+    as training computes: an fp8 base's layers compute in that dtype, whatever the sampler's latents are. With
+    sharded weights (FSDP2) every process renders (each block's forward gathers its weights from all of them);
+    the others' images go unsaved."""
+    import tempfile
+
+    from library.engines import is_sharded
     from library.sampling import log_images, render_samples
 
     def sample(step: int) -> None:
+        tag = f"{output_name}_step{step:08d}"
         if sampling and accelerator.is_main_process:
             with accelerator.autocast():
-                paths = render_samples(family, parts, sampling, folder, f"{output_name}_step{step:08d}",
-                                       accelerator.device)
+                paths = render_samples(family, parts, sampling, folder, tag, accelerator.device)
             log_images(accelerator, paths, step)
             into.extend(paths)
+        elif sampling and is_sharded(accelerator):
+            with tempfile.TemporaryDirectory() as elsewhere, accelerator.autocast():
+                render_samples(family, parts, sampling, Path(elsewhere), tag, accelerator.device)
 
     return sample

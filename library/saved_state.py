@@ -11,6 +11,7 @@ from pathlib import Path
 from library.config import ConfigError
 
 STATE_VERSION = 1
+SHARDED = "sharded"  # the subfolder of an FSDP2 state: accelerator.save_state's shards of each process
 # keys that may differ between the run that saved a state and the run resuming it
 RESUME_MAY_CHANGE = {"train.max_train_steps", "train.max_train_epochs", "train.output_dir", "train.output_name",
                      "train.nan_skip_limit", "train.ddp_timeout",
@@ -61,7 +62,9 @@ def read_state_info(folder: Path) -> dict:
                           f"(saved by another version of the trainer)")
     if not isinstance(step, int) or not isinstance(config, dict):
         raise ConfigError(f"{folder}/state.json is damaged (step {step!r})")
-    problem = safetensors_problem(folder / "trained.safetensors") or _zip_problem(folder / "state.pt")
+    weights = (_sharded_problem(folder / SHARDED, info.get("processes", 1)) if info.get("sharded")
+               else safetensors_problem(folder / "trained.safetensors"))
+    problem = weights or _zip_problem(folder / "state.pt")
     if problem:
         raise ConfigError(f"{folder}: {problem}")
     return info
@@ -88,6 +91,16 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def _sharded_problem(folder: Path, processes: int) -> str | None:
+    """Why an FSDP2 state's shards are not whole: accelerator.save_state writes the model's and optimizer's
+    shards (torch.distributed.checkpoint: a .metadata file written last) and one RNG file per process."""
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        if not (folder / part / ".metadata").is_file():
+            return f"{SHARDED}/{part} is missing or incomplete (no .metadata)"
+    missing = [i for i in range(processes) if not (folder / f"random_states_{i}.pkl").is_file()]
+    return f"{SHARDED}/random_states_{missing[0]}.pkl is missing" if missing else None
+
+
 def _zip_problem(path: Path) -> str | None:
     """torch.save writes a zip archive: a truncated one has lost its central directory at the end."""
     import zipfile
@@ -106,6 +119,7 @@ def check_resumable(folder: Path, config: dict) -> dict:
     """The saved state's info; ConfigError naming the problem: a damaged or foreign state, or every setting
     that differs in a way resuming cannot honour."""
     info = read_state_info(Path(folder))
+    _check_engine(folder, info)
     differs = [key for key in sorted(set(_flat(config)) | set(_flat(info["config"])))
                if _flat(config).get(key) != _flat(info["config"]).get(key)
                and key not in RESUME_MAY_CHANGE and key.split(".")[0] not in RESUME_MAY_CHANGE]
@@ -114,6 +128,22 @@ def check_resumable(folder: Path, config: dict) -> dict:
         raise ConfigError(f"{folder} was saved with another config; what differs:\n"
                           + "\n".join(lines))
     return info
+
+
+def _check_engine(folder: Path, info: dict) -> None:
+    """An FSDP2 state holds one shard per process: it resumes under FSDP2 with as many processes; a state of
+    the whole weights does not resume under FSDP2 (its optimizer state is not sharded)."""
+    from library.engines import launched_engine, launched_processes
+
+    sharded, now = info.get("sharded"), launched_engine() == "fsdp2"
+    saved, processes = info.get("processes", 1), launched_processes()
+    if sharded and (not now or saved != processes):
+        raise ConfigError(f"{folder} holds FSDP2 shards of {saved} processes: resume it with `accelerate launch "
+                          f"--use_fsdp --fsdp_version 2 --num_processes {saved}` (this run: "
+                          f"{'FSDP2' if now else 'no FSDP2'}, {processes} processes)")
+    if now and not sharded:
+        raise ConfigError(f"{folder} was saved without FSDP2 (the whole weights and optimizer state): resume it "
+                          f"as it was launched, without --use_fsdp")
 
 
 def _flat(config: dict) -> dict:

@@ -47,15 +47,105 @@ def test_ddp_refuses_the_fused_backward_pass_and_train_db_block_swap(make_config
     assert len(swap) == 2 and "'train.blocks_to_swap' in train_db.py" in swap[1]
 
 
+NO_TE = {"dreambooth": {"train_text_encoder": False}}
+
+
 @pytest.mark.parametrize("env, recipe, says", [
-    (DEEPSPEED, "network", "does not help adapter training"),
-    (DEEPSPEED, "db", "does not run yet for full fine-tuning"),
-    (FSDP1, "db", "FSDP version 1"), (FSDP1, "network", "FSDP version 1"),
-    (FSDP2, "db", "FSDP2, which this trainer does not run yet"), (FSDP2, "network", "FSDP2")])
-def test_sharded_engines_are_refused_with_what_to_use_instead(make_config, env, recipe, says):
+    (DEEPSPEED, "network", "does not help adapter training"), (FSDP2, "network", "does not help adapter training"),
+    (FSDP1, "db", "FSDP version 1"), (FSDP1, "network", "FSDP version 1")])
+def test_engines_refused_outright_say_what_to_use_instead(make_config, env, recipe, says):
     problems = _problems(make_config, env, recipe)
     assert len(problems) == 1 and says in problems[0]
-    assert "`accelerate config` again with plain multi-GPU (DDP)" in problems[0]
+    assert "`accelerate config` again with" in problems[0]
+
+
+def test_fsdp2_runs_a_full_fine_tune_of_the_denoiser_and_names_what_it_cannot(make_config):
+    """FSDP2 accepts a full fine-tune of the denoiser; everything else is named at once, each with what to use."""
+    assert _problems(make_config, FSDP2, **NO_TE) == []
+    problems = _problems(make_config, FSDP2, optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"},
+                         train={"blocks_to_swap": 2, "gradient_checkpointing": True, "full_bf16": True,
+                                "mixed_precision": "bf16", "torch_compile": True},
+                         dreambooth={"train_text_encoder": True, "use_ema": True})
+    assert [p.split(" ")[0] for p in problems] == [
+        "'optimizer.fused_backward_pass'", "'train.blocks_to_swap'", "'dreambooth.train_text_encoder':",
+        "'dreambooth.use_ema':", "'train.full_fp16'", "'train.torch_compile'"]
+    assert "set it to false" in problems[2] and "sharded in fp32" in problems[4]
+
+
+def test_deepspeed_names_every_problem_then_refuses_the_run(make_config, monkeypatch):
+    """Not installed: one line saying so (and FSDP2 instead). Installed: what ZeRO cannot shard and the launch
+    values that differ from the config, all at once, then the run itself (not written yet), FSDP2 instead."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    missing = _problems(make_config, DEEPSPEED, **NO_TE)
+    assert len(missing) == 1 and "DeepSpeed, which is not installed (`pip install deepspeed`" in missing[0]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    assert len(_problems(make_config, DEEPSPEED, **NO_TE)) == 1  # the run itself
+    env = {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
+           "ACCELERATE_GRADIENT_CLIPPING": "1.0"}
+    problems = _problems(make_config, env, optimizer={"optimizer_type": "AdamW8bit", "max_grad_norm": 0.5},
+                         train={"blocks_to_swap": 2, "gradient_checkpointing": True},
+                         dreambooth={"use_ema": True})
+    assert [p.split(" ")[0] for p in problems] == [
+        "'optimizer.fused_backward_pass'", "'optimizer.optimizer_type'", "'dreambooth.train_text_encoder':",
+        "'dreambooth.use_ema'", "'train.gradient_accumulation_steps'", "'optimizer.max_grad_norm'",
+        "accelerate"]
+    assert "AdamW8bit" in problems[1] and "the DeepSpeed launch says 4" in problems[4]
+    assert "does not run yet" in problems[-1] and "--use_fsdp --fsdp_version 2" in problems[-1]
+    same = {**env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "auto"}
+    assert len(_problems(make_config, same, **NO_TE)) == 1
+
+
+def test_fsdp2_plugin_wraps_the_family_blocks_unless_the_launch_names_its_own(make_config):
+    from library.engines import fsdp2_plugin
+
+    plugin = fsdp2_plugin(make_config(), {})
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["BasicTransformerBlock",
+                                                                                  "ResnetBlock2D"]
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+    own = fsdp2_plugin(make_config(), {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"})
+    assert own.transformer_cls_names_to_wrap is None
+
+
+def test_every_family_names_block_classes_its_denoiser_has():
+    """FSDP2's units: each family's block class names are classes diffusers defines for its denoiser (its
+    models' attention, resnet and transformer modules)."""
+    import importlib
+    import pkgutil
+
+    import diffusers.models.transformers as transformers
+
+    from library.families import REGISTRY
+
+    modules = [importlib.import_module(m) for m in ("diffusers.models.attention", "diffusers.models.resnet")]
+    modules += [importlib.import_module(f"{transformers.__name__}.{info.name}")
+                for info in pkgutil.iter_modules(transformers.__path__)]
+    for family in REGISTRY.values():
+        assert family.block_classes, family.name
+        for name in family.block_classes:
+            assert any(isinstance(getattr(m, name, None), type) for m in modules), (family.name, name)
+
+
+def test_a_sharded_state_resumes_only_under_fsdp2_with_as_many_processes(tmp_path, monkeypatch):
+    """An FSDP2 state (one shard per process) resumes under FSDP2 with as many processes; a whole state does
+    not resume under FSDP2. Checked with the config, before any model loads."""
+    from library.config import ConfigError
+    from library.saved_state import _check_engine
+
+    info = {"sharded": "fsdp2", "processes": 2}
+    for key, value in {**FSDP2, "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    _check_engine(tmp_path, info)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="FSDP2 shards of 2 processes: resume it with .*--num_processes 2"):
+        _check_engine(tmp_path, info)
+    with pytest.raises(ConfigError, match="saved without FSDP2"):
+        _check_engine(tmp_path, {"processes": 4})
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(ConfigError, match=r"\(this run: no FSDP2, 4 processes\)"):
+        _check_engine(tmp_path, info)
 
 
 def test_the_refusal_comes_before_anything_loads(make_config, monkeypatch):
@@ -68,7 +158,7 @@ def test_the_refusal_comes_before_anything_loads(make_config, monkeypatch):
     for key, value in DEEPSPEED.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(library.model_files, "load_model", lambda cfg: pytest.fail("the model loaded"))
-    with pytest.raises(ConfigError, match="DeepSpeed, which this trainer does not run yet"):
+    with pytest.raises(ConfigError, match="DeepSpeed"):
         train(make_config())
 
 

@@ -111,6 +111,9 @@ class ModelFamily:
     # sampling runs the denoiser once per step on the prompt alone (FLUX.1's distilled guidance input), not
     # twice for classifier-free guidance: what a sample costs in memory (the planner's sampling phase)
     distilled_guidance: bool = False
+    # the denoiser's repeated block classes (names, as diffusers defines them): FSDP2 shards each such block as
+    # its own unit (accelerate's transformer-based auto-wrap), so one block's weights are gathered at a time
+    block_classes: tuple[str, ...] = ()
 
     # ---- recognising and loading ------------------------------------------------------------------
 

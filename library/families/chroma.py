@@ -38,6 +38,7 @@ SEPARATE_FILES = ("t5xxl", "ae")
 
 class ChromaFamily(ModelFamily):
     name = "chroma"
+    block_classes = ("ChromaTransformerBlock", "ChromaSingleTransformerBlock")  # FSDP2 shards each as a unit
     xformers_attention = False  # joint attention runs on PyTorch SDPA
     text_encoder_folders = {"text_encoder": "te3"}  # diffusers subfolder -> our name
     cached_apart = None  # T5 alone, never trained: its outputs are cached whole or not at all

@@ -40,6 +40,7 @@ BLOCK_PARENTS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 class FluxFamily(ModelFamily):
     name = "flux"
+    block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")  # FSDP2 shards each as a unit
     xformers_attention = False  # joint attention runs on PyTorch SDPA
     distilled_guidance = True  # guidance is an input of the transformer: no classifier-free guidance batch
     text_encoder_folders = {"text_encoder": "te1", "text_encoder_2": "te3"}  # diffusers subfolder -> our name

@@ -45,6 +45,7 @@ DEFAULT_TOKENIZERS = {"flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",
 
 class Flux2Family(ModelFamily):
     name = "flux2"
+    block_classes = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")  # FSDP2 shards each as a unit
     xformers_attention = False  # joint attention runs on PyTorch SDPA
     text_encoder_folders = {"text_encoder": "te"}  # diffusers subfolder -> our name
     cached_apart = None  # one frozen text encoder: its outputs are cached whole or not at all

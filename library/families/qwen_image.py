@@ -56,6 +56,7 @@ MAX_SEQUENCE_LENGTH = 512  # the text tokens the transformer gets (QwenImagePipe
 
 class QwenImageFamily(ModelFamily):
     name = "qwen_image"
+    block_classes = ("QwenImageTransformerBlock",)  # FSDP2 shards each as a unit
     xformers_attention = False  # joint attention runs on PyTorch SDPA
     takes_control_images = True  # Qwen-Image-Edit pairs (control_directory): reference tokens
     cached_apart = None  # one text encoder, never trained: its outputs are cached whole or not at all

@@ -28,6 +28,7 @@ DEFAULT_TOKENIZERS = {"clip": "openai/clip-vit-large-patch14", "open_clip": "sta
 
 class SD1Family(ModelFamily):
     name = "sd1"
+    block_classes = ("BasicTransformerBlock", "ResnetBlock2D")  # FSDP2 shards each as a unit
     text_encoder_folders = {"text_encoder": "te"}  # diffusers subfolder -> our name
     adapter_base_versions = ("sd_v1", "sd_v2")
     folder_parts = ("unet", "vae", "text_encoder", "scheduler")  # the subfolders _load_folder reads

@@ -76,6 +76,7 @@ class Sd3FlowMatchObjective(FlowMatchObjective):
 
 class Sd3Family(ModelFamily):
     name = "sd3"
+    block_classes = ("JointTransformerBlock",)  # FSDP2 shards each as a unit
     xformers_attention = False  # joint attention runs on PyTorch SDPA
     text_encoder_folders = {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"}
     adapter_base_versions = ("sd3",)

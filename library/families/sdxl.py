@@ -45,6 +45,7 @@ FP16_VAE_WARNING = (
 
 class SDXLFamily(ModelFamily):
     name = "sdxl"
+    block_classes = ("BasicTransformerBlock", "ResnetBlock2D")  # FSDP2 shards each as a unit
     text_encoder_folders = {"text_encoder": "te1", "text_encoder_2": "te2"}  # diffusers subfolder -> our name
     adapter_base_versions = ("sdxl_base_v1-0", "sdxl_base_v0-9")
     folder_parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")  # the subfolders _load_folder reads

@@ -43,6 +43,7 @@ HIDDEN_LAYER = -2  # the second-to-last hidden state
 
 class ZImageFamily(ModelFamily):
     name = "zimage"
+    block_classes = ("ZImageTransformerBlock",)  # FSDP2 shards each as a unit
     xformers_attention = False  # its own attention processors run on PyTorch SDPA
     text_encoder_folders = {"text_encoder": "te"}  # diffusers subfolder -> our name
     cached_apart = None  # one text encoder, never trained: its outputs are cached whole or not at all

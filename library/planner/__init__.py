@@ -27,10 +27,12 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
     """The plan's settings: the run's own switches and optimizer settings as library/run.py reads them from the
     config (xformers planned as SDPA), and what the step is made of; per GPU for the processes the environment
     names (WORLD_SIZE, as accelerate launch sets it; `WORLD_SIZE=4 python train_db.py --config x.toml --plan`
-    plans one of 4)."""
+    plans one of 4 under DDP; with ACCELERATE_USE_FSDP=true FSDP_VERSION=2, or ACCELERATE_USE_DEEPSPEED=true
+    ACCELERATE_DEEPSPEED_ZERO_STAGE=3, one of 4 under FSDP2 / ZeRO-3: library/planner/sharding.py)."""
     import dataclasses
 
     from library.engines import launched_processes
+    from library.planner.sharding import launched_sharding
     from library.run import OptimizerSettings, Switches
     from library.training import resolution
 
@@ -39,6 +41,7 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
     width, height = resolution(d.resolution)
     n = cfg.network
     switches = dataclasses.replace(Switches.from_config(cfg), xformers=False, sdpa=t.sdpa or t.xformers)
+    sharding = launched_sharding()  # ZeRO / FSDP2: one GPU of N, the step measured for one process
     return StepSettings(
         **dataclasses.asdict(switches), **dataclasses.asdict(OptimizerSettings.from_config(cfg)),
         recipe=recipe, family=family, arch=arch, width=width, height=height, batch_size=d.train_batch_size,
@@ -48,7 +51,8 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
         v_parameterization=m.v_parameterization, network=n, bucket_areas=bucket_areas(d, (width, height)),
         sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema,
-        processes=launched_processes(), ddp_gradient_as_bucket_view=t.ddp_gradient_as_bucket_view)
+        processes=1 if sharding else launched_processes(), ddp_gradient_as_bucket_view=t.ddp_gradient_as_bucket_view,
+        sharding=sharding)
 
 
 def bucket_areas(d, size: tuple[int, int]) -> tuple[float, ...]:

@@ -7,6 +7,7 @@ import time
 
 from library.planner.allocator import PhaseMemory, replay
 from library.planner.card import Card
+from library.planner.sharding import sharded_plan
 from library.planner.step import StepSettings, measure_step
 from library.planner.tracker import Record
 
@@ -54,8 +55,9 @@ def plan(settings: StepSettings, fake: bool = True, card: Card | None = None) ->
     spans = dict(m.tracker.spans)
     records, spans["step"] = bucket_steps(m.tracker.records, spans["step"], settings.bucket_areas)
     phases = replay(records, spans["vae"][0], spans, [card.cublas_workspace])
-    return Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
-                m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card, m.host)
+    measured = Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
+                    m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card, m.host)
+    return sharded_plan(measured)  # one GPU of N under ZeRO / FSDP2 (library/planner/sharding.py)
 
 
 def bucket_steps(records: list[Record], span: tuple[int, int], areas: tuple[float, ...]):

@@ -45,6 +45,7 @@ class StepSettings(Switches, OptimizerSettings):
     network: object = None  # the config's [network] section (adapter recipe)
     processes: int = 1  # several processes under DDP (library/engines.py): each holds its gradient buckets
     ddp_gradient_as_bucket_view: bool = False
+    sharding: object = None  # library.planner.sharding.Sharding: ZeRO / FSDP2 over N processes (plan.py applies it)
 
     def switches(self) -> Switches:
         """The run's memory switches as planned: on fake tensors int8 T5 is 1-byte fp8 storage (bitsandbytes
