@@ -78,6 +78,7 @@ _torchvision_free_padding_mask()
 
 class AnimaFamily(ModelFamily):
     name = "anima"
+    block_classes = ("CosmosTransformerBlock",)  # FSDP2 shards each as a unit
     xformers_attention = False  # Cosmos' own attention processors run on PyTorch SDPA
     text_encoder_folders = {"text_encoder": "te"}
     cached_apart = None  # one text encoder, never trained: its outputs are cached whole or not at all
