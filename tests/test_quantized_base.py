@@ -331,3 +331,51 @@ def test_cached_text_runs_train_with_an_nf4_text_encoder(family_config, golden, 
     assert encoder.device.type == "cpu" and any(isinstance(m, bnb.nn.Linear4bit) for m in encoder.modules())
     assert result.losses == pytest.approx(golden, rel=5e-3) and result.losses != pytest.approx(golden, rel=1e-6)
     assert result.losses == pytest.approx(pinned, rel=2e-3)
+
+
+@pytest.fixture(scope="module")
+def wide_text_zimage(tiny_zimage, tmp_path_factory):
+    """The tiny Z-Image with its Qwen3 widened (64 heads of 64, a 16384-wide MLP: its Linear weights dominate the
+    caption-encoding phase), planned for a LoRA with cached captions."""
+    import json
+    import shutil
+
+    from library.config import NetworkSection
+    from library.planner.step import StepSettings
+
+    folder = tmp_path_factory.mktemp("arch") / "wide-text-zimage"
+    shutil.copytree(tiny_zimage["folder"], folder)
+    config_path = folder / "text_encoder" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "intermediate_size": 16384,
+                                       "num_attention_heads": 64, "num_key_value_heads": 16, "head_dim": 64}))
+    return StepSettings(recipe="network", family="zimage", arch=str(folder), width=64, height=64,
+                        mixed_precision="bf16", cache_latents=True, cache_text_encoder_outputs=True,
+                        train_text_encoder=False, network=NetworkSection(network_dim=4, network_alpha=2.0))
+
+
+@pytest.mark.slow
+def test_the_planners_caption_phase_counts_a_quantized_text_encoder(wide_text_zimage):
+    """t5xxl_precision = nf4 / int8: the planned caption-encoding phase holds bitsandbytes' bytes for each of
+    Qwen3's Linears instead of 2 bytes a weight (library/planner/quantized.py): nf4 lowers it by exactly that;
+    int8 by that less LLM.int8's transient fp16 copies (under three of the largest layer's 16-bit
+    weights and the input cast to fp16; measured 3.10 of 5.23 MB saved)."""
+    import dataclasses
+
+    from transformers import Qwen3Config, Qwen3Model
+
+    from library.planner import plan
+    from library.planner.quantized import quantized_bytes
+
+    with torch.device("meta"):
+        encoder = Qwen3Model(Qwen3Config.from_pretrained(wide_text_zimage.arch, subfolder="text_encoder"))
+    shapes = [(m.out_features, m.in_features) for m in encoder.modules() if type(m) is torch.nn.Linear]
+    largest = max(2 * o * i for o, i in shapes)
+    text = {p: plan(dataclasses.replace(wide_text_zimage, t5xxl_precision=p)) for p in ("auto", "int8", "nf4")}
+    for precision in ("int8", "nf4"):
+        saved = sum(2 * o * i - quantized_bytes(o, i, precision) for o, i in shapes)
+        lowered = text["auto"].phases["text"].allocated - text[precision].phases["text"].allocated
+        assert any(f"t5xxl_precision {precision}" in note for note in text[precision].notes)
+        if precision == "nf4":
+            assert lowered == pytest.approx(saved, rel=5e-3)
+        else:
+            assert saved - 3 * largest <= lowered <= saved
