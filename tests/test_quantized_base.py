@@ -379,3 +379,17 @@ def test_the_planners_caption_phase_counts_a_quantized_text_encoder(wide_text_zi
             assert lowered == pytest.approx(saved, rel=5e-3)
         else:
             assert saved - 3 * largest <= lowered <= saved
+
+
+@pytest.mark.parametrize("family, arch", [("qwen_image", "qwen-image"), ("zimage", "zimage")])
+def test_budget_search_offers_the_text_encoder_in_fp8_then_nf4(family, arch):
+    """--vram_budget's ladder: the large text encoder in fp8, then in nf4 (search_budget takes nf4 only while the
+    caption-encoding phase is over the budget, else after every other switch)."""
+    from library.planner.budget import TEXT_NF4, _ladder
+    from library.planner.step import StepSettings
+
+    steps = {name: change for name, change, _, _ in _ladder(StepSettings(recipe="network", family=family, arch=arch,
+                                                                         width=64, height=64))}
+    names = list(steps)
+    assert names.index(TEXT_NF4) == names.index("T5-XXL in fp8 while encoding") + 1
+    assert steps[TEXT_NF4] == {"t5xxl_precision": "nf4"}
