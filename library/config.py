@@ -44,6 +44,9 @@ REQUIRED = dataclasses.MISSING
 # SimpleTuner's base_model_precision values) -> the storage library/quantization.py makes
 BASE_MODEL_PRECISIONS = {"no_change": "no_change", "int8": "int8", "nf4": "nf4", "nf4-bnb": "nf4",
                          "int8-quanto": "int8", "int8-torchao": "int8"}
+# model.t5xxl_precision (the large text encoder while it encodes): ours, and the same peers' spellings
+TEXT_ENCODER_PRECISIONS = {"auto": "auto", "no_change": "auto", "fp8": "fp8", "int8": "int8", "nf4": "nf4",
+                           "nf4-bnb": "nf4", "int8-quanto": "int8", "int8-torchao": "int8"}
 
 # ---------------------------------------------------------------------------------------------
 # The schema. Section dataclasses, then the whole config.
@@ -86,10 +89,12 @@ class ModelSection:
         None, "T5 tokens per caption (default: 512 for FLUX.1-dev, 256 for schnell, 256 for SD3)")
     apply_t5_attn_mask: bool = opt(False, "mask T5 padding tokens in the encoder and in the denoiser's attention")
     t5xxl_precision: str = opt(
-        "auto", "T5-XXL weight storage while encoding captions (FLUX.2: its Qwen3 / Mistral text encoder's): auto "
-        "(the weights' dtype; T5 9.5 GB in bf16), "
-        "fp8 (float8, computed in the autocast dtype) or int8 (bitsandbytes LLM.int8): ~4.8 GB",
-        choices=("auto", "fp8", "int8"))
+        "auto", "the large text encoder's weight storage while it encodes captions (T5-XXL; FLUX.2's Qwen3 / "
+        "Mistral, Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3): auto (the weights' dtype; T5 9.5 GB in bf16), fp8 "
+        "(float8, computed in the autocast dtype) or int8 (bitsandbytes LLM.int8): ~half; nf4 (bitsandbytes 4-bit "
+        "NormalFloat): ~a quarter. SimpleTuner's spellings no_change, nf4-bnb, int8-quanto, int8-torchao are read "
+        "as these",
+        choices=tuple(TEXT_ENCODER_PRECISIONS))
     base_model_precision: str = opt(
         "no_change", "train_network.py (QLoRA): store the frozen denoiser's and text encoders' Linear weights "
         "quantized through bitsandbytes, adapters in full precision on top: int8 (LLM.int8, ~1 byte per weight) or "

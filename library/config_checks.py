@@ -172,9 +172,10 @@ def check_combinations(cfg: Config) -> None:
 
 def _base_precision_problems(cfg: Config) -> list[str]:
     """model.base_model_precision: a peer's spelling read as ours (recorded so), and what it cannot go with."""
-    from library.config import BASE_MODEL_PRECISIONS
+    from library.config import BASE_MODEL_PRECISIONS, TEXT_ENCODER_PRECISIONS
 
     m, t = cfg.model, cfg.train
+    m.t5xxl_precision = TEXT_ENCODER_PRECISIONS[m.t5xxl_precision.lower()]
     m.base_model_precision = BASE_MODEL_PRECISIONS[m.base_model_precision.lower()]
     if m.base_model_precision == "no_change":
         return []

@@ -1,5 +1,6 @@
 """Reading checkpoints: single files (.safetensors, weights-only .ckpt), shipped architecture configs,
-tokenizers from a local folder or the user's cache. Family modules call these; nothing here knows a family.
+tokenizers from a local folder or the user's cache (or fetched once from the family's known repo when the
+network is allowed). Family modules call these; nothing here knows a family.
 """
 from __future__ import annotations
 
@@ -173,18 +174,78 @@ def shipped_archs() -> list[Path]:
     return sorted(p for p in ARCH_ROOT.iterdir() if p.is_dir())
 
 
-def load_clip_tokenizer(where: str, subfolder: str | None = None):
-    """A CLIP tokenizer from a local folder, or from the local cache of a hub id (never downloaded)."""
+def load_clip_tokenizer(where: str, subfolder: str | None = None, fetch: tuple[str, str] | None = None):
+    """A CLIP tokenizer (load_tokenizer): from `where` (its `subfolder`), the cache, or fetched from `fetch`."""
     from transformers import CLIPTokenizer
 
-    try:
-        return CLIPTokenizer.from_pretrained(where, subfolder=subfolder or "", local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"tokenizer {where!r}{' / ' + subfolder if subfolder else ''} not found locally; set "
-            f"model.tokenizer to a folder that holds tokenizer files (or run once with network access "
-            f"to fill the cache). ({type(e).__name__})"
-        ) from None
+    return load_tokenizer(where, (subfolder or "",), fetch or (where, subfolder or ""), "CLIP", CLIPTokenizer)
+
+
+TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")  # what a tokenizer folder holds
+
+
+def load_tokenizer(where: str, subfolders: tuple[str, ...], fetch: tuple[str, str], what: str, cls=None):
+    """The `what` tokenizer (a transformers `cls`, AutoTokenizer by default): from `where` (a folder, or the local
+    Hugging Face cache of a hub id), in the first of its `subfolders` holding one ("": `where` itself); else
+    from the cache of the family's known repo and subfolder `fetch`; else downloaded once into that cache with
+    huggingface_hub (from `where` when it is a hub id, else from `fetch`), unless HF_HUB_OFFLINE /
+    TRANSFORMERS_OFFLINE says not to. If none of that gives one: CheckpointError (model.tokenizer) naming the
+    tokenizer, where it was looked for, and how to provide it."""
+    if cls is None:
+        from transformers import AutoTokenizer as cls
+    repo, repo_subfolder = fetch
+    found = _local_tokenizer(cls, where, subfolders) or _local_tokenizer(cls, repo, (repo_subfolder,))
+    if found is not None:
+        return found
+    source, wanted = (where, subfolders) if _looks_like_hub_id(where) else (repo, (repo_subfolder,))
+    why = _offline()
+    if why is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = [f"{sub}/*" if sub else name for sub in wanted for name in TOKENIZER_FILES]
+            found = _local_tokenizer(cls, snapshot_download(source, allow_patterns=patterns), wanted)
+            why = None if found is not None else f"{source} has no {what} tokenizer files there"
+        except Exception as e:  # noqa: BLE001  (huggingface_hub's network, gating and missing-repo errors)
+            why = f"downloading it from {source} failed ({type(e).__name__}: {_first_line(e)})"
+    if found is not None:
+        return found
+    inside = " or ".join(f"{where}/{sub}" if sub else where for sub in subfolders)
+    raise CheckpointError(
+        f"{what} tokenizer not found in {inside} nor in the Hugging Face cache of {repo}, and {why}: set "
+        f"model.tokenizer to a folder holding its files, or fetch them once with network access (huggingface-cli "
+        f"download {repo} --include '{repo_subfolder + '/' if repo_subfolder else ''}*'; a gated repo needs "
+        f"HF_TOKEN)", key="model.tokenizer")
+
+
+def _local_tokenizer(cls, where: str, subfolders: tuple[str, ...]):
+    """The tokenizer in the first of `subfolders` of `where` (or its cache) that has one, else None. transformers'
+    CLIPTokenizer "loads" from a folder without its files as a tokenizer of its 2 special tokens: not one."""
+    for subfolder in subfolders:
+        try:
+            tokenizer = cls.from_pretrained(where, subfolder=subfolder, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            continue
+        if len(tokenizer) > len(set(tokenizer.all_special_tokens)):
+            return tokenizer
+    return None
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return not os.path.exists(value) and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
+
+
+def _offline() -> str | None:
+    """Why nothing is downloaded (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set), or None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name} is set (no download)"
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "no details"
 
 
 # ---- renaming between layouts (the family layout modules' tables drive these) --------------------------

@@ -9,17 +9,24 @@ LLM.int8 (1 byte per weight + an fp32 scale per output row, outlier input featur
 family gets it, and convolutions (the SD U-Nets' ResNets), norms and embeddings keep their precision. The
 planner counts the same bytes (library/planner/quantized.py: bitsandbytes does not run on fake tensors).
 
-t5xxl_precision: T5-XXL's 4.76 billion parameters take 9.5 GB in bf16: on a 12-16 GB card the encoding phase,
-not training, is what runs out of memory. Two ways to halve it, both applied to a frozen encoder before it moves
-to the device:
+t5xxl_precision: the large text encoder while it encodes captions (T5-XXL, 4.76 billion parameters, 9.5 GB in
+bf16; the language models of FLUX.2 (Qwen3-4B / 8B, Mistral-Small-3 24B), Qwen-Image (Qwen2.5-VL-7B) and
+Z-Image (Qwen3-4B)): on a 12-16 GB card the encoding phase, not training, is what runs out of memory (FLUX.2
+dev's Mistral takes 23.7 GiB in fp8). Applied to a frozen encoder before it moves to the device:
 
 - fp8: every Linear weight stored as float8_e4m3fn and cast to the compute dtype layer by layer in forward
   (library.memory.store_fp8, what fp8_base does for the denoiser). Embeddings, layer norms and the relative
   attention bias stay as they are.
 - int8: every Linear becomes a bitsandbytes LLM.int8 layer (int8_linear), as transformers'
-  BitsAndBytesConfig(load_in_8bit=True) does for a folder; done here so that single t5xxl files get it too.
+  BitsAndBytesConfig(load_in_8bit=True) does for a folder; done here so that single files get it too.
+- nf4: every Linear but a language model's lm_head (tied to the embedding, never read when encoding) becomes a
+  bitsandbytes NF4 layer (nf4_linear), as BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+  does: ~0.52 byte per weight, a quarter of bf16. Chosen over visiting the device layer by layer (as block
+  swap does for the denoiser): the encoder then stays on the card while it encodes, with no PCIe copy of the
+  whole model per batch of captions, and the same layers serve sampling's prompts.
 
-The outputs change slightly (fp8: ~2 significant digits per weight); caches record the precisions.
+The outputs change slightly (fp8: ~2 significant digits per weight; nf4: 16 levels per 64-weight block);
+caches record the precisions (their weight fingerprint sees the storage).
 """
 from __future__ import annotations
 
@@ -37,9 +44,11 @@ def is_t5(module: nn.Module) -> bool:
     return isinstance(module, T5EncoderModel)
 
 
-# the language models FLUX.2 encodes captions with (Qwen3 for klein, Mistral-Small-3 for dev): 8 to 24 billion
-# parameters, stored smaller the same way while they encode
-LANGUAGE_MODELS = ("Qwen3ForCausalLM", "Qwen3Model", "MistralModel", "Mistral3ForConditionalGeneration")
+TEXT_PRECISIONS = ("fp8", "int8", "nf4")  # model.t5xxl_precision's smaller storages (config.py spells them)
+# the language models FLUX.2 (Qwen3 for klein, Mistral-Small-3 for dev), Qwen-Image (Qwen2.5-VL's language model)
+# and Z-Image (Qwen3) encode captions with: 4 to 24 billion parameters, stored smaller the same way as T5
+LANGUAGE_MODELS = ("Qwen3ForCausalLM", "Qwen3Model", "MistralModel", "Mistral3ForConditionalGeneration",
+                   "Qwen2_5_VLTextModel", "Qwen2_5_VLForConditionalGeneration")
 
 
 def is_stored_smaller(module: nn.Module) -> bool:
@@ -47,16 +56,18 @@ def is_stored_smaller(module: nn.Module) -> bool:
     return is_t5(module) or type(module).__name__ in LANGUAGE_MODELS
 
 
-def store_t5(parts, precision: str, compute_dtype: torch.dtype) -> list[str]:
-    """Apply `precision` to the frozen T5 encoders (and FLUX.2's language models) among parts.text_encoders;
-    returns their names."""
+def store_t5(parts, precision: str, compute_dtype: torch.dtype, make_layer=None) -> list[str]:
+    """Apply `precision` to the frozen T5 encoders (and the LANGUAGE_MODELS) among parts.text_encoders; returns
+    their names. int8 / nf4 Linears are made by `make_layer(linear, precision, compute_dtype)` (default
+    bitsandbytes' layers; the planner passes its stand-in, library/planner/quantized.py)."""
     from library.config import ConfigError
 
     if precision == "auto":
         return []
     names = [name for name, encoder in parts.text_encoders.items() if is_stored_smaller(encoder)]
     if not names:
-        raise ConfigError(f"model.t5xxl_precision = {precision!r}: this model has no T5 text encoder")
+        raise ConfigError(f"model.t5xxl_precision = {precision!r}: this model has no T5 or language-model text "
+                          f"encoder")
     for name in names:
         encoder = parts.text_encoders[name]
         if any(p.requires_grad for p in encoder.parameters()):
@@ -65,7 +76,7 @@ def store_t5(parts, precision: str, compute_dtype: torch.dtype) -> list[str]:
         if precision == "fp8":
             store_fp8(encoder, compute_dtype)
         else:
-            store_int8(encoder)
+            store_quantized(encoder, precision, compute_dtype, make_layer or bnb_linear)
     return names
 
 
@@ -87,12 +98,31 @@ def store_int8(module: nn.Module, threshold: float = 6.0) -> None:
     replace_linears(module, lambda layer: int8_linear(layer, threshold))
 
 
-def replace_linears(module: nn.Module, make) -> int:
-    """Every plain nn.Linear of `module` replaced by make(linear) in place; returns how many."""
+def store_quantized(module: nn.Module, precision: str, compute_dtype: torch.dtype, make_layer=None) -> int:
+    """A frozen text encoder's Linears as `make_layer(linear, precision, compute)` makes them (bitsandbytes'
+    int8 / nf4 layers by default), computing in the run's half precision; a language model's lm_head is left
+    out for nf4 (tied to the embedding, never read when encoding), and so are the layers transformers keeps in
+    full precision when it loads the model in 4 bits (nf4_kept). Returns how many were replaced."""
+    compute = compute_dtype if compute_dtype.is_floating_point and compute_dtype.itemsize > 1 else torch.bfloat16
+    make = make_layer or bnb_linear
+    skip = nf4_kept(module) if precision == "nf4" else ()
+    return replace_linears(module, lambda layer: make(layer, precision, compute), skip)
+
+
+def nf4_kept(module: nn.Module) -> tuple[str, ...]:
+    """Linears (by name) an nf4 text encoder keeps in its compute dtype: a language model's lm_head, and the
+    model's _keep_in_fp32_modules, which transformers' 4-bit loading keeps too (T5's MLP output `wo`: T5 casts
+    that layer's input to its weight's dtype, which would be the packed uint8 codes)."""
+    return ("lm_head", *(getattr(module, "_keep_in_fp32_modules", None) or ()))
+
+
+def replace_linears(module: nn.Module, make, skip: tuple[str, ...] = ()) -> int:
+    """Every plain nn.Linear of `module` (but those whose own name is in `skip`) replaced by make(linear) in
+    place; returns how many."""
     count = 0
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and child_name not in skip:
                 setattr(parent, child_name, make(child))
                 count += 1
     return count
@@ -136,8 +166,8 @@ def bnb_linear(child: nn.Linear, precision: str, compute_dtype: torch.dtype) -> 
 
 def quantize_base(parts, precision: str, compute_dtype: torch.dtype, keep_t5: bool = False,
                   make_layer=bnb_linear) -> dict[str, int]:
-    """base_model_precision: every nn.Linear of the frozen denoiser and text encoders (T5 too, unless `keep_t5`:
-    model.t5xxl_precision stores it) replaced by `make_layer(linear, precision, compute_dtype)`, by default a
+    """base_model_precision: every nn.Linear of the frozen denoiser and text encoders (T5 and the language models
+    too, unless `keep_t5`: model.t5xxl_precision stores them) replaced by `make_layer(linear, precision, compute_dtype)`, by default a
     bitsandbytes layer quantized at once on the host (int8: LLM.int8, 1 byte per weight + an fp32 scale per
     row; nf4: ~0.52 byte per weight). Convolutions, norms and embeddings keep their precision. Call it before the
     adapters go in: peft then builds its QLoRA layers (adapters in full precision over the quantized layer) on
@@ -145,7 +175,7 @@ def quantize_base(parts, precision: str, compute_dtype: torch.dtype, keep_t5: bo
     if precision not in BASE_PRECISIONS:
         return {}
     chosen = {"denoiser": parts.denoiser, **{name: encoder for name, encoder in parts.text_encoders.items()
-                                            if not (keep_t5 and is_t5(encoder))}}
+                                            if not (keep_t5 and is_stored_smaller(encoder))}}
     for name, module in chosen.items():
         if any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"base_model_precision {precision}: {name} trains; only frozen weights are quantized")

@@ -186,7 +186,7 @@ VOCAB: dict[str, Key] = {
     "model_type": mapped(STR, "model.family (flux_train_network's flux or chroma)"),
     "save_clip": refused(FLAG, "train_db.py saves the denoiser file only; the text encoders are unchanged"),
     "save_t5xxl": refused(FLAG, "train_db.py saves the denoiser file only; T5 is never trained"),
-    "t5xxl_dtype": refused(STR, "use model.t5xxl_precision (auto, fp8, int8)"),
+    "t5xxl_dtype": refused(STR, "use model.t5xxl_precision (auto, fp8, int8, nf4)"),
     "apply_lg_attn_mask": refused(FLAG, "masking CLIP-L/G padding is not offered (apply_t5_attn_mask is)"),
     "clip_l_dropout_rate": refused(FLOAT, "per-encoder caption dropout is not offered: use caption_dropout_rate",
                                    0, 0.0),

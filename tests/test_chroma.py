@@ -199,3 +199,77 @@ def test_samples_use_the_training_mask_and_the_negative_prompt(tiny_chroma):
     text = family.encode_prompts(parts, ["a red dog"], 1)["t5_attention_mask"]
     assert captured and all(m.dtype == torch.bool for m in captured)
     assert torch.equal(captured[0][:, :16], text) and captured[0][:, 16:].all()
+
+
+
+def _wide_chroma_parts():
+    """Chroma at its real width (3072: diffusers' FLUX kohya converter assumes linear1 = 3 x 3072 + 12288) with one
+    block of each kind, around the tiny T5 and VAE, as our Components."""
+    from diffusers import ChromaTransformer2DModel
+
+    from library.families.base import Components
+    from library.tiny import build_tiny_chroma
+
+    parts = build_tiny_chroma()
+    torch.manual_seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=parts["text_encoder"].config.d_model, axes_dims_rope=(16, 56, 56),
+        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1)
+    return Components(denoiser=transformer, vae=parts["vae"], noise_scheduler=parts["scheduler"],
+                      text_encoders={"te3": parts["text_encoder"]}, tokenizers={"te3": parts["tokenizer"]},
+                      source=ModelSource("wide-chroma", t5xxl_max_token_length=16))
+
+
+@pytest.mark.slow
+def test_kohya_file_in_diffusers_every_key_consumed_and_equal_to_our_merge(tmp_path):
+    """A kohya file as a run writes it (FLUX.1's lora_unet_ names, q/k/v and the single blocks' MLP input fused):
+    ChromaPipeline.load_lora_weights (diffusers' FLUX kohya converter) consumes every key, one LoRA layer per
+    adapted module and no warning, with the outputs of our live adapter and of our merge into the base."""
+    import copy
+    import logging
+
+    from diffusers import ChromaPipeline
+
+    from networks import files
+    from networks.merge import merge_lora
+    from networks.settings import settings_from
+    from networks.targets import inject
+
+    family, ours = ChromaFamily(), _wide_chroma_parts()
+    base = copy.deepcopy(ours.denoiser)
+    pipe = ChromaPipeline(transformer=copy.deepcopy(base), vae=ours.vae, scheduler=ours.noise_scheduler,
+                          text_encoder=ours.text_encoders["te3"], tokenizer=ours.tokenizers["te3"])
+    adapted = [inject(ours.denoiser, t, settings_from({"module": "networks.lora", "dim": 4, "alpha": 2.0}))
+               for t in family.adapter_targets(ours)]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking adapter weights (peft starts at a zero delta)
+        for p in (p for c in adapted for p in c.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path = tmp_path / "chroma-kohya.safetensors"
+    tensors, extra = files.adapter_tensors(adapted, "kohya", torch.float32)
+    files.save(path, tensors, extra)
+    layers = {k.split(".", 1)[0] for k in load_file(path)}
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"} <= layers
+
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        pipe.load_lora_weights(str(path))
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    # "Unsupported keys ..." and peft's unexpected keys are warnings; that T5 has no keys is the one expected
+    assert not [w for w in warnings if not w.startswith("No LoRA keys associated to T5EncoderModel")], warnings
+    assert lora_layers(pipe.transformer) == sum(len(c.layers) for c in adapted)
+    merged = _wide_chroma_parts()
+    merged.denoiser = copy.deepcopy(base)
+    assert merge_lora({"denoiser": merged.denoiser}, family.adapter_targets(merged), str(path)) == len(layers)
+    theirs = pipeline_parts(pipe, ours.source, {"te3": pipe.text_encoder}, {"te3": pipe.tokenizer})
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    outs = [predict_caption(family, parts, latents) for parts in (ours, theirs, merged)]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-4)
+    pipe.transformer.disable_lora()
+    assert (outs[0] - predict_caption(family, theirs, latents)).abs().max() > 1e-2  # the adapter matters

@@ -104,3 +104,108 @@ def test_tiny_cli_builds_every_family(what, family, files, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'x'}, ")
     assert get_family("auto", str(tmp_path / "x")).name == family
     assert get_family("auto", str(tmp_path / "x.safetensors")).name == family
+
+
+# ---- tokenizers fetched once when the network is allowed -------------------------------------------------
+
+def _fake_hub(monkeypatch, tokenizer_folder, tmp_path):
+    """huggingface_hub.snapshot_download replaced: records (repo, patterns) and returns a snapshot folder holding
+    the tiny CLIP tokenizer in each subfolder the patterns ask for."""
+    import shutil
+
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, tuple(allow_patterns)))
+        folder = tmp_path / "hub" / repo_id.replace("/", "--")
+        for sub in {p.rsplit("/", 1)[0] if "/" in p else "" for p in allow_patterns}:
+            shutil.copytree(tokenizer_folder, folder / sub, dirs_exist_ok=True)
+        return str(folder)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def _fetched(calls):
+    """(repo, subfolder) of each download."""
+    return [(repo, patterns[0].split("/")[0] if "/" in patterns[0] else "") for repo, patterns in calls]
+
+
+def test_a_missing_clip_tokenizer_is_fetched_once_from_its_repo(tiny_sd1, monkeypatch, tmp_path):
+    """A single SD1 file with no tokenizer in the cache (a fresh rented machine): the CLIP tokenizer is downloaded
+    from openai/clip-vit-large-patch14, tokenizer files only, and loads."""
+    calls = _fake_hub(monkeypatch, tiny_sd1[0] / "tokenizer", tmp_path)
+    parts = SD1Family().load(ModelSource(str(tiny_sd1[1]), arch=str(tiny_sd1[0])))
+    assert calls == [("openai/clip-vit-large-patch14", ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"))]
+    assert parts.tokenizers["te"]("a photo").input_ids[0] == parts.tokenizers["te"].bos_token_id
+
+
+def _family_tokenizers(name):
+    """Each family's tokenizer loading as its single-file loader calls it (no model.tokenizer)."""
+    from library.families import chroma, flux, flux2, qwen_image, sd3, sdxl, zimage
+
+    return {"sdxl": lambda: sdxl._tokenizers(sdxl.DEFAULT_TOKENIZERS),
+            "sd3": lambda: sd3._tokenizers(sd3.DEFAULT_TOKENIZERS),
+            "flux": lambda: flux._tokenizers(flux.DEFAULT_TOKENIZERS),
+            "chroma": lambda: chroma._tokenizers(chroma.DEFAULT_TOKENIZER),
+            "flux2-klein-4b": lambda: flux2._tokenizer(flux2.DEFAULT_TOKENIZERS["flux2-klein-4b"], "flux2-klein-4b"),
+            "flux2-klein-9b": lambda: flux2._tokenizer(flux2.DEFAULT_TOKENIZERS["flux2-klein-9b"], "flux2-klein-9b"),
+            "flux2-dev": lambda: flux2._tokenizer(flux2.DEFAULT_TOKENIZERS["flux2-dev"], "flux2-dev"),
+            "qwen_image": lambda: qwen_image._tokenizer(qwen_image.DEFAULT_TOKENIZER),
+            "zimage": lambda: zimage._tokenizer(zimage.DEFAULT_TOKENIZER)}[name]
+
+
+@pytest.mark.parametrize("family, fetched", [
+    ("sdxl", [("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+              ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2")]),
+    ("sd3", [("stabilityai/stable-diffusion-3-medium-diffusers", f"tokenizer{n}") for n in ("", "_2", "_3")]),
+    ("flux", [("black-forest-labs/FLUX.1-dev", "tokenizer"), ("black-forest-labs/FLUX.1-dev", "tokenizer_2")]),
+    ("chroma", [("lodestones/Chroma1-HD", "tokenizer")]),
+    ("flux2-klein-4b", [("black-forest-labs/FLUX.2-klein-4B", "tokenizer")]),
+    ("flux2-klein-9b", [("black-forest-labs/FLUX.2-klein-9B", "tokenizer")]),
+    ("flux2-dev", [("black-forest-labs/FLUX.2-dev", "tokenizer")]),
+    ("qwen_image", [("Qwen/Qwen-Image", "tokenizer")]),
+    ("zimage", [("Tongyi-MAI/Z-Image-Turbo", "tokenizer")])])
+def test_each_family_fetches_its_tokenizers_from_its_repo(family, fetched, tiny_sd1, monkeypatch, tmp_path):
+    calls = _fake_hub(monkeypatch, tiny_sd1[0] / "tokenizer", tmp_path)
+    loaded = _family_tokenizers(family)()
+    assert _fetched(calls) == fetched
+    assert all(t is not None for t in (loaded.values() if isinstance(loaded, dict) else [loaded]))
+
+
+def test_a_model_folder_without_its_tokenizer_fetches_the_familys(tiny_sd1, monkeypatch, tmp_path):
+    """A local folder (model.tokenizer, or the model's own folder) without the tokenizer: the family's repo."""
+    from library.families import zimage
+
+    calls = _fake_hub(monkeypatch, tiny_sd1[0] / "tokenizer", tmp_path)
+    tokenizer = zimage._tokenizer(str(tmp_path))
+    assert _fetched(calls) == [("Tongyi-MAI/Z-Image-Turbo", "tokenizer")] and tokenizer.padding_side == "right"
+
+
+def test_offline_or_a_failed_fetch_is_one_line_naming_the_tokenizer(tiny_sd1, monkeypatch, tmp_path, config_error):
+    """HF_HUB_OFFLINE = 1: no download, exit 2 with one line naming the tokenizer, where it was looked for and how
+    to provide it; a download that fails says why, in the same line."""
+    import huggingface_hub
+
+    def unreachable(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach huggingface.co")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config, line = config_error({"pretrained_model_name_or_path": str(tiny_sd1[1]), "arch": str(tiny_sd1[0])},
+                                "offline.toml")
+    assert line == (f"config error: {config}: 'model.tokenizer': CLIP tokenizer not found in "
+                    f"openai/clip-vit-large-patch14 nor in the Hugging Face cache of openai/clip-vit-large-patch14, "
+                    f"and HF_HUB_OFFLINE is set (no download): set model.tokenizer to a folder holding its files, or "
+                    f"fetch them once with network access (huggingface-cli download openai/clip-vit-large-patch14 "
+                    f"--include '*'; a gated repo needs HF_TOKEN)")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(CheckpointError, match=r"Chroma T5 tokenizer not found in .*lodestones/Chroma1-HD, and "
+                                              r"downloading it from lodestones/Chroma1-HD failed "
+                                              r"\(LocalEntryNotFoundError: cannot reach huggingface.co\)"):
+        from library.families import chroma
+
+        chroma._tokenizers(chroma.DEFAULT_TOKENIZER)

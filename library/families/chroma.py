@@ -27,7 +27,7 @@ from library.families.transformer_parts import (assign_weights, encode_latents, 
                                                 load_file_or_folder, missing_files_problem, pack_latents, t5_keys,
                                                 t5_max_length, unpack_latents)
 from library.flux_layout import kohya_layout
-from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
+from library.loading import arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
 
 PIPELINE_CLASS = "ChromaPipeline"
@@ -185,13 +185,10 @@ def _rebuild_buffers(denoiser: ChromaTransformer2DModel) -> None:
 
 
 def _tokenizers(where: str) -> dict:
-    from transformers import AutoTokenizer
+    """Chroma's T5 tokenizer (tokenizer/) from `where`, the cache, or fetched once from the Chroma repo."""
+    from library.loading import load_tokenizer
 
-    try:
-        return {"te3": AutoTokenizer.from_pretrained(where, subfolder="tokenizer", local_files_only=True)}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"T5 tokenizer {where!r} (tokenizer/) not found locally; set model.tokenizer to a "
-                              f"Chroma folder that holds it ({type(e).__name__})") from None
+    return {"te3": load_tokenizer(where, ("tokenizer",), (DEFAULT_TOKENIZER, "tokenizer"), "Chroma T5")}
 
 
 register(ChromaFamily())

@@ -28,7 +28,7 @@ from library.families.transformer_parts import (assign_weights, clip_keys, encod
 from library.chroma_layout import APPROXIMATOR, is_chroma_key
 from library.flux2_layout import MARKER as FLUX2_MARKER, is_flux2_key
 from library.flux_layout import bfl_to_transformer, kohya_layout, transformer_to_bfl
-from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
+from library.loading import arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
 
 BFL_PREFIX = "model.diffusion_model."
@@ -253,14 +253,15 @@ def _arch_name(denoiser) -> str:
 
 
 def _tokenizers(where: str) -> dict:
-    from transformers import AutoTokenizer, CLIPTokenizer
+    """FLUX.1's CLIP-L (tokenizer/) and T5 (tokenizer_2/) tokenizers from `where`, the cache, or fetched once from
+    the FLUX.1 repo (library.loading.load_tokenizer)."""
+    from transformers import CLIPTokenizer
 
-    try:
-        return {"te1": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", local_files_only=True),
-                "te3": AutoTokenizer.from_pretrained(where, subfolder="tokenizer_2", local_files_only=True)}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"tokenizers {where!r} (tokenizer/ and tokenizer_2/) not found locally; set "
-                              f"model.tokenizer to a FLUX.1 folder that holds them ({type(e).__name__})") from None
+    from library.loading import load_tokenizer
+
+    return {"te1": load_tokenizer(where, ("tokenizer",), (DEFAULT_TOKENIZERS, "tokenizer"), "FLUX.1 CLIP-L",
+                                  CLIPTokenizer),
+            "te3": load_tokenizer(where, ("tokenizer_2",), (DEFAULT_TOKENIZERS, "tokenizer_2"), "FLUX.1 T5")}
 
 
 register(FluxFamily())

@@ -96,7 +96,7 @@ class Flux2Family(ModelFamily):
         return Components(
             denoiser=denoiser, vae=vae,
             text_encoders={"te": encoder_class.from_pretrained(str(path), subfolder="text_encoder")},
-            tokenizers={"te": _tokenizer(source.tokenizer or str(path))},
+            tokenizers={"te": _tokenizer(source.tokenizer or str(path), _arch_of(denoiser))},
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler"),
             extra={"is_distilled": bool(index.get("is_distilled", False))})
 
@@ -115,7 +115,8 @@ class Flux2Family(ModelFamily):
         assign_weights(denoiser, state, source.path)
         return Components(denoiser=denoiser, vae=load_vae(source.ae, arch),
                           text_encoders={"te": load_text_encoder(source.text_encoder, arch)},
-                          tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZERS.get(name, str(arch)))},
+                          tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZERS.get(name, str(arch)),
+                                                       _arch_of(denoiser))},
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
                                                                                           subfolder="scheduler"),
                           extra={"arch": str(arch)})
@@ -346,14 +347,13 @@ def load_vae(path: str, arch: Path):
     return vae
 
 
-def _tokenizer(where: str):
-    from transformers import AutoTokenizer
+def _tokenizer(where: str, variant: str):
+    """The variant's tokenizer (klein: Qwen3's, dev: Mistral's) from `where`'s tokenizer/, the cache, or fetched
+    once from the variant's repo (library.loading.load_tokenizer)."""
+    from library.loading import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(where, subfolder="tokenizer", local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"tokenizer {where!r} (tokenizer/) not found locally; set model.tokenizer to a FLUX.2 "
-                              f"folder that holds it ({type(e).__name__})") from None
+    return load_tokenizer(where, ("tokenizer",), (DEFAULT_TOKENIZERS[variant], "tokenizer"), f"FLUX.2 {variant}")
+
 
 
 register(Flux2Family())

@@ -374,16 +374,11 @@ class _PlanningTokenizer:
 
 
 def _tokenizer(where: str):
-    from transformers import AutoTokenizer
+    """Qwen2.5-VL's tokenizer from `where`'s tokenizer/ (or `where` itself), the cache, or fetched once from
+    Qwen-Image's repo (library.loading.load_tokenizer)."""
+    from library.loading import load_tokenizer
 
-    for subfolder in ("tokenizer", ""):
-        try:
-            return AutoTokenizer.from_pretrained(where, subfolder=subfolder, local_files_only=True)
-        except (OSError, ValueError, TypeError):
-            continue
-    raise CheckpointError(f"Qwen2.5-VL tokenizer {where!r} (tokenizer/) not found locally; set model.tokenizer to a "
-                          f"Qwen-Image folder that holds it, or a tokenizer folder (or run once with network "
-                          f"access to fill the cache of {DEFAULT_TOKENIZER})", key="model.tokenizer")
+    return load_tokenizer(where, ("tokenizer", ""), (DEFAULT_TOKENIZER, "tokenizer"), "Qwen-Image Qwen2.5-VL")
 
 
 register(QwenImageFamily())

@@ -26,6 +26,11 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 DEFAULT_TOKENIZERS = {"clip": "openai/clip-vit-large-patch14", "open_clip": "stabilityai/stable-diffusion-2-1"}
 
 
+def _fetch(kind: str) -> tuple[str, str]:
+    """The hub repo and subfolder a missing tokenizer of this kind is fetched from (loading.load_tokenizer)."""
+    return DEFAULT_TOKENIZERS[kind], "tokenizer" if kind == "open_clip" else ""
+
+
 class SD1Family(ModelFamily):
     name = "sd1"
     block_classes = ("BasicTransformerBlock", "ResnetBlock2D")  # FSDP2 shards each as a unit
@@ -76,7 +81,9 @@ class SD1Family(ModelFamily):
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
             text_encoders={"te": te},
             tokenizers={"te": load_clip_tokenizer(source.tokenizer or path,
-                                                  None if source.tokenizer else "tokenizer")},
+                                                  None if source.tokenizer else "tokenizer",
+                                                  _fetch("open_clip" if source.v2 or te.config.hidden_act == "gelu"
+                                                         else "clip"))},
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             extra={"v2": source.v2 or te.config.hidden_act == "gelu"},
         )
@@ -91,7 +98,7 @@ class SD1Family(ModelFamily):
         vae = AutoencoderKL.from_single_file(checkpoint, config=str(arch), subfolder="vae", local_files_only=True)
         te, kind = _text_encoder_from_checkpoint(checkpoint, arch, source.path)
         tokenizer = load_clip_tokenizer(source.tokenizer or DEFAULT_TOKENIZERS[kind],
-                                        None if source.tokenizer else ("tokenizer" if kind == "open_clip" else None))
+                                        None if source.tokenizer else _fetch(kind)[1], _fetch(kind))
         scheduler = DDPMScheduler.from_pretrained(str(arch), subfolder="scheduler")
         return Components(denoiser=unet, vae=vae, text_encoders={"te": te}, tokenizers={"te": tokenizer},
                           noise_scheduler=scheduler, extra={"arch": str(arch), "v2": kind == "open_clip"})

@@ -302,16 +302,16 @@ def _load_vae(where, arch: Path) -> AutoencoderKL:
 
 
 def _tokenizers(where: str) -> dict:
-    from transformers import AutoTokenizer, CLIPTokenizer
+    """SD3's three tokenizers (tokenizer/, tokenizer_2/, tokenizer_3/) from `where`, the cache, or fetched once
+    from the SD3 repo (library.loading.load_tokenizer)."""
+    from transformers import CLIPTokenizer
 
-    try:
-        return {"te1": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer", local_files_only=True),
-                "te2": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2", local_files_only=True),
-                "te3": AutoTokenizer.from_pretrained(where, subfolder="tokenizer_3", local_files_only=True)}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"tokenizers {where!r} (tokenizer/, tokenizer_2/, tokenizer_3/) not found locally; "
-                              f"set model.tokenizer to an SD3 diffusers folder that holds them "
-                              f"({type(e).__name__})") from None
+    from library.loading import load_tokenizer
+
+    return {name: load_tokenizer(where, (sub,), (DEFAULT_TOKENIZERS, sub), what, cls)
+            for name, sub, what, cls in (("te1", "tokenizer", "SD3 CLIP-L", CLIPTokenizer),
+                                         ("te2", "tokenizer_2", "SD3 CLIP-G", CLIPTokenizer),
+                                         ("te3", "tokenizer_3", "SD3 T5", None))}
 
 
 register(Sd3Family())

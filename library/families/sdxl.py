@@ -282,9 +282,10 @@ def _tokenizers(where: str) -> dict:
     """tokenizer/ and tokenizer_2/ of a pipeline folder (or the cache of a hub id); a folder holding one
     CLIP tokenizer serves both (the second padding with "!", as SDXL's tokenizer_2)."""
     if (Path(where) / "tokenizer").is_dir() or not Path(where).is_dir():
-        return {"te1": load_clip_tokenizer(where, "tokenizer"), "te2": load_clip_tokenizer(where, "tokenizer_2")}
-    first = load_clip_tokenizer(where)
-    second = load_clip_tokenizer(where)
+        return {"te1": load_clip_tokenizer(where, "tokenizer", (DEFAULT_TOKENIZERS, "tokenizer")),
+                "te2": load_clip_tokenizer(where, "tokenizer_2", (DEFAULT_TOKENIZERS, "tokenizer_2"))}
+    first = load_clip_tokenizer(where, fetch=(DEFAULT_TOKENIZERS, "tokenizer"))
+    second = load_clip_tokenizer(where, fetch=(DEFAULT_TOKENIZERS, "tokenizer_2"))
     second.pad_token = "!"
     return {"te1": first, "te2": second}
 

@@ -28,7 +28,7 @@ from transformers import Qwen3Config, Qwen3Model
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
 from library.families.transformer_parts import (assign_weights, encode_latents, load_ae, load_file_or_folder,
                                                 missing_files_problem)
-from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
+from library.loading import arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
 from library.zimage_layout import PREFIX, kohya_layout, original_to_transformer, transformer_to_original
 
@@ -208,17 +208,11 @@ def _separate_file(source: ModelSource, key: str) -> str | None:
 def _tokenizer(where: str):
     """Qwen3's tokenizer from `where`'s tokenizer/ subfolder, or `where` itself; right padding (Qwen3's own),
     which predict() relies on to cut each caption's real tokens."""
-    from transformers import AutoTokenizer
+    from library.loading import load_tokenizer
 
-    for subfolder in ("tokenizer", ""):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where, subfolder=subfolder, local_files_only=True)
-        except (OSError, ValueError):
-            continue
-        tokenizer.padding_side = "right"
-        return tokenizer
-    raise CheckpointError(f"Qwen3 tokenizer {where!r} (tokenizer/) not found locally; set model.tokenizer to a "
-                          f"Z-Image folder that holds it")
+    tokenizer = load_tokenizer(where, ("tokenizer", ""), (DEFAULT_TOKENIZER, "tokenizer"), "Z-Image Qwen3")
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 register(ZImageFamily())

@@ -13,6 +13,9 @@ from library.planner.step import StepSettings
 # --vram_budget: the switches, cheapest first
 # ---------------------------------------------------------------------------------------------
 
+TEXT_NF4 = "text encoder in nf4 while encoding"
+
+
 # (name, what it changes, config lines, its cost in speed as far as known without a GPU)
 def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, list[str], str]]:
     half = "bf16" if (card or Card()).bf16 else "fp16"  # a card without bf16 (before Ampere) gets fp16
@@ -33,6 +36,9 @@ def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, 
         steps.append(("T5-XXL in fp8 while encoding", {"t5xxl_precision": "fp8"},
                       ['t5xxl_precision = "fp8"   # [model]'],
                       "encoding only (once, when cached); fp8 rounding of T5's weights"))
+    if s.t5xxl_precision != "nf4" and _has_t5(s):  # search_budget takes it only when the captions do not fit
+        steps.append((TEXT_NF4, {"t5xxl_precision": "nf4"}, ['t5xxl_precision = "nf4"   # [model]'],
+                      "encoding only (once, when cached); NF4 rounding of the text encoder's weights"))
     if s.optimizer_type.lower() == "adamw" and s.recipe == "network":
         steps.append(("AdamW8bit", {"optimizer_type": "AdamW8bit"}, ['optimizer_type = "AdamW8bit"   # [optimizer]'],
                       "about the same speed"))
@@ -65,6 +71,11 @@ def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, 
                           f"~{seconds:.1f} s/step of PCIe copies at 25 GB/s ({moved / GIB:.1f} GiB each way), "
                           f"partly hidden behind compute"))
     return steps
+
+
+def _encoding_fits(p: Plan, limit: float) -> bool:
+    """The phases the text encoder is on the card for (encoding the captions, and sampling's prompts) fit."""
+    return all(p.card_total(phase) <= limit for phase in ("text", "sample") if phase in p.phases)
 
 
 def _has_t5(s: StepSettings) -> bool:
@@ -102,7 +113,8 @@ def _swap_counts(s: StepSettings, stride: int = 8) -> dict[int, int]:
 def search_budget(s: StepSettings, budget_gb: float, say=print, fake: bool = True,
                   card: Card | None = None) -> tuple[Plan, list[str], list[str]] | None:
     """Add switches, cheapest in speed first, until the planned card total (reserved + CUDA context) fits
-    `budget_gb` GiB less the margin; then lower the batch size. Only switches the card supports are proposed
+    `budget_gb` GiB less the margin (the text encoder in nf4 only while encoding the captions is over it, else
+    after the others); then lower the batch size. Only switches the card supports are proposed
     (no bf16 on a card without it). Returns (plan, config lines, costs) or None if nothing fits. fake=False
     plans with real tensors on the CPU (for models small enough: the tests)."""
     card = card or Card()
@@ -114,7 +126,10 @@ def search_budget(s: StepSettings, budget_gb: float, say=print, fake: bool = Tru
         f"{margin(budget) / GIB:.2f} GiB margin)")
     ladder = _ladder(s, card)
     while p.card_peak > limit and ladder:
-        name, change, add, cost = ladder.pop(0)
+        name, change, add, cost = step = ladder.pop(0)
+        if name == TEXT_NF4 and _encoding_fits(p, limit):  # the captions fit: 4 bits only once they do not
+            ladder += [step] if ladder else []
+            continue
         current = dataclasses.replace(current, **change)
         keys = {line.split("=")[0].strip() for line in add}
         lines = [x for x in lines if x.split("=")[0].strip() not in keys] + add  # blocks_to_swap 8 -> 16: one line

@@ -1,4 +1,5 @@
-"""bitsandbytes' quantized layers (model.base_model_precision) as the planner runs them: bitsandbytes' kernels
+"""bitsandbytes' quantized layers (model.base_model_precision, and model.t5xxl_precision = int8 / nf4 for the
+text encoder) as the planner runs them: bitsandbytes' kernels
 do not run on fake tensors, so each quantized Linear is a stand-in holding the storages bitsandbytes holds for
 it, byte for byte, and computing as bitsandbytes does in training, with the same transient tensors:
 
@@ -25,6 +26,18 @@ NF4_TABLES = 16 + 256 + 1  # fp32 values: the NF4 code, the absmax's dynamic cod
 def planned_linear(child: nn.Linear, precision: str, compute_dtype: torch.dtype) -> nn.Module:
     """The planner's make_layer for library.quantization.quantize_base."""
     return PlannedQuantLinear(child, precision, compute_dtype)
+
+
+def store_text_encoders(parts, precision: str, mixed_precision: str) -> list[str]:
+    """model.t5xxl_precision = int8 / nf4 as a run stores the text encoders (library.quantization.store_t5),
+    with the stand-in layers; returns the plan's note."""
+    from library.memory import weight_dtype
+    from library.quantization import store_t5
+
+    if precision not in ("int8", "nf4"):
+        return []
+    names = store_t5(parts, precision, weight_dtype(mixed_precision), make_layer=planned_linear)
+    return [f"t5xxl_precision {precision}: bitsandbytes' storage of {', '.join(names)}'s Linears while encoding"]
 
 
 def quantized_bytes(out_features: int, in_features: int, precision: str) -> int:

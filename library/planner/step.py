@@ -48,11 +48,12 @@ class StepSettings(Switches, OptimizerSettings):
     sharding: object = None  # library.planner.sharding.Sharding: ZeRO / FSDP2 over N processes (plan.py applies it)
 
     def switches(self) -> Switches:
-        """The run's memory switches as planned: on fake tensors int8 T5 is 1-byte fp8 storage (bitsandbytes
-        kernels do not run there), and xformers SDPA."""
+        """The run's memory switches as planned: xformers is SDPA, and an int8 / nf4 text encoder is left to
+        library/planner/quantized.py's stand-in layers (bitsandbytes kernels do not run on fake tensors)."""
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(Switches)}
+        quantized = self.t5xxl_precision in ("int8", "nf4")
         return Switches(**{**own, "xformers": False, "torch_compile": False,
-                           "t5xxl_precision": "fp8" if self.t5xxl_precision == "int8" else self.t5xxl_precision})
+                           "t5xxl_precision": "auto" if quantized else self.t5xxl_precision})
 
     def optimizer_settings(self) -> OptimizerSettings:
         return OptimizerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerSettings)})
@@ -117,7 +118,7 @@ class _offload_observed:
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
     from library.objectives import LossOptions
     from library.offload import OneAtATime
-    from library.planner.quantized import planned_linear
+    from library.planner.quantized import planned_linear, store_text_encoders
     from library.run import add_adapters, apply_switches, quantize_frozen, train_whole
     from library.training import batch_loss
 
@@ -140,10 +141,8 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         trained = [p for m in [parts.denoiser, *text_encoders] for p in m.parameters()]
         checkpointed = text_encoders
     train_te = any(c.target.component != "denoiser" for c in adapted) or bool(text_encoders)
-    if s.t5xxl_precision == "int8":  # bitsandbytes kernels do not run on fake tensors
-        notes.append("t5xxl_precision int8 planned as 1-byte weights (fp8 storage; LLM.int8's fp32 row scales "
-                     "add 4 bytes per output row)")
     swapper = apply_switches(family, parts, s.switches(), trained, checkpointed, "cpu", s.recipe == "db").swapper
+    notes += store_text_encoders(parts, s.t5xxl_precision, s.mixed_precision)
     if swapper:
         notes.append(f"blocks_to_swap {s.blocks_to_swap}: {swapper.bytes_swapped() / 2**30:.2f} GiB of weights in "
                      f"CPU memory, copied to the device and back every step ({_swap_seconds(swapper):.1f} s/step "
