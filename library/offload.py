@@ -62,7 +62,7 @@ class OneAtATime:
         if self.resident is not module:
             self._leave()
             module.to(self.device)
-            _tell(module, "weights")
+            _tell(module, "module weights")
             self.resident = module
         return _to(args, self.device), _to(kwargs, self.device)
 
