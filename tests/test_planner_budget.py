@@ -101,3 +101,29 @@ def test_plan_on_a_present_card_that_is_too_small_searches_what_it_supports(make
     out = capsys.readouterr().out
     assert "this does not fit a small Turing card" in out
     assert 'mixed_precision = "fp16"' in out and "bf16" not in out.split("add to the config:")[1]
+
+
+def test_quantized_base_is_the_last_rung_for_adapters_only(make_config, as_configured, monkeypatch):
+    """When fp8_base (and block swap) are not enough, an adapter recipe is offered base_model_precision int8,
+    then nf4, replacing fp8_base (a config cannot have both); the lines load as a config that passes the
+    checks. Full fine-tunes and adapters that read the base weight (DoRA) are not offered it."""
+    from types import SimpleNamespace
+
+    from library.planner import budget
+
+    names = [name for name, _, _, _ in _ladder(as_configured)]
+    assert names[-3:] == ["fp8_base", "base_model_precision int8", "base_model_precision nf4"]
+    assert not [n for n, _, _, _ in _ladder(dataclasses.replace(as_configured, recipe="db")) if "precision" in n]
+    dora = dataclasses.replace(as_configured, network=dataclasses.replace(as_configured.network, dora_wd=True))
+    assert not [n for n, _, _, _ in _ladder(dora) if "precision" in n]
+    # a plan that fits only with nf4: the search's lines set nf4 and no longer fp8_base (which it had added)
+    monkeypatch.setattr(budget, "plan", lambda s, **_: SimpleNamespace(
+        card_peak=GIB if s.base_model_precision == "nf4" else 10 * GIB))
+    _, lines, costs = search_budget(as_configured, 2, say=lambda _: None)
+    assert lines[-1] == 'base_model_precision = "nf4"   # [model]' and costs[-1].startswith("base_model_precision nf4")
+    assert not [x for x in lines if x.startswith(("fp8_base", 'base_model_precision = "int8"'))]
+    s = settings_from_config(_config_with(make_config, lines), "network")
+    assert (s.base_model_precision, s.fp8_base, s.optimizer_type) == ("nf4", False, "AdamW8bit")
+    # a user's own fp8_base is turned off by a line
+    user = dataclasses.replace(as_configured, fp8_base=True)
+    assert _ladder(user)[-2][2] == ['base_model_precision = "int8"   # [model]', "fp8_base = false   # [train]"]
