@@ -23,10 +23,10 @@ GOALS = {"SD1.5 full DreamBooth 512px": 4, "SD1.5 LoRA 512px": 3, "SDXL LoRA 102
          "FLUX.2 klein 9B LoRA 1024px": 12, "FLUX.2 dev LoRA 1024px": 24,
          "Qwen-Image LoRA 1024px": 24, "Qwen-Image LoRA 1328px": 24, "Z-Image LoRA 1024px": 12}
 LORA = dict(recipe="network", mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
-            cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="AdamW8bit")
+            cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="AdamW8bit", sample_tiled_vae=True)
 FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkpointing=True, cache_latents=True,
             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="Adafactor",
-            fused_backward_pass=True)
+            fused_backward_pass=True, sample_tiled_vae=True)
 T5_FP8 = {"t5xxl_precision": "fp8"}
 WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
              ("SD1.5 LoRA 512px", "sd1", "sd15", 512, LORA),
