@@ -127,3 +127,44 @@ def test_quantized_base_is_the_last_rung_for_adapters_only(make_config, as_confi
     # a user's own fp8_base is turned off by a line
     user = dataclasses.replace(as_configured, fp8_base=True)
     assert _ladder(user)[-2][2] == ['base_model_precision = "int8"   # [model]', "fp8_base = false   # [train]"]
+
+
+# The headline workloads (README, Memory planner): batch 1, sampling during training, LoRA dim 16; the switches
+# every row starts with (what a user of the peers' low-memory recipes sets) and the goal in GiB on the card.
+_LORA = dict(recipe="network", mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
+             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="AdamW8bit")
+_FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkpointing=True, cache_latents=True,
+             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="Adafactor",
+             fused_backward_pass=True)
+HEADLINE = [  # name, family, arch, size, switches, goal, the lines --vram_budget adds (None: nothing fits)
+    ("SD1.5 full DreamBooth", "sd1", "sd15", 512, _FULL, 4, None),
+    ("SD1.5 LoRA", "sd1", "sd15", 512, _LORA, 3, ["sample_tiled_vae = true   # [sample]"]),
+    ("SDXL LoRA", "sdxl", "sdxl", 1024, {**_LORA, "fp8_base": True}, 6, ["sample_tiled_vae = true   # [sample]"]),
+    ("SDXL full", "sdxl", "sdxl", 1024, _FULL, 10, ["sample_tiled_vae = true   # [sample]"]),
+    ("SD3-medium LoRA", "sd3", "sd3-medium", 1024, {**_LORA, "t5xxl_precision": "fp8"}, 8,
+     ["sample_tiled_vae = true   # [sample]"]),
+    ("FLUX.1-dev LoRA", "flux", "flux-dev", 1024, {**_LORA, "t5xxl_precision": "fp8", "fp8_base": True,
+                                                   "blocks_to_swap": 38}, 8, ["sample_tiled_vae = true   # [sample]"]),
+    ("FLUX.1-dev full", "flux", "flux-dev", 1024, {**_FULL, "t5xxl_precision": "fp8", "blocks_to_swap": 28}, 16,
+     ["sample_tiled_vae = true   # [sample]"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, family, arch, size, switches, goal, expected", HEADLINE, ids=[h[0] for h in HEADLINE])
+def test_vram_budget_fits_each_headline_workload(name, family, arch, size, switches, goal, expected):
+    """--vram_budget GOAL on the full-size architecture (fake tensors), sampling during training included: the
+    lines it suggests and a plan whose card total is at most the goal less the margin; where nothing fits, it
+    says so (SD1.5 DreamBooth: README, Memory planner)."""
+    from library.config import NetworkSection
+    from library.planner.step import StepSettings
+
+    s = StepSettings(family=family, arch=arch, width=size, height=size, batch_size=1, sample=True,
+                     network=NetworkSection(network_dim=16, network_alpha=16), **switches)
+    found = search_budget(s, goal, say=lambda _: None)
+    if expected is None:
+        assert found is None
+        return
+    p, lines, _ = found
+    assert lines == expected
+    assert p.card_peak <= goal * GIB - margin(goal * GIB)

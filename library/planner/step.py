@@ -242,7 +242,7 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
     """Sampling between steps, placed as library/sampling.py places it: the training step's cached blocks
     given back first (library.memory.release_cached_blocks); with the training state on the device (weights,
     optimizer state), the text encoders kept elsewhere come over one at a time to encode one prompt and leave
-    before the denoiser runs one inference step at the training size (classifier-free guidance doubles its
+    (their cached blocks given back) before the denoiser runs one inference step at the training size (classifier-free guidance doubles its
     batch, except FLUX.1's distilled guidance); then the VAE comes to decode, in tiles with
     sample_tiled_vae (library.sampling.vae_tiles)."""
     from library.memory import release_cached_blocks
@@ -260,6 +260,8 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
         prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
         with OneAtATime(encoders, "cpu") if encoders else contextlib.nullcontext():
             conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
+        if encoders:  # they leave when the denoiser runs, their cached blocks with them (offload.visiting)
+            release_cached_blocks()
         if vae_away:
             tracker.arrive(_storages(parts.vae), "weights")
         if latents is None:
