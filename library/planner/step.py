@@ -119,6 +119,7 @@ class _offload_observed:
 
 
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
+    from library.memory import release_cached_blocks
     from library.objectives import LossOptions
     from library.offload import OneAtATime
     from library.planner.quantized import planned_linear
@@ -186,6 +187,7 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     del conditioning
     if s.cache_latents:
         notes.append("kept on the CPU while training (latents cached): vae")
+    release_cached_blocks()  # as library.run.cache_outputs ends
     for t in denoiser_storages:  # the recipes move the denoiser over after the caches are built
         if swapper and swapper.swaps(t):  # ... except swapped weights (block_swap.move)
             continue
