@@ -109,13 +109,13 @@ def _has_t5(s: StepSettings) -> bool:
 def _swap_counts(s: StepSettings, stride: int = 8) -> dict[int, int]:
     """blocks_to_swap values the search tries (every `stride`, then the least that swaps every block) ->
     parameters they keep on the host; empty for families without block swap."""
-    import torch
+    from accelerate import init_empty_weights
 
     from library.families import get_family
     from library.loading import arch_dir
 
     family = get_family(s.family, "")
-    with torch.device("meta"):
+    with init_empty_weights():  # parameters on the meta device; buffers real (SDXL's are built from data)
         parts = family.planning_parts(arch_dir(s.arch))
     total = len(family.swappable_blocks(parts))
     if not total:
