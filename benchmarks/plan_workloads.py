@@ -1,5 +1,5 @@
-"""Planned card totals of the headline workloads, batch 1, sampling during training included, with the
-switches that get each one lowest (the memory planner: fake tensors, full-size architectures, no GPU and no
+"""Planned card totals of the headline workloads, batch 1, sampling during training included (samples decoded
+in tiles: sample_tiled_vae), with the switches that get each one lowest (the memory planner: fake tensors, full-size architectures, no GPU and no
 weights; the caching-allocator model and a 0.5 GiB CUDA context).
 
     python benchmarks/plan_workloads.py            # prints a markdown table (README: Speed and memory)
@@ -19,22 +19,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GOALS = {"SD1.5 full DreamBooth 512px": 4, "SD1.5 LoRA 512px": 3, "SDXL LoRA 1024px": 6,
-         "SDXL full fine-tune 1024px": 10, "SD3-medium LoRA 1024px": 8, "FLUX.1-dev LoRA 1024px": 8,
+         "SDXL full fine-tune 1024px": 10, "SD3-medium LoRA 1024px": 8, "SD3-medium LoRA 1024px, nf4 base": 8,
+         "FLUX.1-dev LoRA 1024px": 8,
          "FLUX.1-dev full fine-tune 1024px": 16, "Chroma LoRA 1024px": 8, "FLUX.2 klein 4B LoRA 1024px": 8,
          "FLUX.2 klein 9B LoRA 1024px": 12, "FLUX.2 dev LoRA 1024px": 24,
          "Qwen-Image LoRA 1024px": 24, "Qwen-Image LoRA 1328px": 24, "Z-Image LoRA 1024px": 12,
          "Anima LoRA 1024px": 8}
 LORA = dict(recipe="network", mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
-            cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="AdamW8bit")
+            cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="AdamW8bit", sample_tiled_vae=True)
 FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkpointing=True, cache_latents=True,
             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="Adafactor",
-            fused_backward_pass=True)
+            fused_backward_pass=True, sample_tiled_vae=True)
 T5_FP8 = {"t5xxl_precision": "fp8"}
 WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
              ("SD1.5 LoRA 512px", "sd1", "sd15", 512, LORA),
              ("SDXL LoRA 1024px", "sdxl", "sdxl", 1024, {**LORA, "fp8_base": True}),
              ("SDXL full fine-tune 1024px", "sdxl", "sdxl", 1024, FULL),
              ("SD3-medium LoRA 1024px", "sd3", "sd3-medium", 1024, {**LORA, **T5_FP8}),
+             ("SD3-medium LoRA 1024px, nf4 base", "sd3", "sd3-medium", 1024,
+              {**LORA, **T5_FP8, "base_model_precision": "nf4"}),
              ("FLUX.1-dev LoRA 1024px", "flux", "flux-dev", 1024,
               {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 38}),
              # sd-scripts' 24 GB recipe: fused backward pass + Adafactor + full_bf16 + blocks_to_swap

@@ -360,6 +360,9 @@ class SampleSection:
                                        "dpmsolver", "k_dpm_2", "k_dpm_2_a", "lms", "k_lms", "heun", "pndm",
                                        "dpmsingle"))
     sample_seed: int = opt(1234, "seed of the first prompt without --d (then +1 per prompt)")
+    sample_tiled_vae: bool = opt(
+        False, "decode samples in overlapping 512 px tiles (256 px at 512 px and below; diffusers' VAE tiling): "
+        "less memory while sampling during training, faint seams possible (over 1024 px samples always tile)")
 
 
 @dataclass

@@ -144,14 +144,25 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype, skip=lambda name, l
 # ---- copies between the device and the host (offloading) -----------------------------------------------
 
 # callables(tensor, where): where = "host" (this storage now lives in host memory) or the category of a tensor
-# that came to the device ("weights", "optimizer state", "activations"). The planner listens, to count them.
+# that came to the device: on block swap's side stream ("weights", "optimizer state") or on the compute stream
+# ("activations"; "module weights": a whole module moved over, library/offload.py). (None, "empty_cache"): the
+# caching allocator's unused segments were given back. The planner listens, to count them.
 OFFLOAD_OBSERVERS: list = []
 
 
-def tell(tensor: torch.Tensor, where: str) -> None:
+def tell(tensor: torch.Tensor | None, where: str) -> None:
     """Report a move to OFFLOAD_OBSERVERS (see above)."""
     for observer in OFFLOAD_OBSERVERS:
         observer(tensor, where)
+
+
+def release_cached_blocks() -> None:
+    """torch.cuda.empty_cache at a phase boundary (before and after sampling): the segments the last phase
+    cached and no tensor uses go back to the card, so the next phase's tensors are not laid out beside them
+    (and the card shows less). The next training step reserves its own again (a few cudaMalloc calls)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    tell(None, "empty_cache")
 
 
 def host_copy(tensor: torch.Tensor, out: torch.Tensor | None = None, pin: bool | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from library.devices import same_device
-from library.memory import tell
+from library.memory import release_cached_blocks, tell
 
 
 def _tell(module: nn.Module, where: str) -> None:
@@ -62,7 +62,7 @@ class OneAtATime:
         if self.resident is not module:
             self._leave()
             module.to(self.device)
-            _tell(module, "weights")
+            _tell(module, "module weights")
             self.resident = module
         return _to(args, self.device), _to(kwargs, self.device)
 
@@ -78,7 +78,8 @@ def visiting(visitors: list[nn.Module], device, worker: nn.Module):
     """`visitors` kept off the device (the VAE and the text encoders whose outputs are cached) come to it one at
     a time while `worker` (the denoiser, which stays where it is) samples: each arrives when it runs and the one
     before leaves then, and all leave when the worker runs (accelerate's model offload hooks, which the
-    diffusers pipelines and the VAE's encode / decode honour). Visitors resident already stay."""
+    diffusers pipelines and the VAE's encode / decode honour); the cached blocks they leave go back to the card
+    then (library.memory.release_cached_blocks). Visitors resident already stay."""
     from accelerate import cpu_offload_with_hook
 
     hooks, previous = [], None
@@ -90,8 +91,11 @@ def visiting(visitors: list[nn.Module], device, worker: nn.Module):
     if hooks:
         hooks[0].hook.prev_module_hook = hooks[-1]  # the last one (the VAE, decoding) leaves for the next sample
     def all_leave(module, args) -> None:  # noqa: ARG001
+        came = [h for h in hooks if same_device(next(h.model.parameters()).device, device)]
         for hook in hooks:
             hook.offload()
+        if came:  # their blocks back to the card: the worker's activations do not fit in a text encoder's weights
+            release_cached_blocks()
 
     handle = worker.register_forward_pre_hook(all_leave) if hooks else None
     try:

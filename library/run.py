@@ -231,6 +231,7 @@ def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, h
     denoiser is not on the device yet. With trained text encoders, only the family's cached_apart encoder
     (FLUX.1 / SD3: T5) is cached, as sd-scripts does. Returns the cached conditioning or None."""
     from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
+    from library.memory import release_cached_blocks
     from library.offload import OneAtATime
 
     d, t = cfg.dataset, cfg.train
@@ -256,6 +257,7 @@ def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, h
     kept = (["vae"] if latents_cached else []) + cached
     if kept:
         say(f"kept on the CPU while training (outputs cached): {', '.join(kept)}")
+    release_cached_blocks()  # what caching left cached goes back before the denoiser comes (as sd-scripts does)
     return conditioning
 
 

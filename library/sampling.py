@@ -15,6 +15,7 @@ Prompt files, as sd-scripts users write them:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class SampleSettings:
     every_n_epochs: int | None = None
     at_first: bool = False
     at_end: bool = True
+    tiled_vae: bool = False  # sample.sample_tiled_vae
 
 
 def settings_from_config(cfg, width: int, height: int) -> SampleSettings | None:
@@ -72,7 +74,7 @@ def settings_from_config(cfg, width: int, height: int) -> SampleSettings | None:
         return None
     return SampleSettings(tuple(read_prompt_file(s.sample_prompts)), width, height, s.sample_steps, s.sample_sampler,
                           s.sample_seed, cfg.model.clip_skip, s.sample_every_n_steps, s.sample_every_n_epochs,
-                          s.sample_at_first)
+                          s.sample_at_first, tiled_vae=s.sample_tiled_vae)
 
 
 def due(settings: SampleSettings | None, step: int, epoch_end: int | None = None) -> bool:
@@ -87,8 +89,10 @@ def due(settings: SampleSettings | None, step: int, epoch_end: int | None = None
 @during("sampling")
 def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: str, device=None) -> list[Path]:
     """Render every prompt to out_dir/<tag>_<index>_<seed>.png, plus <tag>_grid.png for several prompts.
-    RNG states, train/eval modes and device placement are restored afterwards."""
+    RNG states, train/eval modes and device placement are restored afterwards. The training step's cached
+    blocks are given back to the card before (and sampling's after: library.memory.release_cached_blocks)."""
     from library.block_swap import move
+    from library.memory import release_cached_blocks
     from library.offload import visiting
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,13 +102,14 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     device = device or _device_of(parts.denoiser)
     paths, images = [], []
+    largest = max(max(p.width or settings.width, p.height or settings.height) for p in settings.prompts)
+    release_cached_blocks()
     try:
         for m in modules:
             m.eval()
         move(parts.denoiser, device)  # where training keeps it (a block swapper keeps swapping)
-        _vae_tiling(parts.vae, max(max(p.width or settings.width, p.height or settings.height)
-                                   for p in settings.prompts))
-        with torch.inference_mode(), visiting(modules[1:], device, parts.denoiser):
+        with torch.inference_mode(), visiting(modules[1:], device, parts.denoiser), \
+                vae_tiles(parts.vae, largest, settings.tiled_vae):
             for index, p in enumerate(settings.prompts):
                 seed = p.seed if p.seed is not None else settings.seed + index
                 reference = {"control_image": p.control_image} if p.control_image else {}  # edit models only
@@ -122,7 +127,7 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
         for m, mode, where in saved:
             m.train(mode)
             move(m, where)
-        _vae_tiling(parts.vae, 0)
+        release_cached_blocks()
     return paths
 
 
@@ -130,12 +135,38 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _vae_tiling(vae, largest_side: int) -> None:
-    """Decode large images tile by tile (less memory); the training encoder path is left untouched."""
-    if largest_side > 1024 and hasattr(vae, "enable_tiling"):
-        vae.enable_tiling()
-    elif hasattr(vae, "disable_tiling"):
-        vae.disable_tiling()
+TILING = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_sample_min_height",
+          "tile_sample_min_width", "tile_sample_stride_height", "tile_sample_stride_width")  # diffusers' VAEs'
+
+
+def vae_tile(largest_side: int, tiled: bool) -> int:
+    """The tile (px) samples of `largest_side` px decode in: with sample_tiled_vae 512 px (256 px for images of
+    512 px and less, so that they tile too); else whole images (0), except that images over 1024 px decode in
+    the VAE's own tile size (-1)."""
+    if tiled:
+        return 512 if largest_side > 512 else 256
+    return -1 if largest_side > 1024 else 0
+
+
+@contextmanager
+def vae_tiles(vae, largest_side: int, tiled: bool):
+    """While inside, the VAE decodes in overlapping tiles (diffusers' VAE tiling: a quarter of a tile
+    overlaps, blended) as vae_tile says; its tiling settings are restored afterwards, so the training encoder
+    path is left untouched."""
+    tile = vae_tile(largest_side, tiled)
+    saved = {name: getattr(vae, name) for name in TILING if hasattr(vae, name)}
+    try:
+        if tile and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
+        if tile > 0 and hasattr(vae, "tile_latent_min_size"):  # AutoencoderKL, AutoencoderKLFlux2
+            vae.tile_sample_min_size = tile
+            vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+        elif tile > 0 and hasattr(vae, "tile_sample_min_height"):  # AutoencoderKLQwenImage
+            vae.enable_tiling(tile, tile, tile * 3 // 4, tile * 3 // 4)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(vae, name, value)
 
 
 def _save_png(image, path: Path) -> Path:

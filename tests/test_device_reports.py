@@ -23,7 +23,7 @@ def _prompts(tmp_path):
 @pytest.mark.parametrize("phase, module, name", [
     ("caching", "library.data.cache", "cache_latents"),
     ("training", "library.training", "batch_loss"),
-    ("sampling", "library.sampling", "_vae_tiling"),
+    ("sampling", "library.sampling", "vae_tile"),
     ("saving", "networks.files", "save"),
 ])
 def test_out_of_memory_names_the_phase(make_config, tmp_path, monkeypatch, capsys, phase, module, name):

@@ -75,12 +75,39 @@ def test_a_side_stream_does_not_reuse_the_compute_streams_blocks():
 
 def test_replay_follows_the_records_clock():
     """Two phases: a 12 MiB then an 8 MiB tensor (one after the other) in the first; in the second a 12 MiB
-    one while the 8 MiB one lives. Reserved at the end of each phase, peak allocated within it."""
+    one while the 8 MiB one lives. Peak reserved and peak allocated within each phase."""
     records = [Record(12 * MIB, born=1, phase="a", died=2), Record(8 * MIB, born=3, phase="a", died=6),
                Record(12 * MIB, born=5, phase="b", died=7)]
     phases = replay(records, start=0, spans={"a": (0, 4), "b": (4, 7)})
     assert (phases["a"].allocated, phases["a"].reserved) == (12 * MIB, 12 * MIB)
     assert (phases["b"].allocated, phases["b"].reserved) == (20 * MIB, 24 * MIB)
+
+
+def test_empty_cache_gives_back_only_wholly_free_segments():
+    """A 20 MiB segment split 4 + 16 with the 4 MiB block in use stays; a free 24 MiB segment and a free 2 MiB
+    small segment go back; the next request that does not fit the kept segment makes a new one."""
+    a = CachingAllocator()
+    a.allocate(4 * MIB)  # a 20 MiB segment: 4 in use, 16 free
+    a.free(a.allocate(24 * MIB))  # its own 24 MiB segment, wholly free
+    a.free(a.allocate(1000))  # a 2 MiB small segment, wholly free
+    assert (a.reserved, a.segments) == (46 * MIB, 3)
+    a.empty_cache()
+    assert (a.reserved, a.segments, a.allocated, a.peak_reserved) == (20 * MIB, 1, 4 * MIB, 46 * MIB)
+    a.allocate(14 * MIB)  # 16 MiB free in the kept segment: fits, nothing reserved
+    assert a.reserved == 20 * MIB
+    a.allocate(14 * MIB)
+    assert a.reserved == 34 * MIB
+
+
+def test_replay_releases_the_cache_where_the_run_calls_empty_cache():
+    """A step leaves a 12 MiB block cached; sampling needs 16 MiB. Without empty_cache the card holds both
+    (28 MiB); with it between the phases, 16 MiB (the phase's peak reserved)."""
+    records = [Record(12 * MIB, born=1, phase="step", died=2), Record(16 * MIB, born=4, phase="sample", died=5)]
+    spans = {"step": (0, 2), "sample": (3, 6)}
+    assert replay(records, 0, spans)["sample"].reserved == 28 * MIB
+    released = replay(records, 0, spans, releases=[3, 6])
+    assert (released["step"].reserved, released["sample"].reserved) == (12 * MIB, 16 * MIB)
+    assert released["sample"].allocated == 16 * MIB
 
 
 def test_replay_starts_with_what_lives_and_the_workspace():

@@ -101,3 +101,69 @@ def test_plan_on_a_present_card_that_is_too_small_searches_what_it_supports(make
     out = capsys.readouterr().out
     assert "this does not fit a small Turing card" in out
     assert 'mixed_precision = "fp16"' in out and "bf16" not in out.split("add to the config:")[1]
+
+
+def test_quantized_base_is_the_last_rung_for_adapters_only(make_config, as_configured, monkeypatch):
+    """When fp8_base (and block swap) are not enough, an adapter recipe is offered base_model_precision int8,
+    then nf4, replacing fp8_base (a config cannot have both); the lines load as a config that passes the
+    checks. Full fine-tunes and adapters that read the base weight (DoRA) are not offered it."""
+    from types import SimpleNamespace
+
+    from library.planner import budget
+
+    names = [name for name, _, _, _ in _ladder(as_configured)]
+    assert names[-3:] == ["fp8_base", "base_model_precision int8", "base_model_precision nf4"]
+    assert not [n for n, _, _, _ in _ladder(dataclasses.replace(as_configured, recipe="db")) if "precision" in n]
+    dora = dataclasses.replace(as_configured, network=dataclasses.replace(as_configured.network, dora_wd=True))
+    assert not [n for n, _, _, _ in _ladder(dora) if "precision" in n]
+    # a plan that fits only with nf4: the search's lines set nf4 and no longer fp8_base (which it had added)
+    monkeypatch.setattr(budget, "plan", lambda s, **_: SimpleNamespace(
+        card_peak=GIB if s.base_model_precision == "nf4" else 10 * GIB))
+    _, lines, costs = search_budget(as_configured, 2, say=lambda _: None)
+    assert lines[-1] == 'base_model_precision = "nf4"   # [model]' and costs[-1].startswith("base_model_precision nf4")
+    assert not [x for x in lines if x.startswith(("fp8_base", 'base_model_precision = "int8"'))]
+    s = settings_from_config(_config_with(make_config, lines), "network")
+    assert (s.base_model_precision, s.fp8_base, s.optimizer_type) == ("nf4", False, "AdamW8bit")
+    # a user's own fp8_base is turned off by a line
+    user = dataclasses.replace(as_configured, fp8_base=True)
+    assert _ladder(user)[-2][2] == ['base_model_precision = "int8"   # [model]', "fp8_base = false   # [train]"]
+
+
+# The headline workloads (README, Memory planner): batch 1, sampling during training, LoRA dim 16; the switches
+# every row starts with (what a user of the peers' low-memory recipes sets) and the goal in GiB on the card.
+_LORA = dict(recipe="network", mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
+             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="AdamW8bit")
+_FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkpointing=True, cache_latents=True,
+             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="Adafactor",
+             fused_backward_pass=True)
+HEADLINE = [  # name, family, arch, size, switches, goal, the lines --vram_budget adds (None: nothing fits; ...: any)
+    ("SD1.5 full DreamBooth", "sd1", "sd15", 512, _FULL, 4, None),  # the step alone is over: README
+    ("SD1.5 LoRA", "sd1", "sd15", 512, _LORA, 3, ["sample_tiled_vae = true   # [sample]"]),
+    ("SDXL LoRA", "sdxl", "sdxl", 1024, {**_LORA, "fp8_base": True}, 6, ...),
+    ("SDXL full", "sdxl", "sdxl", 1024, _FULL, 10, ...),
+    ("SD3-medium LoRA", "sd3", "sd3-medium", 1024, {**_LORA, "t5xxl_precision": "fp8"}, 8, ...),
+    ("FLUX.1-dev LoRA", "flux", "flux-dev", 1024, {**_LORA, "t5xxl_precision": "fp8", "fp8_base": True,
+                                                   "blocks_to_swap": 38}, 8, ...),
+    ("FLUX.1-dev full", "flux", "flux-dev", 1024, {**_FULL, "t5xxl_precision": "fp8", "blocks_to_swap": 28}, 16, ...),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, family, arch, size, switches, goal, expected", HEADLINE, ids=[h[0] for h in HEADLINE])
+def test_vram_budget_fits_each_headline_workload(name, family, arch, size, switches, goal, expected):
+    """--vram_budget GOAL on the full-size architecture (fake tensors), sampling during training included: the
+    lines it suggests and a plan whose card total is at most the goal less the margin; where nothing fits, it
+    says so (SD1.5 DreamBooth: README, Memory planner)."""
+    from library.config import NetworkSection
+    from library.planner.step import StepSettings
+
+    s = StepSettings(family=family, arch=arch, width=size, height=size, batch_size=1, sample=True,
+                     network=NetworkSection(network_dim=16, network_alpha=16), **switches)
+    found = search_budget(s, goal, say=lambda _: None)
+    if expected is None:
+        assert found is None
+        return
+    p, lines, _ = found
+    assert expected is ... or lines == expected
+    assert set(lines) <= {line for _, _, add, _ in _ladder(s) for line in add}  # the ladder's own lines
+    assert p.card_peak <= goal * GIB - margin(goal * GIB)

@@ -77,3 +77,32 @@ def test_samples_are_reproducible_and_do_not_change_training(make_config, tmp_pa
     events.Reload()
     assert [e.step for e in events.Images("samples/01")] == [0, 2, 4]
     assert (events.Images("samples/01")[0].width, events.Images("samples/01")[0].height) == (32, 48)
+
+
+def test_sample_tiled_vae_decodes_in_overlapping_tiles_and_restores_the_vae():
+    """sample_tiled_vae: a 512 px sample decodes in 256 px tiles (32 latents, stride 24: 3 x 3 decoder calls),
+    the image blended from them; afterwards the VAE decodes whole again, as before."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from library.sampling import vae_tile, vae_tiles
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        norm_num_groups=32, sample_size=64).eval()
+    latents = torch.randn(1, 4, 64, 64)
+    calls = []
+    vae.decoder.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        whole = vae.decode(latents).sample
+        with vae_tiles(vae, 512, tiled=True):
+            tiled = vae.decode(latents).sample
+        again = vae.decode(latents).sample
+    tiles = [vae_tile(512, True), vae_tile(1024, True), vae_tile(1024, False), vae_tile(1328, False)]
+    assert tiles == [256, 512, 0, -1]
+    assert calls == [(64, 64), (32, 32), (32, 32), (32, 16), (32, 32), (32, 32), (32, 16), (16, 32), (16, 32),
+                     (16, 16), (64, 64)]
+    assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
+    assert torch.equal(again, whole) and (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == (
+        False, 64, 8)

@@ -50,7 +50,8 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         train_text_encoder=(cfg.dreambooth.train_text_encoder if recipe == "db" else not n.network_train_unet_only),
         train_unet=not n.network_train_text_encoder_only, clip_skip=m.clip_skip,
         v_parameterization=m.v_parameterization, network=n, bucket_areas=bucket_areas(d, (width, height)),
-        sample=bool(cfg.sample.sample_prompts), ema=recipe == "db" and cfg.dreambooth.use_ema,
+        sample=bool(cfg.sample.sample_prompts), sample_tiled_vae=cfg.sample.sample_tiled_vae,
+        ema=recipe == "db" and cfg.dreambooth.use_ema,
         processes=1 if sharding else launched_processes(), ddp_gradient_as_bucket_view=t.ddp_gradient_as_bucket_view,
         sharding=sharding)
 
@@ -121,6 +122,8 @@ def switch_text(s: StepSettings) -> str:
         on.append(f"t5xxl_precision={s.t5xxl_precision}")
     if s.base_model_precision != "no_change":
         on.append(f"base_model_precision={s.base_model_precision}")
+    if s.sample and s.sample_tiled_vae:
+        on.append("sample_tiled_vae")
     if s.fused_optimizer_groups:
         on.append(f"fused_optimizer_groups={s.fused_optimizer_groups}")
     on.append(f"optimizer {s.optimizer_type}")

@@ -12,8 +12,9 @@ expandable_segments, max_split_size_mb or roundup_power2_divisions in PYTORCH_CU
   (kLargeBuffer) for a request under 10 MiB (kMinLargeAlloc), else the request rounded up to 2 MiB (kRoundLarge);
 - the block handed out is split when what is left would be at least 512 B (small pool) or more than 1 MiB
   (large pool); otherwise the whole block is handed out, and memory_allocated counts all of it;
-- a freed block merges with free neighbours of its segment; segments are never given back (the trainer calls
-  no empty_cache, and the allocator frees its cache only on an out-of-memory retry), so reserved only grows;
+- a freed block merges with free neighbours of its segment; segments are given back only by
+  torch.cuda.empty_cache (the run calls it around sampling: library.memory.release_cached_blocks), which frees
+  every segment that is one free block (and the allocator itself on an out-of-memory retry, not modelled);
 - blocks belong to the stream they were allocated on: a side stream (block swap's copies) has its own blocks.
 """
 from __future__ import annotations
@@ -84,6 +85,21 @@ class CachingAllocator:
                 block = self._merge(block, neighbour)
         self._list(block)
 
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache: every segment that is wholly free (one free block, no neighbours) is given
+        back to the card."""
+        for pool, free in self._free.items():
+            kept = []
+            for size, addr in free:
+                block = self._blocks[addr]
+                if block.prev is None and block.next is None:
+                    del self._blocks[addr]
+                    self.reserved -= size
+                    self.segments -= 1
+                else:
+                    kept.append((size, addr))
+            self._free[pool] = kept
+
     def reset_peaks(self) -> None:
         self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
 
@@ -137,27 +153,31 @@ class CachingAllocator:
 
 @dataclass
 class PhaseMemory:
-    """One phase of a run as the allocator counts it: the peak of memory_allocated (blocks, so with the
-    512 B rounding and unsplit remainders) and memory_reserved at the end of the phase (it never shrinks)."""
+    """One phase of a run as the allocator counts it: the peaks of memory_allocated (blocks, so with the
+    512 B rounding and unsplit remainders) and of memory_reserved during the phase."""
     allocated: int
     reserved: int
 
 
-def replay(records, start: int, spans: dict[str, tuple[int, int]], persistent: list[int] = ()) -> dict[str, PhaseMemory]:
+def replay(records, start: int, spans: dict[str, tuple[int, int]], persistent: list[int] = (),
+           releases: list[int] = ()) -> dict[str, PhaseMemory]:
     """Replay the tracker's records (library.planner.tracker.Record) through the allocator from clock
     `start` on: what is alive at `start` is allocated first (in the order it was created), then every
     allocation and free in the order the run made them. `persistent`: allocations made at the start and
-    never freed (the cuBLAS workspace). `spans`: phase name -> (first clock, last clock)."""
+    never freed (the cuBLAS workspace). `releases`: clocks at which the run called torch.cuda.empty_cache.
+    `spans`: phase name -> (first clock, last clock)."""
     allocator = CachingAllocator()
     for nbytes in persistent:
         allocator.allocate(nbytes)
     clocks, allocated, reserved = [start], [allocator.allocated], [allocator.reserved]
     blocks = {}
-    for clock, kind, record in _events(records, start):
+    for clock, kind, record in _events(records, start, releases):
         if kind == 0:
             blocks[id(record)] = allocator.allocate(record.nbytes, record.stream)
-        else:
+        elif kind == 1:
             allocator.free(blocks.pop(id(record)))
+        else:
+            allocator.empty_cache()
         clocks.append(clock)
         allocated.append(allocator.allocated)
         reserved.append(allocator.reserved)
@@ -166,13 +186,14 @@ def replay(records, start: int, spans: dict[str, tuple[int, int]], persistent: l
         lo = bisect.bisect_left(clocks, first)
         hi = bisect.bisect_right(clocks, last)
         before = max(lo - 1, 0)  # what was allocated when the phase began
-        out[name] = PhaseMemory(max(allocated[before:hi]), reserved[max(hi - 1, 0)])
+        out[name] = PhaseMemory(max(allocated[before:hi]), max(reserved[before:hi]))
     return out
 
 
-def _events(records, start: int):
-    """(clock, 0 = allocate / 1 = free, record), in the order of the run; what lives at `start` first."""
-    events = []
+def _events(records, start: int, releases: list[int] = ()):
+    """(clock, 0 = allocate / 1 = free / 2 = empty_cache, record), in the order of the run; what lives at
+    `start` first."""
+    events = [(clock, 2, clock, None) for clock in releases if clock > start]
     for r in records:
         if r.died is not None and r.died <= start:
             continue

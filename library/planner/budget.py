@@ -26,6 +26,9 @@ def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, 
     if not s.cache_latents:
         steps.append(("cache latents", {"cache_latents": True}, ["cache_latents = true   # [dataset]"],
                       "faster (no VAE per step); no random crop / color aug"))
+    if s.sample and not s.sample_tiled_vae:
+        steps.append(("samples decoded in tiles", {"sample_tiled_vae": True}, ["sample_tiled_vae = true   # [sample]"],
+                      "sampling only: a little slower decoding, faint seams possible in the sample images"))
     if not s.cache_text_encoder_outputs and (s.recipe == "db" or s.train_unet):
         frozen = {"cache_text_encoder_outputs": True, "train_text_encoder": False}
         lines = ["cache_text_encoder_outputs = true   # [train]",
@@ -70,6 +73,29 @@ def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, 
                           [f"blocks_to_swap = {count}   # [train]"],
                           f"~{seconds:.1f} s/step of PCIe copies at 25 GB/s ({moved / GIB:.1f} GiB each way), "
                           f"partly hidden behind compute"))
+    steps += _quantized_base(s)
+    return steps
+
+
+def _quantized_base(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
+    """Adapter recipes, when fp8_base and block swap are not enough: the frozen base through bitsandbytes, int8
+    then nf4 (instead of fp8_base and block swap, which it cannot go with; config_checks refuses the adapters
+    that read the base layer's weight). Full fine-tunes train the base: not offered."""
+    from library.config_checks import QUANTIZED_BASE_REFUSED, _adapter_algo
+
+    if s.recipe != "network" or not s.train_unet or s.base_model_precision != "no_change":
+        return []
+    steps = []
+    for precision, size in (("int8", "~1 byte"), ("nf4", "~0.52 byte")):
+        if _adapter_algo(s.network) in QUANTIZED_BASE_REFUSED[precision]:
+            continue
+        lines = [f'base_model_precision = "{precision}"   # [model]']
+        lines += ["fp8_base = false   # [train]"] * s.fp8_base
+        lines += ["blocks_to_swap = 0   # [train]"] * bool(s.blocks_to_swap)
+        steps.append((f"base_model_precision {precision}", {"base_model_precision": precision, "fp8_base": False,
+                                                             "blocks_to_swap": 0}, lines,
+                      f"frozen Linear weights {size} each, dequantized per use (slower than fp8_base); "
+                      f"quantization error in the frozen base"))
     return steps
 
 
@@ -94,13 +120,13 @@ def _has_t5(s: StepSettings) -> bool:
 def _swap_counts(s: StepSettings, stride: int = 8) -> dict[int, int]:
     """blocks_to_swap values the search tries (every `stride`, then the least that swaps every block) ->
     parameters they keep on the host; empty for families without block swap."""
-    import torch
+    from accelerate import init_empty_weights
 
     from library.families import get_family
     from library.loading import arch_dir
 
     family = get_family(s.family, "")
-    with torch.device("meta"):
+    with init_empty_weights():  # parameters on the meta device; buffers real (SDXL's are built from data)
         parts = family.planning_parts(arch_dir(s.arch))
     total = len(family.swappable_blocks(parts))
     if not total:
@@ -131,7 +157,8 @@ def search_budget(s: StepSettings, budget_gb: float, say=print, fake: bool = Tru
             ladder += [step] if ladder else []
             continue
         current = dataclasses.replace(current, **change)
-        keys = {line.split("=")[0].strip() for line in add}
+        back = {key for key, value in change.items() if getattr(s, key) == value}  # what the search set, undone
+        keys = {line.split("=")[0].strip() for line in add} | back
         lines = [x for x in lines if x.split("=")[0].strip() not in keys] + add  # blocks_to_swap 8 -> 16: one line
         costs.append(f"{name}: {cost}")
         p = plan(current, fake=fake, card=card)

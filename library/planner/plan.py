@@ -52,9 +52,14 @@ def plan(settings: StepSettings, fake: bool = True, card: Card | None = None) ->
     started = time.perf_counter()
     m = measure_step(settings, fake=fake)
     step = m.phases["step"]
-    spans = dict(m.tracker.spans)
+    spans, releases = dict(m.tracker.spans), m.tracker.releases
+    last = spans["step"][1]
     records, spans["step"] = bucket_steps(m.tracker.records, spans["step"], settings.bucket_areas)
-    phases = replay(records, spans["vae"][0], spans, [card.cublas_workspace])
+    added = spans["step"][1] - last  # the later phases come after the repeated steps
+    if added:
+        spans = {k: (a + added, b + added) if a >= last and k != "step" else (a, b) for k, (a, b) in spans.items()}
+        releases = [c + added if c > last else c for c in releases]
+    phases = replay(records, spans["vae"][0], spans, [card.cublas_workspace], releases)
     measured = Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
                     m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card, m.host)
     return sharded_plan(measured)  # one GPU of N under ZeRO / FSDP2 (library/planner/sharding.py)
@@ -70,10 +75,14 @@ def bucket_steps(records: list[Record], span: tuple[int, int], areas: tuple[floa
         return records, span
     first, last = span
     inside = [r for r in records if first < r.born and r.died is not None and r.died <= last]
-    out = list(records)
+    added = (len(areas) + 1) * (last - first)
+    out = [r if r.born <= last and (r.died is None or r.died <= last) else  # what comes after: later
+           dataclasses.replace(r, born=r.born + added if r.born > last else r.born,
+                               died=r.died + added if r.died is not None and r.died > last else r.died)
+           for r in records]
     for n, area in enumerate((*areas, 1.0), 1):
         shift = n * (last - first)
         for r in inside:
             size = r.nbytes if r.category else max(1, round(r.nbytes * area))
             out.append(Record(size, r.born + shift, r.phase, r.died + shift, r.category, r.stream))
-    return out, (first, last + (len(areas) + 1) * (last - first))
+    return out, (first, last + added)

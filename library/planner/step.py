@@ -40,6 +40,7 @@ class StepSettings(Switches, OptimizerSettings):
     clip_skip: int = 1
     v_parameterization: bool = False
     sample: bool = False  # sample.sample_prompts: sampling during training
+    sample_tiled_vae: bool = False  # sample.sample_tiled_vae: samples decoded in tiles
     ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
@@ -98,8 +99,12 @@ class _offload_observed:
         self.tracker = tracker
 
     def observe(self, tensor, where: str) -> None:
-        if where == "host":
+        if where == "empty_cache":
+            self.tracker.empty_cache()
+        elif where == "host":
             self.tracker.release([tensor])
+        elif where == "module weights":  # a module moved over whole (library.offload), on the compute stream
+            self.tracker.arrive([tensor], "weights", "main")
         else:  # weights and optimizer state come over on block swap's side stream; activations do not
             self.tracker.arrive([tensor], where, "main" if where == "activations" else "swap")
 
@@ -116,6 +121,7 @@ class _offload_observed:
 
 
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
+    from library.memory import release_cached_blocks
     from library.objectives import LossOptions
     from library.offload import OneAtATime
     from library.planner.quantized import planned_linear, store_text_encoders
@@ -181,6 +187,7 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     del conditioning
     if s.cache_latents:
         notes.append("kept on the CPU while training (latents cached): vae")
+    release_cached_blocks()  # as library.run.cache_outputs ends
     for t in denoiser_storages:  # the recipes move the denoiser over after the caches are built
         if swapper and swapper.swaps(t):  # ... except swapped weights (block_swap.move)
             continue
@@ -234,11 +241,16 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
 
 
 def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker, notes: list[str]) -> None:
-    """Sampling between steps, placed as library/sampling.py places it (library/offload.py visiting): with the
-    training state on the device (weights, optimizer state), the text encoders kept elsewhere come over to
-    encode one prompt and leave before the denoiser runs one inference step at the training size
-    (classifier-free guidance doubles its batch, except FLUX.1's distilled guidance); then the VAE comes to
-    decode. The text encoders are counted together (the run brings them one at a time: an upper bound)."""
+    """Sampling between steps, placed as library/sampling.py places it: the training step's cached blocks
+    given back first (library.memory.release_cached_blocks); with the training state on the device (weights,
+    optimizer state), the text encoders kept elsewhere come over one at a time to encode one prompt and leave
+    (their cached blocks given back) before the denoiser runs one inference step at the training size (classifier-free guidance doubles its
+    batch, except FLUX.1's distilled guidance); then the VAE comes to decode, in tiles with
+    sample_tiled_vae (library.sampling.vae_tiles)."""
+    from library.memory import release_cached_blocks
+    from library.offload import OneAtATime
+    from library.sampling import vae_tiles
+
     def away(module) -> bool:
         return not any(id(t.untyped_storage()) in tracker.by_storage for t in _storages(module))
 
@@ -246,12 +258,12 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
     vae_away = away(parts.vae)
     tracker.set_phase("sample")
     with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
-        for module in encoders:
-            tracker.arrive(_storages(module), "weights")
+        release_cached_blocks()
         prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
-        conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
-        for module in encoders:
-            tracker.release(_storages(module))
+        with OneAtATime(encoders, "cpu") if encoders else contextlib.nullcontext():
+            conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
+        if encoders:  # they leave when the denoiser runs, their cached blocks with them (offload.visiting)
+            release_cached_blocks()
         if vae_away:
             tracker.arrive(_storages(parts.vae), "weights")
         if latents is None:
@@ -265,9 +277,12 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
         if vae_away:
             tracker.arrive(_storages(parts.vae), "weights")
         decode_input = noisy[:1].to(next(parts.vae.parameters()).dtype)
-        family.decode_latents(parts, decode_input)
+        with vae_tiles(parts.vae, max(s.width, s.height), s.sample_tiled_vae):
+            family.decode_latents(parts, decode_input)
         if vae_away:
             tracker.release(_storages(parts.vae))
+        del conditioning, noisy, decode_input
+        release_cached_blocks()
 
 
 def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, int]:

@@ -70,6 +70,7 @@ class MemoryTracker(TorchDispatchMode):
         self.peak = Peak()  # over the whole run
         self.windows: dict[str, Peak] = {}
         self.spans: dict[str, tuple[int, int]] = {}  # window name -> (first clock, last clock)
+        self.releases: list[int] = []  # clocks at which the run called torch.cuda.empty_cache
         self._open: list[str] = []
         self.fake_scalars = fake_scalars
 
@@ -114,6 +115,12 @@ class MemoryTracker(TorchDispatchMode):
             record = self.by_storage.pop(key, None)
             if record is not None and record.died is None:
                 self._free(record)
+
+    def empty_cache(self) -> None:
+        """The run gives the allocator's cached blocks back now (torch.cuda.empty_cache; the allocator model
+        replays it)."""
+        self.clock += 1
+        self.releases.append(self.clock)
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def _free(self, record: Record) -> None:
