@@ -83,8 +83,8 @@ def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = No
     with FakeDevice(fake=fake), MemoryTracker(fake_scalars=fake) as tracker:
         parts = family.planning_parts(arch)
         parts.source.v_parameterization = s.v_parameterization
-        with _offload_observed(tracker):
-            measure = _run(s, family, parts, tracker, notes)
+        with _offload_observed(tracker) as observed:
+            measure = _run(s, family, parts, tracker, notes, observed)
     return measure
 
 
@@ -94,12 +94,15 @@ class _offload_observed:
 
     def __init__(self, tracker: MemoryTracker):
         self.tracker = tracker
+        self.buffers: set[int] = set()  # ids of the parts' buffers (moved with their module)
 
     def observe(self, tensor, where: str) -> None:
         if where == "host":
             self.tracker.release([tensor])
-        else:  # weights and optimizer state come over on block swap's side stream; activations do not
-            self.tracker.arrive([tensor], where, "main" if where == "activations" else "swap")
+        else:  # a module's own tensors are moved on the compute stream (library/run.py, library/offload.py);
+            # block swap's copies of weights and optimizer state come over on its side stream
+            moved = isinstance(tensor, torch.nn.Parameter) or id(tensor) in self.buffers
+            self.tracker.arrive([tensor], where, "main" if moved or where == "activations" else "swap")
 
     def __enter__(self):
         from library.memory import OFFLOAD_OBSERVERS
@@ -113,9 +116,9 @@ class _offload_observed:
         OFFLOAD_OBSERVERS.remove(self.observe)
 
 
-def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
+def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str],
+         observed: _offload_observed) -> StepMeasure:
     from library.objectives import LossOptions
-    from library.offload import OneAtATime
     from library.planner.quantized import planned_linear
     from library.run import add_adapters, apply_switches, quantize_frozen, train_whole
     from library.training import batch_loss
@@ -148,43 +151,13 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
                      f"CPU memory, copied to the device and back every step ({_swap_seconds(swapper):.1f} s/step "
                      f"of PCIe copies at 25 GB/s)")
     trained_ids = {id(p) for p in trained}
-    for module in modules:
-        for t in _storages(module):
-            tracker.tag([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
     frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
 
-    # ---- pre-encoding, placed as library.run.cache_outputs places it: the VAE alone (leaving once the
-    # latents are cached); cached text encoders one at a time (library.offload), others to stay; no denoiser yet
-    denoiser_storages = list(_storages(parts.denoiser))
-    tracker.release(denoiser_storages)
-    text_modules = list(parts.text_encoders.values())
-    text_cached = s.cache_text_encoder_outputs and not train_te
-    tracker.release([t for m in text_modules for t in _storages(m)])
-    pixels = torch.zeros(s.batch_size, 3, s.height, s.width)
-    captions = ["a photo"] * s.batch_size
-    tracker.set_phase("encode")
-    with tracker.window("vae"), torch.no_grad(), _autocast(s.mixed_precision):
-        latents = family.encode_images(parts, pixels)
-    if s.cache_latents:
-        tracker.release(_storages(parts.vae))
-    else:
-        del latents
-    if text_cached:
-        notes.append("text encoders visit the device one at a time while captions are encoded; then stay on the CPU")
-    else:
-        for module in text_modules:
-            tracker.arrive(_storages(module), "weights")
-    placement = OneAtATime(text_modules, "cpu") if text_cached else contextlib.nullcontext()
-    with placement, tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
-        conditioning = family.encode_prompts(parts, captions, s.clip_skip)
-    cached = {"a photo": {k: v[:1] for k, v in conditioning.items()}} if text_cached else None
-    del conditioning
-    if s.cache_latents:
-        notes.append("kept on the CPU while training (latents cached): vae")
-    for t in denoiser_storages:  # the recipes move the denoiser over after the caches are built
-        if swapper and swapper.swaps(t):  # ... except swapped weights (block_swap.move)
-            continue
-        tracker.arrive([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
+    # ---- placement and caches: library/run.py's cache_outputs and place_denoiser, as the recipes call them ----
+    observed.buffers = {id(b) for m in modules for b in m.buffers()}
+    placed = _place_and_cache(s, family, parts, train_te, tracker, notes)
+    if s.recipe == "network":  # arrived as weights: the adapters' records say what they are
+        tracker.tag(trained, "adapter weights")
 
     # ---- optimizer ----------------------------------------------------------------------------
     for p in trained:  # registered before the optimizer's own hooks: sees each gradient before a fused step
@@ -198,18 +171,18 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     # ---- the training steps ------------------------------------------------------------------
     generator = torch.Generator().manual_seed(0)
     objective = family.objective(parts)
-    batch = {"caption": captions, "loss_weight": torch.ones(s.batch_size)}
+    batch = {"caption": placed.captions, "loss_weight": torch.ones(s.batch_size)}
     if s.cache_latents:
-        batch["latents"] = latents
+        batch["latents"] = placed.latents
     else:
-        batch["pixels"] = pixels
+        batch["pixels"] = placed.pixels
     for module in modules:
         module.train()
     with tracker.window("step"):
         for _ in range(STEPS):
             tracker.set_phase("forward")
             with _autocast(s.mixed_precision):
-                loss = batch_loss(family, parts, objective, batch, s.clip_skip, generator, cached, train_te,
+                loss = batch_loss(family, parts, objective, batch, s.clip_skip, generator, placed.cached, train_te,
                                   LossOptions())
             tracker.set_phase("backward")
             loss.backward()
@@ -227,10 +200,60 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     if fused:
         optimizer.remove_hooks()
     if s.sample:
-        sample_phase(s, family, parts, latents if s.cache_latents else None, tracker, notes)
-    host = host_bytes(s, parts, swapper, text_cached)
+        sample_phase(s, family, parts, placed.latents if s.cache_latents else None, tracker, notes)
+    host = host_bytes(s, parts, swapper, placed.kept)
     return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
                        frozen=frozen, host=host)
+
+
+@dataclass
+class _Placed:
+    """What the planned caching leaves for the step: the planned batch and its caches."""
+    pixels: torch.Tensor
+    captions: list[str]
+    latents: torch.Tensor | None = None  # cached latents of the batch (cache_latents)
+    cached: dict | None = None  # cached conditioning (run.cache_outputs' return)
+    kept: list = field(default_factory=list)  # the parts training keeps in host memory
+
+
+def _place_and_cache(s: StepSettings, family, parts, train_te: bool, tracker: MemoryTracker,
+                     notes: list[str]) -> _Placed:
+    """Every part starts in host memory, as loaded; then library/run.py's cache_outputs (the VAE, and the text
+    encoders one at a time, visiting for the caches; the others placed to stay) and place_denoiser, with
+    planned caches of one batch: window "vae" encodes its latents, window "text" its captions. What a run
+    encodes inside every step instead (nothing cached) is measured after the caching, with what it placed."""
+    from library.run import Caches, cache_outputs, place_denoiser
+
+    tracker.release([t for m in [parts.denoiser, parts.vae, *parts.text_encoders.values()] for t in _storages(m)])
+    tracker.set_phase("encode")
+    placed = _Placed(torch.zeros(s.batch_size, 3, s.height, s.width), ["a photo"] * s.batch_size)
+
+    def latents() -> None:
+        with tracker.window("vae"), torch.no_grad():
+            placed.latents = family.encode_images(parts, placed.pixels)
+
+    def text(apart, device) -> dict:  # noqa: ARG001  (one device here)
+        from library.memory import host_copy
+
+        with tracker.window("text"), torch.no_grad():
+            encoded = family.encode_apart(parts, placed.captions) if apart else \
+                family.encode_prompts(parts, placed.captions, s.clip_skip)
+        return {placed.captions[0]: {k: host_copy(v[:1]) for k, v in encoded.items()}}  # kept on the host
+
+    text_cached = s.cache_text_encoder_outputs and (not train_te or family.cached_apart is not None)
+    caches = Caches(latents if s.cache_latents else None, text if text_cached else None)
+    placed.cached = cache_outputs(family, parts, caches, not train_te, "cpu", notes.append)
+    if not s.cache_latents:  # the VAE encodes inside every step
+        with tracker.window("vae"), torch.no_grad(), _autocast(s.mixed_precision):
+            family.encode_images(parts, placed.pixels)
+    if not text_cached:  # the text encoders too
+        with tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
+            family.encode_prompts(parts, placed.captions, s.clip_skip)
+    place_denoiser(parts, "cpu")
+    placed.kept = ([parts.vae] if s.cache_latents else []) + [
+        m for name, m in parts.text_encoders.items()
+        if text_cached and (name == family.cached_apart if train_te else True)]
+    return placed
 
 
 def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker, notes: list[str]) -> None:
@@ -270,7 +293,7 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
             tracker.release(_storages(parts.vae))
 
 
-def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, int]:
+def host_bytes(s: StepSettings, parts, swapper, kept: list) -> dict[str, int]:
     """Host memory the run holds while training (besides what loading the checkpoints takes): parts kept on
     the CPU, block swap's host copies (pinned) and the optimizer state of swapped weights."""
     def size(module):
@@ -279,8 +302,9 @@ def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, 
     out = {}
     if s.cache_latents:
         out["vae (latents cached)"] = size(parts.vae)
-    if text_cached:
-        out["text encoders (outputs cached)"] = sum(size(m) for m in parts.text_encoders.values())
+    encoders = [m for m in kept if m is not parts.vae]
+    if encoders:
+        out["text encoders (outputs cached)"] = sum(size(m) for m in encoders)
     if s.ema:  # torch's AveragedModel of the denoiser as loaded (fp32), on the CPU
         out["EMA copy (fp32)"] = sum(p.numel() * 4 for p in parts.denoiser.parameters())
     if swapper is not None:
