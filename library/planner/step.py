@@ -41,6 +41,7 @@ class StepSettings(Switches, OptimizerSettings):
     v_parameterization: bool = False
     sample: bool = False  # sample.sample_prompts: sampling during training
     ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
+    class_images: bool = False  # db: prior preservation generates class images (dreambooth.class_prompt ...)
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
     processes: int = 1  # several processes under DDP (library/engines.py): each holds its gradient buckets
@@ -81,7 +82,8 @@ def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = No
     arch = arch_path or arch_dir(s.arch)
     notes: list[str] = []
     with FakeDevice(fake=fake), MemoryTracker(fake_scalars=fake) as tracker:
-        parts = family.planning_parts(arch)
+        with tracker.host_by_default():  # loaded on the host, as a run loads it
+            parts = family.planning_parts(arch)
         parts.source.v_parameterization = s.v_parameterization
         with _offload_observed(tracker) as observed:
             measure = _run(s, family, parts, tracker, notes, observed)
@@ -118,17 +120,41 @@ class _offload_observed:
 
 def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str],
          observed: _offload_observed) -> StepMeasure:
-    from library.objectives import LossOptions
+    """The run's phases in its order: class images (train_db with prior preservation, from the base model as
+    loaded), the setup on the host, caching and placement, the training step, sampling, saving."""
+    if s.recipe == "db" and s.class_images:
+        class_image_phase(s, family, parts, tracker)
+    with tracker.host_by_default():  # what trains and the switches are set up before anything is placed
+        trained, adapted, text_encoders, swapper = _setup(s, family, parts, notes)
+    train_te = any(c.target.component != "denoiser" for c in adapted) or bool(text_encoders)
+    modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
+    trained_ids = {id(p) for p in trained}
+    frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
+
+    # ---- placement and caches: library/run.py's cache_outputs and place_denoiser, as the recipes call them ----
+    observed.buffers = {id(b) for m in modules for b in m.buffers()}
+    placed = _place_and_cache(s, family, parts, train_te, tracker, notes)
+    if s.recipe == "network":  # arrived as weights: the adapters' records say what they are
+        tracker.tag(trained, "adapter weights")
+    training_state = _train_step(s, family, parts, placed, trained, adapted, text_encoders, swapper, train_te,
+                                 tracker, notes)  # noqa: F841  (the optimizer state stays while sampling and saving)
+    if s.sample:
+        sample_phase(s, family, parts, placed.latents if s.cache_latents else None, tracker, notes)
+    host = host_bytes(s, parts, swapper, placed.kept)
+    host.update(save_phase(s, family, parts, adapted, tracker, notes))
+    return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
+                       frozen=frozen, host=host)
+
+
+def _setup(s: StepSettings, family, parts, notes: list[str]):
+    """What trains, and the memory switches: library/run.py, as the recipes call it. Returns (trained
+    parameters, adapted components, trained text encoders, the block swapper or None)."""
     from library.planner.quantized import planned_linear
     from library.run import add_adapters, apply_switches, quantize_frozen, train_whole
-    from library.training import batch_loss
 
-    modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     if s.recipe == "network" and quantize_frozen(parts, s.switches(), make_layer=planned_linear):
         notes.append(f"base_model_precision {s.base_model_precision}: bitsandbytes' storage of every frozen Linear "
                      f"(library/planner/quantized.py: its kernels do not run on fake tensors)")
-
-    # ---- what trains, and the memory switches: library/run.py, as the recipes call it --------------
     adapted, text_encoders = [], []
     if s.recipe == "network":
         from networks.settings import NetworkSettings
@@ -141,7 +167,6 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         text_encoders = train_whole(parts, s.train_text_encoder)
         trained = [p for m in [parts.denoiser, *text_encoders] for p in m.parameters()]
         checkpointed = text_encoders
-    train_te = any(c.target.component != "denoiser" for c in adapted) or bool(text_encoders)
     if s.t5xxl_precision == "int8":  # bitsandbytes kernels do not run on fake tensors
         notes.append("t5xxl_precision int8 planned as 1-byte weights (fp8 storage; LLM.int8's fp32 row scales "
                      "add 4 bytes per output row)")
@@ -150,25 +175,24 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         notes.append(f"blocks_to_swap {s.blocks_to_swap}: {swapper.bytes_swapped() / 2**30:.2f} GiB of weights in "
                      f"CPU memory, copied to the device and back every step ({_swap_seconds(swapper):.1f} s/step "
                      f"of PCIe copies at 25 GB/s)")
-    trained_ids = {id(p) for p in trained}
-    frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
+    return trained, adapted, text_encoders, swapper
 
-    # ---- placement and caches: library/run.py's cache_outputs and place_denoiser, as the recipes call them ----
-    observed.buffers = {id(b) for m in modules for b in m.buffers()}
-    placed = _place_and_cache(s, family, parts, train_te, tracker, notes)
-    if s.recipe == "network":  # arrived as weights: the adapters' records say what they are
-        tracker.tag(trained, "adapter weights")
 
-    # ---- optimizer ----------------------------------------------------------------------------
+def _train_step(s: StepSettings, family, parts, placed, trained, adapted, text_encoders, swapper, train_te: bool,
+                tracker: MemoryTracker, notes: list[str]) -> tuple:
+    """The optimizer (its state as the first step leaves it), DDP's buckets, then the measured step (window
+    "step"): batch_loss, backward, clipping, the optimizer step, zero_grad. Returns what stays on the device
+    after it (the optimizers, DDP's buckets)."""
+    from library.objectives import LossOptions
+    from library.training import batch_loss
+
     for p in trained:  # registered before the optimizer's own hooks: sees each gradient before a fused step
         p.register_post_accumulate_grad_hook(lambda p: tracker.tag([p.grad], "gradients"))
     optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, swapper, notes)
     fused = s.optimizer_settings().fused
-
     warm_up_state(trained, optimizers, swapper, tracker)
-    buckets = ddp_buckets(s, trained, tracker, notes)  # noqa: F841  (alive through the steps, as in a run)
+    buckets = ddp_buckets(s, trained, tracker, notes)  # alive through the steps, as in a run
 
-    # ---- the training steps ------------------------------------------------------------------
     generator = torch.Generator().manual_seed(0)
     objective = family.objective(parts)
     batch = {"caption": placed.captions, "loss_weight": torch.ones(s.batch_size)}
@@ -176,7 +200,7 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         batch["latents"] = placed.latents
     else:
         batch["pixels"] = placed.pixels
-    for module in modules:
+    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
         module.train()
     with tracker.window("step"):
         for _ in range(STEPS):
@@ -199,11 +223,7 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
             tracker.set_phase("idle")
     if fused:
         optimizer.remove_hooks()
-    if s.sample:
-        sample_phase(s, family, parts, placed.latents if s.cache_latents else None, tracker, notes)
-    host = host_bytes(s, parts, swapper, placed.kept)
-    return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
-                       frozen=frozen, host=host)
+    return optimizer, optimizers, buckets
 
 
 @dataclass
@@ -257,40 +277,79 @@ def _place_and_cache(s: StepSettings, family, parts, train_te: bool, tracker: Me
 
 
 def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker, notes: list[str]) -> None:
-    """Sampling between steps, placed as library/sampling.py places it (library/offload.py visiting): with the
-    training state on the device (weights, optimizer state), the text encoders kept elsewhere come over to
-    encode one prompt and leave before the denoiser runs one inference step at the training size
-    (classifier-free guidance doubles its batch, except FLUX.1's distilled guidance); then the VAE comes to
-    decode. The text encoders are counted together (the run brings them one at a time: an upper bound)."""
+    """Sampling between steps (library/sampling.py), with the training state on the device (weights, optimizer
+    state): one image at the training size (_one_image)."""
+    tracker.set_phase("sample")
+    with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
+        _one_image(s, family, parts, latents, tracker)
+
+
+def class_image_phase(s: StepSettings, family, parts, tracker: MemoryTracker) -> None:
+    """Class images for prior preservation (library/prior.py, train_db before anything else): from the base model
+    as loaded (before the switches cast it), under the run's autocast, one image at a time at the training size
+    (_one_image) with the denoiser on the device; everything back on the host afterwards."""
+    tracker.set_phase("class images")
+    with tracker.window("class images"), torch.no_grad(), _autocast(s.mixed_precision):
+        tracker.arrive(_storages(parts.denoiser), "weights")
+        _one_image(s, family, parts, None, tracker)
+        tracker.release(_storages(parts.denoiser))
+
+
+def _one_image(s: StepSettings, family, parts, latents, tracker: MemoryTracker) -> None:
+    """One image as library/sampling.py and library/prior.py make it, placed as they place the parts
+    (library/offload.py visiting): the text encoders kept elsewhere come over to encode the prompt and leave
+    before the denoiser runs one inference step at the training size (classifier-free guidance doubles its
+    batch, except FLUX.1's distilled guidance); then the VAE comes to decode. The text encoders are counted
+    together (the run brings them one at a time: an upper bound)."""
     def away(module) -> bool:
         return not any(id(t.untyped_storage()) in tracker.by_storage for t in _storages(module))
 
     encoders = [m for m in parts.text_encoders.values() if away(m)]
     vae_away = away(parts.vae)
-    tracker.set_phase("sample")
-    with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
-        for module in encoders:
-            tracker.arrive(_storages(module), "weights")
-        prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
-        conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
-        for module in encoders:
-            tracker.release(_storages(module))
-        if vae_away:
-            tracker.arrive(_storages(parts.vae), "weights")
-        if latents is None:
-            latents = family.encode_images(parts, torch.zeros(1, 3, s.height, s.width))
-        noisy = torch.zeros((len(next(iter(conditioning.values()))), *latents.shape[1:]), dtype=latents.dtype)
-        conditioning = family.conditioning_for_batch(parts, {}, conditioning, noisy)
-        if vae_away:
-            tracker.release(_storages(parts.vae))  # it leaves while the denoiser runs
-        prediction = family.predict(parts, noisy, torch.full((noisy.shape[0],), 500.0), conditioning)
-        del prediction
-        if vae_away:
-            tracker.arrive(_storages(parts.vae), "weights")
-        decode_input = noisy[:1].to(next(parts.vae.parameters()).dtype)
-        family.decode_latents(parts, decode_input)
-        if vae_away:
-            tracker.release(_storages(parts.vae))
+    for module in encoders:
+        tracker.arrive(_storages(module), "weights")
+    prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
+    conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
+    for module in encoders:
+        tracker.release(_storages(module))
+    if vae_away:
+        tracker.arrive(_storages(parts.vae), "weights")
+    if latents is None:
+        latents = family.encode_images(parts, torch.zeros(1, 3, s.height, s.width))
+    noisy = torch.zeros((len(next(iter(conditioning.values()))), *latents.shape[1:]), dtype=latents.dtype)
+    conditioning = family.conditioning_for_batch(parts, {}, conditioning, noisy)
+    if vae_away:
+        tracker.release(_storages(parts.vae))  # it leaves while the denoiser runs
+    prediction = family.predict(parts, noisy, torch.full((noisy.shape[0],), 500.0), conditioning)
+    del prediction
+    if vae_away:
+        tracker.arrive(_storages(parts.vae), "weights")
+    decode_input = noisy[:1].to(next(parts.vae.parameters()).dtype)
+    family.decode_latents(parts, decode_input)
+    if vae_away:
+        tracker.release(_storages(parts.vae))
+
+
+def save_phase(s: StepSettings, family, parts, adapted, tracker: MemoryTracker, notes: list[str]) -> dict[str, int]:
+    """Saving (window "save"), with the training state on the device: the tensors of the file as the recipes
+    build them (a full fine-tune: family.single_file_state_dict, every weight copied to the host tensor by
+    tensor and fused / renamed there; an adapter: networks.files.adapter_tensors), in host_by_default: what is
+    built from device tensors counts on the device, the rest in host RAM. Returns the host RAM it adds (the
+    file's tensors while written)."""
+    from networks.files import adapter_tensors
+
+    tracker.set_phase("save")
+    with tracker.window("save"), tracker.host_by_default(), torch.no_grad():
+        if s.recipe == "db":
+            tensors = family.single_file_state_dict(parts)
+        else:
+            tensors, _ = adapter_tensors(adapted, "safetensors", torch.bfloat16)
+        del tensors
+    added = tracker.host_peaks["save"]
+    if s.recipe == "db" and s.ema:
+        notes.append("use_ema: the EMA file is built the same way after the model's, from the host copy (fp32)")
+    what = "the file's tensors, built on the host" if s.recipe == "db" else "the adapter's tensors"
+    return {f"saving: {what} (while written)": added} if added else {}
 
 
 def host_bytes(s: StepSettings, parts, swapper, kept: list) -> dict[str, int]:
