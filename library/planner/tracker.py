@@ -192,11 +192,12 @@ class MemoryTracker(TorchDispatchMode):
             self.host_current -= nbytes
 
     def _from_device(self, args, kwargs) -> bool:
-        """Whether an operator's inputs include a storage on the device."""
-        from torch.utils._pytree import tree_leaves
-
-        return any(isinstance(a, torch.Tensor) and id(a.untyped_storage()) in self.by_storage
-                   for a in tree_leaves((args, kwargs)))
+        """Whether an operator's inputs (tensors, or lists of them) include a storage on the device."""
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(t, torch.Tensor) and id(t.untyped_storage()) in self.by_storage:
+                    return True
+        return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
