@@ -236,8 +236,9 @@ def device_copy(tensor: torch.Tensor, device: torch.device, category: str = "wei
 
 def host_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """module.state_dict() in host memory, tensor by tensor: what a file is built from (fusing or reshaping
-    device tensors would build a second copy of them on the device)."""
-    return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+    device tensors would build a second copy of them on the device). Separate storages told to the observers
+    (host_copy, pageable: a save is one pass), so that the planner sees them leave the device."""
+    return {k: host_copy(v.detach(), pin=False) for k, v in module.state_dict().items()}
 
 
 def offload_checkpoints(denoiser: nn.Module) -> None:

@@ -214,51 +214,103 @@ def apply_switches(family, parts, sw: Switches, trained: list, checkpointed_enco
 
 def cache_and_place(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
     """The VAE and text encoders placed for training, the caches built on the way (cache_outputs), then the
-    denoiser on the device (its swapped blocks stay on the host): the VAE pass of caching did not share the
-    device with it. Returns the cached conditioning or None."""
-    from library.block_swap import move
-
-    conditioning = cache_outputs(cfg, family, parts, dataset, text_frozen, device, say, held_out)
-    move(parts.denoiser, device)
+    denoiser on the device (place_denoiser): the VAE pass of caching did not share the device with it. Returns
+    the cached conditioning or None."""
+    caches = dataset_caches(cfg, family, parts, dataset, say, held_out)
+    conditioning = cache_outputs(family, parts, caches, text_frozen, device, say)
+    place_denoiser(parts, device)
     return conditioning
 
 
+@dataclass
+class Caches:
+    """What a run caches before training, and the work of caching it: `latents()` runs while the VAE is on the
+    device, `text(apart, device)` while the cached text encoders visit it one at a time and returns caption ->
+    conditioning in host memory. A run's come from its dataset (dataset_caches); the memory planner
+    (library/planner/step.py) passes its own, which encode one planned batch, to the same cache_outputs."""
+    latents: Callable[[], None] | None = None
+    text: Callable[[str | None, object], dict] | None = None
+
+
+def dataset_caches(cfg, family, parts, dataset, say, held_out=None) -> Caches:
+    """The caches a config asks for, over `dataset` (and `held_out`, the validation images): latents
+    (dataset.cache_latents / _to_disk) and text-encoder outputs (train.cache_text_encoder_outputs / _to_disk)."""
+    from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
+
+    d, t = cfg.dataset, cfg.train
+    sets = [dataset] + ([held_out] if held_out else [])
+
+    def latents() -> None:
+        settings = LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg), d.vae_batch_size, t.seed)
+        for images in sets:
+            cache_latents(family, parts, images, settings, say)
+
+    def text(apart, device) -> dict:
+        captions = sorted({c for images in sets for c in images.captions})
+        folder = cache_folder(cfg) if t.cache_text_encoder_outputs_to_disk else None
+        return cache_text_outputs(family, parts, captions, cfg.model.clip_skip, folder, say, device, apart=apart)
+
+    return Caches(latents if d.cache_latents or d.cache_latents_to_disk else None,
+                  text if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk else None)
+
+
 @during("caching")
-def cache_outputs(cfg, family, parts, dataset, text_frozen: bool, device, say, held_out=None):
+def cache_outputs(family, parts, caches: Caches, text_frozen: bool, device, say):
     """Places the VAE and the text encoders for training, building the caches on the way: the VAE comes to
     `device` (and leaves again once latents are cached); text encoders whose outputs are cached visit the
     device one at a time while captions are encoded (library/offload.py), the others come to stay. The
     denoiser is not on the device yet. With trained text encoders, only the family's cached_apart encoder
-    (FLUX.1 / SD3: T5) is cached, as sd-scripts does. Returns the cached conditioning or None."""
-    from library.data.cache import LatentCacheSettings, cache_folder, cache_latents, cache_text_outputs
+    (FLUX.1 / SD3: T5) is cached, as sd-scripts does. Every move is told to library.memory's observers (the
+    planner counts them). Returns the cached conditioning or None."""
     from library.memory import release_cached_blocks
     from library.offload import OneAtATime
 
-    d, t = cfg.dataset, cfg.train
-    latents_cached = d.cache_latents or d.cache_latents_to_disk
-    parts.vae.to(device)
-    if latents_cached:
-        for images in [dataset] + ([held_out] if held_out else []):  # held_out: the validation images
-            cache_latents(family, parts, images, LatentCacheSettings(d.cache_latents_to_disk, cache_folder(cfg),
-                                                                     d.vae_batch_size, t.seed), say)
-        parts.vae.to("cpu")  # sampling brings it back when it needs it
+    to_device(parts.vae, device)
+    if caches.latents:
+        caches.latents()
+        to_host(parts.vae)  # sampling brings it back when it needs it
     conditioning, cached = None, []
-    if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk:
+    if caches.text:
         apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
         cached = [apart] if apart else list(parts.text_encoders)
         with OneAtATime([parts.text_encoders[name] for name in cached], device):
-            captions = sorted({*dataset.captions, *(held_out.captions if held_out else [])})
-            conditioning = cache_text_outputs(family, parts, captions, cfg.model.clip_skip, cache_folder(cfg)
-                                              if t.cache_text_encoder_outputs_to_disk else None, say, device,
-                                              apart=apart)
+            conditioning = caches.text(apart, device)
     for name, encoder in parts.text_encoders.items():
         if name not in cached:
-            encoder.to(device)
-    kept = (["vae"] if latents_cached else []) + cached
+            to_device(encoder, device)
+    kept = (["vae"] if caches.latents else []) + cached
     if kept:
         say(f"kept on the CPU while training (outputs cached): {', '.join(kept)}")
     release_cached_blocks()  # what caching left cached goes back before the denoiser comes (as sd-scripts does)
     return conditioning
+
+
+def place_denoiser(parts, device) -> None:
+    """The denoiser to the device for training, after the caches are built (its swapped blocks stay on the
+    host: library.block_swap.move)."""
+    to_device(parts.denoiser, device)
+
+
+def to_device(module, device) -> None:
+    """`module` moved to `device` (a block-swapped denoiser's swapped weights stay on the host), the move told to
+    library.memory's observers."""
+    from library.block_swap import move
+    from library.memory import tell
+
+    move(module, device)
+    swapper = getattr(module, "_block_swapper", None)
+    for t in [*module.parameters(), *module.buffers()]:
+        if swapper is None or not swapper.swaps(t):
+            tell(t, "weights")
+
+
+def to_host(module) -> None:
+    """`module` moved to host memory, the move told to library.memory's observers."""
+    from library.memory import tell
+
+    module.to("cpu")
+    for t in [*module.parameters(), *module.buffers()]:
+        tell(t, "host")
 
 
 # ---- optimizer, and what accelerate prepares --------------------------------------------------------

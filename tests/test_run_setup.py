@@ -34,6 +34,28 @@ def test_recipes_and_planner_call_the_one_setup_and_no_copy_of_it(path):
     assert called & INSIDE_SETUP == set()
 
 
+def test_the_planner_caches_and_places_with_the_runs_functions():
+    """The planner builds its caches and places the parts with run.cache_outputs / place_denoiser, as
+    cache_and_place (both recipes) does; neither it nor the recipes move the VAE, text encoders or denoiser
+    themselves, or build caches with library.data.cache's functions."""
+    planner, run = called_names(ROOT / "library/planner/step.py"), _body_calls(ROOT / "library/run.py",
+                                                                               "cache_and_place")
+    assert {"cache_outputs", "place_denoiser"} <= planner and {"cache_outputs", "place_denoiser"} <= run
+    for path in ["train_network.py", "train_db.py", "library/planner/step.py"]:
+        assert called_names(ROOT / path) & CACHING_INSIDE == set(), path
+    assert {"cache_and_place"} <= called_names(ROOT / "train_network.py") & called_names(ROOT / "train_db.py")
+
+
+CACHING_INSIDE = {"cache_latents", "cache_text_outputs", "OneAtATime", "move"}
+
+
+def _body_calls(path: Path, function: str) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    body = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    return {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+            for n in ast.walk(body) if isinstance(n, ast.Call)}
+
+
 def test_the_setup_check_sees_a_copy():
     """The check above would fail on the recipes as they were (each cast, placed and built its own)."""
     copy = "def train(cfg):\n    cast_frozen_parts(parts, dtype, False)\n    swapper = make_swapper(f, p, 2, 'cuda')\n"

@@ -62,7 +62,7 @@ def cache_command(argv: list[str] | None = None) -> int:
     from library.data.plan import plan_data
     from library.data.training_set import TrainingSet
     from library.model_files import load_model
-    from library.run import Switches, cache_outputs, cast_frozen, quantize_frozen
+    from library.run import Switches, cache_outputs, cast_frozen, dataset_caches, quantize_frozen
 
     cli.quiet_libraries()
     cfg = cli.load_or_exit(cli.parse_args(argv, cache_doc), recipe="network")
@@ -75,7 +75,8 @@ def cache_command(argv: list[str] | None = None) -> int:
         switches = Switches.from_config(cfg)
         quantize_frozen(parts, switches)  # freezes every part; base_model_precision as a run stores it
         cast_frozen(parts, switches)
-        cache_outputs(cfg, family, parts, dataset, True, "cuda" if torch.cuda.is_available() else "cpu", print)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        cache_outputs(family, parts, dataset_caches(cfg, family, parts, dataset, print), True, device, print)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The memory planner: what a config's run will show on the card, phase by phase (VAE caching, text
-encoding, the training step, sampling): allocated, reserved and the card total (reserved + CUDA context), by
+"""The memory planner: what a config's run will show on the card, phase by phase (class images, VAE caching, text
+encoding, the training step, sampling, saving): allocated, reserved and the card total (reserved + CUDA context), by
 category, for the full-size architecture the config names, without a GPU, weights or data (`--plan`); and the
 cheapest set of memory switches whose card total fits a budget less a margin (`--vram_budget GB`, or the
 present card's memory when a plan does not fit it).
@@ -18,7 +18,7 @@ from __future__ import annotations
 from library.planner.architecture import resolve
 from library.planner.budget import search_budget
 from library.planner.card import margin
-from library.planner.plan import GIB, Plan, plan
+from library.planner.plan import GIB, SAVING, Plan, plan
 from library.planner.step import StepSettings
 from library.planner.tracker import CATEGORIES
 
@@ -36,7 +36,7 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
     from library.run import OptimizerSettings, Switches
     from library.training import resolution
 
-    m, t, d = cfg.model, cfg.train, cfg.dataset
+    m, t, d, db = cfg.model, cfg.train, cfg.dataset, cfg.dreambooth
     family, arch = resolve(m)
     width, height = resolution(d.resolution)
     n = cfg.network
@@ -52,6 +52,7 @@ def settings_from_config(cfg, recipe: str) -> StepSettings:
         v_parameterization=m.v_parameterization, network=n, bucket_areas=bucket_areas(d, (width, height)),
         sample=bool(cfg.sample.sample_prompts), sample_tiled_vae=cfg.sample.sample_tiled_vae,
         ema=recipe == "db" and cfg.dreambooth.use_ema,
+        class_images=recipe == "db" and bool(db.class_data_dir and db.class_prompt and db.num_class_images),
         processes=1 if sharding else launched_processes(), ddp_gradient_as_bucket_view=t.ddp_gradient_as_bucket_view,
         sharding=sharding)
 
@@ -89,14 +90,17 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-PHASE_NAMES = {"vae": "VAE latents", "text": "text encoders", "step": "training step", "sample": "sampling"}
+PHASE_NAMES = {"class images": "class images", "vae": "VAE latents", "text": "text encoders",
+               "step": "training step", "sample": "sampling", "save": "saving"}
 
 
 def phase_lines(p: Plan) -> list[str]:
     """Per phase: allocated (tensors, in allocator blocks), reserved (max_memory_reserved) and the card total."""
     s = p.settings
-    when = {"vae": "before training (cache_latents)" if s.cache_latents else "inside every step",
-            "text": "before training (cached outputs)" if s.cache_text_encoder_outputs else "inside every step"}
+    when = {"class images": "before training (prior preservation, while class images are missing)",
+            "vae": "before training (cache_latents)" if s.cache_latents else "inside every step",
+            "text": "before training (cached outputs)" if s.cache_text_encoder_outputs else "inside every step",
+            "save": "at every save (the file built on the host)" if s.recipe == "db" else "at every save"}
     lines = [f"  per phase, GiB        allocated  reserved  card total (reserved + {p.card.context / GIB:.2f} "
              f"GiB CUDA context)"]
     for name, memory in p.phases.items():
@@ -105,9 +109,14 @@ def phase_lines(p: Plan) -> list[str]:
                      f"{p.card_total(name) / GIB:11.2f}   {when.get(name, '')}")
     lines.append(f"  card peak: {p.card_peak / GIB:.2f} GiB ({p.card.name}; cuBLAS workspace "
                  f"{p.card.cublas_workspace / 2**20:.1f} MiB included)")
-    if p.host:
-        lines.append(f"  host RAM held while training: {sum(p.host.values()) / GIB:.2f} GiB ("
-                     + ", ".join(f"{k} {v / GIB:.2f}" for k, v in p.host.items()) + ")")
+    held = {k: v for k, v in p.host.items() if not k.startswith(SAVING)}
+    if held:
+        lines.append(f"  host RAM held while training: {p.host_training / GIB:.2f} GiB ("
+                     + ", ".join(f"{k} {v / GIB:.2f}" for k, v in held.items()) + ")")
+    if p.host_peak > p.host_training:
+        lines.append(f"  host RAM while saving: {p.host_peak / GIB:.2f} GiB ("
+                     + ", ".join(f"{k[len(SAVING):]} {v / GIB:.2f}" for k, v in p.host.items()
+                                 if k.startswith(SAVING)) + " on top)")
     return lines
 
 

@@ -12,6 +12,10 @@ from library.planner.step import StepSettings, measure_step
 from library.planner.tracker import Record
 
 GIB = 2**30
+# a run's phases, in its order: class images (train_db's prior preservation), VAE latents, text encoders, the
+# training step, sampling, saving
+PHASES = ("class images", "vae", "text", "step", "sample", "save")
+SAVING = "saving: "  # the host entries that exist only while a file is written
 
 
 @dataclasses.dataclass
@@ -46,6 +50,16 @@ class Plan:
     def card_total(self, phase: str) -> int:
         return self.phases[phase].reserved + self.card.context
 
+    @property
+    def host_training(self) -> int:
+        """Host RAM the run holds while training (parts kept on the CPU, block swap, EMA)."""
+        return sum(v for k, v in self.host.items() if not k.startswith(SAVING))
+
+    @property
+    def host_peak(self) -> int:
+        """Host RAM at the run's worst moment: what training holds plus a file's tensors while it is written."""
+        return sum(self.host.values())
+
 
 def plan(settings: StepSettings, fake: bool = True, card: Card | None = None) -> Plan:
     card = card or Card()
@@ -59,7 +73,8 @@ def plan(settings: StepSettings, fake: bool = True, card: Card | None = None) ->
     if added:
         spans = {k: (a + added, b + added) if a >= last and k != "step" else (a, b) for k, (a, b) in spans.items()}
         releases = [c + added if c > last else c for c in releases]
-    phases = replay(records, spans["vae"][0], spans, [card.cublas_workspace], releases)
+    phases = replay(records, min(first for first, _ in spans.values()), spans, [card.cublas_workspace], releases)
+    phases = {name: phases[name] for name in PHASES if name in phases}
     measured = Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
                     m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card, m.host)
     return sharded_plan(measured)  # one GPU of N under ZeRO / FSDP2 (library/planner/sharding.py)

@@ -42,6 +42,7 @@ class StepSettings(Switches, OptimizerSettings):
     sample: bool = False  # sample.sample_prompts: sampling during training
     sample_tiled_vae: bool = False  # sample.sample_tiled_vae: samples decoded in tiles
     ema: bool = False  # dreambooth.use_ema: an EMA copy of the denoiser in host memory (train_db.py)
+    class_images: bool = False  # db: prior preservation generates class images (dreambooth.class_prompt ...)
     bucket_areas: tuple = ()  # other bucket sizes' areas over width x height (enable_bucket): fragmentation
     network: object = None  # the config's [network] section (adapter recipe)
     processes: int = 1  # several processes under DDP (library/engines.py): each holds its gradient buckets
@@ -84,10 +85,11 @@ def measure_step(s: StepSettings, fake: bool = True, arch_path: Path | None = No
     arch = arch_path or arch_dir(s.arch)
     notes: list[str] = []
     with FakeDevice(fake=fake), MemoryTracker(fake_scalars=fake) as tracker:
-        parts = family.planning_parts(arch)
+        with tracker.host_by_default():  # loaded on the host, as a run loads it
+            parts = family.planning_parts(arch)
         parts.source.v_parameterization = s.v_parameterization
-        with _offload_observed(tracker):
-            measure = _run(s, family, parts, tracker, notes)
+        with _offload_observed(tracker) as observed:
+            measure = _run(s, family, parts, tracker, notes, observed)
     return measure
 
 
@@ -97,6 +99,7 @@ class _offload_observed:
 
     def __init__(self, tracker: MemoryTracker):
         self.tracker = tracker
+        self.buffers: set[int] = set()  # ids of the parts' buffers (moved with their module)
 
     def observe(self, tensor, where: str) -> None:
         if where == "empty_cache":
@@ -105,8 +108,10 @@ class _offload_observed:
             self.tracker.release([tensor])
         elif where == "module weights":  # a module moved over whole (library.offload), on the compute stream
             self.tracker.arrive([tensor], "weights", "main")
-        else:  # weights and optimizer state come over on block swap's side stream; activations do not
-            self.tracker.arrive([tensor], where, "main" if where == "activations" else "swap")
+        else:  # a module's own tensors are moved on the compute stream (library/run.py, library/offload.py);
+            # block swap's copies of weights and optimizer state come over on its side stream
+            moved = isinstance(tensor, torch.nn.Parameter) or id(tensor) in self.buffers
+            self.tracker.arrive([tensor], where, "main" if moved or where == "activations" else "swap")
 
     def __enter__(self):
         from library.memory import OFFLOAD_OBSERVERS
@@ -120,20 +125,43 @@ class _offload_observed:
         OFFLOAD_OBSERVERS.remove(self.observe)
 
 
-def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str]) -> StepMeasure:
-    from library.memory import release_cached_blocks
-    from library.objectives import LossOptions
-    from library.offload import OneAtATime
+def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str],
+         observed: _offload_observed) -> StepMeasure:
+    """The run's phases in its order: class images (train_db with prior preservation, from the base model as
+    loaded), the setup on the host, caching and placement, the training step, sampling, saving."""
+    if s.recipe == "db" and s.class_images:
+        class_image_phase(s, family, parts, tracker)
+    with tracker.host_by_default():  # what trains and the switches are set up before anything is placed
+        trained, adapted, text_encoders, swapper = _setup(s, family, parts, notes)
+    train_te = any(c.target.component != "denoiser" for c in adapted) or bool(text_encoders)
+    modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
+    trained_ids = {id(p) for p in trained}
+    frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
+
+    # ---- placement and caches: library/run.py's cache_outputs and place_denoiser, as the recipes call them ----
+    observed.buffers = {id(b) for m in modules for b in m.buffers()}
+    placed = _place_and_cache(s, family, parts, train_te, tracker, notes)
+    if s.recipe == "network":  # arrived as weights: the adapters' records say what they are
+        tracker.tag(trained, "adapter weights")
+    training_state = _train_step(s, family, parts, placed, trained, adapted, text_encoders, swapper, train_te,
+                                 tracker, notes)  # noqa: F841  (the optimizer state stays while sampling and saving)
+    if s.sample:
+        sample_phase(s, family, parts, placed.latents if s.cache_latents else None, tracker, notes)
+    host = host_bytes(s, parts, swapper, placed.kept)
+    host.update(save_phase(s, family, parts, adapted, tracker, notes))
+    return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
+                       frozen=frozen, host=host)
+
+
+def _setup(s: StepSettings, family, parts, notes: list[str]):
+    """What trains, and the memory switches: library/run.py, as the recipes call it. Returns (trained
+    parameters, adapted components, trained text encoders, the block swapper or None)."""
     from library.planner.quantized import planned_linear, store_text_encoders
     from library.run import add_adapters, apply_switches, quantize_frozen, train_whole
-    from library.training import batch_loss
 
-    modules = [parts.denoiser, parts.vae, *parts.text_encoders.values()]
     if s.recipe == "network" and quantize_frozen(parts, s.switches(), make_layer=planned_linear):
         notes.append(f"base_model_precision {s.base_model_precision}: bitsandbytes' storage of every frozen Linear "
                      f"(library/planner/quantized.py: its kernels do not run on fake tensors)")
-
-    # ---- what trains, and the memory switches: library/run.py, as the recipes call it --------------
     adapted, text_encoders = [], []
     if s.recipe == "network":
         from networks.settings import NetworkSettings
@@ -146,77 +174,44 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
         text_encoders = train_whole(parts, s.train_text_encoder)
         trained = [p for m in [parts.denoiser, *text_encoders] for p in m.parameters()]
         checkpointed = text_encoders
-    train_te = any(c.target.component != "denoiser" for c in adapted) or bool(text_encoders)
     swapper = apply_switches(family, parts, s.switches(), trained, checkpointed, "cpu", s.recipe == "db").swapper
     notes += store_text_encoders(parts, s.t5xxl_precision, s.mixed_precision)
     if swapper:
         notes.append(f"blocks_to_swap {s.blocks_to_swap}: {swapper.bytes_swapped() / 2**30:.2f} GiB of weights in "
                      f"CPU memory, copied to the device and back every step ({_swap_seconds(swapper):.1f} s/step "
                      f"of PCIe copies at 25 GB/s)")
-    trained_ids = {id(p) for p in trained}
-    for module in modules:
-        for t in _storages(module):
-            tracker.tag([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
-    frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in trained_ids)
+    return trained, adapted, text_encoders, swapper
 
-    # ---- pre-encoding, placed as library.run.cache_outputs places it: the VAE alone (leaving once the
-    # latents are cached); cached text encoders one at a time (library.offload), others to stay; no denoiser yet
-    denoiser_storages = list(_storages(parts.denoiser))
-    tracker.release(denoiser_storages)
-    text_modules = list(parts.text_encoders.values())
-    text_cached = s.cache_text_encoder_outputs and not train_te
-    tracker.release([t for m in text_modules for t in _storages(m)])
-    pixels = torch.zeros(s.batch_size, 3, s.height, s.width)
-    captions = ["a photo"] * s.batch_size
-    tracker.set_phase("encode")
-    with tracker.window("vae"), torch.no_grad(), _autocast(s.mixed_precision):
-        latents = family.encode_images(parts, pixels)
-    if s.cache_latents:
-        tracker.release(_storages(parts.vae))
-    else:
-        del latents
-    if text_cached:
-        notes.append("text encoders visit the device one at a time while captions are encoded; then stay on the CPU")
-    else:
-        for module in text_modules:
-            tracker.arrive(_storages(module), "weights")
-    placement = OneAtATime(text_modules, "cpu") if text_cached else contextlib.nullcontext()
-    with placement, tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
-        conditioning = family.encode_prompts(parts, captions, s.clip_skip)
-    cached = {"a photo": {k: v[:1] for k, v in conditioning.items()}} if text_cached else None
-    del conditioning
-    if s.cache_latents:
-        notes.append("kept on the CPU while training (latents cached): vae")
-    release_cached_blocks()  # as library.run.cache_outputs ends
-    for t in denoiser_storages:  # the recipes move the denoiser over after the caches are built
-        if swapper and swapper.swaps(t):  # ... except swapped weights (block_swap.move)
-            continue
-        tracker.arrive([t], "adapter weights" if id(t) in trained_ids and s.recipe == "network" else "weights")
 
-    # ---- optimizer ----------------------------------------------------------------------------
+def _train_step(s: StepSettings, family, parts, placed, trained, adapted, text_encoders, swapper, train_te: bool,
+                tracker: MemoryTracker, notes: list[str]) -> tuple:
+    """The optimizer (its state as the first step leaves it), DDP's buckets, then the measured step (window
+    "step"): batch_loss, backward, clipping, the optimizer step, zero_grad. Returns what stays on the device
+    after it (the optimizers, DDP's buckets)."""
+    from library.objectives import LossOptions
+    from library.training import batch_loss
+
     for p in trained:  # registered before the optimizer's own hooks: sees each gradient before a fused step
         p.register_post_accumulate_grad_hook(lambda p: tracker.tag([p.grad], "gradients"))
     optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, swapper, notes)
     fused = s.optimizer_settings().fused
-
     warm_up_state(trained, optimizers, swapper, tracker)
-    buckets = ddp_buckets(s, trained, tracker, notes)  # noqa: F841  (alive through the steps, as in a run)
+    buckets = ddp_buckets(s, trained, tracker, notes)  # alive through the steps, as in a run
 
-    # ---- the training steps ------------------------------------------------------------------
     generator = torch.Generator().manual_seed(0)
     objective = family.objective(parts)
-    batch = {"caption": captions, "loss_weight": torch.ones(s.batch_size)}
+    batch = {"caption": placed.captions, "loss_weight": torch.ones(s.batch_size)}
     if s.cache_latents:
-        batch["latents"] = latents
+        batch["latents"] = placed.latents
     else:
-        batch["pixels"] = pixels
-    for module in modules:
+        batch["pixels"] = placed.pixels
+    for module in [parts.denoiser, parts.vae, *parts.text_encoders.values()]:
         module.train()
     with tracker.window("step"):
         for _ in range(STEPS):
             tracker.set_phase("forward")
             with _autocast(s.mixed_precision):
-                loss = batch_loss(family, parts, objective, batch, s.clip_skip, generator, cached, train_te,
+                loss = batch_loss(family, parts, objective, batch, s.clip_skip, generator, placed.cached, train_te,
                                   LossOptions())
             tracker.set_phase("backward")
             loss.backward()
@@ -233,20 +228,90 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
             tracker.set_phase("idle")
     if fused:
         optimizer.remove_hooks()
-    if s.sample:
-        sample_phase(s, family, parts, latents if s.cache_latents else None, tracker, notes)
-    host = host_bytes(s, parts, swapper, text_cached)
-    return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
-                       frozen=frozen, host=host)
+    return optimizer, optimizers, buckets
+
+
+@dataclass
+class _Placed:
+    """What the planned caching leaves for the step: the planned batch and its caches."""
+    pixels: torch.Tensor
+    captions: list[str]
+    latents: torch.Tensor | None = None  # cached latents of the batch (cache_latents)
+    cached: dict | None = None  # cached conditioning (run.cache_outputs' return)
+    kept: list = field(default_factory=list)  # the parts training keeps in host memory
+
+
+def _place_and_cache(s: StepSettings, family, parts, train_te: bool, tracker: MemoryTracker,
+                     notes: list[str]) -> _Placed:
+    """Every part starts in host memory, as loaded; then library/run.py's cache_outputs (the VAE, and the text
+    encoders one at a time, visiting for the caches; the others placed to stay) and place_denoiser, with
+    planned caches of one batch: window "vae" encodes its latents, window "text" its captions. What a run
+    encodes inside every step instead (nothing cached) is measured after the caching, with what it placed."""
+    from library.run import Caches, cache_outputs, place_denoiser
+
+    tracker.release([t for m in [parts.denoiser, parts.vae, *parts.text_encoders.values()] for t in _storages(m)])
+    tracker.set_phase("encode")
+    placed = _Placed(torch.zeros(s.batch_size, 3, s.height, s.width), ["a photo"] * s.batch_size)
+
+    def latents() -> None:
+        with tracker.window("vae"), torch.no_grad():
+            placed.latents = family.encode_images(parts, placed.pixels)
+
+    def text(apart, device) -> dict:  # noqa: ARG001  (one device here)
+        from library.memory import host_copy
+
+        with tracker.window("text"), torch.no_grad():
+            encoded = family.encode_apart(parts, placed.captions) if apart else \
+                family.encode_prompts(parts, placed.captions, s.clip_skip)
+        return {placed.captions[0]: {k: host_copy(v[:1]) for k, v in encoded.items()}}  # kept on the host
+
+    text_cached = s.cache_text_encoder_outputs and (not train_te or family.cached_apart is not None)
+    caches = Caches(latents if s.cache_latents else None, text if text_cached else None)
+    placed.cached = cache_outputs(family, parts, caches, not train_te, "cpu", notes.append)
+    if not s.cache_latents:  # the VAE encodes inside every step
+        with tracker.window("vae"), torch.no_grad(), _autocast(s.mixed_precision):
+            family.encode_images(parts, placed.pixels)
+    if not text_cached:  # the text encoders too
+        with tracker.window("text"), torch.no_grad(), _autocast(s.mixed_precision):
+            family.encode_prompts(parts, placed.captions, s.clip_skip)
+    place_denoiser(parts, "cpu")
+    placed.kept = ([parts.vae] if s.cache_latents else []) + [
+        m for name, m in parts.text_encoders.items()
+        if text_cached and (name == family.cached_apart if train_te else True)]
+    return placed
 
 
 def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker, notes: list[str]) -> None:
-    """Sampling between steps, placed as library/sampling.py places it: the training step's cached blocks
-    given back first (library.memory.release_cached_blocks); with the training state on the device (weights,
-    optimizer state), the text encoders kept elsewhere come over one at a time to encode one prompt and leave
-    (their cached blocks given back) before the denoiser runs one inference step at the training size (classifier-free guidance doubles its
-    batch, except FLUX.1's distilled guidance); then the VAE comes to decode, in tiles with
-    sample_tiled_vae (library.sampling.vae_tiles)."""
+    """Sampling between steps, placed as library/sampling.py places it: the training step's cached blocks given
+    back before and after (library.memory.release_cached_blocks), one image at the training size (_one_image)
+    with the training state on the device (weights, optimizer state), decoded in tiles with sample_tiled_vae
+    (library.sampling.vae_tiles)."""
+    from library.memory import release_cached_blocks
+
+    tracker.set_phase("sample")
+    with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
+        release_cached_blocks()
+        _one_image(s, family, parts, latents, tracker, tiled=s.sample_tiled_vae)
+        release_cached_blocks()
+
+
+def class_image_phase(s: StepSettings, family, parts, tracker: MemoryTracker) -> None:
+    """Class images for prior preservation (library/prior.py, train_db before anything else): from the base model
+    as loaded (before the switches cast it), under the run's autocast, one image at a time at the training size
+    (_one_image) with the denoiser on the device; everything back on the host afterwards."""
+    tracker.set_phase("class images")
+    with tracker.window("class images"), torch.no_grad(), _autocast(s.mixed_precision):
+        tracker.arrive(_storages(parts.denoiser), "weights")
+        _one_image(s, family, parts, None, tracker, tiled=False)
+        tracker.release(_storages(parts.denoiser))
+
+
+def _one_image(s: StepSettings, family, parts, latents, tracker: MemoryTracker, tiled: bool) -> None:
+    """One image as library/sampling.py and library/prior.py make it, placed as they place the parts
+    (library/offload.py visiting): the text encoders kept elsewhere come over one at a time to encode the
+    prompt and leave, their cached blocks given back, before the denoiser runs one inference step at the
+    training size (classifier-free guidance doubles its batch, except FLUX.1's distilled guidance); then the
+    VAE comes to decode (in tiles when `tiled`)."""
     from library.memory import release_cached_blocks
     from library.offload import OneAtATime
     from library.sampling import vae_tiles
@@ -256,36 +321,53 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
 
     encoders = [m for m in parts.text_encoders.values() if away(m)]
     vae_away = away(parts.vae)
-    tracker.set_phase("sample")
-    with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
+    prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
+    with OneAtATime(encoders, "cpu") if encoders else contextlib.nullcontext():
+        conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
+    if encoders:  # they leave when the denoiser runs, their cached blocks with them (offload.visiting)
         release_cached_blocks()
-        prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
-        with OneAtATime(encoders, "cpu") if encoders else contextlib.nullcontext():
-            conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
-        if encoders:  # they leave when the denoiser runs, their cached blocks with them (offload.visiting)
-            release_cached_blocks()
-        if vae_away:
-            tracker.arrive(_storages(parts.vae), "weights")
-        if latents is None:
-            latents = family.encode_images(parts, torch.zeros(1, 3, s.height, s.width))
-        noisy = torch.zeros((len(next(iter(conditioning.values()))), *latents.shape[1:]), dtype=latents.dtype)
-        conditioning = family.conditioning_for_batch(parts, {}, conditioning, noisy)
-        if vae_away:
-            tracker.release(_storages(parts.vae))  # it leaves while the denoiser runs
-        prediction = family.predict(parts, noisy, torch.full((noisy.shape[0],), 500.0), conditioning)
-        del prediction
-        if vae_away:
-            tracker.arrive(_storages(parts.vae), "weights")
-        decode_input = noisy[:1].to(next(parts.vae.parameters()).dtype)
-        with vae_tiles(parts.vae, max(s.width, s.height), s.sample_tiled_vae):
-            family.decode_latents(parts, decode_input)
-        if vae_away:
-            tracker.release(_storages(parts.vae))
-        del conditioning, noisy, decode_input
-        release_cached_blocks()
+    if vae_away:
+        tracker.arrive(_storages(parts.vae), "weights")
+    if latents is None:
+        latents = family.encode_images(parts, torch.zeros(1, 3, s.height, s.width))
+    noisy = torch.zeros((len(next(iter(conditioning.values()))), *latents.shape[1:]), dtype=latents.dtype)
+    conditioning = family.conditioning_for_batch(parts, {}, conditioning, noisy)
+    if vae_away:
+        tracker.release(_storages(parts.vae))  # it leaves while the denoiser runs
+    prediction = family.predict(parts, noisy, torch.full((noisy.shape[0],), 500.0), conditioning)
+    del prediction
+    if vae_away:
+        tracker.arrive(_storages(parts.vae), "weights")
+    decode_input = noisy[:1].to(next(parts.vae.parameters()).dtype)
+    with vae_tiles(parts.vae, max(s.width, s.height), tiled):
+        family.decode_latents(parts, decode_input)
+    if vae_away:
+        tracker.release(_storages(parts.vae))
 
 
-def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, int]:
+def save_phase(s: StepSettings, family, parts, adapted, tracker: MemoryTracker, notes: list[str]) -> dict[str, int]:
+    """Saving (window "save"), with the training state on the device: the tensors of the file as the recipes
+    build them (a full fine-tune: family.single_file_state_dict, every weight copied to the host tensor by
+    tensor and fused / renamed there; an adapter: networks.files.adapter_tensors), in host_by_default: what is
+    built from device tensors counts on the device, the rest in host RAM. Returns the host RAM it adds (the
+    file's tensors while written)."""
+    from networks.files import adapter_tensors
+
+    tracker.set_phase("save")
+    with tracker.window("save"), tracker.host_by_default(), torch.no_grad():
+        if s.recipe == "db":
+            tensors = family.single_file_state_dict(parts)
+        else:
+            tensors, _ = adapter_tensors(adapted, "safetensors", torch.bfloat16)
+        del tensors
+    added = tracker.host_peaks["save"]
+    if s.recipe == "db" and s.ema:
+        notes.append("use_ema: the EMA file is built the same way after the model's, from the host copy (fp32)")
+    what = "the file's tensors, built on the host" if s.recipe == "db" else "the adapter's tensors"
+    return {f"saving: {what} (while written)": added} if added else {}
+
+
+def host_bytes(s: StepSettings, parts, swapper, kept: list) -> dict[str, int]:
     """Host memory the run holds while training (besides what loading the checkpoints takes): parts kept on
     the CPU, block swap's host copies (pinned) and the optimizer state of swapped weights."""
     def size(module):
@@ -294,8 +376,9 @@ def host_bytes(s: StepSettings, parts, swapper, text_cached: bool) -> dict[str, 
     out = {}
     if s.cache_latents:
         out["vae (latents cached)"] = size(parts.vae)
-    if text_cached:
-        out["text encoders (outputs cached)"] = sum(size(m) for m in parts.text_encoders.values())
+    encoders = [m for m in kept if m is not parts.vae]
+    if encoders:
+        out["text encoders (outputs cached)"] = sum(size(m) for m in encoders)
     if s.ema:  # torch's AveragedModel of the denoiser as loaded (fp32), on the CPU
         out["EMA copy (fp32)"] = sum(p.numel() * 4 for p in parts.denoiser.parameters())
     if swapper is not None:

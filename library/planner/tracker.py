@@ -73,12 +73,20 @@ class MemoryTracker(TorchDispatchMode):
         self.releases: list[int] = []  # clocks at which the run called torch.cuda.empty_cache
         self._open: list[str] = []
         self.fake_scalars = fake_scalars
+        # host memory: storages made while code runs on the host (host_by_default) or moved there (release)
+        self.host: dict[int, int] = {}  # id(storage) -> bytes
+        self.host_current = 0
+        self.host_peaks: dict[str, int] = {}  # window name -> the most host memory it added
+        self._host_start: dict[str, int] = {}
+        self._on_host = False
 
     # ---- what the run says -----------------------------------------------------------------
     @contextlib.contextmanager
     def window(self, name: str):
         """Measure the peak of a stretch of the run separately (e.g. the VAE encoding phase)."""
         self.windows[name] = Peak(self.current, self.clock, self.phase)
+        self._host_start[name] = self.host_current
+        self.host_peaks[name] = 0
         self._open.append(name)
         start = self.clock
         try:
@@ -86,6 +94,17 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             self._open.remove(name)
             self.spans[name] = (start, self.clock)
+
+    @contextlib.contextmanager
+    def host_by_default(self):
+        """Code that names no device (loading, casting, building a file's tensors): a new storage is host memory
+        unless one of the operator's inputs is on the device, as PyTorch places it (factories on the CPU,
+        results where their inputs are)."""
+        self._on_host = True
+        try:
+            yield
+        finally:
+            self._on_host = False
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -103,6 +122,7 @@ class MemoryTracker(TorchDispatchMode):
         """The storages of `tensors` come (back) to the device now (a module moved over after the caches),
         copied on `stream`."""
         for t in tensors:
+            self._leave_host(t.untyped_storage())
             record = self._track(t)
             if record is not None:
                 record.stream = stream
@@ -115,6 +135,8 @@ class MemoryTracker(TorchDispatchMode):
             record = self.by_storage.pop(key, None)
             if record is not None and record.died is None:
                 self._free(record)
+            if t.device.type != "meta":
+                self._on_host_now(t.untyped_storage())
 
     def empty_cache(self) -> None:
         """The run gives the allocator's cached blocks back now (torch.cuda.empty_cache; the allocator model
@@ -139,7 +161,7 @@ class MemoryTracker(TorchDispatchMode):
             return None
         storage = t.untyped_storage()
         key = id(storage)
-        if key in self.by_storage:
+        if key in self.by_storage or key in self.host:  # a host buffer written in place stays on the host
             return None
         self.clock += 1
         record = Record(storage.nbytes(), self.clock, self.phase)
@@ -155,6 +177,35 @@ class MemoryTracker(TorchDispatchMode):
                 w.bytes, w.clock, w.phase = self.current, self.clock, self.phase
         return record
 
+    # ---- host memory --------------------------------------------------------------------------
+    def _on_host_now(self, storage) -> None:
+        key = id(storage)
+        if key in self.host or key in self.by_storage:
+            return
+        self.host[key] = storage.nbytes()
+        self.host_current += storage.nbytes()
+        for name in self._open:
+            self.host_peaks[name] = max(self.host_peaks[name], self.host_current - self._host_start[name])
+        weakref.finalize(storage, self._host_death, key, storage.nbytes())
+
+    def _leave_host(self, storage) -> None:
+        nbytes = self.host.pop(id(storage), None)
+        if nbytes is not None:
+            self.host_current -= nbytes
+
+    def _host_death(self, key: int, nbytes: int) -> None:
+        if self.host.get(key) == nbytes:
+            del self.host[key]
+            self.host_current -= nbytes
+
+    def _from_device(self, args, kwargs) -> bool:
+        """Whether an operator's inputs (tensors, or lists of them) include a storage on the device."""
+        for a in (*args, *kwargs.values()):
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(t, torch.Tensor) and id(t.untyped_storage()) in self.by_storage:
+                    return True
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.fake_scalars and func in _SCALAR_OPS:
@@ -162,8 +213,13 @@ class MemoryTracker(TorchDispatchMode):
         if self.fake_scalars and func is torch.ops.aten.equal.default:
             return False
         out = func(*args, **kwargs)
+        on_host = self._on_host and (_names_the_host(func, kwargs) or not self._from_device(args, kwargs))
         for t in _tensors(out):
-            self._track(t)
+            if on_host:
+                if t.layout == torch.strided and t.device.type != "meta":
+                    self._on_host_now(t.untyped_storage())
+            else:
+                self._track(t)
         return out
 
     def breakdown(self, peak: Peak | None = None) -> dict[str, int]:
@@ -177,6 +233,13 @@ def _tensors(out):
         for o in out:
             if isinstance(o, torch.Tensor):
                 yield o
+
+
+def _names_the_host(func, kwargs) -> bool:
+    """tensor.to("cpu", dtype) and the like: an operator told to put its result on the CPU (in host_by_default,
+    where the device the run computes on is never named "cpu")."""
+    device = kwargs.get("device")
+    return func is torch.ops.aten._to_copy.default and device is not None and torch.device(device).type == "cpu"
 
 
 def _fake_scalar(t: torch.Tensor):
