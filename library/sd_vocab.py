@@ -180,7 +180,8 @@ VOCAB: dict[str, Key] = {
     "v_pred_like_loss": refused(FLOAT, "not offered: use scale_v_pred_loss_like_noise_pred or min_snr_gamma", 0,
                                 0.0),
     "deepspeed": refused(FLAG, "DeepSpeed is not run yet: several GPUs train with accelerate's DDP "
-                               "(accelerate launch --multi_gpu); for memory use fused_backward_pass (one GPU), "
+                               "(accelerate launch --multi_gpu), full fine-tunes sharded with FSDP2 (accelerate "
+                               "launch --use_fsdp --fsdp_version 2); on one GPU use fused_backward_pass, "
                                "blocks_to_swap, gradient_checkpointing"),
     "controlnet_model_name_or_path": refused(STR, "ControlNet training is not offered"),
     "model_type": mapped(STR, "model.family (flux_train_network's flux or chroma)"),
