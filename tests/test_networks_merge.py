@@ -14,7 +14,8 @@ from library.families.sdxl import SDXLFamily
 from networks import files
 from networks.merge import main
 from networks.settings import settings_from
-from tests.test_networks_ui_formulas import _adapted, _randomise, comfy_oft
+from model_checks import comfy_oft
+from tests.test_networks_ui_formulas import _adapted, _randomise
 
 
 def _save(adapted, path, settings, fmt="kohya"):

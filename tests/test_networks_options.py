@@ -15,7 +15,8 @@ from library.families.sd1 import SD1Family
 from networks import blockwise, files, max_norm
 from networks.lycoris_format import LoraFileError
 from networks.settings import NetworkSettings
-from test_networks_algorithms import _adapted, _probe, _randomise, _trained
+from model_checks import sd1_probe
+from test_networks_algorithms import _adapted, _randomise, _trained
 
 
 def _cfg(network=None, save=None):
@@ -122,7 +123,7 @@ def test_merge_command_writes_a_single_file_equal_to_the_adapter(parts, tiny_sd1
     assert main(["--model", str(tiny_sd1[1]), "--tokenizer", str(tiny_sd1[0] / "tokenizer"), "--arch",
                  str(tiny_sd1[0]), "--network", str(path), "--ratio", "1.0", "--out", str(out)]) == 0
     merged = SD1Family().load(ModelSource(str(out), tokenizer=str(tiny_sd1[0] / "tokenizer"), arch=str(tiny_sd1[0])))
-    for a, b in zip(_probe(merged), _probe(live_parts)):
+    for a, b in zip(sd1_probe(merged), sd1_probe(live_parts)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["merge_ratios"]) == [1.0]
