@@ -31,6 +31,7 @@ FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkp
             cache_text_encoder_outputs=True, train_text_encoder=False, optimizer_type="Adafactor",
             fused_backward_pass=True, sample_tiled_vae=True)
 T5_FP8 = {"t5xxl_precision": "fp8"}
+TE_NF4 = {"t5xxl_precision": "nf4"}  # the large text encoder in bitsandbytes nf4 while it encodes
 WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
              ("SD1.5 LoRA 512px", "sd1", "sd15", 512, LORA),
              ("SDXL LoRA 1024px", "sdxl", "sdxl", 1024, {**LORA, "fp8_base": True}),
@@ -49,13 +50,13 @@ WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
              ("FLUX.2 klein 9B LoRA 1024px", "flux2", "flux2-klein-9b", 1024,
               {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 16}),
              ("FLUX.2 dev LoRA 1024px", "flux2", "flux2-dev", 1024,
-              {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 40}),
+              {**LORA, **TE_NF4, "fp8_base": True, "blocks_to_swap": 48}),
              # musubi-tuner's 24 GB recipe for Qwen-Image: fp8 base + block swap (of 60 blocks)
-             ("Qwen-Image LoRA 1024px", "qwen_image", "qwen-image", 1024, {**LORA, "fp8_base": True,
+             ("Qwen-Image LoRA 1024px", "qwen_image", "qwen-image", 1024, {**LORA, **TE_NF4, "fp8_base": True,
                                                                            "blocks_to_swap": 16}),
-             ("Qwen-Image LoRA 1328px", "qwen_image", "qwen-image", 1328, {**LORA, "fp8_base": True,
+             ("Qwen-Image LoRA 1328px", "qwen_image", "qwen-image", 1328, {**LORA, **TE_NF4, "fp8_base": True,
                                                                            "blocks_to_swap": 16}),
-             ("Z-Image LoRA 1024px", "zimage", "zimage", 1024, {**LORA, "fp8_base": True}),
+             ("Z-Image LoRA 1024px", "zimage", "zimage", 1024, {**LORA, **T5_FP8, "fp8_base": True}),
              ("Anima LoRA 1024px", "anima", "anima", 1024, {**LORA, "fp8_base": True})]
 GIB = 2**30
 
