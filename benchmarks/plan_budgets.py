@@ -24,7 +24,7 @@ START = dict(recipe="network", mixed_precision="bf16", cache_latents=True, cache
 MODELS = [("Chroma", "chroma", "chroma", 1024), ("FLUX.2 klein 4B", "flux2", "flux2-klein-4b", 1024),
           ("FLUX.2 klein 9B", "flux2", "flux2-klein-9b", 1024), ("FLUX.2 dev", "flux2", "flux2-dev", 1024),
           ("Qwen-Image", "qwen_image", "qwen-image", 1024), ("Qwen-Image", "qwen_image", "qwen-image", 1328),
-          ("Z-Image", "zimage", "zimage", 1024)]
+          ("Z-Image", "zimage", "zimage", 1024), ("Anima", "anima", "anima", 1024)]
 GIB = 2**30
 # how a line of the search's config reads in the table
 SHORT = {"t5xxl_precision": "TE", "optimizer_type": "", "gradient_checkpointing": "checkpointing",
