@@ -174,11 +174,14 @@ def shipped_archs() -> list[Path]:
     return sorted(p for p in ARCH_ROOT.iterdir() if p.is_dir())
 
 
-def load_clip_tokenizer(where: str, subfolder: str | None = None, fetch: tuple[str, str] | None = None):
-    """A CLIP tokenizer (load_tokenizer): from `where` (its `subfolder`), the cache, or fetched from `fetch`."""
+def load_clip_tokenizer(where: str, subfolder: str | tuple[str, ...] | None = None,
+                        fetch: tuple[str, str] | None = None):
+    """A CLIP tokenizer (load_tokenizer): from `where` (its `subfolder`, or the first of several holding one), the
+    cache, or fetched from `fetch`."""
     from transformers import CLIPTokenizer
 
-    return load_tokenizer(where, (subfolder or "",), fetch or (where, subfolder or ""), "CLIP", CLIPTokenizer)
+    subfolders = subfolder if isinstance(subfolder, tuple) else (subfolder or "",)
+    return load_tokenizer(where, subfolders, fetch or (where, subfolders[0]), "CLIP", CLIPTokenizer)
 
 
 TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")  # what a tokenizer folder holds

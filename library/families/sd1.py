@@ -97,8 +97,8 @@ class SD1Family(ModelFamily):
                                                      local_files_only=True)
         vae = AutoencoderKL.from_single_file(checkpoint, config=str(arch), subfolder="vae", local_files_only=True)
         te, kind = _text_encoder_from_checkpoint(checkpoint, arch, source.path)
-        tokenizer = load_clip_tokenizer(source.tokenizer or DEFAULT_TOKENIZERS[kind],
-                                        None if source.tokenizer else _fetch(kind)[1], _fetch(kind))
+        tokenizer = load_clip_tokenizer(source.tokenizer or DEFAULT_TOKENIZERS[kind],  # a folder: it or its tokenizer/
+                                        ("", "tokenizer") if source.tokenizer else _fetch(kind)[1], _fetch(kind))
         scheduler = DDPMScheduler.from_pretrained(str(arch), subfolder="scheduler")
         return Components(denoiser=unet, vae=vae, text_encoders={"te": te}, tokenizers={"te": tokenizer},
                           noise_scheduler=scheduler, extra={"arch": str(arch), "v2": kind == "open_clip"})

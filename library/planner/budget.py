@@ -87,7 +87,7 @@ def _quantized_base(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
         return []
     steps = []
     for precision, size in (("int8", "~1 byte"), ("nf4", "~0.52 byte")):
-        if _adapter_algo(s.network) in QUANTIZED_BASE_REFUSED[precision]:
+        if s.network is not None and _adapter_algo(s.network) in QUANTIZED_BASE_REFUSED[precision]:
             continue
         lines = [f'base_model_precision = "{precision}"   # [model]']
         lines += ["fp8_base = false   # [train]"] * s.fp8_base
