@@ -87,7 +87,7 @@ MODEL_KEYS = {family: {"t5xxl_max_token_length": 16} for family in ("sd3", "flux
 
 
 def tiny_folders(folder: Path) -> dict[str, Path]:
-    """Each family's tiny model (library/tiny.py), saved under `folder`: family -> its folder."""
+    """Each family's tiny model (library/tiny/), saved under `folder`: family -> its folder."""
     from library import tiny
 
     return {"sd1": tiny.save_tiny_sd1(folder / "sd1")[0], "sdxl": tiny.save_tiny_sdxl(folder / "sdxl")[0],
