@@ -149,11 +149,12 @@ tiny_sd3 = _tiny_model("tiny_sd3", "save_tiny_sd3", "tiny-sd3")
 
 
 def _family_config(name, tiny, **model):
-    """A fixture `name`: make_config on the folder of the tiny model `tiny` (a fixture's name), with `model`
-    keys; a test's own model keys override them."""
+    """A fixture `name`: make_config on the folder of the tiny model `tiny` (a fixture's name: a dict of files, or
+    tiny_sdxl's (folder, single file)), with `model` keys; a test's own model keys override them."""
     @pytest.fixture(name=name)
     def config(make_config, request):
-        folder = str(request.getfixturevalue(tiny)["folder"])
+        files = request.getfixturevalue(tiny)
+        folder = str(files[0] if isinstance(files, tuple) else files["folder"])
 
         def make(**sections):
             sections["model"] = {"pretrained_model_name_or_path": folder, **model, **sections.get("model", {})}
@@ -170,6 +171,7 @@ chroma_config = _family_config("chroma_config", "tiny_chroma", t5xxl_max_token_l
 qwen_config = _family_config("qwen_config", "tiny_qwen")
 zimage_config = _family_config("zimage_config", "tiny_zimage")
 sd3_config = _family_config("sd3_config", "tiny_sd3", t5xxl_max_token_length=16)
+sdxl_config = _family_config("sdxl_config", "tiny_sdxl")
 
 
 def split_files_source(files, *separate, **extra):

@@ -1,5 +1,11 @@
-"""Assertions about loaded models that several test files make."""
+"""Assertions about loaded models, and the trained-looking adapters, that several test files make."""
+import copy
+
 import torch
+
+from library.families.sd1 import SD1Family
+from networks import files
+from networks.targets import inject
 
 
 def part_states(parts) -> dict[str, dict[str, torch.Tensor]]:
@@ -50,3 +56,41 @@ def sd1_probe(parts):
     with torch.no_grad():
         hidden = te(ids).last_hidden_state
         return hidden, parts.denoiser(latents, torch.tensor([500]), hidden).sample
+
+
+# ---- trained-looking adapters ------------------------------------------------------------------------------
+
+
+def inject_adapters(family, parts, settings, components=None):
+    """The adapters of `settings` injected at `family`'s adapter targets in `parts` (those of `components` only,
+    when given), one adapted component each, as training makes them."""
+    return [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
+            for t in family.adapter_targets(parts) if components is None or t.component in components]
+
+
+def randomise_adapters(adapted, seed=0, relative=0.0):
+    """Trained-looking adapter weights (peft starts at a zero delta, which would prove nothing): each weight
+    scaled by 1 + relative * N(0, 1) where `relative` is given, then shifted by 0.1 * N(0, 1), drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for c in adapted for p in c.parameters()):
+            scaled = p * (1 + relative * torch.randn(p.shape, generator=g)) if relative else p
+            p.copy_(scaled + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def saved_sd1_adapter(base_parts, settings, save_format, path):
+    """A copy of the SD1 `base_parts` with randomised adapters of `settings`, saved to `path` in `save_format` with
+    the metadata of a one-step run: (parts, adapted, path)."""
+    parts = copy.deepcopy(base_parts)
+    adapted = inject_adapters(SD1Family(), parts, settings)
+    randomise_adapters(adapted)
+    tensors, extra = files.adapter_tensors(adapted, save_format, torch.float32)
+    meta = files.metadata({"ss_base_model_version": "sd_v1"}, files.network_metadata(settings), _one_step_run())
+    files.save(path, tensors, {**meta, **extra})
+    return parts, adapted, path
+
+
+def _one_step_run():
+    return {"started_at": 0, "output_name": "t", "learning_rate": 1e-4, "unet_lr": None, "text_encoder_lr": None,
+            "steps": 1, "epoch": 1, "max_train_steps": 1, "seed": 1, "mixed_precision": "no", "clip_skip": 1,
+            "num_images": 1, "resolution": [64, 64], "tag_frequency": {}, "prediction_type": "epsilon"}

@@ -10,15 +10,12 @@ from safetensors.torch import load_file
 
 from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, block_swapped_run, close,
                       lora_layers, predict_caption, split_files_source, train_db, train_network)
+from goldens import GOLDEN_ANIMA, GOLDEN_ANIMA_DB
 from library.families import get_family
 from library.families.anima import AnimaFamily
 from library.families.base import ModelSource
 from library.loading import CheckpointError, arch_dir
 from model_checks import assert_same_weights
-
-# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, the DiT blocks' attention and MLP, sigmoid sampling, raw velocity
-GOLDEN_ANIMA = [1.596537, 1.806136, 1.640153, 1.606024]
-GOLDEN_ANIMA_DB = [1.596537, 1.800808, 1.626940, 1.583722]
 
 
 def _split_files_source(files, **extra):

@@ -6,19 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from library.families import get_family
 from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_samples_reproducible,
                       block_swapped_run, close, lora_layers, peft_adapter_in_pipeline, pipeline_parts,
                       predict_caption, split_files_source, train_db, train_network)
+from goldens import GOLDEN_CHROMA, GOLDEN_CHROMA_DB
+from library.families import get_family
 from library.families.base import ModelSource
 from library.families.chroma import ChromaFamily
 from library.families.flux import FluxFamily
 from library.loading import CheckpointError, arch_dir
 from model_checks import assert_same_weights
-
-# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, T5 16 tokens, sd-scripts defaults
-GOLDEN_CHROMA = [0.516216, 0.935634, 0.815975, 0.527397]
-GOLDEN_CHROMA_DB = [0.505084, 0.910699, 0.786815, 0.530564]
 
 
 def _single_file_source(files, **extra):

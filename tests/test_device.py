@@ -3,27 +3,8 @@ of every family hold on it, nothing is left on the wrong side, and what stays re
 import pytest
 
 import fake_device
-from test_flux import GOLDEN_FLUX, GOLDEN_FLUX_DB
-from test_flux2 import GOLDEN_FLUX2, GOLDEN_FLUX2_DB
-from test_sd3 import GOLDEN_SD3
-from test_sdxl import GOLDEN_SDXL, GOLDEN_SDXL_DB, sdxl_config  # noqa: F401
-from test_train_sd1 import GOLDEN
-
-
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
-
-def train_network(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def train_db(cfg):
-    from train_db import train
-
-    return train(cfg)
+import goldens
+from conftest import FULL_FINE_TUNE, close, train_db, train_network
 
 
 def _on_device(result):
@@ -58,50 +39,32 @@ def test_runs_get_the_test_device_after_host_runs(make_config, gpu):
 
 def test_golden_losses_sd1(make_config, gpu):
     result = train_network(make_config())
-    assert _close(result.losses, GOLDEN) and _on_device(result)
+    assert close(result.losses, goldens.GOLDEN_SD1) and _on_device(result)
 
 
 def test_golden_losses_sdxl_lora_and_full_fine_tune(sdxl_config, gpu):
-    assert _close(train_network(sdxl_config()).losses, GOLDEN_SDXL)
-    result = train_db(sdxl_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                             "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                  train={"output_name": "db"}))
-    assert _close(result.losses, GOLDEN_SDXL_DB) and _on_device(result)
+    assert close(train_network(sdxl_config()).losses, goldens.GOLDEN_SDXL)
+    result = train_db(sdxl_config(optimizer=FULL_FINE_TUNE["optimizer"], train={"output_name": "db"}))
+    assert close(result.losses, goldens.GOLDEN_SDXL_DB) and _on_device(result)
 
 
 def test_golden_losses_sd3(sd3_config, gpu):
     result = train_network(sd3_config())
-    assert _close(result.losses, GOLDEN_SD3) and _on_device(result)
+    assert close(result.losses, goldens.GOLDEN_SD3) and _on_device(result)
 
 
-def test_golden_losses_flux_lora_and_full_fine_tune(flux_config, gpu):
-    assert _close(train_network(flux_config()).losses, GOLDEN_FLUX)
-    result = train_db(flux_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                             "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                  dreambooth={"train_text_encoder": False}, train={"output_name": "db"}))
-    assert _close(result.losses, GOLDEN_FLUX_DB) and _on_device(result)
-
-
-def test_golden_losses_flux2_lora_and_full_fine_tune(flux2_config, gpu):
-    """FLUX.2 klein on the test device: its golden losses, and the text encoder's stacked hidden states, the
-    patchified latents and the 4-axis position ids made where the transformer runs."""
-    assert _close(train_network(flux2_config()).losses, GOLDEN_FLUX2)
-    result = train_db(flux2_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
-                                              "learning_rate": 1e-4, "max_grad_norm": 0.0},
-                                   dreambooth={"train_text_encoder": False}, train={"output_name": "db"}))
-    assert _close(result.losses, GOLDEN_FLUX2_DB) and _on_device(result)
-
-
-def test_golden_losses_zimage_lora_and_full_fine_tune(zimage_config, gpu):
-    """Issue 15, section 1: Z-Image's golden losses on the test device. Its RoPE multiplies complex tensors, whose
+@pytest.mark.parametrize("family", ["flux", "flux2", "zimage", "chroma", "qwen", "anima"])
+def test_golden_losses_of_the_dits_lora_and_full_fine_tune(family, request, gpu):
+    """Issue 15, section 1: each DiT family's golden losses (goldens.py) on the test device, the adapter run and
+    the full fine-tune. FLUX.2 klein: the text encoder's stacked hidden states, the patchified latents and the
+    4-axis position ids are made where the transformer runs. Z-Image: its RoPE multiplies complex tensors, whose
     backward multiplies by a lazy conjugate view: the test device looped forever copying it (a crash) until it
     resolved the view's conjugate / negative bit in its own copy."""
-    from conftest import FULL_FINE_TUNE
-    from test_zimage import GOLDEN_ZIMAGE, GOLDEN_ZIMAGE_DB
-
-    assert _close(train_network(zimage_config()).losses, GOLDEN_ZIMAGE)
-    result = train_db(zimage_config(**FULL_FINE_TUNE, train={"output_name": "db"}))
-    assert _close(result.losses, GOLDEN_ZIMAGE_DB) and _on_device(result)
+    make = request.getfixturevalue(f"{family}_config")
+    name = {"qwen": "QWEN"}.get(family, family.upper())
+    assert close(train_network(make()).losses, getattr(goldens, f"GOLDEN_{name}"))
+    result = train_db(make(**FULL_FINE_TUNE, train={"output_name": "db"}))
+    assert close(result.losses, getattr(goldens, f"GOLDEN_{name}_DB")) and _on_device(result)
 
 
 def test_side_stream_copies_to_the_host_wait_for_an_event(gpu):
@@ -124,16 +87,3 @@ def test_side_stream_copies_to_the_host_wait_for_an_event(gpu):
     assert fake_device.waited_events()[-1] == event.event_id and fake_device.blocking_copies_to_host() == before
     x.cpu()  # a plain copy: blocking
     assert fake_device.blocking_copies_to_host() == before + 1
-
-
-@pytest.mark.parametrize("family", ["chroma", "qwen", "anima"])
-def test_golden_losses_chroma_qwen_anima_lora_and_full_fine_tune(family, request, gpu):
-    """Issue 15, section 1: the golden losses of the families added after the test device, on it."""
-    from conftest import FULL_FINE_TUNE
-
-    module = __import__({"chroma": "test_chroma", "qwen": "test_qwen_image", "anima": "test_anima"}[family])
-    name = {"qwen": "QWEN"}.get(family, family.upper())
-    make = request.getfixturevalue(f"{family}_config")
-    assert _close(train_network(make()).losses, getattr(module, f"GOLDEN_{name}"))
-    result = train_db(make(**FULL_FINE_TUNE, train={"output_name": "db"}))
-    assert _close(result.losses, getattr(module, f"GOLDEN_{name}_DB")) and _on_device(result)

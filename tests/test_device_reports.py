@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fake_device
+from goldens import GOLDEN_SD1
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity)"
 
@@ -84,12 +85,11 @@ def test_torch_compile_trains_as_uncompiled(make_config):
     backend = "aot_eager"
     from train_network import train
 
-    golden = [1.021639, 1.195059, 1.198248, 1.110815]  # tests/test_train_sd1.py GOLDEN (seed 7)
     result = train(make_config(train={"torch_compile": True, "dynamo_backend": backend}))
     compiled = [m for m in result.parts.denoiser.modules() if m._compiled_call_impl is not None]
     blocks = [m for m in result.parts.denoiser.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert compiled == blocks and len(blocks) == 7
-    assert result.losses == pytest.approx(golden, rel=1e-5)
+    assert result.losses == pytest.approx(GOLDEN_SD1, rel=1e-5)
 
 
 def test_xformers_that_does_not_import_is_refused(make_config, tmp_path, monkeypatch):

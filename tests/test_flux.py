@@ -7,15 +7,12 @@ from safetensors.torch import load_file
 
 from conftest import (FULL_FINE_TUNE, close, lora_layers, peft_adapter_in_pipeline, pipeline_parts, predict_caption,
                       split_files_source, train_db, train_network)
+from goldens import GOLDEN_FLUX, GOLDEN_FLUX_DB
 from library.families import get_family
 from library.families.base import ModelSource
 from library.families.flux import FluxFamily, latent_image_ids, pack_latents, unpack_latents
 from library.loading import CheckpointError, arch_dir
 from model_checks import assert_same_weights
-
-# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer + CLIP-L adapters, T5 16 tokens, sd-scripts defaults
-GOLDEN_FLUX = [0.491824, 0.851382, 0.774685, 0.529203]
-GOLDEN_FLUX_DB = [0.441010, 0.825962, 0.755955, 0.516878]
 
 
 def _single_file_source(files, **extra):

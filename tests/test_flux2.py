@@ -13,16 +13,16 @@ from safetensors.torch import load_file
 from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_samples_reproducible,
                       block_swapped_run, close, control_images, lora_layers, pipeline_parts, predict_caption,
                       split_files_source, train_db, train_network)
+from goldens import GOLDEN_FLUX2, GOLDEN_FLUX2_DB
 from library.families import get_family
 from library.families.base import ModelSource
 from library.families.flux import FluxFamily
 from library.families.flux2 import Flux2Family
 from library.loading import CheckpointError, arch_dir
 
-# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, sd-scripts' FLUX defaults
-GOLDEN_FLUX2 = [3.542257, 3.090285, 2.467133, 1.963594]
-GOLDEN_FLUX2_DEV = [3.719114, 3.293840, 2.629239, 2.057453]  # dev: Mistral3 text, guidance 3.5 (model.guidance_scale)
-GOLDEN_FLUX2_DB = [3.433707, 3.119931, 2.455278, 1.849790]
+# the runs of goldens.GOLDEN_FLUX2 (seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, sd-scripts'
+# FLUX defaults) on FLUX.2 dev (Mistral3 text, guidance 3.5: model.guidance_scale) and with control images
+GOLDEN_FLUX2_DEV = [3.719114, 3.293840, 2.629239, 2.057453]
 GOLDEN_FLUX2_EDIT = [3.542307, 3.190031, 2.471148, 1.952534]
 
 

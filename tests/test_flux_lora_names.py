@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from conftest import train_network
 from library.families.base import Components, ModelSource
 from library.families.flux import FluxFamily
+from model_checks import inject_adapters
 from networks import algorithms, files, lycoris_format
 from networks.lycoris_format import LoraFileError
 from networks.settings import settings_from
-from networks.targets import inject
 
 DOUBLE = ["img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "img_mod_lin",
           "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2", "txt_mod_lin"]
@@ -29,9 +29,7 @@ def _settings(**extra):
 
 def _adapt(parts, settings, seed=None):
     """Adapters in the transformer and CLIP-L; with a seed, trained-looking weights (peft starts at zero delta)."""
-    targets = FluxFamily().adapter_targets(parts)
-    adapted = [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
-               for t in targets]
+    adapted = inject_adapters(FluxFamily(), parts, settings)
     if seed is not None:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():

@@ -9,11 +9,10 @@ from safetensors.torch import load_file
 
 from library.families.base import ModelSource
 from library.families.sd1 import SD1Family, kohya_block_index
-from model_checks import comfy_oft, sd1_probe
+from model_checks import comfy_oft, inject_adapters, saved_sd1_adapter, sd1_probe
 from networks import files
 from networks.merge import merge_file
 from networks.settings import NetworkSettings
-from networks.targets import inject
 
 CASES = {  # id -> (settings, save_format)
     "lora": (NetworkSettings(dim=4, alpha=2.0), "kohya"),
@@ -39,37 +38,8 @@ def base_parts(tiny_sd1):
     return SD1Family().load(ModelSource(str(tiny_sd1[0])))
 
 
-def _adapted(parts, settings):
-    family = SD1Family()
-    return [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
-            for t in family.adapter_targets(parts)]
-
-
-def _randomise(adapted, seed=0):
-    """Trained-looking adapter weights (peft starts at a zero delta, which would prove nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for c in adapted:
-            for p in c.parameters():
-                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
-
-
 def _trained(base_parts, case, tmp_path):
-    settings, fmt = CASES[case]
-    parts = copy.deepcopy(base_parts)
-    adapted = _adapted(parts, settings)
-    _randomise(adapted)
-    tensors, extra = files.adapter_tensors(adapted, fmt, torch.float32)
-    meta = files.metadata({"ss_base_model_version": "sd_v1"}, files.network_metadata(settings), _training())
-    path = tmp_path / f"{case}.safetensors"
-    files.save(path, tensors, {**meta, **extra})
-    return parts, adapted, path
-
-
-def _training():
-    return {"started_at": 0, "output_name": "t", "learning_rate": 1e-4, "unet_lr": None, "text_encoder_lr": None,
-            "steps": 1, "epoch": 1, "max_train_steps": 1, "seed": 1, "mixed_precision": "no", "clip_skip": 1,
-            "num_images": 1, "resolution": [64, 64], "tag_frequency": {}, "prediction_type": "epsilon"}
+    return saved_sd1_adapter(base_parts, *CASES[case], tmp_path / f"{case}.safetensors")
 
 
 # ---- the published formulas, from the file's tensors alone ------------------------------------------
@@ -159,7 +129,8 @@ def test_save_load_gives_identical_outputs_and_merge_matches(base_parts, case, t
     parts, adapted, path = _trained(base_parts, case, tmp_path)
     live = sd1_probe(parts)
     fresh = copy.deepcopy(base_parts)
-    loaded = files.load_into(_adapted(fresh, settings), str(path), {"ss_base_model_version": "sd_v1"})
+    loaded = files.load_into(inject_adapters(SD1Family(), fresh, settings), str(path),
+                             {"ss_base_model_version": "sd_v1"})
     assert loaded == sum(len(c.layers) for c in adapted)
     for a, b in zip(sd1_probe(fresh), live):
         if settings.algo == "lokr" and settings.use_tucker:  # the file's plain w2 refactored (networks/tucker.py)
@@ -203,6 +174,6 @@ def test_peft_layout_text_encoder_keys_are_in_comfyui_key_map(base_parts, tmp_pa
     old_path = tmp_path / "old.safetensors"
     files.save(old_path, old, files.read(path)[1])
     fresh = copy.deepcopy(base_parts)
-    files.load_into(_adapted(fresh, CASES["lora_peft_layout"][0]), str(old_path))
+    files.load_into(inject_adapters(SD1Family(), fresh, CASES["lora_peft_layout"][0]), str(old_path))
     for a, b in zip(sd1_probe(fresh), sd1_probe(parts)):
         assert torch.equal(a, b)

@@ -14,8 +14,7 @@ from library.families.sdxl import SDXLFamily
 from networks import files
 from networks.merge import main
 from networks.settings import settings_from
-from model_checks import comfy_oft
-from tests.test_networks_ui_formulas import _adapted, _randomise
+from model_checks import comfy_oft, inject_adapters, randomise_adapters
 
 
 def _save(adapted, path, settings, fmt="kohya"):
@@ -51,8 +50,8 @@ def test_flux_single_file_two_adapters_with_ratios(tiny_flux, tmp_path):
     paths = []
     for seed, options in enumerate(({"dim": 4, "alpha": 2.0}, {"algo": "lokr", "dim": 2, "alpha": 1.0, "factor": 4})):
         settings = settings_from({"module": "lycoris.kohya" if "algo" in options else "networks.lora", **options})
-        adapted = _adapted(family, copy.deepcopy(base), settings)
-        _randomise(adapted, seed)
+        adapted = inject_adapters(family, copy.deepcopy(base), settings)
+        randomise_adapters(adapted, seed, relative=0.2)
         paths.append(tmp_path / f"adapter{seed}.safetensors")
         _save(adapted, paths[-1], settings)
         for key, delta in _deltas(adapted).items():
@@ -84,8 +83,8 @@ def test_sdxl_single_file_oft_and_boft_files(tiny_sdxl, tmp_path):
     for seed, (options, fmt) in enumerate((({"algo": "oft", "dim": 4, "constraint": 0.05}, "kohya"),
                                            ({"algo": "boft", "dim": 4}, "peft"))):
         settings = settings_from({"module": "lycoris.kohya", "alpha": 1.0, **options})
-        adapted = _adapted(family, copy.deepcopy(base), settings)
-        _randomise(adapted, seed)
+        adapted = inject_adapters(family, copy.deepcopy(base), settings)
+        randomise_adapters(adapted, seed, relative=0.2)
         path = tmp_path / f"{options['algo']}.safetensors"
         _save(adapted, path, settings, fmt)
         runs.append((adapted, path, settings.constraint))

@@ -15,8 +15,7 @@ from library.families.sd1 import SD1Family
 from networks import blockwise, files, max_norm
 from networks.lycoris_format import LoraFileError
 from networks.settings import NetworkSettings
-from model_checks import sd1_probe
-from test_networks_algorithms import _adapted, _randomise, _trained
+from model_checks import inject_adapters, randomise_adapters, saved_sd1_adapter, sd1_probe
 
 
 def _cfg(network=None, save=None):
@@ -66,7 +65,7 @@ def test_block_dims_lr_weights_and_loraplus(parts):
     dims = [0] + [2] * 11 + [3] + [4] * 12  # IN00 has no layer; MID rank 3; OUT rank 4
     s = NetworkSettings(dim=8, alpha=1.0, block_dims=tuple(dims), down_lr_weight=(1.0,) * 3 + (0.0,) * 9,
                         mid_lr_weight=0.5, loraplus_unet_lr_ratio=16.0)
-    adapted = _adapted(copy.deepcopy(parts), s)
+    adapted = inject_adapters(SD1Family(), copy.deepcopy(parts), s)
     unet, te = adapted
     ranks = {p.split(".")[0]: r for p, (r, a) in unet.layers.items()}
     assert ranks == {"down_blocks": 2, "mid_block": 3, "up_blocks": 4}
@@ -83,8 +82,8 @@ def test_block_dims_lr_weights_and_loraplus(parts):
 
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
 def test_scale_weight_norms_caps_every_delta(parts, algo):
-    adapted = _adapted(copy.deepcopy(parts), NetworkSettings(dim=4, alpha=4.0, algo=algo))
-    _randomise(adapted)
+    adapted = inject_adapters(SD1Family(), copy.deepcopy(parts), NetworkSettings(dim=4, alpha=4.0, algo=algo))
+    randomise_adapters(adapted)
     norms = [float(layer.get_delta_weight("default").norm()) for c in adapted for _, layer in c.adapter_layers()]
     limit = sorted(norms)[len(norms) // 2]
     scaled, _, _ = max_norm.apply(adapted, limit)
@@ -94,16 +93,17 @@ def test_scale_weight_norms_caps_every_delta(parts, algo):
 
 
 def test_bad_files_are_refused_naming_keys_and_nothing_loads(parts, tmp_path):
-    _, _, path = _trained(parts, "loha", tmp_path)
+    loha_settings = NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, algo="loha")
+    _, _, path = saved_sd1_adapter(parts, loha_settings, "kohya", tmp_path / "loha.safetensors")
     fresh = copy.deepcopy(parts)
-    lora = _adapted(fresh, NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0))
+    lora = inject_adapters(SD1Family(), fresh, NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0))
     with pytest.raises(LoraFileError, match="holds loha weights"):
         files.load_into(lora, str(path))
     assert all(float(layer.lora_B["default"].weight.abs().max()) == 0 for c in lora for _, layer in c.adapter_layers())
     tensors = load_file(path)
     sdxl = {k.replace("lora_te_", "lora_te1_"): v for k, v in tensors.items()}
     save_file(sdxl, str(tmp_path / "sdxl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
-    loha = _adapted(copy.deepcopy(parts), NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0, algo="loha"))
+    loha = inject_adapters(SD1Family(), copy.deepcopy(parts), loha_settings)
     with pytest.raises(LoraFileError, match="made for sdxl_base_v1-0"):
         files.load_into(loha, str(tmp_path / "sdxl.safetensors"), {"ss_base_model_version": "sd_v1"})
     with pytest.raises(LoraFileError, match="lora_te1_text_model"):
@@ -118,7 +118,8 @@ def test_bad_files_are_refused_naming_keys_and_nothing_loads(parts, tmp_path):
 def test_merge_command_writes_a_single_file_equal_to_the_adapter(parts, tiny_sd1, tmp_path):
     from networks.merge import main
 
-    live_parts, _, path = _trained(parts, "lokr", tmp_path)
+    lokr = NetworkSettings(dim=2, alpha=1.0, conv_dim=2, conv_alpha=1.0, algo="lokr")
+    live_parts, _, path = saved_sd1_adapter(parts, lokr, "kohya", tmp_path / "lokr.safetensors")
     out = tmp_path / "merged.safetensors"
     assert main(["--model", str(tiny_sd1[1]), "--tokenizer", str(tiny_sd1[0] / "tokenizer"), "--arch",
                  str(tiny_sd1[0]), "--network", str(path), "--ratio", "1.0", "--out", str(out)]) == 0

@@ -14,11 +14,10 @@ from library.families.flux import FluxFamily
 from library.families.sd1 import SD1Family
 from library.families.sd3 import Sd3Family
 from library.families.sdxl import SDXLFamily
+from model_checks import inject_adapters, randomise_adapters
 from networks import convert, extract, files, resize
 from networks.merge import merge_file
 from networks.settings import settings_from
-from networks.targets import inject
-from tests.test_networks_ui_formulas import _randomise
 
 
 def _where(family_name, request):
@@ -32,11 +31,6 @@ def _where(family_name, request):
     if family_name == "sd3":
         return Sd3Family(), files_["single"], where
     return FluxFamily(), files_["transformer"], {**where, "clip_l": str(files_["clip_l"]), "ae": str(files_["ae"])}
-
-
-def _lora(family, parts, settings, components):
-    return [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
-            for t in family.adapter_targets(parts) if t.component in components]
 
 
 def _kohya_deltas(tensors):
@@ -58,8 +52,8 @@ def test_extract_from_base_and_merged_lora_gives_the_fine_tune_back(family_name,
     settings = settings_from({"module": "networks.lora", **options})
     trained = copy.deepcopy(base)
     components = {"denoiser"} if family_name == "flux" else {"denoiser", "te", "te1", "te2"}  # FLUX: clip_l shared
-    adapted = _lora(family, trained, settings, components)
-    _randomise(adapted)
+    adapted = inject_adapters(family, trained, settings, components)
+    randomise_adapters(adapted, relative=0.2)
     lora_file = tmp_path / "lora.safetensors"
     files.save(lora_file, files.adapter_tensors(adapted, "kohya", torch.float32)[0], {})
     tuned = copy.deepcopy(base)
@@ -103,8 +97,8 @@ def flux_parts(tiny_flux):
 
 def _trained_file(parts, tmp_path, family=SD1Family(), **options):
     settings = settings_from({"module": "networks.lora", "dim": 8, "alpha": 4.0, **options})
-    adapted = _lora(family, copy.deepcopy(parts), settings, {"denoiser", "te", "te1", "te2"})
-    _randomise(adapted)
+    adapted = inject_adapters(family, copy.deepcopy(parts), settings, {"denoiser", "te", "te1", "te2"})
+    randomise_adapters(adapted, relative=0.2)
     path = tmp_path / "rank8.safetensors"
     tensors, _ = files.adapter_tensors(adapted, "kohya", torch.float32)
     files.save(path, tensors, {"ss_network_dim": "8", "ss_network_alpha": "4.0", "ss_network_module": "networks.lora",
@@ -146,7 +140,7 @@ def test_resize_keeps_the_energy_it_reports(family_name, method, request, tmp_pa
 
 def test_resize_refuses_other_algorithms_naming_the_key(sd1_parts, tmp_path, capsys):
     settings = settings_from({"module": "lycoris.kohya", "algo": "loha", "dim": 4, "alpha": 1.0})
-    adapted = _lora(SD1Family(), copy.deepcopy(sd1_parts), settings, {"denoiser"})
+    adapted = inject_adapters(SD1Family(), copy.deepcopy(sd1_parts), settings, {"denoiser"})
     path = tmp_path / "loha.safetensors"
     files.save(path, files.adapter_tensors(adapted, "kohya", torch.float32)[0], {})
     assert resize.main(["--model", str(path), "--new_rank", "2", "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -19,11 +19,10 @@ from library.families.flux import FluxFamily
 from library.families.sd1 import SD1Family
 from library.families.sd3 import Sd3Family
 from library.families.sdxl import SDXLFamily
-from model_checks import comfy_oft
+from model_checks import comfy_oft, inject_adapters, randomise_adapters
 from networks import files, lycoris_format
 from networks.merge import merge_file
 from networks.settings import settings_from
-from networks.targets import inject
 
 EPS = torch.finfo(torch.float32).eps
 FAMILIES = {"sd1": SD1Family, "sdxl": SDXLFamily, "sd3": Sd3Family, "flux": FluxFamily}
@@ -132,18 +131,6 @@ def swap_halves(x):
 # ---- the model, trained-looking adapters, the file ----------------------------------------------------------
 
 
-def _adapted(family, parts, settings):
-    return [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
-            for t in family.adapter_targets(parts)]
-
-
-def _randomise(adapted, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (p for c in adapted for p in c.parameters()):
-            p.copy_(p * (1 + 0.2 * torch.randn(p.shape, generator=g)) + 0.1 * torch.randn(p.shape, generator=g))
-
-
 def _checkpoint_order(family_name, component, path):
     """ComfyUI's key-map function for the layer (identity but for SD3's last context modulation)."""
     target = component.target
@@ -166,8 +153,8 @@ def test_comfyui_formula_equals_our_merge_and_the_live_adapter(family_name, case
     base = family.load(_source(family_name, request))
     parts = copy.deepcopy(base)
     settings = settings_from({"module": "lycoris.kohya", **CASES[case]})
-    adapted = _adapted(family, parts, settings)
-    _randomise(adapted)
+    adapted = inject_adapters(family, parts, settings)
+    randomise_adapters(adapted, relative=0.2)
     tensors, _ = files.adapter_tensors(adapted, "kohya", torch.float32)
     path = tmp_path / "adapter.safetensors"
     files.save(path, tensors, {})

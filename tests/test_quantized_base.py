@@ -4,9 +4,8 @@ full precision over bitsandbytes layers, the saved adapter reloading to the trai
 placed where the run puts it on the test device, and the refusals."""
 import pytest
 import torch
-from test_flux import GOLDEN_FLUX
-from test_train_sd1 import GOLDEN
 
+from goldens import GOLDEN_FLUX, GOLDEN_QWEN, GOLDEN_SD1, GOLDEN_ZIMAGE
 from library.config import ConfigError
 
 
@@ -29,7 +28,7 @@ def _bnb_layers(module, precision):
 # too (bitsandbytes' CPU kernels: 2e-3 for other CPUs), and must differ from the unquantized run (the base was
 # quantized at all).
 NEAR = {"int8": 1e-3, "nf4": 4e-2}
-GOLDEN_SD1 = {"int8": [1.021592, 1.195188, 1.198294, 1.111079], "nf4": [1.020074, 1.187161, 1.202112, 1.112238]}
+GOLDEN_SD1_Q = {"int8": [1.021592, 1.195188, 1.198294, 1.111079], "nf4": [1.020074, 1.187161, 1.202112, 1.112238]}
 GOLDEN_FLUX_Q = {"int8": [0.491583, 0.851442, 0.774627, 0.529237], "nf4": [0.480149, 0.845747, 0.769474, 0.517036]}
 
 
@@ -56,7 +55,7 @@ def test_sd1_qlora_losses_layers_reload_and_samples(make_config, tiny_sd1, tmp_p
     prompts.write_text("a red circle --d 3 --s 2\n")
     result = _lora(make_config(model={"base_model_precision": precision},
                                sample={"sample_prompts": str(prompts)}))
-    _check_losses(result.losses, GOLDEN, GOLDEN_SD1[precision], precision)
+    _check_losses(result.losses, GOLDEN_SD1, GOLDEN_SD1_Q[precision], precision)
     parts = result.parts
     for module in [parts.denoiser, *parts.text_encoders.values()]:  # every Linear quantized, none left plain
         plain = [n for n, m in module.named_modules() if type(m) is torch.nn.Linear and ".lora_" not in n]
@@ -316,12 +315,12 @@ def test_nf4_text_encoder_is_transformers_4bit_loading(family_name, tiny, model_
 
 
 @pytest.mark.parametrize("family_config, golden, pinned", [
-    ("zimage_config", [1.458288, 1.596867, 1.462682, 1.524626], [1.461507, 1.596335, 1.459211, 1.524519]),
-    ("qwen_config", [1.457694, 1.516494, 1.460373, 1.454096], [1.457861, 1.516845, 1.460297, 1.454128])])
+    ("zimage_config", GOLDEN_ZIMAGE, [1.461507, 1.596335, 1.459211, 1.524519]),
+    ("qwen_config", GOLDEN_QWEN, [1.457861, 1.516845, 1.460297, 1.454128])])
 def test_cached_text_runs_train_with_an_nf4_text_encoder(family_config, golden, pinned, request):
     """Z-Image's Qwen3 and Qwen-Image's Qwen2.5-VL in nf4 while the captions are cached: the encoder visits the
     device, stays on the host in 4 bits, and the run's losses come within 5e-3 of the unquantized encoder's goldens
-    (test_zimage / test_qwen_image's GOLDEN_ZIMAGE / GOLDEN_QWEN; measured 2.4e-3 / 2.3e-4 when written) and
+    (goldens.GOLDEN_ZIMAGE / GOLDEN_QWEN; measured 2.4e-3 / 2.3e-4 when written) and
     differ from them; pinned to 2e-3 (bitsandbytes' CPU kernels) as the quantized-base runs are."""
     import bitsandbytes as bnb
 

@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image, ImageChops
 
+from goldens import GOLDEN_SD1
 from library.config import ConfigError
 from library.prompts import PromptFileError, SamplePrompt, parse_line, read_prompt_file
 from train_network import train
@@ -52,7 +53,6 @@ def test_bad_prompt_file_is_a_config_error_at_start(make_config, tmp_path):
 
 
 def test_samples_are_reproducible_and_do_not_change_training(make_config, tmp_path):
-    from test_train_sd1 import GOLDEN
     run = train
 
     prompts = tmp_path / "prompts.txt"
@@ -60,7 +60,7 @@ def test_samples_are_reproducible_and_do_not_change_training(make_config, tmp_pa
     sections = dict(sample={"sample_prompts": str(prompts), "sample_every_n_steps": 2, "sample_at_first": True,
                             "sample_every_n_epochs": 1})
     first = run(make_config(**sections, logging={"log_with": "tensorboard"}))
-    assert first.losses == pytest.approx(GOLDEN, rel=1e-5)  # same losses as the run without sampling
+    assert first.losses == pytest.approx(GOLDEN_SD1, rel=1e-5)  # same losses as the run without sampling
     names = [p.name for p in first.samples]
     assert names == ["lora_step00000000_00_9.png", "lora_step00000000_01_1235.png", "lora_step00000000_grid.png",
                      "lora_step00000002_00_9.png", "lora_step00000002_01_1235.png", "lora_step00000002_grid.png",

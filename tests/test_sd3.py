@@ -9,16 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FULL_FINE_TUNE, close, train_db, train_network
+from goldens import GOLDEN_SD3, GOLDEN_SD3_DB
 from library.families import get_family
 from library.families.base import Components, ModelSource
 from library.families.sd3 import Sd3Family, Sd3FlowMatchObjective
 from library.loading import CheckpointError, arch_dir
-from model_checks import assert_same_weights
-
-# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer + CLIP-L + CLIP-G adapters, T5 16 tokens,
-# sd-scripts' SD3 defaults (uniform u, training shift 1.0, x_0 preconditioning, no weighting)
-GOLDEN_SD3 = [0.192501, 1.759073, 2.258059, 1.118095]
-GOLDEN_SD3_DB = [0.055859, 1.752957, 2.199689, 1.127642]
+from model_checks import assert_same_weights, inject_adapters
 
 
 def _prediction(family, parts, captions=("a photo of a red circle",), seed=3):
@@ -202,13 +198,11 @@ def _fresh_with_adapters(cfg, path):
     """The model of `cfg` loaded anew, the config's adapters injected and the file at `path` loaded into them."""
     from networks import files
     from networks.settings import NetworkSettings
-    from networks.targets import inject
 
     family = Sd3Family()
     parts = family.load(ModelSource.from_section(cfg.model))
     settings = NetworkSettings.from_network_section(cfg.network)
-    adapted = [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
-               for t in family.adapter_targets(parts)]
+    adapted = inject_adapters(family, parts, settings)
     return parts, adapted, files.load_into(adapted, str(path), family.file_metadata(parts))
 
 

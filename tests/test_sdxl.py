@@ -5,30 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import close
+from goldens import GOLDEN_SDXL, GOLDEN_SDXL_DB
 from library.families import get_family
 from library.families.base import ModelSource
 from library.families.sdxl import SDXLFamily, add_time_ids, detect_arch
 from library.loading import CheckpointError, arch_dir
 from model_checks import assert_same_weights, part_states
-
-# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, U-Net + both text encoders
-GOLDEN_SDXL = [0.930762, 1.134166, 1.129562, 1.087542]
-# seed 7, 8 images, batch 2, Adafactor lr 1e-4 with fused backward pass, U-Net + both text encoders
-GOLDEN_SDXL_DB = [0.935621, 1.126822, 1.109372, 1.055432]
-
-
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
-
-@pytest.fixture
-def sdxl_config(make_config, tiny_sdxl):
-    def make(**sections):
-        sections.setdefault("model", {})
-        sections["model"] = {"pretrained_model_name_or_path": str(tiny_sdxl[0]), **sections["model"]}
-        return make_config(**sections)
-    return make
-
 
 
 def test_single_file_and_folder_give_identical_weights(tiny_sdxl):
@@ -141,7 +124,7 @@ def test_fp16_vae_warns(tiny_sdxl, capsys):
 
 def test_golden_losses_lora(sdxl_config):
     result = train_network(sdxl_config())
-    assert _close(result.losses, GOLDEN_SDXL)
+    assert close(result.losses, GOLDEN_SDXL)
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet", "lora_te1", "lora_te2"}
     keys = load_file(result.adapter_path).keys()
     names = {k.split(".", 1)[0] for k in keys}
@@ -158,14 +141,14 @@ def test_golden_losses_notice_size_conditioning(sdxl_config, monkeypatch):
 
     original = sdxl.add_time_ids
     monkeypatch.setattr(sdxl, "add_time_ids", lambda *a, **k: original(**k) + 8)
-    assert not _close(train_network(sdxl_config()).losses, GOLDEN_SDXL)
+    assert not close(train_network(sdxl_config()).losses, GOLDEN_SDXL)
 
 
 def test_golden_losses_full_fine_tune_fused_adafactor(sdxl_config, tiny_sdxl):
     result = train_db(sdxl_config(optimizer={"optimizer_type": "Adafactor", "fused_backward_pass": True,
                                              "learning_rate": 1e-4, "max_grad_norm": 0.0},
                                   train={"max_train_steps": 4}))
-    assert _close(result.losses, GOLDEN_SDXL_DB)
+    assert close(result.losses, GOLDEN_SDXL_DB)
     # the SAI single file reloads (through diffusers' from_single_file) to the trained weights
     folder = tiny_sdxl[0]
     reloaded = SDXLFamily().load(ModelSource(str(result.model_path), arch=str(folder), tokenizer=str(folder)))
@@ -332,4 +315,4 @@ def test_cached_text_outputs_include_the_pooled_ones(sdxl_config):
     live = train_network(sdxl_config(network={"network_train_unet_only": True}))
     cached = train_network(sdxl_config(network={"network_train_unet_only": True},
                                        train={"cache_text_encoder_outputs": True, "output_name": "cached"}))
-    assert _close(cached.losses, live.losses) and not _close(live.losses, GOLDEN_SDXL)
+    assert close(cached.losses, live.losses) and not close(live.losses, GOLDEN_SDXL)

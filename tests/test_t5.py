@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from goldens import GOLDEN_FLUX
 from library.config import ConfigError
 from library.families.base import ModelSource
 from library.families.flux import FluxFamily
@@ -53,7 +54,6 @@ def test_t5_precision_errors(tiny_flux, tiny_sd1):
 
 
 def test_lora_run_with_fp8_t5(flux_config):
-    from test_flux import GOLDEN_FLUX
     from train_network import train
 
     losses = train(flux_config(model={"t5xxl_precision": "fp8"})).losses
@@ -96,7 +96,6 @@ def test_text_cache_is_stale_when_t5_settings_change(flux_config, tmp_path):
 
 
 def test_lora_run_with_int8_t5_and_cached_text(flux_config):
-    from test_flux import GOLDEN_FLUX
     from train_network import train
 
     result = train(flux_config(model={"t5xxl_precision": "int8"}, network={"network_train_unet_only": True},

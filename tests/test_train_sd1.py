@@ -7,25 +7,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import close
+from goldens import GOLDEN_SD1
 from library.config import ConfigError
 from library.families.base import ModelSource
 from library.families.sd1 import SD1Family
-from model_checks import sd1_probe
+from model_checks import inject_adapters, sd1_probe
 from networks import files
 from networks.settings import NetworkSettings
-from networks.targets import inject
 from networks.merge import merge_lora
 from train_network import train
 
-GOLDEN = [1.021639, 1.195059, 1.198248, 1.110815]  # seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px
-
-
-def _close(losses, expected):
-    return losses == pytest.approx(expected, rel=1e-5)
-
 
 def test_golden_losses(make_config):
-    assert _close(train(make_config()).losses, GOLDEN)
+    assert close(train(make_config()).losses, GOLDEN_SD1)
 
 
 @pytest.mark.parametrize("change", [
@@ -35,14 +30,14 @@ def test_golden_losses(make_config):
 ])
 def test_golden_losses_notice_changes(make_config, change):
     losses = train(make_config(**change)).losses
-    assert len(losses) == 4 and not _close(losses, GOLDEN)
+    assert len(losses) == 4 and not close(losses, GOLDEN_SD1)
 
 
 def test_golden_losses_notice_data_order(make_config, monkeypatch):
     from library.data import images, plan
 
     monkeypatch.setattr(plan, "list_images", lambda folder: images.list_images(folder)[::-1])
-    assert not _close(train(make_config()).losses, GOLDEN)
+    assert not close(train(make_config()).losses, GOLDEN_SD1)
 
 
 def _expected_layer_count(parts):
@@ -81,8 +76,7 @@ def test_reloaded_adapter_gives_identical_outputs(make_config, tiny_sd1):
     family = SD1Family()
     parts = family.load(ModelSource(str(tiny_sd1[0])))
     settings = NetworkSettings(dim=4, alpha=2.0, conv_dim=2, conv_alpha=1.0)
-    adapted = [inject(parts.denoiser if t.component == "denoiser" else parts.text_encoders[t.component], t, settings)
-               for t in family.adapter_targets(parts)]
+    adapted = inject_adapters(family, parts, settings)
     assert files.load_into(adapted, result.adapter_path) == len(result.adapted[0].layers) + len(result.adapted[1].layers)
     for a, b in zip(sd1_probe(parts), trained):
         assert torch.equal(a, b)
@@ -206,7 +200,7 @@ def test_validation_loss_on_held_out_images(make_config):
 
 def test_adafactor_trains(make_config):
     result = train(make_config(optimizer={"optimizer_type": "Adafactor"}))
-    assert result.losses[0] == pytest.approx(GOLDEN[0], rel=1e-5) and not _close(result.losses, GOLDEN)
+    assert result.losses[0] == pytest.approx(GOLDEN_SD1[0], rel=1e-5) and not close(result.losses, GOLDEN_SD1)
 
 
 def test_adamw8bit_keeps_8bit_states(make_config):
@@ -214,11 +208,11 @@ def test_adamw8bit_keeps_8bit_states(make_config):
     result = train(make_config(optimizer={"optimizer_type": "AdamW8bit", "optimizer_args": ["min_8bit_size=16"]}))
     states = [s for s in result.optimizer.state.values() if "state1" in s]
     assert states and all(s["state1"].dtype == torch.uint8 for s in states)
-    assert result.losses == pytest.approx(GOLDEN, rel=1e-3)  # same update as AdamW, up to quantisation
+    assert result.losses == pytest.approx(GOLDEN_SD1, rel=1e-3)  # same update as AdamW, up to quantisation
 
 
 def test_gradient_checkpointing_gives_the_same_losses(make_config):
-    assert _close(train(make_config(train={"gradient_checkpointing": True})).losses, GOLDEN)
+    assert close(train(make_config(train={"gradient_checkpointing": True})).losses, GOLDEN_SD1)
 
 
 def test_it_learns_and_samples(make_config, tmp_path):
@@ -238,7 +232,7 @@ def test_sd2_v_prediction_from_a_single_file(make_config, tiny_sd2):
     folder, single = tiny_sd2
     result = train(make_config(model={"pretrained_model_name_or_path": str(single), "arch": str(folder),
                                       "tokenizer": str(folder / "tokenizer"), "v_parameterization": True}))
-    assert len(result.losses) == 4 and not _close(result.losses, GOLDEN)
+    assert len(result.losses) == 4 and not close(result.losses, GOLDEN_SD1)
     with safe_open(result.adapter_path, "pt") as f:
         meta = f.metadata()
         assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in f.keys()
@@ -252,7 +246,7 @@ def test_bf16_mixed_precision_keeps_adapters_fp32_and_logs_to_tensorboard(make_c
     result = train(make_config(train={"mixed_precision": "bf16"}, logging={"log_with": "tensorboard"}))
     assert result.parts.denoiser.conv_in.weight.dtype == torch.bfloat16  # frozen, not adapted
     assert {p.dtype for c in result.adapted for p in c.parameters()} == {torch.float32}
-    assert result.losses == pytest.approx(GOLDEN, rel=0.05) and not _close(result.losses, GOLDEN)
+    assert result.losses == pytest.approx(GOLDEN_SD1, rel=0.05) and not close(result.losses, GOLDEN_SD1)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((tmp_path / "out" / "logs" / "lora").glob("events.*"))))

@@ -10,15 +10,12 @@ from safetensors.torch import load_file
 from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_samples_reproducible,
                       block_swapped_run, close, lora_layers, peft_adapter_in_pipeline, pipeline_parts,
                       predict_caption, split_files_source, train_db, train_network)
+from goldens import GOLDEN_ZIMAGE, GOLDEN_ZIMAGE_DB
 from library.families import get_family
 from library.families.base import ModelSource
 from library.families.zimage import ZImageFamily
 from library.loading import CheckpointError, arch_dir
 from model_checks import assert_same_weights
-
-# seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, shift 3.0, raw velocity
-GOLDEN_ZIMAGE = [1.458288, 1.596867, 1.462682, 1.524626]
-GOLDEN_ZIMAGE_DB = [0.758990, 1.588003, 1.422201, 1.512625]
 
 
 def _split_files_source(files, **extra):
