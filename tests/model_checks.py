@@ -58,6 +58,29 @@ def sd1_probe(parts):
         return hidden, parts.denoiser(latents, torch.tensor([500]), hidden).sample
 
 
+# ---- ComfyUI's reading of kohya files ---------------------------------------------------------------------------
+
+
+def comfy_lora_names(state, prefix=""):
+    """ComfyUI's map of lora_unet_ keys: "lora_unet_" + the name of each weight of the model's own (original-layout)
+    state dict, `prefix` removed and dots as underscores -> that weight's key."""
+    return {"lora_unet_" + k.removeprefix(prefix).removesuffix(".weight").replace(".", "_"): k
+            for k in state if k.endswith(".weight")}
+
+
+def comfy_lora_applied(tensors, original, prefix=""):
+    """The kohya `tensors` applied to the original-layout state dict `original` (in place) as ComfyUI applies
+    lora_unet_ keys: each layer finds its weight by comfy_lora_names and W += alpha / rank * up @ down. Returns the
+    layers' names."""
+    by_name = comfy_lora_names(original, prefix)
+    layers = {k.split(".", 1)[0] for k in tensors}
+    assert layers <= set(by_name)
+    for name in layers:
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        original[by_name[name]] += float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    return layers
+
+
 # ---- trained-looking adapters ------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from library.families import get_family
 from library.families.anima import AnimaFamily
 from library.families.base import ModelSource
 from library.loading import CheckpointError, arch_dir
-from model_checks import assert_same_weights
+from model_checks import assert_same_weights, comfy_lora_applied, comfy_lora_names
 
 
 def _split_files_source(files, **extra):
@@ -149,9 +149,7 @@ def test_golden_losses_lora_with_sd_scripts_names(anima_config, tiny_anima):
     result = train_network(anima_config())
     assert close(result.losses, GOLDEN_ANIMA), result.losses
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
-    original = {"lora_unet_" + k.removeprefix("net.").removesuffix(".weight").replace(".", "_")
-                for k in load_file(tiny_anima["transformer"]) if k.endswith(".weight")}
-    assert names <= original
+    assert names <= set(comfy_lora_names(load_file(tiny_anima["transformer"]), prefix="net."))
     expected = {f"lora_unet_blocks_{b}_{a}_{p}" for b in (0, 1) for a in ("self_attn", "cross_attn")
                 for p in ("q_proj", "k_proj", "v_proj", "output_proj")}
     expected |= {f"lora_unet_blocks_{b}_mlp_layer{i}" for b in (0, 1) for i in (1, 2)}
@@ -216,13 +214,7 @@ def test_kohya_file_applied_as_comfyui_applies_it_gives_the_trained_outputs(anim
     result = train_network(anima_config(train={"max_train_steps": 2}))
     tensors = load_file(result.adapter_path)
     original = load_file(tiny_anima["transformer"])
-    by_name = {"lora_unet_" + k.removeprefix("net.").removesuffix(".weight").replace(".", "_"): k
-               for k in original if k.endswith(".weight")}
-    layers = {k.split(".", 1)[0] for k in tensors}
-    assert layers <= set(by_name) and len(layers) == 20
-    for name in layers:
-        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
-        original[by_name[name]] += float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    assert len(comfy_lora_applied(tensors, original, prefix="net.")) == 20
     family = AnimaFamily()
     patched = _load(tiny_anima)
     dit, adapter = file_to_parts(original)

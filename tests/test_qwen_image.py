@@ -16,7 +16,7 @@ from library.families import get_family
 from library.families.base import Components, ModelSource
 from library.families.qwen_image import EDIT_TEMPLATE, TEMPLATE, QwenImageFamily, is_edit, prefix_length
 from library.loading import CheckpointError, arch_dir
-from model_checks import assert_same_weights
+from model_checks import assert_same_weights, comfy_lora_names
 
 # the run of goldens.GOLDEN_QWEN (seed 7, dim 4, alpha 2, batch 2, lr 1e-3, 64px, transformer adapters, qwen_shift
 # timesteps, raw velocity) with control images
@@ -208,10 +208,8 @@ def test_adapter_names_are_comfyui_names(qwen_config, tiny_qwen):
     """ComfyUI maps lora_unet_ + each diffusion_model weight's name with dots as underscores (its Qwen-Image model
     has diffusers' names): every module of the file is one of them."""
     result = train_network(qwen_config(train={"max_train_steps": 1}))
-    comfy = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k in load_file(tiny_qwen["transformer"])
-             if k.endswith(".weight")}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
-    assert names and names <= comfy
+    assert names and names <= set(comfy_lora_names(load_file(tiny_qwen["transformer"])))
 
 
 def test_cached_text_outputs_give_the_same_losses(qwen_config):

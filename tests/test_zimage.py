@@ -15,7 +15,7 @@ from library.families import get_family
 from library.families.base import ModelSource
 from library.families.zimage import ZImageFamily
 from library.loading import CheckpointError, arch_dir
-from model_checks import assert_same_weights
+from model_checks import assert_same_weights, comfy_lora_applied, comfy_lora_names
 
 
 def _split_files_source(files, **extra):
@@ -139,9 +139,7 @@ def test_golden_losses_lora_with_comfyui_names(zimage_config, tiny_zimage):
     assert close(result.losses, GOLDEN_ZIMAGE), result.losses
     assert {c.target.kohya_prefix for c in result.adapted} == {"lora_unet"}
     names = {k.split(".", 1)[0] for k in load_file(result.adapter_path)}
-    original = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_")
-                for k in load_file(tiny_zimage["transformer"]) if k.endswith(".weight")}
-    assert names <= original
+    assert names <= set(comfy_lora_names(load_file(tiny_zimage["transformer"])))
     assert {"lora_unet_layers_0_attention_qkv", "lora_unet_layers_1_attention_out",
             "lora_unet_noise_refiner_0_feed_forward_w2", "lora_unet_context_refiner_0_attention_qkv",
             "lora_unet_layers_1_adaLN_modulation_0"} <= names
@@ -240,12 +238,7 @@ def test_kohya_file_applied_as_comfyui_applies_it_gives_the_trained_outputs(zima
     result = train_network(zimage_config(train={"max_train_steps": 2}))
     tensors = load_file(result.adapter_path)
     original = load_file(tiny_zimage["transformer"])
-    by_name = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in original if k.endswith(".weight")}
-    layers = {k.split(".", 1)[0] for k in tensors}
-    assert layers <= set(by_name)
-    for name in layers:
-        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
-        original[by_name[name]] += float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    comfy_lora_applied(tensors, original)
     family = ZImageFamily()
     patched = family.load(ModelSource(str(tiny_zimage["folder"])))
     patched.denoiser.load_state_dict(original_to_transformer(original))
