@@ -4,21 +4,10 @@ import pytest
 import torch
 
 import fake_device
+from conftest import train_db, train_network
 
 CHECKPOINTED = {"gradient_checkpointing": True}
 FUSED = {"optimizer_type": "AdamW", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
-
-
-def _lora(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def _db(cfg):
-    from train_db import train
-
-    return train(cfg)
 
 
 def _prompts(tmp_path):
@@ -35,7 +24,7 @@ def _tensor_state(optimizer, param):
 def test_block_swap_keeps_swapping_after_sampling(flux_config, tmp_path, gpu):
     """Defect 1: after a sample, the denoiser went back with module.to(`fakegpu:0`), which is not the swapper's
     `fakegpu`: every swapped block stayed on the device."""
-    result = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 2},
+    result = train_network(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 2},
                                sample={"sample_prompts": _prompts(tmp_path), "sample_at_first": True}))
     swapper = result.parts.denoiser._block_swapper
     assert len(result.samples) == 2 and swapper.resident() == []
@@ -47,7 +36,7 @@ def test_block_swap_keeps_swapping_after_sampling(flux_config, tmp_path, gpu):
 def test_swapped_weights_optimizer_state_leaves_the_device(flux_config, gpu):
     """Defect 2: the swapped weights' optimizer state was compared with `fakegpu:0 == fakegpu` and never left
     the device (+2x the swapped weights with AdamW)."""
-    result = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
+    result = train_db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
                              dreambooth={"train_text_encoder": False}))
     swapper = result.parts.denoiser._block_swapper
     trained = [p for k in swapper.swapped for p in swapper.weights[k] if p.requires_grad]
@@ -63,7 +52,7 @@ def test_resume_full_fine_tune_with_block_swap(flux_config, tmp_path, gpu):
                 "dreambooth": {"train_text_encoder": False}, "save": {"save_every_n_steps": 2, "save_state": True}}
         for name, values in sections.items():
             base[name] = {**base[name], **values} if name in base else values
-        return _db(flux_config(**base))
+        return train_db(flux_config(**base))
 
     whole = run(train={"output_name": "whole"})
     resumed = run(train={"output_name": "resumed"}, save={"resume": str(tmp_path / "out" / "whole-step00000002-state")})
@@ -112,7 +101,7 @@ def test_nan_loss_under_fp16_loss_scaling(bad_steps):
 def test_t5_mask_with_cached_text_outputs(flux_config, gpu):
     """Defect 5: with apply_t5_attn_mask and cached text outputs the padding mask was built on the host while
     T5 ran on the device (brought over for its forward), and the two were multiplied."""
-    result = _lora(flux_config(model={"apply_t5_attn_mask": True},
+    result = train_network(flux_config(model={"apply_t5_attn_mask": True},
                                network={"network_train_unet_only": True},
                                train={"cache_text_encoder_outputs": True}))
     assert len(result.losses) == 4 and all(x == x for x in result.losses)
@@ -121,7 +110,7 @@ def test_t5_mask_with_cached_text_outputs(flux_config, gpu):
 def test_report_denoising_loss_with_cached_text_outputs(make_config, gpu):
     """Defect 6: report_denoising_loss re-encoded the captions with the text encoders left on the host after
     caching (T5 on the CPU for minutes with SD3 / FLUX) and gave host hidden states to the device's U-Net."""
-    result = _lora(make_config(network={"network_train_unet_only": True},
+    result = train_network(make_config(network={"network_train_unet_only": True},
                                train={"cache_text_encoder_outputs": True},
                                logging={"report_denoising_loss": True}))
     assert result.base_loss > 0 and result.trained_loss > 0
@@ -139,7 +128,7 @@ def _int8_tensors(encoder):
 def test_int8_t5_leaves_the_device_after_caching(flux_config, gpu):
     """Defect 7: bitsandbytes keeps int8 T5's weights in weight.CB / SCB and state.CB / SCB, which a parent's
     .to() never moves: after caching, T5 (~4.4 GiB at full size) stayed on the device for the whole run."""
-    result = _lora(flux_config(model={"t5xxl_precision": "int8"}, network={"network_train_unet_only": True},
+    result = train_network(flux_config(model={"t5xxl_precision": "int8"}, network={"network_train_unet_only": True},
                                train={"cache_text_encoder_outputs": True}))
     t5 = result.parts.text_encoders["te3"]
     tensors = list(_int8_tensors(t5))
@@ -160,7 +149,7 @@ def test_cached_text_outputs_stay_on_the_host(make_config, tiny_sd1, gpu):
     cached = cache_text_outputs(family, parts, ["a red circle", "a blue square"], 1, None, lambda *a: None, gpu)
     assert not any(fake_device.on_device(v) for c in cached.values() for v in c.values())
     assert fake_device.resident_bytes() == before
-    result = _lora(make_config(network={"network_train_unet_only": True}, train={"cache_text_encoder_outputs": True}))
+    result = train_network(make_config(network={"network_train_unet_only": True}, train={"cache_text_encoder_outputs": True}))
     assert len(result.losses) == 4 and all(x == x for x in result.losses)
 
 
@@ -191,7 +180,7 @@ def test_multi_gpu_engines_are_refused_up_front(make_config, monkeypatch, env):
 
     monkeypatch.setenv(env, "true")
     with pytest.raises(ConfigError, match="accelerate config` again with plain multi-GPU"):
-        _lora(make_config())
+        train_network(make_config())
 
 
 def test_xformers_on_flux_is_refused_up_front(flux_config):
@@ -201,7 +190,7 @@ def test_xformers_on_flux_is_refused_up_front(flux_config):
     cfg = flux_config()
     cfg.train.xformers = True  # as a config with xformers installed reads (not installed here)
     with pytest.raises(ConfigError, match="xformers.*SDPA"):
-        _db(cfg)
+        train_db(cfg)
 
 
 @pytest.fixture
@@ -214,7 +203,7 @@ def fp32_precision():
 
 def test_runs_use_tf32_on_cuda(make_config, fp32_precision):
     """GPU users' expectation: TF32 matmuls and convolutions (a default run did full-fp32 matmuls on Ampere+)."""
-    _lora(make_config(train={"max_train_steps": 1}))
+    train_network(make_config(train={"max_train_steps": 1}))
     assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
@@ -348,7 +337,7 @@ def test_bf16_on_a_gpu_without_bf16_is_refused_up_front(make_config, monkeypatch
     refuse_unsupported(cfg, "network")  # an Ampere card: nothing to say
     supported["bf16"] = False
     with pytest.raises(ConfigError, match=rf"'train.{key}': this GPU \(Tesla T4\) has no bf16; use .*fp16"):
-        _lora(cfg)
+        train_network(cfg)
     refuse_unsupported(make_config(train={"mixed_precision": "fp16"}), "network")  # fp16 is what such a card runs
 
 
@@ -372,7 +361,7 @@ def test_host_syncs_only_at_the_logging_cadence(make_config, monkeypatch, gpu):
     loss again (.item()), and scale_weight_norms read two values per adapted layer: each a sync. Now a step
     reads one value (the NaN guard's: losses and gradient norm finite, together), and the losses and norms are
     copied to the host in one copy every log_every_n_steps."""
-    result, per_step = _syncs_per_step(monkeypatch, lambda: _lora(make_config(
+    result, per_step = _syncs_per_step(monkeypatch, lambda: train_network(make_config(
         train={"max_train_steps": 8}, logging={"log_every_n_steps": 4}, network={"scale_weight_norms": 1.0})))
     assert per_step == [(1, 0), (1, 0), (1, 0), (1, 1), (1, 0), (1, 0), (1, 0)], per_step  # after step 4: a read
     assert len(result.losses) == len(result.keys_scaled) == 8 and all(x == x for x in result.losses)
@@ -381,7 +370,7 @@ def test_host_syncs_only_at_the_logging_cadence(make_config, monkeypatch, gpu):
 def test_fused_backward_pass_reads_nothing_per_parameter(make_config, monkeypatch, gpu):
     """Defect 14: the fused backward pass read each parameter's gradient check (bool(isfinite(...))): a sync
     per parameter, hundreds a step. Now two reads a step: the loss before backward, and the step's check."""
-    result, per_step = _syncs_per_step(monkeypatch, lambda: _db(make_config(
+    result, per_step = _syncs_per_step(monkeypatch, lambda: train_db(make_config(
         optimizer=FUSED, train={"max_train_steps": 3}, logging={"log_every_n_steps": 4},
         dreambooth={"train_text_encoder": False})))
     assert per_step == [(2, 0), (2, 0)], per_step
@@ -397,7 +386,7 @@ def test_ema_copies_batched_or_kept_on_the_device(make_config, monkeypatch, gpu,
 
     real, decays = swa.get_ema_multi_avg_fn, []
     monkeypatch.setattr(swa, "get_ema_multi_avg_fn", lambda decay: decays.append(decay) or real(decay))
-    result, per_step = _syncs_per_step(monkeypatch, lambda: _db(make_config(
+    result, per_step = _syncs_per_step(monkeypatch, lambda: train_db(make_config(
         train={"max_train_steps": 4}, logging={"log_every_n_steps": 8}, dreambooth={
             "train_text_encoder": False, "use_ema": True, "ema_decay": 0.9, "ema_update_every": 2,
             "ema_on_device": on_device})))
@@ -423,7 +412,7 @@ def test_swapped_weights_live_in_few_host_slabs(flux_config, monkeypatch, gpu):
     assert len({c.untyped_storage().data_ptr() for c in copies}) == 2
     assert slabs.take((3, 2**19), torch.float16).shape == (3, 2**19) and slabs.host_bytes() == 2 * 2**20 + 2**22
 
-    result = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
+    result = train_db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
                              dreambooth={"train_text_encoder": False}))
     swapper = result.parts.denoiser._block_swapper
     storages = {t.untyped_storage().data_ptr() for t in [*swapper.host.values(), *swapper.state_host.values()]}
@@ -476,7 +465,7 @@ def _swapped_db_run(flux_config, monkeypatch, stream: bool):
             patch.setattr(library.block_swap.BlockSwapper, "_write_back", write_back)
         else:
             patch.setattr(library.block_swap, "side_stream", lambda device: None)
-        result, per_step = _blocking_copies_per_step(patch, lambda: _db(flux_config(
+        result, per_step = _blocking_copies_per_step(patch, lambda: train_db(flux_config(
             train={**CHECKPOINTED, "blocks_to_swap": 3, "max_train_steps": 3, "output_name": f"db-{stream}"},
             optimizer=FUSED, dreambooth={"train_text_encoder": False, "use_ema": True, "ema_decay": 0.5,
                                          "ema_on_device": True},

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from conftest import train_db, train_network
 from library import memory
 from library.block_swap import BlockSwapper
 from library.config import ConfigError
@@ -26,25 +27,13 @@ AGAIN = {"overwrite": True}  # the second run writes to the same output_dir
 FUSED = {"optimizer_type": "Adafactor", "fused_backward_pass": True, "learning_rate": 1e-4, "max_grad_norm": 0.0}
 
 
-def _lora(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def _db(cfg):
-    from train_db import train
-
-    return train(cfg)
-
-
 def _denoiser_state(parts):
     return {k: v.detach().to("cpu", copy=True) for k, v in parts.denoiser.state_dict().items()}
 
 
 def test_lora_block_swap_gives_identical_losses_and_adapter(flux_config):
-    plain = _lora(flux_config(train=CHECKPOINTED))
-    swapped = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 4}, save=AGAIN))  # all 2 double + 2 single blocks
+    plain = train_network(flux_config(train=CHECKPOINTED))
+    swapped = train_network(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 4}, save=AGAIN))  # all 2 double + 2 single blocks
     assert swapped.losses == pytest.approx(plain.losses, **SAME)
     a = {k: p for c in plain.adapted for k, p in c.module.named_parameters() if p.requires_grad}
     b = {k: p for c in swapped.adapted for k, p in c.module.named_parameters() if p.requires_grad}
@@ -60,8 +49,8 @@ def test_lora_block_swap_gives_identical_losses_and_adapter(flux_config):
 
 
 def test_full_fine_tune_block_swap_steps_on_the_device_and_matches(flux_config):
-    plain = _db(flux_config(train=CHECKPOINTED, optimizer=FUSED, dreambooth={"train_text_encoder": False}))
-    swapped = _db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
+    plain = train_db(flux_config(train=CHECKPOINTED, optimizer=FUSED, dreambooth={"train_text_encoder": False}))
+    swapped = train_db(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3}, optimizer=FUSED,
                               dreambooth={"train_text_encoder": False}, save=AGAIN))
     assert swapped.losses == pytest.approx(plain.losses, **SAME)
     a, b = _denoiser_state(plain.parts), _denoiser_state(swapped.parts)
@@ -90,11 +79,11 @@ def _moved(result, trained):
 
 
 def test_cpu_offload_checkpointing_gives_identical_losses(flux_config):
-    plain = _lora(flux_config(train=CHECKPOINTED))
+    plain = train_network(flux_config(train=CHECKPOINTED))
     offloaded = []
     memory.OFFLOAD_OBSERVERS.append(lambda t, where: offloaded.append(t.nbytes) if where == "host" else None)
     try:
-        result = _lora(flux_config(train={**CHECKPOINTED, "cpu_offload_checkpointing": True}, save=AGAIN))
+        result = train_network(flux_config(train={**CHECKPOINTED, "cpu_offload_checkpointing": True}, save=AGAIN))
     finally:
         memory.OFFLOAD_OBSERVERS.pop()
     assert result.losses == pytest.approx(plain.losses, **SAME)
@@ -103,8 +92,8 @@ def test_cpu_offload_checkpointing_gives_identical_losses(flux_config):
 
 def test_fp8_base_stores_the_frozen_base_only(flux_config):
     bf16 = {"mixed_precision": "bf16", **CHECKPOINTED}
-    plain = _lora(flux_config(train=bf16))
-    result = _lora(flux_config(train={**bf16, "fp8_base": True}, save=AGAIN))
+    plain = train_network(flux_config(train=bf16))
+    result = train_network(flux_config(train={**bf16, "fp8_base": True}, save=AGAIN))
     denoiser = result.parts.denoiser
     layer = denoiser.transformer_blocks[0].attn.to_q
     assert layer.base_layer.weight.dtype == torch.float8_e4m3fn
@@ -181,8 +170,8 @@ def test_block_swap_with_offloaded_checkpoints_and_cached_text_gives_identical_l
     """All placement switches at once change nothing but placement; so does caching the text outputs
     (encoded in a batch, the encoders visiting the device one at a time)."""
     frozen = {"network_train_unet_only": True}
-    plain = _lora(flux_config(train=CHECKPOINTED, network=frozen))
-    placed = _lora(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3, "cpu_offload_checkpointing": True,
+    plain = train_network(flux_config(train=CHECKPOINTED, network=frozen))
+    placed = train_network(flux_config(train={**CHECKPOINTED, "blocks_to_swap": 3, "cpu_offload_checkpointing": True,
                                       "cache_text_encoder_outputs": True}, network=frozen, save=AGAIN))
     assert placed.losses == pytest.approx(plain.losses, **SAME)
     assert placed.parts.denoiser._block_swapper.resident() == []

@@ -5,14 +5,9 @@ placed where the run puts it on the test device, and the refusals."""
 import pytest
 import torch
 
+from conftest import train_network
 from goldens import GOLDEN_FLUX, GOLDEN_QWEN, GOLDEN_SD1, GOLDEN_ZIMAGE
 from library.config import ConfigError
-
-
-def _lora(cfg):
-    from train_network import train
-
-    return train(cfg)
 
 
 def _bnb_layers(module, precision):
@@ -53,7 +48,7 @@ def test_sd1_qlora_losses_layers_reload_and_samples(make_config, tiny_sd1, tmp_p
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --d 3 --s 2\n")
-    result = _lora(make_config(model={"base_model_precision": precision},
+    result = train_network(make_config(model={"base_model_precision": precision},
                                sample={"sample_prompts": str(prompts)}))
     _check_losses(result.losses, GOLDEN_SD1, GOLDEN_SD1_Q[precision], precision)
     parts = result.parts
@@ -75,7 +70,7 @@ def test_sd1_qlora_losses_layers_reload_and_samples(make_config, tiny_sd1, tmp_p
 
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
 def test_flux_qlora_losses(flux_config, precision):
-    result = _lora(flux_config(model={"base_model_precision": precision}))
+    result = train_network(flux_config(model={"base_model_precision": precision}))
     _check_losses(result.losses, GOLDEN_FLUX, GOLDEN_FLUX_Q[precision], precision)
     quantized = {name: len(_bnb_layers(m, precision)) for name, m in
                  [("denoiser", result.parts.denoiser), *result.parts.text_encoders.items()]}
@@ -140,7 +135,7 @@ def test_quantized_state_goes_where_the_run_puts_it(flux_config, gpu, precision)
     and buffers, which module.to() alone does not move: issue 15's defect 7)."""
     import fake_device
 
-    result = _lora(flux_config(model={"base_model_precision": precision}, network={"network_train_unet_only": True},
+    result = train_network(flux_config(model={"base_model_precision": precision}, network={"network_train_unet_only": True},
                                train={"cache_text_encoder_outputs": True, "max_train_steps": 2}))
     assert len(result.losses) == 2 and all(0 < x < 2 for x in result.losses)
     on_device = list(_quantized_tensors(result.parts.denoiser, precision))
@@ -219,9 +214,9 @@ def test_flux_qlora_in_bf16_near_the_bf16_base(flux_config):
     fp16; both stay within their tolerance of the bf16 run on the unquantized base (measured when written: int8
     3e-4, nf4 2.4e-2)."""
     bf16 = {"mixed_precision": "bf16", "gradient_checkpointing": True}
-    plain = _lora(flux_config(train=bf16)).losses
+    plain = train_network(flux_config(train=bf16)).losses
     for precision in ("int8", "nf4"):
-        losses = _lora(flux_config(model={"base_model_precision": precision}, train=bf16,
+        losses = train_network(flux_config(model={"base_model_precision": precision}, train=bf16,
                                    save={"overwrite": True})).losses
         assert losses == pytest.approx(plain, rel=NEAR[precision]) and losses != pytest.approx(plain, rel=1e-6)
 
@@ -324,7 +319,7 @@ def test_cached_text_runs_train_with_an_nf4_text_encoder(family_config, golden, 
     differ from them; pinned to 2e-3 (bitsandbytes' CPU kernels) as the quantized-base runs are."""
     import bitsandbytes as bnb
 
-    result = _lora(request.getfixturevalue(family_config)(
+    result = train_network(request.getfixturevalue(family_config)(
         model={"t5xxl_precision": "nf4-bnb"}, train={"cache_text_encoder_outputs": True}))
     encoder = result.parts.text_encoders["te"]
     assert encoder.device.type == "cpu" and any(isinstance(m, bnb.nn.Linear4bit) for m in encoder.modules())

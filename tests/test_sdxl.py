@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import close
+from conftest import close, train_db, train_network
 from goldens import GOLDEN_SDXL, GOLDEN_SDXL_DB
 from library.families import get_family
 from library.families.base import ModelSource
@@ -176,18 +176,6 @@ def test_sd_scripts_config_trains_the_text_encoders_as_sdxl_train(tiny_sdxl, tin
     assert ("sdxl_train trains them only with train_text_encoder = true" in capsys.readouterr().out) is not asked
     resolved = (tmp_path / "out" / "db-config.toml").read_text()
     assert f"train_text_encoder = {str(asked).lower()}" in resolved
-
-
-def train_network(cfg):
-    from train_network import train
-
-    return train(cfg)
-
-
-def train_db(cfg):
-    from train_db import train
-
-    return train(cfg)
 
 
 # ---- the LoRA file elsewhere --------------------------------------------------------------------
