@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from library.streams import current_stream, recorded, running_on, side_stream
+
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -263,25 +265,27 @@ def offload_checkpoints(denoiser: nn.Module) -> None:
     denoiser.register_forward_hook(leave, always_call=True)
 
 
-_COPY_STREAMS: dict = {}  # CUDA device -> the side stream the saved tensors leave on
+_COPY_STREAMS: dict = {}  # device -> the side stream the saved tensors leave on (library/streams.py)
 
 
 def _to_host_aside(tensor: torch.Tensor) -> tuple:
-    """A saved tensor's trip to the host: on CUDA, copied on a side stream into pinned memory without the host
-    waiting (the compute stream goes on; the device tensor is kept until the copy is done); elsewhere a plain
-    copy. Returns (device, host copy, the copy's CUDA event or None)."""
-    if tensor.device.type != "cuda":
-        return tensor.device, host_copy(tensor), None
-    stream = _COPY_STREAMS.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
-    stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is computed
-    with torch.cuda.stream(stream):
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    """A saved tensor's trip to the host: from an accelerator, copied on a side stream (into pinned memory from
+    CUDA) without the host waiting (the compute stream goes on; the device tensor is kept until the copy is done);
+    on the CPU a plain copy. Returns (device, host copy, the event recorded after the copy, or None)."""
+    device = tensor.device
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = side_stream(device)
+    stream = _COPY_STREAMS[device]
+    if stream is None:
+        return device, host_copy(tensor), None
+    stream.wait_stream(current_stream(device))  # the tensor is computed
+    with running_on(stream):
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=device.type == "cuda")
         out.copy_(tensor, non_blocking=True)
         tensor.record_stream(stream)
-        done = torch.cuda.Event()
-        done.record(stream)
+        done = recorded(stream)
     tell(out, "host")
-    return tensor.device, out, done
+    return device, out, done
 
 
 def _back_from_host(packed: tuple) -> torch.Tensor:
@@ -289,7 +293,7 @@ def _back_from_host(packed: tuple) -> torch.Tensor:
     copies it back, without the host waiting either."""
     device, host, done = packed
     if done is not None:
-        torch.cuda.current_stream(device).wait_event(done)
+        current_stream(device).wait_event(done)
     return device_copy(host, device, "activations", non_blocking=done is not None)
 
 

@@ -90,6 +90,29 @@ def test_cpu_offload_checkpointing_gives_identical_losses(flux_config):
     assert len(offloaded) > 4 * 4  # at least every checkpointed block's input, every step
 
 
+def test_offloaded_checkpoints_leave_on_a_side_stream_on_the_test_device(gpu):
+    """cpu_offload_checkpointing on an accelerator (the test device): every saved tensor goes to the host on
+    library/streams.py's side stream, the host waiting for none of the copies; backward's compute stream waits
+    for each copy's event before copying it back, and the gradients are those of the model without offloading."""
+    import fake_device
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 1)).to(gpu)
+    x = torch.randn(4, 8).to(gpu)
+    model(x).sum().backward()
+    plain = [p.grad for p in model.parameters()]
+    model.zero_grad()
+    memory.offload_checkpoints(model)
+    blocking, host_waits, events = (fake_device.blocking_copies_to_host(), fake_device.host_waits(),
+                                    len(fake_device.waited_events()))
+    loss = model(x).sum()
+    assert fake_device.deferred_copies() >= 1  # the last copy still "running" on the side stream
+    loss.backward()
+    assert fake_device.deferred_copies() == 0 and len(fake_device.waited_events()) - events >= 4
+    assert fake_device.blocking_copies_to_host() == blocking and fake_device.host_waits() == host_waits
+    assert all(torch.equal(p.grad.cpu(), g.cpu()) for p, g in zip(model.parameters(), plain))
+
+
 def test_fp8_base_stores_the_frozen_base_only(flux_config):
     bf16 = {"mixed_precision": "bf16", **CHECKPOINTED}
     plain = train_network(flux_config(train=bf16))
