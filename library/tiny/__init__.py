@@ -1,5 +1,6 @@
 """Tiny models of the real architectures, with random weights, and a small generated dataset: one module a family
-(library/tiny/<family>.py), the tiny tokenizers (tokenizers.py) and the dataset (dataset.py).
+(library/tiny/<family>.py), the tiny tokenizers (tokenizers.py), the single files beside the folders
+(files.py) and the dataset (dataset.py).
 
 Tests and the quickstart train these on a CPU. They are saved exactly as real models are distributed
 (a diffusers folder, and a single file in the original layout), so loading them runs the same code a

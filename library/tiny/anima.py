@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from library.tiny.files import write_files
 from library.tiny.tokenizers import tiny_qwen3_tokenizer, tiny_t5_tokenizer
 
 
@@ -48,7 +49,6 @@ def save_tiny_anima(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     (Qwen3 with causal-LM names, as text_encoders/qwen_3_06b_base.safetensors) and `folder`-vae (the Wan-2.1
     layout of vae/qwen_image_vae.safetensors)."""
     from diffusers import AnimaAutoBlocks
-    from safetensors.torch import save_file
 
     from library.anima_layout import transformer_to_file
     from library.qwen_image_layout import vae_to_file
@@ -60,11 +60,7 @@ def save_tiny_anima(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     pipe.save_pretrained(str(folder), overwrite_modular_index=True)
     dit = {**parts["transformer"].state_dict(),
            **{"text_conditioner." + k: v for k, v in parts["text_conditioner"].state_dict().items()}}
-    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
-    for name, state in (("transformer", transformer_to_file(dit)),
-                        ("text_encoder", {"model." + k: v for k, v in parts["text_encoder"].state_dict().items()}),
-                        ("vae", vae_to_file(parts["vae"].state_dict()))):
-        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        files[name] = path
-    return files
+    return write_files(folder, {"folder": folder, "transformer": folder.with_suffix(".safetensors")}, {
+        "transformer": transformer_to_file(dit),
+        "text_encoder": {"model." + k: v for k, v in parts["text_encoder"].state_dict().items()},
+        "vae": vae_to_file(parts["vae"].state_dict())})

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from library.tiny.files import ae_file_state, t5_file_state, write_files
 from library.tiny.flux import build_tiny_flux
 
 
@@ -28,20 +29,12 @@ def save_tiny_chroma(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write `folder` (diffusers layout) and the files users have: `folder`.safetensors (the Chroma transformer,
     library.chroma_layout), `folder`-t5xxl.safetensors and `folder`-ae.safetensors (original VAE layout)."""
     from diffusers import ChromaPipeline
-    from safetensors.torch import save_file
 
     from library.chroma_layout import transformer_to_file
-    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
 
     folder = Path(folder)
     parts = build_tiny_chroma(seed)
     ChromaPipeline(**parts).save_pretrained(str(folder))
-    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
-    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm(parts["vae"].state_dict()).items()}
-    t5 = {k: v for k, v in parts["text_encoder"].state_dict().items() if k != "encoder.embed_tokens.weight"}
-    for name, state in (("transformer", transformer_to_file(parts["transformer"].state_dict())), ("t5xxl", t5),
-                        ("ae", ae)):
-        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        files[name] = path
-    return files
+    return write_files(folder, {"folder": folder, "transformer": folder.with_suffix(".safetensors")}, {
+        "transformer": transformer_to_file(parts["transformer"].state_dict()),
+        "t5xxl": t5_file_state(parts["text_encoder"].state_dict()), "ae": ae_file_state(parts["vae"].state_dict())})

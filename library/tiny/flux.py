@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from library.tiny.files import ae_file_state, t5_file_state, write_files
 from library.tiny.tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
 
 
@@ -52,22 +53,14 @@ def save_tiny_flux(folder: str | Path, seed: int = 0, guidance: bool = True) -> 
     """Write `folder` (diffusers layout) and the files users have: `folder`.safetensors (the BFL transformer),
     `folder`-clip_l.safetensors, `folder`-t5xxl.safetensors and `folder`-ae.safetensors (original VAE layout)."""
     from diffusers import FluxPipeline
-    from safetensors.torch import save_file
 
     from library.flux_layout import transformer_to_bfl
-    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
 
     folder = Path(folder)
     parts = build_tiny_flux(seed, guidance)
     FluxPipeline(**parts).save_pretrained(str(folder))
-    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
     clip = {("" if k.startswith("text_model.") else "text_model.") + k: v
             for k, v in parts["text_encoder"].state_dict().items()}
-    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm(parts["vae"].state_dict()).items()}
-    for name, state in (("transformer", transformer_to_bfl(parts["transformer"].state_dict())), ("clip_l", clip),
-                        ("t5xxl", {k: v for k, v in parts["text_encoder_2"].state_dict().items()
-                                   if k != "encoder.embed_tokens.weight"}), ("ae", ae)):  # tied to shared.weight
-        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        files[name] = path
-    return files
+    return write_files(folder, {"folder": folder, "transformer": folder.with_suffix(".safetensors")}, {
+        "transformer": transformer_to_bfl(parts["transformer"].state_dict()), "clip_l": clip,
+        "t5xxl": t5_file_state(parts["text_encoder_2"].state_dict()), "ae": ae_file_state(parts["vae"].state_dict())})

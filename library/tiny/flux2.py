@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from library.tiny.files import ae_file_state, write_files
 from library.tiny.tokenizers import tiny_mistral_tokenizer, tiny_qwen_tokenizer
 
 
@@ -56,24 +57,16 @@ def save_tiny_flux2(folder: str | Path, seed: int = 0, dev: bool = False) -> dic
     language model alone, as ComfyUI's text_encoders/ files: no lm_head, no vision tower) and `folder`-ae.safetensors
     (the VAE in the original layout, with its bn. statistics)."""
     from diffusers import Flux2KleinPipeline, Flux2Pipeline
-    from safetensors.torch import save_file
 
     from library.flux2_layout import transformer_to_file
-    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
 
     folder = Path(folder)
     parts = build_tiny_flux2(seed, dev)
     (Flux2Pipeline if dev else Flux2KleinPipeline)(**parts).save_pretrained(str(folder))
-    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
     vae_state = parts["vae"].state_dict()
-    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm({k: v for k, v in vae_state.items()
-                                                         if not k.startswith("bn.")}).items()}
+    ae = ae_file_state({k: v for k, v in vae_state.items() if not k.startswith("bn.")})
     ae.update({k: v for k, v in vae_state.items() if k.startswith("bn.")})
     text = {k: v for k, v in parts["text_encoder"].state_dict().items()
             if not k.startswith(("lm_head.", "model.vision_tower.", "model.multi_modal_projector."))}
-    for name, state in (("transformer", transformer_to_file(parts["transformer"].state_dict())),
-                        ("text_encoder", text), ("ae", ae)):
-        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        files[name] = path
-    return files
+    return write_files(folder, {"folder": folder, "transformer": folder.with_suffix(".safetensors")}, {
+        "transformer": transformer_to_file(parts["transformer"].state_dict()), "text_encoder": text, "ae": ae})

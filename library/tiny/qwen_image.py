@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from library.tiny.files import write_files
 from library.tiny.tokenizers import tiny_qwen25vl_tokenizer
 
 
@@ -61,18 +62,13 @@ def save_tiny_qwen_image(folder: str | Path, seed: int = 0, edit_2511: bool = Fa
     (Qwen2.5-VL in the layout of ComfyUI's text_encoders/qwen_2.5_vl_7b.safetensors) and `folder`-vae.safetensors
     (the Wan-2.1 layout of ComfyUI's vae/qwen_image_vae.safetensors)."""
     from diffusers import QwenImagePipeline
-    from safetensors.torch import save_file
 
     from library.qwen_image_layout import text_model_to_file, vae_to_file
 
     folder = Path(folder)
     parts = build_tiny_qwen_image(seed, edit_2511)
     QwenImagePipeline(**parts).save_pretrained(str(folder))
-    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
-    for name, state in (("transformer", parts["transformer"].state_dict()),
-                        ("text_encoder", text_model_to_file(parts["text_encoder"].state_dict())),
-                        ("vae", vae_to_file(parts["vae"].state_dict()))):
-        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        files[name] = path
-    return files
+    return write_files(folder, {"folder": folder, "transformer": folder.with_suffix(".safetensors")}, {
+        "transformer": parts["transformer"].state_dict(),
+        "text_encoder": text_model_to_file(parts["text_encoder"].state_dict()),
+        "vae": vae_to_file(parts["vae"].state_dict())})

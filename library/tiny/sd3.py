@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from library.tiny.files import t5_file_state, write_files
 from library.tiny.tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
 
 
@@ -58,7 +59,6 @@ def save_tiny_sd3(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     VAE and the three text encoders, as sd3_medium_incl_clips_t5xxlfp16.safetensors), `folder`-transformer.safetensors
     (transformer and VAE only, as sd3_medium.safetensors) and the separate `folder`-clip_l / -clip_g / -t5xxl files."""
     from diffusers import StableDiffusion3Pipeline
-    from safetensors.torch import save_file
 
     from library.sd3_layout import SAI_PREFIX, transformer_to_sai
     from library.ldm_layout import vae_to_ldm
@@ -68,8 +68,7 @@ def save_tiny_sd3(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     StableDiffusion3Pipeline(**parts).save_pretrained(str(folder))
     encoders = {"clip_l": dict(parts["text_encoder"].state_dict()),
                 "clip_g": dict(parts["text_encoder_2"].state_dict()),
-                "t5xxl": {k: v for k, v in parts["text_encoder_3"].state_dict().items()
-                          if k != "encoder.embed_tokens.weight"}}  # tied to shared.weight
+                "t5xxl": t5_file_state(parts["text_encoder_3"].state_dict())}
     model = {SAI_PREFIX + k: v for k, v in transformer_to_sai(parts["transformer"].state_dict()).items()}
     model.update(vae_to_ldm(parts["vae"].state_dict()))
     everything = dict(model)
@@ -77,8 +76,4 @@ def save_tiny_sd3(folder: str | Path, seed: int = 0) -> dict[str, Path]:
         everything.update({f"text_encoders.{name}.transformer.{k}": v for k, v in state.items()})
     files = {"folder": folder, "single": folder.with_suffix(".safetensors"),
              "transformer": folder.with_name(f"{folder.name}-transformer.safetensors")}
-    for name, state in (("single", everything), ("transformer", model), *encoders.items()):
-        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        files[name] = path
-    return files
+    return write_files(folder, files, {"single": everything, "transformer": model, **encoders})

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from library.tiny.files import ae_file_state, write_files
 from library.tiny.flux import build_tiny_flux
 from library.tiny.tokenizers import tiny_qwen3_tokenizer
 
@@ -38,20 +39,13 @@ def save_tiny_zimage(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     original layout, library.zimage_layout), `folder`-text_encoder.safetensors (Qwen3 as ComfyUI's
     qwen_3_4b.safetensors: transformers' causal-LM names, `model.` prefix) and `folder`-ae.safetensors."""
     from diffusers import ZImagePipeline
-    from safetensors.torch import save_file
 
-    from library.ldm_layout import VAE_PREFIX, vae_to_ldm
     from library.zimage_layout import transformer_to_original
 
     folder = Path(folder)
     parts = build_tiny_zimage(seed)
     ZImagePipeline(**parts).save_pretrained(str(folder))
-    files = {"folder": folder, "transformer": folder.with_suffix(".safetensors")}
-    ae = {k[len(VAE_PREFIX):]: v for k, v in vae_to_ldm(parts["vae"].state_dict()).items()}
     qwen = {"model." + k: v for k, v in parts["text_encoder"].state_dict().items()}
-    for name, state in (("transformer", transformer_to_original(parts["transformer"].state_dict())),
-                        ("text_encoder", qwen), ("ae", ae)):
-        path = files.get(name) or folder.with_name(f"{folder.name}-{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        files[name] = path
-    return files
+    return write_files(folder, {"folder": folder, "transformer": folder.with_suffix(".safetensors")}, {
+        "transformer": transformer_to_original(parts["transformer"].state_dict()), "text_encoder": qwen,
+        "ae": ae_file_state(parts["vae"].state_dict())})
