@@ -286,6 +286,14 @@ def config_error(tiny_data, tmp_path, capsys):
     return run
 
 
+def assert_model_file_refused(config_error, path, said, **model):
+    """`path` as model.pretrained_model_name_or_path (with the other `model` keys): exit 2 with one line naming the
+    config, the key and the file, and saying `said` (config_error)."""
+    config, line = config_error({"pretrained_model_name_or_path": str(path), **model}, "model.toml")
+    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
+    assert said in line and str(path) in line
+
+
 # ---- Anima ------------------------------------------------------------------------------------------
 
 tiny_anima = _tiny_model("tiny_anima", "save_tiny_anima", "tiny-anima")

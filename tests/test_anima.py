@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, block_swapped_run, close,
-                      lora_layers, predict_caption, split_files_source, train_db, train_network)
+from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_model_file_refused,
+                      block_swapped_run, close, lora_layers, predict_caption, split_files_source, train_db,
+                      train_network)
 from goldens import GOLDEN_ANIMA, GOLDEN_ANIMA_DB
 from library.families import get_family
 from library.families.anima import AnimaFamily
@@ -313,9 +314,8 @@ def test_a_separate_llm_adapter_file_is_read_and_a_file_without_one_is_named(tin
 
 
 def test_anima_file_without_its_separate_files_exits_2_naming_the_keys(tiny_anima, config_error):
-    config, line = config_error({"pretrained_model_name_or_path": str(tiny_anima["transformer"])}, "anima.toml")
-    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
-    assert "an Anima DiT file holds the transformer only; set model.text_encoder, model.vae" in line
+    assert_model_file_refused(config_error, tiny_anima["transformer"],
+                              "an Anima DiT file holds the transformer only; set model.text_encoder, model.vae")
 
 
 def test_samples_during_training_leave_the_losses_as_they_are(anima_config, tmp_path):

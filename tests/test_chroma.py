@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_samples_reproducible,
-                      block_swapped_run, close, lora_layers, peft_adapter_in_pipeline, pipeline_parts,
-                      predict_caption, split_files_source, train_db, train_network)
+from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_model_file_refused,
+                      assert_samples_reproducible, block_swapped_run, close, lora_layers, peft_adapter_in_pipeline,
+                      pipeline_parts, predict_caption, split_files_source, train_db, train_network)
 from goldens import GOLDEN_CHROMA, GOLDEN_CHROMA_DB
 from library.families import get_family
 from library.families.base import ModelSource
@@ -166,10 +166,7 @@ def test_adapter_in_diffusers_every_key_consumed(chroma_config, tiny_chroma):
                          "\"flux\": set model.family = \"chroma\""),
 ])
 def test_chroma_file_faults_exit_2_naming_the_key(model, said, tiny_chroma, config_error):
-    config, line = config_error({"pretrained_model_name_or_path": str(tiny_chroma["transformer"]), **model},
-                                "chroma.toml")
-    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
-    assert said in line and str(tiny_chroma["transformer"]) in line
+    assert_model_file_refused(config_error, tiny_chroma["transformer"], said, **model)
 
 
 def test_samples_use_the_training_mask_and_the_negative_prompt(tiny_chroma):

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, block_swapped_run, close,
-                      control_images, lora_layers, pipeline_parts, predict_caption, split_files_source, train_db,
-                      train_network)
+from conftest import (FULL_FINE_TUNE, assert_cached_text_outputs_change_nothing, assert_model_file_refused,
+                      block_swapped_run, close, control_images, lora_layers, pipeline_parts, predict_caption,
+                      split_files_source, train_db, train_network)
 from goldens import GOLDEN_QWEN, GOLDEN_QWEN_DB
 from library.families import get_family
 from library.families.base import Components, ModelSource
@@ -396,10 +396,7 @@ def test_a_damaged_text_encoder_file_is_named_before_loading(tiny_qwen, tmp_path
                          "\"flux\": set model.family = \"qwen_image\""),
 ])
 def test_qwen_file_faults_exit_2_naming_the_key(model, said, tiny_qwen, config_error):
-    config, line = config_error({"pretrained_model_name_or_path": str(tiny_qwen["transformer"]), **model},
-                                "qwen.toml")
-    assert line.startswith(f"config error: {config}: 'model.pretrained_model_name_or_path': ")
-    assert said in line and str(tiny_qwen["transformer"]) in line
+    assert_model_file_refused(config_error, tiny_qwen["transformer"], said, **model)
 
 
 # ---- the planner -------------------------------------------------------------------------------
