@@ -52,6 +52,14 @@ def launched_processes(environ=None) -> int:
     return int(env.get("WORLD_SIZE", "1") or 1)
 
 
+def launched_zero_stage(environ=None) -> int | None:
+    """The ZeRO stage `accelerate launch --use_deepspeed --zero_stage N` set (None: not set, e.g. named in a
+    DeepSpeed config file instead)."""
+    env = os.environ if environ is None else environ
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    return int(stage) if stage.isdigit() else None
+
+
 def engine_problems(cfg, recipe: str, environ=None) -> list[str]:
     """What this run's engine cannot combine with this config, each with what to use instead ([] if none).
     recipe: "network" (adapters) or "db" (full fine-tune). Runs before any model loads."""
@@ -120,7 +128,7 @@ def _zero_limits(cfg, env) -> list[str]:
     if db.train_text_encoder:
         problems.append("'dreambooth.train_text_encoder': accelerate gives DeepSpeed one model, the denoiser; set it "
                         "to false, or train the text encoders with plain multi-GPU (DDP)")
-    if db.use_ema and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+    if db.use_ema and launched_zero_stage(env) == 3:
         problems.append("'dreambooth.use_ema' with ZeRO-3: the weights are partitioned, the EMA would gather them "
                         "at every update; turn it off, or use ZeRO-2")
     if cfg.train.full_fp16 or cfg.train.full_bf16:

@@ -65,3 +65,25 @@ def test_zero_full_fine_tune_equals_one_process_on_the_global_batch(tmp_path, ti
     print("worst", worst, "moved", moved)
     assert worst < 1e-5, worst
     assert all(torch.equal(zero[k], base[k]) for k in zero if k not in unet)  # VAE, text encoder untouched
+
+
+def test_zero3_state_is_saved_through_accelerate_and_resumes_exactly(tmp_path, tiny_sd1, tiny_data):
+    more = """
+        [save]
+        save_every_n_steps = 2
+        save_state = true
+    """
+    run, _ = _configs(tmp_path, tiny_sd1, tiny_data, more)
+    run.write_text(run.read_text().replace("max_train_steps = 3", "max_train_steps = 4"))
+    resumed = tmp_path / "resumed.toml"
+    state = tmp_path / "two" / "last-step00000002-state"
+    resumed.write_text(run.read_text().replace(f'"{tmp_path / "two"}"', f'"{tmp_path / "resumed"}"')
+                       .replace("save_state = true", f'resume = "{state}"'))
+    first, again = _zero_run(tmp_path, run, 3, 29555), _zero_run(tmp_path, resumed, 3, 29557)
+    print(sorted(str(p.relative_to(state)) for p in state.rglob("*")))
+    info = json.loads((state / "state.json").read_text())
+    assert info["sharded"] == "deepspeed" and info["processes"] == 2 and info["step"] == 2
+    losses = [[line.split()[3] for line in r.stdout.splitlines() if line.startswith("step ")] for r in (first, again)]
+    assert len(losses[0]) == 4 and losses[1] == losses[0][2:]
+    whole, resumed_weights = (load_file(tmp_path / name / "last.safetensors") for name in ("two", "resumed"))
+    assert max((whole[k] - resumed_weights[k]).abs().max().item() for k in whole) == 0.0
