@@ -271,7 +271,7 @@ def deepspeed_plugin(cfg):
 
     t, o = cfg.train, cfg.optimizer
     plugin = DeepSpeedPlugin(gradient_accumulation_steps=t.gradient_accumulation_steps,
-                             gradient_clipping=o.max_grad_norm or None, zero3_init_flag=False)
+                             gradient_clipping=float(o.max_grad_norm), zero3_init_flag=False)
     if t.mixed_precision == "bf16":
         plugin.deepspeed_config.setdefault("bf16", {"enabled": True})["check_grad_overflow"] = True
     return plugin
