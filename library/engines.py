@@ -8,8 +8,14 @@ trained modules are handed to the engine and where the bare modules are taken ba
                the whole model; DistributedDataParallel all-reduces the gradients in buckets while backward
                runs, and not at all on the micro-batches of gradient accumulation before the last (no_sync,
                through accelerator.accumulate).
-    deepspeed  `accelerate config` with DeepSpeed (ACCELERATE_USE_DEEPSPEED): refused before loading, every
-               problem of the config with ZeRO named first (deepspeed_problems); the run itself is not written.
+    deepspeed  `accelerate launch --use_deepspeed --zero_stage N` (ACCELERATE_USE_DEEPSPEED), full fine-tunes of
+               the denoiser under ZeRO-1/2/3 (deepspeed_problems names what it cannot run, before loading): the
+               denoiser, its optimizer and the loader through one accelerator.prepare; DeepSpeed's engine scales
+               for accumulation, reduces, clips and steps inside accelerator.backward (Prepared.steps_in_backward:
+               the loop neither clips nor steps again). The models load whole (loading_whole), the denoiser is
+               partitioned when prepared; the weights file is assembled from the fp32 master copies on the main
+               process (deepspeed_state), states are DeepSpeed checkpoints through accelerator.save_state, and
+               every process samples (ZeRO-3's forward gathers from all).
     fsdp1      `accelerate config` with FSDP version 1: refused (accelerate deprecates it).
     fsdp2      `accelerate launch --use_fsdp --fsdp_version 2` (ACCELERATE_USE_FSDP, FSDP_VERSION=2), full
                fine-tunes of the denoiser: accelerate's fully_shard of each of the family's repeated blocks
@@ -20,9 +26,9 @@ trained modules are handed to the engine and where the bare modules are taken ba
                samples (each block's forward gathers its weights from all of them).
 
 The families never see an engine: the recipe's step gets `step_parts` (the trained modules behind the
-engine's wrapper, through `Engined`, which reads every attribute off the bare module); everything else
-(saving, sampling, EMA, validation, the planner) keeps the bare parts, which share their parameters with the
-wrapped ones, so nothing is ever unwrapped. With one process nothing is wrapped.
+engine's wrapper, DDP's or DeepSpeed's, through `Engined`, which reads every attribute off the bare module);
+everything else (saving, sampling, EMA, validation, the planner) keeps the bare parts, which share their
+parameters with the wrapped ones, so nothing is ever unwrapped. With one process nothing is wrapped.
 """
 from __future__ import annotations
 
