@@ -72,11 +72,14 @@ def _assert_one_process(zero: dict, alone: dict, base: dict) -> float:
     return worst
 
 
-def test_zero2_full_fine_tune_equals_one_process_on_the_global_batch(tmp_path, tiny_sd1, tiny_data, alone):
-    """ZeRO-2: optimizer state and gradients partitioned, the module whole on each process; DeepSpeed's engine
-    accumulates (1 image a micro-batch and process), clips and steps inside accelerator.backward (measured: 6e-8)."""
+@pytest.mark.parametrize("stage, port", [(1, 29551), (2, 29557)])
+def test_zero1_and_zero2_full_fine_tune_equals_one_process_on_the_global_batch(tmp_path, tiny_sd1, tiny_data, alone,
+                                                                             stage, port):
+    """ZeRO-1 (the optimizer state partitioned; accelerate skips DeepSpeed's all-reduce on the first micro-batch
+    with no_sync) and ZeRO-2 (the gradients too), the module whole on each process; DeepSpeed's engine accumulates
+    (1 image a micro-batch and process), clips and steps inside accelerator.backward (measured: 6e-8)."""
     two = _configure(_config(tmp_path, tiny_sd1, tiny_data, "two", 1, DB))
-    run = _zero_run(two, 2, 29551)
+    run = _zero_run(two, stage, port)
     assert "full fine-tune" in run.stdout
     _assert_one_process(load_file(tmp_path / "two" / "last.safetensors"), alone, load_file(tiny_sd1[1]))
 
