@@ -394,9 +394,10 @@ def prepare_deepspeed(accelerator, parts, trained: list, optimizer, loader, batc
 
 @contextlib.contextmanager
 def full_weights(accelerator, parts):
-    """The parts as saving reads them. Sharded (FSDP2): every process takes part in gathering the denoiser's
-    weights to the main process' CPU (gathered_state), where they fill an unsharded copy of the denoiser (built
-    without memory of its own, on the meta device); the other processes get None. Otherwise the parts."""
+    """The parts as saving reads them. Sharded (FSDP2, DeepSpeed): every process takes part in gathering the
+    denoiser's weights to the main process' CPU (gathered_state; deepspeed_state: the fp32 masters), where they fill
+    an unsharded copy of the denoiser (built without memory of its own, on the meta device); the other processes
+    get None. Otherwise the parts."""
     if not is_sharded(accelerator):
         yield parts
         return

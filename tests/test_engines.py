@@ -309,3 +309,21 @@ def test_a_non_finite_loss_still_joins_the_all_reduce_with_several_processes():
     assert fused_one.loss_ok(torch.tensor(float("nan"))) is False and fused_one._bad_loss
     assert fused_several.loss_ok(torch.tensor(float("nan")), processes=2) is True and fused_several._bad_loss
     assert NonFiniteGuard(5).loss_ok(torch.tensor(1.0), processes=2) is True
+
+
+def test_a_step_deepspeed_skipped_counts_as_non_finite():
+    """DeepSpeed steps (or skips, on non-finite gradients) inside accelerator.backward: the loop reads its skip as
+    the step's verdict (so the guard says so and counts it); without DeepSpeed the accelerated optimizer's flag is
+    not read (it is the fp16 scaler's, known only after step)."""
+    from types import SimpleNamespace
+
+    from library.engines import Prepared
+    from train_db import _known_bad
+
+    skipped = SimpleNamespace(step_was_skipped=True)
+    assert _known_bad(skipped, False, Prepared([], None, steps_in_backward=True)) is True
+    taken = SimpleNamespace(step_was_skipped=False)
+    assert _known_bad(taken, False, Prepared([], None, steps_in_backward=True)) is False
+    assert _known_bad(skipped, False, Prepared([], None)) is False
+    fused = SimpleNamespace(pop_nonfinite=lambda: "flag")
+    assert _known_bad(fused, True, Prepared([], None)) == "flag"
