@@ -38,7 +38,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     from library import phases
     from library.checkpoint import Checkpointer, Position
-    from library.engines import full_weights, is_sharded
+    from library.engines import full_weights, is_sharded, loading_whole
     from library.model_files import check_model_files, load_model
     from library.block_swap import settle_all
     from library.guards import NonFiniteGuard
@@ -66,7 +66,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     # ---- model, then class images from the untouched base model ----------------------------------
     m = cfg.model
-    family, parts = load_model(cfg)
+    with loading_whole(accelerator):  # ZeRO-3 partitions the denoiser when prepared, nothing at load time
+        family, parts = load_model(cfg)
     te_note = te_note or text_encoder_of_family(cfg, family.name)  # a family only loading could tell
     if te_note:
         say(te_note)
@@ -143,6 +144,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     if ema is not None and cfg.save.resume:
         ema.load_state_dict(extra["ema"])
     guard = NonFiniteGuard(t.nan_skip_limit, say, before_backward=fused)  # fused: steps in backward
+    clip = 0 if fused or engine.steps_in_backward else o.max_grad_norm  # those clip inside backward
 
     sample = sample_renderer(family, parts, sampling, accelerator, out_dir / "samples", t.output_name,
                              result.samples)
@@ -179,9 +181,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
                     if guard.loss_ok(loss, accelerator.num_processes):
                         accelerator.backward(loss)  # with a fused optimizer, this also steps every parameter
                     if accelerator.sync_gradients and guard.step_ok(
-                            [p for g in groups for p in g["params"]], 0 if fused else o.max_grad_norm, step,
-                            accelerator, optimizer.pop_nonfinite() if fused else False):
-                        optimizer.step()
+                            [p for g in groups for p in g["params"]], clip, step, accelerator, _known_bad(optimizer,
+                                                                                                 fused, engine)):
+                        optimizer.step()  # DeepSpeed: stepped (or skipped) inside accelerator.backward already
                     optimizer.zero_grad(set_to_none=True)
                 log.add(loss)
                 if not accelerator.sync_gradients:
@@ -220,6 +222,14 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _known_bad(optimizer, fused: bool, engine):
+    """Whether the step's gradients are already known not to be finite: the fused backward pass checks its own;
+    DeepSpeed skipped its step inside backward on them (ZeRO-1/2; ZeRO-3 checks only under fp16)."""
+    if fused:
+        return optimizer.pop_nonfinite()
+    return bool(optimizer.step_was_skipped) if engine.steps_in_backward else False
 
 
 def _stop_training(text_encoders, say, step: int) -> bool:

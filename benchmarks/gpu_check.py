@@ -394,8 +394,8 @@ def multi_gpu_check(out: str | None = None) -> int:
     """`python benchmarks/gpu_check.py --multi-gpu` on a machine with 2 or more GPUs: the tiny SDXL full
     fine-tune under FSDP2 on 2 GPUs (`accelerate launch --use_fsdp --fsdp_version 2`, NCCL) against one process on
     the global batch (the largest weight difference; fp32 and bf16), its step-2 state resumed on 2 GPUs (the
-    difference to the uninterrupted run), and, with deepspeed installed, what a ZeRO-2 launch says (it is refused
-    before loading: exit code 2 and one line)."""
+    difference to the uninterrupted run), and, with deepspeed installed, the same under DeepSpeed ZeRO-2 and ZeRO-3
+    (zero_lines)."""
     import subprocess
 
     from safetensors.torch import load_file
@@ -447,14 +447,40 @@ def multi_gpu_check(out: str | None = None) -> int:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is not None:
-            ds = launch(write("zero2", 1, "bf16"), "--use_deepspeed", "--zero_stage", "2")
-            said = [x for x in (ds.stdout + ds.stderr).splitlines() if x.startswith("config error:")]
-            lines.append(f"DeepSpeed ZeRO-2: exit {ds.returncode}; {said[0] if said else ds.stderr[-1000:]}")
+            lines += zero_lines(tmp, write, launch, largest_difference)
     text = "\n".join(lines)
     print(text)
     if out:
         Path(out).write_text(text + "\n", encoding="utf-8")
     return 0
+
+
+ZERO_STAGES = (2, 3)
+
+
+def zero_lines(tmp: Path, write, launch, largest_difference) -> list[str]:
+    """multi_gpu_check's DeepSpeed part: the run of each precision under `accelerate launch --use_deepspeed
+    --zero_stage N` (NCCL) for ZeRO-2 and ZeRO-3, each against one process on the global batch (one-{precision},
+    which multi_gpu_check ran before), and each stage's fp32 step-2 state resumed to the uninterrupted run."""
+    lines = []
+    for stage in ZERO_STAGES:
+        zero = ("--use_deepspeed", "--zero_stage", str(stage))
+        for precision in ("no", "bf16"):
+            name = f"zero{stage}-{precision}"
+            started = time.perf_counter()
+            two = launch(write(name, 1, precision), *zero)
+            seconds = time.perf_counter() - started
+            lines.append(f"DeepSpeed ZeRO-{stage} on 2 GPUs, mixed_precision {precision}: exit {two.returncode}, "
+                         + (f"{seconds:.0f} s; largest weight difference to one process on the global batch "
+                            f"{largest_difference(name, f'one-{precision}'):.2e}" if two.returncode == 0
+                            else two.stderr[-2000:]))
+        state = tmp / f"zero{stage}-no" / "last-step00000002-state"
+        resumed = launch(write(f"zero{stage}-resumed", 1, "no", str(state)), *zero)
+        lines.append(f"DeepSpeed ZeRO-{stage} resume of {state.name}: exit {resumed.returncode}"
+                     + (f", largest difference to the uninterrupted run "
+                        f"{largest_difference(f'zero{stage}-resumed', f'zero{stage}-no'):.2e}"
+                        if resumed.returncode == 0 else f": {resumed.stderr[-2000:]}"))
+    return lines
 
 
 def cleanup(folder: Path) -> None:

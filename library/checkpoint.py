@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from library.block_swap import settle_all
 from library.config import ConfigError
 from library.config_checks import glob_escape
-from library.engines import launched_processes
+from library.engines import launched_engine, launched_processes
 from library.phases import during
 from library.saved_state import (RESUME_MAY_CHANGE, SHARDED, STATE_VERSION, read_state_info, check_resumable,  # noqa: F401
                                  find_state, recover_folder)
@@ -134,7 +134,7 @@ def save_training_state(folder: Path, position: Position, params: dict[str, torc
         torch.save(objects, tmp / "state.pt")
         info = {"version": STATE_VERSION, "step": position.step, "epoch": position.epoch,
                 "batches_done": position.batches_done, "processes": launched_processes(), "config": config,
-                "run_id": run_id, "data": data, **({"sharded": "fsdp2"} if sharded else {})}
+                "run_id": run_id, "data": data, **({"sharded": launched_engine()} if sharded else {})}
         (tmp / "state.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
     return save_folder(folder, write) if sharded is None else save_folder_together(folder, sharded, write)
 

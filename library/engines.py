@@ -8,8 +8,14 @@ trained modules are handed to the engine and where the bare modules are taken ba
                the whole model; DistributedDataParallel all-reduces the gradients in buckets while backward
                runs, and not at all on the micro-batches of gradient accumulation before the last (no_sync,
                through accelerator.accumulate).
-    deepspeed  `accelerate config` with DeepSpeed (ACCELERATE_USE_DEEPSPEED): refused before loading, every
-               problem of the config with ZeRO named first (deepspeed_problems); the run itself is not written.
+    deepspeed  `accelerate launch --use_deepspeed --zero_stage N` (ACCELERATE_USE_DEEPSPEED), full fine-tunes of
+               the denoiser under ZeRO-1/2/3 (deepspeed_problems names what it cannot run, before loading): the
+               denoiser, its optimizer and the loader through one accelerator.prepare; DeepSpeed's engine scales
+               for accumulation, reduces, clips and steps inside accelerator.backward (Prepared.steps_in_backward:
+               the loop neither clips nor steps again). The models load whole (loading_whole), the denoiser is
+               partitioned when prepared; the weights file is assembled from the fp32 master copies on the main
+               process (deepspeed_state), states are DeepSpeed checkpoints through accelerator.save_state, and
+               every process samples (ZeRO-3's forward gathers from all).
     fsdp1      `accelerate config` with FSDP version 1: refused (accelerate deprecates it).
     fsdp2      `accelerate launch --use_fsdp --fsdp_version 2` (ACCELERATE_USE_FSDP, FSDP_VERSION=2), full
                fine-tunes of the denoiser: accelerate's fully_shard of each of the family's repeated blocks
@@ -20,9 +26,9 @@ trained modules are handed to the engine and where the bare modules are taken ba
                samples (each block's forward gathers its weights from all of them).
 
 The families never see an engine: the recipe's step gets `step_parts` (the trained modules behind the
-engine's wrapper, through `Engined`, which reads every attribute off the bare module); everything else
-(saving, sampling, EMA, validation, the planner) keeps the bare parts, which share their parameters with the
-wrapped ones, so nothing is ever unwrapped. With one process nothing is wrapped.
+engine's wrapper, DDP's or DeepSpeed's, through `Engined`, which reads every attribute off the bare module);
+everything else (saving, sampling, EMA, validation, the planner) keeps the bare parts, which share their
+parameters with the wrapped ones, so nothing is ever unwrapped. With one process nothing is wrapped.
 """
 from __future__ import annotations
 
@@ -50,6 +56,14 @@ def launched_processes(environ=None) -> int:
     """WORLD_SIZE, as accelerate launch / torchrun set it (1 when launched plainly)."""
     env = os.environ if environ is None else environ
     return int(env.get("WORLD_SIZE", "1") or 1)
+
+
+def launched_zero_stage(environ=None) -> int | None:
+    """The ZeRO stage `accelerate launch --use_deepspeed --zero_stage N` set (None: not set, e.g. named in a
+    DeepSpeed config file instead)."""
+    env = os.environ if environ is None else environ
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    return int(stage) if stage.isdigit() else None
 
 
 def engine_problems(cfg, recipe: str, environ=None) -> list[str]:
@@ -86,10 +100,9 @@ EIGHT_BIT = ("8bit", "paged")  # bitsandbytes' optimizers: AdamW8bit, Lion8bit, 
 
 def deepspeed_problems(cfg, recipe: str, environ=None) -> list[str]:
     """What a DeepSpeed launch cannot run, all of it at once: deepspeed not installed, the adapters recipe,
-    what ZeRO cannot shard (the fused backward pass, block swap, 8-bit optimizers, a second trained model), a
-    gradient accumulation / clipping / precision the launch sets otherwise than the config; then the run itself,
-    which is not written yet (DeepSpeed's engine scales, clips and steps inside its own backward and step, and that
-    loop has not run on GPUs): what to use instead, FSDP2."""
+    what ZeRO cannot shard (the fused backward pass, block swap, 8-bit optimizers, a second trained model, full
+    half-precision weights), CPU offload of an optimizer DeepSpeed has no CPU version of (or whose CPU Adam cannot
+    build here), and a gradient accumulation / clipping the launch sets otherwise than the config."""
     import importlib.util
 
     env = os.environ if environ is None else environ
@@ -99,14 +112,10 @@ def deepspeed_problems(cfg, recipe: str, environ=None) -> list[str]:
                 "config` again with plain multi-GPU (DDP), and save memory on the frozen base with fp8_base, "
                 "blocks_to_swap or gradient_checkpointing"]
     if importlib.util.find_spec("deepspeed") is None:
-        return ["accelerate is set up for DeepSpeed, which is not installed (`pip install deepspeed`, on a machine "
-                "with the CUDA toolkit); or run `accelerate config` again with FSDP2 (`accelerate launch --use_fsdp "
-                "--fsdp_version 2`), which shards a full fine-tune as ZeRO-3 does"]
-    return _zero_limits(cfg, env) + _launch_mismatches(cfg, env) + [
-        "accelerate is set up for DeepSpeed ZeRO, which this trainer does not run yet for full fine-tuning (its "
-        "engine scales, clips and steps inside its own backward and step, a loop not yet run on GPUs): use FSDP2 "
-        "(`accelerate launch --use_fsdp --fsdp_version 2`), which shards weights, gradients and optimizer state "
-        "as ZeRO-3 does (with FSDP_OFFLOAD_PARAMS for ZeRO's CPU offload)"]
+        return ["accelerate is set up for DeepSpeed, which is not installed (`pip install deepspeed`); or run "
+                "`accelerate config` again with FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), which "
+                "shards a full fine-tune as ZeRO-3 does"]
+    return _zero_limits(cfg, env) + _offload_problems(cfg, env) + _launch_mismatches(cfg, env)
 
 
 def _zero_limits(cfg, env) -> list[str]:
@@ -125,10 +134,48 @@ def _zero_limits(cfg, env) -> list[str]:
     if db.train_text_encoder:
         problems.append("'dreambooth.train_text_encoder': accelerate gives DeepSpeed one model, the denoiser; set it "
                         "to false, or train the text encoders with plain multi-GPU (DDP)")
-    if db.use_ema and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+    if db.use_ema and launched_zero_stage(env) == 3:
         problems.append("'dreambooth.use_ema' with ZeRO-3: the weights are partitioned, the EMA would gather them "
                         "at every update; turn it off, or use ZeRO-2")
+    if cfg.train.full_fp16 or cfg.train.full_bf16:
+        problems.append("'train.full_fp16' / 'full_bf16': DeepSpeed keeps fp32 master weights in its optimizer and "
+                        "computes in 'train.mixed_precision' (its module in that precision); remove them")
     return problems
+
+
+OFFLOADABLE = ("adamw", "adam")  # what accelerate hands to DeepSpeedCPUAdam (map_pytorch_optim_to_deepspeed)
+
+
+def _offload_problems(cfg, env) -> list[str]:
+    """`offload_optimizer_device cpu`: accelerate swaps the optimizer for DeepSpeed's CPU Adam (any other optimizer
+    would silently become Adam), a C++ op built on first use with this machine's compiler."""
+    if env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() in ("", "none"):
+        return []
+    optimizer = cfg.optimizer.optimizer_type
+    if optimizer.lower() not in OFFLOADABLE:
+        return [f"'optimizer.optimizer_type' {optimizer} with DeepSpeed's offload_optimizer_device: the optimizer "
+                f"state on the CPU is stepped by DeepSpeed's CPU Adam, which would replace {optimizer} with Adam; "
+                f"use AdamW, or drop --offload_optimizer_device"]
+    why = cpu_adam_problem()
+    return [f"DeepSpeed's offload_optimizer_device needs its CPU Adam, which cannot be built here ({why}): install "
+            f"them (or deepspeed with DS_BUILD_CPU_ADAM=1), or drop --offload_optimizer_device (ZeRO divides the "
+            f"optimizer state by the number of GPUs)"] if why else []
+
+
+def cpu_adam_problem() -> str | None:
+    """Why DeepSpeed's CPU Adam cannot be built on this machine (None when it can): unless deepspeed was installed
+    with it prebuilt (DS_BUILD_CPU_ADAM=1), it is compiled on first use (then cached in ~/.cache/torch_extensions)
+    by ninja with the C++ compiler (CXX, else c++)."""
+    import shutil
+
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if installed_ops.get("cpu_adam"):
+        return None
+    missing = [name for name, found in (("a C++ compiler", shutil.which(os.environ.get("CXX", "c++"))),
+                                        ("ninja", is_ninja_available())) if not found]
+    return f"deepspeed has no prebuilt CPU Adam and {' and '.join(missing)} not found" if missing else None
 
 
 def _launch_mismatches(cfg, env) -> list[str]:
@@ -198,6 +245,8 @@ def accelerator_settings(cfg) -> dict:
                                       static_graph=t.ddp_static_graph)]}
     if launched_engine() == "fsdp2":
         settings["fsdp_plugin"] = fsdp2_plugin(cfg)
+    if launched_engine() == "deepspeed":
+        settings["deepspeed_plugin"] = deepspeed_plugin(cfg)
     return settings
 
 
@@ -216,6 +265,40 @@ def fsdp2_plugin(cfg, environ=None):
         named = {"auto_wrap_policy": "transformer_based_wrap",
                  "transformer_cls_names_to_wrap": list(family.block_classes)}
     return FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT", **named)
+
+
+def deepspeed_plugin(cfg):
+    """accelerate's DeepSpeed plugin: what `accelerate launch --use_deepspeed` set (ZeRO stage, offload, a config
+    file) from the environment, with the config's gradient accumulation and clipping (max_grad_norm; 0: none),
+    which DeepSpeed's engine applies itself. ZeRO-3's zero.Init at load time stays off (accelerate would hand it
+    to transformers, partitioning the frozen text encoders no engine manages): the denoiser is partitioned when
+    prepared. In bf16, DeepSpeed skips a step whose gradients are not finite (as it does in fp32 / fp16)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    t, o = cfg.train, cfg.optimizer
+    plugin = DeepSpeedPlugin(gradient_accumulation_steps=t.gradient_accumulation_steps,
+                             gradient_clipping=float(o.max_grad_norm), zero3_init_flag=False)
+    if t.mixed_precision == "bf16":
+        plugin.deepspeed_config.setdefault("bf16", {"enabled": True})["check_grad_overflow"] = True
+    return plugin
+
+
+@contextlib.contextmanager
+def loading_whole(accelerator):
+    """Around loading the model: under DeepSpeed, accelerate points transformers at its ZeRO config (whatever
+    zero3_init_flag says), and with ZeRO-3 transformers would then partition every model it loads (zero.Init), the
+    frozen text encoders too, which no engine gathers. So transformers is not told while the models load; only the
+    denoiser is partitioned, when prepared. Otherwise nothing."""
+    if not is_deepspeed(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 class Engined:
@@ -240,6 +323,7 @@ class Prepared:
     `parts` stay what everything else uses)."""
     engine_modules: list
     step_parts: object
+    steps_in_backward: bool = False  # DeepSpeed: accelerator.backward clips, steps and zeroes; optimizer.step is none
 
 
 def prepare_trained(accelerator, parts, trained: list) -> Prepared:
@@ -271,9 +355,16 @@ def prepare_trained(accelerator, parts, trained: list) -> Prepared:
 
 
 def is_sharded(accelerator) -> bool:
-    """Whether the trained weights are sharded over the processes (FSDP2): saving gathers them with every
-    process taking part, states are saved by every process, and every process samples."""
-    return bool(getattr(accelerator, "is_fsdp2", False))
+    """Whether the trained weights or their optimizer state are sharded over the processes (FSDP2, DeepSpeed
+    ZeRO): saving gathers them with every process taking part, states are saved by every process, and every
+    process samples (under ZeRO-3 each forward gathers the weights from all of them)."""
+    return bool(getattr(accelerator, "is_fsdp2", False)) or is_deepspeed(accelerator)
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def prepare_sharded(accelerator, parts, trained: list, optimizer, loader):
@@ -286,15 +377,32 @@ def prepare_sharded(accelerator, parts, trained: list, optimizer, loader):
     return Prepared([denoiser], parts), optimizer, loader
 
 
+def prepare_deepspeed(accelerator, parts, trained: list, optimizer, loader, batch_size: int):
+    """DeepSpeed ZeRO: the denoiser, its optimizer and the loader through one accelerator.prepare (deepspeed.initialize:
+    the engine holds the fp32 master weights and optimizer state partitioned, ZeRO-3 the weights too, and clips,
+    accumulates and steps inside accelerator.backward). The loader's batches come from a batch sampler, so the
+    micro-batch size DeepSpeed asks for is given (it only checks the batch arithmetic with it). The scheduler stays
+    outside: it sets the learning rate of the optimizer's groups, which DeepSpeed's optimizer steps with. The step
+    calls the engine (its forward), everything else the bare denoiser. Returns (Prepared, optimizer, loader)."""
+    if [id(m) for m in trained] != [id(parts.denoiser)]:
+        raise ValueError("DeepSpeed trains the denoiser alone")  # deepspeed_problems refused the rest before loading
+    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    engine, optimizer, loader = accelerator.prepare(parts.denoiser, optimizer, loader)
+    step_parts = dataclasses.replace(parts, denoiser=Engined(engine, parts.denoiser))
+    return Prepared([engine], step_parts, steps_in_backward=True), optimizer, loader
+
+
 @contextlib.contextmanager
 def full_weights(accelerator, parts):
-    """The parts as saving reads them. Sharded (FSDP2): every process takes part in gathering the denoiser's
-    weights to the main process' CPU (gathered_state), where they fill an unsharded copy of the denoiser (built
-    without memory of its own, on the meta device); the other processes get None. Otherwise the parts."""
+    """The parts as saving reads them. Sharded (FSDP2, DeepSpeed): every process takes part in gathering the
+    denoiser's weights to the main process' CPU (gathered_state; deepspeed_state: the fp32 masters), where they fill
+    an unsharded copy of the denoiser (built without memory of its own, on the meta device); the other processes
+    get None. Otherwise the parts."""
     if not is_sharded(accelerator):
         yield parts
         return
-    state = gathered_state(accelerator, parts.denoiser)
+    gather = deepspeed_state if is_deepspeed(accelerator) else gathered_state
+    state = gather(accelerator, parts.denoiser)
     yield None if state is None else dataclasses.replace(parts, denoiser=unsharded_copy(parts.denoiser, state))
 
 
@@ -312,6 +420,26 @@ def gathered_state(accelerator, module) -> dict | None:
         if main:
             state[name] = full.detach().to("cpu", copy=True)
     return state if main else None
+
+
+def deepspeed_state(accelerator, module) -> dict | None:
+    """The full fp32 state dict of a module DeepSpeed trains, on the main process' CPU (None on the others):
+    each weight's fp32 master copy assembled from its partitions in turn (deepspeed.utils.safe_get_full_fp32_param,
+    a collective every process joins; under bf16 / fp16 the module itself holds rounded copies), buffers as the
+    module holds them (never partitioned)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    main = accelerator.is_main_process
+    state = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if main:
+            state[name] = (param if full is None else full).detach().to("cpu", copy=True)
+    if not main:
+        return None
+    names = set(module.state_dict())  # persistent buffers only
+    state.update({name: b.detach().to("cpu", copy=True) for name, b in module.named_buffers() if name in names})
+    return state
 
 
 def unsharded_copy(module, state: dict):

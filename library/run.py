@@ -380,9 +380,12 @@ def prepare(accelerator, parts, trained: list, optimizer, loader, fused: bool, f
     library/engines.py; the parts stay bare for saving and sampling), the loader, and the optimizer unless it is
     fused into backward (it steps there, unprepared). full_fp16: the grad scaler unscales fp16 gradients.
     Returns (engine, optimizer, loader): the loop runs engine.step_parts under accumulate(*engine.engine_modules)."""
-    from library.engines import is_sharded, prepare_sharded, prepare_trained
+    from library.engines import is_deepspeed, is_sharded, prepare_deepspeed, prepare_sharded, prepare_trained
     from library.memory import allow_fp16_gradients
 
+    if is_deepspeed(accelerator):  # ZeRO: the model and its optimizer are prepared together, the engine steps
+        return prepare_deepspeed(accelerator, parts, trained, optimizer, loader,
+                                 max(loader.batch_sampler.batch_sizes.values()))
     if is_sharded(accelerator):  # FSDP2: the model and its optimizer are prepared together
         return prepare_sharded(accelerator, parts, trained, optimizer, loader)
     engine = prepare_trained(accelerator, parts, trained)

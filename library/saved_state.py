@@ -62,7 +62,7 @@ def read_state_info(folder: Path) -> dict:
                           f"(saved by another version of the trainer)")
     if not isinstance(step, int) or not isinstance(config, dict):
         raise ConfigError(f"{folder}/state.json is damaged (step {step!r})")
-    weights = (_sharded_problem(folder / SHARDED, info.get("processes", 1)) if info.get("sharded")
+    weights = (_sharded_problem(folder / SHARDED, info.get("processes", 1), info["sharded"]) if info.get("sharded")
                else safetensors_problem(folder / "trained.safetensors"))
     problem = weights or _zip_problem(folder / "state.pt")
     if problem:
@@ -91,9 +91,15 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def _sharded_problem(folder: Path, processes: int) -> str | None:
-    """Why an FSDP2 state's shards are not whole: accelerator.save_state writes the model's and optimizer's
-    shards (torch.distributed.checkpoint: a .metadata file written last) and one RNG file per process."""
+def _sharded_problem(folder: Path, processes: int, engine: str = "fsdp2") -> str | None:
+    """Why an FSDP2 / DeepSpeed state's shards are not whole: accelerator.save_state writes the model's and
+    optimizer's shards (FSDP2: torch.distributed.checkpoint, a .metadata file written last; DeepSpeed: its
+    checkpoint folder, one optimizer partition per process) and one RNG file per process."""
+    if engine == "deepspeed":
+        parts = [f"pytorch_model/zero_pp_rank_{i}_mp_rank_00_optim_states.pt" for i in range(processes)]
+        parts += [f"random_states_{i}.pkl" for i in range(processes)]
+        missing = [part for part in parts if not (folder / part).is_file()]
+        return f"{SHARDED}/{missing[0]} is missing" if missing else None
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
         if not (folder / part / ".metadata").is_file():
             return f"{SHARDED}/{part} is missing or incomplete (no .metadata)"
@@ -135,6 +141,8 @@ def _check_engine(folder: Path, info: dict) -> None:
     the whole weights does not resume under FSDP2 (its optimizer state is not sharded)."""
     from library.engines import launched_engine, launched_processes
 
+    if "deepspeed" in (info.get("sharded"), launched_engine()):
+        return _check_deepspeed(folder, info)
     sharded, now = info.get("sharded"), launched_engine() == "fsdp2"
     saved, processes = info.get("processes", 1), launched_processes()
     if sharded and (not now or saved != processes):
@@ -144,6 +152,29 @@ def _check_engine(folder: Path, info: dict) -> None:
     if now and not sharded:
         raise ConfigError(f"{folder} was saved without FSDP2 (the whole weights and optimizer state): resume it "
                           f"as it was launched, without --use_fsdp")
+
+
+def _check_deepspeed(folder: Path, info: dict) -> None:
+    """A DeepSpeed state (the ZeRO partitions of each process, in DeepSpeed's checkpoint) resumes under DeepSpeed
+    with as many processes, ZeRO-3's (partitioned weights: a model file per process) under ZeRO-3, ZeRO-1/2's under
+    ZeRO-1/2 (the stage as the launch names it; a DeepSpeed config file's is not checked); a state of another engine
+    does not resume under DeepSpeed."""
+    from library.engines import launched_engine, launched_processes, launched_zero_stage
+
+    sharded, now = info.get("sharded"), launched_engine()
+    saved, processes = info.get("processes", 1), launched_processes()
+    if sharded == "deepspeed" and (now != "deepspeed" or saved != processes):
+        raise ConfigError(f"{folder} holds DeepSpeed ZeRO partitions of {saved} processes: resume it with "
+                          f"`accelerate launch --use_deepspeed --num_processes {saved}` and the same ZeRO stage "
+                          f"(this run: {'DeepSpeed' if now == 'deepspeed' else 'no DeepSpeed'}, {processes} processes)")
+    if now == "deepspeed" and sharded != "deepspeed":
+        raise ConfigError(f"{folder} was saved without DeepSpeed: resume it as it was launched, without "
+                          f"--use_deepspeed")
+    stage = launched_zero_stage()
+    zero3 = (folder / SHARDED / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+    if stage is not None and zero3 != (stage == 3):
+        raise ConfigError(f"{folder} was saved under ZeRO-{'3' if zero3 else '1/2'}, this run is launched with "
+                          f"ZeRO-{stage}: resume it with `--zero_stage {'3' if zero3 else '2'}`")
 
 
 def _flat(config: dict) -> dict:

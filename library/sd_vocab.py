@@ -179,10 +179,9 @@ VOCAB: dict[str, Key] = {
     "dataset_class": refused(STR, "custom dataset classes are not offered: use a dataset TOML"),
     "v_pred_like_loss": refused(FLOAT, "not offered: use scale_v_pred_loss_like_noise_pred or min_snr_gamma", 0,
                                 0.0),
-    "deepspeed": refused(FLAG, "DeepSpeed is not run yet: several GPUs train with accelerate's DDP "
-                               "(accelerate launch --multi_gpu), full fine-tunes sharded with FSDP2 (accelerate "
-                               "launch --use_fsdp --fsdp_version 2); on one GPU use fused_backward_pass, "
-                               "blocks_to_swap, gradient_checkpointing"),
+    "deepspeed": refused(FLAG, "DeepSpeed is chosen with accelerate, not a flag: accelerate launch --use_deepspeed "
+                               "--zero_stage N (and --offload_optimizer_device cpu) train_db.py, for full "
+                               "fine-tunes; adapters train on several GPUs with DDP (accelerate launch --multi_gpu)"),
     "controlnet_model_name_or_path": refused(STR, "ControlNet training is not offered"),
     "model_type": mapped(STR, "model.family (flux_train_network's flux or chroma)"),
     "save_clip": refused(FLAG, "train_db.py saves the denoiser file only; the text encoders are unchanged"),

@@ -72,9 +72,10 @@ def test_fsdp2_runs_a_full_fine_tune_of_the_denoiser_and_names_what_it_cannot(ma
     assert "set it to false" in problems[2] and "sharded in fp32" in problems[4]
 
 
-def test_deepspeed_names_every_problem_then_refuses_the_run(make_config, monkeypatch):
-    """Not installed: one line saying so (and FSDP2 instead). Installed: what ZeRO cannot shard and the launch
-    values that differ from the config, all at once, then the run itself (not written yet), FSDP2 instead."""
+def test_deepspeed_runs_a_full_fine_tune_of_the_denoiser_and_names_what_it_cannot(make_config, monkeypatch):
+    """Not installed: one line saying so (and FSDP2 instead). Installed: a full fine-tune of the denoiser runs;
+    what ZeRO cannot shard, an optimizer CPU offload would replace and the launch values that differ from the
+    config are named all at once."""
     import importlib.util
 
     real = importlib.util.find_spec
@@ -82,20 +83,86 @@ def test_deepspeed_names_every_problem_then_refuses_the_run(make_config, monkeyp
     missing = _problems(make_config, DEEPSPEED, **NO_TE)
     assert len(missing) == 1 and "DeepSpeed, which is not installed (`pip install deepspeed`" in missing[0]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
-    assert len(_problems(make_config, DEEPSPEED, **NO_TE)) == 1  # the run itself
+    assert _problems(make_config, DEEPSPEED, **NO_TE) == []
     env = {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
-           "ACCELERATE_GRADIENT_CLIPPING": "1.0"}
+           "ACCELERATE_GRADIENT_CLIPPING": "1.0", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
     problems = _problems(make_config, env, optimizer={"optimizer_type": "AdamW8bit", "max_grad_norm": 0.5},
-                         train={"blocks_to_swap": 2, "gradient_checkpointing": True},
+                         train={"blocks_to_swap": 2, "gradient_checkpointing": True, "full_bf16": True,
+                                "mixed_precision": "bf16"},
                          dreambooth={"use_ema": True})
     assert [p.split(" ")[0] for p in problems] == [
         "'optimizer.fused_backward_pass'", "'optimizer.optimizer_type'", "'dreambooth.train_text_encoder':",
-        "'dreambooth.use_ema'", "'train.gradient_accumulation_steps'", "'optimizer.max_grad_norm'",
-        "accelerate"]
-    assert "AdamW8bit" in problems[1] and "the DeepSpeed launch says 4" in problems[4]
-    assert "does not run yet" in problems[-1] and "--use_fsdp --fsdp_version 2" in problems[-1]
-    same = {**env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "auto"}
-    assert len(_problems(make_config, same, **NO_TE)) == 1
+        "'dreambooth.use_ema'", "'train.full_fp16'", "'optimizer.optimizer_type'",
+        "'train.gradient_accumulation_steps'", "'optimizer.max_grad_norm'"]
+    assert "AdamW8bit" in problems[1] and "fp32 master weights" in problems[4]
+    assert "would replace AdamW8bit with Adam" in problems[5] and "the DeepSpeed launch says 4" in problems[6]
+    same = {**env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "auto",
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none"}
+    assert _problems(make_config, same, dreambooth={"use_ema": True, "train_text_encoder": False}) == []
+
+
+def test_deepspeed_offload_needs_a_cpu_adam_that_can_build(make_config, monkeypatch):
+    """CPU offload steps the optimizer state with DeepSpeed's CPU Adam, compiled on first use: without a prebuilt
+    op, a C++ compiler or ninja the launch is refused before loading, naming what is missing."""
+    pytest.importorskip("deepspeed")
+    import deepspeed.git_version_info as built
+    import torch.utils.cpp_extension
+
+    from library.engines import cpu_adam_problem
+
+    env = {**DEEPSPEED, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
+    monkeypatch.setitem(built.installed_ops, "cpu_adam", False)
+    monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert cpu_adam_problem() == "deepspeed has no prebuilt CPU Adam and a C++ compiler and ninja not found"
+    problems = _problems(make_config, env, optimizer={"optimizer_type": "AdamW"}, **NO_TE)
+    assert len(problems) == 1 and "needs its CPU Adam, which cannot be built here" in problems[0]
+    monkeypatch.setitem(built.installed_ops, "cpu_adam", True)
+    assert cpu_adam_problem() is None and _problems(make_config, env, **NO_TE) == []
+
+
+def test_deepspeed_plugin_takes_the_config_values(make_config, monkeypatch):
+    """The plugin accelerate is given: the launch's ZeRO stage, the config's accumulation and clipping (0: none),
+    no zero.Init at load time, and in bf16 a step skipped on non-finite gradients."""
+    pytest.importorskip("deepspeed")
+    from library.engines import deepspeed_plugin
+
+    for key, value in DEEPSPEED.items():
+        monkeypatch.setenv(key, value)
+    plugin = deepspeed_plugin(make_config(train={"gradient_accumulation_steps": 3, "mixed_precision": "bf16"},
+                                          optimizer={"max_grad_norm": 0.5}))
+    config = plugin.deepspeed_config
+    assert (plugin.zero_stage, config["zero_optimization"]["stage"], config["gradient_accumulation_steps"],
+            config["gradient_clipping"], plugin.zero3_init_flag) == (2, 2, 3, 0.5, False)
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    unclipped = deepspeed_plugin(make_config(optimizer={"max_grad_norm": 0.0})).deepspeed_config
+    assert "gradient_clipping" not in unclipped and "bf16" not in unclipped
+
+
+def test_a_deepspeed_state_resumes_only_under_deepspeed_with_as_many_processes_and_its_stage(tmp_path, monkeypatch):
+    from library.config import ConfigError
+    from library.saved_state import _check_engine
+
+    info = {"sharded": "deepspeed", "processes": 2}
+    for key, value in {**DEEPSPEED, "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    _check_engine(tmp_path, info)
+    model = tmp_path / "sharded" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"")  # ZeRO-3 writes each process' partition of the weights
+    with pytest.raises(ConfigError, match="saved under ZeRO-3, this run is launched with ZeRO-2: resume it with "
+                                          "`--zero_stage 3`"):
+        _check_engine(tmp_path, info)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    _check_engine(tmp_path, info)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="ZeRO partitions of 2 processes: resume it with .*--num_processes 2"):
+        _check_engine(tmp_path, info)
+    with pytest.raises(ConfigError, match="saved without DeepSpeed"):
+        _check_engine(tmp_path, {"processes": 4})
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    with pytest.raises(ConfigError, match=r"\(this run: no DeepSpeed, 4 processes\)"):
+        _check_engine(tmp_path, info)
 
 
 def test_fsdp2_plugin_wraps_the_family_blocks_unless_the_launch_names_its_own(make_config):
@@ -158,8 +225,8 @@ def test_the_refusal_comes_before_anything_loads(make_config, monkeypatch):
     for key, value in DEEPSPEED.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(library.model_files, "load_model", lambda cfg: pytest.fail("the model loaded"))
-    with pytest.raises(ConfigError, match="DeepSpeed"):
-        train(make_config())
+    with pytest.raises(ConfigError, match="'dreambooth.train_text_encoder': accelerate gives DeepSpeed one model"):
+        train(make_config(dreambooth={"train_text_encoder": True}))
 
 
 def test_ddp_timeout_and_ddp_keys_reach_accelerate(make_config, tmp_path):
@@ -242,3 +309,21 @@ def test_a_non_finite_loss_still_joins_the_all_reduce_with_several_processes():
     assert fused_one.loss_ok(torch.tensor(float("nan"))) is False and fused_one._bad_loss
     assert fused_several.loss_ok(torch.tensor(float("nan")), processes=2) is True and fused_several._bad_loss
     assert NonFiniteGuard(5).loss_ok(torch.tensor(1.0), processes=2) is True
+
+
+def test_a_step_deepspeed_skipped_counts_as_non_finite():
+    """DeepSpeed steps (or skips, on non-finite gradients) inside accelerator.backward: the loop reads its skip as
+    the step's verdict (so the guard says so and counts it); without DeepSpeed the accelerated optimizer's flag is
+    not read (it is the fp16 scaler's, known only after step)."""
+    from types import SimpleNamespace
+
+    from library.engines import Prepared
+    from train_db import _known_bad
+
+    skipped = SimpleNamespace(step_was_skipped=True)
+    assert _known_bad(skipped, False, Prepared([], None, steps_in_backward=True)) is True
+    taken = SimpleNamespace(step_was_skipped=False)
+    assert _known_bad(taken, False, Prepared([], None, steps_in_backward=True)) is False
+    assert _known_bad(skipped, False, Prepared([], None)) is False
+    fused = SimpleNamespace(pop_nonfinite=lambda: "flag")
+    assert _known_bad(fused, True, Prepared([], None)) == "flag"

@@ -102,3 +102,38 @@ def test_a_run_that_fails_is_a_row_and_the_check_goes_on(monkeypatch):
     measured = gpu_check.run_once(None, "network")
     assert measured["steps"] == 4 and measured["peaks"]["training"] == (2**30, 2**31) and measured["steps_per_s"] > 0
     assert measured["peaks"]["saving"] == (0, 0)  # no save ran
+
+
+def test_zero_lines_launch_each_stage_and_compare_with_one_process(tmp_path):
+    """The DeepSpeed part of --multi-gpu: ZeRO-2 and ZeRO-3 each launched with `--use_deepspeed --zero_stage N`
+    in fp32 and bf16, compared with one-{precision}, and each fp32 run's step-2 state resumed under the same
+    stage, compared with it; a failed launch shows its exit code and error."""
+    import subprocess
+
+    written, launched, compared = [], [], []
+
+    def write(name, batch, precision, resume=""):
+        written.append((name, batch, precision, resume))
+        return tmp_path / f"{name}.toml"
+
+    def launch(config, *engine):
+        launched.append((config.stem, engine))
+        failed = config.stem == "zero3-bf16"
+        return subprocess.CompletedProcess([], 1 if failed else 0, "", "boom" if failed else "")
+
+    def largest_difference(a, b):
+        compared.append((a, b))
+        return 1.5e-7
+
+    lines = gpu_check.zero_lines(tmp_path, write, launch, largest_difference)
+    assert [(name, engine[-1]) for name, engine in launched] == [
+        ("zero2-no", "2"), ("zero2-bf16", "2"), ("zero2-resumed", "2"),
+        ("zero3-no", "3"), ("zero3-bf16", "3"), ("zero3-resumed", "3")]
+    assert all(engine[:2] == ("--use_deepspeed", "--zero_stage") for _, engine in launched)
+    assert written[2] == ("zero2-resumed", 1, "no", str(tmp_path / "zero2-no" / "last-step00000002-state"))
+    assert compared == [("zero2-no", "one-no"), ("zero2-bf16", "one-bf16"), ("zero2-resumed", "zero2-no"),
+                        ("zero3-no", "one-no"), ("zero3-resumed", "zero3-no")]
+    assert lines[0].startswith("DeepSpeed ZeRO-2 on 2 GPUs, mixed_precision no: exit 0, ") and "1.50e-07" in lines[0]
+    assert lines[4] == "DeepSpeed ZeRO-3 on 2 GPUs, mixed_precision bf16: exit 1, boom"
+    assert lines[5] == ("DeepSpeed ZeRO-3 resume of last-step00000002-state: exit 0, largest difference to the "
+                        "uninterrupted run 1.50e-07")
