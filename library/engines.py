@@ -16,8 +16,11 @@ trained modules are handed to the engine and where the bare modules are taken ba
                (ModelFamily.block_classes) and of the rest, the fp32 weights, gradients and optimizer state
                sharded N ways, one block's weights gathered at a time. The sharded module is the bare one
                (fully_shard works in place): the weights file is gathered on the main process (full_weights),
-               states are sharded through accelerator.save_state (library/checkpoint.py), and every process
-               samples (each block's forward gathers its weights from all of them).
+               states are sharded through accelerator.save_state (library/checkpoint.py) and resume under
+               FSDP2 with any number of processes (torch.distributed.checkpoint reshards the weights and the
+               optimizer state as it loads them), and every process samples (each block's forward gathers its
+               weights from all of them). With use_ema each process averages its own shards
+               (library/sharded_ema.py), gathered for the -ema file and written sharded into states.
 
 The families never see an engine: the recipe's step gets `step_parts` (the trained modules behind the
 engine's wrapper, through `Engined`, which reads every attribute off the bare module); everything else
@@ -169,9 +172,6 @@ def fsdp2_problems(cfg, recipe: str) -> list[str]:
     if db.train_text_encoder:
         problems.append("'dreambooth.train_text_encoder': accelerate's FSDP2 shards one model with its optimizer, "
                         "the denoiser; set it to false (the text encoders stay frozen), or train them with plain multi-GPU (DDP)")
-    if db.use_ema:
-        problems.append("'dreambooth.use_ema': the EMA would need every weight gathered from all GPUs at each "
-                        "update, a whole copy per GPU; turn it off, or train with plain multi-GPU (DDP)")
     if t.full_fp16 or t.full_bf16:
         problems.append("'train.full_fp16' / 'full_bf16': FSDP2 keeps the trained weights sharded in fp32 and "
                         "computes in 'train.mixed_precision' (its MixedPrecisionPolicy); remove them")
@@ -289,29 +289,29 @@ def prepare_sharded(accelerator, parts, trained: list, optimizer, loader):
 @contextlib.contextmanager
 def full_weights(accelerator, parts):
     """The parts as saving reads them. Sharded (FSDP2): every process takes part in gathering the denoiser's
-    weights to the main process' CPU (gathered_state), where they fill an unsharded copy of the denoiser (built
+    weights to the main process' CPU (gathered), where they fill an unsharded copy of the denoiser (built
     without memory of its own, on the meta device); the other processes get None. Otherwise the parts."""
     if not is_sharded(accelerator):
         yield parts
         return
-    state = gathered_state(accelerator, parts.denoiser)
+    state = gathered(accelerator, parts.denoiser.state_dict())
     yield None if state is None else dataclasses.replace(parts, denoiser=unsharded_copy(parts.denoiser, state))
 
 
-def gathered_state(accelerator, module) -> dict | None:
-    """The full state dict of a sharded module on the main process' CPU (None on the others): each tensor
+def gathered(accelerator, state: dict) -> dict | None:
+    """`state` (DTensors and plain tensors) whole on the main process' CPU (None on the others): each tensor
     all-gathered in turn (one tensor's full size on the device at a time), copied to the host on the main
     process. Not accelerator.get_state_dict: its cpu_offload is no copy for CPU processes, so the tensors it
     returns there point at gathered storage FSDP has already freed ("invalid python storage")."""
     from torch.distributed.tensor import DTensor
 
     main = accelerator.is_main_process
-    state = {}
-    for name, tensor in module.state_dict().items():
+    whole = {}
+    for name, tensor in state.items():
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every process: a collective
         if main:
-            state[name] = full.detach().to("cpu", copy=True)
-    return state if main else None
+            whole[name] = full.detach().to("cpu", copy=True)
+    return whole if main else None
 
 
 def unsharded_copy(module, state: dict):
