@@ -59,17 +59,23 @@ def test_engines_refused_outright_say_what_to_use_instead(make_config, env, reci
     assert "`accelerate config` again with" in problems[0]
 
 
-def test_fsdp2_runs_a_full_fine_tune_of_the_denoiser_and_names_what_it_cannot(make_config):
-    """FSDP2 accepts a full fine-tune of the denoiser; everything else is named at once, each with what to use."""
+def test_fsdp2_runs_a_full_fine_tune_and_names_what_it_cannot(make_config):
+    """FSDP2 accepts a full fine-tune of the denoiser, with trained text encoders and EMA; everything else is
+    named at once, each with what to use."""
     assert _problems(make_config, FSDP2, **NO_TE) == []
-    problems = _problems(make_config, FSDP2, optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"},
+    assert _problems(make_config, FSDP2, dreambooth={"train_text_encoder": True, "use_ema": True}) == []
+    own_wrapping = {**FSDP2, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}
+    problems = _problems(make_config, own_wrapping,
+                         optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"},
                          train={"blocks_to_swap": 2, "gradient_checkpointing": True, "full_bf16": True,
                                 "mixed_precision": "bf16", "torch_compile": True},
                          dreambooth={"train_text_encoder": True, "use_ema": True})
     assert [p.split(" ")[0] for p in problems] == [
-        "'optimizer.fused_backward_pass'", "'train.blocks_to_swap'", "'dreambooth.train_text_encoder':",
+        "'optimizer.fused_backward_pass'", "'train.blocks_to_swap'", "'dreambooth.train_text_encoder'",
         "'train.full_fp16'", "'train.torch_compile'"]  # use_ema runs: each process averages its shards
-    assert "set it to false" in problems[2] and "sharded in fp32" in problems[3]
+    assert "(--fsdp_auto_wrap_policy SIZE_BASED_WRAP)" in problems[2] and "without --fsdp_auto_wrap_policy" in problems[2]
+    assert "sharded in fp32" in problems[3]
+    assert _problems(make_config, own_wrapping, **NO_TE) == []  # the launch's wrapping of the denoiser alone
 
 
 def test_deepspeed_names_every_problem_then_refuses_the_run(make_config, monkeypatch):

@@ -219,7 +219,8 @@ sys.exit(train_db.main(sys.argv[1:]))
 FSDP2_ENV = {**ENV, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `--use_fsdp --fsdp_version 2` sets
 FSDP2_DB = """
     [dreambooth]
-    train_text_encoder = false
+    train_text_encoder = true  # sharded with the UNet (each its own unit), frozen after step 2
+    stop_text_encoder_training = 2
     use_ema = true
     ema_decay = 0.5  # far from the weights after 3 steps, so a wrong average shows
 """
@@ -247,10 +248,11 @@ def _fsdp2_configs(tmp_path, tiny_sd1, tiny_data, more=""):
 
 
 def test_fsdp2_full_fine_tune_equals_one_process_on_the_global_batch(tmp_path, tiny_sd1, tiny_data):
-    """FSDP2 on 2 CPU processes (gloo): the UNet sharded a unit per block (SD1's block_classes), the gradients
-    clipped over the shards (max_grad_norm 0.05 clips: unclipped the weights move 0.035), SGD on the shards;
-    the weights file the main process writes from the gathered shards equals one process on the global batch
-    within 1e-5 (measured 6e-8); the frozen VAE and text encoder are written untouched; the EMA (each process
+    """FSDP2 on 2 CPU processes (gloo): the UNet sharded a unit per block (SD1's block_classes) and the trained
+    text encoder a unit per layer, both in one sharded model (frozen after step 2: SGD's momentum must not move
+    it at step 3), the gradients clipped over the shards (max_grad_norm 0.05 clips: unclipped the weights move
+    0.035), SGD on the shards; the weights file the main process writes from the gathered shards equals one
+    process on the global batch within 1e-5 (measured 6e-8); the frozen VAE is written untouched; the EMA (each process
     averaging its own shards, gathered for the -ema file) is one process' AveragedModel's within 1e-5; the final
     sample, rendered by both processes and written by the main one, is one process' image."""
     prompts = tmp_path / "prompts.txt"
@@ -273,7 +275,9 @@ def test_fsdp2_full_fine_tune_equals_one_process_on_the_global_batch(tmp_path, t
     assert 1e-4 < moved < 0.01, moved  # it trained, clipped
     worst = max((sharded[k] - alone[k]).abs().max().item() for k in sharded)
     assert worst < 1e-5, worst
-    assert all(torch.equal(sharded[k], base[k]) for k in sharded if k not in unet)
+    te = [k for k in alone if k.startswith("cond_stage_model.")]
+    assert max((alone[k] - base[k]).abs().max().item() for k in te) > 1e-4  # the text encoder trained too
+    assert all(torch.equal(sharded[k], base[k]) for k in sharded if k.startswith("first_stage_model."))  # VAE
     # the EMA: each process averaged its shards, gathered into the -ema file; one process' AveragedModel's
     sharded_ema, alone_ema = (load_file(tmp_path / name / "last-ema.safetensors") for name in ("two", "one"))
     assert set(sharded_ema) == set(base)
@@ -317,7 +321,7 @@ def test_fsdp2_state_is_saved_sharded_and_resumes_with_any_number_of_processes(t
     step, it writes the step-2 weights and a state of the same optimizer state (measured: 0.0; likewise with 3
     processes, left out for time); that 1-process state resumed with 2 processes trains steps 3 and 4 to the very
     losses, weights and EMA weights of the uninterrupted run (measured: 0.0; the EMA's shards ride in the state's
-    sharded/ema)."""
+    sharded/ema). The text encoder, sharded with the UNet and frozen at step 2, does not move after it."""
     more = """
         [save]
         save_every_n_steps = 2
@@ -354,8 +358,11 @@ def test_fsdp2_state_is_saved_sharded_and_resumes_with_any_number_of_processes(t
     assert moments.keys() == saved_moments.keys() and len(moments) > 200  # SGD's momentum of every UNet weight
     assert all(torch.equal(moments[k], saved_moments[k]) for k in moments)
     assert max(v.abs().max().item() for v in moments.values()) > 1e-3
-    losses = [[line.split()[3] for line in r.stdout.splitlines() if line.startswith("step ")] for r in (first, back)]
+    losses = [[line.split()[3] for line in r.stdout.splitlines() if line.startswith("step ") and " loss " in line]
+              for r in (first, back)]
     assert len(losses[0]) == 4 and losses[1] == losses[0][2:]
+    at_four = load_file(tmp_path / "two" / "last.safetensors")  # the text encoder stopped at step 2: not moved
+    assert all(torch.equal(at_four[k], at_two[k]) for k in at_two if k.startswith("cond_stage_model."))
     for file in ("last.safetensors", "last-ema.safetensors"):  # the EMA's shards resharded like the weights
         whole, resumed_weights = (load_file(tmp_path / name / file) for name in ("two", "back"))
         assert max((whole[k] - resumed_weights[k]).abs().max().item() for k in whole) == 0.0, file
