@@ -297,8 +297,16 @@ def sharded_together(plugin, parts, trained: list):
     transformers names in `_no_split_modules`): the container holds no parameter of its own, so calling a
     part gathers what it needs, as the denoiser alone does."""
     import torch
+    from transformers import PreTrainedModel
+
+    from library.config import ConfigError
 
     encoders = {name: e for name, e in parts.text_encoders.items() if any(e is m for m in trained)}
+    for name, encoder in encoders.items():  # unsharded_copy must rebuild it for saving: known before training
+        if not isinstance(encoder, PreTrainedModel):
+            raise ConfigError(f"'dreambooth.train_text_encoder': the text encoder {name} "
+                              f"({type(encoder).__name__}) cannot be gathered from FSDP2's shards for saving; "
+                              f"set it to false, or train with plain multi-GPU (DDP)")
     present = {type(m).__name__ for e in encoders.values() for m in e.modules()}
     layers = [n for e in encoders.values() for n in (getattr(e, "_no_split_modules", None) or []) if n in present]
     names = [*plugin.transformer_cls_names_to_wrap, *(type(m).__name__ for m in trained), *layers]

@@ -251,3 +251,30 @@ def test_a_non_finite_loss_still_joins_the_all_reduce_with_several_processes():
     assert fused_one.loss_ok(torch.tensor(float("nan"))) is False and fused_one._bad_loss
     assert fused_several.loss_ok(torch.tensor(float("nan")), processes=2) is True and fused_several._bad_loss
     assert NonFiniteGuard(5).loss_ok(torch.tensor(1.0), processes=2) is True
+
+
+def test_trained_text_encoders_are_sharded_with_the_denoiser_each_its_own_unit():
+    """FSDP2 with train_text_encoder: one module for accelerate (no parameter of its own) holding the denoiser
+    and the trained encoders; the plugin wraps each of them and the encoders' layers (the names transformers
+    gives, those present); an encoder FSDP2's saving could not rebuild is refused before training."""
+    import types
+
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.config import ConfigError
+    from library.engines import sharded_together
+
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                           num_attention_heads=2, vocab_size=100, max_position_embeddings=16))
+    denoiser, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
+    parts = types.SimpleNamespace(denoiser=denoiser, text_encoders={"te": encoder, "te2": frozen})
+    plugin = types.SimpleNamespace(transformer_cls_names_to_wrap=["BasicTransformerBlock"])
+    together = sharded_together(plugin, parts, [denoiser, encoder])
+    assert dict(together.named_children()) == {"denoiser": denoiser, "te": encoder}
+    assert not list(together.named_parameters(recurse=False))
+    names = plugin.transformer_cls_names_to_wrap
+    assert names[:3] == ["BasicTransformerBlock", "Linear", "CLIPTextModel"]
+    assert sorted(names[3:]) == ["CLIPEncoderLayer", "CLIPTextEmbeddings"]  # not CLIPVisionEmbeddings
+    with pytest.raises(ConfigError, match=r"the text encoder te2 \(Linear\) cannot be gathered"):
+        sharded_together(plugin, parts, [denoiser, frozen])
