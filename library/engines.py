@@ -357,7 +357,7 @@ def gathered(accelerator, state: dict) -> dict | None:
 
 def unsharded_copy(module, state: dict):
     """A module of `module`'s class before fully_shard (a diffusers or transformers model, from its config)
-    holding `state`."""
+    holding `state`, and copies of the buffers no state dict holds (CLIP's position_ids: never sharded)."""
     import torch
     from torch.distributed.fsdp import FSDPModule
 
@@ -365,4 +365,8 @@ def unsharded_copy(module, state: dict):
     with torch.device("meta"):  # diffusers' models are made from their config, transformers' given theirs
         copy = cls.from_config(module.config) if hasattr(cls, "from_config") else cls(module.config)
     copy.load_state_dict(state, assign=True)
+    for name, buffer in module.named_buffers():
+        if name not in state:
+            owner, _, leaf = name.rpartition(".")
+            copy.get_submodule(owner).register_buffer(leaf, buffer.detach().to("cpu", copy=True), persistent=False)
     return copy.train(module.training)

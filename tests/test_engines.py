@@ -278,3 +278,22 @@ def test_trained_text_encoders_are_sharded_with_the_denoiser_each_its_own_unit()
     assert sorted(names[3:]) == ["CLIPEncoderLayer", "CLIPTextEmbeddings"]  # not CLIPVisionEmbeddings
     with pytest.raises(ConfigError, match=r"the text encoder te2 \(Linear\) cannot be gathered"):
         sharded_together(plugin, parts, [denoiser, frozen])
+
+
+def test_an_unsharded_copy_holds_the_state_and_the_buffers_no_state_dict_holds():
+    """The copy saving writes (made on the meta device from the config): the given weights, and CLIP's
+    non-persistent position_ids copied from the module, so no tensor of it is left on the meta device."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.engines import unsharded_copy
+
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                           num_attention_heads=2, vocab_size=100, max_position_embeddings=16))
+    state = {k: v + 1 for k, v in encoder.state_dict().items()}
+    copy = unsharded_copy(encoder, state)
+    assert type(copy) is CLIPTextModel and not any(t.is_meta for t in [*copy.parameters(), *copy.buffers()])
+    assert all(torch.equal(copy.state_dict()[k], state[k]) for k in state)
+    buffers = dict(encoder.named_buffers())
+    assert list(buffers) == ["embeddings.position_ids"] and "embeddings.position_ids" not in state
+    assert torch.equal(dict(copy.named_buffers())["embeddings.position_ids"], buffers["embeddings.position_ids"])
