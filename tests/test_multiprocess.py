@@ -252,9 +252,10 @@ def test_fsdp2_full_fine_tune_equals_one_process_on_the_global_batch(tmp_path, t
     text encoder a unit per layer, both in one sharded model (frozen after step 2: SGD's momentum must not move
     it at step 3), the gradients clipped over the shards (max_grad_norm 0.05 clips: unclipped the weights move
     0.035), SGD on the shards; the weights file the main process writes from the gathered shards equals one
-    process on the global batch within 1e-5 (measured 1.5e-8, the text encoder 7e-9); the frozen VAE is written untouched; the EMA (each process
-    averaging its own shards, gathered for the -ema file) is one process' AveragedModel's within 1e-5; the final
-    sample, rendered by both processes and written by the main one, is one process' image."""
+    process on the global batch within 1e-5 (measured 1.5e-8, the text encoder 7e-9); the frozen VAE is written
+    untouched; the EMA (each process averaging its own shards, gathered for the -ema file) is one process'
+    AveragedModel's within 1e-5 (measured 1.5e-8); the final sample, rendered by both processes and written by
+    the main one, is one process' image."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --d 1 --s 2\n")
     two, one = _fsdp2_configs(tmp_path, tiny_sd1, tiny_data, f'''
