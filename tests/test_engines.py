@@ -73,7 +73,8 @@ def test_fsdp2_runs_a_full_fine_tune_and_names_what_it_cannot(make_config):
     assert [p.split(" ")[0] for p in problems] == [
         "'optimizer.fused_backward_pass'", "'train.blocks_to_swap'", "'dreambooth.train_text_encoder'",
         "'train.full_fp16'", "'train.torch_compile'"]  # use_ema runs: each process averages its shards
-    assert "(--fsdp_auto_wrap_policy SIZE_BASED_WRAP)" in problems[2] and "without --fsdp_auto_wrap_policy" in problems[2]
+    assert "(--fsdp_auto_wrap_policy SIZE_BASED_WRAP)" in problems[2]
+    assert "without --fsdp_auto_wrap_policy" in problems[2]
     assert "sharded in fp32" in problems[3]
     assert _problems(make_config, own_wrapping, **NO_TE) == []  # the launch's wrapping of the denoiser alone
 
