@@ -52,6 +52,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
                              start, start_trackers, train_whole, whole_model_groups)
     from library.sampling import settings_from_config
     from library.sd_flat import text_encoder_of_family
+    from library.sharded_ema import ShardedEMA
     from library.training import batch_loss, make_loader, prepare_data
 
     t, db, out_dir = cfg.train, cfg.dreambooth, Path(cfg.train.output_dir)
@@ -72,7 +73,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
     if te_note:
         say(te_note)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
-    ema = _make_ema(parts.denoiser, db, accelerator.device) if db.use_ema else None  # a CPU copy, made before .to(device)
+    ema = (_make_ema(parts.denoiser, db, accelerator.device)  # a CPU copy, made before .to(device)
+           if db.use_ema and not is_sharded(accelerator) else None)
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
@@ -124,6 +126,9 @@ def train(cfg: Config, planned=None) -> TrainResult:
     engine, optimizer, loader = prepare(accelerator, parts, trained, optimizer, loader, fused, t.full_fp16)
     if is_sharded(accelerator):  # FSDP2: the optimizer now steps the shards (what is clipped and checked)
         groups = optimizer.param_groups
+        if db.use_ema:  # each process averages its shards (library/sharded_ema.py)
+            ema = ShardedEMA(parts.denoiser, db.ema_decay ** db.ema_update_every,
+                             db.ema_on_device).with_states_of(accelerator)
     result = TrainResult(parts=parts, optimizer=optimizer, ema=ema)
     start_trackers(accelerator, cfg)
 
@@ -133,7 +138,8 @@ def train(cfg: Config, planned=None) -> TrainResult:
               for name, p in module.named_parameters()}
     def save_weights(stem: str) -> list[Path]:
         with full_weights(accelerator, parts) as whole:  # FSDP2: gathered on the main process, None elsewhere
-            return _save_model(out_dir, stem, family, whole, cfg, ema) if whole is not None else []
+            averaged = _averaged_denoiser(ema, accelerator, parts.denoiser)
+            return _save_model(out_dir, stem, family, whole, cfg, averaged) if whole is not None else []
 
     checkpoints = Checkpointer(cfg, save_weights, params, optimizer,
                          scheduler, {"noise": noise_generator, "order": order}, accelerator.scaler,
@@ -251,11 +257,20 @@ def _make_ema(denoiser: torch.nn.Module, db, device):
                          multi_avg_fn=get_ema_multi_avg_fn(db.ema_decay ** db.ema_update_every))
 
 
-def _save_model(out_dir: Path, name: str, family, parts, cfg: Config, ema) -> list[Path]:
-    """The model as one file in the original layout, or as a diffusers folder; with EMA also `name-ema`."""
+def _averaged_denoiser(ema, accelerator, denoiser):
+    """The EMA's denoiser as saving reads it: AveragedModel's copy; with sharded weights (FSDP2) an unsharded
+    copy gathered on the main process (None on the others, every process taking part). None without EMA."""
+    if ema is None:
+        return None
+    return ema.averaged_copy(accelerator, denoiser) if hasattr(ema, "averaged_copy") else ema.module
+
+
+def _save_model(out_dir: Path, name: str, family, parts, cfg: Config, averaged=None) -> list[Path]:
+    """The model as one file in the original layout, or as a diffusers folder; with an EMA's `averaged`
+    denoiser also `name-ema`."""
     saved = [_write(out_dir, name, family, parts, cfg)]
-    if ema is not None:
-        saved.append(_write(out_dir, name + "-ema", family, dataclasses.replace(parts, denoiser=ema.module), cfg))
+    if averaged is not None:
+        saved.append(_write(out_dir, name + "-ema", family, dataclasses.replace(parts, denoiser=averaged), cfg))
     return saved
 
 

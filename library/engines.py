@@ -20,10 +20,14 @@ trained modules are handed to the engine and where the bare modules are taken ba
     fsdp2      `accelerate launch --use_fsdp --fsdp_version 2` (ACCELERATE_USE_FSDP, FSDP_VERSION=2), full
                fine-tunes of the denoiser: accelerate's fully_shard of each of the family's repeated blocks
                (ModelFamily.block_classes) and of the rest, the fp32 weights, gradients and optimizer state
-               sharded N ways, one block's weights gathered at a time. The sharded module is the bare one
+               sharded N ways, one block's weights gathered at a time. Trained text encoders are sharded with
+               it, as one model (sharded_together), a unit per layer. The sharded modules are the bare ones
                (fully_shard works in place): the weights file is gathered on the main process (full_weights),
-               states are sharded through accelerator.save_state (library/checkpoint.py), and every process
-               samples (each block's forward gathers its weights from all of them).
+               states are sharded through accelerator.save_state (library/checkpoint.py) and resume under
+               FSDP2 with any number of processes (torch.distributed.checkpoint reshards the weights and the
+               optimizer state as it loads them), and every process samples (each block's forward gathers its
+               weights from all of them). With use_ema each process averages its own shards
+               (library/sharded_ema.py), gathered for the -ema file and written sharded into states.
 
 The families never see an engine: the recipe's step gets `step_parts` (the trained modules behind the
 engine's wrapper, DDP's or DeepSpeed's, through `Engined`, which reads every attribute off the bare module);
@@ -91,7 +95,7 @@ def engine_problems(cfg, recipe: str, environ=None) -> list[str]:
                 "run `accelerate config` again with plain multi-GPU (DDP), or for a full fine-tune with FSDP version "
                 "2 (`accelerate launch --use_fsdp --fsdp_version 2`)"]
     if engine == "fsdp2":
-        return fsdp2_problems(cfg, recipe)
+        return fsdp2_problems(cfg, recipe, environ)
     return []
 
 
@@ -195,14 +199,16 @@ def _launch_mismatches(cfg, env) -> list[str]:
     return problems
 
 
-def fsdp2_problems(cfg, recipe: str) -> list[str]:
+def fsdp2_problems(cfg, recipe: str, environ=None) -> list[str]:
     """What FSDP2 cannot run, each with what to use instead. FSDP2 shards the one model accelerate prepares
-    with the optimizer (the denoiser), keeps its weights in fp32 and steps each shard after backward."""
+    with the optimizer (the denoiser, with the trained text encoders), keeps its weights in fp32 and steps each
+    shard after backward."""
     if recipe == "network":
         return ["accelerate is set up for FSDP2, which does not help adapter training: it shards the trained "
                 "weights, their gradients and optimizer state, and an adapter's are a few MB per GPU; run "
                 "`accelerate config` again with plain multi-GPU (DDP), and save memory on the frozen base with "
                 "fp8_base, blocks_to_swap or gradient_checkpointing"]
+    env = os.environ if environ is None else environ
     o, t, db = cfg.optimizer, cfg.train, cfg.dreambooth
     problems = []
     if o.fused_backward_pass or o.fused_optimizer_groups:
@@ -213,12 +219,11 @@ def fsdp2_problems(cfg, recipe: str) -> list[str]:
         problems.append("'train.blocks_to_swap' moves whole blocks to the CPU, FSDP2 holds a shard of each: set it "
                         "to 0 (FSDP2 divides the weights by the number of GPUs; gradient_checkpointing for the "
                         "activations)")
-    if db.train_text_encoder:
-        problems.append("'dreambooth.train_text_encoder': accelerate's FSDP2 shards one model with its optimizer, "
-                        "the denoiser; set it to false (the text encoders stay frozen), or train them with plain multi-GPU (DDP)")
-    if db.use_ema:
-        problems.append("'dreambooth.use_ema': the EMA would need every weight gathered from all GPUs at each "
-                        "update, a whole copy per GPU; turn it off, or train with plain multi-GPU (DDP)")
+    if db.train_text_encoder and env.get("FSDP_AUTO_WRAP_POLICY"):
+        problems.append(f"'dreambooth.train_text_encoder' with the launch's own FSDP wrapping "
+                        f"(--fsdp_auto_wrap_policy {env['FSDP_AUTO_WRAP_POLICY']}): the denoiser and the text "
+                        f"encoders are sharded together, each its own unit, by the trainer's wrapping; launch "
+                        f"without --fsdp_auto_wrap_policy, or set train_text_encoder to false")
     if t.full_fp16 or t.full_bf16:
         problems.append("'train.full_fp16' / 'full_bf16': FSDP2 keeps the trained weights sharded in fp32 and "
                         "computes in 'train.mixed_precision' (its MixedPrecisionPolicy); remove them")
@@ -368,13 +373,39 @@ def is_deepspeed(accelerator) -> bool:
 
 
 def prepare_sharded(accelerator, parts, trained: list, optimizer, loader):
-    """FSDP2: the denoiser, its optimizer and the loader through one accelerator.prepare (accelerate shards
-    the model in place, a unit per block of its fsdp_plugin's classes, then points the optimizer at the
-    shards). The step calls the parts as they are. Returns (Prepared, optimizer, loader)."""
-    if [id(m) for m in trained] != [id(parts.denoiser)]:
-        raise ValueError("FSDP2 trains the denoiser alone")  # fsdp2_problems refused the rest before loading
-    denoiser, optimizer, loader = accelerator.prepare(parts.denoiser, optimizer, loader)
-    return Prepared([denoiser], parts), optimizer, loader
+    """FSDP2: the trained modules, their optimizer and the loader through one accelerator.prepare (accelerate
+    shards the model in place, a unit per block of its fsdp_plugin's classes, then points the optimizer at the
+    shards). accelerate shards one model: trained text encoders go with the denoiser in one module
+    (sharded_together). The step calls the parts as they are. Returns (Prepared, optimizer, loader)."""
+    model = parts.denoiser if len(trained) == 1 else sharded_together(accelerator.state.fsdp_plugin, parts, trained)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    return Prepared([model], parts), optimizer, loader
+
+
+def sharded_together(plugin, parts, trained: list):
+    """The denoiser and the trained text encoders as one module for accelerate's FSDP2 (their parent, never
+    called), each of them its own unit (their classes added to the plugin's, with the text encoders' layers
+    transformers names in `_no_split_modules`): the container holds no parameter of its own, so calling a
+    part gathers what it needs, as the denoiser alone does."""
+    import torch
+    from transformers import PreTrainedModel
+
+    from library.config import ConfigError
+
+    encoders = {name: e for name, e in parts.text_encoders.items() if any(e is m for m in trained)}
+    for name, encoder in encoders.items():  # unsharded_copy must rebuild it for saving: known before training
+        if not isinstance(encoder, PreTrainedModel):
+            raise ConfigError(f"'dreambooth.train_text_encoder': the text encoder {name} "
+                              f"({type(encoder).__name__}) cannot be gathered from FSDP2's shards for saving; "
+                              f"set it to false, or train with plain multi-GPU (DDP)")
+    present = {type(m).__name__ for e in encoders.values() for m in e.modules()}
+    layers = [n for e in encoders.values() for n in (getattr(e, "_no_split_modules", None) or []) if n in present]
+    names = [*plugin.transformer_cls_names_to_wrap, *(type(m).__name__ for m in trained), *layers]
+    plugin.transformer_cls_names_to_wrap = list(dict.fromkeys(names))
+    together = torch.nn.Module()  # not a ModuleDict: fully_shard takes no container without a forward
+    for name, module in {"denoiser": parts.denoiser, **encoders}.items():
+        together.add_module(name, module)
+    return together
 
 
 def prepare_deepspeed(accelerator, parts, trained: list, optimizer, loader, batch_size: int):
@@ -395,31 +426,40 @@ def prepare_deepspeed(accelerator, parts, trained: list, optimizer, loader, batc
 @contextlib.contextmanager
 def full_weights(accelerator, parts):
     """The parts as saving reads them. Sharded (FSDP2, DeepSpeed): every process takes part in gathering the
-    denoiser's weights to the main process' CPU (gathered_state; deepspeed_state: the fp32 masters), where they fill
-    an unsharded copy of the denoiser (built without memory of its own, on the meta device); the other processes
-    get None. Otherwise the parts."""
+    weights of the sharded parts to the main process' CPU (FSDP2: the denoiser and trained text encoders,
+    gathered; DeepSpeed: the denoiser's fp32 masters, deepspeed_state), where they fill unsharded copies (built
+    without memory of their own, on the meta device); the other processes get None. Otherwise the parts."""
+    from torch.distributed.fsdp import FSDPModule
+
     if not is_sharded(accelerator):
         yield parts
         return
-    gather = deepspeed_state if is_deepspeed(accelerator) else gathered_state
-    state = gather(accelerator, parts.denoiser)
-    yield None if state is None else dataclasses.replace(parts, denoiser=unsharded_copy(parts.denoiser, state))
+    modules = {"denoiser": parts.denoiser, **parts.text_encoders}
+    if is_deepspeed(accelerator):  # DeepSpeed trains the denoiser alone
+        whole = {"denoiser": deepspeed_state(accelerator, parts.denoiser)}
+    else:  # every process, in the same order
+        whole = {name: gathered(accelerator, m.state_dict()) for name, m in modules.items() if isinstance(m, FSDPModule)}
+    if not accelerator.is_main_process:
+        yield None
+        return
+    copies = {name: unsharded_copy(m, whole[name]) if name in whole else m for name, m in modules.items()}
+    yield dataclasses.replace(parts, denoiser=copies.pop("denoiser"), text_encoders=copies)
 
 
-def gathered_state(accelerator, module) -> dict | None:
-    """The full state dict of a sharded module on the main process' CPU (None on the others): each tensor
+def gathered(accelerator, state: dict) -> dict | None:
+    """`state` (DTensors and plain tensors) whole on the main process' CPU (None on the others): each tensor
     all-gathered in turn (one tensor's full size on the device at a time), copied to the host on the main
     process. Not accelerator.get_state_dict: its cpu_offload is no copy for CPU processes, so the tensors it
     returns there point at gathered storage FSDP has already freed ("invalid python storage")."""
     from torch.distributed.tensor import DTensor
 
     main = accelerator.is_main_process
-    state = {}
-    for name, tensor in module.state_dict().items():
+    whole = {}
+    for name, tensor in state.items():
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every process: a collective
         if main:
-            state[name] = full.detach().to("cpu", copy=True)
-    return state if main else None
+            whole[name] = full.detach().to("cpu", copy=True)
+    return whole if main else None
 
 
 def deepspeed_state(accelerator, module) -> dict | None:
@@ -443,12 +483,17 @@ def deepspeed_state(accelerator, module) -> dict | None:
 
 
 def unsharded_copy(module, state: dict):
-    """A module of `module`'s class before fully_shard (a diffusers model: from its config) holding `state`."""
+    """A module of `module`'s class before fully_shard (a diffusers or transformers model, from its config)
+    holding `state`, and copies of the buffers no state dict holds (CLIP's position_ids: never sharded)."""
     import torch
     from torch.distributed.fsdp import FSDPModule
 
     cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
-    with torch.device("meta"):
-        copy = cls.from_config(module.config)
+    with torch.device("meta"):  # diffusers' models are made from their config, transformers' given theirs
+        copy = cls.from_config(module.config) if hasattr(cls, "from_config") else cls(module.config)
     copy.load_state_dict(state, assign=True)
+    for name, buffer in module.named_buffers():
+        if name not in state:
+            owner, _, leaf = name.rpartition(".")
+            copy.get_submodule(owner).register_buffer(leaf, buffer.detach().to("cpu", copy=True), persistent=False)
     return copy.train(module.training)

@@ -137,18 +137,19 @@ def check_resumable(folder: Path, config: dict) -> dict:
 
 
 def _check_engine(folder: Path, info: dict) -> None:
-    """An FSDP2 state holds one shard per process: it resumes under FSDP2 with as many processes; a state of
-    the whole weights does not resume under FSDP2 (its optimizer state is not sharded)."""
+    """An FSDP2 state holds one shard per process: it resumes under FSDP2, with any number of processes
+    (torch.distributed.checkpoint reshards the weights and optimizer state as it loads them); a state of the
+    whole weights does not resume under FSDP2 (its optimizer state is not sharded)."""
     from library.engines import launched_engine, launched_processes
 
     if "deepspeed" in (info.get("sharded"), launched_engine()):
         return _check_deepspeed(folder, info)
     sharded, now = info.get("sharded"), launched_engine() == "fsdp2"
     saved, processes = info.get("processes", 1), launched_processes()
-    if sharded and (not now or saved != processes):
+    if sharded and not now:
         raise ConfigError(f"{folder} holds FSDP2 shards of {saved} processes: resume it with `accelerate launch "
-                          f"--use_fsdp --fsdp_version 2 --num_processes {saved}` (this run: "
-                          f"{'FSDP2' if now else 'no FSDP2'}, {processes} processes)")
+                          f"--use_fsdp --fsdp_version 2` (with any number of processes; this run: no FSDP2, "
+                          f"{processes} processes)")
     if now and not sharded:
         raise ConfigError(f"{folder} was saved without FSDP2 (the whole weights and optimizer state): resume it "
                           f"as it was launched, without --use_fsdp")

@@ -59,17 +59,24 @@ def test_engines_refused_outright_say_what_to_use_instead(make_config, env, reci
     assert "`accelerate config` again with" in problems[0]
 
 
-def test_fsdp2_runs_a_full_fine_tune_of_the_denoiser_and_names_what_it_cannot(make_config):
-    """FSDP2 accepts a full fine-tune of the denoiser; everything else is named at once, each with what to use."""
+def test_fsdp2_runs_a_full_fine_tune_and_names_what_it_cannot(make_config):
+    """FSDP2 accepts a full fine-tune of the denoiser, with trained text encoders and EMA; everything else is
+    named at once, each with what to use."""
     assert _problems(make_config, FSDP2, **NO_TE) == []
-    problems = _problems(make_config, FSDP2, optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"},
+    assert _problems(make_config, FSDP2, dreambooth={"train_text_encoder": True, "use_ema": True}) == []
+    own_wrapping = {**FSDP2, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}
+    problems = _problems(make_config, own_wrapping,
+                         optimizer={"fused_backward_pass": True, "optimizer_type": "Adafactor"},
                          train={"blocks_to_swap": 2, "gradient_checkpointing": True, "full_bf16": True,
                                 "mixed_precision": "bf16", "torch_compile": True},
                          dreambooth={"train_text_encoder": True, "use_ema": True})
     assert [p.split(" ")[0] for p in problems] == [
-        "'optimizer.fused_backward_pass'", "'train.blocks_to_swap'", "'dreambooth.train_text_encoder':",
-        "'dreambooth.use_ema':", "'train.full_fp16'", "'train.torch_compile'"]
-    assert "set it to false" in problems[2] and "sharded in fp32" in problems[4]
+        "'optimizer.fused_backward_pass'", "'train.blocks_to_swap'", "'dreambooth.train_text_encoder'",
+        "'train.full_fp16'", "'train.torch_compile'"]  # use_ema runs: each process averages its shards
+    assert "(--fsdp_auto_wrap_policy SIZE_BASED_WRAP)" in problems[2]
+    assert "without --fsdp_auto_wrap_policy" in problems[2]
+    assert "sharded in fp32" in problems[3]
+    assert _problems(make_config, own_wrapping, **NO_TE) == []  # the launch's wrapping of the denoiser alone
 
 
 def test_deepspeed_runs_a_full_fine_tune_of_the_denoiser_and_names_what_it_cannot(make_config, monkeypatch):
@@ -195,9 +202,10 @@ def test_every_family_names_block_classes_its_denoiser_has():
             assert any(isinstance(getattr(m, name, None), type) for m in modules), (family.name, name)
 
 
-def test_a_sharded_state_resumes_only_under_fsdp2_with_as_many_processes(tmp_path, monkeypatch):
-    """An FSDP2 state (one shard per process) resumes under FSDP2 with as many processes; a whole state does
-    not resume under FSDP2. Checked with the config, before any model loads."""
+def test_a_sharded_state_resumes_only_under_fsdp2_with_any_number_of_processes(tmp_path, monkeypatch):
+    """An FSDP2 state (one shard per process) resumes under FSDP2 with any number of processes (the shards are
+    resharded as they load); it does not resume without FSDP2, and a whole state does not resume under FSDP2.
+    Checked with the config, before any model loads."""
     from library.config import ConfigError
     from library.saved_state import _check_engine
 
@@ -205,13 +213,15 @@ def test_a_sharded_state_resumes_only_under_fsdp2_with_as_many_processes(tmp_pat
     for key, value in {**FSDP2, "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     _check_engine(tmp_path, info)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match="FSDP2 shards of 2 processes: resume it with .*--num_processes 2"):
+    for processes in ("1", "3", "4"):
+        monkeypatch.setenv("WORLD_SIZE", processes)
         _check_engine(tmp_path, info)
     with pytest.raises(ConfigError, match="saved without FSDP2"):
         _check_engine(tmp_path, {"processes": 4})
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    with pytest.raises(ConfigError, match=r"\(this run: no FSDP2, 4 processes\)"):
+    with pytest.raises(ConfigError, match=r"FSDP2 shards of 2 processes: resume it with `accelerate launch "
+                                          r"--use_fsdp --fsdp_version 2` \(with any number of processes; this run: "
+                                          r"no FSDP2, 4 processes\)"):
         _check_engine(tmp_path, info)
 
 
@@ -327,3 +337,49 @@ def test_a_step_deepspeed_skipped_counts_as_non_finite():
     assert _known_bad(skipped, False, Prepared([], None)) is False
     fused = SimpleNamespace(pop_nonfinite=lambda: "flag")
     assert _known_bad(fused, True, Prepared([], None)) == "flag"
+
+
+def test_trained_text_encoders_are_sharded_with_the_denoiser_each_its_own_unit():
+    """FSDP2 with train_text_encoder: one module for accelerate (no parameter of its own) holding the denoiser
+    and the trained encoders; the plugin wraps each of them and the encoders' layers (the names transformers
+    gives, those present); an encoder FSDP2's saving could not rebuild is refused before training."""
+    import types
+
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.config import ConfigError
+    from library.engines import sharded_together
+
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                           num_attention_heads=2, vocab_size=100, max_position_embeddings=16))
+    denoiser, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
+    parts = types.SimpleNamespace(denoiser=denoiser, text_encoders={"te": encoder, "te2": frozen})
+    plugin = types.SimpleNamespace(transformer_cls_names_to_wrap=["BasicTransformerBlock"])
+    together = sharded_together(plugin, parts, [denoiser, encoder])
+    assert dict(together.named_children()) == {"denoiser": denoiser, "te": encoder}
+    assert not list(together.named_parameters(recurse=False))
+    names = plugin.transformer_cls_names_to_wrap
+    assert names[:3] == ["BasicTransformerBlock", "Linear", "CLIPTextModel"]
+    assert sorted(names[3:]) == ["CLIPEncoderLayer", "CLIPTextEmbeddings"]  # not CLIPVisionEmbeddings
+    with pytest.raises(ConfigError, match=r"the text encoder te2 \(Linear\) cannot be gathered"):
+        sharded_together(plugin, parts, [denoiser, frozen])
+
+
+def test_an_unsharded_copy_holds_the_state_and_the_buffers_no_state_dict_holds():
+    """The copy saving writes (made on the meta device from the config): the given weights, and CLIP's
+    non-persistent position_ids copied from the module, so no tensor of it is left on the meta device."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.engines import unsharded_copy
+
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                           num_attention_heads=2, vocab_size=100, max_position_embeddings=16))
+    state = {k: v + 1 for k, v in encoder.state_dict().items()}
+    copy = unsharded_copy(encoder, state)
+    assert type(copy) is CLIPTextModel and not any(t.is_meta for t in [*copy.parameters(), *copy.buffers()])
+    assert all(torch.equal(copy.state_dict()[k], state[k]) for k in state)
+    buffers = dict(encoder.named_buffers())
+    assert list(buffers) == ["embeddings.position_ids"] and "embeddings.position_ids" not in state
+    assert torch.equal(dict(copy.named_buffers())["embeddings.position_ids"], buffers["embeddings.position_ids"])

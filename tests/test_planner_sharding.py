@@ -93,7 +93,8 @@ def test_offload_moves_the_shares_to_host_ram(flux):
 def test_a_plan_becomes_one_gpu_of_n(sdxl):
     """sharded_plan on a full SDXL fine-tune's step (figures of one process: frozen VAE / text encoders 1 GiB,
     activations 3 GiB): the step's peak and reserved memory and the breakdown lose exactly what FSDP2 saves on
-    4 processes; the phases before the denoiser comes to the device are left alone; a note says it."""
+    4 processes; the phases before the denoiser comes to the device are left alone; a note says it; the EMA's
+    host copy is one process' shards."""
     family, denoiser = sdxl
     params = sum(p.numel() for p in denoiser.parameters())
     breakdown = {"weights": 4 * params + GIB, "gradients": 4 * params, "optimizer state": 8 * params,
@@ -101,7 +102,8 @@ def test_a_plan_becomes_one_gpu_of_n(sdxl):
     peak = sum(breakdown.values())
     s = StepSettings(recipe="db", family="sdxl", arch="sdxl", width=1024, height=1024, mixed_precision="bf16")
     one = Plan(s, peak, breakdown, GIB, GIB, [], 0.0, params,
-               {"vae": PhaseMemory(GIB, GIB), "step": PhaseMemory(peak, peak + GIB)}, Card())
+               {"vae": PhaseMemory(GIB, GIB), "step": PhaseMemory(peak, peak + GIB)}, Card(),
+               {"EMA copy (fp32)": 4 * params, "vae (latents cached)": GIB})
     assert sharded_plan(one) is one
     four = sharded_plan(dataclasses.replace(one, settings=dataclasses.replace(s, sharding=Sharding("fsdp2", 4))))
     unit = largest_unit_parameters(family, denoiser)
@@ -111,6 +113,7 @@ def test_a_plan_becomes_one_gpu_of_n(sdxl):
     assert four.phases["vae"] == PhaseMemory(GIB, GIB)
     assert four.breakdown["weights"] == GIB + -(-4 * params // 4) and four.breakdown["gathered units"] == unit * 8
     assert four.notes[-1].startswith("FSDP2 over 4 processes: one GPU holds 9.56 GiB of the step's 38.26 GiB")
+    assert four.host == {"EMA copy (fp32)": -(-4 * params // 4), "vae (latents cached)": GIB}  # EMA: its shards
 
 
 @pytest.mark.parametrize("env, expected", [

@@ -9,6 +9,7 @@ measured for one process (library/planner/step.py); these figures are applied to
     offload  ZeRO's offload_optimizer_device = cpu: the optimizer state (its share) in host RAM; offload_param
              (ZeRO-3) / FSDP2's cpu offload: the weight shards too, and with FSDP2 the gradient shards and the
              optimizer step (its state) as well
+    EMA      (train_db.py's use_ema, in host RAM) / N under FSDP2: each process averages its own shards
 
 Gathered units (ZeRO-3, FSDP2): a block's full weights are all-gathered for its forward and again for its
 backward, one block at a time plus the next one prefetched, and its full gradient lives until it is
@@ -29,6 +30,7 @@ import os
 DIVIDED = {"zero1": ("optimizer state",), "zero2": ("optimizer state", "gradients"),
            "zero3": ("optimizer state", "gradients", "trained weights"),
            "fsdp2": ("optimizer state", "gradients", "trained weights")}
+EMA = "EMA copy (fp32)"  # library/planner/step.py's host figure of train_db.py's EMA
 NAMES = {"zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
 
 
@@ -147,5 +149,7 @@ def sharded_plan(p):
             f"{share.gathered / 2**30:.2f} GiB of gathered blocks"
             + (f"; {share.host / 2**30:.2f} GiB in host RAM per process" if share.host else ""))
     host = {**p.host, **({"offloaded shards": share.host} if share.host else {})}
+    if sharding.engine == "fsdp2" and EMA in host:  # each process averages its own shards (library/sharded_ema.py)
+        host[EMA] = -(-host[EMA] // sharding.processes)
     return dataclasses.replace(p, peak=max(0, p.peak - saved), breakdown=breakdown, phases=phases,
                                notes=[*p.notes, note], host=host)
