@@ -18,6 +18,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Nothing is downloaded in tests: a tokenizer missing locally is an error, not a fetch (library.loading)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# deepspeed (installed for tests/test_deepspeed.py) is imported by transformers' unwrap_model; finding no GPU it
+# warns on stdout, which the CLI tests read. Told its accelerator, it says nothing.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(scope="session")
