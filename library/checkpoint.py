@@ -349,9 +349,13 @@ class Checkpointer:
         if saved == now:
             return position
         done = position.batches_done * saved
-        self.say(f"the state was saved by {saved} processes, this run has {now}: the epoch goes on after "
+        self.say(f"the state was saved by {_processes(saved)}, this run has {now}: the epoch goes on after "
                  f"{done // now * now} of its batches" + (f" ({done % now} seen again)" if done % now else ""))
         return Position(position.step, position.epoch, done // now, position.epoch_order)
+
+
+def _processes(count: int) -> str:
+    return "1 process" if count == 1 else f"{count} processes"
 
 
 def resumed_seed(cfg) -> int | None:
