@@ -72,9 +72,19 @@ def check_model_files(cfg: Config):
     family = None if _is_hub_id(model) else _check_family(cfg, headers.get(MODEL_KEY))  # a hub id: once loaded
     if family is not None:
         _check_control_images(cfg, family)
+        _check_llm_adapter(cfg, family)
     if headers.get("network.network_weights"):
         _check_network_weights(cfg, headers["network.network_weights"], family)
     return family
+
+
+def _check_llm_adapter(cfg: Config, family) -> None:
+    """network_args train_llm_adapter=True (sd-scripts' lora_anima) needs a family with an LLM adapter."""
+    from networks.settings import wants_llm_adapter
+
+    if wants_llm_adapter(cfg.network) and not family.has_llm_adapter:
+        raise fail(cfg, "network.network_args", f"train_llm_adapter=True adapts Anima's LLM adapter; a "
+                                                f"{family.name} model has none: drop it")
 
 
 def _check_file(cfg: Config, key: str, value: str) -> SafetensorsHeader | None:

@@ -40,8 +40,9 @@ T5_TOKENIZER = "google/t5-v1_1-xxl"  # the vocabulary of the adapter's ids (sd-s
 SEPARATE_FILES = ("text_encoder", "vae")
 TEXT_LENGTH = 512  # sd-scripts' qwen3_max_token_length and t5_max_token_length; the adapter's output length
 # the Linears sd-scripts' lora_anima adapts by default: attention and MLP of each block (its default exclusion
-# pattern drops the adaLN modulation, norms, embedders and the final layer)
-BLOCK_PARENTS = ("Attention", "FeedForward")
+# pattern drops the adaLN modulation, norms, embedders and the final layer); with train_llm_adapter, every Linear
+# of the LLM adapter's blocks too (lora_anima's LLMAdapterTransformerBlock: self- and cross-attention, MLP)
+BLOCK_PARENTS = ("Attention", "FeedForward", "AnimaTextConditionerBlock")
 
 
 class AnimaTransformer(CosmosTransformer3DModel):
@@ -84,6 +85,7 @@ class AnimaFamily(ModelFamily):
     cached_apart = None  # one text encoder, never trained: its outputs are cached whole or not at all
     adapter_base_versions = ("anima",)
     folder_parts = ("transformer", "text_conditioner", "vae", "text_encoder", "scheduler")
+    has_llm_adapter = True
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         return {"ss_base_model_version": "anima", "ss_v2": "False", "ss_v_parameterization": "False",
@@ -156,9 +158,11 @@ class AnimaFamily(ModelFamily):
         """The DiT blocks' attention (self and cross: q, k, v, output) and MLP Linears, as sd-scripts' lora_anima
         picks them by default (adaLN modulation, embedders and the final layer excluded), named in kohya files as
         the original checkpoint names them (lora_unet_blocks_0_self_attn_q_proj: sd-scripts' names, which ComfyUI
-        maps); the LLM adapter and Qwen3 are not trained by adapters."""
+        maps). With network_args train_llm_adapter=True (lora_anima's), the LLM adapter's blocks too:
+        lora_unet_llm_adapter_blocks_0_self_attn_q_proj .. _mlp_2 in kohya files (the original file's names), and
+        text_conditioner.blocks.0... in peft files (diffusers' Anima pipeline's component). Qwen3 is not adapted."""
         return [AdapterTarget("denoiser", "lora_unet", linear_parents=BLOCK_PARENTS, diffusers_prefix="transformer",
-                              kohya_layout=kohya_layout)]
+                              kohya_layout=kohya_layout, llm_adapter_path=CONDITIONER.rstrip("."))]
 
     def swappable_blocks(self, parts: Components) -> list[torch.nn.Module]:
         return list(parts.denoiser.transformer_blocks)
