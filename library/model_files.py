@@ -265,7 +265,11 @@ def load_model(cfg: Config):
     """(family, its loaded Components) of the config's model; a loading error is a ConfigError naming the key."""
     from library.families import ModelSource, get_family
 
+    from library.fp8_scaled import attach, keeping
+
     m = cfg.model
-    with loading_errors(cfg):
+    with loading_errors(cfg), keeping(cfg.train.fp8_base) as scaled:  # fp8_base keeps fp8-scaled files' bytes
         family = get_family(m.family, m.pretrained_model_name_or_path)
-        return family, family.load(ModelSource.from_section(m))
+        parts = family.load(ModelSource.from_section(m))
+        attach(parts.denoiser, scaled)
+        return family, parts
