@@ -30,8 +30,8 @@ from transformers import Qwen3Config, Qwen3Model
 from library.anima_layout import (ADAPTER_MARK, CONDITIONER, adapter_file_keys, file_to_parts, is_dit_key,
                                    original_name, transformer_to_file)
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
-from library.families.transformer_parts import assign_weights, load_file_or_folder, missing_files_problem
-from library.families.zimage import _rebuild_rotary, qwen3_keys
+from library.families.transformer_parts import (assign_weights, load_file_or_folder, load_qwen_image_vae,
+                                                missing_files_problem, qwen3_keys, rebuild_qwen3_rotary)
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 
 PIPELINE_CLASS = "AnimaModularPipeline"
@@ -116,8 +116,7 @@ class AnimaFamily(ModelFamily):
         if source.llm_adapter:
             assign_weights(denoiser.text_conditioner, adapter_file_keys(read_checkpoint(source.llm_adapter)),
                            source.llm_adapter)
-        vae = load_vae(source.vae, arch_dir("anima")) if source.vae else AutoencoderKLQwenImage.from_pretrained(
-            path, subfolder="vae")
+        vae = load_qwen_image_vae(source.vae, path, arch_dir("anima"))
         qwen = _load_qwen3(source.text_encoder, arch_dir("anima")) if source.text_encoder else \
             Qwen3Model.from_pretrained(path, subfolder="text_encoder")
         return Components(denoiser=denoiser, vae=vae, text_encoders={"te": qwen},
@@ -134,7 +133,7 @@ class AnimaFamily(ModelFamily):
                                   f"its file (sd-scripts' llm_adapter_path)", key="model.llm_adapter")
         denoiser = empty_transformer(arch, sizes=None if source.arch else file_sizes(dit, adapter))
         assign_weights(denoiser, {**dit, **{CONDITIONER + k: v for k, v in adapter.items()}}, source.path)
-        return Components(denoiser=denoiser, vae=load_vae(source.vae, arch),
+        return Components(denoiser=denoiser, vae=load_qwen_image_vae(source.vae, None, arch),
                           text_encoders={"te": _load_qwen3(source.text_encoder, arch)},
                           tokenizers=tokenizers(source),
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
@@ -348,19 +347,6 @@ def _rebuild_adapter_rotary(conditioner: AnimaTextConditioner) -> None:
         rotary.register_buffer("inv_freq", fresh.inv_freq, persistent=False)
 
 
-def load_vae(path: str | Path, arch: Path) -> AutoencoderKLQwenImage:
-    """A diffusers VAE folder, or a single file (ComfyUI's qwen_image_vae.safetensors, the Wan-2.1 layout, or
-    diffusers' names) read with the architecture's vae config."""
-    from library.qwen_image_layout import file_to_vae
-
-    if Path(path).is_dir():
-        return AutoencoderKLQwenImage.from_pretrained(str(path))
-    with torch.device("meta"):
-        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(arch / "vae")))
-    assign_weights(vae, file_to_vae(read_checkpoint(path)), path)
-    return vae
-
-
 def _load_qwen3(path: str | Path, arch: Path) -> Qwen3Model:
     """Qwen3-0.6B: a transformers folder, or a single file (ComfyUI's qwen_3_06b_base.safetensors: causal-LM names)
     read with the architecture's text_encoder config."""
@@ -368,7 +354,7 @@ def _load_qwen3(path: str | Path, arch: Path) -> Qwen3Model:
         return Qwen3Model.from_pretrained(str(path))
     with torch.device("meta"):
         qwen = Qwen3Model(Qwen3Config.from_pretrained(str(arch / "text_encoder")))
-    _rebuild_rotary(qwen)
+    rebuild_qwen3_rotary(qwen)
     assign_weights(qwen, qwen3_keys(read_checkpoint(path)), path)
     return qwen
 
