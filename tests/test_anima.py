@@ -235,6 +235,25 @@ def test_llm_adapter_lora_applied_by_comfyui_and_by_diffusers_gives_the_trained_
     assert not torch.allclose(ours, _trained_vs_patched(family, dit_only, dit_only)[0], atol=1e-5)
 
 
+def test_sd_scripts_train_llm_adapter_network_arg_is_read_as_lora_animas(tiny_anima, tiny_data, tmp_path):
+    """An anima_train_network.py config's network_args = ["train_llm_adapter=True"] is taken as lora_anima means
+    it (no longer refused), and only "true" turns it on, as lora_anima reads it."""
+    from library.config_files import load_config
+    from library.sd_args import parse
+    from networks.settings import NetworkSettings
+
+    def settings(value):
+        toml = tmp_path / f"anima_{value}.toml"
+        toml.write_text(f'pretrained_model_name_or_path = "{tiny_anima["transformer"]}"\n'
+                        f'train_data_dir = "{tiny_data}"\noutput_dir = "{tmp_path / "out"}"\n'
+                        f'network_module = "networks.lora_anima"\nnetwork_args = ["train_llm_adapter={value}"]\n')
+        args = parse(["--config_file", str(toml)], "anima_train_network.py")
+        return NetworkSettings.from_network_section(load_config(args.config, args.overrides, flags=args.flags).network)
+
+    assert settings("True").train_llm_adapter and settings("true").train_llm_adapter
+    assert not settings("false").train_llm_adapter and not settings("yes").train_llm_adapter
+
+
 def test_train_llm_adapter_for_another_family_exits_2_before_loading(make_config):
     """Only Anima has an LLM adapter: another family's model with train_llm_adapter=true is refused from the
     config and the model file's header."""
