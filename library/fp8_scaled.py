@@ -11,13 +11,16 @@ Every other tensor (norms, biases, embeddings) is stored as usual (bf16 / fp16).
 
 A weight is `weight.float() * scale` (ComfyUI's dequantization), stored here in the dtype of the file's
 unquantized tensors (bf16 when the file has none): the run casts it to its own dtype afterwards, as it does any
-file's weights. With fp8_base, loading under keeping() also remembers each per-tensor-scaled weight's float8
-tensor and scale, and attach() gives them to the layers that hold those weights: fp8_base then stores the file's
-own float8 bytes and computes weight.to(dtype) * scale.to(dtype) as ComfyUI's scaled-fp8 layers do, instead of
-rounding the dequantized weight to float8 a second time (library.memory.store_fp8). A weight a family's loader
-rebuilds (fused, split) is not the dequantized tensor any more and is stored as any other weight. The activation scales and markers are dropped (the run computes in its own precision). Other
-ComfyUI formats (int8 block-wise, nvfp4, mxfp8) are refused by name. Nothing here knows a family: the loaders'
-one reading function (library.loading.read_checkpoint) and the header check before loading
+file's weights. The activation scales and markers are dropped (the run computes in its own precision).
+
+With fp8_base, loading under keeping() also remembers each per-tensor-scaled weight's float8 tensor and scale,
+and attach() gives them to the layers that hold those weights: fp8_base then stores the file's own float8 bytes
+and computes weight.to(dtype) * scale.to(dtype) as ComfyUI's scaled-fp8 layers do, instead of rounding the
+dequantized weight to float8 a second time (library.memory.store_fp8). A weight a family's loader rebuilds
+(fused, split) is not the dequantized tensor any more and is stored as any other weight.
+
+Other ComfyUI formats (int8 block-wise, nvfp4, mxfp8) are refused by name. Nothing here knows a family: the
+loaders' one reading function (library.loading.read_checkpoint) and the header check before loading
 (library.model_files) call this.
 """
 from __future__ import annotations
@@ -120,7 +123,7 @@ def attach(module, record: dict) -> int:
     scale (the attribute KEPT); returns how many layers got them."""
     count = 0
     for layer in module.modules():
-        weight = layer._parameters.get("weight") if hasattr(layer, "_parameters") else None
+        weight = layer._parameters.get("weight")
         found = record.get(weight.data_ptr()) if weight is not None and not weight.is_meta else None
         if found is not None and found[0].shape == weight.shape and found[0].dtype == weight.dtype:
             setattr(layer, KEPT, found[1:])
