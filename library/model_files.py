@@ -264,7 +264,6 @@ def _key_named_in(cfg: Config, message: str) -> str:
 def load_model(cfg: Config):
     """(family, its loaded Components) of the config's model; a loading error is a ConfigError naming the key."""
     from library.families import ModelSource, get_family
-
     from library.fp8_scaled import attach, keeping
 
     m = cfg.model
