@@ -31,7 +31,7 @@ SHORT = {"t5xxl_precision": "TE", "optimizer_type": "", "gradient_checkpointing"
          "fp8_base": "fp8_base", "blocks_to_swap": "swap"}
 
 
-LAST = []  # the plan the search made last
+LAST = []  # the plans the current search made, in order (the last one is what it found, when it found one)
 
 
 def memoized_plans():
@@ -44,7 +44,7 @@ def memoized_plans():
         key = repr(settings)
         if key not in seen:
             seen[key] = plan(settings, **kwargs)
-        LAST[:] = [seen[key]]
+        LAST.append(seen[key])
         return seen[key]
 
     budget.plan = once
@@ -70,8 +70,11 @@ def row(name: str, family: str, arch: str, size: int, budget_gb: int) -> str:
     s = StepSettings(family=family, arch=arch, width=size, height=size,
                      network=NetworkSection(network_dim=16, network_alpha=16), **START)
     said: list[str] = []
+    LAST.clear()
     found = search_budget(s, budget_gb, say=said.append)
-    p = LAST[0]
+    # found: the plan it ended on; else the smallest card total any rung reached (the quantized rungs, tried
+    # last, drop block swap, so the last plan need not be the smallest)
+    p = LAST[-1] if found is not None else min(LAST, key=lambda plan: plan.card_peak)
     worst = max(p.phases, key=p.card_total)
     phases = ", ".join(f"{k} {p.card_total(k) / GIB:.2f}" for k in ("text", "step") if k in p.phases)
     if found is not None:

@@ -8,7 +8,9 @@ next swapped block (a prefetch, on a side CUDA stream) overlaps with the compute
 the copies are plain, synchronous, but still separate storages, so tests exercise the same mechanism.
 
 What moves: the block's frozen weights; in full fine-tuning (`trained=True`) its trained weights too, with
-their optimizer state. An adapter's weights (LoRA) stay on the device.
+their optimizer state. An adapter's weights (LoRA) stay on the device. A quantized base's bitsandbytes layers
+(base_model_precision int8 / nf4) move with their quant state, which bitsandbytes keeps outside parameters and
+buffers (library.quantization.quant_state_slots): nf4's block absmax and code tables, int8's row scales.
 
 When, with gradient checkpointing (required: without it autograd would keep every block's device weights
 for backward, so nothing would leave the device):
@@ -40,6 +42,7 @@ from torch import nn
 
 from library.devices import on, same_device
 from library.memory import HostSlabs, device_copy, tell
+from library.quantization import quant_state_slots, tie_int8_state
 from library.streams import current_stream, recorded, running_on, side_stream
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # every swapper of this process, for settle_all()
@@ -83,16 +86,22 @@ class BlockSwapper:
         self._settle_queued = False
         self._handles = []
         self._ids = set()
+        self.quant: dict[int, list[tuple[object, str]]] = {}  # block -> its quantized layers' state slots
+        self.quant_host: dict[tuple[int, str], torch.Tensor] = {}  # (id(owner), attribute) -> host copy
         for k in self.swapped:
             self.weights[k] = [p for p in blocks[k].parameters() if trained or not p.requires_grad]
+            self.quant[k] = [slot for m in blocks[k].modules() for slot in quant_state_slots(m)]
         # the host copies (and the optimizer state's) in pinned slabs: no power-of-two rounding per tensor
-        self.slabs = HostSlabs(self.device.type == "cuda", sum(p.numel() * p.element_size()
-                                                               for k in self.swapped for p in self.weights[k]))
+        self.slabs = HostSlabs(self.device.type == "cuda", sum(t.numel() * t.element_size()
+                                                               for k in self.swapped for t in self._tensors(k)))
         for k in self.swapped:
             self._ids.update(id(p) for p in self.weights[k])
             for p in self.weights[k]:
                 self.host[p] = self.slabs.copy(p.data)  # the model is still on the CPU
                 p.data = self.host[p]
+            for owner, name in self.quant[k]:
+                self.quant_host[(id(owner), name)] = self.slabs.copy(getattr(owner, name))
+            self._put_quant_state(k, self.quant_host.__getitem__)
             self._handles.append(blocks[k].register_forward_pre_hook(self._before(k)))
             self._handles.append(blocks[k].register_forward_hook(self._after(k), always_call=True))
         _LIVE.add(self)
@@ -127,6 +136,17 @@ class BlockSwapper:
             self._offload(k, stepped=True)
 
     # ---- moving ---------------------------------------------------------------------------------
+    def _tensors(self, k: int) -> list[torch.Tensor]:
+        """Block k's swapped tensors as they are now: weights, then quant state."""
+        return [p.data for p in self.weights[k]] + [getattr(owner, name) for owner, name in self.quant[k]]
+
+    def _put_quant_state(self, k: int, tensor_for) -> None:
+        """Block k's quant state set to tensor_for((id(owner), attribute)); int8 states follow their data."""
+        for owner, name in self.quant[k]:
+            setattr(owner, name, tensor_for((id(owner), name)))
+        for module in self.blocks[k].modules():
+            tie_int8_state(module)
+
     def _load(self, k: int, with_state: bool) -> None:
         if k in self.loaded:
             return
@@ -145,6 +165,8 @@ class BlockSwapper:
                         if isinstance(value, torch.Tensor) and value.dim() > 0 and not on(value, self.device):
                             state[key] = device_copy(value, self.device, "optimizer state",
                                                      non_blocking=stream is not None)
+            self._put_quant_state(k, lambda slot: device_copy(self.quant_host[slot], self.device,
+                                                              non_blocking=stream is not None))
         self.loaded[k] = recorded(stream) if stream is not None else None
         self.loads += 1
         self.most_resident = max(self.most_resident, len(self.loaded))
@@ -156,8 +178,8 @@ class BlockSwapper:
             return
         current = current_stream(self.device)
         current.wait_event(event)
-        for p in self.weights[k]:
-            p.data.record_stream(current)
+        for tensor in self._tensors(k):
+            tensor.record_stream(current)
         self.loaded[k] = None
 
     def _offload(self, k: int, stepped: bool = False) -> None:
@@ -170,6 +192,7 @@ class BlockSwapper:
             self._write_back(k, trained)
         for p in self.weights[k]:
             p.data = self.host[p]
+        self._put_quant_state(k, self.quant_host.__getitem__)
 
     def _write_back(self, k: int, params: list[nn.Parameter]) -> None:
         """The stepped weights and their optimizer state copied into their host buffers: on the side stream,
@@ -218,6 +241,11 @@ class BlockSwapper:
             for name, buffer in sub._buffers.items():
                 if buffer is not None:
                     sub._buffers[name] = buffer.to(self.device)
+            weight = sub._parameters.get("weight")
+            if weight is not None and not self.swaps(weight):  # a kept quantized layer's state comes too
+                for owner, name in quant_state_slots(sub):
+                    setattr(owner, name, getattr(owner, name).to(self.device))
+                tie_int8_state(sub)
 
     def swaps(self, param: torch.Tensor) -> bool:
         """Whether `param` is one of the swapped weights (on the host between uses)."""
@@ -228,7 +256,7 @@ class BlockSwapper:
         return sorted(self.loaded)
 
     def bytes_swapped(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.host.values())
+        return sum(t.numel() * t.element_size() for t in [*self.host.values(), *self.quant_host.values()])
 
     def host_ram(self) -> int:
         """Host memory the swapped weights (and their optimizer state, once it exists) hold, as allocated."""

@@ -182,9 +182,6 @@ def _base_precision_problems(cfg: Config) -> list[str]:
     key, problems = f"'model.base_model_precision' = \"{m.base_model_precision}\"", []
     if t.fp8_base:
         problems.append(f"{key} and 'train.fp8_base' both set how the frozen denoiser is stored: choose one")
-    if t.blocks_to_swap:
-        problems.append(f"{key} with 'train.blocks_to_swap': block swap copies plain weights, not bitsandbytes' "
-                        f"quantized state; use one or the other (nf4 alone stores the base in about a quarter)")
     algo = _adapter_algo(cfg.network)
     if algo in QUANTIZED_BASE_REFUSED[m.base_model_precision]:
         problems.append(f"{key} with algo = \"{algo}\": that adapter reads the base layer's weight, which is "

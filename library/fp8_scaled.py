@@ -11,14 +11,22 @@ Every other tensor (norms, biases, embeddings) is stored as usual (bf16 / fp16).
 
 A weight is `weight.float() * scale` (ComfyUI's dequantization), stored here in the dtype of the file's
 unquantized tensors (bf16 when the file has none): the run casts it to its own dtype afterwards, as it does any
-file's weights. The activation scales and markers are dropped (the run computes in its own precision). Other
-ComfyUI formats (int8 block-wise, nvfp4, mxfp8) are refused by name. Nothing here knows a family: the loaders'
-one reading function (library.loading.read_checkpoint) and the header check before loading
+file's weights. The activation scales and markers are dropped (the run computes in its own precision).
+
+With fp8_base, loading under keeping() also remembers each per-tensor-scaled weight's float8 tensor and scale,
+and attach() gives them to the layers that hold those weights: fp8_base then stores the file's own float8 bytes
+and computes weight.to(dtype) * scale.to(dtype) as ComfyUI's scaled-fp8 layers do, instead of rounding the
+dequantized weight to float8 a second time (library.memory.store_fp8). A weight a family's loader rebuilds
+(fused, split) is not the dequantized tensor any more and is stored as any other weight.
+
+Other ComfyUI formats (int8 block-wise, nvfp4, mxfp8) are refused by name. Nothing here knows a family: the
+loaders' one reading function (library.loading.read_checkpoint) and the header check before loading
 (library.model_files) call this.
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,6 +40,10 @@ MARKER = "scaled_fp8"
 METADATA_KEY = "_quantization_metadata"
 FORMATS = ("float8_e4m3fn", "float8_e5m2")  # per-tensor scaled fp8: the formats read here
 FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E5M2")
+KEPT = "fp8_scaled_weight"  # the layer attribute attach() sets: (the file's float8 weight, its scale)
+# while keeping(): the data_ptr of each dequantized weight -> (that tensor, the float8 weight, the scale); the
+# dequantized tensor is held so that no other tensor gets its address before attach() looks
+_KEEPING: list[dict] = []
 
 
 class ScaledFp8Error(ValueError):
@@ -87,7 +99,36 @@ def dequantize(state: dict[str, torch.Tensor], metadata: dict[str, str] | None =
         scale = next((state[name[:-len(".weight")] + s] for s in WEIGHT_SCALES
                       if name.endswith(".weight") and name[:-len(".weight")] + s in state), None)
         out[name] = tensor if scale is None else scaled_weight(tensor, scale, dtype, name)
+        if scale is not None and scale.numel() == 1 and _KEEPING:
+            _KEEPING[-1][out[name].data_ptr()] = (out[name], tensor, scale.reshape(()).float())
     return out
+
+
+@contextmanager
+def keeping(enabled: bool = True):
+    """Loads under it remember each per-tensor-scaled weight's float8 tensor and scale (see the module's text);
+    yields the record attach() reads. Disabled, it records nothing."""
+    record: dict = {}
+    if enabled:
+        _KEEPING.append(record)
+    try:
+        yield record
+    finally:
+        if enabled:
+            _KEEPING.remove(record)
+
+
+def attach(module, record: dict) -> int:
+    """Give each layer of `module` whose weight is a dequantized scaled weight of `record` its float8 weight and
+    scale (the attribute KEPT); returns how many layers got them."""
+    count = 0
+    for layer in module.modules():
+        weight = layer._parameters.get("weight")
+        found = record.get(weight.data_ptr()) if weight is not None and not weight.is_meta else None
+        if found is not None and found[0].shape == weight.shape and found[0].dtype == weight.dtype:
+            setattr(layer, KEPT, found[1:])
+            count += 1
+    return count
 
 
 def scaled_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, name: str = "") -> torch.Tensor:

@@ -105,7 +105,9 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype, skip=lambda name, l
     """Every frozen weight of `module`'s Linear / Conv / Embedding layers (the layer classes diffusers'
     layerwise casting handles), except layers `skip(name, layer)` names, stored as float8_e4m3fn and cast to
     `compute_dtype` layer by layer in forward. Norm weights and other parameters stay as they are. Returns the
-    number of layers in fp8.
+    number of layers in fp8. A layer given a ComfyUI fp8-scaled file's own float8 weight and scale
+    (library.fp8_scaled.attach) stores those bytes as they are and computes weight.to(dtype) * scale.to(dtype),
+    as ComfyUI's scaled-fp8 layers do.
 
     Like diffusers' LayerwiseCastingHook, but the fp8 parameter is kept and put back after forward instead of
     cast back with module.to(): no second cast, no new storage per forward, and no weight whose dtype changes
@@ -122,16 +124,16 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype, skip=lambda name, l
         if any(getattr(layer, name).requires_grad for name in names):
             raise ValueError(f"{what} stores frozen weights; a {type(layer).__name__} of {type(module).__name__} "
                              f"trains")
-        for name in names:
-            getattr(layer, name).data = getattr(layer, name).data.to(torch.float8_e4m3fn)
+        scales = _store_layer_fp8(layer, names, compute_dtype)
         kept: dict[str, nn.Parameter] = {}
 
         # the fp8 parameter leaves its slot to a compute-dtype copy for the forward (a separate tensor, so what
         # autograd saves of it stays that copy), and comes back after
-        def cast(module, args, names=names, kept=kept):  # noqa: ARG001
+        def cast(module, args, names=names, kept=kept, scales=scales):  # noqa: ARG001
             for name in names:
                 kept[name] = module._parameters[name]
-                module._parameters[name] = kept[name].detach().to(compute_dtype)
+                copy = kept[name].detach().to(compute_dtype)
+                module._parameters[name] = copy * scales[name] if name in scales else copy
 
         def restore(module, args, output, kept=kept):  # noqa: ARG001
             for name, param in list(kept.items()):
@@ -141,6 +143,24 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype, skip=lambda name, l
         layer.register_forward_pre_hook(cast)
         layer.register_forward_hook(restore, always_call=True)
     return len(layers)
+
+
+def _store_layer_fp8(layer: nn.Module, names: list[str], compute_dtype: torch.dtype) -> dict[str, float]:
+    """The layer's parameters `names` in float8: a ComfyUI fp8-scaled file's own weight where attach() gave one
+    (its scale, rounded to `compute_dtype` as ComfyUI rounds it, returned by name), else rounded to
+    float8_e4m3fn."""
+    from library.fp8_scaled import KEPT
+
+    scaled = layer.__dict__.pop(KEPT, None)
+    scales = {}
+    for name in names:
+        param = getattr(layer, name)
+        if name == "weight" and scaled is not None:
+            param.data = scaled[0].to(param.device)
+            scales[name] = float(scaled[1].to(compute_dtype))
+        else:
+            param.data = param.data.to(torch.float8_e4m3fn)
+    return scales
 
 
 # ---- copies between the device and the host (offloading) -----------------------------------------------

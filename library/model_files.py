@@ -72,9 +72,19 @@ def check_model_files(cfg: Config):
     family = None if _is_hub_id(model) else _check_family(cfg, headers.get(MODEL_KEY))  # a hub id: once loaded
     if family is not None:
         _check_control_images(cfg, family)
+        _check_llm_adapter(cfg, family)
     if headers.get("network.network_weights"):
         _check_network_weights(cfg, headers["network.network_weights"], family)
     return family
+
+
+def _check_llm_adapter(cfg: Config, family) -> None:
+    """network_args train_llm_adapter=True (sd-scripts' lora_anima) needs a family with an LLM adapter."""
+    from networks.settings import wants_llm_adapter
+
+    if wants_llm_adapter(cfg.network) and not family.has_llm_adapter:
+        raise fail(cfg, "network.network_args", f"train_llm_adapter=True adapts Anima's LLM adapter; a "
+                                                f"{family.name} model has none: drop it")
 
 
 def _check_file(cfg: Config, key: str, value: str) -> SafetensorsHeader | None:
@@ -254,8 +264,11 @@ def _key_named_in(cfg: Config, message: str) -> str:
 def load_model(cfg: Config):
     """(family, its loaded Components) of the config's model; a loading error is a ConfigError naming the key."""
     from library.families import ModelSource, get_family
+    from library.fp8_scaled import attach, keeping
 
     m = cfg.model
-    with loading_errors(cfg):
+    with loading_errors(cfg), keeping(cfg.train.fp8_base) as scaled:  # fp8_base keeps fp8-scaled files' bytes
         family = get_family(m.family, m.pretrained_model_name_or_path)
-        return family, family.load(ModelSource.from_section(m))
+        parts = family.load(ModelSource.from_section(m))
+        attach(parts.denoiser, scaled)
+        return family, parts

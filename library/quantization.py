@@ -209,6 +209,38 @@ def int8_layer() -> type:
     return Linear8bitLt
 
 
+def _bnb_kind(module: nn.Module) -> str | None:
+    """"int8" / "nf4" for a bitsandbytes layer (by class name: no bitsandbytes import for other modules)."""
+    names = {cls.__name__ for cls in type(module).__mro__}
+    return "int8" if "Linear8bitLt" in names else "nf4" if "Linear4bit" in names else None
+
+
+def quant_state_slots(module: nn.Module) -> list[tuple[object, str]]:
+    """Where bitsandbytes keeps the quant state of `module`'s own weight outside parameters and buffers, as
+    (object, attribute): what must travel with the weight's data when that moves by assignment (block swap).
+    nf4: the block absmax, the code table and offset, and the nested absmax's own absmax and code; int8: the row
+    scales, in the layer's matmul state, where its first forward puts them (put there now, as that forward does;
+    the int8 codes are the weight's data, which the state's CB follows: tie_int8_state). [] for other layers."""
+    kind = _bnb_kind(module)
+    if kind == "int8":
+        if module.weight.CB is not None:
+            module.init_8bit_state()
+        return [(module.state, "SCB")]
+    if kind != "nf4":
+        return []
+    state = module.weight.quant_state
+    slots = [(state, "absmax"), (state, "code"), (state, "offset")]
+    if getattr(state, "nested", False):
+        slots += [(state.state2, "absmax"), (state.state2, "code")]
+    return [(owner, name) for owner, name in slots if isinstance(getattr(owner, name, None), torch.Tensor)]
+
+
+def tie_int8_state(module: nn.Module) -> None:
+    """An int8 layer's matmul state holds its weight's data as CB: after the data moved, CB is that data again."""
+    if _bnb_kind(module) == "int8" and module.state.CB is not None:
+        module.state.CB = module.weight.data
+
+
 def weight_bytes(module: nn.Module) -> int:
     """Bytes the module's weights take as stored (int8 / float8 / 16-bit ...)."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])

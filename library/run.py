@@ -101,8 +101,13 @@ def add_adapters(family, parts, settings, train_denoiser: bool, train_text_encod
     from networks.targets import inject
 
     freeze(parts)
-    adapted = []
-    for target in family.adapter_targets(parts):
+    adapted, targets = [], family.adapter_targets(parts)
+    if settings.train_llm_adapter and not any(t.llm_adapter_path for t in targets):
+        from library.config import ConfigError
+
+        raise ConfigError(f"'network.network_args': train_llm_adapter=True adapts Anima's LLM adapter; a "
+                          f"{family.name} model has none: drop it")
+    for target in targets:
         wanted = train_denoiser if target.component == "denoiser" else train_text_encoders
         if wanted and settings.adapts(target.component):  # adapts: a LyCORIS preset may leave a component out
             module = parts.denoiser if target.component == "denoiser" else parts.text_encoders[target.component]

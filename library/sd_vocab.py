@@ -69,8 +69,6 @@ NETWORK_ARGS: dict[str, tuple[tuple | None, str]] = {
     "train_t5xxl": (("false",), "lora_flux's LoRA on T5-XXL is not offered (T5 is never trained here): drop it to "
                                 "train the FLUX transformer and CLIP-L"),
     "verbose": (None, "prints the adapted layers; no effect on training"),
-    "train_llm_adapter": (("false",), "lora_anima's LoRA on Anima's LLM adapter is not offered (train_db.py trains "
-                                      "the adapter with the DiT)"),
     "exclude_patterns": ((), "lora_anima's layer patterns are not offered: adapters go into the DiT blocks' "
                              "attention and MLP, lora_anima's default"),
     "include_patterns": ((), "lora_anima's layer patterns are not offered: adapters go into the DiT blocks' "

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from networks import dora, oft
 from networks.lycoris_format import LoraFileError, file_names
+from networks.peft_format import target_prefixes
 
 
 @torch.no_grad()
@@ -112,7 +113,7 @@ def merge_peft(modules: dict[str, nn.Module], targets, path: str, ratio: float =
     tensors, metadata = files.read(path)
     settings = settings_of(metadata)
     adapted = [inject(modules[t.component], t, settings) for t in targets
-               if any(k.startswith((t.diffusers_prefix or t.component) + ".") for k in tensors)]
+               if any(k.startswith(target_prefixes(t)) for k in tensors)]
     loaded = files.load_into(adapted, path)
     for component in adapted:
         for module_path, layer in list(component.adapter_layers()):
@@ -140,7 +141,7 @@ def merge_file(modules: dict[str, nn.Module], targets, path: str, ratio: float) 
     from networks import files
 
     keys = files.read(path)[0].keys()
-    prefixes = tuple(f"{t.diffusers_prefix or t.component}." for t in targets)
+    prefixes = tuple(p for t in targets for p in target_prefixes(t))
     if keys and all(k.startswith(prefixes) for k in keys):
         return merge_peft(modules, targets, path, ratio)
     return merge_lora(modules, targets, path, ratio)
@@ -150,7 +151,7 @@ def components_in_file(targets, keys) -> set[str]:
     """The components (denoiser, te1, ...) an adapter file's keys adapt, by kohya or diffusers prefix."""
     found = set()
     for t in targets:
-        prefixes = (t.kohya_prefix + "_", f"lora_{t.diffusers_prefix}_", f"{t.diffusers_prefix or t.component}.")
+        prefixes = (t.kohya_prefix + "_", f"lora_{t.diffusers_prefix}_", *target_prefixes(t))
         if any(k.startswith(prefixes) for k in keys):
             found.add(t.component)
     return found

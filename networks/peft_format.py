@@ -14,7 +14,7 @@ import torch
 
 from networks import algorithms
 from networks.lycoris_format import LoraFileError
-from networks.targets import AdaptedComponent
+from networks.targets import AdaptedComponent, in_llm_adapter
 
 LAYERS_KEY = "lt_peft_layers"
 
@@ -23,10 +23,20 @@ def prefix(component: AdaptedComponent) -> str:
     return component.target.diffusers_prefix or component.target.component
 
 
+def target_prefixes(target) -> tuple[str, ...]:
+    """The key prefixes of an AdapterTarget's layers: its own, and its LLM adapter's (Anima: `text_conditioner.`)."""
+    own = f"{target.diffusers_prefix or target.component}."
+    return (own, target.llm_adapter_path + ".") if target.llm_adapter_path else (own,)
+
+
 def layer_name(component: AdaptedComponent, path: str) -> str:
     """`text_encoder.text_model.encoder.layers.0.mlp.fc1`: CLIP keys keep the `text_model.` segment ComfyUI's key
     map (comfy/lora.py model_lora_keys_clip) and older diffusers expect, where transformers 5 dropped it from the
-    module path (diffusers removes it again when it loads)."""
+    module path (diffusers removes it again when it loads). A layer of the component's LLM adapter is keyed by its
+    module path alone (`text_conditioner.blocks.0.self_attn.q_proj`: diffusers' Anima pipeline loads that
+    component apart from the transformer)."""
+    if in_llm_adapter(component.target, path):
+        return path
     return f"{prefix(component)}.{component.target.kohya_path_prefix}{path}"
 
 
@@ -36,8 +46,8 @@ def _names(component: AdaptedComponent, path: str) -> tuple[str, ...]:
 
 
 def is_peft_layout(keys, adapted: list[AdaptedComponent]) -> bool:
-    prefixes = tuple(prefix(c) + "." for c in adapted) + ("unet.", "text_encoder.", "transformer.")
-    return bool(keys) and all(k.startswith(prefixes) for k in keys)
+    known = tuple(p for c in adapted for p in target_prefixes(c.target)) + ("unet.", "text_encoder.", "transformer.")
+    return bool(keys) and all(k.startswith(known) for k in keys)
 
 
 def state_dict(adapted: list[AdaptedComponent], dtype: torch.dtype = torch.float32):

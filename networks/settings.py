@@ -35,7 +35,7 @@ ARG_KEYS = ("algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module
             "decompose_both", "use_tucker", "dora_wd", "wd_on_output", "constraint", "use_ema", "ema_decay", "block_dims", "block_alphas", "conv_block_dims",
             "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "loraplus_lr_ratio",
             "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "preset", "train_blocks",
-            "train_double_block_indices", "train_single_block_indices")
+            "train_double_block_indices", "train_single_block_indices", "train_llm_adapter")
 
 
 class SettingsError(ValueError):
@@ -74,6 +74,8 @@ class NetworkSettings:
     train_blocks: str = "all"
     double_blocks: frozenset[int] | None = None
     single_blocks: frozenset[int] | None = None
+    # sd-scripts' lora_anima: adapters in the LLM adapter's blocks too (a family target's llm_adapter_path)
+    train_llm_adapter: bool = False
 
     @classmethod
     def from_network_section(cls, net) -> "NetworkSettings":
@@ -120,6 +122,8 @@ class NetworkSettings:
                 args[name] = ",".join(f"{v:g}" for v in getattr(self, name))
         if self.mid_lr_weight is not None:
             args["mid_lr_weight"] = f"{self.mid_lr_weight:g}"
+        if self.train_llm_adapter:
+            args["train_llm_adapter"] = "True"
         return args
 
 
@@ -187,7 +191,8 @@ def settings_from(o: dict) -> NetworkSettings:
         constraint=_float(o, "constraint", 0.0), use_ema=_flag(o.get("use_ema")),
         ema_decay=_float(o, "ema_decay", 0.999), preset=_preset(o), train_blocks=_train_blocks(o),
         double_blocks=block_selection(o, "train_double_block_indices"),
-        single_blocks=block_selection(o, "train_single_block_indices"))
+        single_blocks=block_selection(o, "train_single_block_indices"),
+        train_llm_adapter=_flag(o.get("train_llm_adapter")))
     check(s)
     return s
 
@@ -321,6 +326,14 @@ def lr_preset(name: str, offset: float) -> tuple[float, ...]:
                "reverse_linear": [i / (n - 1) for i in range(n)][::-1],
                "zeros": [0.0] * n}[name]
     return tuple(w + offset for w in weights)
+
+
+def wants_llm_adapter(net) -> bool:
+    """Whether [network] asks for adapters in the LLM adapter (network_args train_llm_adapter=True)."""
+    try:
+        return NetworkSettings.from_network_section(net).train_llm_adapter
+    except SettingsError:
+        return False  # check_network_section names the problem
 
 
 def check_network_section(net, save_format: str = "kohya") -> list[str]:

@@ -67,6 +67,8 @@ def find_layers(root: nn.Module, target: AdapterTarget, s: NetworkSettings) -> d
             path = f"{name}.{child_name}" if name else child_name
             if attention is not None and not any(path.startswith(a + ".") for a in attention):
                 continue
+            if in_llm_adapter(target, path) and not s.train_llm_adapter:
+                continue
             if isinstance(child, nn.Linear) or _is_conv(child, kernel=(1, 1)):
                 rank_alpha = _linear_rank(s, _block(target, path))
             elif _is_conv(child) and type(module).__name__ in target.conv_parents and with_conv:
@@ -76,6 +78,11 @@ def find_layers(root: nn.Module, target: AdapterTarget, s: NetworkSettings) -> d
             if rank_alpha[0] > 0 and lr_weight(s, _block(target, path)) != 0 and _chosen_block(target, path, s):
                 layers[path] = rank_alpha
     return layers
+
+
+def in_llm_adapter(target: AdapterTarget, path: str) -> bool:
+    """Whether the layer at `path` is in the component's LLM adapter (AdapterTarget.llm_adapter_path)."""
+    return bool(target.llm_adapter_path) and path.startswith(target.llm_adapter_path + ".")
 
 
 def _chosen_block(target: AdapterTarget, path: str, s: NetworkSettings) -> bool:

@@ -3,6 +3,8 @@ against diffusers' Cosmos converter, loading (AnimaModularPipeline's folder, and
 vae files), the Qwen3 + LLM-adapter conditioning against diffusers' Anima text-encoder step and the transformer call,
 samples equal to AnimaModularPipeline's, golden losses of adapter and full fine-tune runs, cached text outputs and
 block swap, fp8 base, the adapter in diffusers and by ComfyUI's rule, an sd-scripts anima_train_network config."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,11 @@ from library.families.anima import AnimaFamily
 from library.families.base import ModelSource
 from library.loading import CheckpointError, arch_dir
 from model_checks import assert_same_weights, comfy_lora_applied, comfy_lora_names
+
+# network_args train_llm_adapter=true (the LLM adapter's 2 blocks adapted too), dim 4, alpha 4, lr 1e-2; and the
+# DiT-only run at those settings (measured), which it must not equal
+GOLDEN_ANIMA_LLM_ADAPTER = [1.596537, 1.803600, 1.606102, 1.537098]
+ANIMA_DIT_ONLY_LR_1E2 = [1.596537, 1.803667, 1.606707, 1.537802]
 
 
 def _split_files_source(files, **extra):
@@ -155,6 +162,105 @@ def test_golden_losses_lora_with_sd_scripts_names(anima_config, tiny_anima):
                 for p in ("q_proj", "k_proj", "v_proj", "output_proj")}
     expected |= {f"lora_unet_blocks_{b}_mlp_layer{i}" for b in (0, 1) for i in (1, 2)}
     assert names == expected  # 10 per block: attention and MLP, not the adaLN modulation (sd-scripts' default)
+
+
+def _llm_adapter_config(anima_config, **sections):
+    """lora_anima's train_llm_adapter=true at learning rate 1e-2 (at 1e-3 the tiny adapter's share of the loss
+    stays under the golden tolerance)."""
+    return anima_config(network={"network_dim": 4, "network_alpha": 4.0, "network_args": ["train_llm_adapter=true"]},
+                        optimizer={"learning_rate": 1e-2}, **sections)
+
+
+def test_llm_adapter_lora_golden_losses_and_sd_scripts_names(anima_config, tiny_anima):
+    """network_args train_llm_adapter=True (sd-scripts' lora_anima): the LLM adapter's blocks get adapters too,
+    named as lora_anima names them (lora_unet_llm_adapter_blocks_0_self_attn_q_proj: weights of the ComfyUI-layout
+    file with dots as underscores); the metadata says so; the losses are their own golden ones, not the DiT-only
+    run's at the same settings."""
+    result = train_network(_llm_adapter_config(anima_config))
+    assert close(result.losses, GOLDEN_ANIMA_LLM_ADAPTER), result.losses
+    assert not close(result.losses, ANIMA_DIT_ONLY_LR_1E2)
+    tensors = load_file(result.adapter_path)
+    names = {k.split(".", 1)[0] for k in tensors}
+    dit = {f"lora_unet_blocks_{b}_{a}_{p}" for b in (0, 1) for a in ("self_attn", "cross_attn")
+           for p in ("q_proj", "k_proj", "v_proj", "output_proj")} | {
+        f"lora_unet_blocks_{b}_mlp_layer{i}" for b in (0, 1) for i in (1, 2)}
+    adapter = {f"lora_unet_llm_adapter_blocks_{b}_{a}_{p}" for b in (0, 1) for a in ("self_attn", "cross_attn")
+               for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+        f"lora_unet_llm_adapter_blocks_{b}_mlp_{i}" for b in (0, 1) for i in (0, 2)}
+    assert names == dit | adapter  # 20 + 20 layers: the adapter's in_proj / out_proj / embed stay (lora_anima)
+    original = {"lora_unet_" + k.removeprefix("net.").removesuffix(".weight").replace(".", "_")
+                for k in load_file(tiny_anima["transformer"]) if k.endswith(".weight")}
+    assert names <= original
+    from safetensors import safe_open
+
+    with safe_open(str(result.adapter_path), "pt") as f:
+        assert json.loads(f.metadata()["ss_network_args"]) == {"train_llm_adapter": "True"}
+
+
+def test_llm_adapter_lora_applied_by_comfyui_and_by_diffusers_gives_the_trained_outputs(anima_config, tiny_anima):
+    """The kohya file applied by ComfyUI's rule to the original-layout file (every key a weight, adapter ones
+    included), and converted to the peft layout (from its metadata alone) and loaded by AnimaModularPipeline's
+    load_lora_weights (the adapter's 20 layers into its text_conditioner, the DiT's 20 into its transformer): both
+    predict what the trained adapter does."""
+    from library.anima_layout import file_to_parts
+    from networks.convert import convert
+
+    result = train_network(_llm_adapter_config(anima_config, train={"max_train_steps": 2}))
+    tensors = load_file(result.adapter_path)
+    original = load_file(tiny_anima["transformer"])
+    by_name = {"lora_unet_" + k.removeprefix("net.").removesuffix(".weight").replace(".", "_"): k
+               for k in original if k.endswith(".weight")}
+    for name in {k.split(".", 1)[0] for k in tensors}:
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        original[by_name[name]] += float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    family = AnimaFamily()
+    patched = _load(tiny_anima)
+    dit, adapter = file_to_parts(original)
+    patched.denoiser.load_state_dict({**dit, **{"text_conditioner." + k: v for k, v in adapter.items()}})
+    ours, theirs = _trained_vs_patched(family, result.parts, patched)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    peft_tensors, _ = convert(family, _load(tiny_anima), str(result.adapter_path), "peft")
+    assert sum(k.startswith("text_conditioner.blocks.") for k in peft_tensors) == 2 * 20
+    fresh = _load(tiny_anima)
+    pipe = family.pipeline(fresh)
+    pipe.load_lora_weights(peft_tensors)
+    assert (lora_layers(pipe.transformer), lora_layers(pipe.text_conditioner)) == (20, 20)
+    assert torch.allclose(ours, _trained_vs_patched(family, fresh, fresh)[0], atol=1e-5)
+    dit_only = _load(tiny_anima)
+    dit_only.denoiser.load_state_dict({**dit, **{"text_conditioner." + k: v for k, v in file_to_parts(
+        load_file(tiny_anima["transformer"]))[1].items()}})
+    assert not torch.allclose(ours, _trained_vs_patched(family, dit_only, dit_only)[0], atol=1e-5)
+
+
+def test_sd_scripts_train_llm_adapter_network_arg_is_read_as_lora_animas(tiny_anima, tiny_data, tmp_path):
+    """An anima_train_network.py config's network_args = ["train_llm_adapter=True"] is taken as lora_anima means
+    it (no longer refused), and only "true" turns it on, as lora_anima reads it."""
+    from library.config_files import load_config
+    from library.sd_args import parse
+    from networks.settings import NetworkSettings
+
+    def settings(value):
+        toml = tmp_path / f"anima_{value}.toml"
+        toml.write_text(f'pretrained_model_name_or_path = "{tiny_anima["transformer"]}"\n'
+                        f'train_data_dir = "{tiny_data}"\noutput_dir = "{tmp_path / "out"}"\n'
+                        f'network_module = "networks.lora_anima"\nnetwork_args = ["train_llm_adapter={value}"]\n')
+        args = parse(["--config_file", str(toml)], "anima_train_network.py")
+        return NetworkSettings.from_network_section(load_config(args.config, args.overrides, flags=args.flags).network)
+
+    assert settings("True").train_llm_adapter and settings("true").train_llm_adapter
+    assert not settings("false").train_llm_adapter and not settings("yes").train_llm_adapter
+
+
+def test_train_llm_adapter_for_another_family_exits_2_before_loading(make_config):
+    """Only Anima has an LLM adapter: another family's model with train_llm_adapter=true is refused from the
+    config and the model file's header."""
+    from library.config import ConfigError
+    from library.model_files import check_model_files
+
+    cfg = make_config(network={"network_args": ["train_llm_adapter=true"]})
+    with pytest.raises(ConfigError, match=r"'network.network_args': train_llm_adapter=True adapts Anima's LLM "
+                                          r"adapter; a sd1 model has none"):
+        check_model_files(cfg)
 
 
 def test_golden_losses_full_fine_tune_and_single_file_reload(anima_config, tiny_anima):

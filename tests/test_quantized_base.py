@@ -86,8 +86,7 @@ def test_peer_spellings_and_what_a_quantized_base_refuses(make_config):
     nf4 = {"base_model_precision": "nf4"}
     with pytest.raises(ConfigError, match="base_model_precision.*and 'train.fp8_base'.*choose one"):
         make_config(model=nf4, train={"fp8_base": True, "mixed_precision": "bf16"})
-    with pytest.raises(ConfigError, match="base_model_precision.*'train.blocks_to_swap'"):
-        make_config(model=nf4, train={"blocks_to_swap": 2, "gradient_checkpointing": True})
+    make_config(model=nf4, train={"blocks_to_swap": 2, "gradient_checkpointing": True})  # swapped with quant state
     lokr = {"network_module": "lycoris.kohya", "network_args": ["algo=lokr"]}
     with pytest.raises(ConfigError, match='algo = "lokr".*use lora or locon'):
         make_config(model=nf4, network=lokr)
@@ -145,6 +144,32 @@ def test_quantized_state_goes_where_the_run_puts_it(flux_config, gpu, precision)
         assert tensors and not any(fake_device.on_device(t) for t in tensors), name
     quantized = sum(t.numel() * t.element_size() for t in on_device)
     assert fake_device.resident_bytes() >= quantized
+
+
+@pytest.mark.parametrize("precision", ["int8", pytest.param("nf4", marks=pytest.mark.slow)])  # nf4: minutes here
+def test_block_swap_moves_the_quantized_state_and_changes_no_loss(flux_config, gpu, precision):
+    """base_model_precision with blocks_to_swap on the test device: the swapped blocks' bitsandbytes layers come to
+    the device with their quant state for each forward and the forward backward re-runs, and go back to the host
+    (pinned slabs there); the losses are the unswapped quantized run's. After the run the swapped blocks' weights
+    and quant state are on the host, the other blocks' on the device."""
+    import fake_device
+
+    def run(**train):
+        return _lora(flux_config(model={"base_model_precision": precision}, network={"network_train_unet_only": True},
+                                 train={"cache_text_encoder_outputs": True, "max_train_steps": 2,
+                                        "gradient_checkpointing": True, **train}, save={"overwrite": True}))
+
+    plain, swapped = run(), run(blocks_to_swap=2)
+    assert swapped.losses == pytest.approx(plain.losses, rel=1e-6, abs=1e-9)
+    swapper = swapped.parts.denoiser._block_swapper
+    assert len(swapper.swapped) == 3 and swapper.loads == 3 * 2 * 2  # 1 double + 2 single blocks, 2 steps
+    assert swapper.most_resident <= 2
+    blocks = [swapper.blocks[k] for k in swapper.swapped]
+    away = [t for block in blocks for t in _quantized_tensors(block, precision)]
+    assert len(away) > 10 and not any(fake_device.on_device(t) for t in away)
+    ids = {id(t) for t in away}
+    kept = [t for t in _quantized_tensors(swapped.parts.denoiser, precision) if id(t) not in ids]
+    assert len(kept) > 10 and all(fake_device.on_device(t) for t in kept)
 
 
 @pytest.mark.parametrize("shape", [(96, 200), (64, 64), (5, 3)])

@@ -30,8 +30,8 @@ from transformers import Qwen3Config, Qwen3Model
 from library.anima_layout import (ADAPTER_MARK, CONDITIONER, adapter_file_keys, file_to_parts, is_dit_key,
                                    original_name, transformer_to_file)
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
-from library.families.transformer_parts import assign_weights, load_file_or_folder, missing_files_problem
-from library.families.zimage import _rebuild_rotary, qwen3_keys
+from library.families.transformer_parts import (assign_weights, load_file_or_folder, load_qwen_image_vae,
+                                                missing_files_problem, qwen3_keys, rebuild_qwen3_rotary)
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 
 PIPELINE_CLASS = "AnimaModularPipeline"
@@ -40,8 +40,9 @@ T5_TOKENIZER = "google/t5-v1_1-xxl"  # the vocabulary of the adapter's ids (sd-s
 SEPARATE_FILES = ("text_encoder", "vae")
 TEXT_LENGTH = 512  # sd-scripts' qwen3_max_token_length and t5_max_token_length; the adapter's output length
 # the Linears sd-scripts' lora_anima adapts by default: attention and MLP of each block (its default exclusion
-# pattern drops the adaLN modulation, norms, embedders and the final layer)
-BLOCK_PARENTS = ("Attention", "FeedForward")
+# pattern drops the adaLN modulation, norms, embedders and the final layer); with train_llm_adapter, every Linear
+# of the LLM adapter's blocks too (lora_anima's LLMAdapterTransformerBlock: self- and cross-attention, MLP)
+BLOCK_PARENTS = ("Attention", "FeedForward", "AnimaTextConditionerBlock")
 
 
 class AnimaTransformer(CosmosTransformer3DModel):
@@ -84,6 +85,7 @@ class AnimaFamily(ModelFamily):
     cached_apart = None  # one text encoder, never trained: its outputs are cached whole or not at all
     adapter_base_versions = ("anima",)
     folder_parts = ("transformer", "text_conditioner", "vae", "text_encoder", "scheduler")
+    has_llm_adapter = True
 
     def file_metadata(self, parts: Components) -> dict[str, str]:
         return {"ss_base_model_version": "anima", "ss_v2": "False", "ss_v_parameterization": "False",
@@ -114,8 +116,7 @@ class AnimaFamily(ModelFamily):
         if source.llm_adapter:
             assign_weights(denoiser.text_conditioner, adapter_file_keys(read_checkpoint(source.llm_adapter)),
                            source.llm_adapter)
-        vae = load_vae(source.vae, arch_dir("anima")) if source.vae else AutoencoderKLQwenImage.from_pretrained(
-            path, subfolder="vae")
+        vae = load_qwen_image_vae(source.vae, path, arch_dir("anima"))
         qwen = _load_qwen3(source.text_encoder, arch_dir("anima")) if source.text_encoder else \
             Qwen3Model.from_pretrained(path, subfolder="text_encoder")
         return Components(denoiser=denoiser, vae=vae, text_encoders={"te": qwen},
@@ -132,7 +133,7 @@ class AnimaFamily(ModelFamily):
                                   f"its file (sd-scripts' llm_adapter_path)", key="model.llm_adapter")
         denoiser = empty_transformer(arch, sizes=None if source.arch else file_sizes(dit, adapter))
         assign_weights(denoiser, {**dit, **{CONDITIONER + k: v for k, v in adapter.items()}}, source.path)
-        return Components(denoiser=denoiser, vae=load_vae(source.vae, arch),
+        return Components(denoiser=denoiser, vae=load_qwen_image_vae(source.vae, None, arch),
                           text_encoders={"te": _load_qwen3(source.text_encoder, arch)},
                           tokenizers=tokenizers(source),
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
@@ -156,9 +157,11 @@ class AnimaFamily(ModelFamily):
         """The DiT blocks' attention (self and cross: q, k, v, output) and MLP Linears, as sd-scripts' lora_anima
         picks them by default (adaLN modulation, embedders and the final layer excluded), named in kohya files as
         the original checkpoint names them (lora_unet_blocks_0_self_attn_q_proj: sd-scripts' names, which ComfyUI
-        maps); the LLM adapter and Qwen3 are not trained by adapters."""
+        maps). With network_args train_llm_adapter=True (lora_anima's), the LLM adapter's blocks too:
+        lora_unet_llm_adapter_blocks_0_self_attn_q_proj .. _mlp_2 in kohya files (the original file's names), and
+        text_conditioner.blocks.0... in peft files (diffusers' Anima pipeline's component). Qwen3 is not adapted."""
         return [AdapterTarget("denoiser", "lora_unet", linear_parents=BLOCK_PARENTS, diffusers_prefix="transformer",
-                              kohya_layout=kohya_layout)]
+                              kohya_layout=kohya_layout, llm_adapter_path=CONDITIONER.rstrip("."))]
 
     def swappable_blocks(self, parts: Components) -> list[torch.nn.Module]:
         return list(parts.denoiser.transformer_blocks)
@@ -344,19 +347,6 @@ def _rebuild_adapter_rotary(conditioner: AnimaTextConditioner) -> None:
         rotary.register_buffer("inv_freq", fresh.inv_freq, persistent=False)
 
 
-def load_vae(path: str | Path, arch: Path) -> AutoencoderKLQwenImage:
-    """A diffusers VAE folder, or a single file (ComfyUI's qwen_image_vae.safetensors, the Wan-2.1 layout, or
-    diffusers' names) read with the architecture's vae config."""
-    from library.qwen_image_layout import file_to_vae
-
-    if Path(path).is_dir():
-        return AutoencoderKLQwenImage.from_pretrained(str(path))
-    with torch.device("meta"):
-        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(arch / "vae")))
-    assign_weights(vae, file_to_vae(read_checkpoint(path)), path)
-    return vae
-
-
 def _load_qwen3(path: str | Path, arch: Path) -> Qwen3Model:
     """Qwen3-0.6B: a transformers folder, or a single file (ComfyUI's qwen_3_06b_base.safetensors: causal-LM names)
     read with the architecture's text_encoder config."""
@@ -364,7 +354,7 @@ def _load_qwen3(path: str | Path, arch: Path) -> Qwen3Model:
         return Qwen3Model.from_pretrained(str(path))
     with torch.device("meta"):
         qwen = Qwen3Model(Qwen3Config.from_pretrained(str(arch / "text_encoder")))
-    _rebuild_rotary(qwen)
+    rebuild_qwen3_rotary(qwen)
     assign_weights(qwen, qwen3_keys(read_checkpoint(path)), path)
     return qwen
 

@@ -89,6 +89,10 @@ class AdapterTarget:
     # output dimension in position order. Kohya files use these names (networks/lycoris_format.py); files
     # named by module path still load.
     kohya_layout: Callable[[str], tuple[str, int, int] | None] | None = None
+    # the module path of an LLM adapter inside this component (Anima's text_conditioner): its layers among
+    # linear_parents get adapters only with network_args train_llm_adapter=True (sd-scripts' lora_anima), and
+    # peft / diffusers files key them under that path alone (diffusers loads it as a pipeline component)
+    llm_adapter_path: str = ""
 
 
 class ModelFamily:
@@ -114,6 +118,9 @@ class ModelFamily:
     # the denoiser's repeated block classes (names, as diffusers defines them): FSDP2 shards each such block as
     # its own unit (accelerate's transformer-based auto-wrap), so one block's weights are gathered at a time
     block_classes: tuple[str, ...] = ()
+    # an LLM adapter in the denoiser (Anima's), which network_args train_llm_adapter=True adapts too (checked
+    # before loading: other families refuse the key)
+    has_llm_adapter: bool = False
 
     # ---- recognising and loading ------------------------------------------------------------------
 

@@ -29,11 +29,11 @@ import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
-from library.families.transformer_parts import (assign_weights, load_file_or_folder, missing_files_problem,
-                                                pack_latents, unpack_latents)
+from library.families.transformer_parts import (assign_weights, load_file_or_folder, load_qwen_image_vae,
+                                                missing_files_problem, pack_latents, unpack_latents)
 from library.loading import CheckpointError, arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
-from library.qwen_image_layout import (TRANSFORMER_MARK, TRANSFORMER_PREFIXES, file_to_transformer, file_to_vae,
+from library.qwen_image_layout import (TRANSFORMER_MARK, TRANSFORMER_PREFIXES, file_to_transformer,
                                        is_transformer_key, text_model_keys)
 
 PIPELINES = {"QwenImagePipeline": False, "QwenImageEditPipeline": True, "QwenImageEditPlusPipeline": True}
@@ -88,8 +88,7 @@ class QwenImageFamily(ModelFamily):
 
     def _load_folder(self, source: ModelSource) -> Components:
         path = Path(source.path)
-        vae = _load_vae(source.vae, arch_dir("qwen-image")) if source.vae else AutoencoderKLQwenImage.from_pretrained(
-            str(path), subfolder="vae")
+        vae = load_qwen_image_vae(source.vae, path, arch_dir("qwen-image"))
         text = _load_text_model(source.text_encoder, arch_dir("qwen-image")) if source.text_encoder else \
             _load_text_model(path / "text_encoder", path)
         return Components(
@@ -104,7 +103,7 @@ class QwenImageFamily(ModelFamily):
         arch = arch_dir(source.arch or ("qwen-image-edit-2511" if marked else "qwen-image"))
         denoiser = _empty_transformer(arch)
         assign_weights(denoiser, state, source.path)
-        return Components(denoiser=denoiser, vae=_load_vae(source.vae, arch),
+        return Components(denoiser=denoiser, vae=load_qwen_image_vae(source.vae, None, arch),
                           text_encoders={"te": _load_text_model(source.text_encoder, arch)},
                           tokenizers={"te": _tokenizer(source.tokenizer or DEFAULT_TOKENIZER)},
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(arch),
@@ -324,17 +323,6 @@ def _empty_transformer(arch: Path) -> QwenImageTransformer2DModel:
     rope = QwenEmbedLayer3DRope if denoiser.config.use_layer3d_rope else QwenEmbedRope
     denoiser.pos_embed = rope(theta=10000, axes_dim=list(denoiser.config.axes_dims_rope), scale_rope=True)
     return denoiser
-
-
-def _load_vae(path: str | Path, arch: Path) -> AutoencoderKLQwenImage:
-    """A diffusers VAE folder, or a single file (ComfyUI's Wan-2.1 layout, or diffusers' names) read with the
-    architecture's vae config."""
-    if Path(path).is_dir():
-        return AutoencoderKLQwenImage.from_pretrained(str(path))
-    with torch.device("meta"):
-        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(arch / "vae")))
-    assign_weights(vae, file_to_vae(read_checkpoint(path)), path)
-    return vae
 
 
 def _load_text_model(path: str | Path, arch: Path):

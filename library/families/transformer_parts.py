@@ -1,7 +1,8 @@
-"""What the transformer families (SD3, the FLUX line, Chroma, Qwen-Image, Z-Image) share: loading a transformer file
-(refused while its separate files are unset) or a folder, assigning separate single files (clip_l, clip_g,
+"""What the transformer families (SD3, the FLUX line, Chroma, Qwen-Image, Z-Image, Anima) share: loading a transformer
+file (refused while its separate files are unset) or a folder, assigning separate single files (clip_l, clip_g,
 t5xxl) to encoders built on the meta device, T5-XXL encoding with its padding mask, and the shifted, scaled
-16-channel latents of their autoencoders; the FLUX line's 2x2 latent packing and image position ids."""
+16-channel latents of their autoencoders; the FLUX line's 2x2 latent packing and image position ids; the Qwen
+lineage's parts: the Qwen-Image VAE (Qwen-Image, Anima) and Qwen3 text-encoder files (Z-Image, Anima)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -152,3 +153,42 @@ def reference_image(path: str, width: int, height: int):
 
     with Image.open(path) as im:
         return ImageOps.exif_transpose(im).convert("RGB").resize((width, height), Image.LANCZOS)
+
+
+def load_qwen_image_vae(file: str | None, folder, arch) -> "AutoencoderKLQwenImage":
+    """The Qwen-Image VAE (Qwen-Image's and Anima's): `file` (model.vae) when set, a diffusers VAE folder or a single
+    file (ComfyUI's qwen_image_vae.safetensors: the Wan-2.1 layout, or diffusers' names) read with the `arch`
+    folder's vae config; else the vae/ of the diffusers `folder`."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKLQwenImage
+
+    from library.loading import read_checkpoint
+    from library.qwen_image_layout import file_to_vae
+
+    if not file:
+        return AutoencoderKLQwenImage.from_pretrained(str(folder), subfolder="vae")
+    if Path(file).is_dir():
+        return AutoencoderKLQwenImage.from_pretrained(str(file))
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(str(Path(arch) / "vae")))
+    assign_weights(vae, file_to_vae(read_checkpoint(file)), file)
+    return vae
+
+
+def qwen3_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Qwen3 text-encoder file (transformers' causal-LM names `model.layers...` as ComfyUI's qwen_3_4b and
+    qwen_3_06b_base, or the base model's `layers...`) in Qwen3Model's names; the LM head (tied to the embedding,
+    unused) is left out."""
+    return {k.removeprefix("model."): v for k, v in state.items() if not k.startswith("lm_head.")}
+
+
+def rebuild_qwen3_rotary(qwen) -> None:
+    """A Qwen3Model's rotary inverse frequencies (a non-persistent buffer, left on the meta device when the model
+    was built there) rebuilt as its own __init__ computes them."""
+    rotary = qwen.rotary_emb
+    if rotary.inv_freq.is_meta:
+        with torch.device("cpu"):
+            fresh = type(rotary)(qwen.config)
+        for name, buffer in fresh.named_buffers():
+            rotary.register_buffer(name, buffer, persistent=False)

@@ -27,7 +27,7 @@ from transformers import Qwen3Config, Qwen3Model
 
 from library.families.base import AdapterTarget, Components, ModelFamily, ModelSource, is_single_file, register
 from library.families.transformer_parts import (assign_weights, encode_latents, load_ae, load_file_or_folder,
-                                                missing_files_problem)
+                                                missing_files_problem, qwen3_keys, rebuild_qwen3_rotary)
 from library.loading import arch_dir, has_key_prefix, read_checkpoint, read_json
 from library.objectives import FlowMatchObjective
 from library.zimage_layout import PREFIX, kohya_layout, original_to_transformer, transformer_to_original
@@ -87,7 +87,7 @@ class ZImageFamily(ModelFamily):
             denoiser = ZImageTransformer2DModel.from_config(
                 ZImageTransformer2DModel.load_config(str(arch / "transformer")))
             qwen = Qwen3Model(Qwen3Config.from_pretrained(str(arch / "text_encoder")))
-        _rebuild_rotary(qwen)
+        rebuild_qwen3_rotary(qwen)
         assign_weights(denoiser, original_to_transformer(read_checkpoint(source.path)), source.path)
         assign_weights(qwen, qwen3_keys(read_checkpoint(source.text_encoder)), source.text_encoder)
         return Components(denoiser=denoiser, vae=load_ae(_separate_file(source, "ae"), arch),
@@ -181,23 +181,6 @@ class ZImageFamily(ModelFamily):
         return ZImagePipeline(scheduler=scheduler or parts.noise_scheduler, vae=parts.vae,
                               text_encoder=parts.text_encoders["te"], tokenizer=parts.tokenizers["te"],
                               transformer=parts.denoiser)
-
-
-def qwen3_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Qwen3 text-encoder file (transformers' causal-LM names `model.layers...` as ComfyUI's qwen_3_4b, or the
-    base model's `layers...`) in Qwen3Model's names; the LM head (tied to the embedding, unused) is left out."""
-    return {k.removeprefix("model."): v for k, v in state.items() if not k.startswith("lm_head.")}
-
-
-def _rebuild_rotary(qwen: Qwen3Model) -> None:
-    """Qwen3's rotary inverse frequencies (a non-persistent buffer, left on the meta device) rebuilt as its own
-    __init__ computes them."""
-    rotary = qwen.rotary_emb
-    if rotary.inv_freq.is_meta:
-        with torch.device("cpu"):
-            fresh = type(rotary)(qwen.config)
-        for name, buffer in fresh.named_buffers():
-            rotary.register_buffer(name, buffer, persistent=False)
 
 
 def _separate_file(source: ModelSource, key: str) -> str | None:
