@@ -155,9 +155,11 @@ def test_block_swap_moves_the_quantized_state_and_changes_no_loss(flux_config, g
     import fake_device
 
     def run(**train):
-        return _lora(flux_config(model={"base_model_precision": precision}, network={"network_train_unet_only": True},
-                                 train={"cache_text_encoder_outputs": True, "max_train_steps": 2,
-                                        "gradient_checkpointing": True, **train}, save={"overwrite": True}))
+        return train_network(flux_config(model={"base_model_precision": precision},
+                                         network={"network_train_unet_only": True},
+                                         train={"cache_text_encoder_outputs": True, "max_train_steps": 2,
+                                                "gradient_checkpointing": True, **train},
+                                         save={"overwrite": True}))
 
     plain, swapped = run(), run(blocks_to_swap=2)
     assert swapped.losses == pytest.approx(plain.losses, rel=1e-6, abs=1e-9)
