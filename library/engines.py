@@ -12,11 +12,11 @@ trained modules are handed to the engine and where the bare modules are taken ba
                the denoiser under ZeRO-1/2/3 (deepspeed_problems names what it cannot run, before loading): the
                denoiser, its optimizer and the loader through one accelerator.prepare; DeepSpeed's engine scales
                for accumulation, reduces, clips and steps inside accelerator.backward (Prepared.steps_in_backward:
-               the loop neither clips nor steps again); bf16 as torch autocast over fp32 weights (deepspeed_plugin).
-               The models load whole (loading_whole), the denoiser is
-               partitioned when prepared; the weights file is assembled from the fp32 master copies on the main
-               process (deepspeed_state), states are DeepSpeed checkpoints through accelerator.save_state, and
-               every process samples (ZeRO-3's forward gathers from all).
+               the loop neither clips nor steps again); bf16 as torch autocast over fp32 weights (deepspeed_plugin;
+               sampling autocasts as the engine does: autocast). The models load whole (loading_whole), the
+               denoiser is partitioned when prepared; the weights file is assembled from the fp32 master copies on
+               the main process (deepspeed_state), states are DeepSpeed checkpoints through accelerator.save_state,
+               and every process samples (ZeRO-3's forward gathers from all).
     fsdp1      `accelerate config` with FSDP version 1: refused (accelerate deprecates it).
     fsdp2      `accelerate launch --use_fsdp --fsdp_version 2` (ACCELERATE_USE_FSDP, FSDP_VERSION=2), full
                fine-tunes of the denoiser: accelerate's fully_shard of each of the family's repeated blocks
@@ -304,6 +304,20 @@ def loading_whole(accelerator):
         yield
     finally:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def autocast(accelerator):
+    """The run's autocast for what runs outside the engine's forward (sampling): accelerator.autocast(), which is
+    none under DeepSpeed (its engine autocasts its own forward); there torch.autocast in the dtype of the DeepSpeed
+    config's torch_autocast (bf16 runs: fp32 weights), else none (fp16 / fp32: the module in the compute dtype)."""
+    if not is_deepspeed(accelerator):
+        return accelerator.autocast()
+    section = accelerator.state.deepspeed_plugin.deepspeed_config.get("torch_autocast", {})
+    if not section.get("enabled"):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast(accelerator.device.type, dtype=getattr(torch, section.get("dtype", "bfloat16")))
 
 
 class Engined:

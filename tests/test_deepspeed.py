@@ -90,10 +90,16 @@ def test_zero1_and_zero2_full_fine_tune_equals_one_process_on_the_global_batch(t
     with no_sync) and ZeRO-2 (the gradients too), the module whole on each process; DeepSpeed's engine accumulates
     (1 image a micro-batch and process), clips and steps inside accelerator.backward (measured: 6e-8). bf16 as on
     one GPU: fp32 weights under autocast (measured: 4e-6; DeepSpeed's own bf16 mode, which rounds the weights to
-    bf16 before making its fp32 masters, ends 4.9e-4 away)."""
-    two = _configure(_config(tmp_path, tiny_sd1, tiny_data, "two", 1, DB), precision)
+    bf16 before making its fp32 masters, ends 4.9e-4 away); its final sample, rendered outside the engine, in the
+    same autocast (without it the fp32 UNet met bf16 text embeddings: a RuntimeError)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --d 1 --s 2\n")
+    sample = f'[sample]\nsample_prompts = "{prompts}"\nsample_steps = 2\n' if precision == "bf16" else ""
+    two = _configure(_config(tmp_path, tiny_sd1, tiny_data, "two", 1, DB + sample), precision)
     run = _zero_run(two, stage, port, precision)
     assert "full fine-tune" in run.stdout
+    if sample:
+        assert [p.name for p in (tmp_path / "two" / "samples").iterdir()] == ["last_step00000003_00_1.png"]
     _assert_one_process(load_file(tmp_path / "two" / "last.safetensors"), alone(precision), load_file(tiny_sd1[1]),
                         within, torch.bfloat16 if precision == "bf16" else torch.float32)
 
