@@ -12,10 +12,11 @@ trained modules are handed to the engine and where the bare modules are taken ba
                the denoiser under ZeRO-1/2/3 (deepspeed_problems names what it cannot run, before loading): the
                denoiser, its optimizer and the loader through one accelerator.prepare; DeepSpeed's engine scales
                for accumulation, reduces, clips and steps inside accelerator.backward (Prepared.steps_in_backward:
-               the loop neither clips nor steps again). The models load whole (loading_whole), the denoiser is
-               partitioned when prepared; the weights file is assembled from the fp32 master copies on the main
-               process (deepspeed_state), states are DeepSpeed checkpoints through accelerator.save_state, and
-               every process samples (ZeRO-3's forward gathers from all).
+               the loop neither clips nor steps again); bf16 as torch autocast over fp32 weights (deepspeed_plugin;
+               sampling autocasts as the engine does: autocast). The models load whole (loading_whole), the
+               denoiser is partitioned when prepared; the weights file is assembled from the fp32 master copies on
+               the main process (deepspeed_state), states are DeepSpeed checkpoints through accelerator.save_state,
+               and every process samples (ZeRO-3's forward gathers from all).
     fsdp1      `accelerate config` with FSDP version 1: refused (accelerate deprecates it).
     fsdp2      `accelerate launch --use_fsdp --fsdp_version 2` (ACCELERATE_USE_FSDP, FSDP_VERSION=2), full
                fine-tunes of the denoiser: accelerate's fully_shard of each of the family's repeated blocks
@@ -277,14 +278,18 @@ def deepspeed_plugin(cfg):
     file) from the environment, with the config's gradient accumulation and clipping (max_grad_norm; 0: none),
     which DeepSpeed's engine applies itself. ZeRO-3's zero.Init at load time stays off (accelerate would hand it
     to transformers, partitioning the frozen text encoders no engine manages): the denoiser is partitioned when
-    prepared. In bf16, DeepSpeed skips a step whose gradients are not finite (as it does in fp32 / fp16)."""
+    prepared. bf16 runs as on one GPU: the trained weights stay fp32 and the forward runs under torch.autocast
+    (DeepSpeed's torch_autocast; its bf16 mode would cast the module to bf16 first and make the fp32 master weights
+    from those rounded copies), gradients reduced in fp32 (no module marked for lower-precision communication)."""
     from accelerate.utils import DeepSpeedPlugin
 
     t, o = cfg.train, cfg.optimizer
     plugin = DeepSpeedPlugin(gradient_accumulation_steps=t.gradient_accumulation_steps,
                              gradient_clipping=float(o.max_grad_norm), zero3_init_flag=False)
-    if t.mixed_precision == "bf16":
-        plugin.deepspeed_config.setdefault("bf16", {"enabled": True})["check_grad_overflow"] = True
+    if t.mixed_precision == "bf16" and "bf16" not in plugin.deepspeed_config:  # a config file's own choice stays
+        plugin.deepspeed_config["bf16"] = {"enabled": False}
+        plugin.deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                                     "lower_precision_safe_modules": []}
     return plugin
 
 
@@ -304,6 +309,20 @@ def loading_whole(accelerator):
         yield
     finally:
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def autocast(accelerator):
+    """The run's autocast for what runs outside the engine's forward (sampling): accelerator.autocast(), which is
+    none under DeepSpeed (its engine autocasts its own forward); there torch.autocast in the dtype of the DeepSpeed
+    config's torch_autocast (bf16 runs: fp32 weights), else none (fp16 / fp32: the module in the compute dtype)."""
+    if not is_deepspeed(accelerator):
+        return accelerator.autocast()
+    section = accelerator.state.deepspeed_plugin.deepspeed_config.get("torch_autocast", {})
+    if not section.get("enabled"):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast(accelerator.device.type, dtype=getattr(torch, section.get("dtype", "bfloat16")))
 
 
 class Engined:

@@ -95,18 +95,18 @@ def sample_renderer(family, parts, sampling, accelerator, folder, output_name: s
     the others' images go unsaved."""
     import tempfile
 
-    from library.engines import is_sharded
+    from library.engines import autocast, is_sharded
     from library.sampling import log_images, render_samples
 
     def sample(step: int) -> None:
         tag = f"{output_name}_step{step:08d}"
         if sampling and accelerator.is_main_process:
-            with accelerator.autocast():
+            with autocast(accelerator):  # accelerator.autocast(); DeepSpeed's: as its engine autocasts
                 paths = render_samples(family, parts, sampling, folder, tag, accelerator.device)
             log_images(accelerator, paths, step)
             into.extend(paths)
         elif sampling and is_sharded(accelerator):
-            with tempfile.TemporaryDirectory() as elsewhere, accelerator.autocast():
+            with tempfile.TemporaryDirectory() as elsewhere, autocast(accelerator):
                 render_samples(family, parts, sampling, Path(elsewhere), tag, accelerator.device)
 
     return sample

@@ -130,7 +130,7 @@ def test_deepspeed_offload_needs_a_cpu_adam_that_can_build(make_config, monkeypa
 
 def test_deepspeed_plugin_takes_the_config_values(make_config, monkeypatch):
     """The plugin accelerate is given: the launch's ZeRO stage, the config's accumulation and clipping (0: none),
-    no zero.Init at load time, and in bf16 a step skipped on non-finite gradients."""
+    no zero.Init at load time, and bf16 as torch autocast over fp32 weights, gradients reduced in fp32."""
     pytest.importorskip("deepspeed")
     from library.engines import deepspeed_plugin
 
@@ -141,9 +141,10 @@ def test_deepspeed_plugin_takes_the_config_values(make_config, monkeypatch):
     config = plugin.deepspeed_config
     assert (plugin.zero_stage, config["zero_optimization"]["stage"], config["gradient_accumulation_steps"],
             config["gradient_clipping"], plugin.zero3_init_flag) == (2, 2, 3, 0.5, False)
-    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert config["bf16"] == {"enabled": False}
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     unclipped = deepspeed_plugin(make_config(optimizer={"max_grad_norm": 0.0})).deepspeed_config
-    assert "gradient_clipping" not in unclipped and "bf16" not in unclipped
+    assert "gradient_clipping" not in unclipped and "bf16" not in unclipped and "torch_autocast" not in unclipped
 
 
 def test_a_deepspeed_state_resumes_only_under_deepspeed_with_as_many_processes_and_its_stage(tmp_path, monkeypatch):
