@@ -325,6 +325,7 @@ class OptimizerSettings:
     max_grad_norm: float = 1.0
     fused_backward_pass: bool = False
     fused_optimizer_groups: int | None = None
+    offload_optimizer_state: bool = False  # the fused chunks' state in host memory between steps
 
     @property
     def fused(self) -> bool:
@@ -334,7 +335,7 @@ class OptimizerSettings:
     def from_config(cls, cfg) -> "OptimizerSettings":
         o = cfg.optimizer
         return cls(o.optimizer_type, o.learning_rate, list(o.optimizer_args), o.max_grad_norm,
-                   o.fused_backward_pass, o.fused_optimizer_groups)
+                   o.fused_backward_pass, o.fused_optimizer_groups, o.offload_optimizer_state)
 
 
 def adapter_groups(adapted, settings, network_section, learning_rate: float) -> list[dict]:
@@ -369,7 +370,8 @@ def make_optimizer(o: OptimizerSettings, groups: list[dict], swapper=None, proce
         raise ConfigError("'optimizer.fused_backward_pass' steps inside backward, before gradients are averaged "
                           "across processes: train on one GPU, or turn it off")
     optimizer = FusedBackward(o.optimizer_type, groups, o.learning_rate, o.optimizer_args,
-                              chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm, build=build)
+                              chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm, build=build,
+                              state_on_host=o.offload_optimizer_state)
     if swapper:
         swapper.optimizer_state = optimizer.state_of  # a swapped weight's state travels with it
     return optimizer, optimizer.optimizers

@@ -148,6 +148,9 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     if s.sample:
         sample_phase(s, family, parts, placed.latents if s.cache_latents else None, tracker, notes)
     host = host_bytes(s, parts, swapper, placed.kept)
+    host_state = getattr(training_state[0], "host_state", None)
+    if host_state is not None:
+        host["optimizer state (offload_optimizer_state)"] = host_state.host_bytes()
     host.update(save_phase(s, family, parts, adapted, tracker, notes))
     return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
                        frozen=frozen, host=host)
@@ -195,7 +198,7 @@ def _train_step(s: StepSettings, family, parts, placed, trained, adapted, text_e
         p.register_post_accumulate_grad_hook(lambda p: tracker.tag([p.grad], "gradients"))
     optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, swapper, notes)
     fused = s.optimizer_settings().fused
-    warm_up_state(trained, optimizers, swapper, tracker)
+    warm_up_state(trained, optimizers, swapper, tracker, getattr(optimizer, "host_state", None))
     buckets = ddp_buckets(s, trained, tracker, notes)  # alive through the steps, as in a run
 
     generator = torch.Generator().manual_seed(0)
@@ -387,11 +390,12 @@ def host_bytes(s: StepSettings, parts, swapper, kept: list) -> dict[str, int]:
     return out
 
 
-def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker) -> None:
+def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker, host_state=None) -> None:
     """The optimizer state as the first step leaves it, made by the optimizers' own step on a zero gradient,
     one parameter at a time (a full set of gradients never exists here, as it need not in a fused backward
     pass): the steady state one measured step then runs in. State of block-swapped weights goes to the host,
-    where block swap keeps it between uses."""
+    where block swap keeps it between uses; with offload_optimizer_state (`host_state`, library.optim.HostState)
+    every state goes to its host buffers, made here as the first step makes them."""
     from library.memory import device_copy
 
     owner = {id(p): opt for opt in optimizers for group in opt.param_groups for p in group["params"]}
@@ -410,6 +414,9 @@ def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker) -> None:
             tracker.tag([t for t in state.values() if isinstance(t, torch.Tensor)], "optimizer state")
             if swapped:
                 _back_to_host(swapper, p, state)
+            if host_state is not None:
+                with tracker.host_by_default():
+                    host_state.send_back(opt)
 
 
 def ddp_buckets(s: StepSettings, trained, tracker: MemoryTracker, notes: list[str]) -> list:
