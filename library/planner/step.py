@@ -398,17 +398,17 @@ def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker, host_sta
     every state goes to its host buffers, made here as the first step makes them."""
     from library.memory import device_copy
 
-    owner = {id(p): opt for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    owner = {id(p): (opt, group) for opt in optimizers for group in opt.param_groups for p in group["params"]}
     with torch.no_grad():
         for p in trained:
-            opt = owner.get(id(p))
+            opt, group = owner.get(id(p), (None, None))
             if opt is None:
                 continue
             swapped = swapper is not None and swapper.swaps(p)
             if swapped:  # a swapped weight steps while its block is on the device (library/block_swap.py)
                 p.data = device_copy(swapper.host[p], p.device)
             p.grad = torch.zeros_like(p)
-            opt.step()
+            _step_one(opt, group, p)
             p.grad = None
             state = opt.state.get(p, {})
             tracker.tag([t for t in state.values() if isinstance(t, torch.Tensor)], "optimizer state")
@@ -417,6 +417,17 @@ def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker, host_sta
             if host_state is not None:
                 with tracker.host_by_default():
                     host_state.send_back(opt)
+
+
+def _step_one(opt, group: dict, p) -> None:
+    """`opt`'s step of parameter `p` alone: its group holds only `p` for the call (the optimizers look at every
+    parameter of their groups each step: stepping ~1,000 adapters one by one would look at a million)."""
+    everyone = group["params"]
+    group["params"] = [p]
+    try:
+        opt.step()
+    finally:
+        group["params"] = everyone
 
 
 def ddp_buckets(s: StepSettings, trained, tracker: MemoryTracker, notes: list[str]) -> list:
