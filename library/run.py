@@ -230,6 +230,9 @@ class Caches:
     (library/planner/step.py) passes its own, which encode one planned batch, to the same cache_outputs."""
     latents: Callable[[], None] | None = None
     text: Callable[[str | None, object], dict] | None = None
+    # prompts(encoders): the sample prompts through those encoders while they visit, recorded for sampling
+    # (library.sampling.PromptOutputs: sampling then never brings them to the device)
+    prompts: Callable[[list], None] | None = None
 
 
 def dataset_caches(cfg, family, parts, dataset, say, held_out=None) -> Caches:
@@ -250,8 +253,22 @@ def dataset_caches(cfg, family, parts, dataset, say, held_out=None) -> Caches:
         folder = cache_folder(cfg) if t.cache_text_encoder_outputs_to_disk else None
         return cache_text_outputs(family, parts, captions, cfg.model.clip_skip, folder, say, device, apart=apart)
 
-    return Caches(latents if d.cache_latents or d.cache_latents_to_disk else None,
-                  text if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk else None)
+    def prompts(encoders) -> None:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import get_mixed_precision_context_manager
+
+        from library.sampling import PROMPT_OUTPUTS, PromptOutputs, settings_from_config
+        from library.training import resolution
+
+        recorded = PromptOutputs(encoders)
+        in_precision = get_mixed_precision_context_manager(AcceleratorState().mixed_precision != "no")
+        recorded.record(family, parts, settings_from_config(cfg, *resolution(d.resolution)), in_precision)
+        parts.extra[PROMPT_OUTPUTS] = recorded
+        say(f"sample prompts encoded once: {len(recorded.outputs)} text-encoder outputs kept for sampling")
+
+    text_cached = t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk
+    return Caches(latents if d.cache_latents or d.cache_latents_to_disk else None, text if text_cached else None,
+                  prompts if text_cached and cfg.sample.sample_prompts else None)
 
 
 @during("caching")
@@ -273,8 +290,11 @@ def cache_outputs(family, parts, caches: Caches, text_frozen: bool, device, say)
     if caches.text:
         apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
         cached = [apart] if apart else list(parts.text_encoders)
-        with OneAtATime([parts.text_encoders[name] for name in cached], device):
+        encoders = [parts.text_encoders[name] for name in cached]
+        with OneAtATime(encoders, device):
             conditioning = caches.text(apart, device)
+            if caches.prompts:
+                caches.prompts(encoders)
     for name, encoder in parts.text_encoders.items():
         if name not in cached:
             to_device(encoder, device)
