@@ -294,7 +294,8 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
     tracker.set_phase("sample")
     with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
         release_cached_blocks()
-        _one_image(s, family, parts, latents, tracker, tiled=s.sample_tiled_vae)
+        _one_image(s, family, parts, latents, tracker, tiled=s.sample_tiled_vae,
+                   recorded=s.cache_text_encoder_outputs)
         release_cached_blocks()
 
 
@@ -309,12 +310,15 @@ def class_image_phase(s: StepSettings, family, parts, tracker: MemoryTracker) ->
         tracker.release(_storages(parts.denoiser))
 
 
-def _one_image(s: StepSettings, family, parts, latents, tracker: MemoryTracker, tiled: bool) -> None:
+def _one_image(s: StepSettings, family, parts, latents, tracker: MemoryTracker, tiled: bool,
+               recorded: bool = False) -> None:
     """One image as library/sampling.py and library/prior.py make it, placed as they place the parts
     (library/offload.py visiting): the text encoders kept elsewhere come over one at a time to encode the
     prompt and leave, their cached blocks given back, before the denoiser runs one inference step at the
     training size (classifier-free guidance doubles its batch, except FLUX.1's distilled guidance); then the
-    VAE comes to decode (in tiles when `tiled`)."""
+    VAE comes to decode (in tiles when `tiled`). `recorded`: the sample prompts' outputs of the encoders kept
+    elsewhere were recorded while caching (library.sampling.PromptOutputs): they come to the device, the
+    encoders do not."""
     from library.memory import release_cached_blocks
     from library.offload import OneAtATime
     from library.sampling import vae_tiles
@@ -325,9 +329,14 @@ def _one_image(s: StepSettings, family, parts, latents, tracker: MemoryTracker, 
     encoders = [m for m in parts.text_encoders.values() if away(m)]
     vae_away = away(parts.vae)
     prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
-    with OneAtATime(encoders, "cpu") if encoders else contextlib.nullcontext():
-        conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
-    if encoders:  # they leave when the denoiser runs, their cached blocks with them (offload.visiting)
+    if encoders and recorded:  # computed on the host here: what arrives is the recorded outputs
+        with tracker.host_by_default():
+            conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
+        tracker.arrive([v for v in conditioning.values() if isinstance(v, torch.Tensor)], "activations")
+    else:
+        with OneAtATime(encoders, "cpu") if encoders else contextlib.nullcontext():
+            conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
+    if encoders and not recorded:  # they leave when the denoiser runs, their cached blocks with them
         release_cached_blocks()
     if vae_away:
         tracker.arrive(_storages(parts.vae), "weights")
