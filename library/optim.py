@@ -269,7 +269,8 @@ class HostState:
     meanwhile), as block swap's write-back does (library/block_swap.py); an event recorded after each chunk's
     copies is what the chunk's next copy in waits for on the device, and what a reader on the host waits for
     (state_dict, for a saved state: settle). A state loaded on resume (torch puts it on the device) goes back
-    to the host at once. Block swap's weights bring their state with their block; it goes back here."""
+    to the host at once. Block swap's weights bring their state with their block and take it back with it
+    (library/block_swap.py, on its own stream): `elsewhere(param)` names them, and they are left to it."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         from library.memory import HostSlabs
@@ -278,6 +279,7 @@ class HostState:
         self.buffers: dict[tuple[int, str], torch.Tensor] = {}  # (id(param), key) -> host buffer
         self.writing: dict[int, object] = {}  # id(optimizer) -> the event after its copies back (not on the CPU)
         self.stream = None  # the side stream of the copies back, made on first use
+        self.elsewhere = lambda param: False  # parameters whose state another mover keeps (block swap)
         for optimizer in optimizers:
             optimizer.register_state_dict_pre_hook(lambda _optimizer: self.settle())
             optimizer.register_load_state_dict_post_hook(self.send_back)
@@ -289,6 +291,8 @@ class HostState:
 
         written = self.writing.pop(id(optimizer), None)
         for p, state in optimizer.state.items():
+            if self.elsewhere(p):
+                continue
             if written is not None:  # the device's wait: the last copies back into these buffers come first
                 current_stream(p.device).wait_event(written)
                 written = None
@@ -301,7 +305,8 @@ class HostState:
         from library.memory import tell
         from library.streams import current_stream, recorded, running_on, side_stream
 
-        moved = [(p, key, value) for p, state in optimizer.state.items() for key, value in state.items()
+        moved = [(p, key, value) for p, state in optimizer.state.items() if not self.elsewhere(p)
+                 for key, value in state.items()
                  if isinstance(value, torch.Tensor) and value.dim() > 0 and value is not self.buffers.get((id(p), key))]
         if not moved:
             return

@@ -394,6 +394,8 @@ def make_optimizer(o: OptimizerSettings, groups: list[dict], swapper=None, proce
                               state_on_host=o.offload_optimizer_state)
     if swapper:
         swapper.optimizer_state = optimizer.state_of  # a swapped weight's state travels with it
+        if optimizer.host_state is not None:  # and comes back with it: offload_optimizer_state leaves it alone
+            optimizer.host_state.elsewhere = swapper.swaps
     return optimizer, optimizer.optimizers
 
 

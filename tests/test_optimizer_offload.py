@@ -89,3 +89,24 @@ def test_the_plan_moves_the_state_to_host_ram(make_config):
     assert state > 0 and offloaded.breakdown["optimizer state"] < state / 10
     assert offloaded.host["optimizer state (offload_optimizer_state)"] >= state
     assert offloaded.card_peak < kept.card_peak
+
+
+def test_with_block_swap_each_state_has_one_mover(flux_config, gpu):
+    """Block swap brings a swapped weight's state with its block and takes it back (its own stream); the other
+    weights' state goes to these host buffers (tiny FLUX.1, 3 blocks swapped): the same losses and weights as
+    block swap alone, and no state on the device."""
+    def run(name, **optimizer):
+        return _db(flux_config(train={"gradient_checkpointing": True, "blocks_to_swap": 3, "max_train_steps": 2,
+                                      "output_name": name},
+                               optimizer={**FUSED, **optimizer}, dreambooth={"train_text_encoder": False}))
+
+    swapped = run("swapped")
+    both = run("both", offload_optimizer_state=True)
+    assert both.losses == swapped.losses
+    a, b = swapped.parts.denoiser.state_dict(), both.parts.denoiser.state_dict()
+    assert all(torch.equal(a[k].to("cpu"), b[k].to("cpu")) for k in a)
+    from library.block_swap import settle_all
+
+    both.optimizer.host_state.settle()
+    settle_all()
+    assert not any(fake_device.on_device(v) for v in _tensor_states(both.optimizer))
