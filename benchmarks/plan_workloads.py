@@ -32,7 +32,7 @@ FULL = dict(recipe="db", mixed_precision="bf16", full_bf16=True, gradient_checkp
             fused_backward_pass=True, sample_tiled_vae=True)
 T5_FP8 = {"t5xxl_precision": "fp8"}
 TE_NF4 = {"t5xxl_precision": "nf4"}  # the large text encoder in bitsandbytes nf4 while it encodes
-WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, FULL),
+WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, {**FULL, "offload_optimizer_state": True}),
              ("SD1.5 LoRA 512px", "sd1", "sd15", 512, LORA),
              ("SDXL LoRA 1024px", "sdxl", "sdxl", 1024, {**LORA, "fp8_base": True}),
              ("SDXL full fine-tune 1024px", "sdxl", "sdxl", 1024, FULL),

@@ -245,6 +245,9 @@ class OptimizerSection:
         False, "train_db.py: update each parameter in its own gradient hook and free its gradient at once")
     fused_optimizer_groups: Optional[int] = opt(
         None, "train_db.py: N optimizer groups, each stepped when its gradients are complete, then freed")
+    offload_optimizer_state: bool = opt(
+        False, "train_db.py, with fused_backward_pass / fused_optimizer_groups: keep the optimizer state in CPU "
+        "memory between steps; each chunk's state comes to the GPU for its step and goes back")
 
 
 @dataclass

@@ -285,6 +285,9 @@ def _optimizer_problems(cfg: Config) -> list[str]:
         problems.append("'optimizer.fused_backward_pass' and 'optimizer.fused_optimizer_groups': choose one")
     if o.fused_optimizer_groups is not None and o.fused_optimizer_groups < 1:
         problems.append("'optimizer.fused_optimizer_groups' must be at least 1")
+    if o.offload_optimizer_state and not fused:
+        problems.append("'optimizer.offload_optimizer_state' moves each chunk's state to the GPU for its step inside "
+                        "backward: set 'optimizer.fused_backward_pass' = true (or 'fused_optimizer_groups')")
     if fused and t.gradient_accumulation_steps > 1:
         problems.append("fused backward pass frees each gradient as soon as it is used, so it cannot accumulate "
                         "gradients: set 'train.gradient_accumulation_steps' = 1")

@@ -235,6 +235,9 @@ class Caches:
     (library/planner/step.py) passes its own, which encode one planned batch, to the same cache_outputs."""
     latents: Callable[[], None] | None = None
     text: Callable[[str | None, object], dict] | None = None
+    # prompts(encoders): the sample prompts through those encoders while they visit, recorded for sampling
+    # (library.sampling.PromptOutputs: sampling then never brings them to the device)
+    prompts: Callable[[list], None] | None = None
 
 
 def dataset_caches(cfg, family, parts, dataset, say, held_out=None) -> Caches:
@@ -255,8 +258,22 @@ def dataset_caches(cfg, family, parts, dataset, say, held_out=None) -> Caches:
         folder = cache_folder(cfg) if t.cache_text_encoder_outputs_to_disk else None
         return cache_text_outputs(family, parts, captions, cfg.model.clip_skip, folder, say, device, apart=apart)
 
-    return Caches(latents if d.cache_latents or d.cache_latents_to_disk else None,
-                  text if t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk else None)
+    def prompts(encoders) -> None:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import get_mixed_precision_context_manager
+
+        from library.sampling import PROMPT_OUTPUTS, PromptOutputs, settings_from_config
+        from library.training import resolution
+
+        recorded = PromptOutputs(encoders)
+        in_precision = get_mixed_precision_context_manager(AcceleratorState().mixed_precision != "no")
+        recorded.record(family, parts, settings_from_config(cfg, *resolution(d.resolution)), in_precision)
+        parts.extra[PROMPT_OUTPUTS] = recorded
+        say(f"sample prompts encoded once: {len(recorded.outputs)} text-encoder outputs kept for sampling")
+
+    text_cached = t.cache_text_encoder_outputs or t.cache_text_encoder_outputs_to_disk
+    return Caches(latents if d.cache_latents or d.cache_latents_to_disk else None, text if text_cached else None,
+                  prompts if text_cached and cfg.sample.sample_prompts else None)
 
 
 @during("caching")
@@ -278,8 +295,11 @@ def cache_outputs(family, parts, caches: Caches, text_frozen: bool, device, say)
     if caches.text:
         apart = None if text_frozen else family.cached_apart  # check_partial_cache: the others train
         cached = [apart] if apart else list(parts.text_encoders)
-        with OneAtATime([parts.text_encoders[name] for name in cached], device):
+        encoders = [parts.text_encoders[name] for name in cached]
+        with OneAtATime(encoders, device):
             conditioning = caches.text(apart, device)
+            if caches.prompts:
+                caches.prompts(encoders)
     for name, encoder in parts.text_encoders.items():
         if name not in cached:
             to_device(encoder, device)
@@ -330,6 +350,7 @@ class OptimizerSettings:
     max_grad_norm: float = 1.0
     fused_backward_pass: bool = False
     fused_optimizer_groups: int | None = None
+    offload_optimizer_state: bool = False  # the fused chunks' state in host memory between steps
 
     @property
     def fused(self) -> bool:
@@ -339,7 +360,7 @@ class OptimizerSettings:
     def from_config(cls, cfg) -> "OptimizerSettings":
         o = cfg.optimizer
         return cls(o.optimizer_type, o.learning_rate, list(o.optimizer_args), o.max_grad_norm,
-                   o.fused_backward_pass, o.fused_optimizer_groups)
+                   o.fused_backward_pass, o.fused_optimizer_groups, o.offload_optimizer_state)
 
 
 def adapter_groups(adapted, settings, network_section, learning_rate: float) -> list[dict]:
@@ -374,9 +395,12 @@ def make_optimizer(o: OptimizerSettings, groups: list[dict], swapper=None, proce
         raise ConfigError("'optimizer.fused_backward_pass' steps inside backward, before gradients are averaged "
                           "across processes: train on one GPU, or turn it off")
     optimizer = FusedBackward(o.optimizer_type, groups, o.learning_rate, o.optimizer_args,
-                              chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm, build=build)
+                              chunks=o.fused_optimizer_groups, max_grad_norm=o.max_grad_norm, build=build,
+                              state_on_host=o.offload_optimizer_state)
     if swapper:
         swapper.optimizer_state = optimizer.state_of  # a swapped weight's state travels with it
+        if optimizer.host_state is not None:  # and comes back with it: offload_optimizer_state leaves it alone
+            optimizer.host_state.elsewhere = swapper.swaps
     return optimizer, optimizer.optimizers
 
 

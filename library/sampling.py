@@ -15,7 +15,7 @@ Prompt files, as sd-scripts users write them:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,19 +103,17 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
     device = device or _device_of(parts.denoiser)
     paths, images = [], []
     largest = max(max(p.width or settings.width, p.height or settings.height) for p in settings.prompts)
+    recorded = parts.extra.get(PROMPT_OUTPUTS)  # the sample prompts encoded while caching: no encoder comes
+    visitors = [m for m in modules[1:] if recorded is None or not recorded.replays(m)]
     release_cached_blocks()
     try:
         for m in modules:
             m.eval()
         move(parts.denoiser, device)  # where training keeps it (a block swapper keeps swapping)
-        with torch.inference_mode(), visiting(modules[1:], device, parts.denoiser), \
-                vae_tiles(parts.vae, largest, settings.tiled_vae):
+        with torch.inference_mode(), visiting(visitors, device, parts.denoiser), \
+                recorded.replaying() if recorded else nullcontext(), vae_tiles(parts.vae, largest, settings.tiled_vae):
             for index, p in enumerate(settings.prompts):
-                seed = p.seed if p.seed is not None else settings.seed + index
-                reference = {"control_image": p.control_image} if p.control_image else {}  # edit models only
-                image = family.sample(parts, p.prompt, p.width or settings.width, p.height or settings.height,
-                                      p.steps or settings.steps, seed, p.sampler or settings.sampler,
-                                      settings.clip_skip, p.negative_prompt, p.scale, p.guidance, **reference)
+                seed, image = _render(family, parts, settings, index, p)
                 paths.append(_save_png(image, out_dir / f"{tag}_{index:02d}_{seed}.png"))
                 images.append(image)
         if len(images) > 1:
@@ -129,6 +127,125 @@ def render_samples(family, parts, settings: SampleSettings, out_dir: Path, tag: 
             move(m, where)
         release_cached_blocks()
     return paths
+
+
+def _render(family, parts, settings: SampleSettings, index: int, p: SamplePrompt):
+    """(seed, image) of prompt `p`, the index-th of the settings."""
+    seed = p.seed if p.seed is not None else settings.seed + index
+    reference = {"control_image": p.control_image} if p.control_image else {}  # edit models only
+    return seed, family.sample(parts, p.prompt, p.width or settings.width, p.height or settings.height,
+                               p.steps or settings.steps, seed, p.sampler or settings.sampler, settings.clip_skip,
+                               p.negative_prompt, p.scale, p.guidance, **reference)
+
+
+PROMPT_OUTPUTS = "sample prompt outputs"  # parts.extra: a PromptOutputs, recorded while caching
+
+
+class _Encoded(Exception):
+    """The denoiser was reached: the prompts are encoded (PromptOutputs.record stops the pipeline there)."""
+
+
+class PromptOutputs:
+    """The outputs of the text encoders whose outputs are cached (kept in host memory while training), for the
+    sample prompts: recorded once while the captions are cached (run.cache_outputs, the encoders visiting the
+    device then), replayed while sampling, so that sampling never brings those encoders to the device, as
+    sd-scripts and musubi-tuner encode sample prompts up front. Recording runs each prompt through the family's
+    own sampling pipeline (every family's prompt handling: negative prompts, guidance, clip_skip, lengths) and
+    stops it at the denoiser's first call; each encoder call is keyed by its inputs (token ids and masks, by
+    value), so replaying answers the very calls the pipeline makes then, with the very outputs (in host memory,
+    sent to the device asked for). A call not recorded runs the encoder after all, on the device for the call."""
+
+    def __init__(self, encoders: list[torch.nn.Module]):
+        self.encoders = encoders
+        self.outputs: dict[tuple, object] = {}  # (encoder index, inputs' key) -> output, in host memory
+
+    def replays(self, module: torch.nn.Module) -> bool:
+        return any(module is e for e in self.encoders)
+
+    def record(self, family, parts, settings: SampleSettings, autocast) -> None:
+        """Every prompt of `settings` through the family's sampling, under the run's `autocast`, as far as the
+        denoiser."""
+        def keep(index: int):
+            def hook(module, args, kwargs, output):  # noqa: ARG001
+                self.outputs[(index, _key(args, kwargs))] = _moved(output, "cpu")
+            return hook
+
+        def stop(module, args):  # noqa: ARG001
+            raise _Encoded
+
+        handles = [e.register_forward_hook(keep(i), with_kwargs=True) for i, e in enumerate(self.encoders)]
+        handles.append(parts.denoiser.register_forward_pre_hook(stop))
+        try:
+            for index, p in enumerate(settings.prompts):
+                try:
+                    with torch.inference_mode(), autocast:
+                        _render(family, parts, settings, index, p)
+                except _Encoded:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def replaying(self):
+        """While inside, the encoders answer from the recording (their forward replaced; restored after)."""
+        for index, encoder in enumerate(self.encoders):
+            encoder.forward = self._replay(index, encoder, encoder.forward)
+        try:
+            yield
+        finally:
+            for encoder in self.encoders:
+                del encoder.forward  # the class's forward again
+
+    def _replay(self, index: int, encoder, forward):
+        def replayed(*args, **kwargs):
+            device = next((t.device for t in _tensors_in((args, kwargs))), torch.device("cpu"))
+            output = self.outputs.get((index, _key(args, kwargs)))
+            if output is not None:
+                return _moved(output, device)
+            encoder.to(device)  # not recorded (a prompt changed since): computed where the call is
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                encoder.to("cpu")
+        return replayed
+
+
+def _tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+
+
+def _key(args, kwargs) -> tuple:
+    """The inputs of an encoder call, by value: tensors by dtype, shape and bytes; the rest by repr."""
+    def one(value):
+        if isinstance(value, torch.Tensor):
+            data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            return ("tensor", str(value.dtype), tuple(value.shape), bytes(data.numpy()))
+        if isinstance(value, (list, tuple)):
+            return tuple(one(v) for v in value)
+        if isinstance(value, dict):
+            return tuple((k, one(v)) for k, v in sorted(value.items()))
+        return repr(value)
+    return one(args), one(kwargs)
+
+
+def _moved(value, device):
+    """`value` (a tensor, or lists / tuples / dicts / transformers' model outputs of them) with every tensor on
+    `device`, the containers' types kept."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return type(value)(**{k: _moved(v, device) for k, v in value.items()})
+    return value
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

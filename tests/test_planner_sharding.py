@@ -137,7 +137,8 @@ def test_the_launched_environment_names_the_sharding(env, expected):
 def test_the_planned_run_under_fsdp2_through_the_config(make_config, monkeypatch):
     """`ACCELERATE_USE_FSDP=true FSDP_VERSION=2 WORLD_SIZE=2 train_db.py --plan`: the settings carry the
     sharding (and no DDP buckets), and the measured plan of the tiny SD1 full fine-tune (real tensors on the CPU,
-    measured once, for one process) drops by what FSDP2 saves on one GPU of 2."""
+    measured once, for one process) drops by what FSDP2 saves on one GPU of 2, the optimizer step's
+    temporaries included."""
     import importlib
 
     from library.planner import settings_from_config
@@ -160,5 +161,58 @@ def test_the_planned_run_under_fsdp2_through_the_config(make_config, monkeypatch
     with init_empty_weights():
         unit = largest_unit_parameters(family, family.planning_parts(arch_dir(s.arch)).denoiser)
     kept = sum(-(-v // 2) for v in (4 * one.trainable, one.breakdown["gradients"], one.breakdown["optimizer state"]))
-    assert one.peak - two.peak == whole - kept - unit * 12  # no mixed precision: gathered in fp32
+    steady = whole - kept - unit * 12  # no mixed precision: gathered in fp32
+    temporaries = one.optimizer_temporaries  # foreach AdamW's at the optimizer step: one fp32 list, halved
+    assert temporaries == 4 * one.trainable and one.peak_before_optimizer < one.peak
+    assert two.peak == max(one.peak - steady - (temporaries - -(-temporaries // 2)), one.peak_before_optimizer - steady)
+    assert one.peak - two.peak == steady + temporaries // 2  # the optimizer step stays the peak
     assert two.notes[-1].startswith("FSDP2 over 2 processes")
+
+
+def _with_sharding(p, sharding):
+    return sharded_plan(dataclasses.replace(p, settings=dataclasses.replace(p.settings, sharding=sharding)))
+
+
+def test_the_optimizer_steps_temporaries_divide_too(sdxl):
+    """Each engine steps only its shard, so foreach AdamW's per-step lists (here one fp32 copy of the weights,
+    4 GiB) divide by N with the state: ZeRO-1 over 4 at a step whose peak is the optimizer step (20 GiB) keeps a
+    quarter of them; the step's peak is then the larger of the optimizer step's and the peak before it (17 GiB,
+    less what sharding saves there), which wins once the temporaries are gone (ZeRO-1 with the optimizer
+    offloaded: its step and temporaries on the CPU)."""
+    family, denoiser = sdxl
+    params = sum(p.numel() for p in denoiser.parameters())
+    state, temporaries = 8 * params, 4 * params
+    breakdown = {"weights": 4 * params, "gradients": 4 * params, "optimizer state": state,
+                 "temporaries": temporaries}
+    peak, before = 20 * params, 17 * params
+    s = StepSettings(recipe="db", family="sdxl", arch="sdxl", width=1024, height=1024, mixed_precision="bf16")
+    one = Plan(s, peak, breakdown, GIB, GIB, [], 0.0, params, {"step": PhaseMemory(peak, peak + GIB),
+                                                               "sample": PhaseMemory(GIB, 2 * GIB)}, Card(),
+               optimizer_temporaries=temporaries, peak_before_optimizer=before)
+    zero1 = _with_sharding(one, Sharding("zero1", 4))
+    steady = state - -(-state // 4)
+    assert zero1.peak == peak - steady - (temporaries - -(-temporaries // 4)) == 11 * params  # not 14
+    assert zero1.breakdown["temporaries"] == params and zero1.phases["step"].reserved == 11 * params + GIB
+    assert zero1.phases["sample"] == PhaseMemory(GIB - steady, 2 * GIB - steady) or GIB < steady
+    offloaded = _with_sharding(one, Sharding("zero1", 4, offload_optimizer=True))
+    assert offloaded.peak == before - state == 9 * params  # the optimizer step's peak fell below 9 x params
+    assert offloaded.breakdown["temporaries"] == 0 and offloaded.host["offloaded shards"] == 2 * params + params
+    assert "the optimizer step's temporaries 9.56 -> 2.39 GiB" in zero1.notes[-1]  # SDXL U-Net: 2.57e9 params
+
+
+@pytest.mark.slow
+def test_measured_optimizer_temporaries_of_foreach_adamw(tiny_sd1):
+    """The tiny SD1 full fine-tune's plan (fake tensors): foreach AdamW's temporaries at the step's peak are one
+    fp32 list the size of the trained weights (its sqrt of the second moments), 4 bytes x 1,466,500; on one GPU
+    of 4 under ZeRO-1 / ZeRO-2 they divide by 4 with the state (and the gradients): the figures below."""
+    s = StepSettings(recipe="db", family="sd1", arch=str(tiny_sd1[0]), width=64, height=64, batch_size=2,
+                     train_text_encoder=False, optimizer_type="AdamW")
+    one = plan(s)
+    assert one.trainable == 1_466_500 and one.optimizer_temporaries == 4 * one.trainable
+    state = one.breakdown["optimizer state"]
+    assert state == 11_733_296 and one.breakdown["gradients"] == 4 * one.trainable
+    zero1, zero2 = _with_sharding(one, Sharding("zero1", 4)), _with_sharding(one, Sharding("zero2", 4))
+    steady = state - -(-state // 4)
+    assert zero1.peak == one.peak - steady - 3 * one.trainable
+    assert zero2.peak == one.peak - steady - 3 * one.trainable - 3 * one.trainable
+    assert zero1.breakdown["temporaries"] == one.breakdown["temporaries"] - 3 * one.trainable

@@ -123,7 +123,7 @@ def phase_lines(p: Plan) -> list[str]:
 def switch_text(s: StepSettings) -> str:
     on = [f"mixed_precision={s.mixed_precision}"]
     on += [name for name in ("full_fp16", "full_bf16", "gradient_checkpointing", "cache_latents",
-                             "cache_text_encoder_outputs", "fused_backward_pass", "fp8_base",
+                             "cache_text_encoder_outputs", "fused_backward_pass", "offload_optimizer_state", "fp8_base",
                              "cpu_offload_checkpointing") if getattr(s, name)]
     if s.blocks_to_swap:
         on.append(f"blocks_to_swap={s.blocks_to_swap}")

@@ -56,6 +56,12 @@ def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, 
     if s.recipe == "db" and not (s.full_bf16 or s.full_fp16) and half == "bf16":  # full_fp16 would overflow
         steps.append(("full_bf16", {"full_bf16": True, "mixed_precision": "bf16"},
                       ["full_bf16 = true   # [train]"], "same speed; bf16 weights lose small updates"))
+    fused = s.fused or (s.recipe == "db" and (s.full_fp16 or not fp16))  # as is, or from the rung above
+    if s.recipe == "db" and fused and not s.offload_optimizer_state:
+        steps.append(("optimizer state in CPU memory", {"offload_optimizer_state": True},
+                      ["offload_optimizer_state = true   # [optimizer]"],
+                      "each weight's state over PCIe and back at its step (2 x the state a step, the copy back "
+                      "overlapped with backward); host RAM for the state"))
     if s.recipe == "network" and s.train_unet and not s.fp8_base:
         change = {"fp8_base": True, **({"mixed_precision": half} if s.mixed_precision == "no" else {})}
         steps.append(("fp8_base", change, ["fp8_base = true   # [train]"],

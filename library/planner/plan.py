@@ -31,6 +31,10 @@ class Plan:
     phases: dict[str, PhaseMemory] = dataclasses.field(default_factory=dict)  # as the allocator counts them
     card: Card = dataclasses.field(default_factory=Card)
     host: dict = dataclasses.field(default_factory=dict)  # host RAM the run holds while training, by what
+    # the optimizer step's own temporaries alive at the step's peak (foreach kernels' per-step lists, the
+    # clipping's norms), and the step's peak before the optimizer step: what sharding divides (sharding.py)
+    optimizer_temporaries: int = 0
+    peak_before_optimizer: int = 0
 
     @property
     def device_peak(self) -> int:
@@ -76,8 +80,30 @@ def plan(settings: StepSettings, fake: bool = True, card: Card | None = None) ->
     phases = replay(records, min(first for first, _ in spans.values()), spans, [card.cublas_workspace], releases)
     phases = {name: phases[name] for name in PHASES if name in phases}
     measured = Plan(settings, step.bytes, step.breakdown(m.tracker.records), m.phases["vae"].bytes,
-                    m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card, m.host)
+                    m.phases["text"].bytes, m.notes, time.perf_counter() - started, m.trainable, phases, card, m.host,
+                    *optimizer_step_share(m.tracker.records, step.clock, m.tracker.spans["step"]))
     return sharded_plan(measured)  # one GPU of N under ZeRO / FSDP2 (library/planner/sharding.py)
+
+
+def optimizer_step_share(records: list[Record], peak_clock: int, span: tuple[int, int]) -> tuple[int, int]:
+    """(bytes of the optimizer step's temporaries alive at the step's peak: storages of no other category made
+    in its "optimizer" phase; the step's peak before the optimizer step began: the most bytes alive at any
+    moment of the step before its first such storage)."""
+    first, last = span
+    temporaries = [r for r in records if r.category is None and r.phase == "optimizer" and first < r.born <= last]
+    at_peak = sum(r.nbytes for r in temporaries if r.born <= peak_clock and (r.died is None or r.died > peak_clock))
+    start = min((r.born for r in temporaries), default=last + 1)
+    changes: dict[int, int] = {}
+    for r in records:
+        if r.born < start and (r.died is None or r.died > first):
+            changes[max(r.born, first)] = changes.get(max(r.born, first), 0) + r.nbytes
+            if r.died is not None and r.died < start:
+                changes[r.died] = changes.get(r.died, 0) - r.nbytes
+    current = before = 0
+    for clock in sorted(changes):
+        current += changes[clock]
+        before = max(before, current)
+    return at_peak, before
 
 
 def bucket_steps(records: list[Record], span: tuple[int, int], areas: tuple[float, ...]):

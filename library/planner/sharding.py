@@ -11,6 +11,11 @@ measured for one process (library/planner/step.py); these figures are applied to
              optimizer step (its state) as well
     EMA      (train_db.py's use_ema, in host RAM) / N under FSDP2: each process averages its own shards
 
+Every engine steps only its shard of the optimizer state, so the optimizer step's temporaries (foreach / fused
+AdamW's per-step lists, the clipping's norms: "optimizer temporaries") divide by N too, or go to the CPU with an
+offloaded optimizer step; the step's peak is then the larger of its peak before the optimizer step (less what
+sharding saves) and the optimizer step's (less that and the temporaries' saving).
+
 Gathered units (ZeRO-3, FSDP2): a block's full weights are all-gathered for its forward and again for its
 backward, one block at a time plus the next one prefetched, and its full gradient lives until it is
 reduce-scattered: 2 x the largest unit's weights in the compute dtype + its gradient in fp32. The units are the
@@ -27,9 +32,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-DIVIDED = {"zero1": ("optimizer state",), "zero2": ("optimizer state", "gradients"),
-           "zero3": ("optimizer state", "gradients", "trained weights"),
-           "fsdp2": ("optimizer state", "gradients", "trained weights")}
+STEP = ("optimizer state", "optimizer temporaries")  # the optimizer step's, on every engine
+DIVIDED = {"zero1": STEP, "zero2": (*STEP, "gradients"), "zero3": (*STEP, "gradients", "trained weights"),
+           "fsdp2": (*STEP, "gradients", "trained weights")}
 EMA = "EMA copy (fp32)"  # library/planner/step.py's host figure of train_db.py's EMA
 NAMES = {"zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
 
@@ -89,13 +94,14 @@ class PerGpu:
 
 
 def per_gpu(sharding: Sharding, whole: dict[str, int], largest_unit: int, compute_bytes: int) -> PerGpu:
-    """`whole`: bytes of "trained weights", "gradients", "optimizer state" in one process' step;
+    """`whole`: bytes of "trained weights", "gradients", "optimizer state" (and "optimizer temporaries", the
+    optimizer step's own at the peak) in one process' step;
     `largest_unit`: parameters of the denoiser's largest unit (largest_unit_parameters); `compute_bytes`: bytes
     per weight as the forward computes (2 under fp16 / bf16, else 4)."""
     n = sharding.processes
     divided = DIVIDED[sharding.engine]
     kept = {k: -(-v // n) if k in divided else v for k, v in whole.items()}  # ceil: shards are padded to N
-    offloaded = ["optimizer state"] if sharding.offload_optimizer else []
+    offloaded = [k for k in STEP if k in kept] if sharding.offload_optimizer else []
     if sharding.offload_params:
         offloaded += ["trained weights"] + (["gradients"] if sharding.engine == "fsdp2" else [])
     host = sum(kept[k] for k in offloaded)
@@ -133,23 +139,33 @@ def sharded_plan(p):
         denoiser = family.planning_parts(arch_dir(s.arch)).denoiser
     trained_bytes = 2 if (s.full_fp16 or s.full_bf16) else 4
     whole = {"trained weights": p.trainable * trained_bytes, "gradients": p.breakdown.get("gradients", 0),
-             "optimizer state": p.breakdown.get("optimizer state", 0)}
+             "optimizer state": p.breakdown.get("optimizer state", 0),
+             "optimizer temporaries": p.optimizer_temporaries}
     share = per_gpu(sharding, whole, largest_unit_parameters(family, denoiser),
                     2 if s.mixed_precision in ("fp16", "bf16") else 4)
-    saved = share.saved
+    temporaries_saved = whole["optimizer temporaries"] - share.kept["optimizer temporaries"]
+    steady = share.saved - temporaries_saved  # at every moment of the step; the temporaries at its optimizer step
+    peak = max(0, p.peak - steady - temporaries_saved, min(p.peak, p.peak_before_optimizer) - steady)
+    saved = {"step": p.peak - peak}  # what one GPU's step peak (and reserved memory) is lower by
     breakdown = dict(p.breakdown)
     breakdown["weights"] = breakdown.get("weights", 0) - whole["trained weights"] + share.kept["trained weights"]
     breakdown["gradients"] = share.kept["gradients"]
     breakdown["optimizer state"] = share.kept["optimizer state"]
     breakdown["gathered units"] = share.gathered
+    breakdown["temporaries"] = breakdown.get("temporaries", 0) - temporaries_saved
     phases = {name: m if name in ("vae", "text") else  # before the denoiser comes to the device
-              PhaseMemory(max(0, m.allocated - saved), max(0, m.reserved - saved)) for name, m in p.phases.items()}
-    note = (f"{sharding.name()}: one GPU holds {sum(share.kept.values()) / 2**30:.2f} GiB of the step's "
-            f"{sum(whole.values()) / 2**30:.2f} GiB of trained weights, gradients and optimizer state, plus "
+              PhaseMemory(max(0, m.allocated - saved.get(name, steady)), max(0, m.reserved - saved.get(name, steady)))
+              for name, m in p.phases.items()}
+    kept = sum(v for k, v in share.kept.items() if k != "optimizer temporaries")
+    held = sum(v for k, v in whole.items() if k != "optimizer temporaries")
+    note = (f"{sharding.name()}: one GPU holds {kept / 2**30:.2f} GiB of the step's "
+            f"{held / 2**30:.2f} GiB of trained weights, gradients and optimizer state, plus "
             f"{share.gathered / 2**30:.2f} GiB of gathered blocks"
+            + (f"; the optimizer step's temporaries {whole['optimizer temporaries'] / 2**30:.2f} -> "
+               f"{share.kept['optimizer temporaries'] / 2**30:.2f} GiB" if whole["optimizer temporaries"] else "")
             + (f"; {share.host / 2**30:.2f} GiB in host RAM per process" if share.host else ""))
     host = {**p.host, **({"offloaded shards": share.host} if share.host else {})}
     if sharding.engine == "fsdp2" and EMA in host:  # each process averages its own shards (library/sharded_ema.py)
         host[EMA] = -(-host[EMA] // sharding.processes)
-    return dataclasses.replace(p, peak=max(0, p.peak - saved), breakdown=breakdown, phases=phases,
+    return dataclasses.replace(p, peak=peak, breakdown=breakdown, phases=phases,
                                notes=[*p.notes, note], host=host)

@@ -148,6 +148,9 @@ def _run(s: StepSettings, family, parts, tracker: MemoryTracker, notes: list[str
     if s.sample:
         sample_phase(s, family, parts, placed.latents if s.cache_latents else None, tracker, notes)
     host = host_bytes(s, parts, swapper, placed.kept)
+    host_state = getattr(training_state[0], "host_state", None)
+    if host_state is not None:
+        host["optimizer state (offload_optimizer_state)"] = host_state.host_bytes()
     host.update(save_phase(s, family, parts, adapted, tracker, notes))
     return StepMeasure(tracker, dict(tracker.windows), notes, trainable=sum(p.numel() for p in trained),
                        frozen=frozen, host=host)
@@ -195,7 +198,7 @@ def _train_step(s: StepSettings, family, parts, placed, trained, adapted, text_e
         p.register_post_accumulate_grad_hook(lambda p: tracker.tag([p.grad], "gradients"))
     optimizer, optimizers = _optimizer(s, adapted, parts, text_encoders, swapper, notes)
     fused = s.optimizer_settings().fused
-    warm_up_state(trained, optimizers, swapper, tracker)
+    warm_up_state(trained, optimizers, swapper, tracker, getattr(optimizer, "host_state", None))
     buckets = ddp_buckets(s, trained, tracker, notes)  # alive through the steps, as in a run
 
     generator = torch.Generator().manual_seed(0)
@@ -291,7 +294,8 @@ def sample_phase(s: StepSettings, family, parts, latents, tracker: MemoryTracker
     tracker.set_phase("sample")
     with tracker.window("sample"), torch.no_grad(), _autocast(s.mixed_precision):
         release_cached_blocks()
-        _one_image(s, family, parts, latents, tracker, tiled=s.sample_tiled_vae)
+        _one_image(s, family, parts, latents, tracker, tiled=s.sample_tiled_vae,
+                   recorded=s.cache_text_encoder_outputs)
         release_cached_blocks()
 
 
@@ -306,12 +310,15 @@ def class_image_phase(s: StepSettings, family, parts, tracker: MemoryTracker) ->
         tracker.release(_storages(parts.denoiser))
 
 
-def _one_image(s: StepSettings, family, parts, latents, tracker: MemoryTracker, tiled: bool) -> None:
+def _one_image(s: StepSettings, family, parts, latents, tracker: MemoryTracker, tiled: bool,
+               recorded: bool = False) -> None:
     """One image as library/sampling.py and library/prior.py make it, placed as they place the parts
     (library/offload.py visiting): the text encoders kept elsewhere come over one at a time to encode the
     prompt and leave, their cached blocks given back, before the denoiser runs one inference step at the
     training size (classifier-free guidance doubles its batch, except FLUX.1's distilled guidance); then the
-    VAE comes to decode (in tiles when `tiled`)."""
+    VAE comes to decode (in tiles when `tiled`). `recorded`: the sample prompts' outputs of the encoders kept
+    elsewhere were recorded while caching (library.sampling.PromptOutputs): they come to the device, the
+    encoders do not."""
     from library.memory import release_cached_blocks
     from library.offload import OneAtATime
     from library.sampling import vae_tiles
@@ -322,9 +329,14 @@ def _one_image(s: StepSettings, family, parts, latents, tracker: MemoryTracker, 
     encoders = [m for m in parts.text_encoders.values() if away(m)]
     vae_away = away(parts.vae)
     prompts = ["a photo"] * (1 if family.distilled_guidance else 2)  # classifier-free guidance: 2
-    with OneAtATime(encoders, "cpu") if encoders else contextlib.nullcontext():
-        conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
-    if encoders:  # they leave when the denoiser runs, their cached blocks with them (offload.visiting)
+    if encoders and recorded:  # computed on the host here: what arrives is the recorded outputs
+        with tracker.host_by_default():
+            conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
+        tracker.arrive([v for v in conditioning.values() if isinstance(v, torch.Tensor)], "activations")
+    else:
+        with OneAtATime(encoders, "cpu") if encoders else contextlib.nullcontext():
+            conditioning = family.encode_prompts(parts, prompts, s.clip_skip)
+    if encoders and not recorded:  # they leave when the denoiser runs, their cached blocks with them
         release_cached_blocks()
     if vae_away:
         tracker.arrive(_storages(parts.vae), "weights")
@@ -387,29 +399,44 @@ def host_bytes(s: StepSettings, parts, swapper, kept: list) -> dict[str, int]:
     return out
 
 
-def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker) -> None:
+def warm_up_state(trained, optimizers, swapper, tracker: MemoryTracker, host_state=None) -> None:
     """The optimizer state as the first step leaves it, made by the optimizers' own step on a zero gradient,
     one parameter at a time (a full set of gradients never exists here, as it need not in a fused backward
     pass): the steady state one measured step then runs in. State of block-swapped weights goes to the host,
-    where block swap keeps it between uses."""
+    where block swap keeps it between uses; with offload_optimizer_state (`host_state`, library.optim.HostState)
+    every state goes to its host buffers, made here as the first step makes them."""
     from library.memory import device_copy
 
-    owner = {id(p): opt for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    owner = {id(p): (opt, group) for opt in optimizers for group in opt.param_groups for p in group["params"]}
     with torch.no_grad():
         for p in trained:
-            opt = owner.get(id(p))
+            opt, group = owner.get(id(p), (None, None))
             if opt is None:
                 continue
             swapped = swapper is not None and swapper.swaps(p)
             if swapped:  # a swapped weight steps while its block is on the device (library/block_swap.py)
                 p.data = device_copy(swapper.host[p], p.device)
             p.grad = torch.zeros_like(p)
-            opt.step()
+            _step_one(opt, group, p)
             p.grad = None
             state = opt.state.get(p, {})
             tracker.tag([t for t in state.values() if isinstance(t, torch.Tensor)], "optimizer state")
             if swapped:
                 _back_to_host(swapper, p, state)
+            if host_state is not None:
+                with tracker.host_by_default():
+                    host_state.send_back(opt)
+
+
+def _step_one(opt, group: dict, p) -> None:
+    """`opt`'s step of parameter `p` alone: its group holds only `p` for the call (the optimizers look at every
+    parameter of their groups each step: stepping ~1,000 adapters one by one would look at a million)."""
+    everyone = group["params"]
+    group["params"] = [p]
+    try:
+        opt.step()
+    finally:
+        group["params"] = everyone
 
 
 def ddp_buckets(s: StepSettings, trained, tracker: MemoryTracker, notes: list[str]) -> list:
