@@ -202,22 +202,14 @@ def test_llm_adapter_lora_applied_by_comfyui_and_by_diffusers_gives_the_trained_
     included), and converted to the peft layout (from its metadata alone) and loaded by AnimaModularPipeline's
     load_lora_weights (the adapter's 20 layers into its text_conditioner, the DiT's 20 into its transformer): both
     predict what the trained adapter does."""
-    from library.anima_layout import file_to_parts
     from networks.convert import convert
 
     result = train_network(_llm_adapter_config(anima_config, train={"max_train_steps": 2}))
     tensors = load_file(result.adapter_path)
     original = load_file(tiny_anima["transformer"])
-    by_name = {"lora_unet_" + k.removeprefix("net.").removesuffix(".weight").replace(".", "_"): k
-               for k in original if k.endswith(".weight")}
-    for name in {k.split(".", 1)[0] for k in tensors}:
-        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
-        original[by_name[name]] += float(tensors[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    assert len(comfy_lora_applied(tensors, original, prefix="net.")) == 2 * 20
     family = AnimaFamily()
-    patched = _load(tiny_anima)
-    dit, adapter = file_to_parts(original)
-    patched.denoiser.load_state_dict({**dit, **{"text_conditioner." + k: v for k, v in adapter.items()}})
-    ours, theirs = _trained_vs_patched(family, result.parts, patched)
+    ours, theirs = _trained_vs_patched(family, result.parts, _patched(tiny_anima, original))
     assert torch.allclose(ours, theirs, atol=1e-5)
     peft_tensors, _ = convert(family, _load(tiny_anima), str(result.adapter_path), "peft")
     assert sum(k.startswith("text_conditioner.blocks.") for k in peft_tensors) == 2 * 20
@@ -226,9 +218,8 @@ def test_llm_adapter_lora_applied_by_comfyui_and_by_diffusers_gives_the_trained_
     pipe.load_lora_weights(peft_tensors)
     assert (lora_layers(pipe.transformer), lora_layers(pipe.text_conditioner)) == (20, 20)
     assert torch.allclose(ours, _trained_vs_patched(family, fresh, fresh)[0], atol=1e-5)
-    dit_only = _load(tiny_anima)
-    dit_only.denoiser.load_state_dict({**dit, **{"text_conditioner." + k: v for k, v in file_to_parts(
-        load_file(tiny_anima["transformer"]))[1].items()}})
+    unpatched = load_file(tiny_anima["transformer"])
+    dit_only = _patched(tiny_anima, {k: unpatched[k] if "llm_adapter." in k else v for k, v in original.items()})
     assert not torch.allclose(ours, _trained_vs_patched(family, dit_only, dit_only)[0], atol=1e-5)
 
 
@@ -289,6 +280,16 @@ def test_block_swap_gives_the_same_losses(anima_config):
     assert block_swapped_run(anima_config, 1).parts.denoiser._block_swapper.loads == 2 * 2
 
 
+def _patched(tiny_anima, original):
+    """The tiny Anima loaded, its DiT and LLM adapter replaced by the original-layout (ComfyUI) state `original`."""
+    from library.anima_layout import file_to_parts
+
+    patched = _load(tiny_anima)
+    dit, adapter = file_to_parts(original)
+    patched.denoiser.load_state_dict({**dit, **{"text_conditioner." + k: v for k, v in adapter.items()}})
+    return patched
+
+
 def _trained_vs_patched(family, trained_parts, patched_parts):
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
     return [predict_caption(family, parts, latents) for parts in (trained_parts, patched_parts)]
@@ -316,16 +317,12 @@ def test_kohya_file_applied_as_comfyui_applies_it_gives_the_trained_outputs(anim
     """ComfyUI's rule for lora_unet_ keys: the name is a weight of the model's own (original-layout) state dict with
     dots as underscores, and W += alpha / rank * up @ down. Applied so to the ComfyUI-layout file, every key finds
     its weight and the patched model predicts what the trained adapter does."""
-    from library.anima_layout import file_to_parts
-
     result = train_network(anima_config(train={"max_train_steps": 2}))
     tensors = load_file(result.adapter_path)
     original = load_file(tiny_anima["transformer"])
     assert len(comfy_lora_applied(tensors, original, prefix="net.")) == 20
     family = AnimaFamily()
-    patched = _load(tiny_anima)
-    dit, adapter = file_to_parts(original)
-    patched.denoiser.load_state_dict({**dit, **{"text_conditioner." + k: v for k, v in adapter.items()}})
+    patched = _patched(tiny_anima, original)
     ours, theirs = _trained_vs_patched(family, result.parts, patched)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert not torch.allclose(ours, _trained_vs_patched(family, _load(tiny_anima), patched)[0], atol=1e-5)
