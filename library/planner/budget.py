@@ -85,8 +85,9 @@ def _ladder(s: StepSettings, card: Card | None = None) -> list[tuple[str, dict, 
 
 def _quantized_base(s: StepSettings) -> list[tuple[str, dict, list[str], str]]:
     """Adapter recipes, when fp8_base and block swap are not enough: the frozen base through bitsandbytes, int8
-    then nf4 (instead of fp8_base and block swap, which it cannot go with; config_checks refuses the adapters
-    that read the base layer's weight). Full fine-tunes train the base: not offered."""
+    then nf4, instead of fp8_base (which it cannot go with) and without block swap (which it can go with, but a
+    quantized base is tried as the faster alternative to swapping; config_checks refuses the adapters that read the
+    base layer's weight). Full fine-tunes train the base: not offered."""
     from library.config_checks import QUANTIZED_BASE_REFUSED, _adapter_algo
 
     if s.recipe != "network" or not s.train_unet or s.base_model_precision != "no_change":
