@@ -96,6 +96,14 @@ class _Backend:
         torch.ops.fakegpu.synchronize()
 
     @staticmethod
+    def current_stream(device=None) -> torch.Stream:  # torch.distributed.checkpoint's writer asks for it
+        return torch.accelerator.current_stream(device)
+
+    @staticmethod
+    def stream(stream: torch.Stream) -> torch.Stream:
+        return stream  # a torch.Stream is its own context: current inside, the previous one restored after
+
+    @staticmethod
     def manual_seed(seed: int) -> None:  # noqa: ARG004
         return None
 

@@ -19,6 +19,7 @@ def one_process_group(monkeypatch):
 
 
 def test_the_shards_average_as_averaged_model_and_come_back_from_a_state(one_process_group, tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -29,8 +30,9 @@ def test_the_shards_average_as_averaged_model_and_come_back_from_a_state(one_pro
     whole = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
     sharded = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
     sharded.load_state_dict(whole.state_dict())
-    fully_shard(sharded[0])
-    fully_shard(sharded)
+    mesh = init_device_mesh("cpu", (1,))  # not the default: the accelerator, fakegpu once a test has loaded it
+    fully_shard(sharded[0], mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
     averaged = AveragedModel(whole, multi_avg_fn=get_ema_multi_avg_fn(0.7))
     ema = ShardedEMA(sharded, 0.7, on_device=False)
     for step in range(3):  # the weights move, then both EMAs update (the first copies, as AveragedModel's)
