@@ -104,6 +104,10 @@ DIFFERENT_DEFAULTS = {
     "learning_rate": 2e-6,  # ours 1e-4: a LoRA rate; sd-scripts' default is a full fine-tune rate
 }
 
+# sd-scripts' DeepSpeed options: accelerate launch sets them here (library/engines.py reads the launch)
+DEEPSPEED_LAUNCH = ("DeepSpeed's setting: given to `accelerate launch --use_deepspeed` here (--zero_stage N, "
+                    "--offload_optimizer_device cpu, ...)")
+
 VOCAB: dict[str, Key] = {
     # ---- renamed or converted: implemented ------------------------------------------------------
     "caption_extention": mapped(STR, "sd-scripts' old spelling of caption_extension"),
@@ -146,14 +150,14 @@ VOCAB: dict[str, Key] = {
     "console_log_file": noop(STR, "console logging only"),
     "console_log_simple": noop(FLAG, "console logging only"),
     "mem_eff_save": noop(FLAG, "saving streams tensors already"),
-    "zero_stage": noop(INT, "read only with deepspeed (refused)"),
-    "offload_optimizer_device": noop(STR, "read only with deepspeed (refused)"),
-    "offload_optimizer_nvme_path": noop(STR, "read only with deepspeed (refused)"),
-    "offload_param_device": noop(STR, "read only with deepspeed (refused)"),
-    "offload_param_nvme_path": noop(STR, "read only with deepspeed (refused)"),
-    "zero3_init_flag": noop(FLAG, "read only with deepspeed (refused)"),
-    "zero3_save_16bit_model": noop(FLAG, "read only with deepspeed (refused)"),
-    "fp16_master_weights_and_gradients": noop(FLAG, "read only with deepspeed (refused)"),
+    "zero_stage": noop(INT, DEEPSPEED_LAUNCH),
+    "offload_optimizer_device": noop(STR, DEEPSPEED_LAUNCH),
+    "offload_optimizer_nvme_path": noop(STR, DEEPSPEED_LAUNCH),
+    "offload_param_device": noop(STR, DEEPSPEED_LAUNCH),
+    "offload_param_nvme_path": noop(STR, DEEPSPEED_LAUNCH),
+    "zero3_init_flag": noop(FLAG, DEEPSPEED_LAUNCH),
+    "zero3_save_16bit_model": noop(FLAG, DEEPSPEED_LAUNCH),
+    "fp16_master_weights_and_gradients": noop(FLAG, DEEPSPEED_LAUNCH),
     "t5xxl_device": noop(STR, "T5 visits the training device while captions are encoded"),
     "num_cpu_threads_per_process": noop(INT, "accelerate launch's option, read by no sd-scripts script (a config "
                                              "file's value is ignored there too); give it to accelerate launch"),
