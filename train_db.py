@@ -38,7 +38,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
 
     from library import phases
     from library.checkpoint import Checkpointer, Position
-    from library.engines import full_weights, is_sharded, loading_whole
+    from library.engines import full_weights, is_fsdp2, is_sharded, loading_whole
     from library.model_files import check_model_files, load_model
     from library.block_swap import settle_all
     from library.guards import NonFiniteGuard
@@ -74,7 +74,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
         say(te_note)
     objective, loss_options = configure(family.objective(parts), cfg.loss)
     ema = (_make_ema(parts.denoiser, db, accelerator.device)  # a CPU copy, made before .to(device)
-           if db.use_ema and not is_sharded(accelerator) else None)
+           if db.use_ema and not is_fsdp2(accelerator) else None)  # ZeRO-1/2: whole weights on each process
     if db.class_data_dir:  # prior preservation: the class images are the regularization images
         if db.class_prompt and db.num_class_images and accelerator.is_main_process:
             s = cfg.sample
@@ -126,7 +126,7 @@ def train(cfg: Config, planned=None) -> TrainResult:
     engine, optimizer, loader = prepare(accelerator, parts, trained, optimizer, loader, fused, t.full_fp16)
     if is_sharded(accelerator):  # FSDP2: the optimizer now steps the shards (what is clipped and checked)
         groups = optimizer.param_groups
-        if db.use_ema:  # each process averages its shards (library/sharded_ema.py)
+        if db.use_ema and is_fsdp2(accelerator):  # each process averages its shards (library/sharded_ema.py)
             ema = ShardedEMA(parts.denoiser, db.ema_decay ** db.ema_update_every,
                              db.ema_on_device).with_states_of(accelerator)
     result = TrainResult(parts=parts, optimizer=optimizer, ema=ema)

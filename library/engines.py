@@ -382,7 +382,12 @@ def is_sharded(accelerator) -> bool:
     """Whether the trained weights or their optimizer state are sharded over the processes (FSDP2, DeepSpeed
     ZeRO): saving gathers them with every process taking part, states are saved by every process, and every
     process samples (under ZeRO-3 each forward gathers the weights from all of them)."""
-    return bool(getattr(accelerator, "is_fsdp2", False)) or is_deepspeed(accelerator)
+    return is_fsdp2(accelerator) or is_deepspeed(accelerator)
+
+
+def is_fsdp2(accelerator) -> bool:
+    """Whether the trained modules are FSDP2's (DTensor shards: what library/sharded_ema.py averages)."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
 
 
 def is_deepspeed(accelerator) -> bool:

@@ -22,6 +22,9 @@ DB = """
 """
 
 
+EMA = "use_ema = true\nema_decay = 0.5\n"  # in [dreambooth]: one process' AveragedModel, ZeRO-1/2's too
+
+
 def _zero_env(stage: int) -> dict:
     """What `accelerate launch --use_deepspeed --zero_stage N --gradient_clipping 0.05 --gradient_accumulation_steps
     2` puts in the environment (no ACCELERATE_USE_CPU: accelerate would not set up DeepSpeed)."""
@@ -58,12 +61,14 @@ def alone(tmp_path_factory, tiny_sd1, tiny_data):
     def weights(precision: str = "no") -> dict:
         if precision not in files:
             folder = tmp_path_factory.mktemp(f"alone-{precision}")
-            one = _configure(_config(folder, tiny_sd1, tiny_data, "one", 2, DB), precision)
+            one = _configure(_config(folder, tiny_sd1, tiny_data, "one", 2, DB + EMA), precision)
             single = subprocess.run([sys.executable, "train_db.py", "--config", str(one)], cwd=ROOT,
                                     capture_output=True, text=True, timeout=600, env=ENV)
             assert single.returncode == 0, single.stderr[-3000:]
             files[precision] = load_file(folder / "one" / "last.safetensors")
+            files[precision, "ema"] = load_file(folder / "one" / "last-ema.safetensors")
         return files[precision]
+    weights.ema = lambda precision="no": (weights(precision), files[precision, "ema"])[1]
     return weights
 
 
@@ -95,13 +100,17 @@ def test_zero1_and_zero2_full_fine_tune_equals_one_process_on_the_global_batch(t
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --d 1 --s 2\n")
     sample = f'[sample]\nsample_prompts = "{prompts}"\nsample_steps = 2\n' if precision == "bf16" else ""
-    two = _configure(_config(tmp_path, tiny_sd1, tiny_data, "two", 1, DB + sample), precision)
+    ema = EMA if (stage, precision) == (2, "no") else ""  # the whole weights' AveragedModel on each process
+    two = _configure(_config(tmp_path, tiny_sd1, tiny_data, "two", 1, DB + ema + sample), precision)
     run = _zero_run(two, stage, port, precision)
     assert "full fine-tune" in run.stdout
     if sample:
         assert [p.name for p in (tmp_path / "two" / "samples").iterdir()] == ["last_step00000003_00_1.png"]
     _assert_one_process(load_file(tmp_path / "two" / "last.safetensors"), alone(precision), load_file(tiny_sd1[1]),
                         within, torch.bfloat16 if precision == "bf16" else torch.float32)
+    if ema:
+        _assert_one_process(load_file(tmp_path / "two" / "last-ema.safetensors"), alone.ema(),
+                            load_file(tiny_sd1[1]), within)
 
 
 def test_zero3_trains_as_one_process_and_its_state_resumes_exactly(tmp_path, tiny_sd1, tiny_data, alone):
