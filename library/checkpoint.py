@@ -2,6 +2,7 @@
 kill at any moment leaves the previous good file intact and never a half-written one under the real name."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -140,9 +141,11 @@ def save_training_state(folder: Path, position: Position, params: dict[str, torc
 
 
 def load_training_state(folder: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler,
-                        generators: dict[str, torch.Generator], scaler=None, sharded=None) -> tuple[Position, dict]:
+                        generators: dict[str, torch.Generator], scaler=None, sharded=None,
+                        scratch: Path | None = None) -> tuple[Position, dict]:
     """Restore what save_training_state wrote (after check_resumable); returns the position and extras.
-    sharded: the accelerator of an FSDP2 run (every process loads its shards and its RNGs)."""
+    sharded: the accelerator of an FSDP2 / DeepSpeed run (every process loads its shards and its RNGs; a
+    DeepSpeed state of another number of processes is resharded in `scratch`, this run's output folder)."""
     info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if sharded is None:
         _load_weights(folder, params)
@@ -156,9 +159,23 @@ def load_training_state(folder: Path, params: dict[str, torch.nn.Parameter], opt
     if scaler is not None and objects["scaler"]:
         scaler.load_state_dict(objects["scaler"])
     if sharded is not None:  # the shards, the optimizer's, and each process' own RNGs (after the main one's)
-        sharded.load_state(str(folder / SHARDED))
+        with _shards_for_this_run(sharded, folder, info, scratch or folder.parent) as shards:
+            sharded.load_state(str(shards))
     position = Position(info["step"], info["epoch"], info["batches_done"], objects["epoch_order"])
     return position, objects["extra"]
+
+
+@contextlib.contextmanager
+def _shards_for_this_run(accelerator, folder: Path, info: dict, scratch: Path):
+    """The state's shards as accelerator.load_state reads them for this run: as saved, or, for a DeepSpeed state
+    of another number of processes, resharded (FSDP2's torch.distributed.checkpoint reshards as it loads)."""
+    if info.get("sharded") != "deepspeed" or info.get("processes", 1) == accelerator.num_processes:
+        yield folder / SHARDED
+        return
+    from library.deepspeed_universal import resharded
+
+    with resharded(accelerator, folder / SHARDED, scratch) as shards:
+        yield shards
 
 
 def _load_weights(folder: Path, params: dict[str, torch.nn.Parameter]) -> None:
@@ -333,7 +350,7 @@ class Checkpointer:
     def resume(self) -> tuple[Position, dict]:
         folder = find_state(self.cfg.save.resume, self.out_dir, self.say)
         info = check_resumable(folder, self.cfg.to_toml_dict())
-        position, extra = load_training_state(folder, sharded=self.sharded, **self.state)
+        position, extra = load_training_state(folder, sharded=self.sharded, scratch=self.out_dir, **self.state)
         position = self._reshared(position, info.get("processes", 1), launched_processes())
         if (self.cfg.data_fingerprint or {}).get("changed"):  # resume_with_changed_data: a new epoch from here
             position = Position(position.step, position.epoch + 1, 0, None)

@@ -156,18 +156,24 @@ def _check_engine(folder: Path, info: dict) -> None:
 
 
 def _check_deepspeed(folder: Path, info: dict) -> None:
-    """A DeepSpeed state (the ZeRO partitions of each process, in DeepSpeed's checkpoint) resumes under DeepSpeed
-    with as many processes, ZeRO-3's (partitioned weights: a model file per process) under ZeRO-3, ZeRO-1/2's under
-    ZeRO-1/2 (the stage as the launch names it; a DeepSpeed config file's is not checked); a state of another engine
-    does not resume under DeepSpeed."""
+    """A DeepSpeed state (the ZeRO partitions of each process, in DeepSpeed's checkpoint) resumes under DeepSpeed:
+    with as many processes, or with another number when its optimizer is Adam / AdamW (resharded through
+    DeepSpeed's universal checkpoint, library/deepspeed_universal.py); ZeRO-3's (partitioned weights: a model file
+    per process) under ZeRO-3, ZeRO-1/2's under ZeRO-1/2 (the stage as the launch names it; a DeepSpeed config
+    file's is not checked); a state of another engine does not resume under DeepSpeed."""
+    from library.deepspeed_universal import reshard_problem
     from library.engines import launched_engine, launched_processes, launched_zero_stage
 
     sharded, now = info.get("sharded"), launched_engine()
     saved, processes = info.get("processes", 1), launched_processes()
-    if sharded == "deepspeed" and (now != "deepspeed" or saved != processes):
+    if sharded == "deepspeed" and now != "deepspeed":
         raise ConfigError(f"{folder} holds DeepSpeed ZeRO partitions of {saved} processes: resume it with "
-                          f"`accelerate launch --use_deepspeed --num_processes {saved}` and the same ZeRO stage "
-                          f"(this run: {'DeepSpeed' if now == 'deepspeed' else 'no DeepSpeed'}, {processes} processes)")
+                          f"`accelerate launch --use_deepspeed` and the same ZeRO stage (this run: no DeepSpeed, "
+                          f"{processes} processes)")
+    problem = reshard_problem(info.get("config", {}).get("optimizer", {}))
+    if sharded == "deepspeed" and saved != processes and problem:
+        raise ConfigError(f"{folder} holds DeepSpeed ZeRO partitions of {saved} processes, this run has "
+                          f"{processes}: {problem}; resume it with `--num_processes {saved}`")
     if now == "deepspeed" and sharded != "deepspeed":
         raise ConfigError(f"{folder} was saved without DeepSpeed: resume it as it was launched, without "
                           f"--use_deepspeed")

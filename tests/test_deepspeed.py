@@ -34,8 +34,8 @@ def _zero_env(stage: int) -> dict:
             "ACCELERATE_MIXED_PRECISION": "no"}
 
 
-def _zero_run(config, stage: int, port: int, precision: str = "no"):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+def _zero_run(config, stage: int, port: int, precision: str = "no", processes: int = 2):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                           str(port), str(ROOT / "tests" / "deepspeed_cpu.py"), "--config", str(config)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**_zero_env(stage), "ACCELERATE_MIXED_PRECISION": precision})
@@ -139,3 +139,64 @@ def test_zero3_trains_as_one_process_and_its_state_resumes_exactly(tmp_path, tin
     assert len(losses[0]) == 3 and losses[1] == losses[0][2:]
     resumed_weights = load_file(tmp_path / "resumed" / "last.safetensors")
     assert max((whole[k] - resumed_weights[k]).abs().max().item() for k in whole) == 0.0
+
+
+@pytest.mark.parametrize("stage, port", [(2, 29561), (3, 29567)])
+def test_an_adamw_state_resumes_with_another_number_of_processes(tmp_path, tiny_sd1, tiny_data, stage, port):
+    """A state saved by 2 processes at step 2 (AdamW: DeepSpeed reshards Adam's state only) resumed with 1: the
+    main process converts it to DeepSpeed's universal checkpoint beside this run's outputs, the engine loads its
+    own partition from it; resumed at its last step it writes the step-2 weights and a 1-process state holding
+    the same fp32 masters and Adam moments (read back through the same conversion; measured 0.0). That state
+    resumed with 2 processes trains steps 3 and 4 to the very losses and weights of the uninterrupted run
+    (measured 0.0). The saved states are only read; the converted copy goes once loaded."""
+    from library.deepspeed_universal import _convert
+
+    run = _config(tmp_path, tiny_sd1, tiny_data, "two", 1, DB + """
+        [save]
+        save_every_n_steps = 2
+        save_state = true
+    """)
+    run.write_text(run.read_text().replace('"SGDNesterov"', '"AdamW"').replace("learning_rate = 0.05",
+                                                                               "learning_rate = 0.001\nmax_grad_norm = 0.05")
+                   .replace("max_train_steps = 4", "max_train_steps = 4\ngradient_accumulation_steps = 2"))
+    state = tmp_path / "two" / "last-step00000002-state"
+
+    def resuming(name: str, folder, steps: int):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(run.read_text().replace(f'"{tmp_path / "two"}"', f'"{tmp_path / name}"')
+                        .replace("save_state = true", f'save_state = true\nresume = "{folder}"')
+                        .replace("max_train_steps = 4", f"max_train_steps = {steps}"))
+        return path
+    first = _zero_run(run, stage, port)
+    saved = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    one = _zero_run(resuming("one", state, 2), stage, port + 2, processes=1)
+    back = _zero_run(resuming("back", tmp_path / "one" / "last-state", 4), stage, port + 4)
+    assert "resharding the DeepSpeed state for 1 process " in one.stdout
+    assert "resharding the DeepSpeed state for 2 processes " in back.stdout
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == saved
+    for name in ("one", "back"):
+        assert not [p.name for p in (tmp_path / name).iterdir() if "universal" in p.name]
+    partitions = sorted(p.name for p in (tmp_path / "one" / "last-state" / "sharded" / "pytorch_model").iterdir())
+    assert [p for p in partitions if "optim" in p] == ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    at_two, weights = (load_file(tmp_path / d / f) for d, f in (("two", "last-step00000002.safetensors"),
+                                                                ("one", "last.safetensors")))
+    assert max((at_two[k] - weights[k]).abs().max().item() for k in at_two) == 0.0
+    moments = [_universal(_convert, folder / "sharded", tmp_path / f"u{i}")
+               for i, folder in enumerate((state, tmp_path / "one" / "last-state"))]
+    assert moments[0].keys() == moments[1].keys() and len(moments[0]) > 4 * 200  # fp32, exp_avg(_sq), step a weight
+    assert all(torch.equal(moments[0][k], moments[1][k]) for k in moments[0])
+    assert max(v.abs().max().item() for k, v in moments[0].items() if k.endswith("/exp_avg")) > 1e-4
+    losses = [[line.split()[3] for line in r.stdout.splitlines() if line.startswith("step ") and " loss " in line]
+              for r in (first, back)]
+    assert len(losses[0]) == 4 and losses[1] == losses[0][2:]
+    whole, resumed_weights = (load_file(tmp_path / name / "last.safetensors") for name in ("two", "back"))
+    assert max((whole[k] - resumed_weights[k]).abs().max().item() for k in whole) == 0.0
+
+
+def _universal(convert, shards, folder) -> dict:
+    """A DeepSpeed state's weights and optimizer state whole, through DeepSpeed's universal conversion:
+    {"weight name/fp32" (or exp_avg, exp_avg_sq, step): tensor}."""
+    convert(shards, folder)
+    zero = folder / "pytorch_model" / "zero"
+    found = {f"{p.parent.name}/{p.stem}": torch.load(p, weights_only=False) for p in zero.glob("*/*.pt")}
+    return {k: v["param"] if isinstance(v, dict) else torch.as_tensor(v) for k, v in found.items()}

@@ -147,11 +147,15 @@ def test_deepspeed_plugin_takes_the_config_values(make_config, monkeypatch):
     assert "gradient_clipping" not in unclipped and "bf16" not in unclipped and "torch_autocast" not in unclipped
 
 
-def test_a_deepspeed_state_resumes_only_under_deepspeed_with_as_many_processes_and_its_stage(tmp_path, monkeypatch):
+def test_a_deepspeed_state_resumes_under_deepspeed_with_its_stage_and_resharded_only_for_adam(tmp_path, monkeypatch):
+    """Another number of processes: Adam / AdamW's state is resharded (DeepSpeed's universal checkpoint carries
+    exp_avg, exp_avg_sq and step); any other optimizer's, or AMSGrad's max_exp_avg_sq, would be lost: refused
+    with the count that resumes it."""
     from library.config import ConfigError
     from library.saved_state import _check_engine
 
-    info = {"sharded": "deepspeed", "processes": 2}
+    info = {"sharded": "deepspeed", "processes": 2, "config": {"optimizer": {"optimizer_type": "SGDNesterov"}}}
+    adamw = {**info, "config": {"optimizer": {"optimizer_type": "AdamW", "optimizer_args": ["weight_decay=0.1"]}}}
     for key, value in {**DEEPSPEED, "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     _check_engine(tmp_path, info)
@@ -164,8 +168,14 @@ def test_a_deepspeed_state_resumes_only_under_deepspeed_with_as_many_processes_a
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     _check_engine(tmp_path, info)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match="ZeRO partitions of 2 processes: resume it with .*--num_processes 2"):
+    with pytest.raises(ConfigError, match="ZeRO partitions of 2 processes, this run has 4: its optimizer is "
+                                          "SGDNesterov, and DeepSpeed reshards the state of Adam / AdamW only; "
+                                          "resume it with `--num_processes 2`"):
         _check_engine(tmp_path, info)
+    _check_engine(tmp_path, adamw)  # resharded as it loads
+    adamw["config"]["optimizer"]["optimizer_args"] = ["amsgrad = True"]
+    with pytest.raises(ConfigError, match="amsgrad, whose max_exp_avg_sq DeepSpeed's resharding does not carry"):
+        _check_engine(tmp_path, adamw)
     with pytest.raises(ConfigError, match="saved without DeepSpeed"):
         _check_engine(tmp_path, {"processes": 4})
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
