@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from test_multiprocess import ENV, _config
+from test_multiprocess import ENV, _config, _resuming
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (the test extra installs it)")
 pytestmark = pytest.mark.slow
@@ -161,16 +161,10 @@ def test_an_adamw_state_resumes_with_another_number_of_processes(tmp_path, tiny_
                    .replace("max_train_steps = 4", "max_train_steps = 4\ngradient_accumulation_steps = 2"))
     state = tmp_path / "two" / "last-step00000002-state"
 
-    def resuming(name: str, folder, steps: int):
-        path = tmp_path / f"{name}.toml"
-        path.write_text(run.read_text().replace(f'"{tmp_path / "two"}"', f'"{tmp_path / name}"')
-                        .replace("save_state = true", f'save_state = true\nresume = "{folder}"')
-                        .replace("max_train_steps = 4", f"max_train_steps = {steps}"))
-        return path
     first = _zero_run(run, stage, port)
     saved = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
-    one = _zero_run(resuming("one", state, 2), stage, port + 2, processes=1)
-    back = _zero_run(resuming("back", tmp_path / "one" / "last-state", 4), stage, port + 4)
+    one = _zero_run(_resuming(run, "one", state, 2), stage, port + 2, processes=1)
+    back = _zero_run(_resuming(run, "back", tmp_path / "one" / "last-state", 4), stage, port + 4)
     assert "resharding the DeepSpeed state for 1 process " in one.stdout
     assert "resharding the DeepSpeed state for 2 processes " in back.stdout
     assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == saved

@@ -332,15 +332,9 @@ def test_fsdp2_state_is_saved_sharded_and_resumes_with_any_number_of_processes(t
     run.write_text(run.read_text().replace("max_train_steps = 3", "max_train_steps = 4"))
     state = tmp_path / "two" / "last-step00000002-state"
 
-    def resuming(name: str, folder, steps: int):
-        path = tmp_path / f"{name}.toml"
-        path.write_text(run.read_text().replace(f'"{tmp_path / "two"}"', f'"{tmp_path / name}"')
-                        .replace("save_state = true", f'save_state = true\nresume = "{folder}"')
-                        .replace("max_train_steps = 4", f"max_train_steps = {steps}"))
-        return path
     first = _fsdp2_run(tmp_path, run, 29543)
-    one = _fsdp2_run(tmp_path, resuming("one", state, 2), 29545, processes=1)
-    back = _fsdp2_run(tmp_path, resuming("back", tmp_path / "one" / "last-state", 4), 29549)
+    one = _fsdp2_run(tmp_path, _resuming(run, "one", state, 2), 29545, processes=1)
+    back = _fsdp2_run(tmp_path, _resuming(run, "back", tmp_path / "one" / "last-state", 4), 29549)
     shards = state / "sharded"
     assert sorted(p.name for p in state.iterdir()) == ["sharded", "state.json", "state.pt"]
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
@@ -367,6 +361,16 @@ def test_fsdp2_state_is_saved_sharded_and_resumes_with_any_number_of_processes(t
     for file in ("last.safetensors", "last-ema.safetensors"):  # the EMA's shards resharded like the weights
         whole, resumed_weights = (load_file(tmp_path / name / file) for name in ("two", "back"))
         assert max((whole[k] - resumed_weights[k]).abs().max().item() for k in whole) == 0.0, file
+
+
+def _resuming(run, name: str, folder, steps: int):
+    """`run`'s config (writing to the "two" folder beside it, saving states) as a run `name` that resumes the
+    state `folder` and trains to `steps`."""
+    path = run.parent / f"{name}.toml"
+    path.write_text(run.read_text().replace(f'"{run.parent / "two"}"', f'"{run.parent / name}"')
+                    .replace("save_state = true", f'save_state = true\nresume = "{folder}"')
+                    .replace("max_train_steps = 4", f"max_train_steps = {steps}"))
+    return path
 
 
 def _dcp_optimizer(state) -> dict:
