@@ -275,8 +275,9 @@ def fsdp2_plugin(cfg, environ=None):
 
 def deepspeed_plugin(cfg):
     """accelerate's DeepSpeed plugin: what `accelerate launch --use_deepspeed` set (ZeRO stage, offload, a config
-    file) from the environment, with the config's gradient accumulation and clipping (max_grad_norm; 0: none),
-    which DeepSpeed's engine applies itself. ZeRO-3's zero.Init at load time stays off (accelerate would hand it
+    file) from the environment, with the config's gradient accumulation and clipping (max_grad_norm; 0: none,
+    written as 0 since accelerate leaves a 0 out and DeepSpeed 0.19 then clips at 1.0), which DeepSpeed's engine
+    applies itself. ZeRO-3's zero.Init at load time stays off (accelerate would hand it
     to transformers, partitioning the frozen text encoders no engine manages): the denoiser is partitioned when
     prepared. bf16 runs as on one GPU: the trained weights stay fp32 and the forward runs under torch.autocast
     (DeepSpeed's torch_autocast; its bf16 mode would cast the module to bf16 first and make the fp32 master weights
@@ -286,6 +287,8 @@ def deepspeed_plugin(cfg):
     t, o = cfg.train, cfg.optimizer
     plugin = DeepSpeedPlugin(gradient_accumulation_steps=t.gradient_accumulation_steps,
                              gradient_clipping=float(o.max_grad_norm), zero3_init_flag=False)
+    if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":  # 0 too: DeepSpeed's default clips at 1.0
+        plugin.deepspeed_config["gradient_clipping"] = float(o.max_grad_norm)
     if t.mixed_precision == "bf16" and "bf16" not in plugin.deepspeed_config:  # a config file's own choice stays
         plugin.deepspeed_config["bf16"] = {"enabled": False}
         plugin.deepspeed_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",

@@ -25,28 +25,28 @@ DB = """
 EMA = "use_ema = true\nema_decay = 0.5\n"  # in [dreambooth]: one process' AveragedModel, ZeRO-1/2's too
 
 
-def _zero_env(stage: int) -> dict:
+def _zero_env(stage: int, clip: float = 0.05) -> dict:
     """What `accelerate launch --use_deepspeed --zero_stage N --gradient_clipping 0.05 --gradient_accumulation_steps
     2` puts in the environment (no ACCELERATE_USE_CPU: accelerate would not set up DeepSpeed)."""
     env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
     return {**env, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage),
-            "ACCELERATE_GRADIENT_CLIPPING": "0.05", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2",
+            "ACCELERATE_GRADIENT_CLIPPING": str(clip), "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2",
             "ACCELERATE_MIXED_PRECISION": "no"}
 
 
-def _zero_run(config, stage: int, port: int, precision: str = "no", processes: int = 2):
+def _zero_run(config, stage: int, port: int, precision: str = "no", processes: int = 2, clip: float = 0.05):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                           str(port), str(ROOT / "tests" / "deepspeed_cpu.py"), "--config", str(config)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**_zero_env(stage), "ACCELERATE_MIXED_PRECISION": precision})
+                         env={**_zero_env(stage, clip), "ACCELERATE_MIXED_PRECISION": precision})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return run
 
 
-def _configure(path, precision: str = "no"):
+def _configure(path, precision: str = "no", clip: float = 0.05):
     """3 steps of 2 accumulated micro-batches in `precision`, SGD with Nesterov momentum clipped by max_grad_norm
-    0.05 (unclipped the weights move 0.035)."""
-    path.write_text(path.read_text().replace("learning_rate = 0.05", "learning_rate = 0.05\nmax_grad_norm = 0.05")
+    0.05 (unclipped, `clip` 0, the weights move 0.032)."""
+    path.write_text(path.read_text().replace("learning_rate = 0.05", f"learning_rate = 0.05\nmax_grad_norm = {clip}")
                     .replace("max_train_steps = 4", "max_train_steps = 3\ngradient_accumulation_steps = 2")
                     .replace("seed = 7", f'seed = 7\nmixed_precision = "{precision}"'))
     return path
@@ -54,32 +54,33 @@ def _configure(path, precision: str = "no"):
 
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory, tiny_sd1, tiny_data):
-    """alone(precision): one process on the global batch (2 images a micro-batch), 3 steps in that
-    mixed_precision: its weights file (each precision trained once for the module)."""
+    """alone(precision, clip): one process on the global batch (2 images a micro-batch), 3 steps in that
+    mixed_precision, clipped at `clip` (0: not): its weights file (each trained once for the module)."""
     files = {}
 
-    def weights(precision: str = "no") -> dict:
-        if precision not in files:
-            folder = tmp_path_factory.mktemp(f"alone-{precision}")
-            one = _configure(_config(folder, tiny_sd1, tiny_data, "one", 2, DB + EMA), precision)
+    def weights(precision: str = "no", clip: float = 0.05) -> dict:
+        if (precision, clip) not in files:
+            folder = tmp_path_factory.mktemp(f"alone-{precision}-{clip}")
+            one = _configure(_config(folder, tiny_sd1, tiny_data, "one", 2, DB + EMA), precision, clip)
             single = subprocess.run([sys.executable, "train_db.py", "--config", str(one)], cwd=ROOT,
                                     capture_output=True, text=True, timeout=600, env=ENV)
             assert single.returncode == 0, single.stderr[-3000:]
-            files[precision] = load_file(folder / "one" / "last.safetensors")
-            files[precision, "ema"] = load_file(folder / "one" / "last-ema.safetensors")
-        return files[precision]
-    weights.ema = lambda precision="no": (weights(precision), files[precision, "ema"])[1]
+            files[precision, clip] = load_file(folder / "one" / "last.safetensors")
+            files[precision, clip, "ema"] = load_file(folder / "one" / "last-ema.safetensors")
+        return files[precision, clip]
+    weights.ema = lambda precision="no": (weights(precision), files[precision, 0.05, "ema"])[1]
     return weights
 
 
-def _assert_one_process(zero: dict, alone: dict, base: dict, within: float = 1e-5, frozen=torch.float32) -> float:
+def _assert_one_process(zero: dict, alone: dict, base: dict, within: float = 1e-5, frozen=torch.float32,
+                        clipped: bool = True) -> float:
     """The ZeRO run's weights file against one process': the same keys, the UNet trained (clipped) to the same
     weights `within`, the VAE and text encoder as loaded (stored in `frozen`, the run's weight dtype). Returns the
     largest difference."""
     assert set(zero) == set(alone) == set(base)
     unet = [k for k in alone if k.startswith("model.diffusion_model.")]
     moved = max((alone[k] - base[k]).abs().max().item() for k in unet)
-    assert 1e-4 < moved < 0.01, moved  # it trained, clipped
+    assert (1e-4 < moved < 0.01) if clipped else moved > 0.02, moved  # it trained (clipped: less far)
     worst = max((zero[k] - alone[k]).abs().max().item() for k in zero)
     print(f"largest difference to one process {worst:.1e}, the UNet moved {moved:.1e}")
     assert worst < within, worst
@@ -111,6 +112,21 @@ def test_zero1_and_zero2_full_fine_tune_equals_one_process_on_the_global_batch(t
     if ema:
         _assert_one_process(load_file(tmp_path / "two" / "last-ema.safetensors"), alone.ema(),
                             load_file(tiny_sd1[1]), within)
+
+
+def test_unclipped_zero2_and_deepspeed_fp16_mode_equal_one_process(tmp_path, tiny_sd1, tiny_data, alone):
+    """max_grad_norm = 0 is no clipping: written into DeepSpeed's config as 0 (accelerate leaves a 0 out, and
+    DeepSpeed 0.19's default then clips at 1.0: the weights moved about a third as far as one process'). Unclipped,
+    a gradient of the wrong scale shows (clipping to a norm hides it): ZeRO-2 ends at one process' weights (measured
+    1.2e-7), and DeepSpeed's own fp16 mode (the module in fp16, fp32 master weights, dynamic loss scaling) within
+    fp16's rounding of one process in fp32 (measured 2.4e-4, the weights having moved 0.032), the frozen VAE and text
+    encoder written as loaded in fp16."""
+    base, reference = load_file(tiny_sd1[1]), alone("no", 0.0)
+    for precision, port, within, frozen in (("no", 29571, 1e-5, torch.float32), ("fp16", 29573, 5e-4, torch.float16)):
+        config = _configure(_config(tmp_path, tiny_sd1, tiny_data, f"two-{precision}", 1, DB), precision, 0.0)
+        _zero_run(config, 2, port, precision, clip=0.0)
+        _assert_one_process(load_file(tmp_path / f"two-{precision}" / "last.safetensors"), reference, base, within,
+                            frozen, clipped=False)
 
 
 def test_zero3_trains_as_one_process_and_its_state_resumes_exactly(tmp_path, tiny_sd1, tiny_data, alone):

@@ -144,7 +144,8 @@ def test_deepspeed_plugin_takes_the_config_values(make_config, monkeypatch):
     assert config["bf16"] == {"enabled": False}
     assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     unclipped = deepspeed_plugin(make_config(optimizer={"max_grad_norm": 0.0})).deepspeed_config
-    assert "gradient_clipping" not in unclipped and "bf16" not in unclipped and "torch_autocast" not in unclipped
+    assert unclipped["gradient_clipping"] == 0.0  # not left out: DeepSpeed's default clips at 1.0
+    assert "bf16" not in unclipped and "torch_autocast" not in unclipped
 
 
 def test_a_deepspeed_state_resumes_under_deepspeed_with_its_stage_and_resharded_only_for_adam(tmp_path, monkeypatch):
