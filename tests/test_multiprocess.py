@@ -139,7 +139,8 @@ def test_ddp_full_fine_tune_with_accumulation_and_a_stopped_text_encoder(tmp_pat
     """DDP full fine-tune of the UNet and the text encoder, gradient accumulation 2 (no_sync on the first
     micro-batch), the text encoder frozen after step 1: both ranks end with one process's weights on the global
     batch, and the frozen text encoder does not move afterwards on any rank (SGD with Nesterov momentum would
-    keep moving it if a zero gradient were averaged in, as the hand-made all-reduce did)."""
+    keep moving it if a zero gradient were averaged in, as the hand-made all-reduce did). Unclipped, so averaged
+    gradients of the wrong scale would show (clipping to a norm hides the scale)."""
     more = """
         [dreambooth]
         train_text_encoder = true
@@ -150,8 +151,8 @@ def test_ddp_full_fine_tune_with_accumulation_and_a_stopped_text_encoder(tmp_pat
     for path in (two, one):
         path.write_text(path.read_text().replace("max_train_steps = 4", "max_train_steps = 3\n"
                                                  "gradient_accumulation_steps = 2")
-                        .replace("learning_rate = 0.05", "learning_rate = 0.02"))
-    reports, alone, (rank0, rank1, single) = _two_and_one(tmp_path, "db", two, one, 29533)
+                        .replace("learning_rate = 0.05", "learning_rate = 0.02\nmax_grad_norm = 0.0"))  # unclipped:
+    reports, alone, (rank0, rank1, single) = _two_and_one(tmp_path, "db", two, one, 29533)  # the gradients' scale shows
     assert reports[0]["engine"] == ["DistributedDataParallel"] * 2 and alone["engine"] == [
         "UNet2DConditionModel", "CLIPTextModel"]
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
