@@ -44,9 +44,10 @@ WORKLOADS = [("SD1.5 full DreamBooth 512px", "sd1", "sd15", 512, {**FULL, "offlo
              # sd-scripts' 24 GB recipe: fused backward pass + Adafactor + full_bf16 + blocks_to_swap
              ("FLUX.1-dev full fine-tune 1024px", "flux", "flux-dev", 1024, {**FULL, **T5_FP8, "blocks_to_swap": 28}),
              ("Chroma LoRA 1024px", "chroma", "chroma", 1024,
-              {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 40}),
+              {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 44}),
              # FLUX.2: t5xxl_precision fp8 stores its Qwen3 / Mistral text encoder in fp8 too
-             ("FLUX.2 klein 4B LoRA 1024px", "flux2", "flux2-klein-4b", 1024, {**LORA, **T5_FP8, "fp8_base": True}),
+             ("FLUX.2 klein 4B LoRA 1024px", "flux2", "flux2-klein-4b", 1024,
+              {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 4}),
              ("FLUX.2 klein 9B LoRA 1024px", "flux2", "flux2-klein-9b", 1024,
               {**LORA, **T5_FP8, "fp8_base": True, "blocks_to_swap": 16}),
              ("FLUX.2 dev LoRA 1024px", "flux2", "flux2-dev", 1024,
