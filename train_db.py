@@ -260,9 +260,11 @@ def _make_ema(denoiser: torch.nn.Module, db, device):
 def _averaged_denoiser(ema, accelerator, denoiser):
     """The EMA's denoiser as saving reads it: AveragedModel's copy; with sharded weights (FSDP2) an unsharded
     copy gathered on the main process (None on the others, every process taking part). None without EMA."""
+    from library.sharded_ema import ShardedEMA
+
     if ema is None:
         return None
-    return ema.averaged_copy(accelerator, denoiser) if hasattr(ema, "averaged_copy") else ema.module
+    return ema.averaged_copy(accelerator, denoiser) if isinstance(ema, ShardedEMA) else ema.module
 
 
 def _save_model(out_dir: Path, name: str, family, parts, cfg: Config, averaged=None) -> list[Path]:
