@@ -106,7 +106,7 @@ EIGHT_BIT = ("8bit", "paged")  # bitsandbytes' optimizers: AdamW8bit, Lion8bit, 
 def deepspeed_problems(cfg, recipe: str, environ=None) -> list[str]:
     """What a DeepSpeed launch cannot run, all of it at once: deepspeed not installed, the adapters recipe,
     what ZeRO cannot shard (the fused backward pass, block swap, 8-bit optimizers, a second trained model, full
-    half-precision weights), CPU offload of an optimizer DeepSpeed has no CPU version of (or whose CPU Adam cannot
+    half-precision weights; torch_compile under ZeRO-3), CPU offload of an optimizer DeepSpeed has no CPU version of (or whose CPU Adam cannot
     build here), and a gradient accumulation / clipping the launch sets otherwise than the config."""
     import importlib.util
 
@@ -145,6 +145,10 @@ def _zero_limits(cfg, env) -> list[str]:
     if cfg.train.full_fp16 or cfg.train.full_bf16:
         problems.append("'train.full_fp16' / 'full_bf16': DeepSpeed keeps fp32 master weights in its optimizer and "
                         "computes in 'train.mixed_precision' (its module in that precision); remove them")
+    if t.torch_compile and launched_zero_stage(env) == 3:
+        problems.append("'train.torch_compile' with ZeRO-3: the hooks that gather each block's weights run inside "
+                        "the compiled blocks, and dynamo recompiles them past its limit (they then run uncompiled); "
+                        "use ZeRO-2, or turn torch_compile off")
     return problems
 
 

@@ -95,17 +95,19 @@ def test_deepspeed_runs_a_full_fine_tune_of_the_denoiser_and_names_what_it_canno
            "ACCELERATE_GRADIENT_CLIPPING": "1.0", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
     problems = _problems(make_config, env, optimizer={"optimizer_type": "AdamW8bit", "max_grad_norm": 0.5},
                          train={"blocks_to_swap": 2, "gradient_checkpointing": True, "full_bf16": True,
-                                "mixed_precision": "bf16"},
+                                "mixed_precision": "bf16", "torch_compile": True},
                          dreambooth={"use_ema": True})
     assert [p.split(" ")[0] for p in problems] == [
         "'optimizer.fused_backward_pass'", "'optimizer.optimizer_type'", "'dreambooth.train_text_encoder':",
-        "'dreambooth.use_ema'", "'train.full_fp16'", "'optimizer.optimizer_type'",
+        "'dreambooth.use_ema'", "'train.full_fp16'", "'train.torch_compile'", "'optimizer.optimizer_type'",
         "'train.gradient_accumulation_steps'", "'optimizer.max_grad_norm'"]
     assert "AdamW8bit" in problems[1] and "fp32 master weights" in problems[4]
-    assert "would replace AdamW8bit with Adam" in problems[5] and "the DeepSpeed launch says 4" in problems[6]
+    assert "use ZeRO-2" in problems[5]
+    assert "would replace AdamW8bit with Adam" in problems[6] and "the DeepSpeed launch says 4" in problems[7]
     same = {**env, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "auto",
             "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none"}
-    assert _problems(make_config, same, dreambooth={"use_ema": True, "train_text_encoder": False}) == []
+    assert _problems(make_config, same, dreambooth={"use_ema": True, "train_text_encoder": False},
+                     train={"torch_compile": True}) == []  # ZeRO-1/2 compile (tests/test_deepspeed.py)
 
 
 def test_deepspeed_offload_needs_a_cpu_adam_that_can_build(make_config, monkeypatch):
