@@ -416,8 +416,8 @@ def multi_gpu_check(out: str | None = None) -> int:
             path.write_text(text.replace("save_state = true", f'resume = "{resume}"') if resume else text)
             return path
 
-        def launch(config: Path, *engine: str) -> subprocess.CompletedProcess:
-            command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2",
+        def launch(config: Path, *engine: str, processes: int = 2) -> subprocess.CompletedProcess:
+            command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(processes),
                        "train_db.py", "--config", str(config)]
             return subprocess.run(command, capture_output=True, text=True, timeout=1800)
 
@@ -461,7 +461,9 @@ ZERO_STAGES = (2, 3)
 def zero_lines(tmp: Path, write, launch, largest_difference) -> list[str]:
     """multi_gpu_check's DeepSpeed part: the run of each precision under `accelerate launch --use_deepspeed
     --zero_stage N` (NCCL) for ZeRO-2 and ZeRO-3, each against one process on the global batch (one-{precision},
-    which multi_gpu_check ran before), and each stage's fp32 step-2 state resumed to the uninterrupted run."""
+    which multi_gpu_check ran before), each stage's fp32 step-2 state resumed to the uninterrupted run, and an
+    AdamW run's step-2 state resumed on 1 GPU (resharded through DeepSpeed's universal checkpoint) then that
+    state on 2 GPUs, to the uninterrupted run."""
     lines = []
     for stage in ZERO_STAGES:
         zero = ("--use_deepspeed", "--zero_stage", str(stage))
@@ -480,7 +482,30 @@ def zero_lines(tmp: Path, write, launch, largest_difference) -> list[str]:
                      + (f", largest difference to the uninterrupted run "
                         f"{largest_difference(f'zero{stage}-resumed', f'zero{stage}-no'):.2e}"
                         if resumed.returncode == 0 else f": {resumed.stderr[-2000:]}"))
+        lines.append(resharded_line(tmp, stage, write, launch, largest_difference))
     return lines
+
+
+def resharded_line(tmp: Path, stage: int, write, launch, largest_difference) -> str:
+    """An AdamW ZeRO run on 2 GPUs, its step-2 state resumed on 1 GPU to step 2, that state resumed on 2 GPUs to
+    step 4: the largest difference to the uninterrupted run."""
+    zero = ("--use_deepspeed", "--zero_stage", str(stage))
+
+    def adamw(name: str, resume: str = "", steps: int = 4) -> Path:
+        path = write(name, 1, "no", resume)
+        path.write_text(path.read_text().replace('"SGDNesterov"', '"AdamW"').replace("learning_rate = 0.05",
+                        "learning_rate = 0.001").replace("max_train_steps = 4", f"max_train_steps = {steps}")
+                        .replace(f'resume = "{resume}"', f'resume = "{resume}"\nsave_state = true'))
+        return path
+    name = f"zero{stage}-adamw"
+    runs = [launch(adamw(name), *zero)]
+    runs.append(launch(adamw(f"{name}-one", str(tmp / name / "last-step00000002-state"), 2), *zero, processes=1))
+    runs.append(launch(adamw(f"{name}-back", str(tmp / f"{name}-one" / "last-state")), *zero))
+    failed = next((r for r in runs if r.returncode), None)
+    if failed is not None:
+        return f"DeepSpeed ZeRO-{stage} AdamW state 2 -> 1 -> 2 GPUs: exit {failed.returncode}: {failed.stderr[-2000:]}"
+    return (f"DeepSpeed ZeRO-{stage} AdamW state 2 -> 1 -> 2 GPUs (resharded): largest difference to the "
+            f"uninterrupted run {largest_difference(f'{name}-back', name):.2e}")
 
 
 def cleanup(folder: Path) -> None:
