@@ -56,15 +56,25 @@ def resharded(accelerator, shards: Path, scratch: Path, say=print):
 
 def _convert(shards: Path, folder: Path) -> None:
     """`folder`: accelerator.save_state's layout, its DeepSpeed tag folder in the universal format, the RNG files
-    copied. A folder left by an interrupted conversion is ours (a .tmp name) and is written again."""
+    copied. A folder left by an interrupted conversion is ours (a .tmp name) and is written again. A conversion
+    that fails (a disk full, a partition DeepSpeed cannot read) is a ConfigError naming the state; its folder
+    goes."""
     from deepspeed.checkpoint import ds_to_universal
+
+    from library.config import ConfigError
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     args = argparse.Namespace(input_folder=str(shards / MODEL_FOLDER), output_folder=str(folder / MODEL_FOLDER),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # accelerate's checkpoints do not record it themselves
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-        ds_to_universal.main(args)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            ds_to_universal.main(args)
+    except Exception as e:  # noqa: BLE001 - whatever DeepSpeed's conversion raises, one line for the user
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ConfigError(f"'save.resume': {shards.parent} could not be resharded for this number of processes "
+                          f"(DeepSpeed's universal conversion into {folder}: {type(e).__name__}: {e}); resume it "
+                          f"with as many processes as saved it") from None
     for rng in shards.glob("random_states_*.pkl"):
         shutil.copy2(rng, folder / rng.name)

@@ -397,3 +397,20 @@ def test_an_unsharded_copy_holds_the_state_and_the_buffers_no_state_dict_holds()
     buffers = dict(encoder.named_buffers())
     assert list(buffers) == ["embeddings.position_ids"] and "embeddings.position_ids" not in state
     assert torch.equal(dict(copy.named_buffers())["embeddings.position_ids"], buffers["embeddings.position_ids"])
+
+
+def test_a_deepspeed_state_that_cannot_be_resharded_is_one_line_and_leaves_no_folder(tmp_path):
+    """The universal conversion failing (here: a partition that is not a checkpoint) is a ConfigError naming the
+    state, and its half-written folder goes; the state is untouched."""
+    pytest.importorskip("deepspeed")
+    from library.config import ConfigError
+    from library.deepspeed_universal import _convert
+
+    shards = tmp_path / "run" / "last-state" / "sharded"
+    (shards / "pytorch_model").mkdir(parents=True)
+    (shards / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"last-state could not be resharded for this number of processes .*"
+                                          r"resume it with as many processes as saved it"):
+        _convert(shards, tmp_path / "out" / ".last-state-universal.tmp")
+    assert not (tmp_path / "out" / ".last-state-universal.tmp").exists()
+    assert [p.name for p in (shards / "pytorch_model").iterdir()] == ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
