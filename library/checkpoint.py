@@ -161,6 +161,10 @@ def load_training_state(folder: Path, params: dict[str, torch.nn.Parameter], opt
     if sharded is not None:  # the shards, the optimizer's, and each process' own RNGs (after the main one's)
         with _shards_for_this_run(sharded, folder, info, scratch or folder.parent) as shards:
             sharded.load_state(str(shards))
+        if info.get("sharded") == "deepspeed":
+            from library.deepspeed_states import replay_cpu_adam_steps
+
+            replay_cpu_adam_steps(sharded)
     position = Position(info["step"], info["epoch"], info["batches_done"], objects["epoch_order"])
     return position, objects["extra"]
 
@@ -172,7 +176,7 @@ def _shards_for_this_run(accelerator, folder: Path, info: dict, scratch: Path):
     if info.get("sharded") != "deepspeed" or info.get("processes", 1) == accelerator.num_processes:
         yield folder / SHARDED
         return
-    from library.deepspeed_universal import resharded
+    from library.deepspeed_states import resharded
 
     with resharded(accelerator, folder / SHARDED, scratch) as shards:
         yield shards

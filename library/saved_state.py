@@ -158,10 +158,10 @@ def _check_engine(folder: Path, info: dict) -> None:
 def _check_deepspeed(folder: Path, info: dict) -> None:
     """A DeepSpeed state (the ZeRO partitions of each process, in DeepSpeed's checkpoint) resumes under DeepSpeed:
     with as many processes, or with another number when its optimizer is Adam / AdamW (resharded through
-    DeepSpeed's universal checkpoint, library/deepspeed_universal.py); ZeRO-3's (partitioned weights: a model file
+    DeepSpeed's universal checkpoint, library/deepspeed_states.py); ZeRO-3's (partitioned weights: a model file
     per process) under ZeRO-3, ZeRO-1/2's under ZeRO-1/2 (the stage as the launch names it; a DeepSpeed config
     file's is not checked); a state of another engine does not resume under DeepSpeed."""
-    from library.deepspeed_universal import reshard_problem
+    from library.deepspeed_states import reshard_problem
     from library.engines import launched_engine, launched_processes, launched_zero_stage
 
     sharded, now = info.get("sharded"), launched_engine()

@@ -171,7 +171,7 @@ def test_an_adamw_state_resumes_with_another_number_of_processes(tmp_path, tiny_
     the same fp32 masters and Adam moments (read back through the same conversion; measured 0.0). That state
     resumed with 2 processes trains steps 3 and 4 to the very losses and weights of the uninterrupted run
     (measured 0.0). The saved states are only read; the converted copy goes once loaded."""
-    from library.deepspeed_universal import _convert
+    from library.deepspeed_states import _convert
 
     run = _config(tmp_path, tiny_sd1, tiny_data, "two", 1, DB + """
         [save]

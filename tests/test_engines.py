@@ -404,7 +404,7 @@ def test_a_deepspeed_state_that_cannot_be_resharded_is_one_line_and_leaves_no_fo
     state, and its half-written folder goes; the state is untouched."""
     pytest.importorskip("deepspeed")
     from library.config import ConfigError
-    from library.deepspeed_universal import _convert
+    from library.deepspeed_states import _convert
 
     shards = tmp_path / "run" / "last-state" / "sharded"
     (shards / "pytorch_model").mkdir(parents=True)
@@ -414,3 +414,51 @@ def test_a_deepspeed_state_that_cannot_be_resharded_is_one_line_and_leaves_no_fo
         _convert(shards, tmp_path / "out" / ".last-state-universal.tmp")
     assert not (tmp_path / "out" / ".last-state-universal.tmp").exists()
     assert [p.name for p in (shards / "pytorch_model").iterdir()] == ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+
+
+def _cpu_adam_built() -> bool:
+    """DeepSpeed's CPU Adam op is already built in torch's extension cache (building it takes minutes, so the
+    suite does not; `offload_optimizer_device cpu` builds it on first use)."""
+    import os
+    from pathlib import Path
+
+    import torch.utils.cpp_extension as ext
+
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or ext._get_build_directory("cpu_adam", False)).parent
+    return any(cache.glob("cpu_adam/*.so"))
+
+
+@pytest.mark.skipif(not _cpu_adam_built(), reason="DeepSpeed's CPU Adam op is not built here (minutes to build)")
+def test_cpu_adam_resumed_from_its_state_steps_exactly_as_uninterrupted():
+    """CPU Adam's op keeps beta^t as a running product; a new op (a resumed run's) started from pow(beta, t)
+    steps a rounding apart (Adam amplifies it where gradients are near 0). Replayed through the loaded steps on
+    empty tensors, the resumed optimizer's third step is bit for bit the uninterrupted one's (and is not
+    without the replay)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from library.deepspeed_states import replay_steps
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(4096), [torch.randn(4096) * 10.0 ** -torch.randint(0, 9, (4096,)) for _ in range(3)]
+
+    def stepped(weights, optimizer, gradients):
+        for g in gradients:
+            weights.grad = g.clone()
+            optimizer.step()
+        return weights
+
+    def resumed(replay: bool):
+        weights = torch.nn.Parameter(start.clone())
+        first = DeepSpeedCPUAdam([weights], lr=1e-3)
+        stepped(weights, first, grads[:2])
+        again = DeepSpeedCPUAdam([weights], lr=1e-3)
+        again.load_state_dict(first.state_dict())
+        if replay:
+            replay_steps(again)
+        return stepped(weights, again, grads[2:]).detach()
+
+    whole = torch.nn.Parameter(start.clone())
+    uninterrupted = stepped(whole, DeepSpeedCPUAdam([whole], lr=1e-3), grads).detach()
+    assert torch.equal(resumed(replay=True), uninterrupted)
+    assert not torch.equal(resumed(replay=False), uninterrupted)
