@@ -106,8 +106,9 @@ EIGHT_BIT = ("8bit", "paged")  # bitsandbytes' optimizers: AdamW8bit, Lion8bit, 
 def deepspeed_problems(cfg, recipe: str, environ=None) -> list[str]:
     """What a DeepSpeed launch cannot run, all of it at once: deepspeed not installed, the adapters recipe,
     what ZeRO cannot shard (the fused backward pass, block swap, 8-bit optimizers, a second trained model, full
-    half-precision weights; torch_compile under ZeRO-3), CPU offload of an optimizer DeepSpeed has no CPU version of (or whose CPU Adam cannot
-    build here), and a gradient accumulation / clipping the launch sets otherwise than the config."""
+    half-precision weights; torch_compile under ZeRO-3), CPU offload of an optimizer DeepSpeed has no CPU
+    version of (or whose CPU Adam cannot build here), and a gradient accumulation / clipping the launch sets
+    otherwise than the config."""
     import importlib.util
 
     env = os.environ if environ is None else environ

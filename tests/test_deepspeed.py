@@ -35,8 +35,8 @@ def _zero_env(stage: int, clip: float = 0.05) -> dict:
 
 
 def _zero_run(config, stage: int, port: int, precision: str = "no", processes: int = 2, clip: float = 0.05):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-                          str(port), str(ROOT / "tests" / "deepspeed_cpu.py"), "--config", str(config)],
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                          "--master_port", str(port), str(ROOT / "tests" / "deepspeed_cpu.py"), "--config", str(config)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**_zero_env(stage, clip), "ACCELERATE_MIXED_PRECISION": precision})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
@@ -178,8 +178,8 @@ def test_an_adamw_state_resumes_with_another_number_of_processes(tmp_path, tiny_
         save_every_n_steps = 2
         save_state = true
     """)
-    run.write_text(run.read_text().replace('"SGDNesterov"', '"AdamW"').replace("learning_rate = 0.05",
-                                                                               "learning_rate = 0.001\nmax_grad_norm = 0.05")
+    adamw = "learning_rate = 0.001\nmax_grad_norm = 0.05"
+    run.write_text(run.read_text().replace('"SGDNesterov"', '"AdamW"').replace("learning_rate = 0.05", adamw)
                    .replace("max_train_steps = 4", "max_train_steps = 4\ngradient_accumulation_steps = 2"))
     state = tmp_path / "two" / "last-step00000002-state"
 
