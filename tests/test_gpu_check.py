@@ -106,18 +106,23 @@ def test_a_run_that_fails_is_a_row_and_the_check_goes_on(monkeypatch):
 
 def test_zero_lines_launch_each_stage_and_compare_with_one_process(tmp_path):
     """The DeepSpeed part of --multi-gpu: ZeRO-2 and ZeRO-3 each launched with `--use_deepspeed --zero_stage N`
-    in fp32 and bf16, compared with one-{precision}, and each fp32 run's step-2 state resumed under the same
-    stage, compared with it; a failed launch shows its exit code and error."""
+    in fp32 and bf16, compared with one-{precision}, each fp32 run's step-2 state resumed under the same
+    stage, compared with it, and an AdamW run's step-2 state resumed on 1 GPU (resharded) and that state on 2,
+    compared with the AdamW run; a failed launch shows its exit code and error."""
     import subprocess
 
     written, launched, compared = [], [], []
 
     def write(name, batch, precision, resume=""):
         written.append((name, batch, precision, resume))
-        return tmp_path / f"{name}.toml"
+        text = gpu_check.MULTI_GPU_TOML.format(model="m", data="d", batch=batch, out=tmp_path / name,
+                                               precision=precision)
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text.replace("save_state = true", f'resume = "{resume}"') if resume else text)
+        return path
 
-    def launch(config, *engine):
-        launched.append((config.stem, engine))
+    def launch(config, *engine, processes=2):
+        launched.append((config.stem, engine[-1], processes))
         failed = config.stem == "zero3-bf16"
         return subprocess.CompletedProcess([], 1 if failed else 0, "", "boom" if failed else "")
 
@@ -126,14 +131,21 @@ def test_zero_lines_launch_each_stage_and_compare_with_one_process(tmp_path):
         return 1.5e-7
 
     lines = gpu_check.zero_lines(tmp_path, write, launch, largest_difference)
-    assert [(name, engine[-1]) for name, engine in launched] == [
-        ("zero2-no", "2"), ("zero2-bf16", "2"), ("zero2-resumed", "2"),
-        ("zero3-no", "3"), ("zero3-bf16", "3"), ("zero3-resumed", "3")]
-    assert all(engine[:2] == ("--use_deepspeed", "--zero_stage") for _, engine in launched)
+    assert launched == [(name, stage, processes) for stage in "23" for name, processes in (
+        (f"zero{stage}-no", 2), (f"zero{stage}-bf16", 2), (f"zero{stage}-resumed", 2), (f"zero{stage}-adamw", 2),
+        (f"zero{stage}-adamw-one", 1), (f"zero{stage}-adamw-back", 2))]
     assert written[2] == ("zero2-resumed", 1, "no", str(tmp_path / "zero2-no" / "last-step00000002-state"))
+    one = (tmp_path / "zero2-adamw-one.toml").read_text()
+    assert 'optimizer_type = "AdamW"' in one and "max_train_steps = 2" in one and "save_state = true" in one
+    assert f'resume = "{tmp_path / "zero2-adamw" / "last-step00000002-state"}"' in one
+    back = (tmp_path / "zero2-adamw-back.toml").read_text()
+    assert f'resume = "{tmp_path / "zero2-adamw-one" / "last-state"}"' in back
     assert compared == [("zero2-no", "one-no"), ("zero2-bf16", "one-bf16"), ("zero2-resumed", "zero2-no"),
-                        ("zero3-no", "one-no"), ("zero3-resumed", "zero3-no")]
+                        ("zero2-adamw-back", "zero2-adamw"), ("zero3-no", "one-no"), ("zero3-resumed", "zero3-no"),
+                        ("zero3-adamw-back", "zero3-adamw")]
     assert lines[0].startswith("DeepSpeed ZeRO-2 on 2 GPUs, mixed_precision no: exit 0, ") and "1.50e-07" in lines[0]
-    assert lines[4] == "DeepSpeed ZeRO-3 on 2 GPUs, mixed_precision bf16: exit 1, boom"
-    assert lines[5] == ("DeepSpeed ZeRO-3 resume of last-step00000002-state: exit 0, largest difference to the "
+    assert lines[3] == ("DeepSpeed ZeRO-2 AdamW state 2 -> 1 -> 2 GPUs (resharded): largest difference to the "
+                        "uninterrupted run 1.50e-07")
+    assert lines[5] == "DeepSpeed ZeRO-3 on 2 GPUs, mixed_precision bf16: exit 1, boom"
+    assert lines[6] == ("DeepSpeed ZeRO-3 resume of last-step00000002-state: exit 0, largest difference to the "
                         "uninterrupted run 1.50e-07")
