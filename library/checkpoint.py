@@ -2,7 +2,6 @@
 kill at any moment leaves the previous good file intact and never a half-written one under the real name."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -158,28 +157,14 @@ def load_training_state(folder: Path, params: dict[str, torch.nn.Parameter], opt
     _set_rng_state(objects["rng"])
     if scaler is not None and objects["scaler"]:
         scaler.load_state_dict(objects["scaler"])
-    if sharded is not None:  # the shards, the optimizer's, and each process' own RNGs (after the main one's)
-        with _shards_for_this_run(sharded, folder, info, scratch or folder.parent) as shards:
-            sharded.load_state(str(shards))
-        if info.get("sharded") == "deepspeed":
-            from library.deepspeed_states import replay_cpu_adam_steps
+    if info.get("sharded") == "deepspeed":  # every process: its partitions and its RNGs (after the main one's)
+        from library.deepspeed_states import load_deepspeed_state
 
-            replay_cpu_adam_steps(sharded)
+        load_deepspeed_state(sharded, folder / SHARDED, info.get("processes", 1), scratch or folder.parent)
+    elif sharded is not None:  # FSDP2: torch.distributed.checkpoint reshards for any number of processes
+        sharded.load_state(str(folder / SHARDED))
     position = Position(info["step"], info["epoch"], info["batches_done"], objects["epoch_order"])
     return position, objects["extra"]
-
-
-@contextlib.contextmanager
-def _shards_for_this_run(accelerator, folder: Path, info: dict, scratch: Path):
-    """The state's shards as accelerator.load_state reads them for this run: as saved, or, for a DeepSpeed state
-    of another number of processes, resharded (FSDP2's torch.distributed.checkpoint reshards as it loads)."""
-    if info.get("sharded") != "deepspeed" or info.get("processes", 1) == accelerator.num_processes:
-        yield folder / SHARDED
-        return
-    from library.deepspeed_states import resharded
-
-    with resharded(accelerator, folder / SHARDED, scratch) as shards:
-        yield shards
 
 
 def _load_weights(folder: Path, params: dict[str, torch.nn.Parameter]) -> None:

@@ -32,6 +32,17 @@ def reshard_problem(optimizer: dict) -> str | None:
     return None
 
 
+def load_deepspeed_state(accelerator, shards: Path, saved_processes: int, scratch: Path) -> None:
+    """accelerator.load_state of a DeepSpeed state's `shards` folder: as saved, or resharded in `scratch` when
+    another number of processes saved it; then CPU Adam (if it steps) brought to the loaded step."""
+    if saved_processes == accelerator.num_processes:
+        accelerator.load_state(str(shards))
+    else:
+        with resharded(accelerator, shards, scratch) as universal:
+            accelerator.load_state(str(universal))
+    replay_cpu_adam_steps(accelerator)
+
+
 @contextlib.contextmanager
 def resharded(accelerator, shards: Path, scratch: Path, say=print):
     """The folder to give accelerator.load_state for the DeepSpeed state in `shards` (saved by another number

@@ -35,8 +35,9 @@ def _zero_env(stage: int, clip: float = 0.05) -> dict:
 
 
 def _zero_run(config, stage: int, port: int, precision: str = "no", processes: int = 2, clip: float = 0.05):
+    script = str(ROOT / "tests" / "deepspeed_cpu.py")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                          "--master_port", str(port), str(ROOT / "tests" / "deepspeed_cpu.py"), "--config", str(config)],
+                          "--master_port", str(port), script, "--config", str(config)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**_zero_env(stage, clip), "ACCELERATE_MIXED_PRECISION": precision})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
@@ -171,8 +172,6 @@ def test_an_adamw_state_resumes_with_another_number_of_processes(tmp_path, tiny_
     the same fp32 masters and Adam moments (read back through the same conversion; measured 0.0). That state
     resumed with 2 processes trains steps 3 and 4 to the very losses and weights of the uninterrupted run
     (measured 0.0). The saved states are only read; the converted copy goes once loaded."""
-    from library.deepspeed_states import _convert
-
     run = _config(tmp_path, tiny_sd1, tiny_data, "two", 1, DB + """
         [save]
         save_every_n_steps = 2
@@ -197,7 +196,7 @@ def test_an_adamw_state_resumes_with_another_number_of_processes(tmp_path, tiny_
     at_two, weights = (load_file(tmp_path / d / f) for d, f in (("two", "last-step00000002.safetensors"),
                                                                 ("one", "last.safetensors")))
     assert max((at_two[k] - weights[k]).abs().max().item() for k in at_two) == 0.0
-    moments = [_universal(_convert, folder / "sharded", tmp_path / f"u{i}")
+    moments = [_universal(folder / "sharded", tmp_path / f"u{i}")
                for i, folder in enumerate((state, tmp_path / "one" / "last-state"))]
     assert moments[0].keys() == moments[1].keys() and len(moments[0]) > 4 * 200  # fp32, exp_avg(_sq), step a weight
     assert all(torch.equal(moments[0][k], moments[1][k]) for k in moments[0])
@@ -209,10 +208,12 @@ def test_an_adamw_state_resumes_with_another_number_of_processes(tmp_path, tiny_
     assert max((whole[k] - resumed_weights[k]).abs().max().item() for k in whole) == 0.0
 
 
-def _universal(convert, shards, folder) -> dict:
+def _universal(shards, folder) -> dict:
     """A DeepSpeed state's weights and optimizer state whole, through DeepSpeed's universal conversion:
     {"weight name/fp32" (or exp_avg, exp_avg_sq, step): tensor}."""
-    convert(shards, folder)
+    from library.deepspeed_states import _convert
+
+    _convert(shards, folder)
     zero = folder / "pytorch_model" / "zero"
     found = {f"{p.parent.name}/{p.stem}": torch.load(p, weights_only=False) for p in zero.glob("*/*.pt")}
     return {k: v["param"] if isinstance(v, dict) else torch.as_tensor(v) for k, v in found.items()}
